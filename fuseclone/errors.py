@@ -1,0 +1,25 @@
+"""Errors a user can cause. Each carries one clear line for the CLI to print."""
+
+
+class FusecloneError(Exception):
+    """Base for errors caused by user input or environment; printed as one line, exit 1."""
+
+
+class MetadataError(FusecloneError):
+    """The metadata file is corrupt, of another clone, or of an unknown format."""
+
+
+class MetadataInUseError(FusecloneError):
+    """Another process holds the metadata file (SPEC invariant 6)."""
+
+
+class SourceError(FusecloneError):
+    """The source cannot be opened or read."""
+
+
+class DestinationError(FusecloneError):
+    """The destination cannot be opened, or is too small."""
+
+
+class RegionSizeError(FusecloneError):
+    """Region size is not a power of two between 4 KiB and 1 GiB."""

@@ -1,0 +1,54 @@
+"""The one interface every source implements.
+
+A source is read-only (SPEC invariant 4). Implementations open it read-only and never write.
+All methods are trio-async. `read` may be called by many tasks at once; remote sources are
+expected to keep many requests in flight.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of the source and whether it is known to read as zeros (hole or zero)."""
+
+    offset: int
+    length: int
+    zero: bool
+
+
+class Source(abc.ABC):
+    """Async, read-only access to the source image."""
+
+    #: The URL or path the user gave, for messages and status.
+    description: str
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Size of the source in bytes (the image size)."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, str | int]:
+        """What identifies this source across runs (path/URL, size, mtime or ETag...).
+
+        Stored in the metadata; a later open whose identity differs is refused (invariant 7).
+        """
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (clipped to the size). Raises SourceReadError."""
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
+        return [Extent(offset, length, zero=False)]
+
+    async def aclose(self) -> None:
+        """Release connections and file descriptors."""
+
+
+class SourceReadError(OSError):
+    """A read the source could not deliver (user reads get EIO; hydration backs off)."""
