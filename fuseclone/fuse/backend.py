@@ -1,0 +1,33 @@
+"""What the FUSE layer needs from the image it serves. The clone engine implements it.
+
+Every method may raise OSError(errno): the filesystem answers that errno to the kernel. Any other
+exception is a bug: the filesystem logs its traceback and answers EIO.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ImageBackend(Protocol):
+    @property
+    def size(self) -> int:
+        """Fixed image size in bytes. Size changes are refused by the filesystem."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Bytes at [offset, offset+length), clipped to the image size."""
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write inside the image (the filesystem has already refused writes past its end)."""
+
+    async def discard(self, offset: int, length: int) -> None:
+        """FALLOCATE PUNCH_HOLE|KEEP_SIZE: afterwards the range reads as zeros."""
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """FALLOCATE ZERO_RANGE: afterwards the range reads as zeros."""
+
+    async def flush(self) -> None:
+        """FSYNC: every write completed before the call is durable when it returns."""
+
+    async def seek(self, offset: int, whence: int) -> int:
+        """LSEEK with os.SEEK_DATA or os.SEEK_HOLE; raises OSError(ENXIO) past the end."""
