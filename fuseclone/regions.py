@@ -109,7 +109,7 @@ class RegionMap:
 
     @property
     def complete(self) -> bool:
-        return self._hydrated == len(self._bits)
+        return self._hydrated == len(self)
 
     def is_hydrated(self, region: int) -> bool:
         return bool(self._bits[region])

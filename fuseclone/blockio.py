@@ -1,0 +1,81 @@
+"""Small blocking helpers shared by the local source and the destination."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+
+BLKGETSIZE64 = 0x80081272
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fd_size(fd: int) -> int:
+    """Size in bytes of a regular file or a block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("<Q", buf)[0]
+    return st.st_size
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """pread that retries short reads; returns fewer bytes only at end of file."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_hole) runs of [offset, offset+length) from SEEK_DATA/SEEK_HOLE.
+
+    Files or filesystems that cannot tell report one data run."""
+    end = offset + length
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    try:
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == 6:  # ENXIO: only a hole remains
+                    data = end
+                else:
+                    raise
+            data = min(data, end)
+            if data > pos:
+                runs.append((pos, data - pos, True))
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            runs.append((data, hole - data, False))
+            pos = hole
+    except OSError as exc:
+        if exc.errno in (22, 95):  # EINVAL/EOPNOTSUPP: no hole information here
+            return [(offset, length, False)]
+        raise
+    return runs

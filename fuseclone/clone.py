@@ -1,0 +1,93 @@
+"""Opening a clone: source + destination + metadata, validated together before anything changes.
+
+Bad input is refused with one clear FusecloneError and leaves the disk as it was: a metadata
+file is only created (and a missing destination only created) once every check has passed, and
+both are removed again if a later step fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import AsyncIterator
+
+import trio
+
+from .destination import Destination
+from .engine import CloneEngine, Settings
+from .errors import DestinationError
+from .metadata import Metadata
+from .regions import DEFAULT_REGION_SIZE, Geometry, validate_region_size
+from .sources.base import Source
+
+
+def _identity(source: Source, dst: Destination) -> dict:
+    return {"source": source.identity(), "destination": dst.identity()}
+
+
+def open_clone(source: Source, dst_path: str, meta_path: str, *,
+               region_size: int | None = None, settings: Settings | None = None) -> CloneEngine:
+    """Create or reopen the clone of `source` into `dst_path`, tracked by `meta_path`."""
+    settings = settings or Settings()
+    if Metadata.exists(meta_path):
+        return _reopen(source, dst_path, meta_path, region_size, settings)
+    return _create(source, dst_path, meta_path, region_size, settings)
+
+
+def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | None,
+            settings: Settings) -> CloneEngine:
+    meta = Metadata.open(meta_path, writable=True)
+    try:
+        if region_size is not None and region_size != meta.header.region_size:
+            raise DestinationError(
+                f"{meta_path} was created with region size {meta.header.region_size}, "
+                f"not {region_size}")
+        dst = Destination.open(dst_path, source.size, create=False)
+        try:
+            meta.check_matches(source.size, _identity(source, dst))
+            if not settings.hydration_threshold:
+                settings.hydration_threshold = meta.header.hydration_threshold
+            if not settings.hydration_batch_size:
+                settings.hydration_batch_size = meta.header.hydration_batch_size
+            meta.mark_open()  # the first change on disk, after every check
+        except BaseException:
+            dst.close()
+            raise
+    except BaseException:
+        meta.close()
+        raise
+    return CloneEngine(source, dst, meta, settings)
+
+
+def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,
+            settings: Settings) -> CloneEngine:
+    geometry = Geometry(source.size, validate_region_size(region_size or DEFAULT_REGION_SIZE))
+    dst_existed = os.path.exists(dst_path)
+    dst = Destination.open(dst_path, source.size, create=True)
+    try:
+        resolved = settings.resolved(geometry.region_size)
+        meta = Metadata.create(meta_path, geometry, _identity(source, dst),
+                               features=settings.features,
+                               hydration_threshold=resolved.hydration_threshold,
+                               hydration_batch_size=resolved.hydration_batch_size)
+        meta.mark_open()
+    except BaseException:
+        dst.close()
+        if not dst_existed:
+            os.unlink(dst_path)
+        raise
+    return CloneEngine(source, dst, meta, settings)
+
+
+@contextlib.asynccontextmanager
+async def running(engine: CloneEngine) -> AsyncIterator[CloneEngine]:
+    """Run the engine's background work for the duration of the block; on exit, commit, mark
+    the metadata clean and close destination and metadata."""
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            yield engine
+            nursery.cancel_scope.cancel()
+    finally:
+        engine.dst.close()
+        engine.meta.close()

@@ -1,0 +1,139 @@
+"""The destination: a local sparse file or block device that ends up a full copy of the image.
+
+All calls here block; the engine runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+                      data_extents, fd_size, pread_exact, pwrite_all)
+from .errors import DestinationError
+
+_ZEROS = bytes(1 << 20)
+
+
+class Destination:
+    def __init__(self, path: str, fd: int, image_size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.image_size = image_size
+        st = os.fstat(fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self._st = st
+
+    @classmethod
+    def open(cls, path: str, image_size: int, *, create: bool) -> Destination:
+        """Open DST read-write. A missing file is created sparse (only when `create`); a DST
+        smaller than the image is refused. On refusal nothing is left changed."""
+        created = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise DestinationError(f"{path}: destination does not exist") from None
+            fd = _create_sparse(path, image_size)
+            created = True
+        except PermissionError:
+            raise DestinationError(f"{path}: destination is not writable (permission denied)") from None
+        except IsADirectoryError:
+            raise DestinationError(f"{path}: destination is a directory") from None
+        except OSError as exc:
+            raise DestinationError(f"{path}: cannot open destination: {exc.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise DestinationError(f"{path}: destination must be a regular file or a block device")
+            size = fd_size(fd)
+            if size < image_size:
+                raise DestinationError(
+                    f"{path}: destination is {size} bytes, smaller than the source ({image_size} bytes)")
+        except BaseException:
+            os.close(fd)
+            if created:
+                os.unlink(path)
+            raise
+        return cls(path, fd, image_size)
+
+    def identity(self) -> dict[str, str | int]:
+        ident: dict[str, str | int] = {
+            "kind": "blockdev" if self.is_block_device else "file",
+            "path": os.path.realpath(self.path),
+        }
+        if not self.is_block_device:
+            ident["inode"] = self._st.st_ino
+        return ident
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = pread_exact(self.fd, length, offset)
+        if len(data) < length:  # a DST file shorter than the image reads zeros past its end
+            data += bytes(length - len(data))
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        pwrite_all(self.fd, data, offset)
+
+    def datasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Discard passdown: afterwards the range reads as zeros and its space is freed."""
+        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make the range read as zeros without discarding (keeps the space allocated)."""
+        self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        try:
+            _fallocate(self.fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._write_zeros(offset, length)  # no fallocate here: zeros the slow way
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROS), end - offset)
+            pwrite_all(self.fd, memoryview(_ZEROS)[:n], offset)
+            offset += n
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self.is_block_device:
+            return [(offset, length, False)]
+        return data_extents(self.fd, offset, length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _create_sparse(path: str, size: int) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DestinationError(f"{path}: cannot create destination: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise DestinationError(f"{path}: cannot size destination: {exc.strerror}") from None
+    return fd
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _LIBC.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

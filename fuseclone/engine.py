@@ -1,0 +1,536 @@
+"""The clone engine: dm-clone's I/O semantics over a source, a destination and the metadata.
+
+Per-region coordination rests on *claims*. A claim is taken synchronously (no await between
+looking at a region and claiming it) by whoever is about to fill an unhydrated region in the
+destination: a hydration copy, a copy-on-read store, or a user write or discard that replaces the
+region whole. Anyone else who needs that region to be stable waits for the claim's release. A
+region's hydrated bit is set in core only after its destination write returned, and reaches the
+metadata file only after the destination was made durable (see `commit`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import trio
+
+from .destination import Destination
+from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
+                       FEATURE_NO_HYDRATION, Metadata, feature_names)
+from .regions import Geometry
+from .sources.base import Source, SourceReadError
+from .status import Status
+
+log = logging.getLogger(__name__)
+
+_ZEROS = bytes(1 << 20)
+
+
+@dataclass
+class Settings:
+    """Run-time switches and tunables (dm-clone's features and core arguments)."""
+
+    hydration: bool = True
+    discard_passdown: bool = True
+    copy_on_read: bool = True
+    hydration_threshold: int = 0  # regions in flight; 0 = 16 MiB worth
+    hydration_batch_size: int = 0  # contiguous regions per copy; 0 = 1 MiB worth
+    max_rate: int = 0  # bytes/s of hydration, 0 = unlimited
+    commit_interval: float = 1.0
+    max_failures: int = 8
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+
+    def resolved(self, region_size: int) -> Settings:
+        return replace(
+            self,
+            hydration_batch_size=self.hydration_batch_size or max(1, (1 << 20) // region_size),
+            hydration_threshold=self.hydration_threshold or max(1, (16 << 20) // region_size),
+        )
+
+    @property
+    def features(self) -> int:
+        return ((0 if self.hydration else FEATURE_NO_HYDRATION)
+                | (0 if self.discard_passdown else FEATURE_NO_DISCARD_PASSDOWN)
+                | (0 if self.copy_on_read else FEATURE_NO_COPY_ON_READ))
+
+
+class _Claim:
+    """Regions someone is filling in the destination right now."""
+
+    __slots__ = ("regions", "done", "error")
+
+    def __init__(self, regions: range) -> None:
+        self.regions = regions
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+@dataclass
+class _Progress:
+    samples: deque = field(default_factory=lambda: deque(maxlen=30))  # (time, hydrated)
+
+    def record(self, now: float, hydrated: int) -> None:
+        self.samples.append((now, hydrated))
+
+    def regions_per_second(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, h0), (t1, h1) = self.samples[0], self.samples[-1]
+        return (h1 - h0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class CloneEngine:
+    """Serves the image (the FUSE ImageBackend interface) and hydrates it in the background.
+
+    Use `async with engine.running():` to run the hydrator and the periodic committer; leaving
+    it commits and marks the metadata clean.
+    """
+
+    def __init__(self, source: Source, dst: Destination, meta: Metadata, settings: Settings) -> None:
+        self.source = source
+        self.dst = dst
+        self.meta = meta
+        self.geometry: Geometry = meta.geometry
+        self.settings = settings.resolved(self.geometry.region_size)
+        self.complete = trio.Event()
+        self._claims: dict[int, _Claim] = {}
+        self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
+        self._commit_lock = trio.Lock()
+        self._commits_started = self._commits_done = 0
+        self._inflight_regions = 0
+        self._last_user_io = -1e9
+        self._failures = 0
+        self.hydration_error: str | None = None
+        self._progress = _Progress()
+        self._rate_tokens = 0.0
+        self._rate_stamp = -1e9
+        self._nursery: trio.Nursery | None = None
+        self.source_reads = 0  # bytes read from the source, for status and tests
+
+    # ---- ImageBackend ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.geometry.image_size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        self._last_user_io = trio.current_time()
+        span = self.geometry.region_span(offset, length)
+        if self.meta.map.all_hydrated(span):
+            return await self._dst_read(offset, length)
+        parts = []
+        for hydrated, run in self.meta.map.runs(span):
+            lo = max(offset, self.geometry.region_start(run.start))
+            hi = min(offset + length, self.geometry.region_end(run.stop - 1))
+            if hydrated:
+                parts.append(await self._dst_read(lo, hi - lo))
+            else:
+                parts.append(await self._read_unhydrated(run, lo, hi))
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_writable()
+        self._last_user_io = trio.current_time()
+        await self._replace(offset, len(data), lambda: self.dst.write(offset, data))
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Fully covered unhydrated regions are marked hydrated without copying; the range then
+        reads as zeros (punched in DST, or zeroed in place with passdown off)."""
+        self._check_writable()
+        length = max(0, min(length, self.size - offset))
+        if self.settings.discard_passdown:
+            op = lambda: self.dst.punch_hole(offset, length)  # noqa: E731
+        else:
+            op = lambda: self.dst.zero_range(offset, length)  # noqa: E731
+        await self._replace(offset, length, op)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_writable()
+        length = max(0, min(length, self.size - offset))
+        await self._replace(offset, length, lambda: self.dst.zero_range(offset, length))
+
+    async def flush(self) -> None:
+        self._check_writable()
+        await self.commit()
+
+    async def seek(self, offset: int, whence: int) -> int:
+        if offset >= self.size:
+            raise OSError(errno.ENXIO, "past the end of the image")
+        # The whole image is reported as data: correct, and costs no source round trip.
+        return offset if whence == os.SEEK_DATA else self.size
+
+    # ---- the write path -------------------------------------------------------------------
+
+    async def _replace(self, offset: int, length: int, dst_op: Callable[[], None]) -> None:
+        """Run `dst_op` (which overwrites [offset, offset+length) in DST) once every region it
+        touches is hydrated, or claimed by us when the op replaces it whole (no copy needed)."""
+        if length <= 0:
+            return
+        claims = await self._acquire(offset, length)
+        try:
+            await trio.to_thread.run_sync(dst_op)
+        except BaseException as exc:
+            for claim in claims:
+                self._release(claim, exc)
+            raise
+        for claim in claims:
+            self.meta.set_hydrated(claim.regions)
+            self._release(claim, None)
+
+    async def _acquire(self, offset: int, length: int) -> list[_Claim]:
+        span = self.geometry.region_span(offset, length)
+        covered = self.geometry.covered_span(offset, length)
+        while True:
+            busy: set[_Claim] = set()
+            partial: list[int] = []
+            free: list[int] = []
+            for hydrated, run in self.meta.map.runs(span):
+                if hydrated:
+                    continue
+                for region in run:
+                    claim = self._claims.get(region)
+                    if claim is not None:
+                        busy.add(claim)
+                    elif region in covered:
+                        free.append(region)
+                    else:
+                        partial.append(region)
+            if busy:
+                await self._wait_for(busy)
+            elif partial:
+                # A write to part of an unhydrated region waits for its hydration, which starts
+                # now, in this task, ahead of the background hydrator.
+                for region in partial:
+                    if not self.meta.map.is_hydrated(region) and region not in self._claims:
+                        await self._copy(self._claim(range(region, region + 1)))
+            else:
+                return [self._claim(run) for run in _runs_of(free)]
+
+    async def _wait_for(self, claims: set[_Claim]) -> None:
+        for claim in claims:
+            await claim.done.wait()
+            if claim.error is not None:
+                raise OSError(errno.EIO, f"hydration of regions {claim.regions.start}.. failed: {claim.error}")
+
+    # ---- the read path --------------------------------------------------------------------
+
+    async def _read_unhydrated(self, run: range, lo: int, hi: int) -> bytes:
+        if not (self.settings.copy_on_read and self.hydration_error is None) or any(
+                r in self._claims for r in run):
+            return await self._source_read(lo, hi - lo)
+        # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
+        claim = self._claim(run)
+        start, nbytes = self.geometry.byte_range(run)
+        try:
+            data = await self._source_read(start, nbytes)
+        except BaseException as exc:
+            self._release(claim, exc)
+            raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._store, claim, data)
+        return data[lo - start : hi - start]
+
+    async def _store(self, claim: _Claim, data: bytes) -> None:
+        start, _ = self.geometry.byte_range(claim.regions)
+        try:
+            await trio.to_thread.run_sync(self._write_or_punch, start, data)
+        except OSError as exc:
+            log.error("copy-on-read store of regions %s failed: %s", claim.regions, exc)
+            self._release(claim, exc)
+            return
+        self.meta.set_hydrated(claim.regions)
+        self._release(claim, None)
+
+    # ---- hydration copies -----------------------------------------------------------------
+
+    async def _copy(self, claim: _Claim) -> None:
+        """Copy the claimed regions from the source into DST, keeping zeros as holes."""
+        start, nbytes = self.geometry.byte_range(claim.regions)
+        try:
+            for extent in await self.source.extents(start, nbytes):
+                if extent.zero:
+                    await trio.to_thread.run_sync(self.dst.punch_hole, extent.offset, extent.length)
+                else:
+                    data = await self._source_read(extent.offset, extent.length)
+                    await trio.to_thread.run_sync(self._write_or_punch, extent.offset, data)
+        except BaseException as exc:
+            self._release(claim, exc)
+            raise
+        self.meta.set_hydrated(claim.regions)
+        self._release(claim, None)
+
+    def _write_or_punch(self, offset: int, data: bytes) -> None:
+        """Blocking: all-zero regions become holes, so the destination stays sparse."""
+        view = memoryview(data)
+        for is_zero, lo, hi in _zero_runs(view, self.geometry.region_size):
+            if is_zero:
+                self.dst.punch_hole(offset + lo, hi - lo)
+            else:
+                self.dst.write(offset + lo, view[lo:hi])
+
+    async def _source_read(self, offset: int, length: int) -> bytes:
+        try:
+            data = await self.source.read(offset, length)
+        except SourceReadError as exc:
+            raise OSError(errno.EIO, f"source read failed: {exc}") from exc
+        self.source_reads += len(data)
+        return data
+
+    async def _dst_read(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(self.dst.read, offset, length)
+
+    # ---- claims -------------------------------------------------------------------------
+
+    def _claim(self, regions: range) -> _Claim:
+        claim = _Claim(regions)
+        for region in regions:
+            self._claims[region] = claim
+        return claim
+
+    def _release(self, claim: _Claim, error: BaseException | None) -> None:
+        for region in claim.regions:
+            if self._claims.get(region) is claim:
+                del self._claims[region]
+        claim.error = error
+        claim.done.set()
+        self._changed.unpark_all()
+
+    def _check_writable(self) -> None:
+        if self.meta.mode != "rw":
+            raise OSError(errno.EIO, f"metadata is in {self.meta.mode} mode: writes are refused")
+
+    # ---- commits ------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Make DST durable, then commit changed metadata. Concurrent callers share one commit
+        that starts after they called, so a flush never returns on an older commit."""
+        target = self._commits_started + 1
+        async with self._commit_lock:
+            if self._commits_done >= target:
+                return
+            self._commits_started += 1
+            await self._commit_once()
+            self._commits_done = self._commits_started
+
+    async def _commit_once(self) -> None:
+        # The batch is copied out *before* DST is synced: every bit in it belongs to a DST write
+        # that had already returned, so the fdatasync below covers its data (invariant 1).
+        batch = self.meta.prepare_commit()
+        try:
+            await trio.to_thread.run_sync(self.dst.datasync)
+            if batch is not None:
+                await trio.to_thread.run_sync(self.meta.write_commit, batch)
+        except OSError as exc:
+            # After a failed fdatasync the kernel may have dropped the dirty data: no bit may be
+            # committed any more. Fail mode, like dm-clone's.
+            if batch is not None:
+                self.meta.abort_commit(batch)
+            self.meta.mode = "fail"
+            log.error("commit failed, metadata now in fail mode: %s", exc)
+            raise OSError(errno.EIO, f"commit failed: {exc}") from exc
+        if batch is not None:
+            self.meta.finish_commit(batch)
+
+    async def _committer(self) -> None:
+        while True:
+            await trio.sleep(self.settings.commit_interval)
+            self._progress.record(trio.current_time(), self.meta.map.hydrated_count)
+            if self.meta.dirty and self.meta.mode == "rw":
+                try:
+                    await self.commit()
+                except OSError:
+                    return  # fail mode; status says so
+
+    # ---- the hydrator ---------------------------------------------------------------------
+
+    async def _hydrator(self) -> None:
+        cursor = 0
+        async with trio.open_nursery() as copies:
+            while not self.meta.map.complete:
+                if not self._may_start_batch():
+                    await self._changed.park()
+                    continue
+                claim = self._next_batch(cursor)
+                if claim is None:
+                    if cursor:
+                        cursor = 0
+                    else:
+                        await self._changed.park()  # the rest is claimed by others
+                    continue
+                cursor = claim.regions.stop
+                self._inflight_regions += len(claim.regions)
+                copies.start_soon(self._hydrate_batch, claim)
+                await self._throttle(len(claim.regions) * self.geometry.region_size)
+        await self._finish_hydration()
+
+    def _may_start_batch(self) -> bool:
+        s = self.settings
+        if not s.hydration or self.hydration_error is not None or self.meta.mode != "rw":
+            return False
+        limit = s.hydration_threshold
+        if trio.current_time() - self._last_user_io < 0.05:
+            limit = min(limit, s.hydration_batch_size)  # yield to user I/O: one batch at a time
+        return self._inflight_regions + s.hydration_batch_size <= max(limit, s.hydration_batch_size)
+
+    def _next_batch(self, cursor: int) -> _Claim | None:
+        bits = self.meta.map
+        n = len(bits)
+        region = bits.next_unhydrated(cursor)
+        while region >= 0 and region in self._claims:
+            region = bits.next_unhydrated(region + 1)
+        if region < 0:
+            return None
+        stop = region + 1
+        limit = min(n, region + self.settings.hydration_batch_size)
+        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
+            stop += 1
+        return self._claim(range(region, stop))
+
+    async def _hydrate_batch(self, claim: _Claim) -> None:
+        try:
+            await self._copy(claim)
+            self._failures = 0
+        except OSError as exc:
+            await self._back_off(claim, exc)
+        finally:
+            self._inflight_regions -= len(claim.regions)
+            self._changed.unpark_all()
+
+    async def _back_off(self, claim: _Claim, exc: OSError) -> None:
+        self._failures += 1
+        s = self.settings
+        log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
+                    claim.regions.stop - 1, self._failures, exc)
+        if self._failures >= s.max_failures:
+            self.hydration_error = f"stopped after {self._failures} failures: {exc}"
+            log.error("hydration %s", self.hydration_error)
+            return
+        await trio.sleep(min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1)))
+
+    async def _throttle(self, nbytes: int) -> None:
+        rate = self.settings.max_rate
+        if rate <= 0:
+            return
+        now = trio.current_time()
+        burst = rate * 0.1  # a token bucket holding a tenth of a second's worth
+        self._rate_tokens = min(burst, self._rate_tokens + (now - self._rate_stamp) * rate) - nbytes
+        self._rate_stamp = now
+        if self._rate_tokens < 0:
+            await trio.sleep(-self._rate_tokens / rate)
+
+    async def _finish_hydration(self) -> None:
+        await self.commit()
+        self.complete.set()
+        log.info("hydration complete: %d regions", len(self.meta.map))
+
+    # ---- control ------------------------------------------------------------------------
+
+    def message(self, text: str) -> None:
+        """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
+        hydration_batch_size N. Raises ValueError on a bad message."""
+        words = text.split()
+        s = self.settings
+        if words == ["enable_hydration"]:
+            s.hydration = True
+            self.hydration_error = None
+            self._failures = 0
+        elif words == ["disable_hydration"]:
+            s.hydration = False
+        elif len(words) == 2 and words[0] in ("hydration_threshold", "hydration_batch_size"):
+            try:
+                value = int(words[1])
+            except ValueError:
+                raise ValueError(f"{words[0]} needs a whole number, not {words[1]!r}") from None
+            if value < 1:
+                raise ValueError(f"{words[0]} must be at least 1")
+            setattr(s, words[0], value)
+        else:
+            raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
+                             "hydration_threshold N, hydration_batch_size N)")
+        if self.meta.mode == "rw":
+            self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
+                                      hydration_batch_size=s.hydration_batch_size)
+        self._changed.unpark_all()
+
+    def status(self) -> Status:
+        g = self.geometry
+        rate = self._progress.regions_per_second()
+        remaining = len(self.meta.map) - self.meta.map.hydrated_count
+        return Status(
+            hydrated_regions=self.meta.map.hydrated_count,
+            total_regions=len(self.meta.map),
+            hydrating_regions=len(self._claims),
+            region_size=g.region_size,
+            image_size=g.image_size,
+            features=feature_names(self.settings.features),
+            hydration_threshold=self.settings.hydration_threshold,
+            hydration_batch_size=self.settings.hydration_batch_size,
+            hydration_enabled=self.settings.hydration,
+            hydration_error=self.hydration_error,
+            metadata_mode=self.meta.mode,
+            bytes_per_second=rate * g.region_size,
+            eta_seconds=(remaining / rate) if rate > 0 else None,
+            source=self.source.description,
+            destination=self.dst.path,
+            metadata=self.meta.path,
+            live=True,
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run background work (hydrator, committer, copy-on-read stores) until cancelled; then
+        commit what is left and mark the metadata clean."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._committer)
+                if self.meta.map.complete:
+                    self.complete.set()
+                else:
+                    nursery.start_soon(self._hydrator)
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._shutdown_commit()
+
+    async def _shutdown_commit(self) -> None:
+        if self.meta.mode != "rw":
+            return
+        try:
+            await self.commit()
+            self.meta.mark_clean()
+        except OSError as exc:
+            log.error("final commit failed: %s", exc)
+
+
+def _zero_runs(view: memoryview, step: int) -> list[tuple[bool, int, int]]:
+    """Split `view` into maximal runs of all-zero / not-all-zero `step`-sized pieces."""
+    step = min(step, len(_ZEROS))
+    runs: list[tuple[bool, int, int]] = []
+    for lo in range(0, len(view), step):
+        piece = view[lo : lo + step]
+        is_zero = piece == _ZEROS[: len(piece)]
+        if runs and runs[-1][0] == is_zero:
+            runs[-1] = (is_zero, runs[-1][1], lo + len(piece))
+        else:
+            runs.append((is_zero, lo, lo + len(piece)))
+    return runs
+
+
+def _runs_of(regions: list[int]) -> list[range]:
+    runs: list[range] = []
+    for region in regions:
+        if runs and runs[-1].stop == region:
+            runs[-1] = range(runs[-1].start, region + 1)
+        else:
+            runs.append(range(region, region + 1))
+    return runs

@@ -1,0 +1,73 @@
+"""A local source: a regular file or a block device, opened read-only (SPEC invariant 4)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import trio
+
+from ..blockio import data_extents, fd_size, pread_exact
+from ..errors import SourceError
+from .base import Extent, Source, SourceReadError
+
+
+class LocalSource(Source):
+    def __init__(self, path: str, fd: int) -> None:
+        self.description = path
+        self._fd = fd
+        st = os.fstat(fd)
+        self._is_file = stat.S_ISREG(st.st_mode)
+        self._st = st
+        self._size = fd_size(fd)
+
+    @classmethod
+    async def open(cls, path: str) -> LocalSource:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # read-only: the source is never written
+        except FileNotFoundError:
+            raise SourceError(f"{path}: source does not exist") from None
+        except PermissionError:
+            raise SourceError(f"{path}: source is not readable (permission denied)") from None
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot open source: {exc.strerror}") from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(fd)
+            raise SourceError(f"{path}: source must be a regular file or a block device")
+        return cls(path, fd)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def identity(self) -> dict[str, str | int]:
+        ident: dict[str, str | int] = {
+            "kind": "file" if self._is_file else "blockdev",
+            "path": os.path.realpath(self.description),
+            "size": self._size,
+        }
+        if self._is_file:
+            ident["mtime_ns"] = self._st.st_mtime_ns
+        return ident
+
+    async def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self._size - offset))
+        try:
+            data = await trio.to_thread.run_sync(pread_exact, self._fd, length, offset)
+        except OSError as exc:
+            raise SourceReadError(exc.errno, f"source read at {offset}: {exc.strerror}") from exc
+        if len(data) != length:
+            raise SourceReadError(5, f"short source read at {offset} ({len(data)} of {length} bytes)")
+        return data
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        if not self._is_file:
+            return [Extent(offset, length, zero=False)]
+        runs = await trio.to_thread.run_sync(data_extents, self._fd, offset, length)
+        return [Extent(o, n, zero=hole) for o, n, hole in runs]
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

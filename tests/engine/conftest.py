@@ -1,0 +1,59 @@
+import os
+import random
+
+import pytest
+
+from fuseclone.clone import open_clone, running
+from fuseclone.engine import Settings
+from fuseclone.sources.local import LocalSource
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def make_source_file(path, size, *, seed=1, zero_every=5, hole_every=7, chunk=64 * KiB):
+    """A source with random data, some all-zero chunks and some real holes."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, off in enumerate(range(0, size, chunk)):
+            n = min(chunk, size - off)
+            if hole_every and i % hole_every == hole_every - 1:
+                continue  # left as a hole
+            data = bytes(n) if zero_every and i % zero_every == zero_every - 1 else rng.randbytes(n)
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+@pytest.fixture
+def source_file(tmp_path):
+    return str(make_source_file(tmp_path / "src.img", 4 * MiB + 5 * KiB))
+
+
+class Clone:
+    """Paths of one clone and a way to open its engine."""
+
+    def __init__(self, tmp_path, src):
+        self.src = src
+        self.dst = str(tmp_path / "dst.img")
+        self.meta = str(tmp_path / "meta")
+
+    async def open(self, **settings):
+        region_size = settings.pop("region_size", None)
+        source = await LocalSource.open(self.src)
+        return open_clone(source, self.dst, self.meta, region_size=region_size,
+                          settings=Settings(**settings))
+
+    def running(self, engine):
+        return running(engine)
+
+    def source_bytes(self, offset=0, length=None):
+        with open(self.src, "rb") as f:
+            f.seek(offset)
+            return f.read(length if length is not None else os.path.getsize(self.src))
+
+
+@pytest.fixture
+def clone(tmp_path, source_file):
+    return Clone(tmp_path, source_file)

@@ -1,0 +1,154 @@
+import hashlib
+import os
+
+import pytest
+import trio
+
+from fuseclone.metadata import Metadata
+from tests.engine.conftest import KiB, MiB
+
+
+def file_bytes(path, size=None):
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+async def test_background_hydration_copies_everything_and_keeps_holes(clone):
+    engine = await clone.open(hydration_batch_size=64)
+    async with clone.running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        status = engine.status()
+        assert status.hydrated_regions == status.total_regions == (4 * MiB + 5 * KiB + 4095) // 4096
+    size = os.path.getsize(clone.src)
+    assert file_bytes(clone.dst, size) == clone.source_bytes()
+    # zeros and holes of the source are holes in the destination
+    # the source has allocated zero chunks; the destination must not
+    assert os.stat(clone.dst).st_blocks < os.stat(clone.src).st_blocks * 0.85
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.map.complete and meta.header.clean
+
+
+async def test_reads_come_from_source_until_hydrated(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        data = await engine.read(12345, 100_000)
+        assert data == clone.source_bytes(12345, 100_000)
+        assert engine.status().hydrated_regions == 0
+        assert engine.source_reads == 100_000
+
+
+async def test_copy_on_read_hydrates_what_was_read(clone):
+    engine = await clone.open(hydration=False)
+    async with clone.running(engine):
+        data = await engine.read(8192 + 10, 5000)
+        assert data == clone.source_bytes(8192 + 10, 5000)
+        await trio.sleep(0.2)  # the store runs in the background
+        assert engine.meta.map.is_hydrated(2) and engine.meta.map.is_hydrated(3)
+        reads = engine.source_reads
+        assert await engine.read(8192, 8192) == clone.source_bytes(8192, 8192)
+        assert engine.source_reads == reads  # now served from DST
+
+
+async def test_partial_write_to_unhydrated_region_hydrates_it_first(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.write(4096 * 5 + 100, b"x" * 50)
+        assert engine.meta.map.is_hydrated(5)
+        expected = bytearray(clone.source_bytes(4096 * 5, 4096))
+        expected[100:150] = b"x" * 50
+        assert await engine.read(4096 * 5, 4096) == bytes(expected)
+
+
+async def test_whole_region_write_skips_the_copy(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.write(4096 * 10, b"y" * 4096 * 3)
+        assert engine.source_reads == 0
+        assert engine.status().hydrated_regions == 3
+        await engine.flush()
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.map.hydrated_count == 3 and meta.map.is_hydrated(11)
+
+
+async def test_discard_marks_covered_regions_without_reading_the_source(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.discard(4096 * 4, 4096 * 8)
+        assert engine.source_reads == 0
+        assert engine.status().hydrated_regions == 8
+        assert await engine.read(4096 * 4, 4096 * 8) == bytes(4096 * 8)
+        # a partial discard of an unhydrated region hydrates it, then zeros just that part
+        await engine.discard(4096 * 20 + 1000, 1000)
+        expected = bytearray(clone.source_bytes(4096 * 20, 4096))
+        expected[1000:2000] = bytes(1000)
+        assert await engine.read(4096 * 20, 4096) == bytes(expected)
+
+
+async def test_no_discard_passdown_still_reads_zeros(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False, discard_passdown=False)
+    async with clone.running(engine):
+        await engine.write(0, b"z" * 8192)
+        await engine.discard(0, 8192)
+        assert await engine.read(0, 8192) == bytes(8192)
+
+
+async def test_flush_commits_metadata(clone):
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        assert engine.meta.dirty
+        await engine.flush()
+        assert not engine.meta.dirty
+
+
+async def test_periodic_commit_without_flush(clone):
+    engine = await clone.open(hydration=False, commit_interval=0.05)
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        with trio.fail_after(5):
+            while engine.meta.dirty:
+                await trio.sleep(0.02)
+        assert engine.meta.bytes_written > 0
+
+
+async def test_reopen_resumes_and_keeps_writes(clone):
+    engine = await clone.open(hydration=False)
+    async with clone.running(engine):
+        await engine.write(4096 * 3, b"k" * 4096)
+    engine = await clone.open()
+    async with clone.running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        assert await engine.read(4096 * 3, 4096) == b"k" * 4096
+    expected = bytearray(clone.source_bytes())
+    expected[4096 * 3 : 4096 * 4] = b"k" * 4096
+    assert hashlib.sha256(file_bytes(clone.dst, len(expected))).digest() == hashlib.sha256(expected).digest()
+
+
+async def test_messages_and_status(clone):
+    engine = await clone.open(hydration=False)
+    async with clone.running(engine):
+        engine.message("hydration_threshold 32")
+        engine.message("hydration_batch_size 8")
+        with pytest.raises(ValueError, match="unknown message"):
+            engine.message("frobnicate")
+        with pytest.raises(ValueError, match="whole number"):
+            engine.message("hydration_threshold many")
+        s = engine.status()
+        assert (s.hydration_threshold, s.hydration_batch_size, s.hydration_enabled) == (32, 8, False)
+        assert "no_hydration" in s.features
+        assert s.dmsetup_line().endswith("4 hydration_threshold 32 hydration_batch_size 8 rw")
+        engine.message("enable_hydration")
+        with trio.fail_after(30):
+            await engine.complete.wait()
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.header.hydration_threshold == 32 and meta.header.hydration_batch_size == 8
+
+
+async def test_max_rate_limits_hydration(clone):
+    engine = await clone.open(max_rate=4 * MiB, hydration_batch_size=64)
+    async with clone.running(engine):
+        await trio.sleep(0.5)
+        hydrated = engine.status().hydrated_regions * 4096
+    assert 0 < hydrated <= 4 * MiB * 0.5 + 1 * MiB  # a tenth of a second of burst, one batch
