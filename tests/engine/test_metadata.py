@@ -1,0 +1,201 @@
+import os
+
+import pytest
+
+from fuseclone.errors import (DestinationError, MetadataError, MetadataInUseError,
+                              RegionSizeError)
+from fuseclone.metadata import BITS_PER_BLOCK, BLOCK, Metadata, _slot_offset
+from fuseclone.regions import Geometry
+from tests.engine.conftest import make_source_file
+
+TiB = 1 << 40
+
+
+def snapshot(*paths):
+    """What is on disk for these paths: (exists, size, bytes-digest)."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                out.append((True, os.path.getsize(p), hashlib.sha256(f.read()).hexdigest()))
+        else:
+            out.append((False,))
+    return out
+
+
+class CountingFile:
+    """Counts the bytes os.pwrite sends to one fd."""
+
+    def __init__(self, monkeypatch, fd):
+        self.bytes = 0
+        real = os.pwrite
+
+        def pwrite(f, data, offset):
+            if f == fd:
+                self.bytes += len(data)
+            return real(f, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_commit_of_one_region_of_a_1tib_image_writes_a_few_kib(tmp_path, monkeypatch):
+    g = Geometry(TiB, 4096)
+    meta = Metadata.create(str(tmp_path / "meta"), g, {"source": {}, "destination": {}})
+    try:
+        counter = CountingFile(monkeypatch, meta._fd)
+        meta.set_hydrated(range(123_456_789, 123_456_790))
+        batch = meta.prepare_commit()
+        meta.write_commit(batch)
+        meta.finish_commit(batch)
+        assert 0 < counter.bytes <= 64 * 1024
+        assert counter.bytes == meta.bytes_written == BLOCK
+    finally:
+        meta.close()
+    with Metadata.open(str(tmp_path / "meta"), writable=False) as again:
+        assert again.map.hydrated_count == 1 and again.map.is_hydrated(123_456_789)
+
+
+def test_second_opener_is_refused(tmp_path):
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 20, 4096), {}):
+        with pytest.raises(MetadataInUseError, match="in use by another fuseclone process"):
+            Metadata.open(path)
+        with pytest.raises(MetadataInUseError):
+            Metadata.open(path, writable=False)
+
+
+def test_torn_slot_falls_back_to_the_other_copy(tmp_path):
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 30, 4096), {}) as meta:
+        meta.set_hydrated(range(0, 10))
+        b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
+        meta.set_hydrated(range(10, 20))
+        meta.set_hydrated(range(30_000, 30_001))  # a bit in the half that never lands
+        b = meta.prepare_commit()
+        block, slot, image = b.writes[0]
+        # a torn write: only the first half of the new slot image reaches the disk
+        os.pwrite(meta._fd, image[: BLOCK // 2], _slot_offset(block, slot))
+    with Metadata.open(path) as meta:
+        assert meta.map.hydrated_count == 10  # lost only the interrupted commit's bits
+        meta.set_hydrated(range(10, 30))
+        b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
+    with Metadata.open(path) as meta:
+        assert meta.map.hydrated_count == 30
+
+
+def test_many_commits_alternate_slots_and_keep_every_bit(tmp_path):
+    path = str(tmp_path / "meta")
+    g = Geometry(3 * BITS_PER_BLOCK * 4096 + 4096, 4096)  # 4 bitmap blocks, last one nearly empty
+    with Metadata.create(path, g, {}) as meta:
+        for i in range(0, g.nr_regions, 7919):
+            meta.set_hydrated(range(i, i + 1))
+            b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
+        expected = meta.map.hydrated_count
+    with Metadata.open(path) as meta:
+        assert meta.map.hydrated_count == expected
+        assert meta.map.is_hydrated(g.nr_regions - 1 - (g.nr_regions - 1) % 7919)
+
+
+def test_corrupt_header_is_refused(tmp_path):
+    path = str(tmp_path / "meta")
+    Metadata.create(path, Geometry(1 << 20, 4096), {}).close()
+    with open(path, "r+b") as f:
+        for slot in (0, 1):
+            f.seek(slot * BLOCK + 40)
+            f.write(b"garbage")
+    before = snapshot(path)
+    with pytest.raises(MetadataError, match="corrupt|not a fuseclone metadata file"):
+        Metadata.open(path)
+    assert snapshot(path) == before
+
+
+def test_corrupt_bitmap_in_both_copies_is_refused(tmp_path):
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 20, 4096), {}) as meta:
+        meta.set_hydrated(range(0, 3))
+        b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
+    with open(path, "r+b") as f:
+        for slot in (0, 1):
+            f.seek(_slot_offset(0, slot) + 100)
+            f.write(b"\xff" * 8)
+    with pytest.raises(MetadataError, match="bitmap block 0"):
+        Metadata.open(path)
+
+
+def test_not_a_metadata_file_is_refused(tmp_path):
+    path = tmp_path / "meta"
+    path.write_bytes(b"hello" * 5000)
+    with pytest.raises(MetadataError, match="not a fuseclone metadata file"):
+        Metadata.open(str(path))
+
+
+# ---- bad input through open_clone: clear error, nothing changed on disk -------------------
+
+
+async def test_destination_smaller_than_source(clone):
+    with open(clone.dst, "wb") as f:
+        f.truncate(1 << 20)
+    before = snapshot(clone.dst, clone.meta)
+    with pytest.raises(DestinationError, match="smaller than the source"):
+        await clone.open()
+    assert snapshot(clone.dst, clone.meta) == before
+
+
+@pytest.mark.parametrize("size", [1000, 4096 * 3, 2 << 30, 2048])
+async def test_bad_region_size(clone, size):
+    with pytest.raises(RegionSizeError, match="power of two"):
+        await clone.open(region_size=size)
+    assert snapshot(clone.dst, clone.meta) == [(False,), (False,)]
+
+
+async def test_metadata_of_another_clone(clone, tmp_path):
+    engine = await clone.open()
+    async with clone.running(engine):
+        pass
+    other = str(make_source_file(tmp_path / "other.img", os.path.getsize(clone.src), seed=9))
+    before = snapshot(clone.dst, clone.meta)
+    clone.src = other
+    with pytest.raises(MetadataError, match="belongs to another clone: its source was"):
+        await clone.open()
+    assert snapshot(clone.dst, clone.meta) == before
+
+
+async def test_metadata_of_another_destination(clone, tmp_path):
+    engine = await clone.open()
+    async with clone.running(engine):
+        pass
+    os.rename(clone.dst, clone.dst + ".old")
+    with open(clone.dst, "wb") as f:
+        f.truncate(os.path.getsize(clone.src))
+    before = snapshot(clone.dst, clone.meta)
+    with pytest.raises(MetadataError, match="its destination was"):
+        await clone.open()
+    assert snapshot(clone.dst, clone.meta) == before
+
+
+async def test_metadata_in_use(clone):
+    engine = await clone.open()
+    async with clone.running(engine):
+        before = snapshot(clone.meta)
+        with pytest.raises(MetadataInUseError):
+            await clone.open()
+        assert snapshot(clone.meta) == before
+
+
+async def test_corrupt_metadata_through_open_clone(clone):
+    with open(clone.meta, "wb") as f:
+        f.write(os.urandom(3 * 4096))
+    before = snapshot(clone.dst, clone.meta)
+    with pytest.raises(MetadataError):
+        await clone.open()
+    assert snapshot(clone.dst, clone.meta) == before
+
+
+async def test_missing_source():
+    from fuseclone.errors import SourceError
+    from fuseclone.sources.local import LocalSource
+
+    with pytest.raises(SourceError, match="does not exist"):
+        await LocalSource.open("/nonexistent/source.img")
