@@ -28,12 +28,12 @@ class Destination:
         self._st = st
 
     @classmethod
-    def open(cls, path: str, image_size: int, *, create: bool) -> Destination:
-        """Open DST read-write. A missing file is created sparse (only when `create`); a DST
-        smaller than the image is refused. On refusal nothing is left changed."""
+    def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
+        """Open DST read-write (or read-only, for checks). A missing file is created sparse (only
+        when `create`); a DST smaller than the image is refused. On refusal nothing is changed."""
         created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create:
                 raise DestinationError(f"{path}: destination does not exist") from None
