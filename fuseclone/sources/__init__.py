@@ -1,25 +1,46 @@
 """Sources: local path, NBD, HTTP(S), behind one async interface (see base.Source)."""
 
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
 __all__ = ["Extent", "Source", "SourceReadError", "open_source"]
 
 
-async def open_source(spec: str) -> Source:
-    """Open the source a user named: a path, nbd://, nbd+unix:// or http(s):// URL."""
-    from ..errors import SourceError
+@contextlib.asynccontextmanager
+async def open_source(spec: str) -> AsyncIterator[Source]:
+    """Open the source a user named (a path, nbd://, nbd+unix:// or http(s):// URL) for the
+    duration of the block; its connections and background tasks end with the block."""
+    opener = _opener(spec)
+    opened = opener(spec)
+    if hasattr(opened, "__aenter__"):  # sources that own tasks are async context managers
+        async with opened as source:
+            yield source
+        return
+    source = await opened
+    try:
+        yield source
+    finally:
+        await source.aclose()
 
+
+def _opener(spec: str):
     scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
     if scheme == "":
         from .local import LocalSource
 
-        return await LocalSource.open(spec)
-    if scheme in ("nbd", "nbd+unix", "nbds"):
+        return LocalSource.open
+    if scheme in ("nbd", "nbd+unix"):
         from .nbd import open_nbd_source
 
-        return await open_nbd_source(spec)
+        return open_nbd_source
     if scheme in ("http", "https"):
         from .http import open_http_source
 
-        return await open_http_source(spec)
-    raise SourceError(f"unknown source URL scheme {scheme!r} in {spec!r} (use a path, nbd://, nbd+unix://, http:// or https://)")
+        return open_http_source
+    raise SourceError(f"unknown source URL scheme {scheme!r} in {spec!r} "
+                      "(use a path, nbd://, nbd+unix://, http:// or https://)")

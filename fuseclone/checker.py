@@ -1,0 +1,98 @@
+"""`fuseclone check`: validate a metadata file, and optionally DST against SRC."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import trio
+
+from .destination import Destination
+from .errors import FusecloneError
+from .metadata import Metadata
+
+
+def run_check(meta_path: str, src: str | None, dst: str | None, verify: bool,
+              echo: Callable[[str], None]) -> bool:
+    """Returns True when everything checked is consistent. Opens META read-only."""
+    with Metadata.open(meta_path, writable=False) as meta:
+        h = meta.header
+        echo(f"{meta_path}: valid fuseclone metadata, format 1, region size {h.region_size}, "
+             f"{meta.map.hydrated_count}/{h.nr_regions} regions hydrated, "
+             f"{'clean' if h.clean else 'not cleanly closed (the mount was killed or is live)'}")
+        if not (src or dst):
+            return True
+        return trio.run(_check_against, meta, src, dst, verify, echo)
+
+
+async def _check_against(meta: Metadata, src: str | None, dst: str | None, verify: bool,
+                         echo: Callable[[str], None]) -> bool:
+    from .sources import open_source
+
+    ok = True
+    identity = dict(meta.header.identity)
+    source_cm = open_source(src) if src else None
+    if source_cm is None:
+        return _check_destination(meta, dst, echo)
+    async with source_cm as source:
+        if source.identity() != identity.get("source") or source.size != meta.header.source_size:
+            echo(f"MISMATCH: {src} is not the source this metadata was made for")
+            return False
+        echo(f"source {src}: matches")
+        if dst:
+            ok = _check_destination(meta, dst, echo)
+            if ok and verify:
+                ok = await _verify(meta, source, dst, echo)
+    return ok
+
+
+def _check_destination(meta: Metadata, dst_path: str | None, echo) -> bool:
+    if dst_path is None:
+        return True
+    try:
+        dst = Destination.open(dst_path, meta.header.source_size, create=False, readonly=True)
+    except FusecloneError as exc:
+        echo(f"MISMATCH: {exc}")
+        return False
+    try:
+        if dst.identity() != meta.header.identity.get("destination"):
+            echo(f"MISMATCH: {dst_path} is not the destination this metadata was made for")
+            return False
+    finally:
+        dst.close()
+    echo(f"destination {dst_path}: matches")
+    return True
+
+
+async def _verify(meta: Metadata, source, dst_path: str, echo) -> bool:
+    g = meta.geometry
+    dst = Destination.open(dst_path, g.image_size, create=False, readonly=True)
+    bad = checked = 0
+    step = max(1, (4 << 20) // g.region_size)
+    try:
+        for start in range(0, g.nr_regions, step):
+            for hydrated, run in meta.map.runs(range(start, min(start + step, g.nr_regions))):
+                if not hydrated:
+                    continue
+                offset, length = g.byte_range(run)
+                want = await source.read(offset, length)
+                got = await trio.to_thread.run_sync(dst.read, offset, length)
+                checked += len(run)
+                if got != want:
+                    bad += _count_bad_regions(g, run, want, got, echo)
+    finally:
+        dst.close()
+    echo(f"verify: {checked} hydrated regions compared, {bad} differ from the source"
+         + (" (expected where the image was written to)" if bad else ""))
+    return bad == 0
+
+
+def _count_bad_regions(g, run: range, want: bytes, got: bytes, echo) -> int:
+    bad = 0
+    base = g.region_start(run.start)
+    for region in run:
+        lo, hi = g.region_start(region) - base, g.region_end(region) - base
+        if want[lo:hi] != got[lo:hi]:
+            if bad < 10:
+                echo(f"  region {region} (offset {g.region_start(region)}) differs")
+            bad += 1
+    return bad

@@ -1,0 +1,330 @@
+"""The `fuseclone` command: mount, status, message, wait, unmount, check, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import NoReturn
+
+import click
+
+from . import control
+from .engine import Settings
+from .errors import FusecloneError
+from .status import Status
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """4096, 4K, 64KiB, 1M, 10MB/s -> bytes (binary units: K = 1024)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 4K, 64KiB, 1M)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"fuseclone: error: {message}", err=True)
+    sys.exit(1)
+
+
+class FriendlyGroup(click.Group):
+    """Turns FusecloneError into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FusecloneError as exc:
+            fail(str(exc))
+
+
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fuseclone")
+def main() -> None:
+    """dm-clone in userspace: use a clone of a slow source at once while it hydrates."""
+
+
+# ---- mount ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.argument("meta")
+@click.argument("mountpoint")
+@click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
+@click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
+@click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
+@click.option("--hydration-threshold", type=click.IntRange(1), help="Regions being copied at once (default 16 MiB worth).")
+@click.option("--hydration-batch-size", type=click.IntRange(1), help="Contiguous regions per copy (default 1 MiB worth).")
+@click.option("--max-rate", type=SIZE, default=0, help="Limit hydration to RATE bytes/s (e.g. 50M).")
+@click.option("--copy-on-read/--no-copy-on-read", default=True, help="Hydrate regions as they are read (default on).")
+@click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
+@click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
+@click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<id>.log).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
+          hydration_threshold, hydration_batch_size, max_rate, copy_on_read, allow_other, name,
+          foreground, on_complete, log_file, log_level, ready_fd) -> None:
+    """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
+    hydrating into DST and tracking progress in META."""
+    from .daemon import MountOptions
+
+    settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
+                        copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
+                        hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
+    opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
+                        region_size=region_size, settings=settings, allow_other=allow_other,
+                        name=name, on_complete=on_complete)
+    if foreground or ready_fd is not None:
+        _mount_foreground(opts, log_file, log_level, ready_fd)
+    else:
+        _mount_background(log_file)
+
+
+def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
+    import trio
+
+    from .daemon import run_mount
+
+    _setup_logging(log_file, log_level)
+
+    def on_ready(image: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, f"ready {image}\n".encode())
+            os.close(ready_fd)
+        else:
+            click.echo(f"fuseclone: serving {image}", err=True)
+
+    try:
+        trio.run(run_mount, opts, on_ready)
+    except FusecloneError as exc:
+        if ready_fd is not None:
+            os.write(ready_fd, f"error {exc}\n".encode())
+        raise
+
+
+def _mount_background(log_file: str | None) -> None:
+    """Start this same command in the foreground as a detached child, and return once it says
+    the image is ready (or print the one-line error it reports)."""
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "fuseclone", *sys.argv[1:], "--ready-fd", str(write_end)]
+    if log_file is None:
+        os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
+        log_file = os.path.join(control.RUNTIME_DIR, f"mount-{os.getpid()}.log")
+        argv += ["--log-file", log_file]
+    with open(os.devnull, "rb") as devnull:
+        child = subprocess.Popen(argv, stdin=devnull, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+                                 start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        line = ready.readline().decode().strip()
+    if line.startswith("ready "):
+        click.echo(f"{line[6:]}")
+        return
+    if line.startswith("error "):
+        child.wait()
+        fail(line[6:])
+    code = child.wait()
+    fail(f"the mount process exited ({code}) before the image was ready; see {log_file}")
+
+
+def _setup_logging(log_file: str | None, level: str) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# ---- status / message / wait / unmount -------------------------------------------------------
+
+
+def read_status(target: str) -> Status:
+    """Live status from the mount of TARGET, or offline status from its META."""
+    meta = control.resolve_target(target)
+    reply = control.request(meta, {"op": "status"})
+    if reply is not None:
+        return Status(**reply["status"])
+    return offline_status(meta)
+
+
+def offline_status(meta_path: str) -> Status:
+    from .metadata import Metadata, feature_names
+
+    with Metadata.open(meta_path, writable=False) as meta:
+        h = meta.header
+        ident = h.identity
+        return Status(
+            hydrated_regions=meta.map.hydrated_count, total_regions=h.nr_regions,
+            hydrating_regions=0, region_size=h.region_size, image_size=h.source_size,
+            features=feature_names(h.features), hydration_threshold=h.hydration_threshold,
+            hydration_batch_size=h.hydration_batch_size,
+            hydration_enabled=not ("no_hydration" in feature_names(h.features)),
+            hydration_error=None, metadata_mode="ro", bytes_per_second=0.0, eta_seconds=None,
+            source=str(ident.get("source", {}).get("path") or ident.get("source", {}).get("url", "?")),
+            destination=str(ident.get("destination", {}).get("path", "?")),
+            metadata=meta_path, live=False, clean=h.clean)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--dmsetup", is_flag=True, help="Print dm-clone's status line.")
+@click.option("--watch", "-w", is_flag=True, help="Update live until hydration is complete.")
+def status(target, as_json, dmsetup, watch) -> None:
+    """Show hydration progress of a mountpoint or a META file."""
+    from .progress import render_status, watch_status
+
+    if watch:
+        watch_status(lambda: read_status(target))
+        return
+    st = read_status(target)
+    if as_json:
+        click.echo(st.to_json())
+    elif dmsetup:
+        click.echo(st.dmsetup_line())
+    else:
+        render_status(st)
+
+
+@main.command()
+@click.argument("target")
+@click.argument("words", nargs=-1, required=True)
+def message(target, words) -> None:
+    """Send a dm-clone message to a live mount: enable_hydration, disable_hydration,
+    hydration_threshold N, hydration_batch_size N."""
+    meta = control.resolve_target(target)
+    reply = control.request(meta, {"op": "message", "text": " ".join(words)})
+    if reply is None:
+        fail(f"{target}: no live mount to send the message to")
+    if not reply.get("ok"):
+        fail(reply.get("error", "message refused"))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
+def wait(target, timeout) -> None:
+    """Wait until hydration is complete (exit 0), or the timeout passes (exit 1)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        st = read_status(target)
+        if st.complete:
+            return
+        if not st.live:
+            fail(f"{target}: not complete ({st.hydrated_regions}/{st.total_regions} regions) "
+                 "and no mount is hydrating it")
+        if st.hydration_error:
+            fail(f"hydration stopped: {st.hydration_error}")
+        if deadline is not None and time.monotonic() >= deadline:
+            click.echo(f"fuseclone: timed out at {st.fraction:.1%} hydrated", err=True)
+            sys.exit(1)
+        time.sleep(0.25)
+
+
+@main.command()
+@click.argument("mountpoint")
+@click.option("--timeout", type=float, default=60, show_default=True)
+def unmount(mountpoint, timeout) -> None:
+    """Commit and unmount. Refuses while a loop device holds the image."""
+    from .fuse.mount import cleanup_stale_mount
+
+    if cleanup_stale_mount(mountpoint):
+        click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
+        return
+    meta = control.meta_of_mountpoint(mountpoint)
+    if meta is None:
+        fail(f"{mountpoint}: not a fuseclone mountpoint")
+    for loop in loop_devices_of(mountpoint):
+        fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
+    reply = control.request(meta, {"op": "unmount"})
+    if reply is None:
+        fail(f"{mountpoint}: the mount does not answer on its control socket")
+    deadline = time.monotonic() + timeout
+    while control.meta_of_mountpoint(mountpoint) is not None or os.path.exists(control.socket_path(meta)):
+        if time.monotonic() > deadline:
+            fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def loop_devices_of(mountpoint: str) -> list[str]:
+    """Loop devices whose backing file lives on this mount."""
+    real = os.path.realpath(mountpoint)
+    found = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing == real or backing.startswith(real.rstrip("/") + "/"):
+            found.append(f"/dev/{name}")
+    return found
+
+
+# ---- check ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("meta")
+@click.option("--src", help="Check META against this source.")
+@click.option("--dst", help="Check META against this destination.")
+@click.option("--verify", is_flag=True, help="Compare every hydrated region of DST with SRC.")
+def check(meta, src, dst, verify) -> None:
+    """Validate a metadata file (like thin_check); optionally verify DST against SRC."""
+    from .checker import run_check
+
+    if verify and not (src and dst):
+        fail("--verify needs --src and --dst")
+    ok = run_check(meta, src, dst, verify, echo=click.echo)
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--size", type=SIZE, default="256M", show_default=True, help="Size of the sample image.")
+@click.option("--rate", type=SIZE, default="64M", show_default=True, help="Bandwidth of the slow source, bytes/s.")
+@click.option("--latency-ms", type=float, default=2.0, show_default=True, help="Added latency of each source read.")
+@click.option("--keep", is_flag=True, help="Keep the work directory for a look afterwards.")
+def demo(size, rate, latency_ms, keep) -> None:
+    """Clone a sample ext4 image from a deliberately slow source, use it at once, watch it hydrate."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(size=size, rate=rate, latency_ms=latency_ms, keep=keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""One live mount: source + clone engine + FUSE filesystem + control socket, in one nursery.
+
+Lifecycle: check the mountpoint, open the source, open (or create) the clone, mount, report
+ready, then serve until unmounted, told to stop over the control socket, or signalled
+(SIGINT/SIGTERM). Leaving always commits the metadata and marks it clean. If anything fails
+before the mount is up, files this run created (META, a new DST) are removed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from . import control
+from .clone import open_clone, running
+from .engine import CloneEngine, Settings
+from .errors import FusecloneError
+from .metadata import Metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    source: str
+    destination: str
+    metadata: str
+    mountpoint: str
+    region_size: int | None = None
+    settings: Settings = field(default_factory=Settings)
+    allow_other: bool = False
+    name: str = "image"
+    on_complete: str | None = None
+
+
+def check_mountpoint(path: str) -> None:
+    """Refuse a missing or busy mountpoint before anything is created; clean a stale mount of
+    a killed fuseclone."""
+    from .fuse.mount import cleanup_stale_mount
+
+    cleanup_stale_mount(path)
+    if not os.path.exists(path):
+        raise FusecloneError(f"{path}: mountpoint does not exist")
+    if not (os.path.isdir(path) or os.path.isfile(path)):
+        raise FusecloneError(f"{path}: mountpoint must be a directory or a regular file")
+    if control.meta_of_mountpoint(path) is not None or os.path.ismount(path):
+        raise FusecloneError(f"{path}: mountpoint is busy (something is already mounted there)")
+
+
+def image_path(mountpoint: str, name: str) -> str:
+    """Where the image appears: the mountpoint itself when it is a file, else a file in it."""
+    return mountpoint if os.path.isfile(mountpoint) else os.path.join(mountpoint, name)
+
+
+async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda path: None) -> None:
+    """Serve one mount until it ends. `on_ready(image_path)` is called once the image can be
+    opened. User errors raise FusecloneError before anything changed on disk."""
+    from .sources import open_source
+
+    check_mountpoint(opts.mountpoint)
+    new_meta = not Metadata.exists(opts.metadata)
+    new_dst = not os.path.exists(opts.destination)
+    async with open_source(opts.source) as source:
+        engine = open_clone(source, opts.destination, opts.metadata,
+                            region_size=opts.region_size, settings=opts.settings)
+        mounted = False
+        try:
+            async with running(engine):
+                async with trio.open_nursery() as nursery:
+                    await _start_serving(nursery, engine, opts)
+                    mounted = True
+                    on_ready(image_path(opts.mountpoint, opts.name))
+        finally:
+            if not mounted:
+                _remove_created(opts, new_meta, new_dst)
+
+
+async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions) -> None:
+    from .fuse.fs import ImageFilesystem
+    from .fuse.session import serve
+
+    stop = nursery.cancel_scope
+
+    async def handle(req: dict) -> dict:
+        op = req.get("op")
+        if op == "status":
+            status = engine.status()
+            return {"ok": True, "status": status, "pid": os.getpid(), "mountpoint": opts.mountpoint}
+        if op == "message":
+            try:
+                engine.message(str(req.get("text", "")))
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True}
+        if op == "unmount":
+            stop.cancel()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    await nursery.start(control.serve_control, opts.metadata, handle)
+    nursery.start_soon(_signals, stop)
+    fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other)
+    await nursery.start(_serve_then_stop, fs, opts, stop)
+    if opts.on_complete:
+        nursery.start_soon(_on_complete, engine, opts.on_complete)
+
+
+async def _serve_then_stop(fs, opts: MountOptions, stop: trio.CancelScope,
+                           task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from .fuse.session import serve
+
+    await serve(fs, opts.mountpoint, fsname=control.FSNAME_PREFIX + os.path.abspath(opts.metadata),
+                allow_other=opts.allow_other, task_status=task_status)
+    log.info("%s was unmounted", opts.mountpoint)
+    stop.cancel()  # unmounted from outside: shut the rest down
+
+
+async def _signals(stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: committing and unmounting", signal.Signals(signum).name)
+            stop.cancel()
+            return
+
+
+async def _on_complete(engine: CloneEngine, command: str) -> None:
+    await engine.complete.wait()
+    log.info("hydration complete: running %s", command)
+    env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
+    result = await trio.run_process(shlex.split(command), check=False, env=env)
+    if result.returncode:
+        log.warning("--on-complete command exited with %d", result.returncode)
+
+
+def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:
+    for created, path in ((new_meta, opts.metadata), (new_dst, opts.destination)):
+        if created and os.path.exists(path):
+            log.info("removing %s, created by this failed mount", path)
+            os.unlink(path)

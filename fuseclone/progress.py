@@ -1,0 +1,75 @@
+"""Human renderings of a Status with rich: a summary with a progress bar, and a live watch."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .status import Status
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def status_renderable(st: Status) -> Group:
+    bar = ProgressBar(total=st.total_regions or 1, completed=st.hydrated_regions, width=40)
+    headline = Text.assemble(
+        (f"{st.fraction:6.1%} ", "bold"),
+        f"{human_bytes(st.hydrated_regions * st.region_size)} of {human_bytes(st.image_size)}",
+        ("  complete" if st.complete else ""), style="green" if st.complete else "")
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim")
+    table.add_column()
+    rows = [
+        ("regions", f"{st.hydrated_regions}/{st.total_regions} hydrated, {st.hydrating_regions} hydrating, "
+                    f"{human_bytes(st.region_size)} each"),
+        ("rate", f"{human_bytes(st.bytes_per_second)}/s, ETA {human_duration(st.eta_seconds)}"
+                 if st.live else "(not mounted)"),
+        ("hydration", "enabled" if st.hydration_enabled else "disabled"),
+        ("metadata", f"{st.metadata_mode}  {st.metadata}"),
+        ("source", st.source),
+        ("destination", st.destination),
+        ("features", " ".join(st.features) or "-"),
+        ("core args", f"hydration_threshold {st.hydration_threshold} hydration_batch_size {st.hydration_batch_size}"),
+    ]
+    if st.hydration_error:
+        rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
+    for key, value in rows:
+        table.add_row(key, value)
+    return Group(bar, headline, table)
+
+
+def render_status(st: Status, console: Console | None = None) -> None:
+    (console or Console()).print(status_renderable(st))
+
+
+def watch_status(read: Callable[[], Status], interval: float = 1.0) -> Status:
+    """Redraw the status until hydration is complete (or stopped with an error)."""
+    console = Console()
+    st = read()
+    with Live(status_renderable(st), console=console, refresh_per_second=4) as live:
+        while not st.complete and not st.hydration_error and st.live:
+            time.sleep(interval)
+            st = read()
+            live.update(status_renderable(st))
+    return st

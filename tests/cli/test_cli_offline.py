@@ -1,0 +1,132 @@
+"""CLI commands that need no live mount: exit codes and messages."""
+
+import json
+
+import pytest
+import trio
+from click.testing import CliRunner
+
+from fuseclone.cli import main, parse_size
+from fuseclone.clone import running
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("4K", 4096), ("64KiB", 65536),
+                                        ("1M", 1 << 20), ("1MB", 1 << 20), ("10M/s", 10 << 20),
+                                        ("2g", 2 << 30)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "4X", "-1", "1.5M", "K"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def half_clone(clone):
+    """A clone with some regions written and hydration off, cleanly closed."""
+
+    async def make():
+        engine = await clone.open(hydration=False, copy_on_read=False)
+        async with running(engine):
+            await engine.write(0, b"q" * 4096 * 10)
+
+    trio.run(make)
+    return clone
+
+
+@pytest.fixture
+def full_clone(clone):
+    async def make():
+        engine = await clone.open()
+        async with running(engine):
+            await engine.complete.wait()
+
+    trio.run(make)
+    return clone
+
+
+def test_status_offline_json_and_dmsetup(half_clone):
+    result = invoke("status", half_clone.meta, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    for key in ("hydrated_regions", "total_regions", "hydrating_regions", "region_size",
+                "hydration_enabled", "metadata_mode", "bytes_per_second", "eta_seconds"):
+        assert key in doc
+    assert doc["hydrated_regions"] == 10 and doc["live"] is False and doc["metadata_mode"] == "ro"
+    result = invoke("status", half_clone.meta, "--dmsetup")
+    assert result.exit_code == 0
+    fields = result.output.split()
+    assert fields[0] == "8" and fields[2] == "8" and fields[3] == f"10/{doc['total_regions']}"
+    assert "no_hydration" in fields and fields[-1] == "ro"
+
+
+def test_status_human(half_clone):
+    result = invoke("status", half_clone.meta)
+    assert result.exit_code == 0
+    assert "10/" in result.output and "hydrated" in result.output and "(not mounted)" in result.output
+
+
+def test_status_of_nothing(tmp_path):
+    result = invoke("status", str(tmp_path / "nope"))
+    assert result.exit_code == 1
+    assert result.output.strip() == f"fuseclone: error: {tmp_path / 'nope'}: no such mountpoint or metadata file"
+
+
+def test_status_of_a_non_metadata_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 10000)
+    result = invoke("status", str(tmp_path / "f"))
+    assert result.exit_code == 1 and "not a fuseclone metadata file" in result.output
+
+
+def test_message_without_mount(half_clone):
+    result = invoke("message", half_clone.meta, "enable_hydration")
+    assert result.exit_code == 1 and "no live mount" in result.output
+
+
+def test_wait_incomplete_and_unmounted(half_clone):
+    result = invoke("wait", half_clone.meta, "--timeout", "1")
+    assert result.exit_code == 1 and "no mount is hydrating it" in result.output
+
+
+def test_wait_complete(full_clone):
+    assert invoke("wait", full_clone.meta, "--timeout", "1").exit_code == 0
+
+
+def test_check_valid_and_verify(full_clone):
+    result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.dst, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "valid fuseclone metadata" in result.output and "0 differ" in result.output
+
+
+def test_check_verify_finds_differences(full_clone):
+    with open(full_clone.dst, "r+b") as f:
+        f.seek(4096 * 3 + 5)
+        f.write(b"\x01\x02\x03" if full_clone.source_bytes(4096 * 3 + 5, 3) != b"\x01\x02\x03" else b"\x09")
+    result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.dst, "--verify")
+    assert result.exit_code == 1 and "region 3 " in result.output and "1 differ" in result.output
+
+
+def test_check_against_the_wrong_source(full_clone, tmp_path):
+    from tests.engine.conftest import make_source_file
+    import os
+
+    other = make_source_file(tmp_path / "other", os.path.getsize(full_clone.src), seed=77)
+    result = invoke("check", full_clone.meta, "--src", str(other))
+    assert result.exit_code == 1 and "MISMATCH" in result.output
+
+
+def test_check_verify_needs_paths(full_clone):
+    result = invoke("check", full_clone.meta, "--verify")
+    assert result.exit_code == 1 and "--verify needs --src and --dst" in result.output
+
+
+def test_check_corrupt(tmp_path):
+    (tmp_path / "m").write_bytes(bytes(9000))
+    result = invoke("check", str(tmp_path / "m"))
+    assert result.exit_code == 1 and "fuseclone: error:" in result.output
