@@ -284,7 +284,10 @@ class CloneEngine:
         return data
 
     async def _dst_read(self, offset: int, length: int) -> bytes:
-        return await trio.to_thread.run_sync(self.dst.read, offset, length)
+        data = self.dst.read_cached(offset, length)
+        if data is None:
+            data = await trio.to_thread.run_sync(self.dst.read, offset, length)
+        return data
 
     # ---- claims -------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ class VolatileDestination(Destination):
                 data[lo - offset : hi - offset] = payload[lo - off : hi - off]
         return bytes(data)
 
+    def read_cached(self, offset, length):
+        return None  # always take read(), which sees the cache
+
     def write(self, offset, data):
         self.cache.append((offset, bytes(data)))
 
