@@ -106,6 +106,7 @@ class CloneEngine:
         self._inflight_regions = 0
         self._last_user_io = -1e9
         self._failures = 0
+        self._resume_at = 0.0
         self.hydration_error: str | None = None
         self._progress = _Progress()
         self._rate_tokens = 0.0
@@ -357,6 +358,9 @@ class CloneEngine:
         cursor = 0
         async with trio.open_nursery() as copies:
             while not self.meta.map.complete:
+                if trio.current_time() < self._resume_at:
+                    await trio.sleep_until(self._resume_at)  # backing off after a failure
+                    continue
                 if not self._may_start_batch():
                     await self._changed.park()
                     continue
@@ -401,21 +405,22 @@ class CloneEngine:
             await self._copy(claim)
             self._failures = 0
         except OSError as exc:
-            await self._back_off(claim, exc)
+            self._note_failure(claim, exc)
         finally:
             self._inflight_regions -= len(claim.regions)
             self._changed.unpark_all()
 
-    async def _back_off(self, claim: _Claim, exc: OSError) -> None:
+    def _note_failure(self, claim: _Claim, exc: OSError) -> None:
+        """Back off exponentially; after max_failures in a row, stop until enable_hydration."""
         self._failures += 1
         s = self.settings
         log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
                     claim.regions.stop - 1, self._failures, exc)
-        if self._failures >= s.max_failures:
+        if self._failures >= s.max_failures and self.hydration_error is None:
             self.hydration_error = f"stopped after {self._failures} failures: {exc}"
             log.error("hydration %s", self.hydration_error)
-            return
-        await trio.sleep(min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1)))
+        delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
+        self._resume_at = max(self._resume_at, trio.current_time() + delay)
 
     async def _throttle(self, nbytes: int) -> None:
         rate = self.settings.max_rate
@@ -444,6 +449,7 @@ class CloneEngine:
             s.hydration = True
             self.hydration_error = None
             self._failures = 0
+            self._resume_at = 0.0
         elif words == ["disable_hydration"]:
             s.hydration = False
         elif len(words) == 2 and words[0] in ("hydration_threshold", "hydration_batch_size"):

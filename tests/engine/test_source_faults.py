@@ -1,0 +1,71 @@
+"""Source faults: user reads get EIO, hydration backs off and stops after a bounded number of
+failures (status says why), nothing hydrated is lost, enable_hydration resumes.
+
+The engine-level fault is injected by wrapping the local source; the same paths against a real
+nbdkit `error` filter are tested with the NBD source."""
+
+import errno
+
+import pytest
+import trio
+
+from fuseclone.sources.base import SourceReadError
+from fuseclone.sources.local import LocalSource
+
+
+class BrokenRange:
+    """Wraps a source; reads touching [lo, hi) fail while `broken` is set."""
+
+    def __init__(self, inner, lo, hi):
+        self.inner, self.lo, self.hi, self.broken = inner, lo, hi, True
+        self.description, self.size = inner.description, inner.size
+        self.failures = 0
+
+    def identity(self):
+        return self.inner.identity()
+
+    async def read(self, offset, length):
+        if self.broken and offset < self.hi and offset + length > self.lo:
+            self.failures += 1
+            raise SourceReadError(errno.EIO, "injected source fault")
+        return await self.inner.read(offset, length)
+
+    async def extents(self, offset, length):
+        return await self.inner.extents(offset, length)
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+async def test_faults_back_off_stop_and_resume(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
+                              max_failures=3, backoff_initial=0.01)
+    broken = BrokenRange(engine.source, 1 << 20, (1 << 20) + 8192)
+    engine.source = broken
+    async with clone.running(engine):
+        await engine.write(0, b"w" * 4096)  # hydrated before the trouble starts
+        with pytest.raises(OSError) as info:
+            await engine.read((1 << 20) + 100, 10)
+        assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            await engine.write((1 << 20) + 100, b"x")  # needs a copy of a broken region
+        assert info.value.errno == errno.EIO
+        engine.message("enable_hydration")
+        with trio.fail_after(10):
+            while engine.hydration_error is None:
+                await trio.sleep(0.01)
+        status = engine.status()
+        assert "stopped after 3 failures" in status.hydration_error
+        assert not status.complete and broken.failures >= 3
+        while engine.status().hydrating_regions:  # copies already in flight may still fail once
+            await trio.sleep(0.01)
+        calls = broken.failures
+        await trio.sleep(0.3)
+        assert broken.failures == calls, "hydration kept retrying after it stopped"
+        assert await engine.read(0, 4096) == b"w" * 4096  # nothing hydrated was lost
+        broken.broken = False  # the server is back
+        engine.message("enable_hydration")
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        assert engine.status().hydration_error is None
+        assert await engine.read(1 << 20, 8192) == clone.source_bytes(1 << 20, 8192)
