@@ -223,6 +223,10 @@ class CloneEngine:
     # ---- the read path --------------------------------------------------------------------
 
     async def _read_unhydrated(self, run: range, lo: int, hi: int) -> bytes:
+        if not self.meta.map.all_unhydrated(run):
+            # Hydrated (and maybe written) while this read awaited an earlier part: start over,
+            # or a copy-on-read store would put source data over a completed write.
+            return await self.read(lo, hi - lo)
         if not (self.settings.copy_on_read and self.hydration_error is None) or any(
                 r in self._claims for r in run):
             return await self._source_read(lo, hi - lo)
@@ -328,9 +332,12 @@ class CloneEngine:
         # that had already returned, so the fdatasync below covers its data (invariant 1).
         batch = self.meta.prepare_commit()
         try:
-            await trio.to_thread.run_sync(self.dst.datasync)
-            if batch is not None:
-                await trio.to_thread.run_sync(self.meta.write_commit, batch)
+            # Shielded: a commit cancelled between copying its blocks out and writing them
+            # would drop their dirty marks, and the shutdown commit would miss those bits.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.dst.datasync)
+                if batch is not None:
+                    await trio.to_thread.run_sync(self.meta.write_commit, batch)
         except OSError as exc:
             # After a failed fdatasync the kernel may have dropped the dirty data: no bit may be
             # committed any more. Fail mode, like dm-clone's.

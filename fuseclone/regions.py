@@ -119,6 +119,9 @@ class RegionMap:
             return True
         return self._bits.count(1, regions.start, regions.stop) == len(regions)
 
+    def all_unhydrated(self, regions: range) -> bool:
+        return not regions or self._bits.count(1, regions.start, regions.stop) == 0
+
     def set_hydrated(self, regions: range) -> int:
         """Mark regions hydrated; returns how many were newly set."""
         if not regions:
@@ -167,6 +170,9 @@ class CompleteMap(RegionMap):
 
     def all_hydrated(self, regions: range) -> bool:
         return True
+
+    def all_unhydrated(self, regions: range) -> bool:
+        return not regions
 
     def set_hydrated(self, regions: range) -> int:
         return 0
