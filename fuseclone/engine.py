@@ -29,6 +29,7 @@ from .status import Status
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
+SEEK_SCAN_LIMIT = 1 << 30
 
 
 @dataclass
@@ -162,10 +163,33 @@ class CloneEngine:
         await self.commit()
 
     async def seek(self, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE over the image: DST's holes where hydrated, the source's zero
+        extents where not. Scans at most SEEK_SCAN_LIMIT bytes; past that it answers what is
+        always allowed (data for SEEK_DATA, the end of the image for SEEK_HOLE)."""
         if offset >= self.size:
             raise OSError(errno.ENXIO, "past the end of the image")
-        # The whole image is reported as data: correct, and costs no source round trip.
-        return offset if whence == os.SEEK_DATA else self.size
+        want_zero = whence == os.SEEK_HOLE
+        limit = min(self.size, offset + SEEK_SCAN_LIMIT)
+        async for ext_offset, ext_length, zero in self._extents(offset, limit):
+            if zero == want_zero:
+                return max(ext_offset, offset)
+        if limit < self.size:
+            return limit if not want_zero else self.size
+        if want_zero:
+            return self.size
+        raise OSError(errno.ENXIO, "no data after this offset")
+
+    async def _extents(self, start: int, stop: int):
+        g = self.geometry
+        for hydrated, run in self.meta.map.runs(g.region_span(start, stop - start)):
+            lo = max(start, g.region_start(run.start))
+            hi = min(stop, g.region_end(run.stop - 1))
+            if hydrated:
+                found = await trio.to_thread.run_sync(self.dst.extents, lo, hi - lo)
+            else:
+                found = [(e.offset, e.length, e.zero) for e in await self.source.extents(lo, hi - lo)]
+            for extent in found:
+                yield extent
 
     # ---- the write path -------------------------------------------------------------------
 

@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import os
 
@@ -152,3 +153,20 @@ async def test_max_rate_limits_hydration(clone):
         await trio.sleep(0.5)
         hydrated = engine.status().hydrated_regions * 4096
     assert 0 < hydrated <= 4 * MiB * 0.5 + 1 * MiB  # a tenth of a second of burst, one batch
+
+
+async def test_seek_data_and_hole_follow_source_and_destination(clone):
+    # the source: 64 KiB chunks, every 7th a hole (chunk 6 = [384K, 448K)), every 5th zeros
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        assert await engine.seek(0, os.SEEK_DATA) == 0
+        assert await engine.seek(0, os.SEEK_HOLE) == 384 * KiB
+        assert await engine.seek(384 * KiB, os.SEEK_DATA) == 448 * KiB
+        await engine.write(400 * KiB, b"d" * 4096)  # data inside the source's hole
+        assert await engine.seek(384 * KiB, os.SEEK_DATA) == 400 * KiB
+        await engine.discard(0, 64 * KiB)  # a hole punched in DST
+        assert await engine.seek(0, os.SEEK_HOLE) == 0
+        assert await engine.seek(0, os.SEEK_DATA) == 64 * KiB
+        with pytest.raises(OSError) as info:
+            await engine.seek(engine.size, os.SEEK_DATA)
+        assert info.value.errno == errno.ENXIO
