@@ -401,7 +401,8 @@ def _parse_slot(image: bytes, block: int, clone_id: int) -> tuple[int, bytes] | 
 
 def _read_bitmap(fd: int, path: str, header: Header) -> tuple[bitarray, bytearray, int]:
     nblocks = _bitmap_blocks(header.nr_regions)
-    bits = bitarray(endian="little")
+    bits = bitarray(nblocks * BITS_PER_BLOCK, endian="little")
+    bits.setall(0)
     current = bytearray(b"\2" * nblocks)
     max_seq = 0
     chunk_blocks = 256  # read 2 MiB at a time
@@ -418,16 +419,17 @@ def _read_bitmap(fd: int, path: str, header: Header) -> tuple[bitarray, bytearra
             if len(valid) == 1:
                 log.warning("%s: bitmap block %d has one torn copy (interrupted commit); "
                             "using the other", path, block)
-            merged = int.from_bytes(valid[0][1][1], "little")
-            for _, (_, payload) in valid[1:]:
-                merged |= int.from_bytes(payload, "little")
+            # Bits only go 0 -> 1, so every valid copy is a subset of the newest: OR them all.
+            block_bits = bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK]
+            for _, (_, payload) in valid:
+                copy = bitarray(endian="little")
+                copy.frombytes(payload)
+                block_bits |= copy
+            bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK] = block_bits
             newest_slot, (newest_seq, _) = max(valid, key=lambda sv: sv[1][0])
             if newest_seq:
                 current[block] = newest_slot
                 max_seq = max(max_seq, newest_seq)
-            block_bits = bitarray(endian="little")
-            block_bits.frombytes(merged.to_bytes(_PAYLOAD, "little"))
-            bits += block_bits
     del bits[header.nr_regions :]
     return bits, current, max_seq
 
