@@ -1,0 +1,520 @@
+"""The rows of SPEC's target list, each a function `rowN(bench) -> list[Metric]`.
+
+Every row sets up its own anchors and fuseclone mounts on an ExitStack that closes when the row
+ends (however it ends). Repetitions are interleaved across contenders, in a rotating order, so a
+burst of noise on this shared machine lands on all of them rather than on one. fuseclone's
+figures are skipped with a note when its mount does not work (or its NBD source is missing);
+the anchors are measured regardless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from . import anchors, subject
+from .fio import FioJob, fio_command, run_fio
+from .stats import Metric, Target
+from .system import BenchError, drop_caches, losetup, mount, random_file, remove, rss_kib, run
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class Profile:
+    name: str
+    reps: int
+    fio_runtime: float
+    fio_ramp: float
+    r1_size: int  # hydrated image for the fio rows
+    r2_size: int  # local-source hydration
+    r3_size: int  # NBD hydration
+    r4_size: int  # source hydrating while fio measures latency
+    r4_hot: int  # pre-hydrated part fio reads
+    r4_runtime: float
+    r5_sizes: tuple[int, ...] = (16 * GiB, 1 * GiB)
+    r5_payload: int = 4 * MiB
+    r6_size: int = 1 << 40
+    r6_io_runtime: float = 3.0
+    r6_hydrate_seconds: float = 3.0
+
+    @classmethod
+    def quick(cls) -> "Profile":
+        return cls("quick", reps=3, fio_runtime=2, fio_ramp=0.5, r1_size=256 * MiB,
+                   r2_size=512 * MiB, r3_size=512 * MiB, r4_size=1 * GiB, r4_hot=64 * MiB,
+                   r4_runtime=3)
+
+    @classmethod
+    def full(cls) -> "Profile":
+        return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
+                   r2_size=1 * GiB, r3_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
+                   r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5)
+
+
+@dataclass
+class Bench:
+    """What every row gets: where to put files, how hard to try, where to say what it does."""
+
+    workdir: str
+    profile: Profile
+    say: Callable[[str], None] = print
+    commands: dict[str, str] = field(default_factory=dict)  # exact command lines, for the report
+    fuseclone_reason: str | None = None  # why fuseclone cannot mount, if it cannot
+    nbd_reason: str | None = None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def log_path(self, name: str) -> str:
+        os.makedirs(self.path("logs"), exist_ok=True)
+        return os.path.join(self.workdir, "logs", name)
+
+    def fio(self, filename: str, rw: str, bs: str, iodepth: int = 16, runtime: float | None = None,
+            size: int | None = None) -> FioJob:
+        return FioJob(filename=filename, rw=rw, bs=bs, iodepth=iodepth,
+                      runtime=runtime or self.profile.fio_runtime, ramp_time=self.profile.fio_ramp,
+                      size=str(size) if size else None)
+
+    def clone(self, tag: str, src: str, options: list[str] = (), mountpoint: str | None = None) -> subject.Clone:
+        """A fresh clone (no DST, no META yet) of SRC with a directory mountpoint."""
+        dst, meta = self.path(f"{tag}-dst.img"), self.path(f"{tag}.meta")
+        remove(dst, meta)
+        mnt = mountpoint or self.path(f"{tag}-mnt")
+        os.makedirs(mnt, exist_ok=True)
+        return subject.Clone(src=src, dst=dst, meta=meta, mountpoint=mnt,
+                             log_path=self.log_path(f"{tag}.log"), options=list(options))
+
+
+def rotated(items: list, rep: int) -> list:
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
+class Contender:
+    """Runs one contender's measurement per repetition; after its first failure it stops trying
+    and leaves the note on its figure."""
+
+    def __init__(self, metric: Metric, name: str, measure: Callable[[], float],
+                 skip_reason: str | None = None) -> None:
+        self.metric, self.name, self.measure = metric, name, measure
+        self.failed = skip_reason
+        if skip_reason:
+            metric.skip([name], skip_reason)
+
+    def run(self, bench: Bench, label: str) -> None:
+        if self.failed:
+            return
+        try:
+            value = self.measure()
+        except BenchError as exc:
+            self.failed = str(exc)
+            self.metric.skip([self.name], f"failed: {exc}")
+            bench.say(f"  {label} {self.name}: [red]failed[/]: {exc}")
+            return
+        self.metric.figure(self.name).add(value)
+        bench.say(f"  {label} {self.name}: {value:,.1f} {self.metric.unit}")
+
+
+# ---- row 1: hydrated data through a loop device ------------------------------------------------
+
+R1_TESTS = [  # key, label, unit, fio rw, bs, SPEC's factor over qsd
+    ("randread4k", "4 KiB random read (hydrated)", "IOPS", "randread", "4k", 2.0),
+    ("randwrite4k", "4 KiB random write (hydrated)", "IOPS", "randwrite", "4k", 2.0),
+    ("read1m", "1 MiB sequential read (hydrated)", "MB/s", "read", "1M", 5.0),
+    ("write1m", "1 MiB sequential write (hydrated)", "MB/s", "write", "1M", 5.0),
+]
+R1_WHO = ["fuseclone", "qsd", "raw"]
+R1_MODES = ["dio=off", "dio=on"]
+
+
+def row1(bench: Bench) -> list[Metric]:
+    """hydrated data through a loop device: fio 4 KiB random and 1 MiB sequential, fuseclone vs qsd's FUSE export vs the raw loop device"""
+    p = bench.profile
+    metrics = {}
+    for key, label, unit, rw, bs, factor in R1_TESTS:
+        fc, qsd, raw = ([f"{who} {mode}" for mode in R1_MODES] for who in R1_WHO)
+        targets = [Target(f"≥ {factor:g}× qsd (best loop mode each)", fc, ">=", factor, qsd),
+                   Target("fraction of raw loop (best modes)", fc, ">=", 0.0, raw, info=True)]
+        targets += [Target(f"fuseclone / qsd at loop {mode}", [f"fuseclone {mode}"], ">=", factor,
+                           [f"qsd {mode}"], info=True) for mode in R1_MODES]
+        m = Metric(1, f"r1.{key}", label, unit, True, targets=targets)
+        for who in R1_WHO:
+            for mode in R1_MODES:
+                m.figure(f"{who} {mode}")
+        m.notes.append(f"fio {rw} bs={bs} iodepth=16 libaio direct=1 on a loop device; "
+                       f"{p.fio_runtime:g} s + {p.fio_ramp:g} s ramp per sample; image {p.r1_size // MiB} MiB, "
+                       "warmed by one sequential read pass per loop device")
+        metrics[key] = m
+
+    src = random_file(bench.path(f"src-random-{p.r1_size}.img"), p.r1_size)
+    with contextlib.ExitStack() as stack:
+        files: dict[str, str] = {}  # who -> file that a loop device is put on
+        raw_file = bench.path("r1-raw.img")
+        run(["cp", "--sparse=never", src, raw_file])
+        stack.callback(remove, raw_file)
+        files["raw"] = raw_file
+
+        try:
+            qsd_file, qsd_export = bench.path("r1-qsd.img"), bench.path("r1-qsd-export.img")
+            run(["cp", "--sparse=never", src, qsd_file])
+            stack.callback(remove, qsd_file, qsd_export)
+            server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path("r1-qsd.log"))
+            bench.commands["qsd FUSE export (row 1)"] = server.command_line
+            files["qsd"] = qsd_export
+        except BenchError as exc:
+            for m in metrics.values():
+                m.skip([f"qsd {mode}" for mode in R1_MODES], f"qsd FUSE export failed: {exc}")
+
+        fc_reason = bench.fuseclone_reason
+        if not fc_reason:
+            try:
+                clone = bench.clone("r1", src)
+                stack.callback(remove, clone.dst, clone.meta)
+                subject.mount(stack, clone)
+                bench.commands["fuseclone mount (row 1)"] = clone.command_line
+                bench.say(f"  row 1: hydrating the {p.r1_size // MiB} MiB clone")
+                clone.wait(timeout=600)
+                clone.flush()
+                files["fuseclone"] = clone.image
+            except BenchError as exc:
+                fc_reason = f"fuseclone mount/hydration failed: {exc}"
+        if fc_reason:
+            for m in metrics.values():
+                m.skip([f"fuseclone {mode}" for mode in R1_MODES], fc_reason)
+
+        who_up = [w for w in R1_WHO if w in files]
+        for mode in R1_MODES:
+            with contextlib.ExitStack() as loops_stack:
+                loops = {}
+                for who in who_up:
+                    loop = losetup(loops_stack, files[who], direct_io=(mode == "dio=on"))
+                    if loop.mode != mode:
+                        for m in metrics.values():
+                            m.skip([f"{who} {mode}"], f"losetup --direct-io=on fell back to dio=off for {who}")
+                        bench.say(f"  row 1: {who}: the loop device refused direct I/O")
+                        continue
+                    loops[who] = loop
+                    # warm every stack the same way: one sequential pass
+                    run(["dd", f"if={loop.device}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"])
+                bench.commands[f"losetup (row 1, {mode})"] = (
+                    f"losetup -f --show --direct-io={mode.split('=')[1]} FILE")
+                for rep in range(p.reps):
+                    for key, label, unit, rw, bs, _ in R1_TESTS:
+                        m = metrics[key]
+                        for who in rotated(list(loops), rep):
+                            job = bench.fio(loops[who].device, rw, bs)
+                            bench.commands.setdefault(f"fio (row 1, {rw} {bs})", " ".join(
+                                fio_command(replace(job, filename="/dev/loopN"))))
+                            try:
+                                res = run_fio(job)
+                            except Exception as exc:  # noqa: BLE001 - one failed sample is reported, not fatal
+                                bench.say(f"  row 1 {who} {mode} {rw}: [red]fio failed[/]: {exc}")
+                                m.figure(f"{who} {mode}").note = f"fio failed: {exc}"
+                                continue
+                            side = res.side(rw)
+                            value = side.iops if unit == "IOPS" else side.mb_per_s
+                            m.figure(f"{who} {mode}").add(value, p99_us=side.percentile(99))
+                            bench.say(f"  rep {rep + 1}/{p.reps} {label}: {who} {mode}: {value:,.0f} {unit}")
+    return list(metrics.values())
+
+
+# ---- row 2: hydration from a local source ------------------------------------------------------
+
+
+def row2(bench: Bench) -> list[Metric]:
+    """hydration from a local source: fuseclone vs dd bs=1M conv=fsync vs qsd block-stream"""
+    p = bench.profile
+    size = p.r2_size
+    m = Metric(2, "r2.hydrate_local", f"hydration from a local source ({size // MiB} MiB)", "MB/s",
+               targets=[Target("≥ 0.8× dd", ["fuseclone"], ">=", 0.8, ["dd"]),
+                        Target("fuseclone / qsd block-stream", ["fuseclone"], ">=", 0.0, ["qsd stream"], info=True)])
+    m.notes.append("page cache dropped before each sample; fuseclone: `fuseclone mount` start → "
+                   "hydration complete → fsync of the image (DST and META durable); dd: conv=fsync; "
+                   "qsd: start → block-stream complete → quit (flushes)")
+    src = random_file(bench.path(f"src-random-{size}.img"), size)
+    bench.commands["dd (row 2)"] = " ".join(anchors.dd_argv(src, bench.path("r2-dd.img")))
+    bench.commands["qsd block-stream (row 2)"] = " ".join(
+        anchors.qsd_stream_argv(src, bench.path("qsd-overlay.qcow2"), bench.path("qsd-qmp.sock")))
+    bench.commands["qsd QMP (row 2)"] = anchors.QSD_STREAM_QMP
+    bench.commands["qemu-img (row 2)"] = f"qemu-img create -f qcow2 -b {src} -F raw OVERLAY"
+
+    def dd():
+        drop_caches()
+        return size / anchors.dd_copy(src, bench.path("r2-dd.img")) / 1e6
+
+    def qsd():
+        drop_caches()
+        seconds, _ = anchors.qsd_stream(src, bench.workdir, bench.log_path("r2-qsd.log"))
+        return size / seconds / 1e6
+
+    def fc():
+        return size / hydrate_once(bench, "r2", src, m) / 1e6
+
+    contenders = [Contender(m, "dd", dd), Contender(m, "qsd stream", qsd),
+                  Contender(m, "fuseclone", fc, bench.fuseclone_reason)]
+    for rep in range(p.reps):
+        for c in rotated(contenders, rep):
+            c.run(bench, f"rep {rep + 1}/{p.reps}")
+    return [m]
+
+
+def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, options: list[str] = ()) -> float:
+    """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone."""
+    clone = bench.clone(tag, src, options)
+    try:
+        with contextlib.ExitStack() as stack:
+            drop_caches()
+            t0 = time.perf_counter()
+            subject.mount(stack, clone)
+            t_ready = time.perf_counter()
+            t_done = clone.wait(timeout=900)
+            clone.flush()
+            t_flushed = time.perf_counter()
+            st = clone.status()["status"]
+            bench.commands.setdefault(f"fuseclone mount ({tag})", clone.command_line)
+        metric.figure("fuseclone").details.append(
+            {"mount_s": t_ready - t0, "hydrate_s": t_done - t_ready, "flush_s": t_flushed - t_done,
+             "source_bytes_read": st.get("source_bytes_read"), "region_size": st.get("region_size")})
+        return t_flushed - t0
+    finally:
+        remove(clone.dst, clone.meta)
+
+
+# ---- row 3: hydration from NBD with 2 ms latency -----------------------------------------------
+
+
+def row3(bench: Bench) -> list[Metric]:
+    """hydration from NBD with 2 ms added latency: fuseclone vs nbdcopy"""
+    p = bench.profile
+    size = p.r3_size
+    m = Metric(3, "r3.hydrate_nbd", f"hydration from NBD, +2 ms per read ({size // MiB} MiB)", "MB/s",
+               targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
+    m.notes.append("nbdkit delay filter rdelay=2ms on a unix socket; page cache dropped before each "
+                   "sample; nbdcopy --flush (defaults: 4 connections × 64 requests); fuseclone: mount → "
+                   "complete → fsync of the image")
+    src = random_file(bench.path(f"src-random-{size}.img"), size)
+    with contextlib.ExitStack() as stack:
+        nbd = anchors.nbdkit_server(stack, src, bench.path("r3-nbd.sock"), bench.log_path("r3-nbdkit.log"))
+        bench.commands["nbdkit (rows 3, 5)"] = nbd.server.command_line
+        bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, bench.path("r3-nbdcopy.img")))
+
+        def nbdcopy():
+            drop_caches()
+            return size / anchors.nbdcopy(nbd.uri, bench.path("r3-nbdcopy.img")) / 1e6
+
+        def fc():
+            return size / hydrate_once(bench, "r3", nbd.uri, m) / 1e6
+
+        contenders = [Contender(m, "nbdcopy", nbdcopy),
+                      Contender(m, "fuseclone", fc, bench.fuseclone_reason or bench.nbd_reason)]
+        for rep in range(p.reps):
+            for c in rotated(contenders, rep):
+                c.run(bench, f"rep {rep + 1}/{p.reps}")
+    return [m]
+
+
+# ---- row 4: p99 read latency while hydrating ---------------------------------------------------
+
+
+def row4(bench: Bench) -> list[Metric]:
+    """p99 4 KiB read latency while hydrating vs idle"""
+    p = bench.profile
+    m = Metric(4, "r4.p99_hydrating", "p99 4 KiB read latency, hydrating vs idle", "µs", False,
+               targets=[Target("≤ 3× idle", ["hydrating"], "<=", 3.0, ["idle"])])
+    m.notes.append(f"fio randread 4k iodepth 1 direct=1, {p.r4_runtime:g} s, over the first "
+                   f"{p.r4_hot // MiB} MiB of a {p.r4_size // MiB} MiB clone, pre-hydrated by reading it; "
+                   "mounted --no-hydration, then `fuseclone message MNT enable_hydration` for the busy run")
+    for name in ("idle", "hydrating"):
+        m.figure(name)
+    if bench.fuseclone_reason:
+        m.skip(["idle", "hydrating"], bench.fuseclone_reason)
+        return [m]
+    src = random_file(bench.path(f"src-random-{p.r4_size}.img"), p.r4_size)
+    for rep in range(p.reps):
+        clone = bench.clone("r4", src, ["--no-hydration"])
+        try:
+            with contextlib.ExitStack() as stack:
+                subject.mount(stack, clone)
+                bench.commands["fuseclone mount (row 4)"] = clone.command_line
+                loop = losetup(stack, clone.image, direct_io=True)
+                run(["dd", f"if={loop.device}", "of=/dev/null", "bs=1M", f"count={p.r4_hot // MiB}",
+                     "iflag=direct", "status=none"])
+                clone.wait_hydrated(p.r4_hot)
+                clone.flush()
+                job = bench.fio(loop.device, "randread", "4k", iodepth=1, runtime=p.r4_runtime, size=p.r4_hot)
+                drop_caches()
+                idle = run_fio(job).read
+                before = clone.hydrated_bytes()
+                clone.message("enable_hydration")
+                drop_caches()
+                t0 = time.perf_counter()
+                busy = run_fio(job).read
+                elapsed = time.perf_counter() - t0
+                after = clone.hydrated_bytes()
+                complete = clone.complete()
+        except BenchError as exc:
+            m.skip(["idle", "hydrating"], f"failed: {exc}")
+            bench.say(f"  row 4: [red]failed[/]: {exc}")
+            break
+        finally:
+            remove(clone.dst, clone.meta)
+        rate = (after - before) / elapsed / 1e6
+        m.figure("idle").add(idle.percentile(99), p50_us=idle.percentile(50), iops=idle.iops, loop=loop.mode)
+        m.figure("hydrating").add(busy.percentile(99), p50_us=busy.percentile(50), iops=busy.iops,
+                                  hydration_mb_s_during_fio=rate, hydration_complete_before_fio_end=complete)
+        bench.say(f"  rep {rep + 1}/{p.reps}: p99 idle {idle.percentile(99):,.0f} µs, hydrating "
+                  f"{busy.percentile(99):,.0f} µs (hydration ran at {rate:,.0f} MB/s meanwhile"
+                  f"{', and finished early' if complete else ''}; loop {loop.mode})")
+    return [m]
+
+
+# ---- row 5: time to first use ------------------------------------------------------------------
+
+
+def ext4_image(bench: Bench, size: int, payload: int) -> tuple[str, str]:
+    """A sparse SIZE file holding an ext4 filesystem with one PAYLOAD-byte random file in it.
+    Returns (image path, sha256 of the file). Kept in the work directory between rows."""
+    path = bench.path(f"r5-ext4-{size >> 30}G.img")
+    sums = path + ".sha256"
+    if os.path.exists(path) and os.path.exists(sums):
+        with open(sums) as f:
+            return path, f.read().strip()
+    remove(path, sums)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", path])
+    data = os.urandom(payload)
+    with contextlib.ExitStack() as stack:
+        loop = losetup(stack, path, direct_io=False)
+        mnt = bench.path("r5-build-mnt")
+        mount(stack, loop.device, mnt)
+        with open(os.path.join(mnt, "payload.bin"), "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+    digest = hashlib.sha256(data).hexdigest()
+    with open(sums, "w") as f:
+        f.write(digest)
+    return path, digest
+
+
+def row5(bench: Bench) -> list[Metric]:
+    """time to first use of a 16 GiB (and 1 GiB) ext4 image behind 2 ms latency"""
+    p = bench.profile
+    names = [f"{s >> 30} GiB" for s in p.r5_sizes]
+    m = Metric(5, "r5.first_use", "time to first use behind 2 ms (mount → losetup → mount ext4 → read)", "s",
+               False, targets=[Target("< 2 s at 16 GiB", [names[0]], "<", 2.0),
+                               Target("16 GiB / 1 GiB (not growing: ≤ 1.5)", [names[0]], "<=", 1.5,
+                                      [names[-1]])])
+    m.notes.append(f"fresh DST and META each sample, page cache dropped; reads {p.r5_payload // MiB} MiB "
+                   "file; nbdkit delay filter rdelay=2ms; losetup default (buffered); ext4 mounted rw")
+    for n in names:
+        m.figure(n)
+    reason = bench.fuseclone_reason or bench.nbd_reason
+    if reason:
+        m.skip(names, reason)
+        return [m]
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for size, name in zip(p.r5_sizes, names):
+            img, digest = ext4_image(bench, size, p.r5_payload)
+            nbd = anchors.nbdkit_server(stack, img, bench.path(f"r5-{size >> 30}G.sock"),
+                                        bench.log_path(f"r5-nbdkit-{size >> 30}G.log"))
+            servers[name] = (nbd, digest)
+        for rep in range(p.reps):
+            for name in rotated(names, rep):
+                nbd, digest = servers[name]
+                try:
+                    seconds, parts = first_use_once(bench, nbd.uri, digest)
+                except BenchError as exc:
+                    m.skip(names, f"failed: {exc}")
+                    bench.say(f"  row 5: [red]failed[/]: {exc}")
+                    return [m]
+                m.figure(name).add(seconds, **parts)
+                bench.say(f"  rep {rep + 1}/{p.reps} {name}: {seconds:.2f} s "
+                          + " ".join(f"{k}={v:.2f}" for k, v in parts.items()))
+    return [m]
+
+
+def first_use_once(bench: Bench, uri: str, digest: str) -> tuple[float, dict]:
+    clone = bench.clone("r5", uri)
+    fsmnt = bench.path("r5-fs")
+    try:
+        with contextlib.ExitStack() as stack:
+            drop_caches()
+            t0 = time.perf_counter()
+            subject.mount(stack, clone)
+            t1 = time.perf_counter()
+            loop = losetup(stack, clone.image, direct_io=False)
+            t2 = time.perf_counter()
+            mount(stack, loop.device, fsmnt)
+            t3 = time.perf_counter()
+            h = hashlib.sha256()
+            with open(os.path.join(fsmnt, "payload.bin"), "rb") as f:
+                while chunk := f.read(MiB):
+                    h.update(chunk)
+            t4 = time.perf_counter()
+            bench.commands["fuseclone mount (row 5)"] = clone.command_line
+            if h.hexdigest() != digest:
+                raise BenchError("the file read through the clone differs from the one written")
+    finally:
+        remove(clone.dst, clone.meta)
+    return t4 - t0, {"fuseclone_mount_s": t1 - t0, "losetup_s": t2 - t1, "mount_ext4_s": t3 - t2,
+                     "read_s": t4 - t3}
+
+
+# ---- row 6: memory ------------------------------------------------------------------------------
+
+
+def row6(bench: Bench) -> list[Metric]:
+    """memory of a 1 TiB sparse clone with 4 KiB regions"""
+    p = bench.profile
+    m = Metric(6, "r6.rss", f"RSS of a {p.r6_size >> 40} TiB sparse clone, 4 KiB regions", "MiB", False,
+               targets=[Target("< 100 MiB after mount", ["after mount"], "<", 100),
+                        Target("< 100 MiB after I/O", ["after I/O"], "<", 100),
+                        Target("< 100 MiB peak (VmHWM)", ["peak"], "<", 100)])
+    m.notes.append(f"mounted --no-hydration --region-size 4K; I/O = fio randrw 4k iodepth 16 for "
+                   f"{p.r6_io_runtime:g} s over the whole image + 256 MiB sequential read through a loop "
+                   f"device; then enable_hydration for {p.r6_hydrate_seconds:g} s; VmRSS/VmHWM from /proc/PID/status")
+    names = ["after mount", "after I/O", "hydrating", "peak"]
+    for n in names:
+        m.figure(n)
+    if bench.fuseclone_reason:
+        m.skip(names, bench.fuseclone_reason)
+        return [m]
+    src = bench.path("r6-src-sparse.img")
+    with open(src, "wb") as f:
+        f.truncate(p.r6_size)
+    clone = bench.clone("r6", src, ["--no-hydration", "--region-size", "4K"])
+    try:
+        with contextlib.ExitStack() as stack:
+            subject.mount(stack, clone)
+            bench.commands["fuseclone mount (row 6)"] = clone.command_line
+            pid = clone.pid
+            mib = lambda kib: kib / 1024  # noqa: E731
+            r = rss_kib(pid)
+            m.figure("after mount").add(mib(r["VmRSS"]), mount_s=clone.mount_seconds, **r)
+            loop = losetup(stack, clone.image, direct_io=False)
+            run_fio(FioJob(loop.device, "randrw", "4k", 16, p.r6_io_runtime, 0))
+            run(["dd", f"if={loop.device}", "of=/dev/null", "bs=1M", "count=256", "iflag=direct", "status=none"])
+            r = rss_kib(pid)
+            m.figure("after I/O").add(mib(r["VmRSS"]), **r)
+            clone.message("enable_hydration")
+            time.sleep(p.r6_hydrate_seconds)
+            r = rss_kib(pid)
+            m.figure("hydrating").add(mib(r["VmRSS"]), complete=clone.complete(), **r)
+            m.figure("peak").add(mib(r["VmHWM"]))
+            bench.say("  row 6: RSS " + ", ".join(f"{f.name} {f.median:,.1f}" for f in m.figures if f.ok))
+    except BenchError as exc:
+        m.skip(names, f"failed: {exc}")
+        bench.say(f"  row 6: [red]failed[/]: {exc}")
+    finally:
+        remove(clone.dst, clone.meta, src)
+    return [m]
+
+
+ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6}
