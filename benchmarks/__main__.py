@@ -163,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     metrics: list[Metric] = []
     row_seconds: dict[int, float] = {}
+    row_load: dict[int, list[float]] = {}  # load average as each row starts: how busy the machine was
     interrupted = False
     install_signal_handlers(console)
     try:
         for n in args.rows:
             console.rule(f"row {n}: {ROWS[n].__doc__ or ROWS[n].__name__}")
             t_row = time.monotonic()
+            row_load[n] = [round(x, 2) for x in os.getloadavg()]
             try:
                 metrics += ROWS[n](bench)
             except KeyboardInterrupt:
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": started.isoformat(timespec="seconds"), "machine": report.machine(),
            "versions": versions(), "profile": profile.__dict__, "rows": args.rows,
            "interrupted": interrupted, "duration_s": time.monotonic() - t0, "row_seconds": row_seconds,
+           "load_average_at_row_start": row_load,
            "fuseclone_unavailable": bench.fuseclone_reason, "nbd_unavailable": bench.nbd_reason,
            "summary": report.summary(metrics), "metrics": [m.to_dict() for m in metrics],
            "commands": bench.commands, "leftovers_after_run": left}

@@ -19,7 +19,8 @@ from typing import Callable
 from . import anchors, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
-from .system import BenchError, drop_caches, losetup, mount, random_file, remove, rss_kib, run
+from .system import (BenchError, CpuMeter, drop_caches, losetup, mount, random_file, remove,
+                     rss_kib, run)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -154,6 +155,7 @@ def row1(bench: Bench) -> list[Metric]:
     src = random_file(bench.path(f"src-random-{p.r1_size}.img"), p.r1_size)
     with contextlib.ExitStack() as stack:
         files: dict[str, str] = {}  # who -> file that a loop device is put on
+        pids: dict[str, int] = {}  # who -> daemon pid, for its CPU use during each fio run
         raw_file = bench.path("r1-raw.img")
         run(["cp", "--sparse=never", src, raw_file])
         stack.callback(remove, raw_file)
@@ -166,6 +168,7 @@ def row1(bench: Bench) -> list[Metric]:
             server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path("r1-qsd.log"))
             bench.commands["qsd FUSE export (row 1)"] = server.command_line
             files["qsd"] = qsd_export
+            pids["qsd"] = server.pid
         except BenchError as exc:
             for m in metrics.values():
                 m.skip([f"qsd {mode}" for mode in R1_MODES], f"qsd FUSE export failed: {exc}")
@@ -181,6 +184,7 @@ def row1(bench: Bench) -> list[Metric]:
                 clone.wait(timeout=600)
                 clone.flush()
                 files["fuseclone"] = clone.image
+                pids["fuseclone"] = clone.pid
             except BenchError as exc:
                 fc_reason = f"fuseclone mount/hydration failed: {exc}"
         if fc_reason:
@@ -210,6 +214,7 @@ def row1(bench: Bench) -> list[Metric]:
                             job = bench.fio(loops[who].device, rw, bs)
                             bench.commands.setdefault(f"fio (row 1, {rw} {bs})", " ".join(
                                 fio_command(replace(job, filename="/dev/loopN"))))
+                            meter = CpuMeter({who: pids[who]} if who in pids else {})
                             try:
                                 res = run_fio(job)
                             except Exception as exc:  # noqa: BLE001 - one failed sample is reported, not fatal
@@ -218,8 +223,10 @@ def row1(bench: Bench) -> list[Metric]:
                                 continue
                             side = res.side(rw)
                             value = side.iops if unit == "IOPS" else side.mb_per_s
-                            m.figure(f"{who} {mode}").add(value, p99_us=side.percentile(99))
-                            bench.say(f"  rep {rep + 1}/{p.reps} {label}: {who} {mode}: {value:,.0f} {unit}")
+                            cpu = meter.percent().get(who)
+                            m.figure(f"{who} {mode}").add(value, p99_us=side.percentile(99), daemon_cpu_pct=cpu)
+                            bench.say(f"  rep {rep + 1}/{p.reps} {label}: {who} {mode}: {value:,.0f} {unit}"
+                                      + (f" [dim](daemon CPU {cpu:.0f}%)[/]" if cpu is not None else ""))
     return list(metrics.values())
 
 
@@ -272,13 +279,18 @@ def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, options: list
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t_ready = time.perf_counter()
+            meter = CpuMeter({"daemon": clone.pid})
             t_done = clone.wait(timeout=900)
             clone.flush()
             t_flushed = time.perf_counter()
+            cpu = meter.percent().get("daemon")
             st = clone.status()["status"]
             bench.commands.setdefault(f"fuseclone mount ({tag})", clone.command_line)
+        bench.say(f"    fuseclone: mount {t_ready - t0:.2f} s, hydrate {t_done - t_ready:.2f} s, "
+                  f"flush {t_flushed - t_done:.2f} s, daemon CPU {cpu}% of a core while hydrating")
         metric.figure("fuseclone").details.append(
             {"mount_s": t_ready - t0, "hydrate_s": t_done - t_ready, "flush_s": t_flushed - t_done,
+             "daemon_cpu_pct": cpu,
              "source_bytes_read": st.get("source_bytes_read"), "region_size": st.get("region_size")})
         return t_flushed - t0
     finally:
@@ -353,7 +365,9 @@ def row4(bench: Bench) -> list[Metric]:
                 clone.message("enable_hydration")
                 drop_caches()
                 t0 = time.perf_counter()
+                meter = CpuMeter({"daemon": clone.pid})
                 busy = run_fio(job).read
+                cpu = meter.percent().get("daemon")
                 elapsed = time.perf_counter() - t0
                 after = clone.hydrated_bytes()
                 complete = clone.complete()
@@ -366,10 +380,15 @@ def row4(bench: Bench) -> list[Metric]:
         rate = (after - before) / elapsed / 1e6
         m.figure("idle").add(idle.percentile(99), p50_us=idle.percentile(50), iops=idle.iops, loop=loop.mode)
         m.figure("hydrating").add(busy.percentile(99), p50_us=busy.percentile(50), iops=busy.iops,
-                                  hydration_mb_s_during_fio=rate, hydration_complete_before_fio_end=complete)
+                                  hydration_mb_s_during_fio=rate, hydration_complete_before_fio_end=complete,
+                                  daemon_cpu_pct=cpu)
+        if rep == 0:
+            m.notes.append(f"loop device {loop.mode}"
+                           + (" (every read reaches the daemon)" if loop.dio else
+                              " (page cache dropped before each fio run)"))
         bench.say(f"  rep {rep + 1}/{p.reps}: p99 idle {idle.percentile(99):,.0f} µs, hydrating "
                   f"{busy.percentile(99):,.0f} µs (hydration ran at {rate:,.0f} MB/s meanwhile"
-                  f"{', and finished early' if complete else ''}; loop {loop.mode})")
+                  f"{', and finished early' if complete else ''}; daemon CPU {cpu}%; loop {loop.mode})")
     return [m]
 
 

@@ -233,6 +233,34 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of PID (all its threads) so far; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU use of some processes over a stretch of wall time, as a percentage of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.t0 = time.perf_counter()
+        self.c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+
+    def percent(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        out = {}
+        for k, p in self.pids.items():
+            c1 = cpu_seconds(p)
+            if c1 is not None and self.c0[k] is not None and wall > 0:
+                out[k] = round(100 * (c1 - self.c0[k]) / wall, 1)
+        return out
+
+
 def leftovers(workdir: str) -> dict[str, list[str]]:
     """What `grep fuse /proc/mounts; losetup -a; pgrep -a nbdkit; pgrep -a qemu-storage` show,
     split into lines that mention WORKDIR (ours: a leak) and the rest (other users')."""
