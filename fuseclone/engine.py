@@ -521,6 +521,7 @@ class CloneEngine:
             destination=self.dst.path,
             metadata=self.meta.path,
             live=True,
+            source_bytes_read=self.source_reads,
         )
 
     # ---- lifecycle ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Status:
     metadata_used_blocks: int = 0
     metadata_total_blocks: int = 0
     clean: bool | None = None
+    source_bytes_read: int = 0  # by this mount, for hydration and user reads
 
     @property
     def complete(self) -> bool:
