@@ -1,0 +1,440 @@
+"""An HTTP(S) source: Range requests over pooled HTTP/1.1 connections (httpx on trio).
+
+    async with open_http_source("https://host/image.raw") as source:
+        data = await source.read(offset, length)
+
+`open_http_source` is an async context manager: the httpx.AsyncClient and its connections live
+for the duration of the block. The source only ever sends HEAD and GET (SPEC invariant 4).
+
+Opening (one clear SourceError line naming the URL if anything is wrong):
+- HEAD, following redirects; later reads go straight to the final URL. Its Content-Length is the
+  image size; its ETag and Last-Modified identify this version of the file.
+- Range support is required: `Accept-Ranges: bytes`, or else a probe `GET Range: bytes=0-0` must
+  answer 206. A server that ignores Range is refused. If HEAD itself is refused (403/405/501, as
+  with URLs pre-signed for GET only), the probe answers for it: Content-Range gives the size.
+- `Accept-Encoding: identity` is sent everywhere, so sizes and ranges are of the file's own bytes.
+
+Identity (stored in the metadata, SPEC invariant 7): kind "http", the URL as given (a password in
+it is replaced by ***), size, ETag and Last-Modified when the server sends them. Metadata made for
+one version of the file is refused for another. A server that sends neither validator cannot tell
+versions apart; then only the size is compared. (nginx's ETag is mtime and size: a same-size file
+replaced within the same second keeps its ETag.)
+
+Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
+concurrently; at most `max_connections` (16) requests are in flight across the whole source, and
+the engine's own concurrency (hydration_threshold) keeps them busy. Every GET carries `If-Match:
+<etag>` (or `If-Unmodified-Since: <last-modified>` when the ETag is weak or missing), and each
+answer's Content-Range, ETag and Last-Modified are checked, so a file that changes mid-clone fails
+instead of mixing versions. Connection failures and 5xx answers are retried twice within a
+quarter of a second (a keep-alive connection the server just closed is not a fault worth an EIO);
+then, like any non-206 answer, a short or long body, or a timeout (`timeout` seconds without
+progress, 30 by default), the read raises SourceReadError (EIO) with a message naming the URL and
+range. The engine turns that into EIO for user reads and back-off for hydration.
+
+TLS: certificates and host names are verified (there is no switch to turn that off) against the
+system's CA store plus certifi's bundle. OpenSSL's usual variables choose other trust anchors:
+`SSL_CERT_FILE=/path/ca.pem` or `SSL_CERT_DIR=/path/certs` (then only those are trusted).
+Proxies come from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY, as with other tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import socket
+import ssl
+from typing import AsyncIterator
+
+import httpx
+import trio
+
+from .. import __version__
+from ..errors import SourceError
+from .base import Source, SourceReadError
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+PIECE_SIZE = 1 * MiB
+MAX_CONNECTIONS = 16
+TIMEOUT = 30.0  # seconds without progress on one request
+CONNECT_TIMEOUT = 10.0
+RETRY_DELAYS = (0.05, 0.2)  # after the first and second failed attempt of a read
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_HEADERS = {
+    "Accept-Encoding": "identity",  # ranges and sizes of the file's own bytes
+    "User-Agent": f"fuseclone/{__version__}",
+}
+
+
+class _Transient(Exception):
+    """A failed attempt worth repeating (connection trouble, 5xx); carries the final message."""
+
+
+@contextlib.asynccontextmanager
+async def open_http_source(spec: str, *, piece_size: int = PIECE_SIZE,
+                           max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT,
+                           connect_timeout: float = CONNECT_TIMEOUT,
+                           retry_delays: tuple[float, ...] = RETRY_DELAYS,
+                           ) -> AsyncIterator[HttpSource]:
+    """Open `spec` (an http:// or https:// URL) for the duration of the block."""
+    url, description = _parse_url(spec)
+    if piece_size <= 0 or max_connections <= 0:
+        raise ValueError("piece_size and max_connections must be positive")
+    client = httpx.AsyncClient(
+        http1=True, http2=False,
+        verify=_ssl_context(),
+        headers=_HEADERS,
+        limits=httpx.Limits(max_connections=max_connections,
+                            max_keepalive_connections=max_connections),
+        # The pool wait is bounded by our own limiter, not by a timeout.
+        timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout), pool=None),
+        follow_redirects=False,
+    )
+    source = HttpSource(client, url, description, piece_size=piece_size,
+                        max_connections=max_connections, timeout=timeout,
+                        retry_delays=retry_delays)
+    try:
+        await source._probe()
+        yield source
+    finally:
+        await source.aclose()
+
+
+class HttpSource(Source):
+    """A file on an HTTP(S) server that honours Range requests. Open with open_http_source."""
+
+    def __init__(self, client: httpx.AsyncClient, url: httpx.URL, description: str, *,
+                 piece_size: int, max_connections: int, timeout: float,
+                 retry_delays: tuple[float, ...]) -> None:
+        self.description = description
+        self._client = client
+        self._url = url  # where reads go: the URL after redirects
+        self._piece = piece_size
+        self._timeout = timeout
+        self._retry_delays = tuple(retry_delays)
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._size = -1
+        self.etag: str | None = None
+        self.last_modified: str | None = None
+        self._conditions: dict[str, str] = {}
+        self._closed = False
+
+    # ---- Source interface -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def url(self) -> str:
+        """Where reads go (after redirects)."""
+        return str(self._url)
+
+    def identity(self) -> dict[str, str | int]:
+        ident: dict[str, str | int] = {"kind": "http", "url": self.description, "size": self._size}
+        if self.etag is not None:
+            ident["etag"] = self.etag
+        if self.last_modified is not None:
+            ident["last_modified"] = self.last_modified
+        return ident
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise SourceReadError(errno.EINVAL, f"bad source read ({offset}, {length})")
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return b""
+        if end - offset <= self._piece:
+            return await self._fetch(offset, end)
+        # Several pieces at once; the first failure cancels the rest and is the one reported.
+        buf = bytearray(end - offset)
+        view = memoryview(buf)
+        failure: list[SourceReadError] = []
+
+        async def piece(start: int, stop: int, cancel: trio.CancelScope) -> None:
+            try:
+                view[start - offset : stop - offset] = await self._fetch(start, stop)
+            except SourceReadError as exc:
+                failure.append(exc)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for start in range(offset, end, self._piece):
+                nursery.start_soon(piece, start, min(start + self._piece, end),
+                                   nursery.cancel_scope)
+        if failure:
+            raise failure[0]
+        view.release()
+        return bytes(buf)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Closing sockets must happen even when the caller is being cancelled.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self._client.aclose()
+
+    # ---- opening --------------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """HEAD (and if needed a one-byte Range GET): size, validators, Range support."""
+        where = self.description
+        head = await self._open_request("HEAD", self._url, follow_redirects=True)
+        ranges_ok = False
+        size: int | None = None
+        if head.is_success:
+            self._url = head.url
+            size = _content_length(head)
+            self._take_validators(head)
+            ranges_ok = "bytes" in _tokens(head.headers.get("accept-ranges", ""))
+        elif head.status_code not in (403, 405, 501):  # 403/405/501: try a GET before refusing
+            raise SourceError(f"{where}: {_status_line(head)}")
+        if ranges_ok and size is not None:
+            self._set_size(size)
+            return
+
+        headers = {"Range": "bytes=0-0"}
+        try:
+            async with self._client.stream("GET", self._url, headers=headers,
+                                           follow_redirects=True) as probe:
+                # The body is left unread: a server without ranges may be sending the whole file.
+                status = probe.status_code
+                if status == 206:
+                    self._url = probe.url
+                    if not head.is_success:
+                        self._take_validators(probe)
+                    total = _content_range(probe)[2] if "content-range" in probe.headers else None
+                    if size is None:
+                        size = total
+                elif 200 <= status < 300:
+                    raise SourceError(f"{where}: the server does not support Range requests "
+                                      f"(it answered {_status_line(probe)} to one); "
+                                      "fuseclone needs them")
+                else:
+                    raise SourceError(f"{where}: {_status_line(probe)}")
+        except httpx.HTTPError as exc:
+            raise SourceError(f"{where}: {_describe_transport_error(exc)}") from None
+        except ValueError as exc:
+            raise SourceError(f"{where}: {exc}") from None
+        if size is None:
+            raise SourceError(f"{where}: the server does not say how large the file is "
+                              "(no Content-Length); fuseclone needs the size")
+        self._set_size(size)
+
+    async def _open_request(self, method: str, url: httpx.URL, **kwargs) -> httpx.Response:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.TooManyRedirects:
+            raise SourceError(f"{self.description}: too many redirects") from None
+        except httpx.HTTPError as exc:
+            raise SourceError(f"{self.description}: {_describe_transport_error(exc)}") from None
+        except ValueError as exc:  # e.g. a malformed header
+            raise SourceError(f"{self.description}: {exc}") from None
+        return response
+
+    def _take_validators(self, response: httpx.Response) -> None:
+        etag = response.headers.get("etag")
+        modified = response.headers.get("last-modified")
+        self.etag = etag.strip() if etag else None
+        self.last_modified = modified.strip() if modified else None
+        if self.etag and not self.etag.startswith("W/"):
+            self._conditions = {"If-Match": self.etag}
+        elif self.last_modified:
+            self._conditions = {"If-Unmodified-Since": self.last_modified}
+        else:
+            self._conditions = {}
+            log.warning("%s: the server sends neither ETag nor Last-Modified; a change of the "
+                        "file during or between runs cannot be detected", self.description)
+
+    def _set_size(self, size: int) -> None:
+        if size < 0:
+            raise SourceError(f"{self.description}: the server reports a negative size")
+        self._size = size
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    async def _fetch(self, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) in one Range GET, retried on transient failures."""
+        attempt = 0
+        while True:
+            try:
+                async with self._limiter:
+                    return await self._fetch_once(start, stop)
+            except _Transient as exc:
+                if attempt >= len(self._retry_delays):
+                    raise SourceReadError(errno.EIO, str(exc)) from None
+                log.debug("retrying %s", exc)
+                await trio.sleep(self._retry_delays[attempt])
+                attempt += 1
+
+    async def _fetch_once(self, start: int, stop: int) -> bytes:
+        where = f"{self.description}: bytes {start}-{stop - 1}"
+        want = stop - start
+        headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
+        try:
+            async with self._client.stream("GET", self._url, headers=headers) as response:
+                self._check_answer(response, where, start, stop)
+                chunks = []
+                got = 0
+                async for chunk in response.aiter_raw():
+                    got += len(chunk)
+                    if got > want:
+                        raise SourceReadError(errno.EIO, f"{where}: the server sent more than "
+                                                         f"the {want} bytes asked for")
+                    chunks.append(chunk)
+        except httpx.TimeoutException as exc:
+            raise SourceReadError(errno.EIO, f"{where}: {_describe_transport_error(exc)}") from None
+        except httpx.TransportError as exc:  # connection refused/reset, early close: retry
+            raise _Transient(f"{where}: {_describe_transport_error(exc)}") from None
+        except httpx.HTTPError as exc:
+            raise SourceReadError(errno.EIO, f"{where}: {exc}") from None
+        if got != want:
+            raise _Transient(f"{where}: short body ({got} of {want} bytes)")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _check_answer(self, response: httpx.Response, where: str, start: int, stop: int) -> None:
+        status = response.status_code
+        if status == 412:
+            raise SourceReadError(errno.EIO, f"{where}: the file changed on the server since the "
+                                             f"clone began ({self._validator_text()} no longer "
+                                             "matches)")
+        if status >= 500:
+            raise _Transient(f"{where}: {_status_line(response)}")
+        if status == 200:
+            raise SourceReadError(errno.EIO, f"{where}: the server ignored the Range request "
+                                             "(answered 200 with the whole file)")
+        if status != 206:
+            raise SourceReadError(errno.EIO, f"{where}: {_status_line(response)}")
+        try:
+            first, last, total = _content_range(response)
+        except ValueError as exc:
+            raise SourceReadError(errno.EIO, f"{where}: {exc}") from None
+        if total is not None and total != self._size:
+            raise SourceReadError(errno.EIO, f"{where}: the file changed on the server since the "
+                                             f"clone began (size {self._size}, now {total})")
+        if (first, last) != (start, stop - 1):
+            raise SourceReadError(errno.EIO, f"{where}: the server answered with bytes "
+                                             f"{first}-{last} instead")
+        etag = response.headers.get("etag")
+        modified = response.headers.get("last-modified")
+        if (etag is not None and self.etag is not None and etag.strip() != self.etag) or (
+                modified is not None and self.last_modified is not None
+                and modified.strip() != self.last_modified):
+            raise SourceReadError(errno.EIO, f"{where}: the file changed on the server since the "
+                                             f"clone began ({self._validator_text()} no longer "
+                                             "matches)")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise SourceReadError(errno.EIO, f"{where}: the server sent an encoded body "
+                                             f"(Content-Encoding: {encoding})")
+
+    def _validator_text(self) -> str:
+        if self.etag is not None:
+            return f"ETag {self.etag}"
+        if self.last_modified is not None:
+            return f"Last-Modified {self.last_modified}"
+        return "its size"
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _parse_url(spec: str) -> tuple[httpx.URL, str]:
+    """The URL to request and how to name it in messages (any password replaced by ***)."""
+    try:
+        url = httpx.URL(spec)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise SourceError(f"{spec}: not a valid URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise SourceError(f"{spec}: not a valid http:// or https:// URL")
+    description = spec
+    if url.password:
+        description = str(url.copy_with(username=url.username, password="***"))
+    return url, description
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """Verifying context: the system's CA store (or SSL_CERT_FILE/SSL_CERT_DIR) and certifi."""
+    ctx = ssl.create_default_context()
+    if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+        try:
+            import certifi
+
+            ctx.load_verify_locations(cafile=certifi.where())
+        except (ImportError, OSError, ssl.SSLError):  # the system store alone, then
+            pass
+    return ctx
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
+    value = response.headers.get("content-range")
+    if value is None:
+        raise ValueError("a 206 answer without Content-Range")
+    m = _CONTENT_RANGE.match(value)
+    if not m:
+        raise ValueError(f"an unexpected Content-Range: {value!r}")
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def _status_line(response: httpx.Response) -> str:
+    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+
+
+def _describe_transport_error(exc: httpx.HTTPError) -> str:
+    """One line for a connection-level failure: refused, DNS, TLS, timeout, early close."""
+    tls: ssl.SSLError | None = None
+    oserr: OSError | None = None
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:  # the causes, including the attempts inside trio's exception groups
+        err = stack.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, ssl.SSLError):
+            tls = tls or err
+        elif isinstance(err, OSError) and err.errno is not None and oserr is None:
+            oserr = err
+        if isinstance(err, BaseExceptionGroup):
+            stack.extend(reversed(err.exceptions))
+        stack.extend(e for e in (err.__context__, err.__cause__) if e is not None)
+    text = str(exc).strip()
+    if tls is not None:
+        reason = getattr(tls, "verify_message", None) or getattr(tls, "reason", None) or str(tls)
+        return f"TLS failure: {reason}"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "timed out connecting"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out waiting for the server"
+    detail = text
+    if oserr is not None:
+        if isinstance(oserr, socket.gaierror):
+            return f"cannot resolve the host name ({oserr.strerror})"
+        detail = os.strerror(oserr.errno) if oserr.errno > 0 else (oserr.strerror or text)
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect: {detail or 'connection failed'}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"the server broke off the answer ({text or 'protocol error'})"
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError)):
+        return f"connection lost ({detail or type(exc).__name__})"
+    return text or type(exc).__name__

@@ -1,0 +1,600 @@
+"""The HTTP(S) source against real servers on 127.0.0.1: nginx (Range support, ETags, injected
+500s, a location without ranges, TLS), Python's http.server (which ignores Range) and a small
+scripted server for hangs and broken-off bodies. Also the engine hydrating from nginx."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import http.server
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import trio
+
+from fuseclone.clone import open_clone, running
+from fuseclone.engine import Settings
+from fuseclone.errors import FusecloneError, MetadataError, SourceError
+from fuseclone.sources import open_source
+from fuseclone.sources.base import SourceReadError
+from fuseclone.sources.http import open_http_source
+
+KiB = 1024
+MiB = 1024 * KiB
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+
+FILE_SIZE = 3 * MiB + 12345  # not a multiple of any piece or region size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def write_file(path, size, seed) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def replace_file(path, data: bytes, *, mtime_step: int = 10) -> None:
+    """Swap in new content under the same name, with a visibly later mtime (nginx's ETag is
+    mtime-size: a same-size file replaced within the same second would keep its ETag)."""
+    old = os.stat(path).st_mtime
+    tmp = f"{path}.new"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.utime(tmp, (old + mtime_step, old + mtime_step))
+    os.replace(tmp, path)
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    log_format fc escape=none
+        '$request_method|$status|$http_range|$http_if_match|$http_if_unmodified_since|$uri';
+    access_log {tmp}/access.log fc;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+{tls_server}
+        root {root};
+        location /fail/ {{ return 500; }}
+        location /forbidden/ {{ return 403; }}
+        location /norange/ {{ alias {root}/; max_ranges 0; }}
+        location /noetag/ {{ alias {root}/; etag off; }}
+        location /toggle/ {{
+            alias {root}/;
+            if (-f {tmp}/fault) {{ return 500; }}
+        }}
+        location ~ ^/redirect/(.*)$ {{ return 302 /$1; }}
+    }}
+}}
+"""
+
+TLS_SERVER = """\
+    }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {tmp}/cert.pem;
+        ssl_certificate_key {tmp}/key.pem;"""
+
+
+class Nginx:
+    """One nginx in the foreground, everything under `tmp`; stop() and start() again at will."""
+
+    def __init__(self, tmp, *, tls: bool = False) -> None:
+        self.tmp = tmp
+        self.root = tmp / "www"
+        self.root.mkdir()
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        tls_server = TLS_SERVER.format(tmp=tmp, root=self.root, tls_port=self.tls_port) if tls else ""
+        self.conf = tmp / "nginx.conf"
+        self.conf.write_text(NGINX_CONF.format(tmp=tmp, root=self.root, port=self.port,
+                                               tls_server=tls_server))
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def tls_url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.tls_port}/{path}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [NGINX, "-e", str(self.tmp / "error.log"), "-c", str(self.conf), "-p", str(self.tmp)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.port, self.proc)
+            if self.tls_port:
+                wait_for_port(self.tls_port, self.proc)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("nginx did not start: "
+                               + (self.tmp / "error.log").read_text(errors="replace")[-2000:])
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # fast shutdown
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def log(self) -> list[list[str]]:
+        """The access log, one list of fields per request (method, status, Range, If-Match,
+        If-Unmodified-Since, uri)."""
+        path = self.tmp / "access.log"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            rows.append(["" if field == "-" else field for field in line.split("|")])
+        return rows
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    server = Nginx(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+    # the source is read-only: nothing but HEAD and GET ever reached the server
+    assert {row[0] for row in server.log()} <= {"HEAD", "GET"}
+
+
+@pytest.fixture
+def image(nginx) -> bytes:
+    return write_file(nginx.root / "image.raw", FILE_SIZE, seed=1)
+
+
+def assert_one_line(exc_info, *needles):
+    text = str(exc_info.value)
+    assert "\n" not in text and text.strip() == text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+
+
+# ---- opening --------------------------------------------------------------------------------
+
+
+async def test_size_identity_and_reads_are_ranged_and_conditional(nginx, image):
+    url = nginx.url("image.raw")
+    st = os.stat(nginx.root / "image.raw")
+    async with open_source(url) as source:  # through the scheme dispatcher
+        assert source.size == FILE_SIZE
+        assert source.description == url
+        etag = f'"{int(st.st_mtime):x}-{st.st_size:x}"'  # nginx: hex mtime - hex size
+        ident = source.identity()
+        assert ident["kind"] == "http" and ident["url"] == url and ident["size"] == FILE_SIZE
+        assert ident["etag"] == etag
+        assert ident["last_modified"].endswith(" GMT")
+        assert await source.read(1000, 5000) == image[1000:6000]
+    gets = [row for row in nginx.log() if row[0] == "GET"]
+    assert gets and all(row[1] == "206" and row[3] == etag for row in gets)
+    assert ["GET", "206", "bytes=1000-5999", etag, "", "/image.raw"] in gets
+
+
+async def test_reads_equal_the_file_unaligned_split_and_the_partial_last_piece(nginx, image):
+    async with open_http_source(nginx.url("image.raw"), piece_size=256 * KiB) as source:
+        assert await source.read(0, FILE_SIZE) == image  # 13 pieces, the last one partial
+        assert await source.read(12345, MiB + 7) == image[12345 : 12345 + MiB + 7]
+        assert await source.read(FILE_SIZE - 1000, 5000) == image[-1000:]  # clipped at the end
+        assert await source.read(FILE_SIZE - 1, 1) == image[-1:]
+        assert await source.read(7, 0) == b""
+        assert await source.read(FILE_SIZE, 4096) == b""
+        with pytest.raises(SourceReadError):
+            await source.read(-1, 10)
+    ranges = [row[2] for row in nginx.log() if row[0] == "GET"]
+    pieces = -(-FILE_SIZE // (256 * KiB))
+    assert len(ranges) == pieces + 5 + 2  # the clipped and one-byte reads: one GET each
+    assert f"bytes={(pieces - 1) * 256 * KiB}-{FILE_SIZE - 1}" in ranges
+
+
+async def test_many_concurrent_reads(nginx, image):
+    rng = random.Random(7)
+    wanted = [(rng.randrange(FILE_SIZE), rng.randrange(1, 300 * KiB)) for _ in range(64)]
+    got = {}
+
+    async with open_http_source(nginx.url("image.raw"), max_connections=4,
+                                piece_size=128 * KiB) as source:
+        async def one(i, off, n):
+            got[i] = await source.read(off, n)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i, (off, n) in enumerate(wanted):
+                    nursery.start_soon(one, i, off, n)
+    for i, (off, n) in enumerate(wanted):
+        assert got[i] == image[off : off + n], f"read {i} at {off}+{n}"
+
+
+async def test_identity_changes_when_the_file_changes(nginx, image):
+    url = nginx.url("image.raw")
+    async with open_http_source(url) as source:
+        before = source.identity()
+    replace_file(nginx.root / "image.raw", bytes(reversed(image)))
+    async with open_http_source(url) as source:
+        after = source.identity()
+        assert await source.read(0, 100) == bytes(reversed(image))[:100]
+    assert before["size"] == after["size"]
+    assert before["etag"] != after["etag"] and before["last_modified"] != after["last_modified"]
+    assert before != after
+
+
+async def test_redirect_is_followed_and_reads_go_to_the_target(nginx, image):
+    url = nginx.url("redirect/image.raw")
+    async with open_http_source(url) as source:
+        assert source.description == url and source.identity()["url"] == url
+        assert source.url == nginx.url("image.raw")
+        assert await source.read(100, 200) == image[100:300]
+    redirected = [row for row in nginx.log() if row[5].startswith("/redirect/")]
+    assert [row[:2] for row in redirected] == [["HEAD", "302"]]  # reads skip the redirect
+
+
+async def test_password_in_the_url_is_not_shown(nginx, image):
+    url = f"http://someone:secret@127.0.0.1:{nginx.port}/image.raw"
+    async with open_http_source(url) as source:
+        assert "secret" not in source.description and "someone:***@" in source.description
+        assert "secret" not in str(source.identity())
+        assert await source.read(0, 10) == image[:10]
+
+
+# ---- refused at open: one clear line naming the URL --------------------------------------------
+
+
+async def test_refused_when_nginx_has_ranges_turned_off(nginx, image):
+    url = nginx.url("norange/image.raw")
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url):
+            pass
+    assert_one_line(info, url, "does not support Range requests", "fuseclone needs them")
+
+
+async def test_refused_by_a_server_that_ignores_range(tmp_path):
+    (tmp_path / "image.raw").write_bytes(b"x" * 100_000)
+    handler = functools.partial(QuietFileHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+        with pytest.raises(SourceError) as info:
+            async with open_http_source(url):
+                pass
+        assert_one_line(info, url, "does not support Range requests")
+        assert [r[:2] for r in server.requests] == [("HEAD", None), ("GET", "bytes=0-0")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("missing.raw", "HTTP 404 Not Found"),
+    ("forbidden/image.raw", "HTTP 403 Forbidden"),
+    ("fail/image.raw", "HTTP 500 Internal Server Error"),
+])
+async def test_refused_http_errors(nginx, image, path, needle):
+    url = nginx.url(path)
+    with pytest.raises(SourceError) as info:
+        async with open_source(url):
+            pass
+    assert_one_line(info, url, needle)
+
+
+async def test_refused_connection_refused_and_bad_urls():
+    url = f"http://127.0.0.1:{free_port()}/image.raw"
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url):
+            pass
+    assert_one_line(info, url, "cannot connect", "refused")
+    for bad in ("http:///image.raw", "http://127.0.0.1:99999999/x"):
+        with pytest.raises(SourceError) as info:
+            async with open_http_source(bad):
+                pass
+        assert_one_line(info, bad)
+    with pytest.raises(FusecloneError, match="unknown source URL scheme"):
+        async with open_source("ftp://127.0.0.1/image.raw"):
+            pass
+
+
+# ---- faults while reading: SourceReadError (EIO), and recovery ---------------------------------
+
+
+async def test_500_while_reading_is_a_read_error_and_recovers(nginx, image):
+    async with open_http_source(nginx.url("toggle/image.raw"), retry_delays=(0.01,)) as source:
+        assert await source.read(0, 4096) == image[:4096]
+        (nginx.tmp / "fault").touch()
+        with pytest.raises(SourceReadError) as info:
+            await source.read(MiB, 4096)
+        assert info.value.errno == errno.EIO
+        assert "HTTP 500" in str(info.value) and nginx.url("toggle/image.raw") in str(info.value)
+        (nginx.tmp / "fault").unlink()
+        assert await source.read(MiB, 4096) == image[MiB : MiB + 4096]
+    statuses = [row[1] for row in nginx.log() if row[0] == "GET"]
+    assert statuses.count("500") == 2  # one retry, then the error
+
+
+async def test_server_stopped_mid_way_then_restarted(nginx, image):
+    async with open_http_source(nginx.url("image.raw")) as source:
+        assert await source.read(0, 65536) == image[:65536]
+        nginx.stop()
+        with trio.fail_after(5):
+            with pytest.raises(SourceReadError) as info:
+                await source.read(2 * MiB, 65536)
+        assert info.value.errno == errno.EIO and "bytes 2097152-2162687" in str(info.value)
+        nginx.start()
+        assert await source.read(2 * MiB, 3 * 65536) == image[2 * MiB : 2 * MiB + 3 * 65536]
+
+
+async def test_file_replaced_mid_clone_fails_if_match(nginx, image):
+    path = nginx.root / "image.raw"
+    async with open_http_source(nginx.url("image.raw")) as source:
+        etag = source.etag
+        assert await source.read(0, 4096) == image[:4096]
+        replace_file(path, random.Random(2).randbytes(FILE_SIZE))
+        with pytest.raises(SourceReadError) as info:
+            await source.read(4096, 4096)
+        assert "changed on the server" in str(info.value) and etag in str(info.value)
+    assert ["GET", "412"] == nginx.log()[-1][:2]
+
+
+async def test_file_replaced_mid_clone_fails_if_unmodified_since_without_etag(nginx, image):
+    path = nginx.root / "image.raw"
+    async with open_http_source(nginx.url("noetag/image.raw")) as source:
+        assert source.etag is None and source.last_modified
+        assert "etag" not in source.identity() and "last_modified" in source.identity()
+        assert await source.read(0, 4096) == image[:4096]
+        replace_file(path, random.Random(3).randbytes(FILE_SIZE))
+        with pytest.raises(SourceReadError, match="changed on the server"):
+            await source.read(4096, 4096)
+    last = nginx.log()[-1]
+    assert last[:2] == ["GET", "412"] and last[4] == source.last_modified
+
+
+async def test_file_shrunk_mid_clone_fails(nginx, image):
+    async with open_http_source(nginx.url("noetag/image.raw")) as source:
+        (nginx.root / "image.raw").write_bytes(image[: FILE_SIZE // 2])
+        os.utime(nginx.root / "image.raw", (1, 1))  # an *older* mtime: only the size tells
+        with pytest.raises(SourceReadError, match="changed on the server"):
+            await source.read(0, 4096)
+        with pytest.raises(SourceReadError):
+            await source.read(FILE_SIZE - 4096, 4096)
+
+
+class ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    """HEAD answers like a ranged file server; GET does what `server.mode` says."""
+
+    protocol_version = "HTTP/1.1"
+    SIZE = 1 * MiB
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.SIZE))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+
+    def do_GET(self):
+        self.server.gets += 1
+        mode = self.server.mode
+        if mode == "hang":
+            self.server.release.wait(10)
+            self.close_connection = True
+            return
+        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        n = last - first + 1
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{self.SIZE}")
+        self.send_header("Content-Length", str(n))
+        self.send_header("ETag", '"v2"' if mode == "other-etag" else '"v1"')
+        self.end_headers()
+        if mode == "short":
+            self.wfile.write(b"y" * (n // 2))
+            self.close_connection = True
+        else:
+            self.wfile.write(b"y" * n)
+
+
+@pytest.fixture
+def scripted():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
+    server.daemon_threads = True
+    server.mode, server.gets, server.release = "ok", 0, threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+async def test_timeout_is_a_read_error(scripted):
+    server, url = scripted
+    async with open_http_source(url, timeout=0.3) as source:
+        assert await source.read(0, 10) == b"y" * 10
+        server.mode = "hang"
+        start = trio.current_time()
+        with pytest.raises(SourceReadError, match="timed out") as info:
+            await source.read(0, 10)
+        assert info.value.errno == errno.EIO
+        assert trio.current_time() - start < 2
+        assert server.gets == 2  # a timeout is not retried: the server had its chance
+
+
+async def test_short_body_and_foreign_etag_are_read_errors(scripted):
+    server, url = scripted
+    async with open_http_source(url, retry_delays=(0.01, 0.01)) as source:
+        server.mode = "short"
+        with pytest.raises(SourceReadError, match="broke off"):
+            await source.read(0, 100_000)
+        assert server.gets == 3  # two retries
+        server.mode = "other-etag"  # a server that ignores If-Match still cannot mix versions
+        with pytest.raises(SourceReadError, match="changed on the server"):
+            await source.read(0, 100)
+        server.mode = "ok"
+        assert await source.read(0, 100_000) == b"y" * 100_000
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's file server: no Range support at all. Records what it was asked."""
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        self.server.__dict__.setdefault("requests", []).append(
+            (self.command, self.headers.get("Range")))
+        return super().send_head()
+
+    def copyfile(self, source, outputfile):
+        try:
+            super().copyfile(source, outputfile)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up on the whole file, as it should
+
+
+# ---- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_nginx(tmp_path):
+    if NGINX is None or shutil.which("openssl") is None:
+        pytest.skip("nginx or openssl is not installed")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=fuseclone test", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True)
+    server = Nginx(tmp_path, tls=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_https_verifies_certificates(tls_nginx, monkeypatch):
+    data = write_file(tls_nginx.root / "image.raw", 300 * KiB, seed=4)
+    url = tls_nginx.tls_url("image.raw")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with pytest.raises(SourceError) as info:  # self-signed: not trusted by default
+        async with open_http_source(url):
+            pass
+    assert_one_line(info, url, "TLS failure", "certificate")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_nginx.tmp / "cert.pem"))
+    async with open_http_source(url, piece_size=64 * KiB) as source:
+        assert source.size == len(data)
+        assert await source.read(1, len(data)) == data[1:]
+
+
+# ---- the engine hydrating from nginx --------------------------------------------------------
+
+
+async def test_engine_hydrates_from_nginx_and_refuses_meta_of_a_changed_file(nginx, image, tmp_path):
+    url = nginx.url("image.raw")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_http_source(url) as source:
+        engine = open_clone(source, dst, meta, region_size=64 * KiB,
+                            settings=Settings(hydration_batch_size=4))
+        async with running(engine):
+            assert await engine.read(5 * MiB // 2 + 3, 1000) == image[5 * MiB // 2 + 3 :][:1000]
+            with trio.fail_after(20):
+                await engine.complete.wait()
+            status = engine.status()
+            assert status.hydrated_regions == status.total_regions == -(-FILE_SIZE // (64 * KiB))
+    with open(dst, "rb") as f:
+        assert f.read() == image
+
+    # the same file, untouched: the metadata is accepted again
+    async with open_http_source(url) as source:
+        engine = open_clone(source, dst, meta)
+        async with running(engine):
+            assert engine.complete.is_set()
+
+    replace_file(nginx.root / "image.raw", random.Random(5).randbytes(FILE_SIZE))
+    meta_before = open(meta, "rb").read()
+    async with open_http_source(url) as source:
+        with pytest.raises(MetadataError) as info:
+            open_clone(source, dst, meta)
+    assert_one_line(info, "belongs to another clone", "etag")
+    assert open(meta, "rb").read() == meta_before  # refused without changing anything
+
+
+async def test_engine_user_reads_get_eio_on_5xx_and_hydration_resumes(nginx, image, tmp_path):
+    url = nginx.url("toggle/image.raw")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_http_source(url, retry_delays=()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(
+            hydration=False, max_failures=2, backoff_initial=0.01))
+        async with running(engine):
+            assert await engine.read(0, 4096) == image[:4096]
+            (nginx.tmp / "fault").touch()
+            with pytest.raises(OSError) as info:
+                await engine.read(MiB, 4096)
+            assert info.value.errno == errno.EIO
+            engine.message("enable_hydration")
+            with trio.fail_after(10):
+                while engine.hydration_error is None:
+                    await trio.sleep(0.01)
+            assert "HTTP 500" in engine.status().hydration_error
+            assert await engine.read(0, 4096) == image[:4096]  # hydrated data still served
+            (nginx.tmp / "fault").unlink()
+            engine.message("enable_hydration")
+            with trio.fail_after(20):
+                await engine.complete.wait()
+    with open(dst, "rb") as f:
+        assert f.read() == image
