@@ -432,8 +432,14 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self):
+        if self.server.head == "405":  # e.g. a URL pre-signed for GET only
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(200)
-        self.send_header("Content-Length", str(self.SIZE))
+        if self.server.head != "no-length":
+            self.send_header("Content-Length", str(self.SIZE))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", '"v1"')
         self.end_headers()
@@ -445,10 +451,13 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
             self.server.release.wait(10)
             self.close_connection = True
             return
+        if mode == "slow":  # latency: 0.2 s before each answer
+            time.sleep(0.2)
         first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
         n = last - first + 1
         self.send_response(206)
-        self.send_header("Content-Range", f"bytes {first}-{last}/{self.SIZE}")
+        total = "*" if self.server.head == "no-length" else self.SIZE
+        self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
         self.send_header("Content-Length", str(n))
         self.send_header("ETag", '"v2"' if mode == "other-etag" else '"v1"')
         self.end_headers()
@@ -463,7 +472,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
 def scripted():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
     server.daemon_threads = True
-    server.mode, server.gets, server.release = "ok", 0, threading.Event()
+    server.mode, server.head, server.gets, server.release = "ok", "ok", 0, threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -473,6 +482,23 @@ def scripted():
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+async def test_size_from_the_range_probe_when_head_is_refused(scripted):
+    server, url = scripted
+    server.head = "405"
+    async with open_http_source(url) as source:
+        assert source.size == ScriptedHandler.SIZE and source.etag == '"v1"'
+        assert await source.read(ScriptedHandler.SIZE - 10, 100) == b"y" * 10
+
+
+async def test_refused_without_a_size(scripted):
+    server, url = scripted
+    server.head = "no-length"
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url):
+            pass
+    assert_one_line(info, url, "no Content-Length")
 
 
 async def test_timeout_is_a_read_error(scripted):
@@ -500,6 +526,22 @@ async def test_short_body_and_foreign_etag_are_read_errors(scripted):
             await source.read(0, 100)
         server.mode = "ok"
         assert await source.read(0, 100_000) == b"y" * 100_000
+
+
+async def test_latency_does_not_serialise_reads(scripted):
+    server, url = scripted
+    server.mode = "slow"
+    async with open_http_source(url, piece_size=64 * KiB, max_connections=8) as source:
+        start = trio.current_time()
+        assert await source.read(0, 512 * KiB) == b"y" * 512 * KiB  # 8 pieces at once
+        assert trio.current_time() - start < 0.6  # serially: 1.6 s
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(source.read, i * 4096, 4096)
+        assert trio.current_time() - start < 0.6
+    assert server.gets == 16
 
 
 class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
