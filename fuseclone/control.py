@@ -36,30 +36,12 @@ def socket_path(meta_path: str) -> str:
     return os.path.join(RUNTIME_DIR, f"{digest}.sock")
 
 
-def _unescape_mount_field(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts() -> list[tuple[str, str]]:
     """(META path, mountpoint) of every fuseclone mount on this machine."""
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "fuse.fuseclone":
-                source = _unescape_mount_field(fields[0])
-                if source.startswith(FSNAME_PREFIX):
-                    found.append((source[len(FSNAME_PREFIX) :], _unescape_mount_field(fields[1])))
-    return found
+    from .fuse.mount import mount_table
+
+    return [(source[len(FSNAME_PREFIX):], mountpoint) for source, mountpoint in mount_table()
+            if source.startswith(FSNAME_PREFIX)]
 
 
 def meta_of_mountpoint(path: str) -> str | None:
@@ -164,7 +146,11 @@ async def _serve_connection(stream: trio.SocketStream, handle: Handler) -> None:
             reply = await handle(req)
         except (ValueError, KeyError, TypeError) as exc:
             reply = {"ok": False, "error": str(exc)}
-        await stream.send_all(json.dumps(reply, default=_jsonable).encode() + b"\n")
+        # Shielded (briefly): an "unmount" request cancels the nursery this task lives in, and
+        # its answer must still reach the waiting CLI.
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            await stream.send_all(json.dumps(reply, default=_jsonable).encode() + b"\n")
 
 
 def _jsonable(obj: Any) -> Any:

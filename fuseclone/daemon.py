@@ -64,6 +64,10 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     from .sources import open_source
 
     check_mountpoint(opts.mountpoint)
+    # Decided before mounting: once mounted, a stat of the mountpoint from this process would
+    # wait for an answer only this process can give.
+    image = image_path(opts.mountpoint, opts.name)
+    image_at_root = image == opts.mountpoint
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
     async with open_source(opts.source) as source:
@@ -73,17 +77,17 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         try:
             async with running(engine):
                 async with trio.open_nursery() as nursery:
-                    await _start_serving(nursery, engine, opts)
+                    await _start_serving(nursery, engine, opts, image_at_root)
                     mounted = True
-                    on_ready(image_path(opts.mountpoint, opts.name))
+                    on_ready(image)
         finally:
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
 
 
-async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions) -> None:
+async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions,
+                         image_at_root: bool) -> None:
     from .fuse.fs import ImageFilesystem
-    from .fuse.session import serve
 
     stop = nursery.cancel_scope
 
@@ -105,7 +109,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
 
     await nursery.start(control.serve_control, opts.metadata, handle)
     nursery.start_soon(_signals, stop)
-    fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other)
+    fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other,
+                         image_at_root=image_at_root)
     await nursery.start(_serve_then_stop, fs, opts, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete)

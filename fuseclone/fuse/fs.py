@@ -1,0 +1,159 @@
+"""The one-file filesystem: a directory holding the image, or (on a regular-file mountpoint) the
+image itself, mapped onto an ImageBackend.
+
+The kernel page cache is used for the image (FOPEN_KEEP_CACHE, long attribute timeouts). That is
+safe because the image only changes through this mount: every write and discard passes through
+the kernel, which updates or drops its cached pages on the way (writes are write-through, and
+the kernel invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). Hydration never
+changes what the image reads as, so it needs no invalidation either.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from typing import Mapping
+
+from . import abi, codec
+from .backend import ImageBackend
+
+CACHE_SECONDS = 3600.0  # names and attributes never change while mounted
+BLOCK = 4096
+IMAGE_FH = 1
+
+
+class ImageFilesystem:
+    def __init__(self, image: ImageBackend, *, name: str = "image", allow_other: bool = False,
+                 image_at_root: bool = False) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a usable file name")
+        self.image = image
+        self.name = name.encode()
+        self.image_at_root = image_at_root
+        self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
+        # default_permissions makes the kernel check these bits; others get access only when
+        # the mount was made with allow_other on purpose.
+        self._perm = 0o666 if allow_other else 0o600
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._mounted_at = time.time()
+
+    def handlers(self) -> Mapping[type, object]:
+        return {
+            codec.Lookup: self.lookup, codec.GetAttr: self.getattr, codec.SetAttr: self.setattr,
+            codec.Open: self.open, codec.OpenDir: self.opendir, codec.ReadDir: self.readdir,
+            codec.Release: self.release, codec.ReleaseDir: self.release, codec.Flush: self.release,
+            codec.Read: self.read, codec.Write: self.write, codec.Fsync: self.fsync,
+            codec.StatFs: self.statfs, codec.Fallocate: self.fallocate, codec.Lseek: self.lseek,
+            codec.Access: self.access,
+        }
+
+    # ---- names and attributes ---------------------------------------------------------------
+
+    def _attr(self, nodeid: int) -> codec.Attr:
+        t = self._mounted_at
+        if nodeid == self.image_id:
+            size = self.image.size
+            return codec.Attr(ino=nodeid, size=size, mode=stat.S_IFREG | self._perm, nlink=1,
+                              uid=self._uid, gid=self._gid, blocks=(size + 511) // 512,
+                              atime=t, mtime=t, ctime=t, blksize=BLOCK)
+        if nodeid == abi.ROOT_ID:
+            return codec.Attr(ino=nodeid, size=0, mode=stat.S_IFDIR | 0o755, nlink=2,
+                              uid=self._uid, gid=self._gid, atime=t, mtime=t, ctime=t)
+        raise OSError(errno.ENOENT, "no such node")
+
+    def _entry(self) -> codec.EntryReply:
+        return codec.EntryReply(self.image_id, self._attr(self.image_id), CACHE_SECONDS, CACHE_SECONDS)
+
+    async def lookup(self, req: codec.Lookup) -> codec.Reply:
+        if req.nodeid == abi.ROOT_ID and not self.image_at_root and req.name == self.name:
+            return self._entry()
+        raise OSError(errno.ENOENT, "no such file")
+
+    async def getattr(self, req: codec.GetAttr) -> codec.Reply:
+        return codec.AttrReply(self._attr(req.nodeid), CACHE_SECONDS)
+
+    async def setattr(self, req: codec.SetAttr) -> codec.Reply:
+        attr = self._attr(req.nodeid)
+        if req.valid & abi.FATTR_SIZE and req.size != attr.size:
+            # The image is exactly the source's size; a truncate would lose or invent data.
+            raise OSError(errno.EPERM, "the image size is fixed")
+        if req.valid & (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID):
+            raise OSError(errno.EPERM, "owner and mode are fixed")
+        return codec.AttrReply(attr, CACHE_SECONDS)  # times: accepted, not kept
+
+    async def access(self, req: codec.Access) -> codec.Reply:
+        self._attr(req.nodeid)
+        return codec.EmptyReply()  # default_permissions: the kernel has checked the mode bits
+
+    async def statfs(self, req: codec.StatFs) -> codec.Reply:
+        # The loop driver enables discard only when statfs answers; f_bsize is its granularity.
+        return codec.StatFsReply(blocks=(self.image.size + BLOCK - 1) // BLOCK, bfree=0, bavail=0,
+                                 files=1, ffree=0, bsize=BLOCK)
+
+    # ---- the directory ----------------------------------------------------------------------
+
+    async def opendir(self, req: codec.OpenDir) -> codec.Reply:
+        if req.nodeid != abi.ROOT_ID or self.image_at_root:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return codec.OpenReply(0, abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE)
+
+    async def readdir(self, req: codec.ReadDir) -> codec.Reply:
+        dirs = stat.S_IFDIR >> 12
+        entries = [codec.DirEntry(abi.ROOT_ID, b".", dirs), codec.DirEntry(abi.ROOT_ID, b"..", dirs),
+                   codec.DirEntry(self.image_id, self.name, stat.S_IFREG >> 12,
+                                  self._entry() if req.plus else None)]
+        return codec.DirReply(entries, req.offset, req.size, req.plus)
+
+    async def release(self, req: codec.Request) -> codec.Reply:
+        return codec.EmptyReply()  # close(2) is not a flush: durability is fsync's job
+
+    # ---- the image --------------------------------------------------------------------------
+
+    async def open(self, req: codec.Open) -> codec.Reply:
+        if req.nodeid != self.image_id:
+            raise OSError(errno.EISDIR, "is a directory")
+        # Keep the page cache across opens: nothing changes the image behind the kernel's back.
+        return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
+
+    async def read(self, req: codec.Read) -> codec.Reply:
+        if req.offset >= self.image.size:
+            return codec.DataReply(b"")
+        return codec.DataReply(await self.image.read(req.offset, req.size))
+
+    async def write(self, req: codec.Write) -> codec.Reply:
+        room = self.image.size - req.offset
+        if room <= 0 and len(req.data):
+            raise OSError(errno.ENOSPC, "write past the end of the image")
+        data = req.data if len(req.data) <= room else req.data[:room]
+        await self.image.write(req.offset, data)
+        return codec.WriteReply(len(data))
+
+    async def fsync(self, req: codec.Fsync) -> codec.Reply:
+        await self.image.flush()
+        return codec.EmptyReply()
+
+    async def fallocate(self, req: codec.Fallocate) -> codec.Reply:
+        size = self.image.size
+        end = min(req.offset + req.length, size)
+        mode = req.mode
+        if mode & ~(abi.FALLOC_FL_KEEP_SIZE | abi.FALLOC_FL_PUNCH_HOLE | abi.FALLOC_FL_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+        if req.offset + req.length > size and not mode & abi.FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EPERM, "the image size is fixed")
+        if end <= req.offset:
+            return codec.EmptyReply()
+        if mode & abi.FALLOC_FL_PUNCH_HOLE:
+            await self.image.discard(req.offset, end - req.offset)
+        elif mode & abi.FALLOC_FL_ZERO_RANGE:
+            await self.image.write_zeroes(req.offset, end - req.offset)
+        # plain preallocation inside the image: every byte already exists
+        return codec.EmptyReply()
+
+    async def lseek(self, req: codec.Lseek) -> codec.Reply:
+        if req.whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+        if req.nodeid != self.image_id:
+            raise OSError(errno.EINVAL, "not the image")
+        return codec.LseekReply(await self.image.seek(req.offset, req.whence))

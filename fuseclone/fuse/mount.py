@@ -1,0 +1,146 @@
+"""Mounting and unmounting a FUSE filesystem: mount(2) as root, fusermount3 for other users,
+and cleaning up the stale mount a killed daemon leaves behind.
+
+The mount is always nosuid and nodev with default_permissions (the kernel checks the mode bits
+we report), and only the mounting user may use it unless allow_other is asked for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.fuseclone"
+SUBTYPE = "fuseclone"
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class MountError(OSError):
+    """The kernel or fusermount3 refused the mount."""
+
+
+def _escape_option(value: str) -> str:
+    """Commas separate mount options; the kernel and fusermount3 take backslash escapes."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_fuse(mountpoint: str, *, fsname: str, allow_other: bool = False,
+               use_fusermount: bool | None = None) -> int:
+    """Mount a FUSE filesystem at `mountpoint`; returns the open /dev/fuse fd that serves it.
+
+    `use_fusermount` defaults to "not root". The root inode's type follows the mountpoint's: a
+    regular-file mountpoint becomes a one-file filesystem.
+    """
+    if use_fusermount is None:
+        use_fusermount = os.geteuid() != 0
+    if use_fusermount:
+        return _mount_with_fusermount(mountpoint, fsname, allow_other)
+    return _mount_as_root(mountpoint, fsname, allow_other)
+
+
+def _mount_as_root(mountpoint: str, fsname: str, allow_other: bool) -> int:
+    root_mode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    options = [f"fd={fd}", f"rootmode={root_mode:o}", f"user_id={os.getuid()}",
+               f"group_id={os.getgid()}", "default_permissions"]
+    if allow_other:
+        options.append("allow_other")
+    data = ",".join(options).encode()
+    source = fsname.encode()
+    if _libc.mount(source, mountpoint.encode(), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise MountError(err, f"mount of {mountpoint} failed: {os.strerror(err)}")
+    return fd
+
+
+def _mount_with_fusermount(mountpoint: str, fsname: str, allow_other: bool) -> int:
+    """fusermount3 (setuid root) mounts for us and passes the /dev/fuse fd back over a socket
+    named by _FUSE_COMMFD."""
+    if shutil.which("fusermount3") is None:
+        raise MountError(errno.EPERM, "mounting as a non-root user needs fusermount3 (Debian package fuse3)")
+    options = ["nosuid", "nodev", "default_permissions", f"fsname={_escape_option(fsname)}",
+               f"subtype={SUBTYPE}"]
+    if allow_other:
+        options.append("allow_other")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        proc = subprocess.Popen(["fusermount3", "-o", ",".join(options), "--", mountpoint],
+                                env=dict(os.environ, _FUSE_COMMFD=str(theirs.fileno())),
+                                pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True)
+        theirs.close()
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        finally:
+            _, err = proc.communicate()
+    if proc.returncode != 0 or not fds:
+        for fd in fds:
+            os.close(fd)
+        message = (err or "").strip().splitlines()
+        raise MountError(errno.EPERM, message[-1] if message else f"fusermount3 exited {proc.returncode}")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount; with `lazy`, detach even while something still uses the mount."""
+    if os.geteuid() != 0:
+        subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint],
+                       check=True, capture_output=True)
+        return
+    if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unmount of {mountpoint}: {os.strerror(err)}")
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(source, mountpoint) of every fuseclone mount on this machine, unescaped."""
+    found = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == FSTYPE:
+                found.append((_unescape(fields[0]), _unescape(fields[1])))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_fuseclone_mount(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(mountpoint == real for _, mountpoint in mount_table())
+
+
+def cleanup_stale_mount(path: str) -> bool:
+    """If `path` is a fuseclone mount whose daemon is gone (the kernel answers ENOTCONN), detach
+    it and return True. A live mount is left alone."""
+    if not is_fuseclone_mount(path):
+        return False
+    try:
+        os.stat(path)
+        return False  # the daemon answers: not stale
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    log.warning("%s: cleaning the stale mount of a daemon that is gone", path)
+    unmount(path, lazy=True)
+    return True

@@ -1,0 +1,218 @@
+"""The FUSE session on trio: mount, negotiate INIT, read requests from /dev/fuse, run each as
+its own task, write the replies, honour INTERRUPT, and unmount when the session ends.
+
+The session knows the protocol, not the filesystem: every request other than INIT, DESTROY,
+FORGET and INTERRUPT goes to the handler the filesystem registered for its type, which returns
+a `codec.Reply` or raises OSError(errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Awaitable, Callable, Mapping, Protocol
+
+import trio
+
+from . import abi, codec
+from .mount import mount_fuse, unmount
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20  # FUSE_MAX_PAGES lets the kernel send 1 MiB reads and writes
+MAX_PAGES = MAX_WRITE // 4096
+# A read from /dev/fuse must have room for the largest request: header + write_in + data.
+READ_BUFFER_SIZE = MAX_WRITE + 64 * 1024
+MAX_BACKGROUND = 64
+KEPT_BUFFERS = 16
+
+WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES
+                     | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
+
+Handler = Callable[[codec.Request], Awaitable[codec.Reply]]
+
+
+class Filesystem(Protocol):
+    def handlers(self) -> Mapping[type, Handler]:
+        """Request type -> async handler. Types without a handler are answered ENOSYS."""
+
+
+async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
+                use_fusermount: bool | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount `fs` at `mountpoint` and serve it until it is unmounted (returns) or the caller is
+    cancelled (unmounts, then re-raises). `task_status.started()` fires once INIT is answered,
+    so the filesystem can be used as soon as `nursery.start(serve, ...)` returns."""
+    fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
+                    use_fusermount=use_fusermount)
+    session = Session(fd, fs)
+    try:
+        await session.handshake()
+        task_status.started()
+        await session.run()
+    finally:
+        session.close(mountpoint)
+
+
+def negotiate(init: codec.Init) -> codec.InitReply:
+    """The INIT answer: protocol 7.x at most our header's minor, and the features fuseclone
+    wants among those the kernel offers."""
+    if init.major < abi.KERNEL_VERSION:
+        raise OSError(errno.EPROTO, f"kernel FUSE protocol {init.major}.{init.minor} is too old")
+    flags = init.flags & WANTED_INIT_FLAGS
+    return codec.InitReply(
+        minor=min(init.minor, abi.KERNEL_MINOR_VERSION) if init.major == abi.KERNEL_VERSION
+        else abi.KERNEL_MINOR_VERSION,
+        max_readahead=init.max_readahead, flags=flags, max_background=MAX_BACKGROUND,
+        congestion_threshold=MAX_BACKGROUND * 3 // 4, max_write=MAX_WRITE, max_pages=MAX_PAGES)
+
+
+class Session:
+    def __init__(self, fd: int, fs: Filesystem) -> None:
+        self.fd = fd
+        self._handlers = dict(fs.handlers())
+        self._in_flight: dict[int, trio.CancelScope] = {}
+        self._free_buffers: list[bytearray] = []
+        self._closed = False
+        os.set_blocking(fd, False)
+
+    # ---- reading and writing /dev/fuse --------------------------------------------------------
+
+    async def _read_request(self) -> tuple[codec.Request, bytearray] | None:
+        """The next request and the buffer it lives in; None once the kernel ends the session.
+        A malformed request is answered EIO here and skipped."""
+        while True:
+            buf = self._free_buffers.pop() if self._free_buffers else bytearray(READ_BUFFER_SIZE)
+            try:
+                await trio.lowlevel.wait_readable(self.fd)
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                self._give_back(buf)
+                continue
+            except OSError as exc:
+                self._give_back(buf)
+                if exc.errno in (errno.EINTR, errno.ENOENT):  # ENOENT: the request was aborted
+                    continue
+                if exc.errno == errno.ENODEV:  # unmounted
+                    return None
+                raise
+            if n == 0:  # end of file: only a socket standing in for /dev/fuse does this
+                self._give_back(buf)
+                return None
+            try:
+                return codec.parse_request(memoryview(buf)[:n]), buf
+            except codec.MalformedRequest as exc:
+                self._give_back(buf)
+                log.error("%s", exc)
+                if exc.unique is not None:
+                    self._send(codec.encode_error(exc.unique, errno.EIO))
+
+    def _give_back(self, buf: bytearray) -> None:
+        if len(self._free_buffers) < KEPT_BUFFERS:
+            self._free_buffers.append(buf)
+
+    def _send(self, parts: list) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except OSError as exc:
+            # ENOENT: the kernel gave up on the request (interrupted or aborted) meanwhile
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    # ---- the session ------------------------------------------------------------------------
+
+    async def handshake(self) -> None:
+        """Answer INIT, the first request of every session."""
+        while True:
+            got = await self._read_request()
+            if got is None:
+                raise OSError(errno.ENODEV, "unmounted before INIT")
+            req, buf = got
+            self._give_back(buf)
+            if isinstance(req, codec.Init):
+                try:
+                    reply = negotiate(req)
+                except OSError as exc:
+                    self._send(codec.encode_error(req.unique, exc.errno))
+                    raise
+                self._send(codec.encode_reply(req.unique, reply))
+                log.debug("FUSE %d.%d, flags %#x", req.major, req.minor, reply.flags)
+                if req.major == abi.KERNEL_VERSION:
+                    return
+                # a newer major: the kernel sends INIT again for our version
+            elif req.expects_reply:
+                self._send(codec.encode_error(req.unique, errno.EIO))
+
+    async def run(self) -> None:
+        """Serve requests until the kernel ends the session (unmount or DESTROY)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                got = await self._read_request()
+                if got is None:
+                    break
+                req, buf = got
+                if isinstance(req, codec.Interrupt):
+                    self._interrupt(req.target)
+                elif isinstance(req, codec.Destroy):
+                    self._send(codec.encode_reply(req.unique, codec.EmptyReply()))
+                    break
+                elif not req.expects_reply:  # FORGET, BATCH_FORGET: nodes here are static
+                    pass
+                else:
+                    if isinstance(req, codec.Write):  # its data stays in `buf` until answered
+                        nursery.start_soon(self._answer, req, buf)
+                        continue
+                    nursery.start_soon(self._answer, req, None)
+                self._give_back(buf)
+            nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
+
+    async def _answer(self, req: codec.Request, buf: bytearray | None) -> None:
+        handler = self._handlers.get(type(req))
+        with trio.CancelScope() as scope:
+            self._in_flight[req.unique] = scope
+            try:
+                if handler is None:
+                    parts = codec.encode_error(req.unique, errno.ENOSYS)
+                else:
+                    parts = codec.encode_reply(req.unique, await handler(req))
+            except OSError as exc:
+                parts = codec.encode_error(req.unique, exc.errno or errno.EIO)
+            except Exception:
+                log.exception("bug while answering %s", type(req).__name__)
+                parts = codec.encode_error(req.unique, errno.EIO)
+            finally:
+                del self._in_flight[req.unique]
+                if buf is not None:
+                    self._give_back(buf)
+        if scope.cancelled_caught:  # only an INTERRUPT cancels this scope itself
+            parts = codec.encode_error(req.unique, errno.EINTR)
+        self._send(parts)
+
+    def _interrupt(self, target: int) -> None:
+        scope = self._in_flight.get(target)
+        if scope is not None:  # else it was answered already
+            scope.cancel()
+
+    def close(self, mountpoint: str) -> None:
+        """Unmount (detaching lazily if something still holds the image) and drop the device."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            unmount(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                log.warning("%s is still in use: detaching it lazily", mountpoint)
+                _try(lambda: unmount(mountpoint, lazy=True))
+            elif exc.errno not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted any more
+                log.error("%s", exc)
+        except Exception:
+            log.exception("unmount of %s failed", mountpoint)
+        os.close(self.fd)
+
+
+def _try(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:
+        log.exception("lazy unmount failed")

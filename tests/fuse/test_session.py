@@ -1,0 +1,212 @@
+"""The trio session's dispatch rules, driven through a SOCK_SEQPACKET socket pair that stands in
+for /dev/fuse (one message per read, like the device): INIT negotiation, ENOSYS, malformed
+requests, handler bugs, INTERRUPT, FORGET, and how the session ends. Real mounts are tested in
+tests/integration."""
+
+import errno
+import logging
+import os
+import socket
+
+import pytest
+import trio
+
+from fuseclone.fuse import abi, codec
+from fuseclone.fuse.abi import Opcode
+from fuseclone.fuse.session import MAX_WRITE, Session, negotiate
+from tests.fuse.test_codec import request
+
+
+class SlowFs:
+    """Answers GETATTR at once, READ after `release` is set, and STATFS with a bug."""
+
+    def __init__(self):
+        self.release = trio.Event()
+        self.reads_started = 0
+        self.cancelled = 0
+        self.writes = []
+
+    def handlers(self):
+        return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
+                codec.Write: self.write}
+
+    async def getattr(self, req):
+        return codec.AttrReply(codec.Attr(req.nodeid, 123, 0o100600), 1.0)
+
+    async def read(self, req):
+        self.reads_started += 1
+        try:
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        return codec.DataReply(b"x" * req.size)
+
+    async def write(self, req):
+        await trio.sleep(0.01)  # answered after later requests reuse read buffers
+        self.writes.append(bytes(req.data))
+        return codec.WriteReply(len(req.data))
+
+    async def statfs(self, req):
+        raise RuntimeError("a bug")
+
+
+class Kernel:
+    """The kernel's end of the pair."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, opcode, body=b"", unique=1, nodeid=1):
+        self.sock.send(request(opcode, body, unique=unique, nodeid=nodeid))
+
+    async def send_when_room(self, opcode, body=b"", unique=1):
+        while True:
+            try:
+                return self.send(opcode, body, unique)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+
+    async def reply(self):
+        await trio.lowlevel.wait_readable(self.sock)
+        data = self.sock.recv(1 << 21)
+        length, error, unique = abi.out_header.unpack_from(data)
+        assert length == len(data)
+        return unique, -error, data[abi.out_header.size:]
+
+
+@pytest.fixture
+async def session():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    fs = SlowFs()
+    sess = Session(ours.detach(), fs)
+    kernel = Kernel(theirs)
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def run():
+            await sess.run()
+            done.set()
+
+        nursery.start_soon(run)
+        yield kernel, fs, done
+        theirs.close()  # end of file ends the session
+        with trio.fail_after(5):
+            await done.wait()
+    os.close(sess.fd)
+
+
+def test_negotiate_keeps_only_offered_flags():
+    init = codec.Init(1, 0, 0, 0, 0, 7, 44, 1 << 20, abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES | abi.FUSE_WRITEBACK_CACHE)
+    reply = negotiate(init)
+    assert reply.minor == abi.KERNEL_MINOR_VERSION  # never more than the header we mirror
+    assert reply.flags == abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES  # writeback cache stays off
+    assert reply.max_write == MAX_WRITE and reply.max_pages == MAX_WRITE // 4096
+    old = negotiate(codec.Init(1, 0, 0, 0, 0, 7, 26, 4096, abi.FUSE_ASYNC_READ))
+    assert old.minor == 26 and old.flags == abi.FUSE_ASYNC_READ
+    with pytest.raises(OSError):
+        negotiate(codec.Init(1, 0, 0, 0, 0, 6, 0, 0, 0))
+
+
+async def test_handshake_answers_init():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sess = Session(ours.detach(), SlowFs())
+    kernel = Kernel(theirs)
+    kernel.send(Opcode.INIT, abi.init_in_head.pack(7, 38, 65536, abi.FUSE_ASYNC_READ) + bytes(48), unique=2)
+    with trio.fail_after(5):
+        await sess.handshake()
+        unique, error, body = await kernel.reply()
+    assert (unique, error) == (2, 0)
+    assert abi.init_out.unpack(body)[:4] == (7, 38, 65536, abi.FUSE_ASYNC_READ)
+    theirs.close()
+    os.close(sess.fd)
+
+
+async def test_requests_are_dispatched_concurrently(session):
+    kernel, fs, _ = session
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 0, 10, 0, 0, 0, 0), unique=10, nodeid=2)
+    kernel.send(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=11, nodeid=2)
+    with trio.fail_after(5):
+        unique, error, body = await kernel.reply()  # the getattr overtakes the blocked read
+        assert (unique, error) == (11, 0)
+        assert abi.attr.unpack_from(body, abi.attr_out_head.size)[1] == 123
+        fs.release.set()
+        unique, error, body = await kernel.reply()
+    assert (unique, error, body) == (10, 0, b"x" * 10)
+
+
+async def test_unserved_opcode_gets_enosys(session):
+    kernel, _, _ = session
+    kernel.send(Opcode.MKDIR, b"\0" * 16 + b"dir\0", unique=12)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (12, errno.ENOSYS)
+
+
+async def test_malformed_request_gets_eio_and_the_session_goes_on(session):
+    kernel, _, _ = session
+    kernel.send(Opcode.READ, b"short", unique=13)
+    kernel.send(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=14)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (13, errno.EIO)
+        assert (await kernel.reply())[:2] == (14, 0)
+
+
+async def test_a_bug_in_a_handler_is_logged_and_answered_eio(session, caplog):
+    kernel, _, _ = session
+    with caplog.at_level(logging.ERROR):
+        kernel.send(Opcode.STATFS, unique=15)
+        with trio.fail_after(5):
+            assert (await kernel.reply())[:2] == (15, errno.EIO)
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_interrupt_cancels_the_request(session):
+    kernel, fs, _ = session
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 0, 10, 0, 0, 0, 0), unique=20, nodeid=2)
+    with trio.fail_after(5):
+        while fs.reads_started == 0:
+            await trio.sleep(0.001)
+        kernel.send(Opcode.INTERRUPT, abi.interrupt_in.pack(20), unique=21)
+        assert (await kernel.reply())[:2] == (20, errno.EINTR)
+    assert fs.cancelled == 1
+
+
+async def test_interrupt_of_an_answered_request_is_ignored(session):
+    kernel, _, _ = session
+    kernel.send(Opcode.INTERRUPT, abi.interrupt_in.pack(999), unique=22)
+    kernel.send(Opcode.FORGET, abi.forget_in.pack(1), unique=23, nodeid=2)
+    kernel.send(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=24)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (24, 0)  # nothing was sent for 22 and 23
+
+
+async def test_write_data_survives_buffer_reuse(session):
+    kernel, fs, _ = session
+    payloads = [os.urandom(70000) for _ in range(20)]
+    with trio.fail_after(10):
+        for i, data in enumerate(payloads):
+            body = abi.write_in.pack(1, 0, len(data), 0, 0, 0, 0) + data
+            await kernel.send_when_room(Opcode.WRITE, body, unique=100 + i)
+        answered = {(await kernel.reply())[0] for _ in payloads}
+    assert answered == {100 + i for i in range(20)}
+    assert sorted(fs.writes) == sorted(payloads)
+
+
+async def test_destroy_ends_the_session(session):
+    kernel, _, done = session
+    kernel.send(Opcode.DESTROY, unique=30)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (30, 0)
+        await done.wait()
+
+
+async def test_a_read_blocked_when_the_session_ends_is_cancelled(session):
+    kernel, fs, done = session
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 0, 10, 0, 0, 0, 0), unique=40, nodeid=2)
+    with trio.fail_after(5):
+        while fs.reads_started == 0:
+            await trio.sleep(0.001)
+        kernel.send(Opcode.DESTROY, unique=41)
+        await done.wait()
+    assert fs.cancelled == 1

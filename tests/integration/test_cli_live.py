@@ -1,0 +1,132 @@
+"""The CLI against live mounts: messages, status, wait, unmount, stale mounts, and bad input
+that gets one clear line, exit 1, and leaves nothing behind."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.conftest import MiB, fuseclone, sh, status_json
+
+
+def test_messages_apply_live(rig, random_source):
+    rig.mount("--no-hydration")
+    st = status_json(rig.mnt)
+    assert st["hydration_enabled"] is False and "no_hydration" in st["features"]
+    fuseclone("message", rig.mnt, "hydration_threshold", "64")
+    fuseclone("message", rig.mnt, "hydration_batch_size", "16")
+    st = status_json(rig.mnt)
+    assert (st["hydration_threshold"], st["hydration_batch_size"]) == (64, 16)
+    bad = fuseclone("message", rig.mnt, "hydration_threshold", "zero", check=False)
+    assert bad.returncode == 1 and "whole number" in bad.stderr
+    assert fuseclone("wait", rig.mnt, "--timeout", "0.5", check=False).returncode == 1
+    fuseclone("message", rig.mnt, "enable_hydration")
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    line = fuseclone("status", rig.mnt, "--dmsetup").stdout.split()
+    assert line[3].split("/")[0] == line[3].split("/")[1] and line[-1] == "rw"
+    human = fuseclone("status", rig.meta).stdout  # META as TARGET reaches the live mount too
+    assert "100.0%" in human
+
+
+def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source):
+    rig.mount()
+    loop = rig.losetup()
+    result = fuseclone("unmount", rig.mnt, check=False)
+    assert result.returncode == 1
+    assert f"{loop} still uses the image" in result.stderr
+    assert os.path.realpath(rig.mnt) in open("/proc/mounts").read()
+    sh("losetup", "-d", loop)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+
+def test_on_complete_hook(rig, random_source):
+    marker = rig.tmp / "done"
+    rig.mount("--on-complete", f"touch {marker}")
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    deadline = time.monotonic() + 10
+    while not marker.exists():
+        assert time.monotonic() < deadline, "--on-complete did not run"
+        time.sleep(0.05)
+
+
+def test_stale_mount_of_a_killed_daemon_is_cleaned(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = status_json_pid(rig)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    with pytest.raises(OSError):
+        os.stat(rig.image)  # ENOTCONN: the daemon is gone
+    # a new mount cleans the stale one and resumes
+    rig.mount()
+    with open(rig.image, "rb") as f:
+        assert f.read(4096) == open(rig.src, "rb").read(4096)
+    fuseclone("unmount", rig.mnt)
+
+
+def status_json_pid(rig):
+    import json
+
+    from fuseclone import control
+
+    reply = control.request(rig.meta, {"op": "status"})
+    return reply["pid"]
+
+
+def test_unmount_cleans_a_stale_mount(rig, random_source):
+    rig.mount()
+    os.kill(status_json_pid(rig), signal.SIGKILL)
+    time.sleep(0.3)
+    result = fuseclone("unmount", rig.mnt)
+    assert "stale" in result.stderr
+    rig.wait_unmounted()
+
+
+# ---- bad input: one line, exit 1, nothing left on disk ---------------------------------------
+
+
+def assert_refused(result, fragment, *paths_absent):
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fuseclone: error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    for path in paths_absent:
+        assert not os.path.exists(path), f"{path} was left behind"
+
+
+def test_bad_input(rig, random_source):
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, str(rig.tmp / "nope"), check=False)
+    assert_refused(r, "mountpoint does not exist", rig.dst, rig.meta)
+    r = fuseclone("mount", str(rig.tmp / "missing.img"), rig.dst, rig.meta, rig.mnt, check=False)
+    assert_refused(r, "source does not exist", rig.dst, rig.meta)
+    r = fuseclone("mount", "ftp://host/x", rig.dst, rig.meta, rig.mnt, check=False)
+    assert_refused(r, "unknown source URL scheme", rig.dst, rig.meta)
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--region-size", "3K", check=False)
+    assert_refused(r, "power of two", rig.dst, rig.meta)
+    small = str(rig.tmp / "small.img")
+    with open(small, "wb") as f:
+        f.truncate(1 * MiB)
+    r = fuseclone("mount", rig.src, small, rig.meta, rig.mnt, check=False)
+    assert_refused(r, "smaller than the source", rig.meta)
+    assert os.path.getsize(small) == 1 * MiB
+    garbage = str(rig.tmp / "garbage.meta")
+    with open(garbage, "wb") as f:
+        f.write(os.urandom(16384))
+    r = fuseclone("mount", rig.src, rig.dst, garbage, rig.mnt, check=False)
+    assert_refused(r, "not a fuseclone metadata file", rig.dst)
+
+
+def test_second_mount_of_the_same_meta_is_refused(rig, random_source):
+    rig.mount()
+    other = str(rig.tmp / "mnt2")
+    os.mkdir(other)
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, other, check=False)
+    assert_refused(r, "in use by another fuseclone process")
+
+
+def test_busy_mountpoint_is_refused(rig, random_source):
+    rig.mount()
+    r = fuseclone("mount", rig.src, str(rig.tmp / "d2"), str(rig.tmp / "m2"), rig.mnt, check=False)
+    assert_refused(r, "mountpoint is busy", str(rig.tmp / "d2"), str(rig.tmp / "m2"))
