@@ -45,13 +45,10 @@ import errno
 import logging
 import os
 import re
-import select
 import socket
 import ssl
-import time
 from typing import AsyncIterator
 
-import httpcore
 import httpx
 import trio
 
@@ -70,8 +67,6 @@ TIMEOUT = 30.0  # seconds without progress on one request
 CONNECT_TIMEOUT = 10.0
 RETRY_DELAYS = (0.05, 0.2)  # after the first and second failed attempt of a read
 KEEPALIVE_EXPIRY = 5.0
-READ_SIZE = 1 * MiB  # bytes asked of the socket at once (httpcore asks for 64 KiB)
-POLL_INTERVAL = 0.01  # seconds an idle connection's "server has not closed it" stays believed
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _HEADERS = {
@@ -383,99 +378,11 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:
-    """httpx's transport (HTTP/1.1 only), its pool reading up to READ_SIZE per socket read.
-
-    httpcore reads 64 KiB at a time, and every read is a trip through h11, httpcore and trio
-    (a cancel scope, a wakeup); it also polls every idle connection before each request. With
-    1 MiB reads and the poll answered from a kept poll object, 16 concurrent 1 MiB reads from
-    nginx on loopback went from ~470 to ~630 MB/s on a 2-CPU VM. If a later httpx keeps its
-    pool elsewhere, the stock pool is used: slower, same behaviour.
-    """
+    """httpx's own transport, HTTP/1.1 only, with a pool as large as the reads in flight."""
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections,
                           keepalive_expiry=KEEPALIVE_EXPIRY)
-    transport = httpx.AsyncHTTPTransport(verify=ssl_context, http1=True, http2=False,
-                                         limits=limits)
-    if type(getattr(transport, "_pool", None)) is httpcore.AsyncConnectionPool:
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, max_connections=max_connections,
-            max_keepalive_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY,
-            http1=True, http2=False, network_backend=_LargeReadsBackend())
-    return transport
-
-
-class _LargeReadsStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._poll: select.poll | None = None
-        self._quiet_until = 0.0
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        # h11 buffers whatever arrives beyond what it asked for.
-        return await self._inner.read(max(max_bytes, READ_SIZE), timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        self._poll = None
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _LargeReadsStream(await self._inner.start_tls(ssl_context, server_hostname,
-                                                             timeout))
-
-    def get_extra_info(self, info: str):
-        if info == "is_readable":
-            # The pool asks this of every idle connection before each assignment (has the
-            # server closed it?); one kept poll object answers it with a single syscall.
-            # An answer "no" is trusted for POLL_INTERVAL: a close that slips through is
-            # retried like any dropped connection.
-            now = time.monotonic()
-            if now < self._quiet_until:
-                return False
-            if self._poll is None:
-                sock = self._inner.get_extra_info("socket")
-                if sock is None:
-                    return self._inner.get_extra_info(info)
-                self._poll = select.poll()
-                self._poll.register(sock.fileno(), select.POLLIN)
-            if self._poll.poll(0):
-                return True
-            self._quiet_until = now + POLL_INTERVAL
-            return False
-        return self._inner.get_extra_info(info)
-
-
-class _LargeReadsBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's own backend for the running library (trio here), with _LargeReadsStream."""
-
-    def __init__(self) -> None:
-        self._inner: httpcore.AsyncNetworkBackend | None = None
-
-    def _backend(self) -> httpcore.AsyncNetworkBackend:
-        if self._inner is None:
-            try:
-                trio.lowlevel.current_task()
-                self._inner = httpcore.TrioBackend()
-            except RuntimeError:  # not under trio: asyncio through anyio
-                self._inner = httpcore.AnyIOBackend()
-        return self._inner
-
-    async def connect_tcp(self, host, port, timeout=None, local_address=None,
-                          socket_options=None) -> httpcore.AsyncNetworkStream:
-        return _LargeReadsStream(await self._backend().connect_tcp(
-            host, port, timeout=timeout, local_address=local_address,
-            socket_options=socket_options))
-
-    async def connect_unix_socket(self, path, timeout=None,
-                                  socket_options=None) -> httpcore.AsyncNetworkStream:
-        return _LargeReadsStream(await self._backend().connect_unix_socket(
-            path, timeout=timeout, socket_options=socket_options))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend().sleep(seconds)
+    return httpx.AsyncHTTPTransport(verify=ssl_context, http1=True, http2=False, limits=limits)
 
 
 def _tokens(value: str) -> set[str]:
