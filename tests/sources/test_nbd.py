@@ -1,0 +1,551 @@
+"""The NBD source against a real nbdkit: reads, extents, faults, reconnection, shutdown, and
+the engine hydrating from it."""
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from fuseclone.clone import open_clone, running
+from fuseclone.engine import Settings
+from fuseclone.errors import SourceError
+from fuseclone.sources import open_source
+from fuseclone.sources.base import SourceReadError
+from fuseclone.sources.local import LocalSource
+from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url
+from tests.engine.conftest import make_source_file
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 4 * MiB + 5 * KiB + 123  # not a multiple of anything: the last block is partial
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A sparse source: random data, all-zero chunks and real holes (64 KiB chunks)."""
+    return str(make_source_file(tmp_path / "src.img", SIZE, seed=3))
+
+
+def contents(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def zero_ranges_of(path):
+    """The holes of a file, as the filesystem reports them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, out, pos = os.fstat(fd).st_size, [], 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = size
+            if data > pos:
+                out.append((pos, data))
+            if data >= size:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+        return out
+    finally:
+        os.close(fd)
+
+
+# ---- URLs ------------------------------------------------------------------------------------
+
+
+def test_url_forms():
+    a = parse_nbd_url("nbd://example.org")
+    assert (a.host, a.port, a.export, a.socket_path) == ("example.org", 10809, "", None)
+    a = parse_nbd_url("nbd://127.0.0.1:10900/my%20disk")
+    assert (a.host, a.port, a.export) == ("127.0.0.1", 10900, "my disk")
+    assert a.canonical == "nbd://127.0.0.1:10900/my%20disk"
+    a = parse_nbd_url("nbd://[::1]:5000/x")
+    assert (a.host, a.port, a.canonical) == ("::1", 5000, "nbd://[::1]:5000/x")
+    a = parse_nbd_url("nbd+unix:///exp?socket=/run/nbd.sock")
+    assert (a.socket_path, a.export, a.host) == ("/run/nbd.sock", "exp", None)
+    assert parse_nbd_url("nbd+unix:///?socket=rel.sock").socket_path == os.path.abspath("rel.sock")
+
+
+@pytest.mark.parametrize("url, words", [
+    ("nbd+unix:///exp", "?socket=PATH"),
+    ("nbd+unix://host/exp?socket=/s", "takes no host"),
+    ("nbd:///exp", "needs a host"),
+    ("nbd://host:notaport/", "not a valid NBD URL"),
+    ("nbds://host/", "not an NBD URL"),
+])
+def test_bad_urls_are_source_errors(url, words):
+    with pytest.raises(SourceError) as info:
+        parse_nbd_url(url)
+    assert words in str(info.value) and url in str(info.value)
+
+
+# ---- opening ---------------------------------------------------------------------------------
+
+
+async def test_size_identity_and_connections(nbdkit, image):
+    server = nbdkit("file", image)
+    async with open_source(server.url()) as source:
+        assert isinstance(source, NbdSource)
+        assert source.size == SIZE
+        assert source.description == server.url()
+        assert source.identity() == {"kind": "nbd", "url": server.url(), "export": "", "size": SIZE,
+                                     "socket": server.sock}
+        assert source.info.read_only and source.info.can_multi_conn
+        assert source.info.base_allocation is not None
+        assert source.connections == 4  # CAN_MULTI_CONN: a pool
+    async with open_nbd_source(server.url(), connections=1) as source:
+        assert source.connections == 1
+
+
+async def test_identity_differs_per_export(nbdkit, image, tmp_path):
+    server = nbdkit("file", f"dir={tmp_path}")  # one export per file in the directory
+    other = tmp_path / "other.img"
+    other.write_bytes(b"x" * SIZE)
+    async with open_nbd_source(server.url("src.img")) as a, open_nbd_source(server.url("other.img")) as b:
+        assert a.size == b.size == SIZE
+        assert a.identity()["export"] == "src.img" and a.identity() != b.identity()
+        assert await a.read(0, SIZE) == contents(image)
+        assert await b.read(0, SIZE) == b"x" * SIZE
+
+
+async def test_without_multi_conn_one_connection(nbdkit, image):
+    server = nbdkit("--filter=multi-conn", "file", image, "multi-conn-mode=disable")
+    async with open_nbd_source(server.url()) as source:
+        assert not source.info.can_multi_conn
+        assert source.connections == 1
+        reads = [(random.Random(i).randrange(SIZE), 70000) for i in range(20)]
+        results = {}
+        async with trio.open_nursery() as nursery:
+            for offset, n in reads:
+                async def one(offset=offset, n=n):
+                    results[offset] = await source.read(offset, n)
+                nursery.start_soon(one)
+        data = contents(image)
+        assert all(results[o] == data[o:o + n] for o, n in reads)
+
+
+async def test_export_not_found(nbdkit, image):
+    server = nbdkit("--filter=exportname", "file", image, "exportname=good", "exportname-strict=true")
+    url = server.url("bad")
+    with pytest.raises(SourceError) as info:
+        async with open_nbd_source(url):
+            pass
+    text = str(info.value)
+    assert url in text and "export 'bad' not found" in text and "\n" not in text
+    async with open_nbd_source(server.url("good")) as source:
+        assert source.size == SIZE
+
+
+async def test_connection_refused_and_missing_socket(tmp_path):
+    from tests.sources.conftest import free_port
+
+    url = f"nbd://127.0.0.1:{free_port()}/"
+    with pytest.raises(SourceError) as info:
+        async with open_nbd_source(url):
+            pass
+    assert url in str(info.value) and "Connection refused" in str(info.value)
+    url = f"nbd+unix:///?socket={tmp_path}/nothing.sock"
+    with pytest.raises(SourceError) as info:
+        async with open_source(url):
+            pass
+    assert url in str(info.value) and "No such file" in str(info.value)
+
+
+async def test_not_an_nbd_server(tmp_path):
+    """A server that answers with something else, and one that says nothing at all."""
+    path = str(tmp_path / "web.sock")
+    quiet = str(tmp_path / "quiet.sock")
+
+    async def chatty(stream):
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await stream.aclose()
+
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for where, handler in ((path, chatty), (quiet, silent)):
+            sock = trio.socket.socket(trio.socket.AF_UNIX)
+            await sock.bind(where)
+            sock.listen()
+            nursery.start_soon(trio.serve_listeners, handler, [trio.SocketListener(sock)])
+        with pytest.raises(SourceError) as info:
+            async with open_nbd_source(f"nbd+unix:///?socket={path}"):
+                pass
+        assert "not an NBD server" in str(info.value) and path in str(info.value)
+        with trio.fail_after(5):
+            with pytest.raises(SourceError) as info:
+                async with open_nbd_source(f"nbd+unix:///?socket={quiet}", connect_timeout=0.3):
+                    pass
+        assert "no answer to the NBD handshake within 0.3 s" in str(info.value)
+        nursery.cancel_scope.cancel()
+
+
+# ---- reads -----------------------------------------------------------------------------------
+
+
+async def test_reads_equal_the_file(nbdkit, image):
+    data = contents(image)
+    server = nbdkit("file", image)
+    async with open_nbd_source(server.url(), request_size=256 * KiB) as source:
+        whole = await source.read(0, SIZE)
+        assert whole == data and isinstance(whole, (bytes, bytearray))
+        for offset, n in [(0, 1), (1, 4095), (12345, 777), (65535, 2), (SIZE - 123, 123),
+                          (SIZE - 1000, 5000), (SIZE - 1, 1), (1 * MiB - 7, 3 * MiB)]:
+            assert await source.read(offset, n) == data[offset:offset + n], (offset, n)
+        assert await source.read(SIZE, 10) == b""
+        assert await source.read(SIZE + 5, 10) == b""
+        with pytest.raises(SourceReadError):
+            await source.read(-1, 10)
+
+
+async def test_min_block_size_unaligned_reads(nbdkit, image, tmp_path):
+    """Requests to a server with a 4 KiB minimum block size are aligned (nbdkit refuses others
+    with EINVAL); unaligned reads still return exactly the bytes asked for."""
+    aligned = tmp_path / "aligned.img"
+    data = contents(image)[:SIZE - SIZE % 4096]
+    aligned.write_bytes(data)
+    size = len(data)
+    server = nbdkit("--filter=blocksize-policy", "file", aligned, "blocksize-minimum=4096",
+                    "blocksize-preferred=65536", "blocksize-maximum=65536", "blocksize-error-policy=error")
+    async with open_nbd_source(server.url()) as source:
+        assert (source.info.min_block_size, source.info.max_block_size) == (4096, 65536)
+        for offset, n in [(1, 10), (4095, 2), (5000, 300000), (size - 100, 100), (size - 5, 50), (0, size)]:
+            assert await source.read(offset, n) == data[offset:offset + n], (offset, n)
+
+
+async def test_many_concurrent_reads(nbdkit, image):
+    data = contents(image)
+    server = nbdkit("--filter=delay", "file", image, "rdelay=5ms")
+    rng = random.Random(7)
+    ranges = [(rng.randrange(SIZE), rng.choice([1, 512, 4096, 100000, 1 * MiB])) for _ in range(300)]
+    results = [None] * len(ranges)
+    async with open_nbd_source(server.url(), request_size=128 * KiB) as source:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i, (offset, n) in enumerate(ranges):
+                    async def one(i=i, offset=offset, n=n):
+                        results[i] = await source.read(offset, n)
+                    nursery.start_soon(one)
+        assert source.connections == 4
+    for (offset, n), got in zip(ranges, results):
+        assert got == data[offset:offset + n]
+
+
+async def test_latency_does_not_serialise(nbdkit, image):
+    """64 reads against 50 ms per request take far less than 64 × 50 ms."""
+    server = nbdkit("--filter=delay", "file", image, "rdelay=50ms")
+    async with open_nbd_source(server.url()) as source:
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                nursery.start_soon(source.read, i * 65536, 65536)
+        assert trio.current_time() - start < 1.0  # serial: 3.2 s
+
+
+# ---- extents ---------------------------------------------------------------------------------
+
+
+async def test_extents_report_holes_as_zero(nbdkit, image):
+    data = contents(image)
+    holes = zero_ranges_of(image)
+    assert holes, "the test file should have holes"
+    server = nbdkit("file", image)
+    for window in (64 * MiB, 192 * KiB):  # one window, and many windows with prefetch
+        async with open_nbd_source(server.url(), extent_window=window) as source:
+            extents = await source.extents(0, SIZE)
+            # they tile the range
+            assert extents[0].offset == 0 and sum(e.length for e in extents) == SIZE
+            assert all(a.offset + a.length == b.offset for a, b in zip(extents, extents[1:]))
+            assert all(a.zero != b.zero for a, b in zip(extents, extents[1:]))  # merged
+            zero = [(e.offset, e.offset + e.length) for e in extents if e.zero]
+            assert zero == holes  # exactly the file's holes (written zeros are data)
+            for lo, hi in zero:
+                assert data[lo:hi] == bytes(hi - lo)
+            # a sub-range is clipped
+            sub = await source.extents(holes[0][0] - 100, 300)
+            assert sub[0].offset == holes[0][0] - 100 and sum(e.length for e in sub) == 300
+            assert [e.zero for e in sub] == [False, True]
+            assert await source.extents(SIZE, 100) == []
+
+
+async def test_only_state_zero_means_zeros(nbdkit, image, tmp_path):
+    """base:allocation's HOLE and ZERO bits are independent: a hole without ZERO has undefined
+    contents and must be copied; ZERO (with or without HOLE) reads as zeros."""
+    listing = tmp_path / "extents"
+    listing.write_text("0 64K\n64K 64K hole\n128K 64K zero\n192K 64K hole,zero\n256K 3M\n")
+    server = nbdkit("--filter=extentlist", "file", image, f"extentlist={listing}")
+    async with open_nbd_source(server.url()) as source:
+        extents = await source.extents(0, 320 * KiB)
+    assert [(e.offset // KiB, e.length // KiB, e.zero) for e in extents] == [
+        (0, 128, False), (128, 128, True), (256, 64, False)]
+
+
+async def test_returned_buffers_belong_to_the_caller(nbdkit, image):
+    """Read buffers are recycled, but never while the caller still holds one."""
+    data = contents(image)
+    server = nbdkit("file", image)
+    async with open_nbd_source(server.url()) as source:
+        held = [await source.read(i * 256 * KiB, 256 * KiB) for i in range(12)]
+        view = memoryview(await source.read(3 * MiB, 256 * KiB))  # held only through a view
+        more = [await source.read(i * 256 * KiB, 256 * KiB) for i in range(12, 16)]
+        for i, got in enumerate(held + more):
+            assert got == data[i * 256 * KiB:(i + 1) * 256 * KiB], i
+        assert view == data[3 * MiB:3 * MiB + 256 * KiB]
+        first = id(held[0])
+        del held, more, got, view
+        again = await source.read(0, 256 * KiB)
+        assert again == data[:256 * KiB]
+        assert id(again) == first  # released buffers are reused: no fresh allocation per read
+
+
+async def test_extents_match_the_local_source(nbdkit, image):
+    server = nbdkit("file", image)
+    local = await LocalSource.open(image)
+    try:
+        async with open_nbd_source(server.url()) as source:
+            for offset, n in [(0, SIZE), (100000, 1 * MiB), (SIZE - 70000, 70000)]:
+                assert await source.extents(offset, n) == await local.extents(offset, n)
+    finally:
+        await local.aclose()
+
+
+async def test_extents_without_block_status(nbdkit, image):
+    server = nbdkit("--filter=noextents", "file", image)
+    async with open_nbd_source(server.url()) as source:
+        extents = await source.extents(0, SIZE)
+        assert [(e.offset, e.length) for e in extents if not e.zero] != []
+        assert sum(e.length for e in extents) == SIZE
+    async with open_nbd_source(server.url(), block_status=False) as source:
+        assert source.info.base_allocation is None
+        assert [(e.offset, e.length, e.zero) for e in await source.extents(0, SIZE)] == [(0, SIZE, False)]
+
+
+async def test_extents_when_the_server_fails_block_status(nbdkit, image):
+    server = nbdkit("--filter=error", "file", image, "error-extents-rate=1")
+    async with open_nbd_source(server.url()) as source:
+        extents = await source.extents(0, SIZE)  # the server cannot say: all data, which is safe
+        assert [(e.offset, e.length, e.zero) for e in extents] == [(0, SIZE, False)]
+        assert await source.read(0, 100) == contents(image)[:100]
+
+
+# ---- faults ----------------------------------------------------------------------------------
+
+
+async def test_server_errors_are_source_read_errors(nbdkit, image):
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1")
+    async with open_nbd_source(server.url()) as source:
+        for _ in range(3):  # the connection survives errors
+            with pytest.raises(SourceReadError) as info:
+                await source.read(4096, 8192)
+            assert info.value.errno == errno.EIO
+            assert server.url() in str(info.value) and "EIO" in str(info.value)
+        assert source.connections == 4
+
+
+async def test_error_file_trigger_then_recovery(nbdkit, image, tmp_path):
+    trigger = tmp_path / "inject"
+    trigger.touch()
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1", f"error-pread-file={trigger}",
+                    "error-pread=ENOSPC")
+    async with open_nbd_source(server.url()) as source:
+        with pytest.raises(SourceReadError) as info:
+            await source.read(0, 1000)
+        assert info.value.errno == errno.ENOSPC
+        trigger.unlink()
+        assert await source.read(0, 1000) == contents(image)[:1000]
+
+
+async def test_timeout_is_a_source_read_error(nbdkit, image):
+    server = nbdkit("--filter=delay", "file", image, "rdelay=3")
+    async with open_nbd_source(server.url(), timeout=0.3) as source:
+        start = trio.current_time()
+        with pytest.raises(SourceReadError) as info:
+            await source.read(0, 4096)
+        assert info.value.errno == errno.ETIMEDOUT and "timed out after 0.3 s" in str(info.value)
+        assert trio.current_time() - start < 2
+
+
+async def test_server_killed_and_restarted(nbdkit, image):
+    data = contents(image)
+    server = nbdkit("file", image)
+    async with open_nbd_source(server.url(), reconnect_initial=0.02, reconnect_max=0.2) as source:
+        assert await source.read(0, 4096) == data[:4096]
+        server.stop()
+        await trio.sleep(0.05)  # the readers see the connections close
+        assert source.connections == 0
+        with trio.fail_after(5):  # fails, never hangs
+            for _ in range(3):
+                with pytest.raises(SourceReadError) as info:
+                    await source.read(0, 4096)
+                assert "reconnect" in str(info.value) or "unreachable" in str(info.value)
+        server.start()
+        with trio.fail_after(5):
+            while True:
+                try:
+                    got = await source.read(1000, 70000)
+                    break
+                except SourceReadError:
+                    await trio.sleep(0.05)
+        assert got == data[1000:71000]
+        assert source.reconnects >= 1
+        with trio.fail_after(5):
+            while source.connections < 4:  # the rest of the pool comes back in the background
+                await source.read(0, 1)
+                await trio.sleep(0.01)
+        assert await source.extents(0, SIZE) == await source.extents(0, SIZE)
+
+
+async def test_server_killed_during_reads(nbdkit, image):
+    server = nbdkit("--filter=delay", "file", image, "rdelay=200ms")
+    async with open_nbd_source(server.url()) as source:
+        failures = []
+
+        async def reader(i):
+            try:
+                await source.read(i * 4096, 4096)
+            except SourceReadError as exc:
+                failures.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(reader, i)
+                await trio.sleep(0.05)
+                server.stop()
+        assert len(failures) == 20
+        assert all("connection lost" in str(f) for f in failures)
+
+
+# ---- cancellation and shutdown ---------------------------------------------------------------
+
+
+async def test_cancelled_reads_leave_the_connection_usable(nbdkit, image):
+    data = contents(image)
+    server = nbdkit("--filter=delay", "file", image, "rdelay=300ms")
+    async with open_nbd_source(server.url(), connections=1) as source:
+        with trio.move_on_after(0.05) as scope:
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(source.read, i * 1000, 50000)
+        assert scope.cancelled_caught
+        # the late replies arrive for requests nobody waits for; the stream stays in step
+        assert await source.read(5, 100000) == data[5:100005]
+        assert source.connections == 1
+
+
+async def test_close_with_reads_in_flight(nbdkit, image):
+    server = nbdkit("--filter=delay", "file", image, "rdelay=5")
+    outcome = []
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery:
+            async with open_nbd_source(server.url()) as source:
+                async def reader():
+                    try:
+                        await source.read(0, 4096)
+                    except SourceReadError as exc:
+                        outcome.append(exc)
+                nursery.start_soon(reader)
+                await trio.sleep(0.1)
+    assert len(outcome) == 1 and "source closed" in str(outcome[0])
+    with pytest.raises(SourceReadError):
+        await source.read(0, 10)  # closed stays closed
+
+
+async def test_body_exceptions_propagate_unwrapped(nbdkit, image):
+    server = nbdkit("file", image)
+    with pytest.raises(KeyError):
+        async with open_nbd_source(server.url()):
+            raise KeyError("boom")
+    with trio.move_on_after(0.1) as scope:
+        async with open_nbd_source(server.url()):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+
+
+async def test_only_reads_block_status_and_disconnect_reach_the_server(nbdkit, image, tmp_path):
+    log = tmp_path / "requests.log"
+    server = nbdkit("--filter=log", "file", image, f"logfile={log}")
+    async with open_nbd_source(server.url()) as source:
+        await source.read(0, SIZE)
+        await source.extents(0, SIZE)
+    with trio.fail_after(5):
+        while log.read_text().count("Disconnect") < 4:
+            await trio.sleep(0.02)
+    text = log.read_text()
+    assert " Read " in text and " Extents " in text
+    for verb in ("Write", "Trim", "Zero", "Flush", "Cache"):
+        assert f" {verb} " not in text
+
+
+# ---- TCP -------------------------------------------------------------------------------------
+
+
+async def test_tcp_url(nbdkit, image):
+    server = nbdkit("file", image, tcp=True)
+    url = server.url()
+    assert url.startswith("nbd://127.0.0.1:")
+    async with open_source(url) as source:
+        assert source.identity() == {"kind": "nbd", "url": url, "export": "", "size": SIZE,
+                                     "host": "127.0.0.1", "port": server.port}
+        assert await source.read(3, 300000) == contents(image)[3:300003]
+        assert any(e.zero for e in await source.extents(0, SIZE))
+
+
+# ---- the engine on an NBD source -------------------------------------------------------------
+
+
+def allocated_ranges(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, out, pos = os.fstat(fd).st_size, [], 0
+        while pos < size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            out.append((pos, end))
+            pos = end
+        return out
+    finally:
+        os.close(fd)
+
+
+async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
+    server = nbdkit("--filter=delay", "file", image, "rdelay=1ms")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_source(server.url()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings())
+        async with running(engine):
+            with trio.fail_after(30):
+                await engine.complete.wait()
+            assert engine.status().complete
+            reads = engine.source_reads
+    assert contents(dst) == contents(image)
+    holes = zero_ranges_of(image)
+    for lo, hi in allocated_ranges(dst):  # nothing was written where the source has holes
+        assert all(hi <= h_lo or lo >= h_hi for h_lo, h_hi in holes), (lo, hi)
+    assert reads <= SIZE - sum(hi - lo for lo, hi in holes)  # holes were not even read
+
+
+async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_source(server.url()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(max_failures=3, backoff_initial=0.01,
+                                                                  copy_on_read=False))
+        async with running(engine):
+            with pytest.raises(OSError) as info:
+                await engine.read(0, 4096)  # a user read of an unhydrated region: EIO
+            assert info.value.errno == errno.EIO
+            with trio.fail_after(10):
+                while engine.hydration_error is None:
+                    await trio.sleep(0.01)
+            status = engine.status()
+            assert "stopped after 3 failures" in status.hydration_error
+            assert "EIO" in status.hydration_error
+            assert not status.complete and status.hydrated_regions == 0
