@@ -230,7 +230,8 @@ class _Connection:
     """One socket in the transmission phase, its codec and the requests waiting on it."""
 
     def __init__(self, sock: socket.socket, info: proto.ExportInfo, codec: proto.Transmission,
-                 number: int) -> None:
+                 number: int, url: str) -> None:
+        self.url = url
         self.sock = sock
         self.info = info
         self.codec = codec
@@ -247,7 +248,7 @@ class _Connection:
     async def send(self, data: bytes, timeout: float) -> None:
         """Send one whole message; messages from concurrent callers never interleave."""
         if not self.alive:
-            raise SourceReadError(errno.ECONNRESET, f"connection lost: {self.reason}")
+            raise SourceReadError(errno.ECONNRESET, f"{self.url}: connection lost: {self.reason}")
         if not self._slow_senders:
             try:
                 sent = self.sock.send(data)
@@ -255,7 +256,8 @@ class _Connection:
                 sent = 0
             except OSError as exc:
                 self.kill(f"send failed: {exc}")
-                raise SourceReadError(exc.errno or errno.EIO, f"connection lost: {self.reason}") from None
+                raise SourceReadError(exc.errno or errno.EIO,
+                                      f"{self.url}: connection lost: {self.reason}") from None
             if sent == len(data):
                 return
             data = data[sent:]
@@ -284,7 +286,7 @@ class _Connection:
         finally:
             self._slow_senders -= 1
         if not self.alive:
-            raise SourceReadError(errno.ECONNRESET, f"connection lost: {self.reason}")
+            raise SourceReadError(errno.ECONNRESET, f"{self.url}: connection lost: {self.reason}")
 
     def kill(self, reason: str) -> None:
         """Close the socket; every request waiting on it fails with SourceReadError."""
@@ -300,7 +302,7 @@ class _Connection:
         waiting, self.waiting = self.waiting, {}
         for request in waiting.values():
             request.error = SourceReadError(errno.ECONNRESET,
-                                            f"{request.what}: connection lost ({reason})")
+                                            f"{self.url}: {request.what}: connection lost ({reason})")
             request.done.set()
         self.load = 0
 
@@ -399,6 +401,8 @@ class NbdSource(Source):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         size = self.size
+        if offset < 0:
+            raise SourceReadError(errno.EINVAL, f"block status at negative offset {offset}")
         length = max(0, min(length, size - offset))
         if length == 0:
             return []
@@ -688,7 +692,7 @@ class NbdSource(Source):
         if leftover:
             codec.receive_data(leftover)  # unexpected, but parsed like any reply (and refused)
         self._numbers += 1
-        return _Connection(sock, info, codec, self._numbers)
+        return _Connection(sock, info, codec, self._numbers, self.address.url)
 
     async def _connect_socket(self) -> socket.socket:
         a = self.address

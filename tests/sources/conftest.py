@@ -59,10 +59,15 @@ class Nbdkit:
         return self
 
     def _ready(self):
-        if not self.tcp:
-            return os.path.exists(self.sock)
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        """Accepting connections (the socket file exists a moment before nbdkit listens)."""
+        if self.tcp:
+            family, address = socket.AF_INET, ("127.0.0.1", self.port)
+        elif os.path.exists(self.sock):
+            family, address = socket.AF_UNIX, self.sock
+        else:
+            return False
+        with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
+            return s.connect_ex(address) == 0
 
     def stop(self):
         """Kill and reap (idempotent)."""

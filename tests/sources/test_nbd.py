@@ -200,6 +200,8 @@ async def test_reads_equal_the_file(nbdkit, image):
         assert await source.read(SIZE + 5, 10) == b""
         with pytest.raises(SourceReadError):
             await source.read(-1, 10)
+        with pytest.raises(SourceReadError):
+            await source.extents(-1, 10)
 
 
 async def test_min_block_size_unaligned_reads(nbdkit, image, tmp_path):
@@ -359,6 +361,23 @@ async def test_error_file_trigger_then_recovery(nbdkit, image, tmp_path):
         assert await source.read(0, 1000) == contents(image)[:1000]
 
 
+async def test_eshutdown_disconnects_and_reconnects(nbdkit, image, tmp_path):
+    """A server that answers ESHUTDOWN is shutting down: the client finishes what is in flight
+    on that connection, disconnects it, and later reads use fresh connections."""
+    trigger = tmp_path / "inject"
+    trigger.touch()
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1", f"error-pread-file={trigger}",
+                    "error-pread=ESHUTDOWN")
+    async with open_nbd_source(server.url(), connections=1) as source:
+        with pytest.raises(SourceReadError) as info:
+            await source.read(0, 1000)
+        assert info.value.errno == errno.ESHUTDOWN
+        assert source.connections == 0  # disconnected at once: nothing else was in flight
+        trigger.unlink()
+        assert await source.read(0, 1000) == contents(image)[:1000]
+        assert source.reconnects == 1 and source.connections == 1
+
+
 async def test_timeout_is_a_source_read_error(nbdkit, image):
     server = nbdkit("--filter=delay", "file", image, "rdelay=3")
     async with open_nbd_source(server.url(), timeout=0.3) as source:
@@ -417,7 +436,7 @@ async def test_server_killed_during_reads(nbdkit, image):
                 await trio.sleep(0.05)
                 server.stop()
         assert len(failures) == 20
-        assert all("connection lost" in str(f) for f in failures)
+        assert all("connection lost" in str(f) and server.url() in str(f) for f in failures)
 
 
 # ---- cancellation and shutdown ---------------------------------------------------------------
