@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _ZEROS = bytes(1 << 20)
 SEEK_SCAN_LIMIT = 1 << 30
 INLINE_WRITE_MAX = 128 << 10  # bytes written to DST's page cache without a worker thread
+WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
+COPY_WRITER_THREADS = 2
 
 
 @dataclass
@@ -115,6 +117,10 @@ class CloneEngine:
         self._rate_stamp = -1e9
         self._nursery: trio.Nursery | None = None
         self.source_reads = 0  # bytes read from the source, for status and tests
+        # Hydration copies write DST from a few threads only: more just contend for its inode lock.
+        self._copy_writers = trio.CapacityLimiter(COPY_WRITER_THREADS)
+        self._copied: deque[tuple[int, int]] = deque()
+        self._copied_bytes = 0
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -296,12 +302,34 @@ class CloneEngine:
                     await trio.to_thread.run_sync(self.dst.punch_hole, extent.offset, extent.length)
                 else:
                     data = await self._source_read(extent.offset, extent.length)
-                    await trio.to_thread.run_sync(self._write_or_punch, extent.offset, data)
+                    stale = self._note_copied(extent.offset, len(data))
+                    await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
+                                                  limiter=self._copy_writers)
         except BaseException as exc:
             self._release(claim, exc)
             raise
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
+
+    def _note_copied(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Remember a hydration copy; return the copies now more than WRITEBACK_WINDOW behind."""
+        self._copied.append((offset, length))
+        self._copied_bytes += length
+        stale = []
+        while self._copied_bytes > WRITEBACK_WINDOW:
+            old = self._copied.popleft()
+            self._copied_bytes -= old[1]
+            stale.append(old)
+        return stale
+
+    def _store_copy(self, offset: int, data: bytes, stale: list[tuple[int, int]]) -> None:
+        """Blocking: write a hydration copy and start its writeback at once, like nbdcopy, so
+        dirty data stays bounded and commits' fdatasync stays short; drop the page cache of
+        copies written a window ago."""
+        self._write_or_punch(offset, data)
+        self.dst.start_writeback(offset, len(data))
+        for old_offset, old_length in stale:
+            self.dst.forget(old_offset, old_length)
 
     def _write_or_punch(self, offset: int, data: bytes) -> None:
         """Blocking: all-zero regions become holes, so the destination stays sparse."""
