@@ -46,6 +46,7 @@ class Settings:
     hydration_batch_size: int = 0  # contiguous regions per copy; 0 = 1 MiB worth
     max_rate: int = 0  # bytes/s of hydration, 0 = unlimited
     commit_interval: float = 1.0
+    user_io_pause: float = 0.02  # seconds between hydration batches while user I/O is active
     max_failures: int = 8
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
@@ -442,14 +443,21 @@ class CloneEngine:
                 self._inflight_regions += len(claim.regions)
                 copies.start_soon(self._hydrate_batch, claim)
                 await self._throttle(len(claim.regions) * self.geometry.region_size)
+                if self._user_active():
+                    # Yield to user I/O: one batch at a time (see _may_start_batch) with a pause
+                    # between batches, or on two cores p99 user latency grew 6x while hydrating.
+                    await trio.sleep(self.settings.user_io_pause)
         await self._finish_hydration()
+
+    def _user_active(self) -> bool:
+        return trio.current_time() - self._last_user_io < 0.05
 
     def _may_start_batch(self) -> bool:
         s = self.settings
         if not s.hydration or self.hydration_error is not None or self.meta.mode != "rw":
             return False
         limit = s.hydration_threshold
-        if trio.current_time() - self._last_user_io < 0.05:
+        if self._user_active():
             limit = min(limit, s.hydration_batch_size)  # yield to user I/O: one batch at a time
         return self._inflight_regions + s.hydration_batch_size <= max(limit, s.hydration_batch_size)
 
