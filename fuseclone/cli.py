@@ -86,10 +86,9 @@ def main() -> None:
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<id>.log).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-@click.option("--ready-fd", type=int, hidden=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, allow_other, name,
-          foreground, on_complete, log_file, log_level, ready_fd) -> None:
+          foreground, on_complete, log_file, log_level) -> None:
     """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
@@ -100,10 +99,10 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete)
-    if foreground or ready_fd is not None:
-        _mount_foreground(opts, log_file, log_level, ready_fd)
+    if foreground:
+        _mount_foreground(opts, log_file, log_level, None)
     else:
-        _mount_background(log_file)
+        _mount_background(opts, log_file, log_level)
 
 
 def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
@@ -113,34 +112,40 @@ def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
 
     _setup_logging(log_file, log_level)
 
+    told = False
+
     def on_ready(image: str) -> None:
+        nonlocal told
         if ready_fd is not None:
             os.write(ready_fd, f"ready {image}\n".encode())
             os.close(ready_fd)
+            told = True
         else:
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
         trio.run(run_mount, opts, on_ready)
     except FusecloneError as exc:
-        if ready_fd is not None:
+        if ready_fd is not None and not told:
             os.write(ready_fd, f"error {exc}\n".encode())
         raise
 
 
-def _mount_background(log_file: str | None) -> None:
-    """Start this same command in the foreground as a detached child, and return once it says
-    the image is ready (or print the one-line error it reports)."""
+def _mount_background(opts, log_file: str | None, log_level: str) -> None:
+    """Serve the mount from a detached child, and return once it says the image is ready (or
+    print the one-line error it reports).
+
+    The child is a fork of this process, not a new interpreter: no thread exists yet, so the
+    fork is safe, and it saves a second Python start-up and import (~0.2 s of time to first use).
+    """
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "fuseclone", *sys.argv[1:], "--ready-fd", str(write_end)]
     if log_file is None:
         os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
         log_file = os.path.join(control.RUNTIME_DIR, f"mount-{os.getpid()}.log")
-        argv += ["--log-file", log_file]
-    with open(os.devnull, "rb") as devnull:
-        child = subprocess.Popen(argv, stdin=devnull, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, pass_fds=(write_end,),
-                                 start_new_session=True)
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        os._exit(_serve_detached(opts, log_file, log_level, write_end))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         line = ready.readline().decode().strip()
@@ -148,10 +153,28 @@ def _mount_background(log_file: str | None) -> None:
         click.echo(f"{line[6:]}")
         return
     if line.startswith("error "):
-        child.wait()
+        os.waitpid(child, 0)
         fail(line[6:])
-    code = child.wait()
-    fail(f"the mount process exited ({code}) before the image was ready; see {log_file}")
+    _, status = os.waitpid(child, 0)
+    fail(f"the mount process exited ({os.waitstatus_to_exitcode(status)}) before the image was "
+         f"ready; see {log_file}")
+
+
+def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
+    """The forked child: a session of its own, no terminal, then the mount; its exit status."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    try:
+        _mount_foreground(opts, log_file, log_level, ready_fd)
+    except FusecloneError:
+        return 1  # already reported through ready_fd
+    except BaseException:
+        logging.getLogger(__name__).exception("the mount failed")
+        return 1
+    return 0
 
 
 def _setup_logging(log_file: str | None, level: str) -> None:
