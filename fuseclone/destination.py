@@ -75,7 +75,7 @@ class Destination:
             data += bytes(length - len(data))
         return data
 
-    def read_cached(self, offset: int, length: int) -> bytes | None:
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
         """Non-blocking read: the bytes if they are all in the page cache, else None. Lets the
         event loop serve hot data without a thread hop (preadv2 with RWF_NOWAIT)."""
         buf = bytearray(length)
@@ -86,7 +86,7 @@ class Destination:
                 return None
             raise
         if got == length:
-            return bytes(buf)
+            return buf  # bytes-like: handed to writev as it is, no second copy
         return None  # short: past DST's end, or only partly cached; the slow path handles it
 
     def write(self, offset: int, data: bytes | memoryview) -> None:

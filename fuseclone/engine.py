@@ -129,7 +129,7 @@ class CloneEngine:
     def size(self) -> int:
         return self.geometry.image_size
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         length = max(0, min(length, self.size - offset))
         self._last_user_io = trio.current_time()
         span = self.geometry.region_span(offset, length)
@@ -349,7 +349,7 @@ class CloneEngine:
         self.source_reads += len(data)
         return data
 
-    async def _dst_read(self, offset: int, length: int) -> bytes:
+    async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)
         if data is None:
             data = await trio.to_thread.run_sync(self.dst.read, offset, length)

@@ -14,8 +14,8 @@ class ImageBackend(Protocol):
     def size(self) -> int:
         """Fixed image size in bytes. Size changes are refused by the filesystem."""
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Bytes at [offset, offset+length), clipped to the image size."""
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write inside the image (the filesystem has already refused writes past its end)."""

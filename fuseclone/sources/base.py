@@ -39,8 +39,9 @@ class Source(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read(self, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes at `offset` (clipped to the size). Raises SourceReadError."""
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Exactly `length` bytes at `offset` (clipped to the size), bytes-like and the caller's
+        to keep. Raises SourceReadError."""
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""

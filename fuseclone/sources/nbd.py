@@ -27,7 +27,6 @@ import errno
 import logging
 import os
 import socket
-import sys
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,7 +58,6 @@ class NbdOptions:
     reconnect_max: float = 5.0  # ...up to this
     header_buffer: int = 16 * KiB
     block_status: bool = True  # ask for base:allocation
-    buffer_pool: int = 64 * MiB  # read buffers kept for reuse (0: allocate every time)
 
 
 @dataclass(frozen=True)
@@ -156,62 +154,6 @@ class _NbdOpener:
             # tasks here.
             await self._nursery_manager.__aexit__(None, None, None)
         return False
-
-
-class _BufferPool:
-    """Read buffers, recycled once nobody references them any more.
-
-    A fresh bytearray costs a calloc — zeroing, and page faults when the memory comes from the
-    kernel — which at a GiB per second is a large share of the reader's CPU. `read` returns the
-    pooled bytearray itself; whoever holds it (the engine, a worker thread writing it out, a
-    memoryview of it, a request still in flight into it) holds a reference, and a buffer is only
-    handed out again when the pool's own reference is the last one (CPython reference counts,
-    calibrated at start; pooling is off where they are not available)."""
-
-    MIN_SIZE = 128 * KiB
-
-    def __init__(self, limit: int) -> None:
-        self._by_size: dict[int, list[bytearray]] = {}
-        self._bytes = 0
-        self._free_refs = self._calibrate()
-        self._limit = limit if self._free_refs >= 2 else 0
-
-    def get(self, size: int) -> bytearray:
-        if size < self.MIN_SIZE or not self._limit:
-            return bytearray(size)
-        buffers = self._by_size.get(size)
-        if buffers is None:
-            buffers = self._by_size[size] = []
-        else:
-            found = self._take(buffers)
-            if found is not None:
-                return found
-        buf = bytearray(size)
-        if self._bytes + size <= self._limit:
-            buffers.append(buf)
-            self._bytes += size
-        return buf
-
-    def _take(self, buffers: list[bytearray]) -> bytearray | None:
-        free = self._free_refs
-        for buf in buffers:
-            if sys.getrefcount(buf) <= free:
-                return buf
-        return None
-
-    def _calibrate(self) -> int:
-        """References a buffer has in `_take` when only the pool holds it (0: cannot tell)."""
-        if not hasattr(sys, "getrefcount"):
-            return 0
-        probe = [bytearray(1)]
-        for buf in probe:  # the same shape as the loop in _take
-            free = sys.getrefcount(buf)
-        held = [bytearray(1)]
-        keep = held[0]
-        for buf in held:
-            busy = sys.getrefcount(buf)
-        del keep
-        return free if busy > free else 0
 
 
 class _Request:
@@ -330,7 +272,6 @@ class NbdSource(Source):
         self._fetching: dict[int, trio.Event] = {}
         self._fetch_errors: dict[int, SourceReadError] = {}
         self.reconnects = 0  # connections re-dialled after a loss (for tests and status)
-        self._pool = _BufferPool(options.buffer_pool)
 
     # ---- Source ---------------------------------------------------------------------------
 
@@ -371,7 +312,7 @@ class NbdSource(Source):
         lo = offset - offset % align
         hi = min(size, -(-(offset + length) // align) * align)
         exact = lo == offset and hi - lo == length
-        buf = self._pool.get(length) if exact else bytearray(hi - lo)
+        buf = bytearray(length if exact else hi - lo)
         view = memoryview(buf)
         piece = self._piece_size()
         what = f"read of {length} bytes at {offset}"

@@ -287,7 +287,7 @@ async def test_only_state_zero_means_zeros(nbdkit, image, tmp_path):
 
 
 async def test_returned_buffers_belong_to_the_caller(nbdkit, image):
-    """Read buffers are recycled, but never while the caller still holds one."""
+    """What a read returned stays intact while later reads run."""
     data = contents(image)
     server = nbdkit("file", image)
     async with open_nbd_source(server.url()) as source:
@@ -297,11 +297,6 @@ async def test_returned_buffers_belong_to_the_caller(nbdkit, image):
         for i, got in enumerate(held + more):
             assert got == data[i * 256 * KiB:(i + 1) * 256 * KiB], i
         assert view == data[3 * MiB:3 * MiB + 256 * KiB]
-        first = id(held[0])
-        del held, more, got, view
-        again = await source.read(0, 256 * KiB)
-        assert again == data[:256 * KiB]
-        assert id(again) == first  # released buffers are reused: no fresh allocation per read
 
 
 async def test_extents_match_the_local_source(nbdkit, image):
