@@ -136,7 +136,9 @@ def cleanup_stale_mount(path: str) -> bool:
     if not is_fuseclone_mount(path):
         return False
     try:
-        os.stat(path)
+        # statfs, not stat: attributes are cached for an hour and a stat can succeed from the
+        # cache long after the daemon died; STATFS always goes to the daemon.
+        os.statvfs(path)
         return False  # the daemon answers: not stale
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
