@@ -129,6 +129,26 @@ class CloneEngine:
     def size(self) -> int:
         return self.geometry.image_size
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes at once if they are hydrated and in DST's page cache, else None (then
+        `read` is the way). Lets the FUSE session answer without starting a task."""
+        length = max(0, min(length, self.size - offset))
+        if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
+            return None
+        self._last_user_io = trio.current_time()
+        return self.dst.read_cached(offset, length)
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write at once if the write is small and its regions are hydrated, else return False
+        (then `write` is the way). A small write to hydrated regions is a page-cache copy of a
+        few microseconds: cheaper on the event loop than a hop to a worker thread and back."""
+        if (self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX
+                or not self.meta.map.all_hydrated(self.geometry.region_span(offset, len(data)))):
+            return False
+        self._last_user_io = trio.current_time()
+        self.dst.write(offset, data)
+        return True
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         length = max(0, min(length, self.size - offset))
         self._last_user_io = trio.current_time()
@@ -147,14 +167,10 @@ class CloneEngine:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()
-        self._last_user_io = trio.current_time()
-        if len(data) <= INLINE_WRITE_MAX and self.meta.map.all_hydrated(
-                self.geometry.region_span(offset, len(data))):
-            # A small write to hydrated regions is a page-cache copy of a few microseconds:
-            # cheaper on the event loop than a hop to a worker thread and back.
+        if self.write_now(offset, data):
             await trio.lowlevel.checkpoint()
-            self.dst.write(offset, data)
             return
+        self._last_user_io = trio.current_time()
         await self._replace(offset, len(data), lambda: self.dst.write(offset, data))
 
     async def discard(self, offset: int, length: int) -> None:

@@ -17,6 +17,12 @@ class ImageBackend(Protocol):
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """Like `read`, without waiting: the bytes if they can be had at once, else None."""
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """Like `write`, without waiting: True if done, False if `write` must do it."""
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write inside the image (the filesystem has already refused writes past its end)."""
 

@@ -49,6 +49,11 @@ class ImageFilesystem:
             codec.Access: self.access,
         }
 
+    def quick_handlers(self) -> Mapping[type, object]:
+        """Request type -> synchronous handler returning a Reply, or None when the request must
+        wait (then the async handler runs it in a task of its own)."""
+        return {codec.Read: self.read_now, codec.Write: self.write_now}
+
     # ---- names and attributes ---------------------------------------------------------------
 
     def _attr(self, nodeid: int) -> codec.Attr:
@@ -116,6 +121,15 @@ class ImageFilesystem:
             raise OSError(errno.EISDIR, "is a directory")
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
+
+    def read_now(self, req: codec.Read) -> codec.Reply | None:
+        data = self.image.read_now(req.offset, req.size)
+        return None if data is None else codec.DataReply(data)
+
+    def write_now(self, req: codec.Write) -> codec.Reply | None:
+        if req.offset + len(req.data) > self.image.size:
+            return None  # the async path clips or refuses it
+        return codec.WriteReply(len(req.data)) if self.image.write_now(req.offset, req.data) else None
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:

@@ -32,11 +32,15 @@ WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PA
                      | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
 
 Handler = Callable[[codec.Request], Awaitable[codec.Reply]]
+QuickHandler = Callable[[codec.Request], "codec.Reply | None"]
 
 
 class Filesystem(Protocol):
     def handlers(self) -> Mapping[type, Handler]:
         """Request type -> async handler. Types without a handler are answered ENOSYS."""
+
+    def quick_handlers(self) -> Mapping[type, QuickHandler]:
+        """Request type -> synchronous handler that answers at once or returns None."""
 
 
 async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
@@ -72,6 +76,7 @@ class Session:
     def __init__(self, fd: int, fs: Filesystem) -> None:
         self.fd = fd
         self._handlers = dict(fs.handlers())
+        self._quick_handlers = dict(fs.quick_handlers())
         self._in_flight: dict[int, trio.CancelScope] = {}
         self._free_buffers: list[bytearray] = []
         self._closed = False
@@ -167,6 +172,8 @@ class Session:
                     break
                 elif not req.expects_reply:  # FORGET, BATCH_FORGET: nodes here are static
                     pass
+                elif self._answered_now(req):
+                    pass
                 else:
                     if isinstance(req, codec.Write):  # its data stays in `buf` until answered
                         nursery.start_soon(self._answer, req, buf)
@@ -174,6 +181,26 @@ class Session:
                     nursery.start_soon(self._answer, req, None)
                 self._give_back(buf)
             nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
+
+    def _answered_now(self, req: codec.Request) -> bool:
+        """Answer without a task of its own when the filesystem can (hot reads and small writes
+        of hydrated data): a task start costs as much as the rest of such a request."""
+        quick = self._quick_handlers.get(type(req))
+        if quick is None:
+            return False
+        try:
+            reply = quick(req)
+        except OSError as exc:
+            self._send(codec.encode_error(req.unique, exc.errno or errno.EIO))
+            return True
+        except Exception:
+            log.exception("bug while answering %s", type(req).__name__)
+            self._send(codec.encode_error(req.unique, errno.EIO))
+            return True
+        if reply is None:
+            return False
+        self._send(codec.encode_reply(req.unique, reply))
+        return True
 
     async def _answer(self, req: codec.Request, buf: bytearray | None) -> None:
         handler = self._handlers.get(type(req))

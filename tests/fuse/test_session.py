@@ -30,6 +30,17 @@ class SlowFs:
         return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
                 codec.Write: self.write}
 
+    def quick_handlers(self):
+        return {codec.Read: self.read_now}
+
+    def read_now(self, req):
+        """Offset 4096 is answered at once, 8192 is refused at once, the rest waits."""
+        if req.offset == 4096:
+            return codec.DataReply(b"q" * req.size)
+        if req.offset == 8192:
+            raise OSError(errno.EIO, "quick failure")
+        return None
+
     async def getattr(self, req):
         return codec.AttrReply(codec.Attr(req.nodeid, 123, 0o100600), 1.0)
 
@@ -210,3 +221,16 @@ async def test_a_read_blocked_when_the_session_ends_is_cancelled(session):
         kernel.send(Opcode.DESTROY, unique=41)
         await done.wait()
     assert fs.cancelled == 1
+
+
+async def test_quick_handlers_answer_without_a_task_and_fall_back(session):
+    kernel, fs, _ = session
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 0, 10, 0, 0, 0, 0), unique=50, nodeid=2)  # waits
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 4096, 5, 0, 0, 0, 0), unique=51, nodeid=2)
+    kernel.send(Opcode.READ, abi.read_in.pack(1, 8192, 5, 0, 0, 0, 0), unique=52, nodeid=2)
+    with trio.fail_after(5):
+        assert await kernel.reply() == (51, 0, b"qqqqq")
+        assert (await kernel.reply())[:2] == (52, errno.EIO)
+        assert fs.reads_started == 1  # only the read the quick handler declined became a task
+        fs.release.set()
+        assert await kernel.reply() == (50, 0, b"x" * 10)
