@@ -98,15 +98,46 @@ def _mount_with_fusermount(mountpoint: str, fsname: str, allow_other: bool) -> i
     return fds[0]
 
 
-def unmount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount; with `lazy`, detach even while something still uses the mount."""
-    if os.geteuid() != 0:
-        subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint],
-                       check=True, capture_output=True)
+def unmount(mountpoint: str, *, lazy: bool = False, use_fusermount: bool | None = None) -> None:
+    """Unmount; with `lazy`, detach even while something still uses the mount.
+
+    Raises OSError with the errno of the failure either way (EBUSY while the mount is in use,
+    EINVAL when nothing is mounted there), so callers can fall back to a lazy unmount.
+    `use_fusermount` defaults to "not root", like mount_fuse's."""
+    if use_fusermount is None:
+        use_fusermount = os.geteuid() != 0
+    if use_fusermount:
+        _unmount_with_fusermount(mountpoint, lazy)
         return
     if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unmount of {mountpoint}: {os.strerror(err)}")
+
+
+def _unmount_with_fusermount(mountpoint: str, lazy: bool) -> None:
+    """fusermount3 -u reports failures as "...: <strerror>" on stderr: turn that back into
+    the errno, so EBUSY means busy here as it does for umount2."""
+    if shutil.which("fusermount3") is None:
+        raise OSError(errno.EPERM, "unmounting as a non-root user needs fusermount3 (Debian package fuse3)")
+    result = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint],
+                            capture_output=True, text=True)
+    if result.returncode == 0:
+        return
+    lines = result.stderr.strip().splitlines()
+    message = lines[-1] if lines else f"fusermount3 -u exited {result.returncode}"
+    raise OSError(_errno_of_message(message), f"unmount of {mountpoint}: {message}")
+
+
+_STRERRORS = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
+
+
+def _errno_of_message(message: str) -> int:
+    reason = message.rsplit(": ", 1)[-1].strip()
+    if reason in _STRERRORS:
+        return _STRERRORS[reason]
+    if "not found in" in message:  # "entry for X not found in /etc/mtab": not mounted
+        return errno.EINVAL
+    return errno.EIO
 
 
 def mount_table() -> list[tuple[str, str]]:
