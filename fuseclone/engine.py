@@ -383,7 +383,9 @@ class CloneEngine:
         for region in claim.regions:
             if self._claims.get(region) is claim:
                 del self._claims[region]
-        claim.error = error
+        # A claim whose owner was cancelled (an interrupted copy-on-read) did not fail: its
+        # waiters look at the region again and copy it themselves.
+        claim.error = None if isinstance(error, trio.Cancelled) else error
         claim.done.set()
         self._changed.unpark_all()
 

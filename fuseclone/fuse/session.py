@@ -175,10 +175,13 @@ class Session:
                 elif self._answered_now(req):
                     pass
                 else:
+                    # Registered before the task starts: an INTERRUPT read right after its
+                    # request must find it.
+                    scope = self._in_flight[req.unique] = trio.CancelScope()
                     if isinstance(req, codec.Write):  # its data stays in `buf` until answered
-                        nursery.start_soon(self._answer, req, buf)
+                        nursery.start_soon(self._answer, req, scope, buf)
                         continue
-                    nursery.start_soon(self._answer, req, None)
+                    nursery.start_soon(self._answer, req, scope, None)
                 self._give_back(buf)
             nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
 
@@ -202,10 +205,10 @@ class Session:
         self._send(codec.encode_reply(req.unique, reply))
         return True
 
-    async def _answer(self, req: codec.Request, buf: bytearray | None) -> None:
+    async def _answer(self, req: codec.Request, scope: trio.CancelScope,
+                      buf: bytearray | None) -> None:
         handler = self._handlers.get(type(req))
-        with trio.CancelScope() as scope:
-            self._in_flight[req.unique] = scope
+        with scope:
             try:
                 if handler is None:
                     parts = codec.encode_error(req.unique, errno.ENOSYS)

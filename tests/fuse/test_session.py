@@ -234,3 +234,13 @@ async def test_quick_handlers_answer_without_a_task_and_fall_back(session):
         assert fs.reads_started == 1  # only the read the quick handler declined became a task
         fs.release.set()
         assert await kernel.reply() == (50, 0, b"x" * 10)
+
+
+async def test_interrupt_right_behind_its_request_is_not_lost(session):
+    kernel, fs, _ = session
+    for unique in range(60, 100, 2):  # both sit in the queue before the read's task starts
+        kernel.send(Opcode.READ, abi.read_in.pack(1, 0, 10, 0, 0, 0, 0), unique=unique, nodeid=2)
+        kernel.send(Opcode.INTERRUPT, abi.interrupt_in.pack(unique), unique=unique + 1)
+    with trio.fail_after(5):
+        answers = [await kernel.reply() for _ in range(20)]
+    assert sorted(a[:2] for a in answers) == [(u, errno.EINTR) for u in range(60, 100, 2)]

@@ -856,10 +856,6 @@ print("written", flush=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "session.py Session.run: an INTERRUPT read before the task answering its target has "
-    "started finds nothing in _in_flight and is dropped; the kernel queues it right behind a "
-    "request whose caller was signalled while the request waited to be read"))
 def test_interrupt_of_a_write_signalled_before_the_daemon_read_it(rig, slow_nbd):
     rig.mount("--region-size", "64K", "--no-hydration", "--no-copy-on-read", src=slow_nbd)
     daemon = control.request(rig.meta, {"op": "status"})["pid"]
@@ -890,10 +886,6 @@ print("read", m[int(sys.argv[2])], flush=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py CloneEngine._release: a claim whose owner was cancelled (an INTERRUPTed "
-    "copy-on-read in _read_unhydrated, or _copy) keeps the trio.Cancelled as claim.error, and "
-    "_wait_for turns that into EIO for the write waiting on the region"))
 def test_killing_a_copy_on_read_does_not_fail_a_writer_waiting_for_it(rig, slow_nbd):
     rig.mount("--region-size", "64K", "--no-hydration", src=slow_nbd)  # copy-on-read on
     with _reaped(_start(_MMAP_READER, rig.image, 7 * RS + 100)) as reader:
