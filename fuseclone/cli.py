@@ -289,11 +289,16 @@ def unmount(mountpoint, timeout) -> None:
     reply = control.request(meta, {"op": "unmount"})
     if reply is None:
         fail(f"{mountpoint}: the mount does not answer on its control socket")
+    from .metadata import Metadata
+
+    # Done when the daemon has let go of META: its last commit, and marking the metadata clean,
+    # come after the unmount itself.
     deadline = time.monotonic() + timeout
-    while control.meta_of_mountpoint(mountpoint) is not None or os.path.exists(control.socket_path(meta)):
+    while (control.meta_of_mountpoint(mountpoint) is not None
+           or os.path.exists(control.socket_path(meta)) or Metadata.in_use(meta)):
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def loop_devices_of(mountpoint: str) -> list[str]:

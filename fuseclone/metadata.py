@@ -220,6 +220,18 @@ class Metadata:
         except FileNotFoundError:
             return False
 
+    @staticmethod
+    def in_use(path: str) -> bool:
+        """Whether a process holds the metadata file open (its lock), e.g. a mount still
+        committing on its way out."""
+        try:
+            os.close(_open_locked(path, os.O_RDONLY, exclusive=False))
+        except MetadataInUseError:
+            return True
+        except MetadataError:
+            return False
+        return False
+
     # ---- identity (SPEC invariant 7) --------------------------------------------------------
 
     def check_matches(self, geometry_image_size: int, identity: dict) -> None:
