@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
 SEEK_SCAN_LIMIT = 1 << 30
-INLINE_WRITE_MAX = 128 << 10  # bytes written to DST's page cache without a worker thread
+INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cache on the event loop
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
 
