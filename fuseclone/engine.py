@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
 SEEK_SCAN_LIMIT = 1 << 30
+# 4 MiB copies: per-copy overhead (claims, tasks, thread hops) made 1 MiB copies from NBD ~25%
+# slower; while the image is in use, copies shrink to 1 MiB so a user request waits less.
+DEFAULT_BATCH_BYTES = 4 << 20
+BUSY_BATCH_BYTES = 1 << 20
 INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cache on the event loop
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
@@ -43,7 +47,7 @@ class Settings:
     discard_passdown: bool = True
     copy_on_read: bool = True
     hydration_threshold: int = 0  # regions in flight; 0 = 16 MiB worth
-    hydration_batch_size: int = 0  # contiguous regions per copy; 0 = 1 MiB worth
+    hydration_batch_size: int = 0  # contiguous regions per copy; 0 = DEFAULT_BATCH_BYTES worth
     max_rate: int = 0  # bytes/s of hydration, 0 = unlimited
     commit_interval: float = 1.0
     user_io_pause: float = 0.02  # seconds between hydration batches while user I/O is active
@@ -54,7 +58,7 @@ class Settings:
     def resolved(self, region_size: int) -> Settings:
         return replace(
             self,
-            hydration_batch_size=self.hydration_batch_size or max(1, (1 << 20) // region_size),
+            hydration_batch_size=self.hydration_batch_size or max(1, DEFAULT_BATCH_BYTES // region_size),
             hydration_threshold=self.hydration_threshold or max(1, (16 << 20) // region_size),
         )
 
@@ -488,7 +492,10 @@ class CloneEngine:
         if region < 0:
             return None
         stop = region + 1
-        limit = min(n, region + self.settings.hydration_batch_size)
+        batch = self.settings.hydration_batch_size
+        if self._user_active():  # smaller steps while yielding to user I/O
+            batch = min(batch, max(1, BUSY_BATCH_BYTES // self.geometry.region_size))
+        limit = min(n, region + batch)
         while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
             stop += 1
         return self._claim(range(region, stop))

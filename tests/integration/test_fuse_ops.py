@@ -774,7 +774,8 @@ def slow_nbd(rig, leaves_nothing_behind):
 
 
 _WRITER = """
-import os, sys
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
 fd = os.open(sys.argv[1], os.O_WRONLY)
 print("ready", flush=True)
 os.pwrite(fd, b"w" * 4096, int(sys.argv[2]))
@@ -782,7 +783,8 @@ print("written", flush=True)
 """
 
 _READER = """
-import os, sys
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
 fd = os.open(sys.argv[1], os.O_RDONLY)
 print("ready", flush=True)
 try:
@@ -847,7 +849,8 @@ def test_interrupt_of_a_write_blocked_on_a_slow_source(rig, slow_nbd, signum):
 
 
 _GATED_WRITER = """
-import os, sys
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
 fd = os.open(sys.argv[1], os.O_WRONLY)
 print("ready", flush=True)
 sys.stdin.readline()
