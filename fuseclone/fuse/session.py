@@ -79,7 +79,6 @@ class Session:
         self._quick_handlers = dict(fs.quick_handlers())
         self._in_flight: dict[int, trio.CancelScope] = {}
         self._free_buffers: list[bytearray] = []
-        self._closed = False
         self._reads_without_wait = 0
         os.set_blocking(fd, False)
 
@@ -234,9 +233,6 @@ class Session:
 
     def close(self, mountpoint: str) -> None:
         """Unmount (detaching lazily if something still holds the image) and drop the device."""
-        if self._closed:
-            return
-        self._closed = True
         try:
             unmount(mountpoint)
         except OSError as exc:
