@@ -355,7 +355,7 @@ class CloneEngine:
     def _write_or_punch(self, offset: int, data: bytes) -> None:
         """Blocking: all-zero regions become holes, so the destination stays sparse."""
         view = memoryview(data)
-        for is_zero, lo, hi in _zero_runs(view, self.geometry.region_size):
+        for is_zero, lo, hi in _zero_runs(data, self.geometry.region_size):
             if is_zero:
                 self.dst.punch_hole(offset + lo, hi - lo)
             else:
@@ -622,17 +622,33 @@ class CloneEngine:
             log.error("final commit failed: %s", exc)
 
 
-def _zero_runs(view: memoryview, step: int) -> list[tuple[bool, int, int]]:
-    """Split `view` into maximal runs of all-zero / not-all-zero `step`-sized pieces."""
+def _zero_runs(data: bytes | bytearray, step: int) -> list[tuple[bool, int, int]]:
+    """Split `data` into maximal runs of all-zero / not-all-zero `step`-sized pieces.
+
+    Only pieces whose first byte is zero can be all-zero; they are found with one strided copy
+    and checked with startswith (a memcmp, no slice copies), so random data costs almost nothing
+    and zero-filled data runs at memcmp speed rather than element-wise memoryview comparison."""
     step = min(step, len(_ZEROS))
+    size = len(data)
+    zero_piece = _ZEROS[:step]
+    heads = bytes(memoryview(data)[::step])
     runs: list[tuple[bool, int, int]] = []
-    for lo in range(0, len(view), step):
-        piece = view[lo : lo + step]
-        is_zero = piece == _ZEROS[: len(piece)]
-        if runs and runs[-1][0] == is_zero:
-            runs[-1] = (is_zero, runs[-1][1], lo + len(piece))
-        else:
-            runs.append((is_zero, lo, lo + len(piece)))
+    covered = 0  # bytes of data already in runs
+    index = heads.find(0)
+    while index >= 0:
+        lo = index * step
+        hi = min(size, lo + step)
+        if data.startswith(zero_piece[: hi - lo], lo):
+            if covered < lo:
+                runs.append((False, covered, lo))
+            if runs and runs[-1][0] and runs[-1][2] == lo:
+                runs[-1] = (True, runs[-1][1], hi)
+            else:
+                runs.append((True, lo, hi))
+            covered = hi
+        index = heads.find(0, index + 1)
+    if covered < size:
+        runs.append((False, covered, size))
     return runs
 
 
