@@ -8,7 +8,6 @@ we report), and only the mounting user may use it unless allow_other is asked fo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -26,7 +25,8 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# libc through the process's own symbols: find_library("c") would run ldconfig at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
