@@ -46,7 +46,7 @@ class Settings:
     hydration: bool = True
     discard_passdown: bool = True
     copy_on_read: bool = True
-    hydration_threshold: int = 0  # regions in flight; 0 = 16 MiB worth
+    hydration_threshold: int = 0  # regions in flight; 0 = the source's hydration_depth worth
     hydration_batch_size: int = 0  # contiguous regions per copy; 0 = DEFAULT_BATCH_BYTES worth
     max_rate: int = 0  # bytes/s of hydration, 0 = unlimited
     commit_interval: float = 1.0
@@ -55,11 +55,13 @@ class Settings:
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
 
-    def resolved(self, region_size: int) -> Settings:
+    def resolved(self, region_size: int, depth: int) -> Settings:
+        """Zero tunables replaced by defaults: copies of DEFAULT_BATCH_BYTES, `depth` bytes of
+        them in flight."""
         return replace(
             self,
             hydration_batch_size=self.hydration_batch_size or max(1, DEFAULT_BATCH_BYTES // region_size),
-            hydration_threshold=self.hydration_threshold or max(1, (16 << 20) // region_size),
+            hydration_threshold=self.hydration_threshold or max(1, depth // region_size),
         )
 
     @property
@@ -106,7 +108,7 @@ class CloneEngine:
         self.dst = dst
         self.meta = meta
         self.geometry: Geometry = meta.geometry
-        self.settings = settings.resolved(self.geometry.region_size)
+        self.settings = settings.resolved(self.geometry.region_size, source.hydration_depth)
         self.complete = trio.Event()
         self._claims: dict[int, _Claim] = {}
         self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed

@@ -26,6 +26,11 @@ class Source(abc.ABC):
     #: The URL or path the user gave, for messages and status.
     description: str
 
+    #: Bytes of hydration copies worth keeping in flight by default (the hydration threshold
+    #: when the user sets none). A local file needs little; a remote server with latency needs
+    #: enough requests outstanding to keep its disk and the link busy.
+    hydration_depth: int = 16 << 20
+
     @property
     @abc.abstractmethod
     def size(self) -> int:

@@ -109,6 +109,8 @@ async def open_http_source(spec: str, *, piece_size: int = PIECE_SIZE,
 class HttpSource(Source):
     """A file on an HTTP(S) server that honours Range requests. Open with open_http_source."""
 
+    hydration_depth = 64 << 20  # latency-bound like NBD: enough pieces for every pooled connection
+
     def __init__(self, client: httpx.AsyncClient, url: httpx.URL, description: str,
                  canonical: str, *,
                  piece_size: int, max_connections: int, timeout: float,
