@@ -80,9 +80,13 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
 
 
 @contextlib.asynccontextmanager
-async def running(engine: CloneEngine) -> AsyncIterator[CloneEngine]:
+async def running(engine: CloneEngine, hold_hydration: bool = False) -> AsyncIterator[CloneEngine]:
     """Run the engine's background work for the duration of the block; on exit, commit, mark
-    the metadata clean and close destination and metadata."""
+    the metadata clean and close destination and metadata. With `hold_hydration`, background
+    copies start only at `engine.hydration_released.set()` (the daemon sets it once the image
+    is mounted, so hydration does not slow the mount down)."""
+    if not hold_hydration:
+        engine.hydration_released.set()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)

@@ -64,6 +64,9 @@ def image_path(mountpoint: str, name: str) -> str:
 async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda path: None) -> None:
     """Serve one mount until it ends. `on_ready(image_path)` is called once the image can be
     opened. User errors raise FusecloneError before anything changed on disk."""
+    # Imported before the source opens: once it does, hydration competes for the GIL and
+    # importing the FUSE layer then took ~70 ms longer.
+    from .fuse import fs, session  # noqa: F401
     from .sources import open_source
 
     # Worker threads (source reads, zero detection, DST writes) hold the GIL for up to the switch
@@ -82,11 +85,14 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False
         try:
-            async with running(engine):
+            async with running(engine, hold_hydration=True):
                 async with trio.open_nursery() as nursery:
                     await _start_serving(nursery, engine, opts, image_at_root)
                     mounted = True
                     on_ready(image)
+                    # Usable first, then hydrating: copies competing for the GIL made the
+                    # mount itself ~40-90 ms slower.
+                    engine.hydration_released.set()
         finally:
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)

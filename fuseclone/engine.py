@@ -128,6 +128,7 @@ class CloneEngine:
         self._copy_writers = trio.CapacityLimiter(COPY_WRITER_THREADS)
         self._copied: deque[tuple[int, int]] = deque()
         self._copied_bytes = 0
+        self.hydration_released = trio.Event()  # background copies wait for this (see running())
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -447,6 +448,7 @@ class CloneEngine:
     # ---- the hydrator ---------------------------------------------------------------------
 
     async def _hydrator(self) -> None:
+        await self.hydration_released.wait()
         cursor = 0
         async with trio.open_nursery() as copies:
             while not self.meta.map.complete:

@@ -45,8 +45,8 @@ class Clone:
         return open_clone(source, self.dst, self.meta, region_size=region_size,
                           settings=Settings(**settings))
 
-    def running(self, engine):
-        return running(engine)
+    def running(self, engine, **kwargs):
+        return running(engine, **kwargs)
 
     def source_bytes(self, offset=0, length=None):
         with open(self.src, "rb") as f:

@@ -30,6 +30,19 @@ async def test_background_hydration_copies_everything_and_keeps_holes(clone):
         assert meta.map.complete and meta.header.clean
 
 
+async def test_held_hydration_starts_only_when_released(clone):
+    # The daemon holds hydration until the image is mounted; user I/O works meanwhile.
+    engine = await clone.open()
+    async with clone.running(engine, hold_hydration=True):
+        assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)
+        await trio.sleep(0.2)
+        assert engine.status().hydrated_regions <= 1  # at most the copy-on-read region
+        engine.hydration_released.set()
+        with trio.fail_after(30):
+            await engine.complete.wait()
+    assert file_bytes(clone.dst, os.path.getsize(clone.src)) == clone.source_bytes()
+
+
 async def test_reads_come_from_source_until_hydrated(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
