@@ -9,7 +9,6 @@ failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import logging
 import os

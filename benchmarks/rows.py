@@ -19,7 +19,7 @@ from typing import Callable
 from . import anchors, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
-from .system import (BenchError, CpuMeter, drop_caches, losetup, mount, random_file, remove,
+from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, remove,
                      rss_kib, run)
 
 MiB = 1 << 20
@@ -240,7 +240,7 @@ def row2(bench: Bench) -> list[Metric]:
     m = Metric(2, "r2.hydrate_local", f"hydration from a local source ({size // MiB} MiB)", "MB/s",
                targets=[Target("≥ 0.8× dd", ["fuseclone"], ">=", 0.8, ["dd"]),
                         Target("fuseclone / qsd block-stream", ["fuseclone"], ">=", 0.0, ["qsd stream"], info=True)])
-    m.notes.append("page cache dropped before each sample; fuseclone: `fuseclone mount` start → "
+    m.notes.append("the source's page cache evicted before each sample; fuseclone: `fuseclone mount` start → "
                    "hydration complete → fsync of the image (DST and META durable); dd: conv=fsync; "
                    "qsd: start → block-stream complete → quit (flushes)")
     src = random_file(bench.path(f"src-random-{size}.img"), size)
@@ -251,16 +251,16 @@ def row2(bench: Bench) -> list[Metric]:
     bench.commands["qemu-img (row 2)"] = f"qemu-img create -f qcow2 -b {src} -F raw OVERLAY"
 
     def dd():
-        drop_caches()
+        evict(src)
         return size / anchors.dd_copy(src, bench.path("r2-dd.img")) / 1e6
 
     def qsd():
-        drop_caches()
+        evict(src)
         seconds, _ = anchors.qsd_stream(src, bench.workdir, bench.log_path("r2-qsd.log"))
         return size / seconds / 1e6
 
     def fc():
-        return size / hydrate_once(bench, "r2", src, m) / 1e6
+        return size / hydrate_once(bench, "r2", src, m, src) / 1e6
 
     contenders = [Contender(m, "dd", dd), Contender(m, "qsd stream", qsd),
                   Contender(m, "fuseclone", fc, bench.fuseclone_reason)]
@@ -270,12 +270,14 @@ def row2(bench: Bench) -> list[Metric]:
     return [m]
 
 
-def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, options: list[str] = ()) -> float:
-    """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone."""
+def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: str,
+                 options: list[str] = ()) -> float:
+    """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone of SRC
+    (a path or URL), with COLD_FILE (the source's data) evicted from the page cache first."""
     clone = bench.clone(tag, src, options)
     try:
         with contextlib.ExitStack() as stack:
-            drop_caches()
+            evict(cold_file)
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t_ready = time.perf_counter()
@@ -306,7 +308,7 @@ def row3(bench: Bench) -> list[Metric]:
     size = p.r3_size
     m = Metric(3, "r3.hydrate_nbd", f"hydration from NBD, +2 ms per read ({size // MiB} MiB)", "MB/s",
                targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
-    m.notes.append("nbdkit delay filter rdelay=2ms on a unix socket; page cache dropped before each "
+    m.notes.append("nbdkit delay filter rdelay=2ms on a unix socket; the served file's page cache evicted before each "
                    "sample; nbdcopy --flush (defaults: 4 connections × 64 requests); fuseclone: mount → "
                    "complete → fsync of the image")
     src = random_file(bench.path(f"src-random-{size}.img"), size)
@@ -316,11 +318,11 @@ def row3(bench: Bench) -> list[Metric]:
         bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, bench.path("r3-nbdcopy.img")))
 
         def nbdcopy():
-            drop_caches()
+            evict(src)
             return size / anchors.nbdcopy(nbd.uri, bench.path("r3-nbdcopy.img")) / 1e6
 
         def fc():
-            return size / hydrate_once(bench, "r3", nbd.uri, m) / 1e6
+            return size / hydrate_once(bench, "r3", nbd.uri, m, src) / 1e6
 
         contenders = [Contender(m, "nbdcopy", nbdcopy),
                       Contender(m, "fuseclone", fc, bench.fuseclone_reason or bench.nbd_reason)]
@@ -464,7 +466,7 @@ def first_use_once(bench: Bench, uri: str, digest: str) -> tuple[float, dict]:
     fsmnt = bench.path("r5-fs")
     try:
         with contextlib.ExitStack() as stack:
-            drop_caches()
+            drop_caches()  # first use is cold: the program's files too
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t1 = time.perf_counter()
