@@ -83,10 +83,10 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
 async def running(engine: CloneEngine, hold_hydration: bool = False) -> AsyncIterator[CloneEngine]:
     """Run the engine's background work for the duration of the block; on exit, commit, mark
     the metadata clean and close destination and metadata. With `hold_hydration`, background
-    copies start only at `engine.hydration_released.set()` (the daemon sets it once the image
-    is mounted, so hydration does not slow the mount down)."""
-    if not hold_hydration:
-        engine.hydration_released.set()
+    copies start only at `engine.release_hydration()` (the daemon's call once the image is
+    mounted, so hydration does not slow the mount down)."""
+    if hold_hydration:
+        engine.hold_hydration()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)

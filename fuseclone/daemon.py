@@ -92,7 +92,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                     on_ready(image)
                     # Usable first, then hydrating: copies competing for the GIL made the
                     # mount itself ~40-90 ms slower.
-                    engine.hydration_released.set()
+                    engine.release_hydration()
         finally:
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)

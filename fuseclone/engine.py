@@ -128,7 +128,7 @@ class CloneEngine:
         self._copy_writers = trio.CapacityLimiter(COPY_WRITER_THREADS)
         self._copied: deque[tuple[int, int]] = deque()
         self._copied_bytes = 0
-        self.hydration_released = trio.Event()  # background copies wait for this (see running())
+        self._hydration_hold: trio.Event | None = None
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -448,7 +448,8 @@ class CloneEngine:
     # ---- the hydrator ---------------------------------------------------------------------
 
     async def _hydrator(self) -> None:
-        await self.hydration_released.wait()
+        if self._hydration_hold is not None:
+            await self._hydration_hold.wait()
         cursor = 0
         async with trio.open_nursery() as copies:
             while not self.meta.map.complete:
@@ -543,6 +544,14 @@ class CloneEngine:
         log.info("hydration complete: %d regions", len(self.meta.map))
 
     # ---- control ------------------------------------------------------------------------
+
+    def hold_hydration(self) -> None:
+        """Call before `run`: background copies wait until `release_hydration()`."""
+        self._hydration_hold = trio.Event()
+
+    def release_hydration(self) -> None:
+        if self._hydration_hold is not None:
+            self._hydration_hold.set()
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,

@@ -37,7 +37,7 @@ async def test_held_hydration_starts_only_when_released(clone):
         assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)
         await trio.sleep(0.2)
         assert engine.status().hydrated_regions <= 1  # at most the copy-on-read region
-        engine.hydration_released.set()
+        engine.release_hydration()
         with trio.fail_after(30):
             await engine.complete.wait()
     assert file_bytes(clone.dst, os.path.getsize(clone.src)) == clone.source_bytes()
