@@ -468,9 +468,15 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"y" * n)
 
 
+class ScriptedServer(http.server.ThreadingHTTPServer):
+    # socketserver's default listen backlog of 5: under load, a burst of 8 connects overflowed
+    # it and one SYN was retried a second later, failing the latency test.
+    request_queue_size = 64
+
+
 @pytest.fixture
 def scripted():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
+    server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
     server.daemon_threads = True
     server.mode, server.head, server.gets, server.release = "ok", "ok", 0, threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
