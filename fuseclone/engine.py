@@ -146,14 +146,25 @@ class CloneEngine:
         return self.dst.read_cached(offset, length)
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
-        """Write at once if the write is small and its regions are hydrated, else return False
-        (then `write` is the way). A small write to hydrated regions is a page-cache copy of a
-        few microseconds: cheaper on the event loop than a hop to a worker thread and back."""
-        if (self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX
-                or not self.meta.map.all_hydrated(self.geometry.region_span(offset, len(data)))):
+        """Write at once if the write is small and needs no copy from the source, else return
+        False (then `write` is the way). Such a write is a page-cache copy of a few
+        microseconds: cheaper on the event loop than a hop to a worker thread and back (80-130
+        us here), which held 4 KiB writes to unhydrated regions at ~5k IOPS."""
+        if self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX:
+            return False
+        span = self.geometry.region_span(offset, len(data))
+        if self.meta.map.all_hydrated(span):
+            self._last_user_io = trio.current_time()
+            self.dst.write(offset, data)
+            return True
+        # Unhydrated regions it replaces whole, that no copy is filling: like _replace, but
+        # nothing can claim them between the write and the mark, as neither awaits.
+        if self.geometry.covered_span(offset, len(data)) != span or any(r in self._claims for r in span):
             return False
         self._last_user_io = trio.current_time()
         self.dst.write(offset, data)
+        self.meta.set_hydrated(span)  # after the data: durable at the next commit, DST first
+        self._changed.unpark_all()
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:

@@ -43,6 +43,29 @@ async def test_held_hydration_starts_only_when_released(clone):
     assert file_bytes(clone.dst, os.path.getsize(clone.src)) == clone.source_bytes()
 
 
+async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        # Whole regions, not hydrated: written at once and marked hydrated, no source read.
+        assert engine.write_now(8192, b"w" * 8192)
+        assert [engine.meta.map.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
+        # Part of an unhydrated region needs the source's rest: the async path's job.
+        assert not engine.write_now(4096 * 5 + 100, b"p" * 100)
+        # Regions a copy is filling are left to the async path, which waits for the copy.
+        claim = engine._claim(range(6, 7))
+        assert not engine.write_now(4096 * 6, b"c" * 4096)
+        engine._release(claim, None)
+        await engine.write(4096 * 5 + 100, b"p" * 100)
+        assert engine.source_reads == 4096  # only region 5's rest was read
+        assert await engine.read(4096, 5 * 4096) == (
+            clone.source_bytes(4096, 4096) + b"w" * 8192 + clone.source_bytes(4 * 4096, 4096)
+            + clone.source_bytes(5 * 4096, 100) + b"p" * 100 + clone.source_bytes(5 * 4096 + 200, 4096 - 200))
+        await engine.commit()
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.map.is_hydrated(2) and meta.map.is_hydrated(3) and not meta.map.is_hydrated(6)
+    assert file_bytes(clone.dst, 3 * 4096)[8192:] == b"w" * 4096
+
+
 async def test_reads_come_from_source_until_hydrated(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
