@@ -206,3 +206,15 @@ async def test_seek_data_and_hole_follow_source_and_destination(clone):
         with pytest.raises(OSError) as info:
             await engine.seek(engine.size, os.SEEK_DATA)
         assert info.value.errno == errno.ENXIO
+
+
+def test_default_depth_leaves_room_for_the_bitmap():
+    from fuseclone.engine import default_depth
+    from fuseclone.regions import Geometry
+
+    assert default_depth(64 * MiB, Geometry(16 << 30, 4096)) == 64 * MiB  # 512 KiB bitmap
+    assert default_depth(64 * MiB, Geometry(256 << 30, 4096)) == 56 * MiB  # 8 MiB bitmap
+    assert default_depth(64 * MiB, Geometry(1 << 40, 4096)) == 32 * MiB  # 1 TiB: 32 MiB bitmap
+    assert default_depth(64 * MiB, Geometry(4 << 40, 4096)) == 16 * MiB  # never under 16 MiB
+    assert default_depth(64 * MiB, Geometry(1 << 40, 1 << 20)) == 64 * MiB
+    assert default_depth(16 * MiB, Geometry(1 << 30, 4096)) == 16 * MiB  # a file asks for less
