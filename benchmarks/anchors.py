@@ -162,21 +162,24 @@ class NbdServer:
         return f"nbd+unix:///?socket={self.socket}"
 
 
-def nbdkit_argv(file: str, sock: str, rdelay: str | None = "2ms") -> list[str]:
+def nbdkit_argv(file: str, sock: str, rdelay: str | None = "2ms",
+                plugin: list[str] | None = None) -> list[str]:
+    """nbdkit serving FILE (or PLUGIN, e.g. ["pattern", "1T"]) on SOCK."""
     argv = ["nbdkit", "--foreground", "--readonly", "--unix", sock, "--exit-with-parent"]
     if rdelay:
         argv.append("--filter=delay")
-    argv += ["file", file]
+    argv += plugin or ["file", file]
     if rdelay:
         argv.append(f"rdelay={rdelay}")
     return argv
 
 
 def nbdkit_server(stack: contextlib.ExitStack, file: str, sock: str, log_path: str,
-                  rdelay: str | None = "2ms") -> NbdServer:
-    """Serve FILE read-only over NBD on unix socket SOCK, each read delayed by RDELAY."""
+                  rdelay: str | None = "2ms", plugin: list[str] | None = None) -> NbdServer:
+    """Serve FILE (or PLUGIN) read-only over NBD on unix socket SOCK, each read delayed by
+    RDELAY."""
     remove(sock)
-    server = start_server(stack, nbdkit_argv(file, sock, rdelay), log_path,
+    server = start_server(stack, nbdkit_argv(file, sock, rdelay, plugin), log_path,
                           ready=lambda: os.path.exists(sock))
     stack.callback(remove, sock)
     return NbdServer(server, sock)
