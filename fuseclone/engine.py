@@ -358,6 +358,7 @@ class CloneEngine:
                     stale = self._note_copied(extent.offset, len(data))
                     await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
                                                   limiter=self._copy_writers)
+                    self.source.recycle(data)  # written: the source may reuse the buffer
         except BaseException as exc:
             self._release(claim, exc)
             raise

@@ -52,6 +52,10 @@ class Source(abc.ABC):
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
         return [Extent(offset, length, zero=False)]
 
+    def recycle(self, data: bytes | bytearray) -> None:
+        """Hand back what `read` returned, once nothing refers to it any more; a source may
+        reuse the buffer for a later read. Optional for callers; default: nothing."""
+
     async def aclose(self) -> None:
         """Release connections and file descriptors."""
 

@@ -9,17 +9,21 @@ import errno
 import pytest
 import trio
 
-from fuseclone.sources.base import SourceReadError
+from fuseclone.sources.base import Source, SourceReadError
 from fuseclone.sources.local import LocalSource
 
 
-class BrokenRange:
+class BrokenRange(Source):
     """Wraps a source; reads touching [lo, hi) fail while `broken` is set."""
 
     def __init__(self, inner, lo, hi):
         self.inner, self.lo, self.hi, self.broken = inner, lo, hi, True
-        self.description, self.size = inner.description, inner.size
+        self.description, self._size = inner.description, inner.size
         self.failures = 0
+
+    @property
+    def size(self):
+        return self._size
 
     def identity(self):
         return self.inner.identity()

@@ -299,6 +299,23 @@ async def test_returned_buffers_belong_to_the_caller(nbdkit, image):
         assert view == data[3 * MiB:3 * MiB + 256 * KiB]
 
 
+async def test_recycled_buffers_are_reused_only_when_handed_back(nbdkit, image):
+    data = contents(image)
+    server = nbdkit("file", image)
+    async with open_nbd_source(server.url(), recycled_bytes=256 * KiB) as source:
+        first = await source.read(0, 128 * KiB)
+        source.recycle(first)
+        again = await source.read(128 * KiB, 128 * KiB)
+        assert again is first and again == data[128 * KiB:256 * KiB]  # refilled, not stale
+        held = await source.read(0, 128 * KiB)
+        assert held is not again  # `again` was not handed back
+        for buf in (again, held, bytearray(128 * KiB)):
+            source.recycle(buf)  # the third is over recycled_bytes: dropped
+        reads = [await source.read(i * 128 * KiB, 128 * KiB) for i in range(3)]
+        assert sum(any(r is b for b in (again, held)) for r in reads) == 2
+        assert [bytes(r) for r in reads] == [data[i * 128 * KiB:(i + 1) * 128 * KiB] for i in range(3)]
+
+
 async def test_extents_match_the_local_source(nbdkit, image):
     server = nbdkit("file", image)
     local = await LocalSource.open(image)
