@@ -148,7 +148,7 @@ class HttpSource(Source):
             ident["last_modified"] = self.last_modified
         return ident
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         if offset < 0 or length < 0:
             raise SourceReadError(errno.EINVAL, f"bad source read ({offset}, {length})")
         end = min(offset + length, self._size)
@@ -175,7 +175,7 @@ class HttpSource(Source):
         if failure:
             raise failure[0]
         view.release()
-        return bytes(buf)
+        return buf  # the caller's to keep: no second copy
 
     async def aclose(self) -> None:
         if self._closed:
