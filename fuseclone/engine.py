@@ -171,18 +171,18 @@ class CloneEngine:
         if self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX:
             return False
         span = self.geometry.region_span(offset, len(data))
-        if self.meta.map.all_hydrated(span):
-            self._last_user_io = trio.current_time()
-            self.dst.write(offset, data)
-            return True
-        # Unhydrated regions it replaces whole, that no copy is filling: like _replace, but
-        # nothing can claim them between the write and the mark, as neither awaits.
-        if self.geometry.covered_span(offset, len(data)) != span or any(r in self._claims for r in span):
+        hydrated = self.meta.map.all_hydrated(span)
+        # Otherwise only unhydrated regions it replaces whole, that no copy is filling: like
+        # _replace, but nothing can claim them between the write and the mark, as neither awaits.
+        if not hydrated and (self.geometry.covered_span(offset, len(data)) != span
+                             or any(r in self._claims for r in span)):
             return False
         self._last_user_io = trio.current_time()
         self.dst.write(offset, data)
-        self.meta.set_hydrated(span)  # after the data: durable at the next commit, DST first
-        self._changed.unpark_all()
+        if not hydrated:
+            # Marked after the data is in DST; the commit makes DST durable before the bit.
+            self.meta.set_hydrated(span)
+            self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:

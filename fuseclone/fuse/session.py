@@ -185,8 +185,9 @@ class Session:
             nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
 
     def _answered_now(self, req: codec.Request) -> bool:
-        """Answer without a task of its own when the filesystem can (hot reads and small writes
-        of hydrated data): a task start costs as much as the rest of such a request."""
+        """Answer without a task of its own when the filesystem can (page-cached reads, small
+        writes that need nothing from the source): a task start costs as much as the rest of
+        such a request."""
         quick = self._quick_handlers.get(type(req))
         if quick is None:
             return False

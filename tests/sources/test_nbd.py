@@ -33,24 +33,32 @@ def contents(path):
         return f.read()
 
 
-def zero_ranges_of(path):
-    """The holes of a file, as the filesystem reports them."""
+def allocated_ranges(path):
+    """The data ranges of a file, as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size, out, pos = os.fstat(fd).st_size, [], 0
         while pos < size:
             try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError:
-                data = size
-            if data > pos:
-                out.append((pos, data))
-            if data >= size:
                 break
-            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            out.append((pos, end))
+            pos = end
         return out
     finally:
         os.close(fd)
+
+
+def zero_ranges_of(path):
+    """The holes of a file: what allocated_ranges leaves out."""
+    out, pos = [], 0
+    for lo, hi in allocated_ranges(path) + [(os.path.getsize(path),) * 2]:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = hi
+    return out
 
 
 # ---- URLs ------------------------------------------------------------------------------------
@@ -527,23 +535,6 @@ async def test_tcp_url(nbdkit, image):
 
 
 # ---- the engine on an NBD source -------------------------------------------------------------
-
-
-def allocated_ranges(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, out, pos = os.fstat(fd).st_size, [], 0
-        while pos < size:
-            try:
-                pos = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, pos, os.SEEK_HOLE)
-            out.append((pos, end))
-            pos = end
-        return out
-    finally:
-        os.close(fd)
 
 
 async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
