@@ -79,6 +79,9 @@ def main() -> None:
 @click.option("--hydration-batch-size", type=click.IntRange(1), help="Contiguous regions per copy (default 4 MiB worth).")
 @click.option("--max-rate", type=SIZE, default=0, help="Limit hydration to RATE bytes/s (e.g. 50M).")
 @click.option("--copy-on-read/--no-copy-on-read", default=True, help="Hydrate regions as they are read (default on).")
+@click.option("--write-cache", type=SIZE, default="1G", show_default=True,
+              help="Written data the kernel may cache before writers wait for the daemon; 0 for "
+                   "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
@@ -86,8 +89,8 @@ def main() -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<id>.log).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
-          hydration_threshold, hydration_batch_size, max_rate, copy_on_read, allow_other, name,
-          foreground, on_complete, log_file, log_level) -> None:
+          hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
+          allow_other, name, foreground, on_complete, log_file, log_level) -> None:
     """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
@@ -97,7 +100,7 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
-                        name=name, on_complete=on_complete)
+                        name=name, on_complete=on_complete, write_cache=write_cache)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:

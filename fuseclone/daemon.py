@@ -27,6 +27,8 @@ from .metadata import Metadata
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
+DEFAULT_WRITE_CACHE = 1 << 30
+WRITE_BACK_TIMEOUT = 60.0  # seconds a stop waits for the kernel to hand over cached writes
 
 
 @dataclass
@@ -40,6 +42,7 @@ class MountOptions:
     allow_other: bool = False
     name: str = "image"
     on_complete: str | None = None
+    write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
 
 
 def check_mountpoint(path: str) -> None:
@@ -67,17 +70,18 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # Imported before the source opens: once it does, hydration competes for the GIL and
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
+    from .fuse.mount import become_io_flusher
     from .sources import open_source
 
     # Worker threads (source reads, zero detection, DST writes) hold the GIL for up to the switch
     # interval when the event loop wants it back; at CPython's default 5 ms that interval became
     # the p99 latency of user reads during hydration.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
-    image_at_root = image == opts.mountpoint
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
     async with open_source(opts.source) as source:
@@ -87,7 +91,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         try:
             async with running(engine, hold_hydration=True):
                 async with trio.open_nursery() as nursery:
-                    await _start_serving(nursery, engine, opts, image_at_root)
+                    await _start_serving(nursery, engine, opts, image)
                     mounted = True
                     on_ready(image)
                     # Usable first, then hydrating: copies competing for the GIL made the
@@ -99,7 +103,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
 
 
 async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions,
-                         image_at_root: bool) -> None:
+                         image: str) -> None:
     from .fuse.fs import ImageFilesystem
 
     stop = nursery.cancel_scope
@@ -116,35 +120,65 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
         if op == "unmount":
-            stop.cancel()
+            nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
             return {"ok": True}
         return {"ok": False, "error": f"unknown request {op!r}"}
 
+    # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
+    # root inode starts at size 0: it has to stay write-through.
+    image_at_root = image == opts.mountpoint
+    write_cache = 0 if image_at_root else opts.write_cache
     await nursery.start(control.serve_control, opts.metadata, handle)
-    nursery.start_soon(_signals, stop)
+    nursery.start_soon(_signals, image, write_cache, stop)
     fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other,
                          image_at_root=image_at_root)
-    await nursery.start(_serve_then_stop, fs, opts, stop)
+    await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete)
 
 
-async def _serve_then_stop(fs, opts: MountOptions, stop: trio.CancelScope,
+async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, stop: trio.CancelScope,
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
     from .fuse.session import serve
 
     await serve(fs, opts.mountpoint, fsname=control.FSNAME_PREFIX + os.path.abspath(opts.metadata),
-                allow_other=opts.allow_other, task_status=task_status)
+                allow_other=opts.allow_other, write_cache=write_cache, task_status=task_status)
     log.info("%s was unmounted", opts.mountpoint)
     stop.cancel()  # unmounted from outside: shut the rest down
 
 
-async def _signals(stop: trio.CancelScope) -> None:
+async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s: committing and unmounting", signal.Signals(signum).name)
-            stop.cancel()
+            await _write_back_then_stop(image, write_cache, stop)
             return
+
+
+async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:
+    """Stop serving, but first take over the writes the kernel still caches: once the session
+    ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
+    lose them. The fsync runs in a thread because the event loop has to answer it."""
+    if write_cache:
+        with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
+            try:
+                await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)
+            except FileNotFoundError:
+                pass  # stopped before the image was mounted: nothing was cached
+            except OSError as exc:
+                log.warning("writing back the kernel's cached writes of %s: %s", image, exc)
+        if waited.cancelled_caught:
+            log.warning("the kernel's cached writes of %s took over %.0f s: stopping without them",
+                        image, WRITE_BACK_TIMEOUT)
+    stop.cancel()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _on_complete(engine: CloneEngine, command: str) -> None:

@@ -3,9 +3,10 @@ image itself, mapped onto an ImageBackend.
 
 The kernel page cache is used for the image (FOPEN_KEEP_CACHE, long attribute timeouts). That is
 safe because the image only changes through this mount: every write and discard passes through
-the kernel, which updates or drops its cached pages on the way (writes are write-through, and
-the kernel invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). Hydration never
-changes what the image reads as, so it needs no invalidation either.
+the kernel, which updates or drops its cached pages on the way (cached writes are written back
+before an fsync, a direct write or a fallocate of their range is answered, and the kernel
+invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). Hydration never changes what the
+image reads as, so it needs no invalidation either.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+PR_SET_IO_FLUSHER = 57
 
 
 class MountError(OSError):
@@ -177,3 +179,51 @@ def cleanup_stale_mount(path: str) -> bool:
     log.warning("%s: cleaning the stale mount of a daemon that is gone", path)
     unmount(path, lazy=True)
     return True
+
+
+def become_io_flusher() -> bool:
+    """Mark this process (and the threads it starts later) as the flusher of its mount's dirty
+    pages: the kernel then throttles its own writes only against DST's device, never against
+    the image's dirty pages that only it can clean, and keeps its allocations out of I/O
+    reclaim. Needs CAP_SYS_RESOURCE; returns whether it took."""
+    if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
+        return True
+    log.debug("PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
+    return False
+
+
+def set_dirty_limit(real_mountpoint: str, nbytes: int) -> bool:
+    """Let the kernel keep up to `nbytes` of the mount's written data in its page cache before
+    writers wait for the daemon. FUSE caps every mount at 1% of the dirty limit by default (about
+    50 MB here), which throttles cached writes to the daemon's speed at one page per request.
+    Needs root and a kernel with the bdi `max_bytes` knob (6.2); returns whether it took.
+
+    `real_mountpoint` is resolved before mounting: resolving it afterwards would stat our own
+    mount, and wait for an answer only this process can give."""
+    bdi = mount_device(real_mountpoint)
+    if bdi is None:
+        log.debug("%s: not in /proc/self/mountinfo", real_mountpoint)
+        return False
+    try:
+        with open(f"/sys/class/bdi/{bdi}/max_bytes", "w") as f:
+            f.write(str(nbytes))
+    except OSError as exc:
+        log.debug("bdi %s max_bytes: %s", bdi, exc)
+        return False
+    return True
+
+
+def mount_device(real_mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """"major:minor" of the fuseclone mount at `real_mountpoint` (a resolved path), from
+    mountinfo rather than a stat of the mount."""
+    found = None
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            try:
+                fstype = fields[fields.index("-", 6) + 1]
+            except (ValueError, IndexError):
+                continue
+            if fstype == FSTYPE and _unescape(fields[4]) == real_mountpoint:
+                found = fields[2]  # the last one: mounts stacked on one path hide earlier ones
+    return found

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Mapping, Protocol
 import trio
 
 from . import abi, codec
-from .mount import mount_fuse, unmount
+from .mount import mount_fuse, set_dirty_limit, unmount
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,22 @@ class Filesystem(Protocol):
 
 
 async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
-                use_fusermount: bool | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                use_fusermount: bool | None = None, write_cache: int = 0,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount `fs` at `mountpoint` and serve it until it is unmounted (returns) or the caller is
     cancelled (unmounts, then re-raises). `task_status.started()` fires once INIT is answered,
-    so the filesystem can be used as soon as `nursery.start(serve, ...)` returns."""
+    so the filesystem can be used as soon as `nursery.start(serve, ...)` returns.
+
+    `write_cache` > 0 turns on the kernel's writeback cache: writes are acknowledged from the
+    page cache, reach the filesystem when written back (at the latest on fsync, close, or
+    memory pressure), and up to `write_cache` bytes may wait there."""
+    real_mountpoint = os.path.realpath(mountpoint)
     fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
                     use_fusermount=use_fusermount)
-    session = Session(fd, fs)
+    if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
+        log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
+                 "system's); setting one needs root and Linux 6.2", mountpoint)
+    session = Session(fd, fs, writeback_cache=write_cache > 0)
     try:
         await session.handshake()
         task_status.started()
@@ -59,12 +68,13 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
         session.close(mountpoint)
 
 
-def negotiate(init: codec.Init) -> codec.InitReply:
+def negotiate(init: codec.Init, *, writeback_cache: bool = False) -> codec.InitReply:
     """The INIT answer: protocol 7.x at most our header's minor, and the features fuseclone
     wants among those the kernel offers."""
     if init.major < abi.KERNEL_VERSION:
         raise OSError(errno.EPROTO, f"kernel FUSE protocol {init.major}.{init.minor} is too old")
-    flags = init.flags & WANTED_INIT_FLAGS
+    wanted = WANTED_INIT_FLAGS | (abi.FUSE_WRITEBACK_CACHE if writeback_cache else 0)
+    flags = init.flags & wanted
     return codec.InitReply(
         minor=min(init.minor, abi.KERNEL_MINOR_VERSION) if init.major == abi.KERNEL_VERSION
         else abi.KERNEL_MINOR_VERSION,
@@ -73,8 +83,9 @@ def negotiate(init: codec.Init) -> codec.InitReply:
 
 
 class Session:
-    def __init__(self, fd: int, fs: Filesystem) -> None:
+    def __init__(self, fd: int, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         self.fd = fd
+        self.writeback_cache = writeback_cache
         self._handlers = dict(fs.handlers())
         self._quick_handlers = dict(fs.quick_handlers())
         self._in_flight: dict[int, trio.CancelScope] = {}
@@ -144,7 +155,7 @@ class Session:
             self._give_back(buf)
             if isinstance(req, codec.Init):
                 try:
-                    reply = negotiate(req)
+                    reply = negotiate(req, writeback_cache=self.writeback_cache)
                 except OSError as exc:
                     self._send(codec.encode_error(req.unique, exc.errno))
                     raise

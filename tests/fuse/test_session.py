@@ -112,7 +112,11 @@ def test_negotiate_keeps_only_offered_flags():
     init = codec.Init(1, 0, 0, 0, 0, 7, 44, 1 << 20, abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES | abi.FUSE_WRITEBACK_CACHE)
     reply = negotiate(init)
     assert reply.minor == abi.KERNEL_MINOR_VERSION  # never more than the header we mirror
-    assert reply.flags == abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES  # writeback cache stays off
+    assert reply.flags == abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES  # writeback cache only if asked
+    cached = negotiate(init, writeback_cache=True)
+    assert cached.flags == abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES | abi.FUSE_WRITEBACK_CACHE
+    not_offered = codec.Init(1, 0, 0, 0, 0, 7, 44, 1 << 20, abi.FUSE_ASYNC_READ)
+    assert negotiate(not_offered, writeback_cache=True).flags == abi.FUSE_ASYNC_READ
     assert reply.max_write == MAX_WRITE and reply.max_pages == MAX_WRITE // 4096
     old = negotiate(codec.Init(1, 0, 0, 0, 0, 7, 26, 4096, abi.FUSE_ASYNC_READ))
     assert old.minor == 26 and old.flags == abi.FUSE_ASYNC_READ

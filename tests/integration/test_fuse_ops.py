@@ -384,7 +384,7 @@ def test_size_changes_are_refused_and_change_nothing(rig):
 def test_writes_past_the_end(rig):
     data = bytearray(make_random(rig.src, 1 * MiB))
     size = len(data)
-    rig.mount()
+    rig.mount("--write-cache", "0")  # write-through: every write gets the daemon's answer
     fd = os.open(rig.image, os.O_RDWR)
     try:
         for offset in (size, size + 1, size + 10 * MiB):
@@ -421,6 +421,41 @@ def test_writes_past_the_end(rig):
     drop_caches()
     assert os.path.getsize(rig.image) == size
     assert pread(rig.image, 0, size + 8192) == data
+
+
+def test_writes_past_the_end_with_the_write_cache(rig):
+    """The kernel accepts a cached write past the end; the daemon refuses it at writeback, so
+    fsync and close report ENOSPC and neither DST nor the image's data changes."""
+    data = make_random(rig.src, 1 * MiB)
+    size = len(data)
+    rig.mount()
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"x" * 4096, size + 4096) == 4096
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+        assert exc.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    fd = os.open(rig.image, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"appended")
+    with pytest.raises(OSError) as exc:
+        os.close(fd)
+    assert exc.value.errno == errno.ENOSPC
+    fuseclone("unmount", rig.mnt)
+    assert os.path.getsize(rig.dst) == size
+    rig.mount()
+    assert os.path.getsize(rig.image) == size
+    assert pread(rig.image, 0, size + 8192) == data
+
+
+def test_the_write_cache_limit_is_set_on_the_mount(rig):
+    make_random(rig.src, 1 * MiB)
+    rig.mount("--write-cache", "256M")
+    dev = os.stat(rig.mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/max_bytes") as f:
+        limit = int(f.read())
+    assert abs(limit - 256 * MiB) < 256 * MiB // 100  # the kernel keeps it as a fraction
 
 
 def test_regular_file_mountpoint_operations(rig):
@@ -825,7 +860,9 @@ def _reaped(proc):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
 def test_interrupt_of_a_write_blocked_on_a_slow_source(rig, slow_nbd, signum):
-    rig.mount("--region-size", "64K", "--no-hydration", "--no-copy-on-read", src=slow_nbd)
+    # write-through: with the write cache a buffered write returns before it reaches the daemon
+    rig.mount("--region-size", "64K", "--no-hydration", "--no-copy-on-read", "--write-cache", "0",
+              src=slow_nbd)
     offset = 7 * RS  # a partial write: the region must be copied from the source first
     with _reaped(_start(_WRITER, rig.image, offset)) as writer:
         _wait_blocked(rig, writer, lambda st: st["hydrating_regions"] >= 1)
@@ -860,7 +897,8 @@ print("written", flush=True)
 
 
 def test_interrupt_of_a_write_signalled_before_the_daemon_read_it(rig, slow_nbd):
-    rig.mount("--region-size", "64K", "--no-hydration", "--no-copy-on-read", src=slow_nbd)
+    rig.mount("--region-size", "64K", "--no-hydration", "--no-copy-on-read", "--write-cache", "0",
+              src=slow_nbd)
     daemon = control.request(rig.meta, {"op": "status"})["pid"]
     with _reaped(_start(_GATED_WRITER, rig.image, 7 * RS, stdin=subprocess.PIPE)) as writer:
         os.kill(daemon, signal.SIGSTOP)  # the WRITE waits in the kernel's queue, unread
@@ -890,7 +928,8 @@ print("read", m[int(sys.argv[2])], flush=True)
 
 
 def test_killing_a_copy_on_read_does_not_fail_a_writer_waiting_for_it(rig, slow_nbd):
-    rig.mount("--region-size", "64K", "--no-hydration", src=slow_nbd)  # copy-on-read on
+    rig.mount("--region-size", "64K", "--no-hydration", "--write-cache", "0",
+              src=slow_nbd)  # copy-on-read on; write-through, so the writer waits on the copy
     with _reaped(_start(_MMAP_READER, rig.image, 7 * RS + 100)) as reader:
         _wait_blocked(rig, reader, lambda st: st["hydrating_regions"] >= 1)  # its claim
         # a partial write to the same region waits for that copy-on-read
@@ -943,11 +982,11 @@ def test_unmount_while_a_reader_is_blocked(rig, slow_nbd):
 # ---- SIGTERM while a loop device holds the image ---------------------------------------------
 
 
-def test_sigterm_while_a_loop_device_holds_the_image(rig):
-    data = make_random(rig.src, 8 * MiB)
-    proc = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", "--foreground",
-                             "--no-hydration", rig.src, rig.dst, rig.meta, rig.mnt],
-                            stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _foreground_mount(rig, *options):
+    """`fuseclone mount --foreground` as a child process, once the image is mounted."""
+    proc = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", "--foreground", *options,
+                             rig.src, rig.dst, rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True)
     with _reaped(proc):
         rig.stack.callback(rig._force_unmount, rig.mnt)
         deadline = time.monotonic() + 30
@@ -955,6 +994,37 @@ def test_sigterm_while_a_loop_device_holds_the_image(rig):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        yield proc
+
+
+def test_sigterm_hands_cached_writes_over_before_it_stops(rig):
+    """A buffered loop device's writes sit in the kernel's cache of the image; a SIGTERM while
+    the loop device still holds it must write them to DST before the session ends."""
+    data = make_random(rig.src, 8 * MiB)
+    with _foreground_mount(rig, "--no-hydration") as proc:
+        loop = rig.losetup(None, "--direct-io=off")
+        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 64 * 1024)
+            buf.write(b"\x5a" * len(buf))
+            os.pwritev(fd, [buf], 3 * MiB)  # no fsync: the kernel holds it
+        finally:
+            os.close(fd)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        sh("losetup", "-d", loop, timeout=30)
+    with Metadata.open(rig.meta, writable=False) as meta:
+        assert meta.header.clean
+        assert meta.map.is_hydrated(3 * MiB // meta.header.region_size)
+    with open(rig.dst, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(64 * 1024) == b"\x5a" * 64 * 1024
+    assert data[3 * MiB : 3 * MiB + 16] != b"\x5a" * 16
+
+
+def test_sigterm_while_a_loop_device_holds_the_image(rig):
+    data = make_random(rig.src, 8 * MiB)
+    with _foreground_mount(rig, "--no-hydration") as proc:
         loop = rig.losetup()
         assert pread(loop, 0, 1 * MiB, direct=True) == data[: 1 * MiB]
         fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
