@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
 DEFAULT_WRITE_CACHE = 1 << 30
-WRITE_BACK_TIMEOUT = 60.0  # seconds a stop waits for the kernel to hand over cached writes
+WRITE_BACK_TIMEOUT = 30.0  # seconds a stop waits for the kernel to hand over cached writes
 
 
 @dataclass
@@ -131,10 +131,10 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     await nursery.start(control.serve_control, opts.metadata, handle)
     nursery.start_soon(_signals, image, write_cache, stop)
     fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other,
-                         image_at_root=image_at_root)
+                         image_at_root=image_at_root, write_cache=write_cache > 0)
     await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
     if opts.on_complete:
-        nursery.start_soon(_on_complete, engine, opts.on_complete)
+        nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
 
 
 async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, stop: trio.CancelScope,
@@ -160,17 +160,22 @@ async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelS
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
     lose them. The fsync runs in a thread because the event loop has to answer it."""
     if write_cache:
-        with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
-            try:
-                await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)
-            except FileNotFoundError:
-                pass  # stopped before the image was mounted: nothing was cached
-            except OSError as exc:
-                log.warning("writing back the kernel's cached writes of %s: %s", image, exc)
-        if waited.cancelled_caught:
-            log.warning("the kernel's cached writes of %s took over %.0f s: stopping without them",
-                        image, WRITE_BACK_TIMEOUT)
+        await _write_back(image)
     stop.cancel()
+
+
+async def _write_back(image: str) -> None:
+    """Have the kernel hand over the image's cached writes (an fsync of it, from a thread)."""
+    with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
+        try:
+            await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)
+        except FileNotFoundError:
+            pass  # stopped before the image was mounted: nothing was cached
+        except OSError as exc:
+            log.warning("writing back the kernel's cached writes of %s: %s", image, exc)
+    if waited.cancelled_caught:
+        log.warning("the kernel's cached writes of %s took over %.0f s: going on without them",
+                    image, WRITE_BACK_TIMEOUT)
 
 
 def _fsync_file(path: str) -> None:
@@ -181,8 +186,10 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-async def _on_complete(engine: CloneEngine, command: str) -> None:
+async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int) -> None:
     await engine.complete.wait()
+    if write_cache:
+        await _write_back(image)  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     result = await trio.run_process(shlex.split(command), check=False, env=env)

@@ -95,6 +95,9 @@ FUSE_NO_OPENDIR_SUPPORT = 1 << 24
 FUSE_EXPLICIT_INVAL_DATA = 1 << 25
 FUSE_INIT_EXT = 1 << 30
 
+# fuse_write_in.write_flags
+FUSE_WRITE_CACHE = 1 << 0  # the write is the kernel writing back its cache
+
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1

@@ -27,13 +27,14 @@ IMAGE_FH = 1
 
 class ImageFilesystem:
     def __init__(self, image: ImageBackend, *, name: str = "image", allow_other: bool = False,
-                 image_at_root: bool = False) -> None:
+                 image_at_root: bool = False, write_cache: bool = False) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"{name!r} is not a usable file name")
         self.image = image
         self.name = name.encode()
         self.image_at_root = image_at_root
         self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
+        self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)
         # default_permissions makes the kernel check these bits; others get access only when
         # the mount was made with allow_other on purpose.
         self._perm = 0o666 if allow_other else 0o600
@@ -143,6 +144,9 @@ class ImageFilesystem:
             raise OSError(errno.ENOSPC, "write past the end of the image")
         data = req.data if len(req.data) <= room else req.data[:room]
         await self.image.write(req.offset, data)
+        if len(data) < len(req.data) and req.write_flags & abi.FUSE_WRITE_CACHE:
+            # Writeback ignores a short count: the part past the end would be dropped silently.
+            raise OSError(errno.ENOSPC, "write past the end of the image")
         return codec.WriteReply(len(data))
 
     async def fsync(self, req: codec.Fsync) -> codec.Reply:
@@ -167,6 +171,11 @@ class ImageFilesystem:
         return codec.EmptyReply()
 
     async def lseek(self, req: codec.Lseek) -> codec.Reply:
+        if self.write_cache:
+            # The kernel asks without writing its cached pages back first (and holds the inode
+            # lock, so we cannot fetch them): a hole here might hide written data. ENOSYS makes
+            # it treat the whole image as data from now on.
+            raise OSError(errno.ENOSYS, "SEEK_DATA/SEEK_HOLE with the write cache")
         if req.whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
         if req.nodeid != self.image_id:

@@ -205,12 +205,23 @@ def set_dirty_limit(real_mountpoint: str, nbytes: int) -> bool:
         log.debug("%s: not in /proc/self/mountinfo", real_mountpoint)
         return False
     try:
-        with open(f"/sys/class/bdi/{bdi}/max_bytes", "w") as f:
-            f.write(str(nbytes))
+        _write_bdi(bdi, "max_bytes", nbytes)
     except OSError as exc:
-        log.debug("bdi %s max_bytes: %s", bdi, exc)
-        return False
+        if exc.errno != errno.EINVAL:
+            log.info("bdi %s max_bytes: %s", bdi, exc)
+            return False
+        # More than the whole dirty threshold of a smaller machine: allow all of it instead.
+        try:
+            _write_bdi(bdi, "max_ratio", 100)
+        except OSError as exc2:
+            log.info("bdi %s max_ratio: %s", bdi, exc2)
+            return False
     return True
+
+
+def _write_bdi(bdi: str, knob: str, value: int) -> None:
+    with open(f"/sys/class/bdi/{bdi}/{knob}", "w") as f:
+        f.write(str(value))
 
 
 def mount_device(real_mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:

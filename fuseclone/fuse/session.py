@@ -58,7 +58,7 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
                     use_fusermount=use_fusermount)
     if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
         log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
-                 "system's); setting one needs root and Linux 6.2", mountpoint)
+                 "system's): raising it needs root and Linux 6.2", mountpoint)
     session = Session(fd, fs, writeback_cache=write_cache > 0)
     try:
         await session.handshake()

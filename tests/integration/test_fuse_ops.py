@@ -315,7 +315,7 @@ def test_seek_data_and_hole_follow_the_sparse_source(rig):
         f.write(os.urandom(1 * MiB))
         f.seek(3 * MiB)
         f.write(os.urandom(1 * MiB))
-    rig.mount("--no-hydration", "--no-copy-on-read")
+    rig.mount("--no-hydration", "--no-copy-on-read", "--write-cache", "0")  # see the test below
 
     def layout():
         fd = os.open(rig.image, os.O_RDONLY)
@@ -423,6 +423,24 @@ def test_writes_past_the_end(rig):
     assert pread(rig.image, 0, size + 8192) == data
 
 
+def test_seek_hole_never_hides_cached_writes(rig):
+    """The kernel asks for SEEK_DATA/SEEK_HOLE without writing its cached pages back, so with
+    the write cache the image answers as all data: a sparse copy then never skips a write."""
+    size = 4 * MiB
+    with open(rig.src, "wb") as f:
+        f.truncate(size)  # all hole
+    rig.mount("--no-hydration", "--no-copy-on-read")
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x07" * 4096, 2 * MiB)  # cached, not written back
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == size
+        assert os.lseek(fd, 1 * MiB, os.SEEK_DATA) == 1 * MiB
+    finally:
+        os.close(fd)
+    assert pread(rig.image, 2 * MiB, 4096) == b"\x07" * 4096
+
+
 def test_writes_past_the_end_with_the_write_cache(rig):
     """The kernel accepts a cached write past the end; the daemon refuses it at writeback, so
     fsync and close report ENOSPC and neither DST nor the image's data changes."""
@@ -432,6 +450,12 @@ def test_writes_past_the_end_with_the_write_cache(rig):
     fd = os.open(rig.image, os.O_RDWR)
     try:
         assert os.pwrite(fd, b"x" * 4096, size + 4096) == 4096
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+        assert exc.value.errno == errno.ENOSPC
+        # straddling the end: written back as one request, the daemon keeps what fits and
+        # still reports the rest, or it would be lost silently
+        assert os.pwrite(fd, b"y" * 8192, size - 4096) == 8192
         with pytest.raises(OSError) as exc:
             os.fsync(fd)
         assert exc.value.errno == errno.ENOSPC
@@ -446,7 +470,7 @@ def test_writes_past_the_end_with_the_write_cache(rig):
     assert os.path.getsize(rig.dst) == size
     rig.mount()
     assert os.path.getsize(rig.image) == size
-    assert pread(rig.image, 0, size + 8192) == data
+    assert pread(rig.image, 0, size + 8192) in (data, data[: size - 4096] + b"y" * 4096)
 
 
 def test_the_write_cache_limit_is_set_on_the_mount(rig):
@@ -455,7 +479,8 @@ def test_the_write_cache_limit_is_set_on_the_mount(rig):
     dev = os.stat(rig.mnt).st_dev
     with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/max_bytes") as f:
         limit = int(f.read())
-    assert abs(limit - 256 * MiB) < 256 * MiB // 100  # the kernel keeps it as a fraction
+    # the kernel keeps it as a fraction of the dirtyable memory of the moment, which moves
+    assert abs(limit - 256 * MiB) < 256 * MiB // 10
 
 
 def test_regular_file_mountpoint_operations(rig):
