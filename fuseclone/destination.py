@@ -15,6 +15,7 @@ from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_
 from .errors import DestinationError
 
 _ZEROS = bytes(1 << 20)
+DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
 
 
 class Destination:
@@ -25,6 +26,8 @@ class Destination:
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._st = st
+        self._direct_fd = -1
+        self.direct_bytes = 0  # written with direct I/O (hydration copies)
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -57,7 +60,18 @@ class Destination:
             if created:
                 os.unlink(path)
             raise
-        return cls(path, fd, image_size)
+        dst = cls(path, fd, image_size)
+        if not readonly:
+            dst._open_direct()
+        return dst
+
+    def _open_direct(self) -> None:
+        """A second descriptor with O_DIRECT, for hydration copies; none where the filesystem
+        refuses direct I/O (then every write is buffered)."""
+        try:
+            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct_fd = -1
 
     def identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {
@@ -90,6 +104,25 @@ class Destination:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         pwrite_all(self.fd, data, offset)
+
+    def can_write_direct(self, offset: int, data) -> bool:
+        """Whether `data` can go to `offset` with direct I/O: a direct descriptor, and offset,
+        length and memory address all DIRECT_ALIGN-aligned (only writable buffers qualify: the
+        address of a bytes object cannot be taken, and its storage is never aligned)."""
+        if self._direct_fd < 0 or offset % DIRECT_ALIGN or len(data) % DIRECT_ALIGN or not len(data):
+            return False
+        try:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        except TypeError:
+            return False
+        return address % DIRECT_ALIGN == 0
+
+    def write_direct(self, offset: int, data) -> None:
+        """Write past the page cache (see can_write_direct). Durable only after datasync(), like
+        any write: the device may still cache it, and fdatasync flushes the inode's device cache
+        whichever descriptor wrote."""
+        pwrite_all(self._direct_fd, data, offset)
+        self.direct_bytes += len(data)
 
     def datasync(self) -> None:
         os.fdatasync(self.fd)
@@ -136,6 +169,9 @@ class Destination:
         return data_extents(self.fd, offset, length)
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -48,6 +48,12 @@ class Source(abc.ABC):
         """Exactly `length` bytes at `offset` (clipped to the size), bytes-like and the caller's
         to keep. Raises SourceReadError."""
 
+    async def read_for_copy(self, offset: int, length: int):
+        """`read` for a hydration copy, which is written to DST and then recycled: a source may
+        return page-aligned memory (an mmap) here, which DST can take with direct I/O. Such a
+        buffer is bytes-like but compares by identity, so only the copy path gets one."""
+        return await self.read(offset, length)
+
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
         return [Extent(offset, length, zero=False)]

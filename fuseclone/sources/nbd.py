@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import mmap
 import os
 import socket
 import urllib.parse
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 KiB = 1024
 MiB = 1024 * KiB
+ALIGNED_BUFFER_MIN = 64 * KiB  # reads this large are received into page-aligned memory
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ class NbdSource(Source):
         self._reconnect_lock = trio.Lock()
         self._filling = False
         self._backoff = 0.0
-        self._free_buffers: dict[int, list[bytearray]] = {}  # by length
+        self._free_buffers: dict[tuple[type, int], list] = {}  # by kind and length
         self._free_bytes = 0
         self._next_attempt = 0.0
         self._last_error = ""
@@ -309,6 +311,13 @@ class NbdSource(Source):
     async def read(self, offset: int, length: int) -> bytes:
         """The bytes at [offset, offset+length), clipped to the size. The result is a bytearray
         that belongs to the caller (bytes-like, as the engine needs; no extra copy)."""
+        return await self._read(offset, length, aligned=False)
+
+    async def read_for_copy(self, offset: int, length: int):
+        """`read` into page-aligned memory (an anonymous mmap) when it is large."""
+        return await self._read(offset, length, aligned=True)
+
+    async def _read(self, offset: int, length: int, aligned: bool):
         size = self.size
         if offset < 0:
             raise SourceReadError(errno.EINVAL, f"source read at negative offset {offset}")
@@ -319,7 +328,7 @@ class NbdSource(Source):
         lo = offset - offset % align
         hi = min(size, -(-(offset + length) // align) * align)
         exact = lo == offset and hi - lo == length
-        buf = self._buffer(length) if exact else bytearray(hi - lo)
+        buf = self._buffer(length, aligned) if exact else bytearray(hi - lo)
         view = memoryview(buf)
         piece = self._piece_size()
         what = f"read of {length} bytes at {offset}"
@@ -347,21 +356,25 @@ class NbdSource(Source):
             return buf
         return bytes(view[offset - lo:offset - lo + length])
 
-    def _buffer(self, length: int) -> bytearray:
-        """A receive buffer: a recycled one of this length, else a new one. New bytearrays are
-        zero-filled, and that memset was 8% of the daemon's CPU while hydrating from NBD."""
-        free = self._free_buffers.get(length)
+    def _buffer(self, length: int, aligned: bool) -> bytearray | mmap.mmap:
+        """A receive buffer: a recycled one of this length and kind, else a new one. Aligned
+        ones are anonymous mmaps when large: page-aligned, so DST can take them with direct I/O.
+        New buffers are zero-filled, and that memset was 8% of the daemon's CPU while hydrating
+        from NBD."""
+        kind = mmap.mmap if aligned and length >= ALIGNED_BUFFER_MIN else bytearray
+        free = self._free_buffers.get((kind, length))
         if free:
             self._free_bytes -= length
             return free.pop()
-        return bytearray(length)
+        return mmap.mmap(-1, length) if kind is mmap.mmap else bytearray(length)
 
-    def recycle(self, data: bytes | bytearray) -> None:
+    def recycle(self, data: bytes | bytearray | mmap.mmap) -> None:
         # Only buffers of reads that returned come back, so no reply can still be arriving
         # into one (a cancelled or failed read's buffer is never handed back).
         n = len(data)
-        if type(data) is bytearray and self._free_bytes + n <= self.options.recycled_bytes:
-            self._free_buffers.setdefault(n, []).append(data)
+        kind = type(data)
+        if kind in (bytearray, mmap.mmap) and self._free_bytes + n <= self.options.recycled_bytes:
+            self._free_buffers.setdefault((kind, n), []).append(data)
             self._free_bytes += n
 
     async def extents(self, offset: int, length: int) -> list[Extent]:

@@ -547,6 +547,8 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
                 await engine.complete.wait()
             assert engine.status().complete
             reads = engine.source_reads
+            # Copies arrive in page-aligned buffers and go to DST with direct I/O.
+            assert engine.dst.direct_bytes > 0
             # A remote source keeps 64 MiB of copies in flight by default (16 MiB for a file).
             assert engine.status().hydration_threshold == (64 << 20) // engine.geometry.region_size
     assert contents(dst) == contents(image)
