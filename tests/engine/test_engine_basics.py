@@ -213,7 +213,10 @@ def test_default_depth_leaves_room_for_the_bitmap():
     from fuseclone.regions import Geometry
 
     assert default_depth(64 * MiB, Geometry(16 << 30, 4096)) == 64 * MiB  # 512 KiB bitmap
-    assert default_depth(64 * MiB, Geometry(256 << 30, 4096)) == 54 * MiB  # 8 MiB bitmap
+    assert default_depth(64 * MiB, Geometry(256 << 30, 4096)) == 64 * MiB  # 8 MiB bitmap
+    assert default_depth(128 * MiB, Geometry(256 << 30, 4096)) == 102 * MiB  # less 3.25x it
+    assert default_depth(128 * MiB, Geometry(16 << 30, 4096)) == 127 * MiB
+    assert default_depth(128 * MiB, Geometry(1 << 40, 4096)) == 24 * MiB
     assert default_depth(64 * MiB, Geometry(1 << 40, 4096)) == 24 * MiB  # 1 TiB: 32 MiB bitmap
     assert default_depth(64 * MiB, Geometry(4 << 40, 4096)) == 16 * MiB  # never under 16 MiB
     assert default_depth(64 * MiB, Geometry(1 << 40, 1 << 20)) == 64 * MiB

@@ -549,8 +549,8 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
             reads = engine.source_reads
             # Copies arrive in page-aligned buffers and go to DST with direct I/O.
             assert engine.dst.direct_bytes > 0
-            # A remote source keeps 64 MiB of copies in flight by default (16 MiB for a file).
-            assert engine.status().hydration_threshold == (64 << 20) // engine.geometry.region_size
+            # NBD keeps 128 MiB of copies in flight by default (16 MiB for a file).
+            assert engine.status().hydration_threshold == (128 << 20) // engine.geometry.region_size
     assert contents(dst) == contents(image)
     holes = zero_ranges_of(image)
     for lo, hi in allocated_ranges(dst):  # nothing was written where the source has holes
