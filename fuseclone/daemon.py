@@ -148,11 +148,18 @@ async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, stop: trio.
 
 
 async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
+    """The first SIGINT/SIGTERM stops after the kernel's cached writes are handed over; a
+    second one while that waits (a slow source, say) stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: committing and unmounting", signal.Signals(signum).name)
-            await _write_back_then_stop(image, write_cache, stop)
-            return
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if nursery.child_tasks:
+                    log.warning("received %s again: stopping without waiting for cached writes", name)
+                    stop.cancel()
+                    return
+                log.info("received %s: committing and unmounting", name)
+                nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
 
 
 async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:

@@ -1008,10 +1008,11 @@ def test_unmount_while_a_reader_is_blocked(rig, slow_nbd):
 
 
 @contextlib.contextmanager
-def _foreground_mount(rig, *options):
+def _foreground_mount(rig, *options, src=None):
     """`fuseclone mount --foreground` as a child process, once the image is mounted."""
     proc = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", "--foreground", *options,
-                             rig.src, rig.dst, rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True)
+                             src or rig.src, rig.dst, rig.meta, rig.mnt], stderr=subprocess.PIPE,
+                            text=True)
     with _reaped(proc):
         rig.stack.callback(rig._force_unmount, rig.mnt)
         deadline = time.monotonic() + 30
@@ -1020,6 +1021,28 @@ def _foreground_mount(rig, *options):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         yield proc
+
+
+def test_a_second_signal_stops_without_waiting_for_cached_writes(rig, slow_nbd):
+    # A cached whole-page write into part of an unhydrated region: handing it over waits for
+    # that region's copy from the slow source.
+    with _foreground_mount(rig, "--region-size", "64K", "--no-hydration", "--no-copy-on-read",
+                           src=slow_nbd) as proc:
+        fd = os.open(rig.image, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x33" * 4096, 0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # still handing the write over
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=NBD_DELAY * 3)
+            elapsed = time.monotonic() - started
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert elapsed < NBD_DELAY * 0.5, f"the second signal took {elapsed:.1f} s"
+    assert "again" in proc.stderr.read()
 
 
 def test_sigterm_hands_cached_writes_over_before_it_stops(rig):
