@@ -165,14 +165,15 @@ async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None
 async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:
     """Stop serving, but first take over the writes the kernel still caches: once the session
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
-    lose them. The fsync runs in a thread because the event loop has to answer it."""
+    lose them."""
     if write_cache:
         await _write_back(image)
     stop.cancel()
 
 
 async def _write_back(image: str) -> None:
-    """Have the kernel hand over the image's cached writes (an fsync of it, from a thread)."""
+    """Have the kernel hand over the image's cached writes: an fsync of the image, in a thread
+    because this event loop has to answer the writes and the FSYNC it causes."""
     with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
         try:
             await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)

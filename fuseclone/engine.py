@@ -41,9 +41,10 @@ BUSY_BATCH_BYTES = 256 << 10
 INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cache on the event loop
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
-# The bitmap (counted at 1.25x, for margin) plus the default copies in flight (their buffers)
-# stay within this. A 1 TiB clone at 4 KiB regions (a 32 MiB bitmap) hydrating from NBD peaked
-# at 98 MiB of RSS with 32 MiB in flight, too close to SPEC's 100 MiB; it now gets 24 MiB.
+# The bitmap (counted at 3.25x: the bitmap itself plus the rest of a 1 TiB clone's RSS) plus the
+# default copies in flight (their buffers) stay within this. A 1 TiB clone at 4 KiB regions (a
+# 32 MiB bitmap) hydrating from NBD peaked at 98 MiB of RSS with 32 MiB in flight, too close to
+# SPEC's 100 MiB; it gets 24 MiB (84 MiB peak), while a small clone gets 128 MiB.
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
 
@@ -681,9 +682,9 @@ def _zero_runs(data: bytes | bytearray, step: int) -> list[tuple[bool, int, int]
     """Split `data` into maximal runs of all-zero / not-all-zero `step`-sized pieces.
 
     Only pieces whose first byte is zero can be all-zero; they are found with one strided copy
-    and checked with startswith (a memcmp, no slice copies), so random data costs almost nothing
-    and zero-filled data runs at memcmp speed rather than element-wise memoryview comparison.
-    (`find` of a piece as long as its window is that memcmp, and also works on an mmap.)"""
+    and checked with a `find` of a zero piece as long as their window (a memcmp, no slice
+    copies; unlike startswith it also works on an mmap), so random data costs almost nothing
+    and zero-filled data runs at memcmp speed rather than element-wise memoryview comparison."""
     step = min(step, len(_ZEROS))
     size = len(data)
     zero_piece = _ZEROS[:step]

@@ -1007,6 +1007,29 @@ def test_unmount_while_a_reader_is_blocked(rig, slow_nbd):
 # ---- SIGTERM while a loop device holds the image ---------------------------------------------
 
 
+def _write_direct(device, offset, data, fsync=False):
+    """An O_DIRECT write to a device, from page-aligned memory."""
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf.write(data)
+        os.pwritev(fd, [buf], offset)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _assert_in_dst_on_a_clean_stop(rig, offset, data):
+    """META was left clean with the write's region hydrated, and DST holds the write."""
+    with Metadata.open(rig.meta, writable=False) as meta:
+        assert meta.header.clean
+        assert meta.map.is_hydrated(offset // meta.header.region_size)
+    with open(rig.dst, "rb") as f:
+        f.seek(offset)
+        assert f.read(len(data)) == data
+
+
 @contextlib.contextmanager
 def _foreground_mount(rig, *options, src=None):
     """`fuseclone mount --foreground` as a child process, once the image is mounted."""
@@ -1051,22 +1074,11 @@ def test_sigterm_hands_cached_writes_over_before_it_stops(rig):
     data = make_random(rig.src, 8 * MiB)
     with _foreground_mount(rig, "--no-hydration") as proc:
         loop = rig.losetup(None, "--direct-io=off")
-        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
-        try:
-            buf = mmap.mmap(-1, 64 * 1024)
-            buf.write(b"\x5a" * len(buf))
-            os.pwritev(fd, [buf], 3 * MiB)  # no fsync: the kernel holds it
-        finally:
-            os.close(fd)
+        _write_direct(loop, 3 * MiB, b"\x5a" * 64 * 1024)  # no fsync: the kernel holds it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
         sh("losetup", "-d", loop, timeout=30)
-    with Metadata.open(rig.meta, writable=False) as meta:
-        assert meta.header.clean
-        assert meta.map.is_hydrated(3 * MiB // meta.header.region_size)
-    with open(rig.dst, "rb") as f:
-        f.seek(3 * MiB)
-        assert f.read(64 * 1024) == b"\x5a" * 64 * 1024
+    _assert_in_dst_on_a_clean_stop(rig, 3 * MiB, b"\x5a" * 64 * 1024)
     assert data[3 * MiB : 3 * MiB + 16] != b"\x5a" * 16
 
 
@@ -1075,14 +1087,7 @@ def test_sigterm_while_a_loop_device_holds_the_image(rig):
     with _foreground_mount(rig, "--no-hydration") as proc:
         loop = rig.losetup()
         assert pread(loop, 0, 1 * MiB, direct=True) == data[: 1 * MiB]
-        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
-        try:
-            buf = mmap.mmap(-1, 4096)
-            buf.write(b"\x42" * 4096)
-            os.pwritev(fd, [buf], 2 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_direct(loop, 2 * MiB, b"\x42" * 4096, fsync=True)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
     # the daemon is gone: the loop device gets errors, it does not hang
@@ -1092,12 +1097,7 @@ def test_sigterm_while_a_loop_device_holds_the_image(rig):
     assert r.returncode != 0
     assert not is_fuseclone_mount(rig.mnt)
     sh("losetup", "-d", loop, timeout=30)
-    with Metadata.open(rig.meta, writable=False) as meta:
-        assert meta.header.clean
-        assert meta.map.is_hydrated(2 * MiB // meta.header.region_size)
-    with open(rig.dst, "rb") as f:
-        f.seek(2 * MiB)
-        assert f.read(4096) == b"\x42" * 4096
+    _assert_in_dst_on_a_clean_stop(rig, 2 * MiB, b"\x42" * 4096)
     # and the clone resumes
     rig.mount()
     expected = bytearray(data)
