@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]{tool} is missing: run ./run setup[/]")
             return 2
 
+    if subject.unavailable_reason() is None:
+        subject.compile_fuseclone()
     profile = Profile.quick() if args.quick else Profile.full()
     if args.reps:
         profile.reps = args.reps

@@ -28,6 +28,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def compile_fuseclone() -> None:
+    """Byte-compile fuseclone as pip does when it installs a package. An editable checkout has
+    no bytecode, and with PYTHONDONTWRITEBYTECODE set every `fuseclone mount` would compile its
+    modules first (~30 ms that an installed fuseclone does not spend)."""
+    import compileall
+
+    import fuseclone
+
+    compileall.compile_dir(os.path.dirname(fuseclone.__file__), quiet=1)
+
+
 def nbd_unavailable_reason() -> str | None:
     try:
         import fuseclone.sources.nbd  # noqa: F401
