@@ -1,7 +1,7 @@
 """fuseclone under test, driven the way a user drives it: `fuseclone mount`, `message`,
 `unmount` as commands, progress read from the mount's control socket (the channel `fuseclone
-status`/`wait` use; polling it directly avoids a CLI start-up per poll, and its reply names the
-daemon's pid, which /proc/PID/status needs for memory figures).
+status`/`wait` use; asking it directly avoids a CLI start-up per request, and its reply names
+the daemon's pid, which /proc/PID/status needs for memory figures).
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ class Clone:
 
     # ---- control socket ----
 
-    def request(self, req: dict) -> dict | None:
+    def request(self, req: dict, timeout: float = 10.0) -> dict | None:
         from fuseclone import control
 
-        return control.request(self.meta, req)
+        return control.request(self.meta, req, timeout=timeout)
 
     def status(self) -> dict:
         reply = self.request({"op": "status"})
@@ -92,19 +92,21 @@ class Clone:
         st = self.status()["status"]
         return st["hydrated_regions"] == st["total_regions"]
 
-    def wait(self, timeout: float = 600, poll: float = 0.02) -> float:
-        """Block until hydration is complete; returns the time.perf_counter() it was seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()["status"]
-            if st["hydrated_regions"] == st["total_regions"]:
-                return time.perf_counter()
-            if st.get("hydration_error"):
-                raise BenchError(f"hydration stopped: {st['hydration_error']}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"hydration not complete after {timeout:.0f} s "
-                                 f"({st['hydrated_regions']}/{st['total_regions']} regions)")
-            time.sleep(poll)
+    def wait(self, timeout: float = 600) -> float:
+        """Block until hydration is complete; returns the time.perf_counter() it was seen. The
+        mount answers a "wait" request the moment hydration is complete (and committed): no
+        polling, which cost the daemon CPU and up to a poll interval of time."""
+        reply = self.request({"op": "wait", "timeout": timeout}, timeout=timeout + 30)
+        seen = time.perf_counter()
+        if reply is None:
+            raise BenchError(f"the mount of {self.meta} does not answer: {tail(self.log_path)}")
+        st = reply["status"]
+        if st["hydrated_regions"] == st["total_regions"]:
+            return seen
+        if st.get("hydration_error"):
+            raise BenchError(f"hydration stopped: {st['hydration_error']}")
+        raise BenchError(f"hydration not complete after {timeout:.0f} s "
+                         f"({st['hydrated_regions']}/{st['total_regions']} regions)")
 
     def wait_hydrated(self, nbytes: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

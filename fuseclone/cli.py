@@ -13,7 +13,7 @@ import click
 
 from . import control
 from .engine import Settings
-from .errors import FusecloneError
+from .errors import FusecloneError, MetadataInUseError
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -198,6 +198,9 @@ def _setup_logging(log_file: str | None, level: str) -> None:
 # ---- status / message / wait / unmount -------------------------------------------------------
 
 
+WAIT_SLICE = 60.0  # seconds per "wait" request: a mount that hangs is noticed this soon
+
+
 def read_status(target: str) -> Status:
     """Live status from the mount of TARGET, or offline status from its META."""
     meta = control.resolve_target(target)
@@ -265,9 +268,11 @@ def message(target, words) -> None:
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 def wait(target, timeout) -> None:
     """Wait until hydration is complete (exit 0), or the timeout passes (exit 1)."""
+    meta = control.resolve_target(target)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        st = read_status(target)
+        remaining = WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+        st = _wait_for_hydration(meta, min(remaining, WAIT_SLICE))
         if st.complete:
             return
         if not st.live:
@@ -278,7 +283,31 @@ def wait(target, timeout) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             click.echo(f"fuseclone: timed out at {st.fraction:.1%} hydrated", err=True)
             sys.exit(1)
-        time.sleep(0.25)
+
+
+def _wait_for_hydration(meta: str, seconds: float) -> Status:
+    """Status once the mount of META is complete, has stopped, or SECONDS passed (the mount
+    answers at that moment: no polling). Offline status when no mount answers."""
+    try:
+        reply = control.request(meta, {"op": "wait", "timeout": seconds}, timeout=seconds + 10)
+    except FusecloneError:  # unmounted while waiting
+        return _offline_status_once_released(meta)
+    if reply is not None:
+        return Status(**reply["status"])
+    return offline_status(meta)
+
+
+def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
+    """Offline status of a mount that is shutting down: it lets go of META after its last
+    commit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return offline_status(meta)
+        except MetadataInUseError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 @main.command()

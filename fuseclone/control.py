@@ -8,6 +8,8 @@ mountpoint leads to its META and from there to its socket.
 Protocol: one JSON object per line in each direction. Requests:
     {"op": "status"}                   -> {"ok": true, "status": {...}}
     {"op": "message", "text": "..."}   -> {"ok": true} or {"ok": false, "error": "..."}
+    {"op": "wait", "timeout": SECONDS} -> like status, sent once hydration is complete (and
+                                          committed), has stopped on errors, or SECONDS passed
     {"op": "unmount"}                  -> {"ok": true}, then the mount shuts down
 """
 

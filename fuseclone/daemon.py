@@ -27,6 +27,7 @@ from .metadata import Metadata
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
+MAX_WAIT = 3600.0  # seconds a "wait" request may block
 DEFAULT_WRITE_CACHE = 1 << 30
 WRITE_BACK_TIMEOUT = 30.0  # seconds a stop waits for the kernel to hand over cached writes
 
@@ -108,17 +109,23 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
 
     stop = nursery.cancel_scope
 
+    def status_reply() -> dict:
+        return {"ok": True, "status": engine.status(), "pid": os.getpid(), "mountpoint": opts.mountpoint}
+
     async def handle(req: dict) -> dict:
         op = req.get("op")
         if op == "status":
-            status = engine.status()
-            return {"ok": True, "status": status, "pid": os.getpid(), "mountpoint": opts.mountpoint}
+            return status_reply()
         if op == "message":
             try:
                 engine.message(str(req.get("text", "")))
             except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
+        if op == "wait":
+            with trio.move_on_after(max(0.0, min(float(req.get("timeout", 60)), MAX_WAIT))):
+                await engine.wait_until_settled()
+            return status_reply()
         if op == "unmount":
             nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
             return {"ok": True}

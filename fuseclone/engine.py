@@ -47,6 +47,7 @@ COPY_WRITER_THREADS = 2
 # SPEC's 100 MiB; it gets 24 MiB (84 MiB peak), while a small clone gets 128 MiB.
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
+STOPPED_POLL_INTERVAL = 0.1  # seconds: how soon a waiter sees that hydration stopped
 
 
 @dataclass
@@ -585,6 +586,12 @@ class CloneEngine:
         await self.commit()
         self.complete.set()
         log.info("hydration complete: %d regions", len(self.meta.map))
+
+    async def wait_until_settled(self) -> None:
+        """Return once hydration is complete (and committed) or has stopped after failures."""
+        while not self.complete.is_set() and self.hydration_error is None:
+            with trio.move_on_after(STOPPED_POLL_INTERVAL):  # a stop sets no event
+                await self.complete.wait()
 
     # ---- control ------------------------------------------------------------------------
 

@@ -56,8 +56,7 @@ async def test_faults_back_off_stop_and_resume(clone):
         assert info.value.errno == errno.EIO
         engine.message("enable_hydration")
         with trio.fail_after(10):
-            while engine.hydration_error is None:
-                await trio.sleep(0.01)
+            await engine.wait_until_settled()  # a stop ends the wait, not only completion
         status = engine.status()
         assert "stopped after 3 failures" in status.hydration_error
         assert not status.complete and broken.failures >= 3
@@ -70,6 +69,6 @@ async def test_faults_back_off_stop_and_resume(clone):
         broken.broken = False  # the server is back
         engine.message("enable_hydration")
         with trio.fail_after(30):
-            await engine.complete.wait()
-        assert engine.status().hydration_error is None
+            await engine.wait_until_settled()
+        assert engine.complete.is_set() and engine.status().hydration_error is None
         assert await engine.read(1 << 20, 8192) == clone.source_bytes(1 << 20, 8192)

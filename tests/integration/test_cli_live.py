@@ -4,6 +4,7 @@ that gets one clear line, exit 1, and leaves nothing behind."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -28,6 +29,39 @@ def test_messages_apply_live(rig, random_source):
     assert line[3].split("/")[0] == line[3].split("/")[1] and line[-1] == "rw"
     human = fuseclone("status", rig.meta).stdout  # META as TARGET reaches the live mount too
     assert "100.0%" in human
+
+
+def test_wait_blocks_until_hydration_completes(rig, random_source):
+    rig.mount("--no-hydration")
+    waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt, "--timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert waiter.poll() is None, "wait returned while nothing was hydrating"
+        fuseclone("message", rig.mnt, "enable_hydration")
+        _, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, err
+        assert status_json(rig.mnt)["hydrated_regions"] == status_json(rig.mnt)["total_regions"]
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+
+
+def test_wait_ends_when_the_mount_goes_away(rig, random_source):
+    rig.mount("--no-hydration")
+    waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        fuseclone("unmount", rig.mnt)
+        _, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 1
+        assert "no mount is hydrating it" in err
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
 
 
 def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source):
