@@ -55,6 +55,9 @@ def evict(path: str) -> None:
     that nbdcopy, a small C program, does not pay.)"""
     fd = os.open(path, os.O_RDONLY)
     try:
+        # Dirty pages (a source file just written) are not dropped, only queued for writeback,
+        # which then competes with the sample for the disk: write them out first.
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -224,6 +227,8 @@ def random_file(path: str, size: int, chunk: int = 4 << 20) -> str:
             n = min(chunk, left)
             f.write(os.urandom(n))
             left -= n
+        f.flush()
+        os.fsync(f.fileno())  # on disk before any row reads it "cold"
     os.replace(path + ".part", path)
     return path
 
