@@ -65,7 +65,7 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
     dst_existed = os.path.exists(dst_path)
     dst = Destination.open(dst_path, source.size, create=True)
     try:
-        resolved = settings.resolved(geometry, source.hydration_depth)
+        resolved = settings.resolved(geometry, source.hydration_depth, source.hydration_batch)
         meta = Metadata.create(meta_path, geometry, _identity(source, dst),
                                features=settings.features,
                                hydration_threshold=resolved.hydration_threshold,

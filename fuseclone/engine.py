@@ -58,7 +58,7 @@ class Settings:
     discard_passdown: bool = True
     copy_on_read: bool = True
     hydration_threshold: int = 0  # regions in flight; 0 = the source's hydration_depth worth
-    hydration_batch_size: int = 0  # contiguous regions per copy; 0 = DEFAULT_BATCH_BYTES worth
+    hydration_batch_size: int = 0  # contiguous regions per copy; 0 = the source's hydration_batch worth
     max_rate: int = 0  # bytes/s of hydration, 0 = unlimited
     commit_interval: float = 1.0
     user_io_pause: float = 0.005  # seconds between hydration batches while user I/O is active
@@ -66,14 +66,16 @@ class Settings:
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
 
-    def resolved(self, geometry: Geometry, source_depth: int) -> Settings:
-        """Zero tunables replaced by defaults: copies of DEFAULT_BATCH_BYTES, and as many in
-        flight as `default_depth` allows."""
+    def resolved(self, geometry: Geometry, source_depth: int,
+                 source_batch: int = DEFAULT_BATCH_BYTES) -> Settings:
+        """Zero tunables replaced by defaults: as many copies in flight as `default_depth`
+        allows, each of `default_batch` bytes."""
         region_size = geometry.region_size
         depth = default_depth(source_depth, geometry)
+        batch = default_batch(source_batch, depth)
         return replace(
             self,
-            hydration_batch_size=self.hydration_batch_size or max(1, DEFAULT_BATCH_BYTES // region_size),
+            hydration_batch_size=self.hydration_batch_size or max(1, batch // region_size),
             hydration_threshold=self.hydration_threshold or max(1, depth // region_size),
         )
 
@@ -91,6 +93,12 @@ def default_depth(source_depth: int, geometry: Geometry) -> int:
     under 100 MiB of RSS, while small clones get the whole 128 MiB."""
     bitmap_share = (geometry.nr_regions // 8 * 13 // 4) >> 20 << 20
     return max(MIN_DEFAULT_DEPTH, min(source_depth, HYDRATION_MEMORY - bitmap_share))
+
+
+def default_batch(source_batch: int, depth: int) -> int:
+    """Bytes per hydration copy by default: what the source asks for, but more than
+    DEFAULT_BATCH_BYTES only while at least 16 copies stay in flight."""
+    return min(source_batch, max(DEFAULT_BATCH_BYTES, depth // 16))
 
 
 class _Claim:
@@ -130,7 +138,8 @@ class CloneEngine:
         self.dst = dst
         self.meta = meta
         self.geometry: Geometry = meta.geometry
-        self.settings = settings.resolved(self.geometry, source.hydration_depth)
+        self.settings = settings.resolved(self.geometry, source.hydration_depth,
+                                          source.hydration_batch)
         self.complete = trio.Event()
         self._claims: dict[int, _Claim] = {}
         self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed

@@ -31,6 +31,9 @@ class Source(abc.ABC):
     #: enough requests outstanding to keep its disk and the link busy.
     hydration_depth: int = 16 << 20
 
+    #: Bytes per hydration copy by default (the hydration batch size when the user sets none).
+    hydration_batch: int = 4 << 20
+
     @property
     @abc.abstractmethod
     def size(self) -> int:

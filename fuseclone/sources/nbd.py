@@ -259,6 +259,10 @@ class NbdSource(Source):
     # 64 MiB (what nbdcopy keeps: 4 connections x 64 requests x 256 KiB) at ~720-760 and
     # 128 MiB at ~820 (1 GiB, alternating runs): deeper makes up for Python's slower start.
     hydration_depth = 128 << 20
+    # Copies of 8 MiB (8 requests) instead of 4: half the hand-offs to DST's writer threads,
+    # whose ~1 ms gaps left them idle a quarter of the time; 4% faster hydrating 1 GiB (hydrate
+    # phase, medians of 6 alternating: 0.83 -> 0.79 s source cached, 1.50 -> 1.44 s cold).
+    hydration_batch = 8 << 20
 
     def __init__(self, address: NbdAddress, options: NbdOptions) -> None:
         self.address = address

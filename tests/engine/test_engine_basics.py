@@ -221,3 +221,16 @@ def test_default_depth_leaves_room_for_the_bitmap():
     assert default_depth(64 * MiB, Geometry(4 << 40, 4096)) == 16 * MiB  # never under 16 MiB
     assert default_depth(64 * MiB, Geometry(1 << 40, 1 << 20)) == 64 * MiB
     assert default_depth(16 * MiB, Geometry(1 << 30, 4096)) == 16 * MiB  # a file asks for less
+
+
+def test_default_batch_grows_only_with_enough_copies_in_flight():
+    from fuseclone.engine import Settings, default_batch
+    from fuseclone.regions import Geometry
+
+    assert default_batch(8 * MiB, 128 * MiB) == 8 * MiB  # NBD, small clone: 16 copies of 8 MiB
+    assert default_batch(8 * MiB, 24 * MiB) == 4 * MiB  # NBD, 1 TiB clone: 6 copies of 4 MiB
+    assert default_batch(4 * MiB, 128 * MiB) == 4 * MiB  # a source that asks for 4 MiB
+    resolved = Settings().resolved(Geometry(1 << 30, 4096), 128 * MiB, 8 * MiB)
+    assert resolved.hydration_batch_size == 2048 and resolved.hydration_threshold == 32768
+    assert Settings(hydration_batch_size=16).resolved(Geometry(1 << 30, 4096), 128 * MiB,
+                                                      8 * MiB).hydration_batch_size == 16
