@@ -34,7 +34,9 @@ async def _check_against(meta: Metadata, src: str | None, dst: str | None, verif
     if source_cm is None:
         return _check_destination(meta, dst, echo)
     async with source_cm as source:
-        if source.identity() != identity.get("source") or source.size != meta.header.source_size:
+        recorded = identity.get("source")
+        if (not isinstance(recorded, dict) or not source.identity_matches(recorded)
+                or source.size != meta.header.source_size):
             echo(f"MISMATCH: {src} is not the source this metadata was made for")
             return False
         echo(f"source {src}: matches")

@@ -44,7 +44,7 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
                 f"not {region_size}")
         dst = Destination.open(dst_path, source.size, create=False)
         try:
-            meta.check_matches(source.size, _identity(source, dst))
+            meta.check_matches(source.size, _identity(source, dst), source.identity_matches)
             if not settings.hydration_threshold:
                 settings.hydration_threshold = meta.header.hydration_threshold
             if not settings.hydration_batch_size:

@@ -27,6 +27,7 @@ import struct
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from bitarray import bitarray
 
@@ -234,15 +235,23 @@ class Metadata:
 
     # ---- identity (SPEC invariant 7) --------------------------------------------------------
 
-    def check_matches(self, geometry_image_size: int, identity: dict) -> None:
-        """Refuse a metadata file that belongs to another source or destination."""
+    def check_matches(self, geometry_image_size: int, identity: dict,
+                      source_matches: Callable[[dict], bool] | None = None) -> None:
+        """Refuse a metadata file that belongs to another source or destination.
+        `source_matches(stored)` decides for the source when the source knows better than
+        equality (an HTTP object behind a re-issued pre-signed URL)."""
         if self.header.source_size != geometry_image_size:
             raise MetadataError(
                 f"{self.path} records a source of {self.header.source_size} bytes, but the source "
                 f"has {geometry_image_size}: it belongs to another clone")
         stored = self.header.identity
         for role in ("source", "destination"):
-            if stored.get(role) != identity.get(role):
+            recorded = stored.get(role)
+            if role == "source" and source_matches is not None and isinstance(recorded, dict):
+                same = source_matches(recorded)
+            else:
+                same = recorded == identity.get(role)
+            if not same:
                 raise MetadataError(
                     f"{self.path} belongs to another clone: its {role} was "
                     f"{_describe(stored.get(role))}, now {_describe(identity.get(role))}")

@@ -46,6 +46,10 @@ class Source(abc.ABC):
         Stored in the metadata; a later open whose identity differs is refused (invariant 7).
         """
 
+    def identity_matches(self, stored: dict) -> bool:
+        """Whether `stored` (an identity recorded earlier) names this same source."""
+        return stored == self.identity()
+
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Exactly `length` bytes at `offset` (clipped to the size), bytes-like and the caller's

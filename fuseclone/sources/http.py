@@ -148,6 +148,9 @@ class HttpSource(Source):
             ident["last_modified"] = self.last_modified
         return ident
 
+    def identity_matches(self, stored: dict) -> bool:
+        return same_http_object(stored, self.identity())
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         if offset < 0 or length < 0:
             raise SourceReadError(errno.EINVAL, f"bad source read ({offset}, {length})")
@@ -377,6 +380,25 @@ def _ssl_context() -> ssl.SSLContext:
         except (ImportError, OSError, ssl.SSLError):  # the system store alone, then
             pass
     return ctx
+
+
+def same_http_object(stored: dict, current: dict) -> bool:
+    """Whether two HTTP identities name the same object. Equal identities do; so do two whose
+    URLs differ only in the query, when both carry the same strong ETag: a pre-signed URL (S3,
+    GCS, Azure SAS) changes its query each time it is issued, and a clone resumed the next day
+    must accept the new one. The strong ETag names the object's content (reads send it in
+    If-Match as well), so the query no longer has to."""
+    if stored == current:
+        return True
+    etag = stored.get("etag")
+    if not isinstance(etag, str) or etag.startswith("W/") or etag != current.get("etag"):
+        return False
+    return ({**stored, "url": _without_query(stored.get("url"))}
+            == {**current, "url": _without_query(current.get("url"))})
+
+
+def _without_query(url: object) -> str:
+    return str(url).split("?", 1)[0].split("#", 1)[0]
 
 
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:

@@ -636,6 +636,47 @@ async def test_engine_hydrates_from_nginx_and_refuses_meta_of_a_changed_file(ngi
     assert open(meta, "rb").read() == meta_before  # refused without changing anything
 
 
+async def test_a_re_signed_url_resumes_the_clone_of_the_same_object(nginx, image, tmp_path):
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_http_source(nginx.url("image.raw") + "?X-Amz-Signature=aaa&X-Amz-Expires=60") as source:
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            assert await engine.read(0, 4096) == image[:4096]
+    # the same object under a newly signed URL: the clone resumes
+    async with open_http_source(nginx.url("image.raw") + "?X-Amz-Signature=bbb&X-Amz-Expires=60") as source:
+        engine = open_clone(source, dst, meta)
+        async with running(engine):
+            with trio.fail_after(20):
+                await engine.complete.wait()
+    with open(dst, "rb") as f:
+        assert f.read() == image
+    # another path is another object, whatever its query
+    (nginx.root / "copy.raw").write_bytes(image)
+    async with open_http_source(nginx.url("copy.raw") + "?X-Amz-Signature=bbb") as source:
+        with pytest.raises(MetadataError) as info:
+            open_clone(source, dst, meta)
+    assert_one_line(info, "belongs to another clone")
+
+
+def test_only_a_shared_strong_etag_lets_the_query_differ():
+    from fuseclone.sources.http import same_http_object
+
+    def ident(url, **extra):
+        return {"kind": "http", "url": url, "size": 10, **extra}
+
+    strong = {"etag": '"abc"'}
+    assert same_http_object(ident("http://h/a?sig=1", **strong), ident("http://h/a?sig=2", **strong))
+    assert same_http_object(ident("http://h/a?x=1"), ident("http://h/a?x=1"))
+    assert not same_http_object(ident("http://h/a?sig=1"), ident("http://h/a?sig=2"))  # no ETag
+    weak = {"etag": 'W/"abc"'}
+    assert not same_http_object(ident("http://h/a?sig=1", **weak), ident("http://h/a?sig=2", **weak))
+    assert not same_http_object(ident("http://h/a?sig=1", **strong),
+                                ident("http://h/a?sig=2", etag='"abd"'))
+    assert not same_http_object(ident("http://h/a?sig=1", **strong), ident("http://h/b?sig=1", **strong))
+    assert not same_http_object(ident("http://h/a?s=1", **strong),
+                                {**ident("http://h/a?s=2", **strong), "size": 11})
+
+
 async def test_engine_user_reads_get_eio_on_5xx_and_hydration_resumes(nginx, image, tmp_path):
     url = nginx.url("toggle/image.raw")
     dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
