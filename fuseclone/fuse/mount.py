@@ -188,7 +188,9 @@ def become_io_flusher() -> bool:
     reclaim. Needs CAP_SYS_RESOURCE; returns whether it took."""
     if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
         return True
-    log.debug("PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
+    log.info("not an I/O flusher (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE: %s): with the "
+             "write cache, DST writes may be throttled behind the image's own dirty pages",
+             os.strerror(ctypes.get_errno()))
     return False
 
 
