@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, pread_exact, pwrite_all)
@@ -28,6 +29,7 @@ class Destination:
         self._st = st
         self._direct_fd = -1
         self.direct_bytes = 0  # written with direct I/O (hydration copies)
+        self._direct_count_lock = threading.Lock()  # two writer threads add to it
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -122,7 +124,8 @@ class Destination:
         any write: the device may still cache it, and fdatasync flushes the inode's device cache
         whichever descriptor wrote."""
         pwrite_all(self._direct_fd, data, offset)
-        self.direct_bytes += len(data)
+        with self._direct_count_lock:
+            self.direct_bytes += len(data)
 
     def datasync(self) -> None:
         os.fdatasync(self.fd)
