@@ -20,6 +20,11 @@ from typing import Mapping
 from . import abi, codec
 from .backend import ImageBackend
 
+NAMESPACE_CHANGES = frozenset({
+    abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
+    abi.Opcode.UNLINK, abi.Opcode.RMDIR, abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.TMPFILE,
+})
+
 CACHE_SECONDS = 3600.0  # names and attributes never change while mounted
 BLOCK = 4096
 IMAGE_FH = 1
@@ -48,7 +53,7 @@ class ImageFilesystem:
             codec.Release: self.release, codec.ReleaseDir: self.release, codec.Flush: self.release,
             codec.Read: self.read, codec.Write: self.write, codec.Fsync: self.fsync,
             codec.StatFs: self.statfs, codec.Fallocate: self.fallocate, codec.Lseek: self.lseek,
-            codec.Access: self.access,
+            codec.Access: self.access, codec.Unsupported: self.unsupported,
         }
 
     def quick_handlers(self) -> Mapping[type, object]:
@@ -93,6 +98,14 @@ class ImageFilesystem:
     async def access(self, req: codec.Access) -> codec.Reply:
         self._attr(req.nodeid)
         return codec.EmptyReply()  # default_permissions: the kernel has checked the mode bits
+
+    async def unsupported(self, req: codec.Unsupported) -> codec.Reply:
+        # A one-file namespace: "Operation not permitted" says so better than ENOSYS's
+        # "Function not implemented", which stays for everything else (the kernel remembers it
+        # and stops asking).
+        if req.code in NAMESPACE_CHANGES:
+            raise OSError(errno.EPERM, "the mount holds only the image")
+        raise OSError(errno.ENOSYS, "not served")
 
     async def statfs(self, req: codec.StatFs) -> codec.Reply:
         # The loop driver enables discard only when statfs answers; f_bsize is its granularity.
