@@ -325,9 +325,14 @@ def unmount(mountpoint, timeout) -> None:
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     for loop in loop_devices_of(mountpoint):
         fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
-    reply = control.request(meta, {"op": "unmount"})
+    reply = control.request(meta, {"op": "unmount"}, timeout=timeout)
     if reply is None:
         fail(f"{mountpoint}: the mount does not answer on its control socket")
+    if reply.get("busy"):
+        holders = ", ".join(f"{pid} ({name})" for pid, name in processes_using(mountpoint))
+        fail(f"{mountpoint} is in use{' by ' + holders if holders else ''}: close the image first")
+    if not reply.get("ok"):
+        fail(f"{mountpoint}: {reply.get('error', 'unmount failed')}")
     from .metadata import Metadata
 
     # Done when the daemon has let go of META: its last commit, and marking the metadata clean,
@@ -338,6 +343,26 @@ def unmount(mountpoint, timeout) -> None:
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def processes_using(mountpoint: str) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes with a file or directory open under the mountpoint,
+    as far as /proc lets this user see."""
+    real = os.path.realpath(mountpoint)
+    under = real.rstrip("/") + "/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry}/cwd")]
+            links += [os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")]
+            if any(link == real or link.startswith(under) for link in links):
+                with open(f"/proc/{entry}/comm") as f:
+                    found.append((int(entry), f.read().strip()))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
 
 
 def loop_devices_of(mountpoint: str) -> list[str]:

@@ -8,6 +8,7 @@ before the mount is up, files this run created (META, a new DST) are removed aga
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
@@ -127,8 +128,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
-            nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
-            return {"ok": True}
+            return await _unmount_unless_in_use(opts.mountpoint, stop)
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
@@ -167,6 +167,26 @@ async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None
                     return
                 log.info("received %s: committing and unmounting", name)
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
+
+
+async def _unmount_unless_in_use(mountpoint: str, stop: trio.CancelScope) -> dict:
+    """The control socket's unmount, refused like umount(8)'s while something has the image
+    open: a lazy detach would drop whatever that holder writes into the kernel's cache later.
+    The unmount runs in a thread while this loop still serves, because the kernel hands over
+    the image's cached writes during it; the session then ends by itself."""
+    from .fuse.mount import unmount
+
+    try:
+        await trio.to_thread.run_sync(unmount, mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            log.info("unmount refused: %s is in use", mountpoint)
+            return {"ok": False, "busy": True, "error": f"{mountpoint} is in use"}
+        if exc.errno != errno.EINVAL:  # EINVAL: unmounted from outside meanwhile
+            log.error("%s", exc)
+            return {"ok": False, "error": str(exc)}
+        stop.cancel()
+    return {"ok": True}
 
 
 async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:

@@ -76,6 +76,25 @@ def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source)
     rig.wait_unmounted()
 
 
+def test_unmount_refuses_while_the_image_is_open(rig, random_source):
+    """Like umount(8): a lazy detach would drop what the holder writes into the kernel's cache
+    afterwards, so the mount stays up and keeps serving until the image is closed."""
+    rig.mount("--no-hydration")
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        result = fuseclone("unmount", rig.mnt, check=False)
+        assert result.returncode == 1
+        assert f"is in use by {os.getpid()} (" in result.stderr
+        os.pwrite(fd, b"written after the refusal", 5 * MiB + 7)
+    finally:
+        os.close(fd)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    with open(rig.dst, "rb") as f:
+        f.seek(5 * MiB + 7)
+        assert f.read(25) == b"written after the refusal"
+
+
 def test_on_complete_hook(rig, random_source):
     marker = rig.tmp / "done"
     rig.mount("--on-complete", f"touch {marker}")
