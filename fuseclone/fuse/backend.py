@@ -6,7 +6,7 @@ exception is a bug: the filesystem logs its traceback and answers EIO.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class ImageBackend(Protocol):
@@ -20,8 +20,9 @@ class ImageBackend(Protocol):
     def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """Like `read`, without waiting: the bytes if they can be had at once, else None."""
 
-    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
-        """Like `write`, without waiting: True if done, False if `write` must do it."""
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool | Callable[[], None]:
+        """Like `write`, without waiting: True if done, False if `write` must do it, or a
+        blocking call that does it from any thread (the write is then acknowledged after it)."""
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write inside the image (the filesystem has already refused writes past its end)."""

@@ -19,6 +19,7 @@ from typing import Mapping
 
 from . import abi, codec
 from .backend import ImageBackend
+from .session import Blocking
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -141,10 +142,16 @@ class ImageFilesystem:
         data = self.image.read_now(req.offset, req.size)
         return None if data is None else codec.DataReply(data)
 
-    def write_now(self, req: codec.Write) -> codec.Reply | None:
+    def write_now(self, req: codec.Write) -> codec.Reply | Blocking | None:
         if req.offset + len(req.data) > self.image.size:
             return None  # the async path clips or refuses it
-        return codec.WriteReply(len(req.data)) if self.image.write_now(req.offset, req.data) else None
+        done = self.image.write_now(req.offset, req.data)
+        if not done:
+            return None
+        reply = codec.WriteReply(len(req.data))
+        if done is True:
+            return reply
+        return Blocking(lambda: (done(), reply)[1])
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:

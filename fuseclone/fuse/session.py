@@ -9,8 +9,11 @@ a `codec.Reply` or raises OSError(errno).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import queue
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol
 
 import trio
@@ -31,8 +34,21 @@ MAX_READS_WITHOUT_WAIT = 16
 WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES
                      | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
 
+BLOCKING_THREADS = 1
+
+
+@dataclass(slots=True)
+class Blocking:
+    """A quick handler's answer that needs one blocking call first (a large copy into the page
+    cache, say). The session runs `job` on a thread of its own, which then sends the reply
+    itself: the event loop reads the next requests meanwhile, and the copy runs on another core
+    without a hop back to the loop."""
+
+    job: Callable[[], codec.Reply]
+
+
 Handler = Callable[[codec.Request], Awaitable[codec.Reply]]
-QuickHandler = Callable[[codec.Request], "codec.Reply | None"]
+QuickHandler = Callable[[codec.Request], "codec.Reply | Blocking | None"]
 
 
 class Filesystem(Protocol):
@@ -40,7 +56,8 @@ class Filesystem(Protocol):
         """Request type -> async handler. Types without a handler are answered ENOSYS."""
 
     def quick_handlers(self) -> Mapping[type, QuickHandler]:
-        """Request type -> synchronous handler that answers at once or returns None."""
+        """Request type -> synchronous handler that answers at once, hands a blocking job over
+        (`Blocking`: any thread may run it), or returns None."""
 
 
 async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
@@ -91,6 +108,7 @@ class Session:
         self._in_flight: dict[int, trio.CancelScope] = {}
         self._free_buffers: list[bytearray] = []
         self._reads_without_wait = 0
+        self._jobs: queue.SimpleQueue[tuple[int, Blocking, bytearray] | None] = queue.SimpleQueue()
         os.set_blocking(fd, False)
 
     # ---- reading and writing /dev/fuse --------------------------------------------------------
@@ -170,21 +188,33 @@ class Session:
     async def run(self) -> None:
         """Serve requests until the kernel ends the session (unmount or DESTROY)."""
         async with trio.open_nursery() as nursery:
-            while True:
-                got = await self._read_request()
-                if got is None:
-                    break
-                req, buf = got
-                if isinstance(req, codec.Interrupt):
-                    self._interrupt(req.target)
-                elif isinstance(req, codec.Destroy):
-                    self._send(codec.encode_reply(req.unique, codec.EmptyReply()))
-                    break
-                elif not req.expects_reply:  # FORGET, BATCH_FORGET: nodes here are static
-                    pass
-                elif self._answered_now(req):
-                    pass
-                else:
+            for _ in range(BLOCKING_THREADS):
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, self._run_jobs))
+            try:
+                await self._serve_requests(nursery)
+            finally:
+                for _ in range(BLOCKING_THREADS):
+                    self._jobs.put(None)  # the job threads finish what they hold, then return
+            nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
+
+    async def _serve_requests(self, nursery: trio.Nursery) -> None:
+        while True:
+            got = await self._read_request()
+            if got is None:
+                return
+            req, buf = got
+            if isinstance(req, codec.Interrupt):
+                self._interrupt(req.target)
+            elif isinstance(req, codec.Destroy):
+                self._send(codec.encode_reply(req.unique, codec.EmptyReply()))
+                return
+            elif not req.expects_reply:  # FORGET, BATCH_FORGET: nodes here are static
+                pass
+            else:
+                answered = self._answer_now(req, buf)
+                if answered is _HANDED_OVER:  # a job thread answers it and gives `buf` back
+                    continue
+                if answered is _NOT_NOW:
                     # Registered before the task starts: an INTERRUPT read right after its
                     # request must find it.
                     scope = self._in_flight[req.unique] = trio.CancelScope()
@@ -192,29 +222,46 @@ class Session:
                         nursery.start_soon(self._answer, req, scope, buf)
                         continue
                     nursery.start_soon(self._answer, req, scope, None)
-                self._give_back(buf)
-            nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
+            self._give_back(buf)
 
-    def _answered_now(self, req: codec.Request) -> bool:
+    def _run_jobs(self) -> None:
+        """A job thread: run handed-over blocking jobs and send their replies, until told to stop."""
+        while (item := self._jobs.get()) is not None:
+            unique, blocking, buf = item
+            try:
+                parts = codec.encode_reply(unique, blocking.job())
+            except OSError as exc:
+                parts = codec.encode_error(unique, exc.errno or errno.EIO)
+            except Exception:
+                log.exception("bug in a blocking job")
+                parts = codec.encode_error(unique, errno.EIO)
+            self._send(parts)
+            self._give_back(buf)
+
+    def _answer_now(self, req: codec.Request, buf: bytearray) -> object:
         """Answer without a task of its own when the filesystem can (page-cached reads, small
         writes that need nothing from the source): a task start costs as much as the rest of
-        such a request."""
+        such a request. Returns _ANSWERED, _HANDED_OVER (to a job thread, with `buf`) or
+        _NOT_NOW."""
         quick = self._quick_handlers.get(type(req))
         if quick is None:
-            return False
+            return _NOT_NOW
         try:
             reply = quick(req)
         except OSError as exc:
             self._send(codec.encode_error(req.unique, exc.errno or errno.EIO))
-            return True
+            return _ANSWERED
         except Exception:
             log.exception("bug while answering %s", type(req).__name__)
             self._send(codec.encode_error(req.unique, errno.EIO))
-            return True
+            return _ANSWERED
         if reply is None:
-            return False
+            return _NOT_NOW
+        if isinstance(reply, Blocking):
+            self._jobs.put((req.unique, reply, buf))
+            return _HANDED_OVER
         self._send(codec.encode_reply(req.unique, reply))
-        return True
+        return _ANSWERED
 
     async def _answer(self, req: codec.Request, scope: trio.CancelScope,
                       buf: bytearray | None) -> None:
@@ -256,6 +303,9 @@ class Session:
         except Exception:
             log.exception("unmount of %s failed", mountpoint)
         os.close(self.fd)
+
+
+_ANSWERED, _HANDED_OVER, _NOT_NOW = object(), object(), object()
 
 
 def _try(action: Callable[[], None]) -> None:

@@ -5,6 +5,7 @@ import os
 import pytest
 import trio
 
+from fuseclone.engine import HANDED_OVER_WRITE_MIN
 from fuseclone.metadata import Metadata
 from tests.engine.conftest import KiB, MiB
 
@@ -64,6 +65,23 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
     with Metadata.open(clone.meta, writable=False) as meta:
         assert meta.map.is_hydrated(2) and meta.map.is_hydrated(3) and not meta.map.is_hydrated(6)
     assert file_bytes(clone.dst, 3 * 4096)[8192:] == b"w" * 4096
+
+
+async def test_large_writes_to_hydrated_regions_are_handed_over(clone):
+    """The FUSE session runs them on its job thread: write_now gives back the blocking write."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    size = HANDED_OVER_WRITE_MIN
+    async with clone.running(engine):
+        assert engine.write_now(0, b"a" * size) is True  # unhydrated: written and marked at once
+        handed_over = engine.write_now(0, b"b" * size)
+        assert callable(handed_over)
+        assert file_bytes(clone.dst, size) == b"a" * size  # nothing written until it runs
+        handed_over()
+        assert file_bytes(clone.dst, size) == b"b" * size
+        assert engine.write_now(0, b"s" * (size - 4096)) is True  # smaller: on the loop
+        await engine.write(0, b"c" * size)  # the async path runs it in a worker thread
+        assert await engine.read(0, size) == b"c" * size
+        assert engine.source_reads == 0
 
 
 async def test_reads_come_from_source_until_hydrated(clone):

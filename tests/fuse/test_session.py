@@ -7,13 +7,14 @@ import errno
 import logging
 import os
 import socket
+import threading
 
 import pytest
 import trio
 
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
-from fuseclone.fuse.session import MAX_WRITE, Session, negotiate
+from fuseclone.fuse.session import MAX_WRITE, Blocking, Session, negotiate
 from tests.fuse.test_codec import request
 
 
@@ -25,13 +26,32 @@ class SlowFs:
         self.reads_started = 0
         self.cancelled = 0
         self.writes = []
+        self.job_threads = set()
+        self.jobs_may_finish = threading.Event()
 
     def handlers(self):
         return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
                 codec.Write: self.write}
 
     def quick_handlers(self):
-        return {codec.Read: self.read_now}
+        return {codec.Read: self.read_now, codec.Write: self.write_now}
+
+    def write_now(self, req):
+        """Writes at 1 MiB go to a job thread (2 MiB: failing, 3 MiB: a bug); others wait."""
+        data = bytes(req.data)  # taken here: the job must still see the buffer's contents
+
+        def job():
+            self.jobs_may_finish.wait(5)
+            if req.offset == 2 << 20:
+                raise OSError(errno.ENOSPC, "full")
+            if req.offset == 3 << 20:
+                raise RuntimeError("a bug in a job")
+            assert bytes(req.data) == data, "the request's buffer was reused before its answer"
+            self.job_threads.add(threading.get_ident())
+            self.writes.append(data)
+            return codec.WriteReply(len(data))
+
+        return Blocking(job) if req.offset in (1 << 20, 2 << 20, 3 << 20) else None
 
     def read_now(self, req):
         """Offset 4096 is answered at once, 8192 is refused at once, the rest waits."""
@@ -206,6 +226,30 @@ async def test_write_data_survives_buffer_reuse(session):
         answered = {(await kernel.reply())[0] for _ in payloads}
     assert answered == {100 + i for i in range(20)}
     assert sorted(fs.writes) == sorted(payloads)
+
+
+async def test_blocking_jobs_answer_from_a_thread_while_the_loop_reads_on(session, caplog):
+    kernel, fs, _ = session
+    payloads = [os.urandom(70000) for _ in range(6)]
+    with trio.fail_after(10):
+        for i, data in enumerate(payloads):
+            body = abi.write_in.pack(1, 1 << 20, len(data), 0, 0, 0, 0) + data
+            await kernel.send_when_room(Opcode.WRITE, body, unique=60 + i)
+        for unique, offset in ((70, 2 << 20), (71, 3 << 20)):
+            body = abi.write_in.pack(1, offset, 5, 0, 0, 0, 0) + b"x" * 5
+            await kernel.send_when_room(Opcode.WRITE, body, unique=unique)
+        await kernel.send_when_room(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=72)
+        # GETATTR, read after every write, is answered while the jobs wait: the loop goes on
+        assert (await kernel.reply())[:2] == (72, 0)
+        fs.jobs_may_finish.set()
+        answers = {}
+        for _ in range(len(payloads) + 2):
+            unique, error, body = await kernel.reply()
+            answers[unique] = error
+    assert answers == {**{60 + i: 0 for i in range(6)}, 70: errno.ENOSPC, 71: errno.EIO}
+    assert fs.writes == payloads  # one job thread: in the order they were read
+    assert fs.job_threads and threading.get_ident() not in fs.job_threads
+    assert "a bug in a job" in caplog.text
 
 
 async def test_destroy_ends_the_session(session):
