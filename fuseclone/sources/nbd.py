@@ -308,6 +308,9 @@ class NbdSource(Source):
             ident["port"] = self.address.port
         return ident
 
+    def identity_matches(self, stored: dict) -> bool:
+        return same_nbd_export(stored, self.identity())
+
     @property
     def connections(self) -> int:
         """Connections open right now."""
@@ -804,3 +807,21 @@ def _errno(nbd_error: int) -> int:
     return {proto.EPERM: errno.EPERM, proto.EIO: errno.EIO, proto.ENOMEM: errno.ENOMEM,
             proto.EINVAL: errno.EINVAL, proto.ENOSPC: errno.ENOSPC, proto.EOVERFLOW: errno.EOVERFLOW,
             proto.ENOTSUP: errno.ENOTSUP, proto.ESHUTDOWN: errno.ESHUTDOWN}.get(nbd_error, errno.EIO)
+
+
+def same_nbd_export(stored: dict, current: dict) -> bool:
+    """Whether two NBD identities name the same export. Equal identities do; so do two served
+    on Unix sockets at different paths with the same export name and size: a socket path is
+    usually made up per run (`nbdkit -U -`, a temporary directory), and a clone resumed with a
+    new one must not be refused. A TCP host or port, or another export name, still counts."""
+    if stored == current:
+        return True
+    if "socket" not in stored or "socket" not in current:
+        return False
+    ignored = ("socket", "url")
+    same = ({k: v for k, v in stored.items() if k not in ignored}
+            == {k: v for k, v in current.items() if k not in ignored})
+    if same:
+        log.info("the NBD socket moved from %s to %s: taking it for the same export",
+                 stored["socket"], current["socket"])
+    return same

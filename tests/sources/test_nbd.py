@@ -10,11 +10,11 @@ import trio
 
 from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
-from fuseclone.errors import SourceError
+from fuseclone.errors import MetadataError, SourceError
 from fuseclone.sources import open_source
 from fuseclone.sources.base import SourceReadError
 from fuseclone.sources.local import LocalSource
-from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url
+from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
 from tests.engine.conftest import make_source_file
 
 KiB = 1024
@@ -117,6 +117,43 @@ async def test_identity_differs_per_export(nbdkit, image, tmp_path):
         assert a.identity()["export"] == "src.img" and a.identity() != b.identity()
         assert await a.read(0, SIZE) == contents(image)
         assert await b.read(0, SIZE) == b"x" * SIZE
+
+
+async def test_a_clone_resumes_when_the_unix_socket_moves(nbdkit, image, tmp_path):
+    """`nbdkit -U -` makes up a socket path each run: the same export (name and size) served on
+    another socket resumes the clone; another export name, or TCP, is another source."""
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    first = nbdkit("file", f"dir={tmp_path}", name="first")
+    async with open_source(first.url("src.img")) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            await engine.write(0, b"y" * (64 * KiB))  # something to resume
+        hydrated = engine.status().hydrated_regions
+    assert hydrated > 0
+    first.stop()
+    moved = nbdkit("file", f"dir={tmp_path}", name="moved")
+    assert moved.sock != first.sock
+    async with open_source(moved.url("src.img")) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            assert engine.status().hydrated_regions == hydrated
+    (tmp_path / "other.img").write_bytes(b"x" * SIZE)
+    tcp = nbdkit("file", image, tcp=True)
+    for url in (moved.url("other.img"), tcp.url()):
+        async with open_source(url) as source:
+            with pytest.raises(MetadataError, match="belongs to another clone"):
+                open_clone(source, dst, meta, settings=Settings(hydration=False))
+
+
+def test_same_nbd_export_rules():
+    unix = {"kind": "nbd", "url": "nbd+unix:///e?socket=/a", "export": "e", "size": 5, "socket": "/a"}
+    assert same_nbd_export(unix, {**unix, "url": "nbd+unix:///e?socket=/b", "socket": "/b"})
+    assert not same_nbd_export(unix, {**unix, "socket": "/b", "size": 6})
+    assert not same_nbd_export(unix, {**unix, "socket": "/b", "export": "f"})
+    tcp = {"kind": "nbd", "url": "nbd://h:1/e", "export": "e", "size": 5, "host": "h", "port": 1}
+    assert same_nbd_export(tcp, dict(tcp))
+    assert not same_nbd_export(tcp, {**tcp, "url": "nbd://h:2/e", "port": 2})
+    assert not same_nbd_export(unix, {k: v for k, v in tcp.items()})
 
 
 async def test_without_multi_conn_one_connection(nbdkit, image):
