@@ -63,9 +63,19 @@ class Destination:
                 os.unlink(path)
             raise
         dst = cls(path, fd, image_size)
+        dst._no_readahead()
         if not readonly:
             dst._open_direct()
         return dst
+
+    def _no_readahead(self) -> None:
+        """DST is read in pieces the kernel asked for (misses of the image's cache, copy-on-read,
+        partial writes): readahead only adds large folios to its page cache, and ext4 walks
+        every buffer head of a folio on each small write into it. With readahead, 4 KiB
+        direct-I/O writes to a hydrated image ran at 12k IOPS (`perf`: 67% in
+        ext4_block_write_begin); without, 48k. Block devices keep their readahead."""
+        if not self.is_block_device:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def _open_direct(self) -> None:
         """A second descriptor with O_DIRECT, for hydration copies; none where the filesystem
