@@ -187,15 +187,18 @@ class Session:
 
     async def run(self) -> None:
         """Serve requests until the kernel ends the session (unmount or DESTROY)."""
-        async with trio.open_nursery() as nursery:
+        # The job threads' nursery is not cancelled when the session ends: a job handed over
+        # must still run and answer (its thread may not even have started yet).
+        async with trio.open_nursery() as job_threads:
             for _ in range(BLOCKING_THREADS):
-                nursery.start_soon(functools.partial(trio.to_thread.run_sync, self._run_jobs))
+                job_threads.start_soon(functools.partial(trio.to_thread.run_sync, self._run_jobs))
             try:
-                await self._serve_requests(nursery)
+                async with trio.open_nursery() as nursery:
+                    await self._serve_requests(nursery)
+                    nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for answers
             finally:
                 for _ in range(BLOCKING_THREADS):
                     self._jobs.put(None)  # the job threads finish what they hold, then return
-            nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for the answers
 
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
         while True:

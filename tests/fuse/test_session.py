@@ -252,6 +252,23 @@ async def test_blocking_jobs_answer_from_a_thread_while_the_loop_reads_on(sessio
     assert "a bug in a job" in caplog.text
 
 
+async def test_the_session_ends_after_its_jobs(session):
+    """A job still running when the kernel ends the session is not abandoned: the session's
+    nursery waits for the job thread, whose reply is then sent, before the session returns."""
+    kernel, fs, done = session
+    body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"y" * 5
+    kernel.send(Opcode.WRITE, body, unique=80)
+    kernel.send(Opcode.DESTROY, unique=81)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (81, 0)
+        await trio.sleep(0.1)
+        assert not done.is_set(), "the session ended with a job still running"
+        fs.jobs_may_finish.set()
+        assert (await kernel.reply())[:2] == (80, 0)
+        await done.wait()
+    assert fs.writes == [b"y" * 5]
+
+
 async def test_destroy_ends_the_session(session):
     kernel, _, done = session
     kernel.send(Opcode.DESTROY, unique=30)
