@@ -4,6 +4,8 @@ import ctypes
 import mmap
 import os
 
+import pytest
+
 from fuseclone.destination import Destination
 
 
@@ -57,7 +59,8 @@ def test_destination_reads_do_not_read_ahead(tmp_path):
         f.write(os.urandom(8 << 20))
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    assert _cached_pages(path) == 0
+    if _cached_pages(path) != 0:
+        pytest.skip("this filesystem keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs?)")
     dst = Destination.open(path, 8 << 20, create=False)
     try:
         for offset in (0, 64 << 10, 1 << 20):  # sequential enough to start readahead
