@@ -313,8 +313,11 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 @main.command()
 @click.argument("mountpoint")
 @click.option("--timeout", type=float, default=60, show_default=True)
-def unmount(mountpoint, timeout) -> None:
-    """Commit and unmount. Refuses while a loop device holds the image."""
+@click.option("--lazy", is_flag=True,
+              help="Detach even while the image is open, like umount -l: the writes cached so far "
+                   "are handed over first, later I/O of the holders fails.")
+def unmount(mountpoint, timeout, lazy) -> None:
+    """Commit and unmount. Refuses, like umount, while anything has the image open."""
     from .fuse.mount import cleanup_stale_mount
 
     if cleanup_stale_mount(mountpoint):
@@ -323,14 +326,15 @@ def unmount(mountpoint, timeout) -> None:
     meta = control.meta_of_mountpoint(mountpoint)
     if meta is None:
         fail(f"{mountpoint}: not a fuseclone mountpoint")
-    for loop in loop_devices_of(mountpoint):
+    for loop in [] if lazy else loop_devices_of(mountpoint):
         fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
-    reply = control.request(meta, {"op": "unmount"}, timeout=timeout)
+    reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
     if reply is None:
         fail(f"{mountpoint}: the mount does not answer on its control socket")
     if reply.get("busy"):
         holders = ", ".join(f"{pid} ({name})" for pid, name in processes_using(mountpoint))
-        fail(f"{mountpoint} is in use{' by ' + holders if holders else ''}: close the image first")
+        fail(f"{mountpoint} is in use{' by ' + holders if holders else ''}: close the image first "
+             f"(or detach it anyway with --lazy)")
     if not reply.get("ok"):
         fail(f"{mountpoint}: {reply.get('error', 'unmount failed')}")
     from .metadata import Metadata

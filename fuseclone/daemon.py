@@ -128,6 +128,9 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
+            if req.get("lazy"):  # what a SIGTERM does
+                nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
+                return {"ok": True}
             return await _unmount_unless_in_use(opts.mountpoint, stop)
         return {"ok": False, "error": f"unknown request {op!r}"}
 

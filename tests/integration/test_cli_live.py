@@ -84,7 +84,7 @@ def test_unmount_refuses_while_the_image_is_open(rig, random_source):
     try:
         result = fuseclone("unmount", rig.mnt, check=False)
         assert result.returncode == 1
-        assert f"is in use by {os.getpid()} (" in result.stderr
+        assert f"is in use by {os.getpid()} (" in result.stderr and "--lazy" in result.stderr
         os.pwrite(fd, b"written after the refusal", 5 * MiB + 7)
     finally:
         os.close(fd)
@@ -93,6 +93,25 @@ def test_unmount_refuses_while_the_image_is_open(rig, random_source):
     with open(rig.dst, "rb") as f:
         f.seek(5 * MiB + 7)
         assert f.read(25) == b"written after the refusal"
+
+
+def test_lazy_unmount_detaches_an_open_image_after_its_cached_writes(rig, random_source):
+    rig.mount("--no-hydration")
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"cached before the detach", 3 * MiB + 5)  # in the kernel's write cache
+        fuseclone("unmount", rig.mnt, "--lazy")
+        rig.wait_unmounted()
+        with pytest.raises(OSError):
+            os.pread(fd, 4096, 9 * MiB)  # never read before: the holder's later I/O fails
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # its flush has nowhere to go
+    with open(rig.dst, "rb") as f:
+        f.seek(3 * MiB + 5)
+        assert f.read(24) == b"cached before the detach"
 
 
 def test_on_complete_hook(rig, random_source):
