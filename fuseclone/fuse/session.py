@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import queue
+import threading
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol
 
@@ -35,6 +36,9 @@ WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PA
                      | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
 
 BLOCKING_THREADS = 1
+# Jobs waiting for the job thread hold their request buffers (up to 1 MiB each): beyond this
+# many, a job runs on the loop instead, which bounds that memory and holds the kernel back.
+MAX_QUEUED_JOBS = 8
 
 
 @dataclass(slots=True)
@@ -109,6 +113,7 @@ class Session:
         self._free_buffers: list[bytearray] = []
         self._reads_without_wait = 0
         self._jobs: queue.SimpleQueue[tuple[int, Blocking, bytearray] | None] = queue.SimpleQueue()
+        self._job_slots = threading.Semaphore(MAX_QUEUED_JOBS)
         os.set_blocking(fd, False)
 
     # ---- reading and writing /dev/fuse --------------------------------------------------------
@@ -231,14 +236,8 @@ class Session:
         """A job thread: run handed-over blocking jobs and send their replies, until told to stop."""
         while (item := self._jobs.get()) is not None:
             unique, blocking, buf = item
-            try:
-                parts = codec.encode_reply(unique, blocking.job())
-            except OSError as exc:
-                parts = codec.encode_error(unique, exc.errno or errno.EIO)
-            except Exception:
-                log.exception("bug in a blocking job")
-                parts = codec.encode_error(unique, errno.EIO)
-            self._send(parts)
+            self._send(_job_reply(unique, blocking))
+            self._job_slots.release()
             self._give_back(buf)
 
     def _answer_now(self, req: codec.Request, buf: bytearray) -> object:
@@ -261,8 +260,11 @@ class Session:
         if reply is None:
             return _NOT_NOW
         if isinstance(reply, Blocking):
-            self._jobs.put((req.unique, reply, buf))
-            return _HANDED_OVER
+            if self._job_slots.acquire(blocking=False):
+                self._jobs.put((req.unique, reply, buf))
+                return _HANDED_OVER
+            self._send(_job_reply(req.unique, reply))  # the job thread is behind: run it here
+            return _ANSWERED
         self._send(codec.encode_reply(req.unique, reply))
         return _ANSWERED
 
@@ -309,6 +311,17 @@ class Session:
 
 
 _ANSWERED, _HANDED_OVER, _NOT_NOW = object(), object(), object()
+
+
+def _job_reply(unique: int, blocking: Blocking) -> list:
+    """Run a handed-over job; the buffers of its reply, or of its error."""
+    try:
+        return codec.encode_reply(unique, blocking.job())
+    except OSError as exc:
+        return codec.encode_error(unique, exc.errno or errno.EIO)
+    except Exception:
+        log.exception("bug in a blocking job")
+        return codec.encode_error(unique, errno.EIO)
 
 
 def _try(action: Callable[[], None]) -> None:

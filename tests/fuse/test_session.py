@@ -14,7 +14,7 @@ import trio
 
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
-from fuseclone.fuse.session import MAX_WRITE, Blocking, Session, negotiate
+from fuseclone.fuse.session import MAX_QUEUED_JOBS, MAX_WRITE, Blocking, Session, negotiate
 from tests.fuse.test_codec import request
 
 
@@ -28,6 +28,7 @@ class SlowFs:
         self.writes = []
         self.job_threads = set()
         self.jobs_may_finish = threading.Event()
+        self.ran_on = {}  # request unique -> the thread that ran its job
 
     def handlers(self):
         return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
@@ -41,7 +42,9 @@ class SlowFs:
         data = bytes(req.data)  # taken here: the job must still see the buffer's contents
 
         def job():
-            self.jobs_may_finish.wait(5)
+            self.ran_on[req.unique] = threading.get_ident()
+            if req.offset != 4 << 20:  # 4 MiB: a job that does not wait
+                self.jobs_may_finish.wait(5)
             if req.offset == 2 << 20:
                 raise OSError(errno.ENOSPC, "full")
             if req.offset == 3 << 20:
@@ -51,7 +54,7 @@ class SlowFs:
             self.writes.append(data)
             return codec.WriteReply(len(data))
 
-        return Blocking(job) if req.offset in (1 << 20, 2 << 20, 3 << 20) else None
+        return Blocking(job) if req.offset in (1 << 20, 2 << 20, 3 << 20, 4 << 20) else None
 
     def read_now(self, req):
         """Offset 4096 is answered at once, 8192 is refused at once, the rest waits."""
@@ -250,6 +253,23 @@ async def test_blocking_jobs_answer_from_a_thread_while_the_loop_reads_on(sessio
     assert fs.writes == payloads  # one job thread: in the order they were read
     assert fs.job_threads and threading.get_ident() not in fs.job_threads
     assert "a bug in a job" in caplog.text
+
+
+async def test_jobs_beyond_the_queue_bound_run_on_the_loop(session):
+    """Each queued job holds its request's buffer: past MAX_QUEUED_JOBS, jobs run at once."""
+    kernel, fs, _ = session
+    with trio.fail_after(10):
+        for i in range(MAX_QUEUED_JOBS):  # these wait in, or for, the job thread
+            body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"q" * 5
+            await kernel.send_when_room(Opcode.WRITE, body, unique=90 + i)
+        body = abi.write_in.pack(1, 4 << 20, 5, 0, 0, 0, 0) + b"n" * 5
+        await kernel.send_when_room(Opcode.WRITE, body, unique=99)
+        assert (await kernel.reply())[:2] == (99, 0)  # answered while the others wait
+        assert fs.ran_on[99] == threading.get_ident()  # on the event loop's thread
+        fs.jobs_may_finish.set()
+        answered = {(await kernel.reply())[0] for _ in range(MAX_QUEUED_JOBS)}
+    assert answered == set(range(90, 90 + MAX_QUEUED_JOBS))
+    assert threading.get_ident() not in {fs.ran_on[u] for u in answered}
 
 
 async def test_the_session_ends_after_its_jobs(session):
