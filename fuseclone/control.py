@@ -10,7 +10,10 @@ Protocol: one JSON object per line in each direction. Requests:
     {"op": "message", "text": "..."}   -> {"ok": true} or {"ok": false, "error": "..."}
     {"op": "wait", "timeout": SECONDS} -> like status, sent once hydration is complete (and
                                           committed), has stopped on errors, or SECONDS passed
-    {"op": "unmount"}                  -> {"ok": true}, then the mount shuts down
+    {"op": "unmount"}                  -> {"ok": true}, then the mount shuts down; or, while
+                                          the image is open, {"ok": false, "busy": true, ...}
+    {"op": "unmount", "lazy": true}    -> {"ok": true}: cached writes handed over, then a lazy
+                                          detach and shutdown (what SIGTERM does)
 """
 
 from __future__ import annotations

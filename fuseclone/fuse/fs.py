@@ -151,7 +151,12 @@ class ImageFilesystem:
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply
-        return Blocking(lambda: (done(), reply)[1])
+
+        def write_then_reply() -> codec.Reply:
+            done()
+            return reply
+
+        return Blocking(write_then_reply)
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:

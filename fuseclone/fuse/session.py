@@ -35,7 +35,6 @@ MAX_READS_WITHOUT_WAIT = 16
 WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES
                      | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
 
-BLOCKING_THREADS = 1
 # Jobs waiting for the job thread hold their request buffers (up to 1 MiB each): beyond this
 # many, a job runs on the loop instead, which bounds that memory and holds the kernel back.
 MAX_QUEUED_JOBS = 8
@@ -192,18 +191,17 @@ class Session:
 
     async def run(self) -> None:
         """Serve requests until the kernel ends the session (unmount or DESTROY)."""
-        # The job threads' nursery is not cancelled when the session ends: a job handed over
-        # must still run and answer (its thread may not even have started yet).
-        async with trio.open_nursery() as job_threads:
-            for _ in range(BLOCKING_THREADS):
-                job_threads.start_soon(functools.partial(trio.to_thread.run_sync, self._run_jobs))
+        # The job thread's nursery is not cancelled when the session ends: a job handed over
+        # must still run and answer (its thread may not even have started yet). One thread:
+        # a second did not copy faster (ext4 serialises buffered writes to a file).
+        async with trio.open_nursery() as job_thread:
+            job_thread.start_soon(functools.partial(trio.to_thread.run_sync, self._run_jobs))
             try:
                 async with trio.open_nursery() as nursery:
                     await self._serve_requests(nursery)
                     nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for answers
             finally:
-                for _ in range(BLOCKING_THREADS):
-                    self._jobs.put(None)  # the job threads finish what they hold, then return
+                self._jobs.put(None)  # the job thread finishes what it holds, then returns
 
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
         while True:
@@ -220,7 +218,7 @@ class Session:
                 pass
             else:
                 answered = self._answer_now(req, buf)
-                if answered is _HANDED_OVER:  # a job thread answers it and gives `buf` back
+                if answered is _HANDED_OVER:  # the job thread answers it and gives `buf` back
                     continue
                 if answered is _NOT_NOW:
                     # Registered before the task starts: an INTERRUPT read right after its
@@ -233,7 +231,8 @@ class Session:
             self._give_back(buf)
 
     def _run_jobs(self) -> None:
-        """A job thread: run handed-over blocking jobs and send their replies, until told to stop."""
+        """The job thread: run handed-over blocking jobs and send their replies, until told to
+        stop."""
         while (item := self._jobs.get()) is not None:
             unique, blocking, buf = item
             self._send(_job_reply(unique, blocking))
@@ -243,7 +242,7 @@ class Session:
     def _answer_now(self, req: codec.Request, buf: bytearray) -> object:
         """Answer without a task of its own when the filesystem can (page-cached reads, small
         writes that need nothing from the source): a task start costs as much as the rest of
-        such a request. Returns _ANSWERED, _HANDED_OVER (to a job thread, with `buf`) or
+        such a request. Returns _ANSWERED, _HANDED_OVER (to the job thread, with `buf`) or
         _NOT_NOW."""
         quick = self._quick_handlers.get(type(req))
         if quick is None:
