@@ -21,6 +21,7 @@ from typing import Callable
 import trio
 
 from .destination import Destination
+from .errors import describe
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, Metadata, feature_names)
 from .regions import Geometry
@@ -153,6 +154,7 @@ class CloneEngine:
         self._last_user_io = -1e9
         self._failures = 0
         self._resume_at = 0.0
+        self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self.hydration_error: str | None = None
         self._progress = _Progress()
         self._rate_tokens = 0.0
@@ -435,7 +437,7 @@ class CloneEngine:
             else:
                 data = await self.source.read(offset, length)
         except SourceReadError as exc:
-            raise OSError(errno.EIO, f"source read failed: {exc}") from exc
+            raise OSError(errno.EIO, f"source read failed: {describe(exc)}") from exc
         self.source_reads += len(data)
         return data
 
@@ -521,7 +523,10 @@ class CloneEngine:
         async with trio.open_nursery() as copies:
             while not self.meta.map.complete:
                 if trio.current_time() < self._resume_at:
-                    await trio.sleep_until(self._resume_at)  # backing off after a failure
+                    # Backing off after a failure; enable_hydration (which clears the deadline)
+                    # or any other change ends the wait early.
+                    with trio.move_on_at(self._resume_at):
+                        await self._changed.park()
                     continue
                 if not self._may_start_batch():
                     await self._changed.park()
@@ -585,11 +590,12 @@ class CloneEngine:
     def _note_failure(self, claim: _Claim, exc: OSError) -> None:
         """Back off exponentially; after max_failures in a row, stop until enable_hydration."""
         self._failures += 1
+        self._last_failure = describe(exc)
         s = self.settings
         log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
-                    claim.regions.stop - 1, self._failures, exc)
+                    claim.regions.stop - 1, self._failures, self._last_failure)
         if self._failures >= s.max_failures and self.hydration_error is None:
-            self.hydration_error = f"stopped after {self._failures} failures: {exc}"
+            self.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
             log.error("hydration %s", self.hydration_error)
         delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
         self._resume_at = max(self._resume_at, trio.current_time() + delay)
@@ -669,6 +675,7 @@ class CloneEngine:
             hydration_batch_size=self.settings.hydration_batch_size,
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
+            hydration_retry=self._retry_note(),
             metadata_mode=self.meta.mode,
             bytes_per_second=rate * g.region_size,
             eta_seconds=(remaining / rate) if rate > 0 else None,
@@ -678,6 +685,14 @@ class CloneEngine:
             live=True,
             source_bytes_read=self.source_reads,
         )
+
+    def _retry_note(self) -> str | None:
+        """While hydration backs off after failures (and has not stopped): how it stands."""
+        if not self._failures or self.hydration_error is not None:
+            return None
+        wait = max(0.0, self._resume_at - trio.current_time())
+        return (f"{self._failures} failed in a row (stops at {self.settings.max_failures}), "
+                f"next try in {wait:.1f} s: {self._last_failure}")
 
     # ---- lifecycle ----------------------------------------------------------------------
 

@@ -1,6 +1,13 @@
 """Errors a user can cause. Each carries one clear line for the CLI to print."""
 
 
+def describe(exc: BaseException) -> str:
+    """EXC as one line for a user: an OSError without its "[Errno N]" prefix."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 class FusecloneError(Exception):
     """Base for errors caused by user input or environment; printed as one line, exit 1."""
 

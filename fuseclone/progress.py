@@ -31,6 +31,14 @@ def human_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def hydration_state(st: Status) -> str:
+    if not st.hydration_enabled:
+        return "disabled"
+    if st.hydration_error:
+        return "stopped by errors (the message enable_hydration retries)"
+    return "enabled"
+
+
 def status_renderable(st: Status) -> Group:
     bar = ProgressBar(total=st.total_regions or 1, completed=st.hydrated_regions, width=40)
     headline = Text.assemble(
@@ -45,7 +53,7 @@ def status_renderable(st: Status) -> Group:
                     f"{human_bytes(st.region_size)} each"),
         ("rate", f"{human_bytes(st.bytes_per_second)}/s, ETA {human_duration(st.eta_seconds)}"
                  if st.live else "(not mounted)"),
-        ("hydration", "enabled" if st.hydration_enabled else "disabled"),
+        ("hydration", hydration_state(st)),
         ("metadata", f"{st.metadata_mode}  {st.metadata}"),
         ("source", st.source),
         ("destination", st.destination),
@@ -54,6 +62,8 @@ def status_renderable(st: Status) -> Group:
     ]
     if st.hydration_error:
         rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
+    elif st.hydration_retry:
+        rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
     for key, value in rows:
         table.add_row(key, value)
     return Group(bar, headline, table)

@@ -31,6 +31,7 @@ class Status:
     metadata_total_blocks: int = 0
     clean: bool | None = None
     source_bytes_read: int = 0  # by this mount, for hydration and user reads
+    hydration_retry: str | None = None  # while failed copies are retried: how many, when, why
 
     @property
     def complete(self) -> bool:

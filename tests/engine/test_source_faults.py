@@ -72,3 +72,30 @@ async def test_faults_back_off_stop_and_resume(clone):
             await engine.wait_until_settled()
         assert engine.complete.is_set() and engine.status().hydration_error is None
         assert await engine.read(1 << 20, 8192) == clone.source_bytes(1 << 20, 8192)
+
+
+async def test_status_tells_of_retries_and_enable_hydration_ends_a_backoff(clone):
+    engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
+                              hydration_threshold=4, max_failures=3, backoff_initial=30.0)
+    broken = BrokenRange(engine.source, 0, 1 << 62)  # every copy fails: no success resets the count
+    engine.source = broken
+    async with clone.running(engine):
+        assert engine.status().hydration_retry is None
+        engine.message("enable_hydration")
+        with trio.fail_after(10):
+            while broken.failures == 0 or engine.status().hydrating_regions:
+                await trio.sleep(0.01)
+        status = engine.status()
+        assert status.hydration_error is None  # one failure: backing off, not stopped
+        retry = status.hydration_retry
+        assert retry.startswith("1 failed in a row (stops at 3), next try in ")
+        assert retry.endswith(": source read failed: injected source fault")
+        assert "[Errno" not in retry
+        broken.broken = False
+        engine.message("hydration_batch_size 256")
+        engine.message("hydration_threshold 1024")
+        engine.message("enable_hydration")  # retries at once, and clears the count
+        assert engine.status().hydration_retry is None
+        with trio.fail_after(5):  # not after the 10 s backoff the first failure started
+            await engine.wait_until_settled()
+        assert engine.complete.is_set() and engine.status().hydration_retry is None
