@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<id>.log).")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<hash of META>.log, shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
@@ -143,7 +143,8 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     read_end, write_end = os.pipe()
     if log_file is None:
         os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
-        log_file = os.path.join(control.RUNTIME_DIR, f"mount-{os.getpid()}.log")
+        log_file = control.log_path(opts.metadata)
+        _rotate(log_file)
     child = os.fork()
     if child == 0:
         os.close(read_end)
@@ -187,6 +188,18 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
     return 0
 
 
+DEFAULT_LOG_MAX = 4 << 20  # a default log this large is renamed to LOG.1 by the next mount
+
+
+def _rotate(log_file: str) -> None:
+    """Keep a clone's default log bounded: at most this mount's log, plus one older file."""
+    try:
+        if os.path.getsize(log_file) > DEFAULT_LOG_MAX:
+            os.replace(log_file, log_file + ".1")
+    except FileNotFoundError:
+        pass
+
+
 def _setup_logging(log_file: str | None, level: str) -> None:
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -225,7 +238,11 @@ def offline_status(meta_path: str) -> Status:
             hydration_error=None, metadata_mode="ro", bytes_per_second=0.0, eta_seconds=None,
             source=str(ident.get("source", {}).get("path") or ident.get("source", {}).get("url", "?")),
             destination=str(ident.get("destination", {}).get("path", "?")),
-            metadata=meta_path, live=False, clean=h.clean)
+            metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)))
+
+
+def _existing(path: str) -> str | None:
+    return path if os.path.exists(path) else None
 
 
 @main.command()

@@ -36,9 +36,19 @@ RUNTIME_DIR = os.environ.get("FUSECLONE_RUNTIME_DIR", "/run/fuseclone")
 FSNAME_PREFIX = "fuseclone:"
 
 
-def socket_path(meta_path: str) -> str:
+def _runtime_file(meta_path: str, suffix: str) -> str:
     digest = hashlib.sha256(os.path.realpath(meta_path).encode()).hexdigest()[:16]
-    return os.path.join(RUNTIME_DIR, f"{digest}.sock")
+    return os.path.join(RUNTIME_DIR, digest + suffix)
+
+
+def socket_path(meta_path: str) -> str:
+    return _runtime_file(meta_path, ".sock")
+
+
+def log_path(meta_path: str) -> str:
+    """Where a background mount of META logs unless told otherwise: one file per clone, kept
+    after the mount ends (for its last words) and appended to by the next mount."""
+    return _runtime_file(meta_path, ".log")
 
 
 def mounts() -> list[tuple[str, str]]:

@@ -111,7 +111,9 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     stop = nursery.cancel_scope
 
     def status_reply() -> dict:
-        return {"ok": True, "status": engine.status(), "pid": os.getpid(), "mountpoint": opts.mountpoint}
+        status = engine.status()
+        status.log_file = _log_file()
+        return {"ok": True, "status": status, "pid": os.getpid(), "mountpoint": opts.mountpoint}
 
     async def handle(req: dict) -> dict:
         op = req.get("op")
@@ -240,3 +242,11 @@ def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:
         if created and os.path.exists(path):
             log.info("removing %s, created by this failed mount", path)
             os.unlink(path)
+
+
+def _log_file() -> str | None:
+    """The file this process logs to, if it logs to one (status shows it)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None

@@ -60,6 +60,8 @@ def status_renderable(st: Status) -> Group:
         ("features", " ".join(st.features) or "-"),
         ("core args", f"hydration_threshold {st.hydration_threshold} hydration_batch_size {st.hydration_batch_size}"),
     ]
+    if st.log_file:
+        rows.append(("log", st.log_file))
     if st.hydration_error:
         rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
     elif st.hydration_retry:

@@ -32,6 +32,7 @@ class Status:
     clean: bool | None = None
     source_bytes_read: int = 0  # by this mount, for hydration and user reads
     hydration_retry: str | None = None  # while failed copies are retried: how many, when, why
+    log_file: str | None = None  # where the mount logs (live status of a mount that logs to a file)
 
     @property
     def complete(self) -> bool:

@@ -202,3 +202,25 @@ def test_busy_mountpoint_is_refused(rig, random_source):
     rig.mount()
     r = fuseclone("mount", rig.src, str(rig.tmp / "d2"), str(rig.tmp / "m2"), rig.mnt, check=False)
     assert_refused(r, "mountpoint is busy", str(rig.tmp / "d2"), str(rig.tmp / "m2"))
+
+
+def test_a_background_mount_logs_to_one_bounded_file_per_clone(rig, random_source):
+    from fuseclone import cli, control
+
+    log = control.log_path(rig.meta)
+    with open(log, "wb") as f:  # an earlier mount's log, grown past the bound
+        f.write(b"old line\n" * (cli.DEFAULT_LOG_MAX // 9 + 1))
+    rig.mount("--no-hydration")
+    st = status_json(rig.mnt)
+    assert st["log_file"] == log
+    assert ["log", log] in [line.split() for line in fuseclone("status", rig.mnt).stdout.splitlines()]
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert os.path.getsize(log + ".1") > cli.DEFAULT_LOG_MAX  # renamed, not appended to
+    first = open(log).read()
+    assert "old line" not in first and rig.mnt in first
+    rig.mount("--no-hydration")  # the next mount of this clone appends to the same file
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert open(log).read().startswith(first) and len(open(log).read()) > len(first)
+    assert not [name for name in os.listdir(control.RUNTIME_DIR) if name.startswith("mount-")]
