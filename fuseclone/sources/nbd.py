@@ -668,7 +668,7 @@ class NbdSource(Source):
             if sock is not None:
                 sock.close()
             raise SourceReadError(exc.errno or errno.EIO,
-                                  f"cannot connect to {self.address.where}: {exc.strerror or exc}") from None
+                                  f"cannot connect to {self.address.where}: {_reason(exc)}") from None
         except BaseException:
             if sock is not None:
                 sock.close()
@@ -825,3 +825,10 @@ def same_nbd_export(stored: dict, current: dict) -> bool:
         log.info("the NBD socket moved from %s to %s: taking it for the same export",
                  stored["socket"], current["socket"])
     return same
+
+
+def _reason(exc: OSError) -> str:
+    """Why a connect failed, in a few words: trio's connect errors repeat the address."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
