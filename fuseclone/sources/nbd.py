@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 KiB = 1024
 MiB = 1024 * KiB
 ALIGNED_BUFFER_MIN = 64 * KiB  # reads this large are received into page-aligned memory
+HUGE_PAGE = 2 * MiB  # receive buffers this large ask for transparent huge pages
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,10 @@ class NbdSource(Source):
             return bytearray(length)
         # Private, not mmap's default shared mapping: shared anonymous memory is shmem, slower
         # to fault in (~3% of a hydration from NBD) and shared with forked children.
-        return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if length >= HUGE_PAGE:
+            _ask_for_huge_pages(buf)
+        return buf
 
     def recycle(self, data: bytes | bytearray | mmap.mmap) -> None:
         # Only buffers of reads that returned come back, so no reply can still be arriving
@@ -832,3 +836,15 @@ def _reason(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror) or not exc.errno:
         return exc.strerror or str(exc)
     return os.strerror(exc.errno)
+
+
+def _ask_for_huge_pages(buf: mmap.mmap) -> None:
+    """Back BUF with huge pages where the kernel can. A direct write from 4 KiB pages becomes
+    requests of at most the device's segment limit times 4 KiB (254 x 4 KiB on virtio-blk);
+    from 2 MiB pages, of its max_sectors_kb (4 MiB). Hydrating 1 GiB from nbdkit, DST's writes
+    went from 440-1540 requests of 0.7-2.4 MiB to 286 of 3.7 MiB, and the disk's busy time from
+    1.17-1.60 s to 1.10-1.21 s. The kernel falls back to small pages when it has no huge one."""
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError) as exc:  # a kernel without transparent huge pages
+        log.debug("no huge pages for receive buffers: %s", exc)

@@ -14,7 +14,7 @@ from fuseclone.errors import MetadataError, SourceError
 from fuseclone.sources import open_source
 from fuseclone.sources.base import SourceReadError
 from fuseclone.sources.local import LocalSource
-from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
+from fuseclone.sources.nbd import NbdOptions, NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
 from tests.engine.conftest import make_source_file
 
 KiB = 1024
@@ -613,3 +613,31 @@ async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
             assert "stopped after 3 failures" in status.hydration_error
             assert "EIO" in status.hydration_error
             assert not status.complete and status.hydrated_regions == 0
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ADDRESS (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+                    reason="kernel without transparent huge pages")
+def test_large_receive_buffers_ask_for_huge_pages():
+    """Direct writes from huge pages reach the disk in requests of max_sectors_kb, not of
+    the segment limit times 4 KiB ("hg": madvise(MADV_HUGEPAGE) was applied)."""
+    import ctypes
+
+    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
+    for length, huge in ((8 << 20, True), (1 << 20, False)):
+        buf = source._buffer(length, aligned=True)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert ("hg" in _vm_flags(address)) == huge, length
