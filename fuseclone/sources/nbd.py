@@ -389,9 +389,20 @@ class NbdSource(Source):
         # into one (a cancelled or failed read's buffer is never handed back).
         n = len(data)
         kind = type(data)
-        if kind in (bytearray, mmap.mmap) and self._free_bytes + n <= self.options.recycled_bytes:
-            self._free_buffers.setdefault((kind, n), []).append(data)
+        if kind not in (bytearray, mmap.mmap) or n > self.options.recycled_bytes:
+            return
+        key = (kind, n)
+        # Most recently recycled sizes last: when the pool is full, the sizes not seen for the
+        # longest go first, so a run of odd sizes (a sparse source's extents) cannot keep the
+        # copies' usual size out of it for good.
+        same = self._free_buffers.pop(key, [])
+        while self._free_bytes + n > self.options.recycled_bytes and self._free_buffers:
+            oldest = next(iter(self._free_buffers))
+            self._free_bytes -= oldest[1] * len(self._free_buffers.pop(oldest))
+        if self._free_bytes + n <= self.options.recycled_bytes:
+            same.append(data)
             self._free_bytes += n
+        self._free_buffers[key] = same
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         size = self.size

@@ -641,3 +641,16 @@ def test_large_receive_buffers_ask_for_huge_pages():
         buf = source._buffer(length, aligned=True)
         address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         assert ("hg" in _vm_flags(address)) == huge, length
+
+
+def test_recycled_buffers_make_room_for_the_latest_size():
+    """A pool full of odd sizes (a sparse source's extents, a ramping batch) gives way to the
+    size copies use now; before, every later copy got a new, unfaulted buffer."""
+    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
+    pool = source.options.recycled_bytes
+    for i in range(pool // (3 << 20)):
+        source.recycle(source._buffer((3 << 20) + 4096 * i, aligned=True))
+    usual = source._buffer(8 << 20, aligned=True)
+    source.recycle(usual)
+    assert source._buffer(8 << 20, aligned=True) is usual
+    assert source._free_bytes <= pool
