@@ -22,6 +22,7 @@ import trio
 
 from .destination import Destination
 from .errors import describe
+from .pacing import HydrationPacer
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, Metadata, feature_names)
 from .regions import Geometry
@@ -46,6 +47,9 @@ INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cach
 HANDED_OVER_WRITE_MIN = 256 << 10
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
+# Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
+PACED_START = 8 << 20
+PACED_FLOOR = 512 << 10
 # The bitmap (counted at 3.25x: the bitmap itself plus the rest of a 1 TiB clone's RSS) plus the
 # default copies in flight (their buffers) stay within this. A 1 TiB clone at 4 KiB regions (a
 # 32 MiB bitmap) hydrating from NBD peaked at 98 MiB of RSS with 32 MiB in flight, too close to
@@ -151,6 +155,7 @@ class CloneEngine:
         self._commit_lock = trio.Lock()
         self._commits_started = self._commits_done = 0
         self._inflight_regions = 0
+        self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._last_user_io = -1e9
         self._failures = 0
         self._resume_at = 0.0
@@ -555,10 +560,26 @@ class CloneEngine:
         s = self.settings
         if not s.hydration or self.hydration_error is not None or self.meta.mode != "rw":
             return False
-        limit = s.hydration_threshold
+        batch = self._batch_regions()
+        limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
         if self._user_active():
-            limit = min(limit, s.hydration_batch_size)  # yield to user I/O: one batch at a time
-        return self._inflight_regions + s.hydration_batch_size <= max(limit, s.hydration_batch_size)
+            limit = min(limit, batch)  # yield to user I/O: one batch at a time
+        return self._inflight_regions + batch <= max(limit, batch)
+
+    def _batch_regions(self) -> int:
+        """Regions per copy: the configured batch; smaller while the user is active, and while
+        the paced depth is small (a copy is then a quarter of it), so a user read does not
+        wait behind one large copy on a slow link."""
+        region_size = self.geometry.region_size
+        busy = max(1, BUSY_BATCH_BYTES // region_size)
+        if self._user_active():
+            return min(self.settings.hydration_batch_size, busy)
+        paced = max(busy, self._pacer.depth // 4 // region_size)
+        paced = 1 << (paced.bit_length() - 1)  # few distinct sizes: the source reuses buffers by size
+        return min(self.settings.hydration_batch_size, paced)
+
+    def _threshold_bytes(self) -> int:
+        return self.settings.hydration_threshold * self.geometry.region_size
 
     def _next_batch(self, cursor: int) -> _Claim | None:
         bits = self.meta.map
@@ -569,18 +590,18 @@ class CloneEngine:
         if region < 0:
             return None
         stop = region + 1
-        batch = self.settings.hydration_batch_size
-        if self._user_active():  # smaller steps while yielding to user I/O
-            batch = min(batch, max(1, BUSY_BATCH_BYTES // self.geometry.region_size))
-        limit = min(n, region + batch)
+        limit = min(n, region + self._batch_regions())
         while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
             stop += 1
         return self._claim(range(region, stop))
 
     async def _hydrate_batch(self, claim: _Claim) -> None:
+        started = trio.current_time()
         try:
             await self._copy(claim)
             self._failures = 0
+            now = trio.current_time()
+            self._pacer.copied(len(claim.regions) * self.geometry.region_size, now - started, now)
         except OSError as exc:
             self._note_failure(claim, exc)
         finally:
@@ -652,6 +673,7 @@ class CloneEngine:
             if value < 1:
                 raise ValueError(f"{words[0]} must be at least 1")
             setattr(s, words[0], value)
+            self._pacer.set_cap(self._threshold_bytes())
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N)")

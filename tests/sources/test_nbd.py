@@ -643,6 +643,35 @@ def test_large_receive_buffers_ask_for_huge_pages():
         assert ("hg" in _vm_flags(address)) == huge, length
 
 
+async def test_hydration_over_a_slow_link_keeps_little_in_flight(nbdkit, tmp_path):
+    """Behind nbdkit's rate filter (25 MB/s), hydration keeps about pacing.QUEUE_TIME of copies
+    in flight, not its 128 MiB cap, so a user read waits behind little; it still finishes at
+    about the link's rate."""
+    image = tmp_path / "random.img"
+    image.write_bytes(random.Random(5).randbytes(48 << 20))
+    server = nbdkit("--filter=rate", "file", str(image), "rate=200M", "burstiness=0.2")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_source(server.url()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(copy_on_read=False))
+        region = engine.geometry.region_size
+        in_flight, user_waits = [], []
+        async with running(engine):
+            started = trio.current_time()
+            with trio.fail_after(20):
+                while not engine.complete.is_set():
+                    await trio.sleep(0.2)
+                    if trio.current_time() - started > 1.0:  # past the ramp and the filter's burst
+                        in_flight.append(engine.status().hydrating_regions * region)
+                        asked = trio.current_time()
+                        await engine.read((47 << 20) + len(user_waits) * 4096, 4096)
+                        user_waits.append(trio.current_time() - asked)
+            took = trio.current_time() - started
+    assert in_flight and max(in_flight) <= 16 << 20, in_flight
+    assert max(user_waits) < 0.5, user_waits
+    assert took < 6, took  # 48 MiB at 25 MB/s is 2 s
+    assert contents(dst) == contents(str(image))
+
+
 def test_recycled_buffers_make_room_for_the_latest_size():
     """A pool full of odd sizes (a sparse source's extents, a ramping batch) gives way to the
     size copies use now; before, every later copy got a new, unfaulted buffer."""
