@@ -392,9 +392,12 @@ class NbdSource(Source):
         if kind not in (bytearray, mmap.mmap) or n > self.options.recycled_bytes:
             return
         key = (kind, n)
-        # Most recently recycled sizes last: when the pool is full, the sizes not seen for the
-        # longest go first, so a run of odd sizes (a sparse source's extents) cannot keep the
-        # copies' usual size out of it for good.
+        # Smaller buffers go when a larger one comes back: they are the odd sizes of a sparse
+        # source's extents, or the copies of a depth still ramping up, and would otherwise sit
+        # in the daemon's memory (row 6 peaked 9 MiB higher). A full pool drops the sizes
+        # recycled longest ago, so an odd size cannot keep the usual one out.
+        for smaller in [k for k in self._free_buffers if k[1] < n]:
+            self._free_bytes -= smaller[1] * len(self._free_buffers.pop(smaller))
         same = self._free_buffers.pop(key, [])
         while self._free_bytes + n > self.options.recycled_bytes and self._free_buffers:
             oldest = next(iter(self._free_buffers))

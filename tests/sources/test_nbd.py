@@ -683,3 +683,16 @@ def test_recycled_buffers_make_room_for_the_latest_size():
     source.recycle(usual)
     assert source._buffer(8 << 20, aligned=True) is usual
     assert source._free_bytes <= pool
+
+
+def test_smaller_buffers_go_when_a_larger_one_comes_back():
+    """After a ramp of copy sizes, the old size's buffers leave the pool as soon as the new
+    size comes back: they would otherwise sit in the daemon's memory."""
+    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
+    for buf in [source._buffer(2 << 20, aligned=True) for _ in range(16)]:
+        source.recycle(buf)
+    assert source._free_bytes == 32 << 20
+    source.recycle(source._buffer(4 << 20, aligned=True))
+    assert source._free_bytes == 4 << 20
+    source.recycle(source._buffer(1 << 20, aligned=True))  # a smaller one stays beside it
+    assert source._free_bytes == 5 << 20
