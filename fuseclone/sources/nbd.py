@@ -23,6 +23,7 @@ NBD_CMD_BLOCK_STATUS and NBD_CMD_DISC are ever sent: the source is never written
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import mmap
@@ -44,6 +45,8 @@ KiB = 1024
 MiB = 1024 * KiB
 ALIGNED_BUFFER_MIN = 64 * KiB  # reads this large are received into page-aligned memory
 HUGE_PAGE = 2 * MiB  # receive buffers this large ask for transparent huge pages
+DRAIN_TIMEOUT = 1.0  # seconds a close waits for replies already asked for
+DRAIN_POLL = 0.005
 
 
 @dataclass(frozen=True)
@@ -447,10 +450,12 @@ class NbdSource(Source):
         return out
 
     async def aclose(self) -> None:
-        """Disconnect politely (NBD_CMD_DISC), close every socket, stop the tasks."""
+        """Let the replies already asked for arrive (for at most DRAIN_TIMEOUT), disconnect
+        politely (NBD_CMD_DISC), close every socket, stop the tasks."""
         if self._closed:
             return
         self._closed = True
+        await self._await_replies()
         for conn in self._conns:
             if conn.alive:
                 try:
@@ -460,6 +465,15 @@ class NbdSource(Source):
                 conn.kill("source closed")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def _await_replies(self) -> None:
+        # A socket closed under replies still being sent makes the server fail its writes
+        # (nbdkit 1.32 logged "Broken pipe", and once aborted on an assertion). Hydration's
+        # paced depth is about 0.2 s of replies, so the wait is short; a hung server is not
+        # waited for long. Shielded: the caller is usually being cancelled.
+        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
+            while self._filling or any(conn.alive and conn.waiting for conn in self._conns):
+                await trio.sleep(DRAIN_POLL)  # replies, and connections mid-handshake
 
     # ---- reads: helpers -------------------------------------------------------------------
 
@@ -633,6 +647,8 @@ class NbdSource(Source):
             log.debug("%s: extra connection failed: %s", self.address.url, exc.strerror)
             return
         if self._closed:
+            with contextlib.suppress(OSError):
+                conn.sock.send(conn.codec.disconnect())
             conn.sock.close()
             return
         self._attempt_succeeded()

@@ -696,3 +696,18 @@ def test_smaller_buffers_go_when_a_larger_one_comes_back():
     assert source._free_bytes == 4 << 20
     source.recycle(source._buffer(1 << 20, aligned=True))  # a smaller one stays beside it
     assert source._free_bytes == 5 << 20
+
+
+async def test_close_lets_the_replies_asked_for_arrive_first(nbdkit, image):
+    """Closing under replies still being sent made nbdkit fail its writes ("Broken pipe"; once
+    it aborted). The close waits for them, briefly, then disconnects."""
+    server = nbdkit("--filter=delay", "file", image, "rdelay=300ms")
+    async with open_source(server.url()) as source:
+        with trio.move_on_after(0.05):  # a copy cancelled with its requests on the wire
+            await source.read_for_copy(0, 8 << 20)
+        started = trio.current_time()
+    assert trio.current_time() - started < 1.5
+    await trio.sleep(0.1)
+    assert server.proc.poll() is None, server.stderr()
+    # (The fixture's readiness probe leaves a "sending newstyle handshake" error of its own.)
+    assert "NBD_CMD_READ" not in server.stderr() and "reply" not in server.stderr(), server.stderr()
