@@ -99,6 +99,7 @@ def run_demo(size: int, rate: int, latency_ms: float, keep: bool) -> int:
     with ExitStack() as stack:
         if not keep:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
+            stack.callback(_remove_log_of, os.path.join(work, "clone.meta"))
         try:
             return _demo(work, size, rate, latency_ms, stack)
         except KeyboardInterrupt:
@@ -107,6 +108,15 @@ def run_demo(size: int, rate: int, latency_ms: float, keep: bool) -> int:
         finally:
             if keep:
                 console.print(f"\nwork directory kept: {work}")
+
+
+def _remove_log_of(meta: str) -> None:
+    """The demo's clone goes with its work directory: so does the mount's log."""
+    from .control import log_path
+
+    for path in (log_path(meta), log_path(meta) + ".1"):
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _demo(work: str, size: int, rate: int, latency_ms: float, stack: ExitStack) -> int:
