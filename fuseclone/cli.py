@@ -143,8 +143,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     read_end, write_end = os.pipe()
     if log_file is None:
         os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
-        log_file = control.log_path(opts.metadata)
-        _rotate(log_file)
+        log_file = control.rotate_log(opts.metadata)
     child = os.fork()
     if child == 0:
         os.close(read_end)
@@ -186,18 +185,6 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
         logging.getLogger(__name__).exception("the mount failed")
         return 1
     return 0
-
-
-DEFAULT_LOG_MAX = 4 << 20  # a default log this large is renamed to LOG.1 by the next mount
-
-
-def _rotate(log_file: str) -> None:
-    """Keep a clone's default log bounded: at most this mount's log, plus one older file."""
-    try:
-        if os.path.getsize(log_file) > DEFAULT_LOG_MAX:
-            os.replace(log_file, log_file + ".1")
-    except FileNotFoundError:
-        pass
 
 
 def _setup_logging(log_file: str | None, level: str) -> None:

@@ -18,6 +18,7 @@ Protocol: one JSON object per line in each direction. Requests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,10 +46,32 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
+DEFAULT_LOG_MAX = 4 << 20  # a default log this large is renamed to LOG.1 by the next mount
+
+
 def log_path(meta_path: str) -> str:
     """Where a background mount of META logs unless told otherwise: one file per clone, kept
     after the mount ends (for its last words) and appended to by the next mount."""
     return _runtime_file(meta_path, ".log")
+
+
+def rotate_log(meta_path: str) -> str:
+    """The default log of META, renamed to LOG.1 first if it grew past DEFAULT_LOG_MAX: at
+    most this mount's log plus one older file."""
+    path = log_path(meta_path)
+    try:
+        if os.path.getsize(path) > DEFAULT_LOG_MAX:
+            os.replace(path, path + ".1")
+    except FileNotFoundError:
+        pass
+    return path
+
+
+def remove_logs(meta_path: str) -> None:
+    """Remove the default log of META, and its older file."""
+    for path in (log_path(meta_path), log_path(meta_path) + ".1"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def mounts() -> list[tuple[str, str]]:

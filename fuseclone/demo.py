@@ -20,6 +20,7 @@ from contextlib import ExitStack
 
 from rich.console import Console
 
+from .control import remove_logs
 from .progress import human_bytes
 
 console = Console(highlight=False)
@@ -99,7 +100,7 @@ def run_demo(size: int, rate: int, latency_ms: float, keep: bool) -> int:
     with ExitStack() as stack:
         if not keep:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
-            stack.callback(_remove_log_of, os.path.join(work, "clone.meta"))
+            stack.callback(remove_logs, os.path.join(work, "clone.meta"))  # its mount's log
         try:
             return _demo(work, size, rate, latency_ms, stack)
         except KeyboardInterrupt:
@@ -108,15 +109,6 @@ def run_demo(size: int, rate: int, latency_ms: float, keep: bool) -> int:
         finally:
             if keep:
                 console.print(f"\nwork directory kept: {work}")
-
-
-def _remove_log_of(meta: str) -> None:
-    """The demo's clone goes with its work directory: so does the mount's log."""
-    from .control import log_path
-
-    for path in (log_path(meta), log_path(meta) + ".1"):
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def _demo(work: str, size: int, rate: int, latency_ms: float, stack: ExitStack) -> int:

@@ -139,8 +139,6 @@ def test_stale_mount_of_a_killed_daemon_is_cleaned(rig, random_source):
 
 
 def status_json_pid(rig):
-    import json
-
     from fuseclone import control
 
     reply = control.request(rig.meta, {"op": "status"})
@@ -205,18 +203,18 @@ def test_busy_mountpoint_is_refused(rig, random_source):
 
 
 def test_a_background_mount_logs_to_one_bounded_file_per_clone(rig, random_source):
-    from fuseclone import cli, control
+    from fuseclone import control
 
     log = control.log_path(rig.meta)
     with open(log, "wb") as f:  # an earlier mount's log, grown past the bound
-        f.write(b"old line\n" * (cli.DEFAULT_LOG_MAX // 9 + 1))
+        f.write(b"old line\n" * (control.DEFAULT_LOG_MAX // 9 + 1))
     rig.mount("--no-hydration")
     st = status_json(rig.mnt)
     assert st["log_file"] == log
     assert ["log", log] in [line.split() for line in fuseclone("status", rig.mnt).stdout.splitlines()]
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
-    assert os.path.getsize(log + ".1") > cli.DEFAULT_LOG_MAX  # renamed, not appended to
+    assert os.path.getsize(log + ".1") > control.DEFAULT_LOG_MAX  # renamed, not appended to
     first = open(log).read()
     assert "old line" not in first and rig.mnt in first
     rig.mount("--no-hydration")  # the next mount of this clone appends to the same file
