@@ -27,6 +27,7 @@ class HydrationPacer:
     """Bytes of hydration copies to keep in flight, between FLOOR and the configured CAP."""
 
     def __init__(self, cap: int, floor: int, start: int) -> None:
+        self._wanted_floor = floor
         self.cap = cap
         self.floor = min(floor, cap)
         self._depth = max(self.floor, min(start, cap))
@@ -40,7 +41,7 @@ class HydrationPacer:
 
     def set_cap(self, cap: int) -> None:
         self.cap = cap
-        self.floor = min(self.floor, cap)
+        self.floor = min(self._wanted_floor, cap)
         self._depth = max(self.floor, min(self._depth, cap))
 
     def copied(self, nbytes: int, seconds: float, now: float) -> None:

@@ -53,3 +53,10 @@ def test_depth_is_always_within_bounds(copies):
         now += gap
         pacer.copied(nbytes, seconds, now)
         assert MiB <= pacer.depth <= 128 * MiB
+
+
+def test_a_cap_raised_again_brings_back_the_floor():
+    pacer = HydrationPacer(cap=32 * MiB, floor=4 * MiB, start=8 * MiB)
+    pacer.set_cap(MiB)
+    pacer.set_cap(32 * MiB)
+    assert pacer.floor == 4 * MiB and pacer.depth >= 4 * MiB
