@@ -22,9 +22,9 @@ import trio
 
 from .destination import Destination
 from .errors import describe
-from .pacing import HydrationPacer
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, Metadata, feature_names)
+from .pacing import HydrationPacer
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
 from .status import Status

@@ -408,7 +408,8 @@ class NbdSource(Source):
         if self._free_bytes + n <= self.options.recycled_bytes:
             same.append(data)
             self._free_bytes += n
-        self._free_buffers[key] = same
+        if same:
+            self._free_buffers[key] = same  # last: the most recently recycled size
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         size = self.size

@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from fuseclone.sources.base import Source, SourceReadError
-from fuseclone.sources.local import LocalSource
 
 
 class BrokenRange(Source):

@@ -123,7 +123,7 @@ def test_concurrent_readers_and_writers(rig, random_source):
     procs = []
     for i in range(4):  # writers on disjoint 4 MiB stripes, readers over the rest
         procs.append(subprocess.Popen([
-            "dd", f"if=/dev/urandom", f"of={rig.image}", "bs=64K", "count=64",
+            "dd", "if=/dev/urandom", f"of={rig.image}", "bs=64K", "count=64",
             f"seek={i * 64}", "conv=notrunc,fsync", "status=none"]))
         procs.append(subprocess.Popen([
             "dd", f"if={rig.image}", "of=/dev/null", "bs=1M", "skip=16", "status=none"]))
