@@ -12,7 +12,7 @@ from typing import NoReturn
 import click
 
 from . import control
-from .engine import Settings
+from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataInUseError
 from .status import Status
 
@@ -75,8 +75,8 @@ def main() -> None:
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
-@click.option("--hydration-threshold", type=click.IntRange(1), help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
-@click.option("--hydration-batch-size", type=click.IntRange(1), help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD).")
+@click.option("--hydration-threshold", type=int, help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
+@click.option("--hydration-batch-size", type=int, help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD).")
 @click.option("--max-rate", type=SIZE, default=0, help="Limit hydration to RATE bytes/s (e.g. 50M).")
 @click.option("--copy-on-read/--no-copy-on-read", default=True, help="Hydrate regions as they are read (default on).")
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
@@ -95,6 +95,10 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
 
+    for option, value in (("--hydration-threshold", hydration_threshold),
+                          ("--hydration-batch-size", hydration_batch_size)):
+        if value is not None:
+            check_hydration_setting(option, value)
     settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
@@ -107,7 +111,7 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
         _mount_background(opts, log_file, log_level)
 
 
-def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
+def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
     import trio
 
     from .daemon import run_mount
@@ -118,6 +122,8 @@ def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
 
     def on_ready(image: str) -> None:
         nonlocal told
+        if default_log:  # named by META's identity now that META exists
+            _log_to_renamed_file(control.adopt_log(opts.metadata, log_file))
         if ready_fd is not None:
             os.write(ready_fd, f"ready {image}\n".encode())
             os.close(ready_fd)
@@ -141,13 +147,14 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     fork is safe, and it saves a second Python start-up and import (~0.2 s of time to first use).
     """
     read_end, write_end = os.pipe()
-    if log_file is None:
+    default_log = log_file is None
+    if default_log:
         os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
         log_file = control.rotate_log(opts.metadata)
     child = os.fork()
     if child == 0:
         os.close(read_end)
-        os._exit(_serve_detached(opts, log_file, log_level, write_end))
+        os._exit(_serve_detached(opts, log_file, log_level, write_end, default_log))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         line = ready.readline().decode().strip()
@@ -170,7 +177,7 @@ def _exit_now(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
+def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_log: bool) -> int:
     """The forked child: a session of its own, no terminal, then the mount; its exit status."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -178,7 +185,7 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     try:
-        _mount_foreground(opts, log_file, log_level, ready_fd)
+        _mount_foreground(opts, log_file, log_level, ready_fd, default_log)
     except FusecloneError:
         return 1  # already reported through ready_fd
     except BaseException:
@@ -193,6 +200,13 @@ def _setup_logging(log_file: str | None, level: str) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def _log_to_renamed_file(path: str) -> None:
+    """The log file was renamed to PATH: the open handler writes on, and names it (status)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.baseFilename = path
 
 
 # ---- status / message / wait / unmount -------------------------------------------------------
@@ -294,6 +308,8 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     answers at that moment: no polling). Offline status when no mount answers."""
     try:
         reply = control.request(meta, {"op": "wait", "timeout": seconds}, timeout=seconds + 10)
+    except control.NotAnswering:
+        raise
     except FusecloneError:  # unmounted while waiting
         return _offline_status_once_released(meta)
     if reply is not None:
@@ -322,19 +338,24 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
                    "are handed over first, later I/O of the holders fails.")
 def unmount(mountpoint, timeout, lazy) -> None:
     """Commit and unmount. Refuses, like umount, while anything has the image open."""
-    from .fuse.mount import cleanup_stale_mount
-
-    if cleanup_stale_mount(mountpoint):
+    if control.cleanup_stale_mount(mountpoint):
         click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
         return
-    meta = control.meta_of_mountpoint(mountpoint)
-    if meta is None:
+    found = control.find_mount(mountpoint)
+    if found is None:
         fail(f"{mountpoint}: not a fuseclone mountpoint")
-    for loop in [] if lazy else loop_devices_of(mountpoint):
+    meta, real = found
+    for loop in [] if lazy else loop_devices_of(real):
         fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
-    reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
-    if reply is None:
-        fail(f"{mountpoint}: the mount does not answer on its control socket")
+    try:
+        reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
+        if reply is None:
+            raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
+    except FusecloneError as exc:  # no answer; nothing else raises
+        if not lazy:
+            fail(f"{exc}; `fuseclone unmount --lazy` detaches it anyway")
+        _detach_unanswered(real, str(exc))
+        return
     if reply.get("busy"):
         holders = ", ".join(f"{pid} ({name})" for pid, name in processes_using(mountpoint))
         fail(f"{mountpoint} is in use{' by ' + holders if holders else ''}: close the image first "
@@ -346,11 +367,23 @@ def unmount(mountpoint, timeout, lazy) -> None:
     # Done when the daemon has let go of META: its last commit, and marking the metadata clean,
     # come after the unmount itself.
     deadline = time.monotonic() + timeout
-    while (control.meta_of_mountpoint(mountpoint) is not None
-           or os.path.exists(control.socket_path(meta)) or Metadata.in_use(meta)):
+    sock = control.socket_path(meta)
+    while control.meta_of_mountpoint(real) is not None or os.path.exists(sock) or Metadata.in_use(meta):
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _detach_unanswered(real_mountpoint: str, why: str) -> None:
+    """unmount --lazy of a mount whose daemon does not answer: detach it from here."""
+    from .fuse.mount import unmount as detach
+
+    try:
+        detach(real_mountpoint, lazy=True)
+    except OSError as exc:
+        fail(f"{why}; detaching {real_mountpoint} failed: {exc.strerror}")
+    click.echo(f"fuseclone: {why}; detached {real_mountpoint} lazily: the daemon lets go of its "
+               "META once it runs again (or is killed)", err=True)
 
 
 def processes_using(mountpoint: str) -> list[tuple[int, str]]:
@@ -373,9 +406,10 @@ def processes_using(mountpoint: str) -> list[tuple[int, str]]:
     return found
 
 
-def loop_devices_of(mountpoint: str) -> list[str]:
-    """Loop devices whose backing file lives on this mount."""
-    real = os.path.realpath(mountpoint)
+def loop_devices_of(real_mountpoint: str) -> list[str]:
+    """Loop devices whose backing file lives on this mount (its resolved path, as the mount
+    table has it: a stat of the mountpoint would wait for a stopped daemon)."""
+    real = real_mountpoint
     found = []
     try:
         names = os.listdir("/sys/block")

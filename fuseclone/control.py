@@ -1,31 +1,44 @@
 """The control channel between the CLI and a live mount.
 
-A running mount listens on a Unix socket whose path is derived from its metadata file's real
-path: /run/fuseclone/<sha256(realpath(META))[:16]>.sock, mode 0600 (root only unless the
-mounting user owns it). The mount's fsname in /proc/mounts is "fuseclone:<META>", so a
-mountpoint leads to its META and from there to its socket.
+A running mount listens on a Unix socket whose name is derived from its metadata file's
+identity (st_dev, st_ino), so every name of one META (a hard link, a symlink) finds it:
+/run/fuseclone/<identity of META>.sock, mode 0600 (root only unless the mounting user owns
+it). The mount's fsname in /proc/mounts is "fuseclone:<META>", so a mountpoint leads to its
+META and from there to its socket.
 
-Protocol: one JSON object per line in each direction. Requests:
+Protocol: one JSON object per line in each direction, one request per connection. Requests:
     {"op": "status"}                   -> {"ok": true, "status": {...}}
     {"op": "message", "text": "..."}   -> {"ok": true} or {"ok": false, "error": "..."}
     {"op": "wait", "timeout": SECONDS} -> like status, sent once hydration is complete (and
                                           committed), has stopped on errors, or SECONDS passed
+                                          (default 60)
     {"op": "unmount"}                  -> {"ok": true}, then the mount shuts down; or, while
                                           the image is open, {"ok": false, "busy": true, ...}
     {"op": "unmount", "lazy": true}    -> {"ok": true}: cached writes handed over, then a lazy
                                           detach and shutdown (what SIGTERM does)
+
+Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any other shape,
+type or range is answered {"ok": false, "error": "..."} before anything is done; a client that
+hangs up before its answer only cancels its own request; a line must arrive within
+REQUEST_TIMEOUT and fit in MAX_REQUEST; at most MAX_CLIENTS are served at once, the rest wait
+in the listen backlog.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import select
 import socket
-from dataclasses import asdict
-from typing import Any, Callable
+import struct
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -36,10 +49,21 @@ log = logging.getLogger(__name__)
 RUNTIME_DIR = os.environ.get("FUSECLONE_RUNTIME_DIR", "/run/fuseclone")
 FSNAME_PREFIX = "fuseclone:"
 
+REQUEST_TIMEOUT = 10.0  # seconds: the CLI's deadline for an answer, and the mount's for a request line
+MAX_REQUEST = 64 << 10  # bytes in a request line
+MAX_CLIENTS = 128  # connections served at once; more wait in the listen backlog
+ANSWER_TIMEOUT = 5.0  # seconds an answer may take to send (shielded: an unmount's answer)
+
 
 def _runtime_file(meta_path: str, suffix: str) -> str:
-    digest = hashlib.sha256(os.path.realpath(meta_path).encode()).hexdigest()[:16]
-    return os.path.join(RUNTIME_DIR, digest + suffix)
+    """META's file in RUNTIME_DIR, named by META's identity so that every name of it finds the
+    same file. A META that does not exist yet (a new clone) is named by its path until then."""
+    try:
+        st = os.stat(meta_path)
+    except (FileNotFoundError, NotADirectoryError):
+        digest = hashlib.sha256(os.path.realpath(meta_path).encode()).hexdigest()[:16]
+        return os.path.join(RUNTIME_DIR, f"new-{digest}{suffix}")
+    return os.path.join(RUNTIME_DIR, f"{st.st_dev:x}-{st.st_ino:x}{suffix}")
 
 
 def socket_path(meta_path: str) -> str:
@@ -67,11 +91,23 @@ def rotate_log(meta_path: str) -> str:
     return path
 
 
+def adopt_log(meta_path: str, current: str) -> str:
+    """The default log a mount chose before it created META, moved to META's own name now that
+    META exists; returns that name."""
+    path = log_path(meta_path)
+    if path != current:
+        os.replace(current, path)
+    return path
+
+
 def remove_logs(meta_path: str) -> None:
     """Remove the default log of META, and its older file."""
     for path in (log_path(meta_path), log_path(meta_path) + ".1"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+# ---- mountpoints: found in the mount table, never by looking inside a mount ---------------------
 
 
 def mounts() -> list[tuple[str, str]]:
@@ -82,12 +118,22 @@ def mounts() -> list[tuple[str, str]]:
             if source.startswith(FSNAME_PREFIX)]
 
 
-def meta_of_mountpoint(path: str) -> str | None:
-    real = os.path.realpath(path)
-    for meta, mountpoint in mounts():
-        if os.path.realpath(mountpoint) == real or mountpoint == path:
-            return meta
+def find_mount(path: str) -> tuple[str, str] | None:
+    """(META, mountpoint) of the fuseclone mount at PATH, or None. Nothing here stats a
+    mountpoint: the kernel would wait for that mount's daemon, which may be stopped."""
+    from .fuse.mount import resolve_outside_mounts
+
+    table = mounts()
+    real = resolve_outside_mounts(path, {mountpoint for _, mountpoint in table})
+    for meta, mountpoint in reversed(table):  # the last one: it hides those under it
+        if mountpoint == real:
+            return meta, mountpoint
     return None
+
+
+def meta_of_mountpoint(path: str) -> str | None:
+    found = find_mount(path)
+    return found[0] if found else None
 
 
 def resolve_target(target: str) -> str:
@@ -102,42 +148,190 @@ def resolve_target(target: str) -> str:
     raise FusecloneError(f"{target}: not a fuseclone mountpoint or metadata file")
 
 
+def daemon_gone(meta_path: str) -> bool:
+    """Whether the daemon of META's mount was killed: its control socket is still there but
+    nobody listens. A stopped daemon still listens, and a missing socket proves nothing (a
+    daemon on its way out removes it): neither counts."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(socket_path(meta_path))
+        except ConnectionRefusedError:
+            return True
+        except (FileNotFoundError, BlockingIOError):  # BlockingIOError: a full backlog
+            return False
+    return False
+
+
+def cleanup_stale_mount(path: str) -> bool:
+    """If PATH is a fuseclone mount whose daemon was killed, detach it and return True. A live
+    mount, and one whose daemon is stopped, is left alone."""
+    from .fuse.mount import unmount
+
+    found = find_mount(path)
+    if found is None or not daemon_gone(found[0]):
+        return False
+    log.warning("%s: cleaning the stale mount of a daemon that is gone", path)
+    unmount(found[1], lazy=True)
+    return True
+
+
 # ---- client (blocking: the CLI is synchronous) -----------------------------------------------
 
 
-def request(meta_path: str, req: dict, timeout: float = 10.0) -> dict | None:
-    """Send one request to the mount of META; None when no mount is listening."""
-    path = socket_path(meta_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
+class NotAnswering(FusecloneError):
+    """The mount's daemon accepted the connection but did not answer in time."""
+
+    def __init__(self, meta_path: str, pid: int | None) -> None:
+        self.meta_path = meta_path
+        self.pid = pid
+        super().__init__(f"the mount of {meta_path} does not answer (is its daemon stopped? "
+                         f"pid {pid if pid else 'unknown'})")
+
+
+def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
+    """Send one request to the mount of META and return its answer within TIMEOUT seconds
+    (connecting, sending and receiving); None when no mount is listening."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
+            if not _connect(sock, socket_path(meta_path), deadline):
+                return None
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(json.dumps(req).encode() + b"\n")
+            data = _receive_line(sock, deadline)
+        except TimeoutError:
+            raise NotAnswering(meta_path, _peer_pid(sock)) from None
+        except (ConnectionResetError, BrokenPipeError):  # the mount closed while we waited
+            data = b""
     if not data:
         raise FusecloneError("the mount closed the control connection without answering")
     return json.loads(data)
 
 
+def _connect(sock: socket.socket, path: str, deadline: float) -> bool:
+    """Connect before DEADLINE; False when nobody listens. A full backlog (a crowd of clients,
+    or a stopped daemon) answers EAGAIN at once: try again until the deadline."""
+    sock.setblocking(False)
+    pause = 0.005
+    while True:
+        try:
+            sock.connect(path)
+            return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
+def _receive_line(sock: socket.socket, deadline: float) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process that listens on the other end (the daemon), from the kernel:
+    known even while that process is stopped."""
+    creds = struct.Struct("3i")
+    try:
+        pid, _, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+    except OSError:  # not connected: the backlog stayed full
+        return None
+    return pid or None
+
+
+# ---- requests: their shape, checked before anything is done (sans-IO) --------------------------
+
+
+class RequestError(ValueError):
+    """A request of the wrong shape; its message is the answer's error."""
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Field:
+    kind: str  # what the field must be, for the error
+    valid: Callable[[Any], bool]
+    default: Any = _REQUIRED
+
+
+def _is_seconds(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 and (isinstance(value, int) or math.isfinite(value))
+
+
+REQUESTS: dict[str, dict[str, _Field]] = {
+    "status": {},
+    "message": {"text": _Field("a string", lambda v: isinstance(v, str))},
+    "wait": {"timeout": _Field("a finite number of seconds, 0 or more", _is_seconds, default=60)},
+    "unmount": {"lazy": _Field("true or false", lambda v: isinstance(v, bool), default=False)},
+}
+
+
+def parse_request(line: bytes) -> dict:
+    """LINE as a request with every field present and valid (defaults filled in), or
+    RequestError saying what is wrong."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):
+        raise RequestError("a request is one JSON object per line") from None
+    if not isinstance(req, dict):
+        raise RequestError("a request is a JSON object")
+    op = req.get("op")
+    if not isinstance(op, str) or op not in REQUESTS:
+        raise RequestError(f"\"op\" must be one of {', '.join(REQUESTS)}")
+    fields = REQUESTS[op]
+    unknown = [name for name in req if name != "op" and name not in fields]
+    if unknown:
+        raise RequestError(f"{op} takes no field {_short(unknown[0])}")
+    parsed = {"op": op}
+    for name, field in fields.items():
+        if name not in req:
+            if field.default is _REQUIRED:
+                raise RequestError(f"{op} needs \"{name}\"")
+            parsed[name] = field.default
+        elif field.valid(req[name]):
+            parsed[name] = req[name]
+        else:
+            raise RequestError(f"\"{name}\" of {op} must be {field.kind}")
+    return parsed
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return json.dumps(text if len(text) <= limit else text[:limit] + "...")
+
+
 # ---- server (in the mount's nursery) ----------------------------------------------------------
 
 
-Handler = Callable[[dict], Any]
+Handler = Callable[[dict], Awaitable[dict]]
+
+_ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 async def serve_control(meta_path: str, handle: Handler,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on META's control socket until cancelled; remove the socket afterwards."""
+    """Listen on META's control socket until cancelled; remove the socket afterwards. HANDLE
+    gets requests that parse_request accepted."""
     path = socket_path(meta_path)
     os.makedirs(RUNTIME_DIR, mode=0o700, exist_ok=True)
     _remove_stale_socket(path)
@@ -148,18 +342,36 @@ async def serve_control(meta_path: str, handle: Handler,
             await listener.bind(path)
         finally:
             os.umask(old_umask)
-        listener.listen(16)
+        listener.listen(socket.SOMAXCONN)
         task_status.started(path)
+        clients = trio.Semaphore(MAX_CLIENTS)
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_serve_connection, trio.SocketStream(conn), handle)
+                await clients.acquire()
+                conn = await _accept(listener)
+                nursery.start_soon(_serve_connection, conn, handle, clients)
     finally:
         listener.close()
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection. Out of descriptors or memory, the mount waits and tries again: the
+    clients wait in the backlog meanwhile."""
+    while True:
+        try:
+            conn, _ = await listener.accept()
+            return conn
+        except OSError as exc:
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+                raise
+            log.warning("control socket: %s; accepting again in 0.1 s", os.strerror(exc.errno))
+            await trio.sleep(0.1)
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -169,26 +381,99 @@ def _remove_stale_socket(path: str) -> None:
         os.unlink(path)
 
 
-async def _serve_connection(stream: trio.SocketStream, handle: Handler) -> None:
-    async with stream:
-        buf = b""
+async def _serve_connection(conn: trio.socket.SocketType, handle: Handler,
+                            clients: trio.Semaphore) -> None:
+    """One request, one answer. Whatever the client does (garbage, silence, hanging up) is its
+    own problem: logged at debug level, never raised into the mount."""
+    try:
+        async with trio.SocketStream(conn) as stream:
+            line = await _receive_request_line(stream)
+            if line is None:
+                return
+            try:
+                req = parse_request(line)
+            except RequestError as exc:
+                await _send_answer(stream, _encode({"ok": False, "error": str(exc)}))
+                return
+            await _answer_unless_hung_up(stream, handle, req)
+    finally:
+        clients.release()
+
+
+async def _receive_request_line(stream: trio.SocketStream) -> bytes | None:
+    """The request line, or None (after answering why, if the client can read it): the client
+    hung up, was silent for REQUEST_TIMEOUT, or sent more than MAX_REQUEST bytes."""
+    buf = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
         while b"\n" not in buf:
-            chunk = await stream.receive_some(65536)
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError as exc:
+                chunk = b""
+                log.debug("control client: %s", exc.__cause__ or exc)
             if not chunk:
-                return
+                log.debug("control client hung up before a whole request")
+                return None
             buf += chunk
-            if len(buf) > 1 << 20:
-                return
+            if len(buf) > MAX_REQUEST and b"\n" not in buf[:MAX_REQUEST + 1]:
+                error = f"a request is at most {MAX_REQUEST} bytes"
+                await _send_answer(stream, _encode({"ok": False, "error": error}))
+                return None
+        return buf.split(b"\n", 1)[0]
+    log.debug("control client sent no whole request in %.0f s", REQUEST_TIMEOUT)
+    return None
+
+
+async def _answer_unless_hung_up(stream: trio.SocketStream, handle: Handler, req: dict) -> None:
+    """Answer REQ, unless the client hangs up first: then its request (a wait, say) is
+    cancelled rather than kept for nobody."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as handling:
+            nursery.start_soon(_cancel_when_hung_up, stream.socket, handling, req["op"])
+            answer = await _handle_safely(handle, req)
+        nursery.cancel_scope.cancel()  # stop watching
+        if not handling.cancelled_caught:
+            await _send_answer(stream, answer)
+
+
+async def _cancel_when_hung_up(sock: trio.socket.SocketType, handling: trio.CancelScope,
+                               op: str) -> None:
+    """Cancel HANDLING once the client has closed its end (POLLHUP: it can no longer read an
+    answer). A client that only shut down its sending side, or sent more, is not watched."""
+    await trio.lowlevel.wait_readable(sock)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    if any(events & select.POLLHUP for _, events in poller.poll(0)):
+        log.debug("control client hung up before the answer to %s", op)
+        handling.cancel()
+
+
+async def _handle_safely(handle: Handler, req: dict) -> bytes:
+    """HANDLE's answer to REQ, encoded. A failure is a bug: logged with its traceback and
+    answered with an error, never raised into the mount (cancellation still goes through)."""
+    try:
+        return _encode(await handle(req))
+    except Exception:
+        log.exception("control request %s failed", req["op"])
+        return _encode({"ok": False, "error": f"{req['op']} failed in the mount (see its log)"})
+
+
+async def _send_answer(stream: trio.SocketStream, answer: bytes) -> None:
+    """Send ANSWER, also when this task is being cancelled (shielded, briefly): an "unmount"
+    request cancels the nursery the connection lives in, and its answer must still reach the
+    waiting CLI. A client gone meanwhile is only logged."""
+    with trio.move_on_after(ANSWER_TIMEOUT) as scope:
+        scope.shield = True
         try:
-            req = json.loads(buf.split(b"\n", 1)[0])
-            reply = await handle(req)
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"ok": False, "error": str(exc)}
-        # Shielded (briefly): an "unmount" request cancels the nursery this task lives in, and
-        # its answer must still reach the waiting CLI.
-        with trio.move_on_after(5) as scope:
-            scope.shield = True
-            await stream.send_all(json.dumps(reply, default=_jsonable).encode() + b"\n")
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("control client went away before its answer: %s", exc.__cause__ or exc)
+    if scope.cancelled_caught:
+        log.debug("control client did not read its answer in %.0f s", ANSWER_TIMEOUT)
+
+
+def _encode(answer: dict) -> bytes:
+    return json.dumps(answer, default=_jsonable).encode() + b"\n"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -49,16 +49,18 @@ class MountOptions:
 
 def check_mountpoint(path: str) -> None:
     """Refuse a missing or busy mountpoint before anything is created; clean a stale mount of
-    a killed fuseclone."""
-    from .fuse.mount import cleanup_stale_mount
-
-    cleanup_stale_mount(path)
+    a killed fuseclone. A fuseclone mount there is found in the mount table before PATH is
+    looked at: its daemon may be stopped, and a stat would wait for it."""
+    control.cleanup_stale_mount(path)
+    busy = FusecloneError(f"{path}: mountpoint is busy (something is already mounted there)")
+    if control.meta_of_mountpoint(path) is not None:
+        raise busy
     if not os.path.exists(path):
         raise FusecloneError(f"{path}: mountpoint does not exist")
     if not (os.path.isdir(path) or os.path.isfile(path)):
         raise FusecloneError(f"{path}: mountpoint must be a directory or a regular file")
-    if control.meta_of_mountpoint(path) is not None or os.path.ismount(path):
-        raise FusecloneError(f"{path}: mountpoint is busy (something is already mounted there)")
+    if os.path.ismount(path):
+        raise busy
 
 
 def image_path(mountpoint: str, name: str) -> str:
@@ -116,25 +118,26 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         return {"ok": True, "status": status, "pid": os.getpid(), "mountpoint": opts.mountpoint}
 
     async def handle(req: dict) -> dict:
-        op = req.get("op")
+        """A request control.parse_request accepted: every field there and valid."""
+        op = req["op"]
         if op == "status":
             return status_reply()
         if op == "message":
             try:
-                engine.message(str(req.get("text", "")))
+                engine.message(req["text"])
             except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
         if op == "wait":
-            with trio.move_on_after(max(0.0, min(float(req.get("timeout", 60)), MAX_WAIT))):
+            with trio.move_on_after(min(req["timeout"], MAX_WAIT)):
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
-            if req.get("lazy"):  # what a SIGTERM does
+            if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
                 return {"ok": True}
             return await _unmount_unless_in_use(opts.mountpoint, stop)
-        return {"ok": False, "error": f"unknown request {op!r}"}
+        raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
     # root inode starts at size 0: it has to stay write-through.

@@ -21,9 +21,9 @@ from typing import Callable
 import trio
 
 from .destination import Destination
-from .errors import describe
+from .errors import SettingError, describe
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
-                       FEATURE_NO_HYDRATION, Metadata, feature_names)
+                       FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, feature_names)
 from .pacing import HydrationPacer
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
@@ -93,6 +93,15 @@ class Settings:
         return ((0 if self.hydration else FEATURE_NO_HYDRATION)
                 | (0 if self.discard_passdown else FEATURE_NO_DISCARD_PASSDOWN)
                 | (0 if self.copy_on_read else FEATURE_NO_COPY_ON_READ))
+
+
+def check_hydration_setting(name: str, value: int) -> int:
+    """VALUE for hydration_threshold or hydration_batch_size (NAME, as the user spelled it): a
+    number of regions that META's header can hold. Raises SettingError otherwise."""
+    if not 1 <= value <= MAX_HYDRATION_SETTING:
+        raise SettingError(f"{name} must be a number of regions from 1 to {MAX_HYDRATION_SETTING}, "
+                           f"not {value}")
+    return value
 
 
 def default_depth(source_depth: int, geometry: Geometry) -> int:
@@ -670,9 +679,7 @@ class CloneEngine:
                 value = int(words[1])
             except ValueError:
                 raise ValueError(f"{words[0]} needs a whole number, not {words[1]!r}") from None
-            if value < 1:
-                raise ValueError(f"{words[0]} must be at least 1")
-            setattr(s, words[0], value)
+            setattr(s, words[0], check_hydration_setting(words[0], value))
             self._pacer.set_cap(self._threshold_bytes())
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "

@@ -28,5 +28,9 @@ class DestinationError(FusecloneError):
     """The destination cannot be opened, or is too small."""
 
 
+class SettingError(FusecloneError, ValueError):
+    """A tunable out of its range (a bad value, from the command line or a message)."""
+
+
 class RegionSizeError(FusecloneError):
     """Region size is not a power of two between 4 KiB and 1 GiB."""

@@ -46,6 +46,7 @@ FIRST_BITMAP_BLOCK = 2
 # hydration_threshold, hydration_batch_size, uuid, identity length. The identity JSON follows;
 # the last 4 bytes of the slot are the CRC32 of everything before them.
 _HEADER = struct.Struct("<8sIQQQQIIII16sI")
+MAX_HYDRATION_SETTING = 2**32 - 1  # hydration_threshold and hydration_batch_size are u32 above
 # Bitmap slot: magic, block index, clone id (first 8 bytes of the uuid), seq, crc, pad.
 _SLOT = struct.Struct("<IIQQII")
 BITS_PER_BLOCK = (BLOCK - _SLOT.size) * 8

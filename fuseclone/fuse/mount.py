@@ -1,5 +1,5 @@
 """Mounting and unmounting a FUSE filesystem: mount(2) as root, fusermount3 for other users,
-and cleaning up the stale mount a killed daemon leaves behind.
+the mount table, and paths resolved without looking into a mount.
 
 The mount is always nosuid and nodev with default_permissions (the kernel checks the mode bits
 we report), and only the mounting user may use it unless allow_other is asked for.
@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import subprocess
+from collections.abc import Collection
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +160,46 @@ def _unescape(field: str) -> str:
 
 
 def is_fuseclone_mount(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(mountpoint == real for _, mountpoint in mount_table())
+    mountpoints = {mountpoint for _, mountpoint in mount_table()}
+    return resolve_outside_mounts(path, mountpoints) in mountpoints
 
 
-def cleanup_stale_mount(path: str) -> bool:
-    """If `path` is a fuseclone mount whose daemon is gone (the kernel answers ENOTCONN), detach
-    it and return True. A live mount is left alone."""
-    if not is_fuseclone_mount(path):
-        return False
-    try:
-        # statfs, not stat: attributes are cached for an hour and a stat can succeed from the
-        # cache long after the daemon died; STATFS always goes to the daemon.
-        os.statvfs(path)
-        return False  # the daemon answers: not stale
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return False
-    log.warning("%s: cleaning the stale mount of a daemon that is gone", path)
-    unmount(path, lazy=True)
-    return True
+MAX_SYMLINKS = 40  # like the kernel's
+
+
+def resolve_outside_mounts(path: str, mountpoints: Collection[str]) -> str:
+    """PATH made absolute and free of symlinks, like os.path.realpath, but without a look at
+    any of MOUNTPOINTS (the kernel's spelling, as in the mount table) or inside one: a stat of a
+    FUSE mountpoint waits for its daemon, which may be stopped. What follows a mountpoint in
+    PATH is joined to it as it is."""
+    current = "/" if os.path.isabs(path) else os.getcwd()
+    pending = path.split("/")[::-1]  # a stack: the next component last
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        if current in mountpoints:
+            return os.path.normpath(os.path.join(current, name, *pending[::-1]))
+        candidate = os.path.join(current, name)
+        if candidate in mountpoints:
+            current = candidate
+            continue
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # not a symlink (or missing): taken as it is
+            current = candidate
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        pending.extend(target.split("/")[::-1])
+        if target.startswith("/"):
+            current = "/"
+    return current
 
 
 def become_io_flusher() -> bool:

@@ -205,7 +205,11 @@ def test_busy_mountpoint_is_refused(rig, random_source):
 def test_a_background_mount_logs_to_one_bounded_file_per_clone(rig, random_source):
     from fuseclone import control
 
+    rig.mount("--no-hydration")  # a new clone's log takes META's name once META exists
     log = control.log_path(rig.meta)
+    assert status_json(rig.mnt)["log_file"] == log
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
     with open(log, "wb") as f:  # an earlier mount's log, grown past the bound
         f.write(b"old line\n" * (control.DEFAULT_LOG_MAX // 9 + 1))
     rig.mount("--no-hydration")
