@@ -30,12 +30,16 @@ def raw_request(meta, line: bytes):
     """Send LINE as it is; the decoded answer, or None when the daemon closed without one."""
     with connect(meta) as sock:
         sock.sendall(line + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        return read_answer(sock)
+
+
+def read_answer(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
     return json.loads(data) if data else None
 
 
@@ -253,7 +257,7 @@ lines = st.one_of(
     shaped_requests.filter(harmless).map(encode),
     st.binary(max_size=200).filter(lambda b: b"\n" not in b),
     st.integers(min_value=1, max_value=50_000).map(lambda n: b"[" * n),
-    st.integers(min_value=1, max_value=50_000).map(lambda n: b'{"a":' * n),
+    st.integers(min_value=1, max_value=10_000).map(lambda n: b'{"a":' * n),
     st.integers(min_value=300, max_value=5000).map(lambda n: b"9" * n),
 )
 
@@ -280,12 +284,6 @@ def test_fuzz_the_control_socket(live_clone, line, cut):
             sock.sendall(line[: len(line) // 2])
         else:
             sock.sendall(line + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            if data:
-                assert isinstance(json.loads(data), dict)
+            answer = read_answer(sock)
+            assert answer is not None and isinstance(answer["ok"], bool), line[:60]
     assert_alive(rig)
