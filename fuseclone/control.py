@@ -426,7 +426,11 @@ async def _receive_request_line(stream: trio.SocketStream) -> bytes | None:
 
 async def _answer_unless_hung_up(stream: trio.SocketStream, handle: Handler, req: dict) -> None:
     """Answer REQ, unless the client hangs up first: then its request (a wait, say) is
-    cancelled rather than kept for nobody."""
+    cancelled rather than kept for nobody. A request whose client is gone already (it gave up
+    on a stopped daemon, which now runs again) is not acted on at all."""
+    if _hung_up(stream.socket):
+        log.debug("control client hung up before %s was read: not acting on it", req["op"])
+        return
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as handling:
             nursery.start_soon(_cancel_when_hung_up, stream.socket, handling, req["op"])
@@ -441,11 +445,16 @@ async def _cancel_when_hung_up(sock: trio.socket.SocketType, handling: trio.Canc
     """Cancel HANDLING once the client has closed its end (POLLHUP: it can no longer read an
     answer). A client that only shut down its sending side, or sent more, is not watched."""
     await trio.lowlevel.wait_readable(sock)
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-    if any(events & select.POLLHUP for _, events in poller.poll(0)):
+    if _hung_up(sock):
         log.debug("control client hung up before the answer to %s", op)
         handling.cancel()
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the client closed its end: POLLHUP, not just a shut-down sending side."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 async def _handle_safely(handle: Handler, req: dict) -> bytes:

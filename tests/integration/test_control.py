@@ -219,6 +219,20 @@ def test_a_stopped_daemon_hangs_no_command(rig, random_source):
     assert status_json(rig.meta)["live"] is False
 
 
+def test_a_request_whose_client_gave_up_is_not_acted_on(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig)
+    os.kill(pid, signal.SIGSTOP)
+    rig.stack.callback(os.kill, pid, signal.SIGCONT)
+    try:
+        with connect(rig.meta) as sock:  # accepted by the kernel, then given up on
+            sock.sendall(b'{"op": "message", "text": "enable_hydration"}\n')
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.5)
+    assert status_json(rig.mnt)["hydration_enabled"] is False
+
+
 # ---- fuzz -----------------------------------------------------------------------------------
 
 
