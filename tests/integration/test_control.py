@@ -287,6 +287,8 @@ def live_clone(tmp_path_factory):
         make_source_file(rig.src, 8 * MiB, seed=3)
         rig.mount("--no-hydration")
         yield rig
+        log = status_json(rig.mnt)["log_file"]
+        assert "Traceback" not in open(log).read(), f"the fuzz test found a bug: see {log}"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
