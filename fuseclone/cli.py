@@ -13,7 +13,7 @@ import click
 
 from . import control
 from .engine import Settings
-from .errors import FusecloneError, MetadataInUseError
+from .errors import FusecloneError, MetadataFailedError, MetadataInUseError
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -271,7 +271,8 @@ def message(target, words) -> None:
 @click.argument("target")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 def wait(target, timeout) -> None:
-    """Wait until hydration is complete (exit 0), or the timeout passes (exit 1)."""
+    """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
+    (exit 1)."""
     meta = control.resolve_target(target)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -282,6 +283,8 @@ def wait(target, timeout) -> None:
         if not st.live:
             fail(f"{target}: not complete ({st.hydrated_regions}/{st.total_regions} regions) "
                  "and no mount is hydrating it")
+        if st.metadata_error:
+            raise MetadataFailedError(st.metadata_error)
         if st.hydration_error:
             fail(f"hydration stopped: {st.hydration_error}")
         if deadline is not None and time.monotonic() >= deadline:

@@ -122,7 +122,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         if op == "message":
             try:
                 engine.message(str(req.get("text", "")))
-            except ValueError as exc:
+            except (ValueError, FusecloneError) as exc:  # a bad message, or fail mode
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
         if op == "wait":

@@ -21,9 +21,9 @@ from typing import Callable
 import trio
 
 from .destination import Destination
-from .errors import describe
+from .errors import MetadataFailedError, describe
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
-                       FEATURE_NO_HYDRATION, Metadata, feature_names)
+                       FEATURE_NO_HYDRATION, Metadata, MetadataMode, feature_names)
 from .pacing import HydrationPacer
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
@@ -195,7 +195,7 @@ class CloneEngine:
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it."""
-        if self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX:
+        if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
             return False
         span = self.geometry.region_span(offset, len(data))
         hydrated = self.meta.map.all_hydrated(span)
@@ -352,8 +352,8 @@ class CloneEngine:
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
             return await self.read(lo, hi - lo)
-        if not (self.settings.copy_on_read and self.hydration_error is None) or any(
-                r in self._claims for r in run):
+        if not (self.settings.copy_on_read and self.hydration_error is None
+                and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
             return await self._source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
         claim = self._claim(run)
@@ -471,7 +471,8 @@ class CloneEngine:
         self._changed.unpark_all()
 
     def _check_writable(self) -> None:
-        if self.meta.mode != "rw":
+        self.meta.refuse_if_failed()
+        if self.meta.mode is not MetadataMode.RW:
             raise OSError(errno.EIO, f"metadata is in {self.meta.mode} mode: writes are refused")
 
     # ---- commits ------------------------------------------------------------------------
@@ -488,6 +489,7 @@ class CloneEngine:
             self._commits_done = self._commits_started
 
     async def _commit_once(self) -> None:
+        self.meta.refuse_if_failed()
         # The batch is copied out *before* DST is synced: every bit in it belongs to a DST write
         # that had already returned, so the fdatasync below covers its data (invariant 1).
         batch = self.meta.prepare_commit()
@@ -495,25 +497,30 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.dst.datasync)
+                await trio.to_thread.run_sync(self._datasync_dst)
                 if batch is not None:
-                    await trio.to_thread.run_sync(self.meta.write_commit, batch)
+                    await trio.to_thread.run_sync(self.meta.write_commit, batch)  # fails itself
         except OSError as exc:
-            # After a failed fdatasync the kernel may have dropped the dirty data: no bit may be
-            # committed any more. Fail mode, like dm-clone's.
             if batch is not None:
                 self.meta.abort_commit(batch)
-            self.meta.mode = "fail"
-            log.error("commit failed, metadata now in fail mode: %s", exc)
-            raise OSError(errno.EIO, f"commit failed: {exc}") from exc
+            raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
         if batch is not None:
             self.meta.finish_commit(batch)
+
+    def _datasync_dst(self) -> None:
+        """Blocking. After a failed fdatasync the kernel may have dropped DST's dirty data: no
+        bit may be committed any more. Fail mode, like dm-clone's."""
+        try:
+            self.dst.datasync()
+        except OSError as exc:
+            self.meta.fail(f"a failed fdatasync of {self.dst.path} ({describe(exc)})")
+            raise
 
     async def _committer(self) -> None:
         while True:
             await trio.sleep(self.settings.commit_interval)
             self._progress.record(trio.current_time(), self.meta.map.hydrated_count)
-            if self.meta.dirty and self.meta.mode == "rw":
+            if self.meta.dirty and self.meta.mode is MetadataMode.RW:
                 try:
                     await self.commit()
                 except OSError:
@@ -558,7 +565,7 @@ class CloneEngine:
 
     def _may_start_batch(self) -> bool:
         s = self.settings
-        if not s.hydration or self.hydration_error is not None or self.meta.mode != "rw":
+        if not s.hydration or self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
             return False
         batch = self._batch_regions()
         limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
@@ -633,13 +640,18 @@ class CloneEngine:
             await trio.sleep(-self._rate_tokens / rate)
 
     async def _finish_hydration(self) -> None:
-        await self.commit()
+        try:
+            await self.commit()
+        except OSError:
+            return  # fail mode: status and wait say why
         self.complete.set()
         log.info("hydration complete: %d regions", len(self.meta.map))
 
     async def wait_until_settled(self) -> None:
-        """Return once hydration is complete (and committed) or has stopped after failures."""
-        while not self.complete.is_set() and self.hydration_error is None:
+        """Return once hydration is complete (and committed), has stopped after failures, or
+        cannot go on (metadata in fail mode)."""
+        while (not self.complete.is_set() and self.hydration_error is None
+               and self.meta.mode is MetadataMode.RW):
             with trio.move_on_after(STOPPED_POLL_INTERVAL):  # a stop sets no event
                 await self.complete.wait()
 
@@ -655,7 +667,10 @@ class CloneEngine:
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
-        hydration_batch_size N. Raises ValueError on a bad message."""
+        hydration_batch_size N. Raises ValueError on a bad message, and MetadataFailedError in
+        fail mode: every message is recorded in META."""
+        if self.meta.failure is not None:
+            raise MetadataFailedError(self.meta.failure)
         words = text.split()
         s = self.settings
         if words == ["enable_hydration"]:
@@ -677,7 +692,7 @@ class CloneEngine:
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N)")
-        if self.meta.mode == "rw":
+        if self.meta.mode is MetadataMode.RW:
             self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
                                       hydration_batch_size=s.hydration_batch_size)
         self._changed.unpark_all()
@@ -698,7 +713,8 @@ class CloneEngine:
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
             hydration_retry=self._retry_note(),
-            metadata_mode=self.meta.mode,
+            metadata_mode=self.meta.mode.value,
+            metadata_error=self.meta.failure,
             bytes_per_second=rate * g.region_size,
             eta_seconds=(remaining / rate) if rate > 0 else None,
             source=self.source.description,
@@ -736,8 +752,8 @@ class CloneEngine:
                 await self._shutdown_commit()
 
     async def _shutdown_commit(self) -> None:
-        if self.meta.mode != "rw":
-            return
+        if self.meta.mode is not MetadataMode.RW:
+            return  # in fail mode META stays as its last good commit, not marked clean
         try:
             await self.commit()
             self.meta.mark_clean()

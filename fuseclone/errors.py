@@ -16,6 +16,15 @@ class MetadataError(FusecloneError):
     """The metadata file is corrupt, of another clone, or of an unknown format."""
 
 
+class MetadataFailedError(FusecloneError):
+    """A write to META failed, so the live mount writes it no more (dm-clone's fail mode)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"metadata is in fail mode after {reason}: unmount and mount again to "
+                         "resume from the last good commit")
+        self.reason = reason
+
+
 class MetadataInUseError(FusecloneError):
     """Another process holds the metadata file (SPEC invariant 6)."""
 

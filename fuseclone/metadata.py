@@ -27,11 +27,12 @@ import struct
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 from bitarray import bitarray
 
-from .errors import MetadataError, MetadataInUseError
+from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ _FEATURE_NAMES = {
 
 def feature_names(features: int) -> list[str]:
     return [name for bit, name in _FEATURE_NAMES.items() if features & bit]
+
+
+class MetadataMode(StrEnum):
+    """dm-clone's metadata modes, as status shows them."""
+
+    RW = "rw"
+    RO = "ro"
+    FAIL = "fail"  # a write failed: nothing is written any more until the next open
 
 
 @dataclass
@@ -157,7 +166,8 @@ class Metadata:
         self._dirty: set[int] = set()
         self._seq = header.seq
         self.writable = writable
-        self.mode = "rw" if writable else "ro"
+        self.mode = MetadataMode.RW if writable else MetadataMode.RO
+        self.failure: str | None = None  # why the mode is FAIL
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         if self.map.complete:
             self.map = CompleteMap(header.nr_regions)
@@ -288,12 +298,13 @@ class Metadata:
     def write_commit(self, batch: CommitBatch) -> None:
         """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread,
         only after the destination has been made durable (invariant 1)."""
+        self.refuse_if_failed()
         try:
             for block, slot, image in batch.writes:
                 os.pwrite(self._fd, image, _slot_offset(block, slot))
             os.fdatasync(self._fd)
-        except OSError:
-            self.mode = "fail"
+        except OSError as exc:
+            self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
         self.bytes_written += batch.nbytes
 
@@ -339,15 +350,32 @@ class Metadata:
     def _write_header(self, *, flags: int) -> None:
         if not self.writable:
             raise MetadataError(f"{self.path} is open read-only")
+        self.refuse_if_failed()
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
         try:
             os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
             os.fdatasync(self._fd)
-        except OSError:
-            self.mode = "fail"
+        except OSError as exc:
+            self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
+
+    # ---- fail mode -----------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Enter fail mode: nothing is written any more, so META stays at its last good commit
+        and a new open resumes from there. The first reason sticks; there is no way back."""
+        if self.mode is MetadataMode.FAIL:
+            return
+        self.mode = MetadataMode.FAIL
+        self.failure = reason
+        log.error("%s", MetadataFailedError(reason))
+
+    def refuse_if_failed(self) -> None:
+        """Raise EIO, with the reason, in fail mode."""
+        if self.failure is not None:
+            raise OSError(errno.EIO, str(MetadataFailedError(self.failure)))
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -33,6 +33,7 @@ class Status:
     source_bytes_read: int = 0  # by this mount, for hydration and user reads
     hydration_retry: str | None = None  # while failed copies are retried: how many, when, why
     log_file: str | None = None  # where the mount logs (live status of a mount that logs to a file)
+    metadata_error: str | None = None  # why metadata_mode is fail: no commit until mounted again
 
     @property
     def complete(self) -> bool:
