@@ -193,9 +193,12 @@ class Metadata:
                             uuid=uuidlib.uuid4().bytes, identity=identity)
             total = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(geometry.nr_regions)) * BLOCK
             formatted = True
-            os.ftruncate(fd, total)  # sparse: never-written slots read as empty blocks
-            os.pwrite(fd, header.pack(), _header_offset(header.seq))
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, total)  # sparse: never-written slots read as empty blocks
+                os.pwrite(fd, header.pack(), _header_offset(header.seq))
+                os.fsync(fd)
+            except OSError as exc:
+                raise _unwritable(path, exc) from None
             bits = bitarray(geometry.nr_regions, endian="little")
             bits.setall(0)
             meta = cls(path, fd, header, bits, bytearray(b"\2" * _bitmap_blocks(geometry.nr_regions)), True)
@@ -330,7 +333,10 @@ class Metadata:
 
     def mark_open(self) -> None:
         """Record that a writer has the file (clean flag cleared). The first change on disk."""
-        self._write_header(flags=self.header.flags & ~FLAG_CLEAN)
+        try:
+            self._put_header(flags=self.header.flags & ~FLAG_CLEAN)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
 
     def mark_clean(self) -> None:
         """Record a clean shutdown. Call after the last commit."""
@@ -348,18 +354,22 @@ class Metadata:
         self._write_header(flags=h.flags)
 
     def _write_header(self, *, flags: int) -> None:
+        """Write the header of a clone in use; a failure is fail mode."""
+        try:
+            self._put_header(flags=flags)
+        except OSError as exc:
+            self.fail(f"a failed write of {self.path} ({describe(exc)})")
+            raise
+
+    def _put_header(self, *, flags: int) -> None:
         if not self.writable:
             raise MetadataError(f"{self.path} is open read-only")
         self.refuse_if_failed()
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
-        try:
-            os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            self.fail(f"a failed write of {self.path} ({describe(exc)})")
-            raise
+        os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
+        os.fdatasync(self._fd)
 
     # ---- fail mode -----------------------------------------------------------------------
 
@@ -405,6 +415,8 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
         raise MetadataError(f"{path}: is a directory, not a metadata file") from None
     except PermissionError:
         raise MetadataError(f"{path}: permission denied") from None
+    except OSError as exc:  # a read-only filesystem, say
+        raise MetadataError(f"{path}: {exc.strerror}") from None
     try:
         # Invariant 6: one process per metadata file.
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -481,6 +493,10 @@ def _read_bitmap(fd: int, path: str, header: Header) -> tuple[bitarray, bytearra
                 max_seq = max(max_seq, newest_seq)
     del bits[header.nr_regions :]
     return bits, current, max_seq
+
+
+def _unwritable(path: str, exc: OSError) -> MetadataError:
+    return MetadataError(f"{path}: cannot write the metadata file ({exc.strerror})")
 
 
 def _describe(identity: object) -> str:

@@ -112,3 +112,42 @@ def test_meta_out_of_space_is_loud_and_recoverable(rig, random_source):
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_dst_out_of_space_stops_hydration_loudly_and_recovers(rig, random_source):
+    dstfs = small_tmpfs(rig, "dstfs", "12M")  # the source holds about 22 MiB of data
+    rig.dst = str(dstfs / "dst.img")
+    rig.mount()
+
+    waited = fuseclone("wait", rig.mnt, "--timeout", "120", check=False)
+    assert waited.returncode == 1
+    assert "hydration stopped" in waited.stderr and "No space left on device" in waited.stderr
+    st = status_json(rig.mnt)
+    assert "No space left on device" in st["hydration_error"] and not st["complete"]
+    assert st["metadata_mode"] == "rw" and st["metadata_error"] is None
+    with pytest.raises(OSError) as info:
+        write_source_bytes(rig, 30 * MiB, MiB)  # the failed copies filled DST to the last page
+    assert info.value.errno == errno.ENOSPC  # user I/O gets the errno
+
+    sh("mount", "-o", "remount,size=64M", dstfs)  # the space is back
+    fuseclone("message", rig.mnt, "enable_hydration")
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+@pytest.mark.parametrize("trouble", ["full", "read-only"])
+def test_a_meta_that_cannot_be_written_is_refused_at_mount(rig, random_source, trouble):
+    metafs = small_tmpfs(rig, "metafs", "1M")
+    rig.meta = str(metafs / "clone.meta")
+    if trouble == "full":
+        fill(metafs)
+    else:
+        sh("mount", "-o", "remount,ro", metafs)
+    result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1
+    expected = "No space left on device" if trouble == "full" else "Read-only file system"
+    assert result.stderr.strip().splitlines() == [f"fuseclone: error: {rig.meta}: " + (
+        f"cannot write the metadata file ({expected})" if trouble == "full" else expected)]
+    assert not os.path.exists(rig.meta) and not os.path.exists(rig.dst)  # nothing left behind
