@@ -3,6 +3,8 @@ say why), user I/O gets the errno, and the clone recovers once the space is back
 
 import errno
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -67,11 +69,16 @@ def test_meta_out_of_space_is_loud_and_recoverable(rig, random_source):
     rig.mount("--no-hydration")
     write_source_bytes(rig, 0, MiB)  # a good commit: the first of the two bitmap slots
     filler = fill(metafs)
+    waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rig.stack.callback(waiter.kill)
 
     # The next commit needs the second slot's page: there is none.
     with pytest.raises(OSError) as info:
         write_source_bytes(rig, 4 * MiB, MiB)
     assert info.value.errno == errno.EIO
+    _, err = waiter.communicate(timeout=30)  # a wait already under way ends with the failure
+    assert waiter.returncode == 1 and RESUME_HINT in err
 
     st = status_json(rig.mnt)
     assert st["metadata_mode"] == "fail"
