@@ -89,6 +89,8 @@ def test_two_clones_on_one_destination(rig, random_source):
     os.mkdir(mnt_b)
     mount_refused(rig, rig.src, rig.dst, meta_b, mnt_b,
                   expect=f"{rig.dst}: destination is in use by another clone")
+    live_check = fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify", check=False)
+    assert live_check.returncode == 1 and "in use" in live_check.stderr  # refused clearly, as before
     with open(rig.image, "r+b") as image:  # the first clone is unharmed
         image.write(b"A" * 4096)
         os.fsync(image.fileno())
