@@ -52,10 +52,6 @@ class Thing:
     def __str__(self) -> str:
         return f"{self.role} {self.path}"
 
-    @property
-    def exists(self) -> bool:
-        return self.key[0] in ("inode", "bdev")
-
 
 def describe(role: str, path: str) -> Thing:
     """What `path` refers to, following symlinks. A missing file is described by where it
@@ -64,7 +60,7 @@ def describe(role: str, path: str) -> Thing:
     directories = _directories_holding(real)
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:  # missing (or not ours to see): opening it later says which
         return Thing(role, path, _missing_key(real), directories=directories)
     if stat.S_ISBLK(st.st_mode):
         beneath, disk = _beneath_block_device(st.st_rdev, _MAX_DEPTH)
@@ -110,9 +106,8 @@ def check_distinct(*, source: str | None, destination: str | None, metadata: str
             reason = conflict(a, b)
             if reason:
                 raise OverlapError(f"{reason}: {_FOUR_THINGS}")
-    mount = next((t for t in things if t.role == "mountpoint"), None)
-    for thing in things:
-        if mount is not None and thing.role in ("destination", "metadata"):
+    for mount in (t for t in things if t.role == "mountpoint"):
+        for thing in (t for t in things if t.role in ("destination", "metadata")):
             reason = inside(thing, mount)
             if reason:
                 raise OverlapError(reason)

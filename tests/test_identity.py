@@ -35,7 +35,6 @@ def test_files_to_be_created_compare_by_directory_and_name(tmp_path):
     os.mkdir(tmp_path / "real")
     os.symlink(tmp_path / "real", tmp_path / "alias")
     dst = describe("destination", str(tmp_path / "alias" / "new"))
-    assert not dst.exists
     meta = describe("metadata", str(tmp_path / "real" / "new"))
     assert conflict(dst, meta) == f"metadata {tmp_path / 'real' / 'new'} is the same path as destination {tmp_path / 'alias' / 'new'}"
     assert conflict(dst, describe("metadata", str(tmp_path / "real" / "other"))) is None
@@ -45,6 +44,11 @@ def test_dangling_symlink_is_where_the_file_would_be_created(tmp_path):
     os.symlink(tmp_path / "target", tmp_path / "link")
     assert conflict(describe("destination", str(tmp_path / "link")),
                     describe("metadata", str(tmp_path / "target"))) is not None
+
+
+def test_a_path_through_a_file_is_no_error_here(tmp_path):
+    meta = touch(tmp_path / "meta")
+    assert conflict(describe("destination", str(tmp_path / "meta" / "x")), describe("metadata", meta)) is None
 
 
 def test_inside_the_mountpoint(tmp_path):

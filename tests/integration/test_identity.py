@@ -50,6 +50,16 @@ def test_loop_device_of_the_source_as_destination(rig, random_source):
                   expect=f"source {loop} is backed by destination {rig.dst}")
 
 
+def test_loop_device_of_a_source_whose_first_name_is_gone(rig, random_source):
+    loop = rig.losetup(rig.src)
+    other_name = str(rig.tmp / "other-name.img")
+    os.link(rig.src, other_name)
+    os.unlink(rig.src)  # sysfs now shows "src.img (deleted)": only the inode still tells
+    rig.src = other_name
+    mount_refused(rig, other_name, loop, rig.meta, rig.mnt,
+                  expect=f"destination {loop} is backed by source {other_name}")
+
+
 def test_metadata_is_the_destination_or_the_source(rig, random_source):
     mount_refused(rig, rig.src, rig.dst, rig.dst, rig.mnt,
                   expect=f"metadata {rig.dst} is the same path as destination {rig.dst}")
