@@ -8,12 +8,14 @@ import trio
 
 from .destination import Destination
 from .errors import FusecloneError
+from .identity import check_distinct
 from .metadata import Metadata
 
 
 def run_check(meta_path: str, src: str | None, dst: str | None, verify: bool,
               echo: Callable[[str], None]) -> bool:
     """Returns True when everything checked is consistent. Opens META read-only."""
+    check_distinct(source=src, destination=dst, metadata=meta_path)
     with Metadata.open(meta_path, writable=False) as meta:
         h = meta.header
         echo(f"{meta_path}: valid fuseclone metadata, format 1, region size {h.region_size}, "

@@ -378,6 +378,8 @@ def processes_using(mountpoint: str) -> list[tuple[int, str]]:
 
 def loop_devices_of(mountpoint: str) -> list[str]:
     """Loop devices whose backing file lives on this mount."""
+    from .identity import loop_backing_file
+
     real = os.path.realpath(mountpoint)
     found = []
     try:
@@ -387,10 +389,8 @@ def loop_devices_of(mountpoint: str) -> list[str]:
     for name in names:
         if not name.startswith("loop"):
             continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
+        backing = loop_backing_file(f"/sys/block/{name}")
+        if backing is None:
             continue
         if backing == real or backing.startswith(real.rstrip("/") + "/"):
             found.append(f"/dev/{name}")

@@ -23,6 +23,7 @@ from . import control
 from .clone import open_clone, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
+from .identity import check_distinct
 from .metadata import Metadata
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
+    check_distinct(source=opts.source, destination=opts.destination, metadata=opts.metadata,
+                   mountpoint=opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)

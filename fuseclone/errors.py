@@ -37,5 +37,13 @@ class DestinationError(FusecloneError):
     """The destination cannot be opened, or is too small."""
 
 
+class DestinationInUseError(DestinationError):
+    """Another clone holds the destination (SPEC invariant 9)."""
+
+
+class OverlapError(FusecloneError):
+    """SRC, DST, META and the mountpoint are not four different things (SPEC invariant 8)."""
+
+
 class RegionSizeError(FusecloneError):
     """Region size is not a power of two between 4 KiB and 1 GiB."""

@@ -130,3 +130,9 @@ def test_check_corrupt(tmp_path):
     (tmp_path / "m").write_bytes(bytes(9000))
     result = invoke("check", str(tmp_path / "m"))
     assert result.exit_code == 1 and "fuseclone: error:" in result.output
+
+
+def test_check_with_the_source_as_destination(full_clone):
+    result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.src, "--verify")
+    assert result.exit_code == 1
+    assert f"destination {full_clone.src} is the same file as source {full_clone.src}" in result.output
