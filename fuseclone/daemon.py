@@ -145,8 +145,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     write_cache = 0 if image_at_root else opts.write_cache
     await nursery.start(control.serve_control, opts.metadata, handle)
     nursery.start_soon(_signals, image, write_cache, stop)
-    fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other,
-                         image_at_root=image_at_root, write_cache=write_cache > 0)
+    fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
+                         write_cache=write_cache > 0)
     await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)

@@ -98,6 +98,17 @@ class Destination:
             ident["inode"] = self._st.st_ino
         return ident
 
+    def attributes(self) -> os.stat_result:
+        """DST's stat as it is now (the image shows its owner, group and mode)."""
+        return os.fstat(self.fd)
+
+    def chmod(self, mode: int) -> None:
+        os.fchmod(self.fd, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        """-1 leaves the owner or the group as it is."""
+        os.fchown(self.fd, uid, gid)
+
     def read(self, offset: int, length: int) -> bytes:
         data = pread_exact(self.fd, length, offset)
         if len(data) < length:  # a DST file shorter than the image reads zeros past its end

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -22,6 +23,7 @@ import trio
 
 from .destination import Destination
 from .errors import MetadataFailedError, describe
+from .fuse.backend import Permissions
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, Metadata, MetadataMode, feature_names)
 from .pacing import HydrationPacer
@@ -177,6 +179,16 @@ class CloneEngine:
     @property
     def size(self) -> int:
         return self.geometry.image_size
+
+    def permissions(self) -> Permissions:
+        st = self.dst.attributes()  # an fstat: microseconds, on the event loop
+        return Permissions(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+
+    async def set_permissions(self, mode: int | None, uid: int, gid: int) -> None:
+        if mode is not None:
+            await trio.to_thread.run_sync(self.dst.chmod, mode)
+        if uid != -1 or gid != -1:
+            await trio.to_thread.run_sync(self.dst.chown, uid, gid)
 
     def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """The bytes at once if they are hydrated and in DST's page cache, else None (then
