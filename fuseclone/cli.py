@@ -13,7 +13,7 @@ import click
 
 from . import control
 from .engine import Settings
-from .errors import FusecloneError, MetadataFailedError, MetadataInUseError
+from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -49,13 +49,16 @@ def fail(message: str) -> NoReturn:
 
 
 class FriendlyGroup(click.Group):
-    """Turns FusecloneError into one line on stderr and exit status 1."""
+    """Turns FusecloneError, and a file this user may not use, into one line on stderr and exit
+    status 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FusecloneError as exc:
             fail(str(exc))
+        except PermissionError as exc:
+            fail(f"permission denied: {exc.filename}" if exc.filename else describe(exc))
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +89,7 @@ def main() -> None:
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<hash of META>.log, shown by status).")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <hash of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
@@ -112,8 +115,6 @@ def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
 
     from .daemon import run_mount
 
-    _setup_logging(log_file, log_level)
-
     told = False
 
     def on_ready(image: str) -> None:
@@ -126,11 +127,15 @@ def _mount_foreground(opts, log_file, log_level, ready_fd) -> None:
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
+        _setup_logging(log_file, log_level)
         trio.run(run_mount, opts, on_ready)
-    except FusecloneError as exc:
+    except BaseException as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
         if ready_fd is not None and not told:
-            os.write(ready_fd, f"error {exc}\n".encode())
-        raise
+            os.write(ready_fd, f"error {error}\n".encode())
+        raise error from None
 
 
 def _mount_background(opts, log_file: str | None, log_level: str) -> None:
@@ -142,7 +147,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     """
     read_end, write_end = os.pipe()
     if log_file is None:
-        os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
+        control.ensure_runtime_dir()
         log_file = control.rotate_log(opts.metadata)
     child = os.fork()
     if child == 0:
@@ -188,7 +193,10 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int) -> int:
 
 
 def _setup_logging(log_file: str | None, level: str) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    try:
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    except OSError as exc:
+        raise FusecloneError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -201,8 +209,27 @@ def _setup_logging(log_file: str | None, level: str) -> None:
 WAIT_SLICE = 60.0  # seconds per "wait" request: a mount that hangs is noticed this soon
 
 
+def refuse_another_users_mount(target: str) -> None:
+    """A mount answers only the user who made it and root (its control socket is that user's,
+    in their runtime directory): say so, rather than what an unreachable socket or a locked
+    META would make us say."""
+    from .fuse.mount import fuse_mounts
+
+    if os.geteuid() == 0:
+        return
+    real = os.path.realpath(target)
+    for mount in fuse_mounts():
+        if not mount.source.startswith(control.FSNAME_PREFIX) or mount.uid in (None, os.geteuid()):
+            continue
+        meta = mount.source[len(control.FSNAME_PREFIX):]
+        if real in (mount.mountpoint, os.path.realpath(meta)):
+            raise FusecloneError(f"permission denied: the mount of {meta} belongs to another "
+                                 "user (run as root)")
+
+
 def read_status(target: str) -> Status:
     """Live status from the mount of TARGET, or offline status from its META."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "status"})
     if reply is not None:
@@ -259,6 +286,7 @@ def status(target, as_json, dmsetup, watch) -> None:
 def message(target, words) -> None:
     """Send a dm-clone message to a live mount: enable_hydration, disable_hydration,
     hydration_threshold N, hydration_batch_size N."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "message", "text": " ".join(words)})
     if reply is None:
@@ -273,6 +301,7 @@ def message(target, words) -> None:
 def wait(target, timeout) -> None:
     """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
     (exit 1)."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -327,6 +356,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
     """Commit and unmount. Refuses, like umount, while anything has the image open."""
     from .fuse.mount import cleanup_stale_mount
 
+    refuse_another_users_mount(mountpoint)
     if cleanup_stale_mount(mountpoint):
         click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
         return

@@ -1,8 +1,8 @@
 """The control channel between the CLI and a live mount.
 
 A running mount listens on a Unix socket whose path is derived from its metadata file's real
-path: /run/fuseclone/<sha256(realpath(META))[:16]>.sock, mode 0600 (root only unless the
-mounting user owns it). The mount's fsname in /proc/mounts is "fuseclone:<META>", so a
+path: RUNTIME_DIR/<sha256(realpath(META))[:16]>.sock, mode 0600, in the mounting user's
+runtime directory (root's is /run/fuseclone: see default_runtime_dir). The mount's fsname in /proc/mounts is "fuseclone:<META>", so a
 mountpoint leads to its META and from there to its socket.
 
 Protocol: one JSON object per line in each direction. Requests:
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -33,8 +34,45 @@ from .errors import FusecloneError
 
 log = logging.getLogger(__name__)
 
-RUNTIME_DIR = os.environ.get("FUSECLONE_RUNTIME_DIR", "/run/fuseclone")
+def default_runtime_dir(uid: int, environ: dict[str, str]) -> str:
+    """Where a user's control sockets and default logs live: root's in /run/fuseclone, another
+    user's in their own $XDG_RUNTIME_DIR/fuseclone, else /tmp/fuseclone-<uid>.
+    FUSECLONE_RUNTIME_DIR overrides it (the tests use it)."""
+    if environ.get("FUSECLONE_RUNTIME_DIR"):
+        return environ["FUSECLONE_RUNTIME_DIR"]
+    if uid == 0:
+        return "/run/fuseclone"
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "fuseclone")
+    return f"/tmp/fuseclone-{uid}"
+
+
+RUNTIME_DIR = default_runtime_dir(os.geteuid(), dict(os.environ))
 FSNAME_PREFIX = "fuseclone:"
+
+
+def ensure_runtime_dir(path: str | None = None) -> str:
+    """Create the runtime directory (mode 0700) if it is missing, and refuse one that someone
+    else could have prepared: a symlink, not a directory, not ours, or writable by others.
+    What is in it (sockets the CLI trusts, logs appended to) must be ours alone."""
+    path = path or RUNTIME_DIR
+    try:
+        try:
+            os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass  # whatever it is, it is looked at next
+        st = os.lstat(path)
+    except OSError as exc:
+        raise FusecloneError(f"cannot create the runtime directory {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FusecloneError(f"the runtime directory {path} is not a directory (a symlink?): remove it")
+    if st.st_uid != os.geteuid():
+        raise FusecloneError(f"the runtime directory {path} belongs to another user (uid {st.st_uid}): "
+                             "remove it")
+    if st.st_mode & 0o022:
+        raise FusecloneError(f"the runtime directory {path} is writable by other users "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 it")
+    return path
 
 
 def _runtime_file(meta_path: str, suffix: str) -> str:
@@ -139,7 +177,7 @@ async def serve_control(meta_path: str, handle: Handler,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on META's control socket until cancelled; remove the socket afterwards."""
     path = socket_path(meta_path)
-    os.makedirs(RUNTIME_DIR, mode=0o700, exist_ok=True)
+    ensure_runtime_dir()
     _remove_stale_socket(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:

@@ -12,6 +12,14 @@ class FusecloneError(Exception):
     """Base for errors caused by user input or environment; printed as one line, exit 1."""
 
 
+def user_error(exc: BaseException) -> FusecloneError | None:
+    """The FusecloneError behind EXC: EXC itself, or the only error inside the exception groups
+    that nurseries wrap around what their tasks raise. None when it is anything else."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, FusecloneError) else None
+
+
 class MetadataError(FusecloneError):
     """The metadata file is corrupt, of another clone, or of an unknown format."""
 
