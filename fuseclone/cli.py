@@ -223,8 +223,9 @@ def refuse_another_users_mount(target: str) -> None:
             continue
         meta = mount.source[len(control.FSNAME_PREFIX):]
         if real in (mount.mountpoint, os.path.realpath(meta)):
+            who = "root" if mount.uid == 0 else f"its user, uid {mount.uid}"
             raise FusecloneError(f"permission denied: the mount of {meta} belongs to another "
-                                 "user (run as root)")
+                                 f"user (run as {who})")
 
 
 def read_status(target: str) -> Status:
