@@ -148,6 +148,19 @@ def fuseclone_as_nobody(home, *args, ns=None, env=None, timeout=120):
                           env=env or nobody_env(home / "run"))
 
 
+# Binds the node over /dev/fuse, then lets go of the namespace's copies of mounts that come and
+# go (other clones, filesystems on loop devices): holding them would keep them alive after their
+# owners unmount them, and their daemons serving.
+NAMESPACE_HOLDER = r"""
+mount --bind "$1" /dev/fuse || exit 1
+awk '$3 ~ /^fuse/ || $1 ~ /^\/dev\/loop/ {print $2}' /proc/self/mounts | while read -r m; do
+    umount -l "$(printf '%b' "$m")" 2>/dev/null
+done
+echo ready
+exec sleep 3600
+"""
+
+
 @contextlib.contextmanager
 def fuse_device_for_users(workdir, mode):
     """A mount namespace whose /dev/fuse has `mode`: most distributions make it 0666 so that
@@ -157,8 +170,7 @@ def fuse_device_for_users(workdir, mode):
     os.mknod(node, stat.S_IFCHR | mode, os.makedev(10, 229))
     os.chmod(node, mode)
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               'mount --bind "$1" /dev/fuse && echo ready && exec sleep 3600',
-                               "sh", node], stdout=subprocess.PIPE, text=True)
+                               NAMESPACE_HOLDER, "sh", node], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "ready\n", "cannot make a mount namespace"
         yield holder
