@@ -252,7 +252,7 @@ class _BitmapArea:
              clone_id: int) -> tuple[_BitmapArea, int]:
         """Read the area: every valid copy of a block ORed together (bits are monotonic, so each
         valid copy is a subset of the newest). Returns the area and the newest seq found."""
-        area = cls(magic, first_block, 0, clone_id)
+        area = cls(magic, first_block, 0, clone_id)  # bitless: its slot layout reads the file
         nblocks = _bitmap_blocks(nr_bits)
         bits = bitarray(nblocks * BITS_PER_BLOCK, endian="little")
         bits.setall(0)
