@@ -6,6 +6,10 @@ destination: a hydration copy, a copy-on-read store, or a user write or discard 
 region whole. Anyone else who needs that region to be stable waits for the claim's release. A
 region's hydrated bit is set in core only after its destination write returned, and reaches the
 metadata file only after the destination was made durable (see `commit`).
+
+Written bits (changed-block tracking) go the other way round: a user write, discard or zeroing
+reaches DST only once the written bits of its chunks are durable in META (`_record_written`),
+so that no crash can leave user data in DST that looks like a corrupt copy of the source.
 """
 
 from __future__ import annotations
@@ -155,6 +159,9 @@ class CloneEngine:
         self._claims: dict[int, _Claim] = {}
         self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
         self._commit_lock = trio.Lock()
+        # Written-bit commits (META only) have their own lock: a user write never waits behind
+        # a hydration commit's DST fdatasync.
+        self._written_lock = trio.Lock()
         self._commits_started = self._commits_done = 0
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
@@ -207,8 +214,9 @@ class CloneEngine:
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it."""
-        if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
-            return False
+        if (self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX
+                or not self.meta.written_durable(offset, len(data))):
+            return False  # too large, or its written bits must reach META first
         span = self.geometry.region_span(offset, len(data))
         hydrated = self.meta.map.all_hydrated(span)
         if hydrated and len(data) >= HANDED_OVER_WRITE_MIN:
@@ -245,6 +253,7 @@ class CloneEngine:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()
+        await self._record_written(offset, len(data))
         done = self.write_now(offset, data)
         if done is True:
             await trio.lowlevel.checkpoint()
@@ -260,6 +269,7 @@ class CloneEngine:
         reads as zeros (punched in DST, or zeroed in place with passdown off)."""
         self._check_writable()
         length = max(0, min(length, self.size - offset))
+        await self._record_written(offset, length)
         if self.settings.discard_passdown:
             op = lambda: self.dst.punch_hole(offset, length)  # noqa: E731
         else:
@@ -269,6 +279,7 @@ class CloneEngine:
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_writable()
         length = max(0, min(length, self.size - offset))
+        await self._record_written(offset, length)
         await self._replace(offset, length, lambda: self.dst.zero_range(offset, length))
 
     async def flush(self) -> None:
@@ -528,6 +539,32 @@ class CloneEngine:
             self.meta.fail(f"a failed fdatasync of {self.dst.path} ({describe(exc)})")
             raise
 
+    async def _record_written(self, offset: int, length: int) -> None:
+        """Write-ahead of changed-block tracking: return once the written bits of the chunks
+        [offset, offset+length) touches are durable in META. Free when they already are;
+        otherwise writers share one META-only commit (pwrite + fdatasync, no DST sync)."""
+        if self.meta.written_durable(offset, length):
+            return
+        self.meta.mark_written(offset, length)
+        async with self._written_lock:
+            if not self.meta.written_durable(offset, length):  # else an earlier commit had ours
+                self._check_writable()
+                await self._commit_written()
+
+    async def _commit_written(self) -> None:
+        """Commit the changed written-bitmap blocks. Call with `_written_lock` held: a block
+        may be in one commit at a time, or two could write the same slot."""
+        batch = self.meta.prepare_written_commit()
+        if batch is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):  # like _commit_once: never drop dirty marks
+                await trio.to_thread.run_sync(self.meta.write_commit, batch)
+        except OSError as exc:
+            self.meta.abort_commit(batch)
+            raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
+        self.meta.finish_commit(batch)
+
     async def _committer(self) -> None:
         while True:
             await trio.sleep(self.settings.commit_interval)
@@ -727,6 +764,9 @@ class CloneEngine:
             hydration_retry=self._retry_note(),
             metadata_mode=self.meta.mode.value,
             metadata_error=self.meta.failure,
+            written_regions=self.meta.written_regions(),
+            written_bytes=self.meta.written_bytes(),
+            written_unknown=self.meta.header.written_unknown,
             bytes_per_second=rate * g.region_size,
             eta_seconds=(remaining / rate) if rate > 0 else None,
             source=self.source.description,
@@ -768,6 +808,8 @@ class CloneEngine:
             return  # in fail mode META stays as its last good commit, not marked clean
         try:
             await self.commit()
+            async with self._written_lock:  # marks of writers cancelled before their commit
+                await self._commit_written()
             self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)
