@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
 from .destination import Destination
 from .errors import FusecloneError
+from .identity import check_distinct
 from .metadata import Metadata
 
 
 def run_check(meta_path: str, src: str | None, dst: str | None, verify: bool,
               echo: Callable[[str], None]) -> bool:
     """Returns True when everything checked is consistent. Opens META read-only."""
+    check_distinct(source=src, destination=dst, metadata=meta_path)
     with Metadata.open(meta_path, writable=False) as meta:
         h = meta.header
-        echo(f"{meta_path}: valid fuseclone metadata, format 1, region size {h.region_size}, "
+        echo(f"{meta_path}: valid fuseclone metadata, format {h.version}, region size {h.region_size}, "
              f"{meta.map.hydrated_count}/{h.nr_regions} regions hydrated, "
              f"{'clean' if h.clean else 'not cleanly closed (the mount was killed or is live)'}")
         if not (src or dst):
@@ -66,26 +68,42 @@ def _check_destination(meta: Metadata, dst_path: str | None, echo) -> bool:
 
 
 async def _verify(meta: Metadata, source, dst_path: str, echo) -> bool:
+    """Compare with the source every region that is hydrated and was never written by users
+    (written ones hold the users' data, not the source's)."""
     g = meta.geometry
     dst = Destination.open(dst_path, g.image_size, create=False, readonly=True)
     bad = checked = 0
     step = max(1, (4 << 20) // g.region_size)
     try:
-        for start in range(0, g.nr_regions, step):
-            for hydrated, run in meta.map.runs(range(start, min(start + step, g.nr_regions))):
-                if not hydrated:
-                    continue
-                offset, length = g.byte_range(run)
+        for run in _hydrated_never_written(meta):
+            for start in range(run.start, run.stop, step):
+                piece = range(start, min(start + step, run.stop))
+                offset, length = g.byte_range(piece)
                 want = await source.read(offset, length)
                 got = await trio.to_thread.run_sync(dst.read, offset, length)
-                checked += len(run)
+                checked += len(piece)
                 if got != want:
-                    bad += _count_bad_regions(g, run, want, got, echo)
+                    bad += _count_bad_regions(g, piece, want, got, echo)
     finally:
         dst.close()
-    echo(f"verify: {checked} hydrated regions compared, {bad} differ from the source"
-         + (" (expected where the image was written to)" if bad else ""))
+    echo(f"verify: {checked} hydrated, never written regions compared, {bad} differ from the source")
+    echo(f"verify: {meta.written_regions()} regions written by users, not compared")
+    if meta.header.written_unknown:
+        echo("verify: this metadata predates changed-block tracking (format 1, or upgraded from "
+             "it): writes made before then are unknown"
+             + (", and the regions that differ may be such writes" if bad else ""))
     return bad == 0
+
+
+def _hydrated_never_written(meta: Metadata) -> Iterator[range]:
+    """Runs of regions that are hydrated and lie in chunks users never wrote."""
+    g, chunks = meta.geometry, meta.written_geometry
+    for written, run in meta.written.runs(range(chunks.nr_regions)):
+        if written:
+            continue
+        for hydrated, regions in meta.map.runs(g.region_span(*chunks.byte_range(run))):
+            if hydrated:
+                yield regions
 
 
 def _count_bad_regions(g, run: range, want: bytes, got: bytes, echo) -> int:

@@ -1,7 +1,8 @@
-"""The `fuseclone` command: mount, status, message, wait, unmount, check, demo."""
+"""The `fuseclone` command: mount, status, message, wait, unmount, check, diff, demo."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -13,7 +14,7 @@ import click
 
 from . import control
 from .engine import Settings, check_hydration_setting
-from .errors import FusecloneError, MetadataInUseError
+from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -49,13 +50,16 @@ def fail(message: str) -> NoReturn:
 
 
 class FriendlyGroup(click.Group):
-    """Turns FusecloneError into one line on stderr and exit status 1."""
+    """Turns FusecloneError, and a file this user may not use, into one line on stderr and exit
+    status 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FusecloneError as exc:
             fail(str(exc))
+        except PermissionError as exc:
+            fail(f"permission denied: {exc.filename}" if exc.filename else describe(exc))
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +90,7 @@ def main() -> None:
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: /run/fuseclone/<hash of META>.log, shown by status).")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
@@ -116,8 +120,6 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
 
     from .daemon import run_mount
 
-    _setup_logging(log_file, log_level)
-
     told = False
 
     def on_ready(image: str) -> None:
@@ -132,11 +134,15 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
+        _setup_logging(log_file, log_level)
         trio.run(run_mount, opts, on_ready)
-    except FusecloneError as exc:
+    except BaseException as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
         if ready_fd is not None and not told:
-            os.write(ready_fd, f"error {exc}\n".encode())
-        raise
+            os.write(ready_fd, f"error {error}\n".encode())
+        raise error from None
 
 
 def _mount_background(opts, log_file: str | None, log_level: str) -> None:
@@ -149,7 +155,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     read_end, write_end = os.pipe()
     default_log = log_file is None
     if default_log:
-        os.makedirs(control.RUNTIME_DIR, mode=0o700, exist_ok=True)
+        control.ensure_runtime_dir()
         log_file = control.rotate_log(opts.metadata)
     child = os.fork()
     if child == 0:
@@ -195,7 +201,10 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
 
 
 def _setup_logging(log_file: str | None, level: str) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    try:
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    except OSError as exc:
+        raise FusecloneError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -215,8 +224,29 @@ def _log_to_renamed_file(path: str) -> None:
 WAIT_SLICE = 60.0  # seconds per "wait" request: a mount that hangs is noticed this soon
 
 
+def refuse_another_users_mount(target: str) -> None:
+    """A mount answers only the user who made it and root (its control socket is that user's,
+    in their runtime directory): say so, rather than what an unreachable socket or a locked
+    META would make us say."""
+    from .fuse.mount import fuse_mounts, resolve_outside_mounts
+
+    if os.geteuid() == 0:
+        return
+    mounts = fuse_mounts()
+    real = resolve_outside_mounts(target, {mount.mountpoint for mount in mounts})
+    for mount in mounts:
+        if not mount.source.startswith(control.FSNAME_PREFIX) or mount.uid in (None, os.geteuid()):
+            continue
+        meta = mount.source[len(control.FSNAME_PREFIX):]
+        if real in (mount.mountpoint, os.path.realpath(meta)):
+            who = "root" if mount.uid == 0 else f"its user, uid {mount.uid}"
+            raise FusecloneError(f"permission denied: the mount of {meta} belongs to another "
+                                 f"user (run as {who})")
+
+
 def read_status(target: str) -> Status:
     """Live status from the mount of TARGET, or offline status from its META."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "status"})
     if reply is not None:
@@ -239,7 +269,9 @@ def offline_status(meta_path: str) -> Status:
             hydration_error=None, metadata_mode="ro", bytes_per_second=0.0, eta_seconds=None,
             source=str(ident.get("source", {}).get("path") or ident.get("source", {}).get("url", "?")),
             destination=str(ident.get("destination", {}).get("path", "?")),
-            metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)))
+            metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)),
+            written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),
+            written_unknown=h.written_unknown)
 
 
 def _existing(path: str) -> str | None:
@@ -273,6 +305,7 @@ def status(target, as_json, dmsetup, watch) -> None:
 def message(target, words) -> None:
     """Send a dm-clone message to a live mount: enable_hydration, disable_hydration,
     hydration_threshold N, hydration_batch_size N."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "message", "text": " ".join(words)})
     if reply is None:
@@ -285,7 +318,9 @@ def message(target, words) -> None:
 @click.argument("target")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 def wait(target, timeout) -> None:
-    """Wait until hydration is complete (exit 0), or the timeout passes (exit 1)."""
+    """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
+    (exit 1)."""
+    refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -296,6 +331,8 @@ def wait(target, timeout) -> None:
         if not st.live:
             fail(f"{target}: not complete ({st.hydrated_regions}/{st.total_regions} regions) "
                  "and no mount is hydrating it")
+        if st.metadata_error:
+            raise MetadataFailedError(st.metadata_error)
         if st.hydration_error:
             fail(f"hydration stopped: {st.hydration_error}")
         if deadline is not None and time.monotonic() >= deadline:
@@ -338,6 +375,7 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
                    "are handed over first, later I/O of the holders fails.")
 def unmount(mountpoint, timeout, lazy) -> None:
     """Commit and unmount. Refuses, like umount, while anything has the image open."""
+    refuse_another_users_mount(mountpoint)
     if control.cleanup_stale_mount(mountpoint):
         click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
         return
@@ -409,6 +447,8 @@ def processes_using(mountpoint: str) -> list[tuple[int, str]]:
 def loop_devices_of(real_mountpoint: str) -> list[str]:
     """Loop devices whose backing file lives on this mount (its resolved path, as the mount
     table has it: a stat of the mountpoint would wait for a stopped daemon)."""
+    from .identity import loop_backing_file
+
     real = real_mountpoint
     found = []
     try:
@@ -418,10 +458,8 @@ def loop_devices_of(real_mountpoint: str) -> list[str]:
     for name in names:
         if not name.startswith("loop"):
             continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
+        backing = loop_backing_file(f"/sys/block/{name}")
+        if backing is None:
             continue
         if backing == real or backing.startswith(real.rstrip("/") + "/"):
             found.append(f"/dev/{name}")
@@ -435,7 +473,7 @@ def loop_devices_of(real_mountpoint: str) -> list[str]:
 @click.argument("meta")
 @click.option("--src", help="Check META against this source.")
 @click.option("--dst", help="Check META against this destination.")
-@click.option("--verify", is_flag=True, help="Compare every hydrated region of DST with SRC.")
+@click.option("--verify", is_flag=True, help="Compare every hydrated region users never wrote of DST with SRC.")
 def check(meta, src, dst, verify) -> None:
     """Validate a metadata file (like thin_check); optionally verify DST against SRC."""
     from .checker import run_check
@@ -445,6 +483,36 @@ def check(meta, src, dst, verify) -> None:
     ok = run_check(meta, src, dst, verify, echo=click.echo)
     if not ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("meta")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def diff(meta, as_json) -> None:
+    """List the parts of the image users wrote, discarded or zeroed (changed-block tracking,
+    in chunks of the written granularity): what an incremental backup must copy."""
+    from .metadata import Metadata
+
+    try:
+        opened = Metadata.open(meta, writable=False)
+    except MetadataInUseError:
+        fail(f"{meta} is in use by a live mount: unmount it first (diff reads META offline)")
+    with opened:
+        doc = {"granularity": opened.written_geometry.region_size,
+               "image_size": opened.geometry.image_size,
+               "extents": [{"offset": o, "length": n} for o, n in opened.written_extents],
+               "written_bytes": opened.written_bytes(),
+               "written_unknown": opened.header.written_unknown}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for extent in doc["extents"]:
+        click.echo(f"{extent['offset']:>16} {extent['length']:>16}")
+    click.echo(f"{doc['written_bytes']} bytes written in {len(doc['extents'])} extents "
+               f"(granularity {doc['granularity']}, image {doc['image_size']} bytes)")
+    if doc["written_unknown"]:
+        click.echo("note: this metadata predates changed-block tracking (format 1, or upgraded "
+                   "from it): writes made before then are not listed")
 
 
 @main.command()

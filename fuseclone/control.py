@@ -2,9 +2,9 @@
 
 A running mount listens on a Unix socket whose name is derived from its metadata file's
 identity (st_dev, st_ino), so every name of one META (a hard link, a symlink) finds it:
-/run/fuseclone/<identity of META>.sock, mode 0600 (root only unless the mounting user owns
-it). The mount's fsname in /proc/mounts is "fuseclone:<META>", so a mountpoint leads to its
-META and from there to its socket.
+RUNTIME_DIR/<identity of META>.sock, mode 0600, in the mounting user's runtime directory
+(root's is /run/fuseclone: see default_runtime_dir). The mount's fsname in /proc/mounts is
+"fuseclone:<META>", so a mountpoint leads to its META and from there to its socket.
 
 Protocol: one JSON object per line in each direction, one request per connection. Requests:
     {"op": "status"}                   -> {"ok": true, "status": {...}}
@@ -35,6 +35,7 @@ import math
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from dataclasses import asdict, dataclass
@@ -46,13 +47,50 @@ from .errors import FusecloneError
 
 log = logging.getLogger(__name__)
 
-RUNTIME_DIR = os.environ.get("FUSECLONE_RUNTIME_DIR", "/run/fuseclone")
+def default_runtime_dir(uid: int, environ: dict[str, str]) -> str:
+    """Where a user's control sockets and default logs live: root's in /run/fuseclone, another
+    user's in their own $XDG_RUNTIME_DIR/fuseclone, else /tmp/fuseclone-<uid>.
+    FUSECLONE_RUNTIME_DIR overrides it (the tests use it)."""
+    if environ.get("FUSECLONE_RUNTIME_DIR"):
+        return environ["FUSECLONE_RUNTIME_DIR"]
+    if uid == 0:
+        return "/run/fuseclone"
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "fuseclone")
+    return f"/tmp/fuseclone-{uid}"
+
+
+RUNTIME_DIR = default_runtime_dir(os.geteuid(), dict(os.environ))
 FSNAME_PREFIX = "fuseclone:"
 
 REQUEST_TIMEOUT = 10.0  # seconds: the CLI's deadline for an answer, and the mount's for a request line
 MAX_REQUEST = 64 << 10  # bytes in a request line
 MAX_CLIENTS = 128  # connections served at once; more wait in the listen backlog
 ANSWER_TIMEOUT = 5.0  # seconds an answer may take to send (shielded: an unmount's answer)
+
+
+def ensure_runtime_dir(path: str | None = None) -> str:
+    """Create the runtime directory (mode 0700) if it is missing, and refuse one that someone
+    else could have prepared: a symlink, not a directory, not ours, or writable by others.
+    What is in it (sockets the CLI trusts, logs appended to) must be ours alone."""
+    path = path or RUNTIME_DIR
+    try:
+        try:
+            os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass  # whatever it is, it is looked at next
+        st = os.lstat(path)
+    except OSError as exc:
+        raise FusecloneError(f"cannot create the runtime directory {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FusecloneError(f"the runtime directory {path} is not a directory (a symlink?): remove it")
+    if st.st_uid != os.geteuid():
+        raise FusecloneError(f"the runtime directory {path} belongs to another user (uid {st.st_uid}): "
+                             "remove it")
+    if st.st_mode & 0o022:
+        raise FusecloneError(f"the runtime directory {path} is writable by other users "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 it")
+    return path
 
 
 def _runtime_file(meta_path: str, suffix: str) -> str:
@@ -333,7 +371,7 @@ async def serve_control(meta_path: str, handle: Handler,
     """Listen on META's control socket until cancelled; remove the socket afterwards. HANDLE
     gets requests that parse_request accepted."""
     path = socket_path(meta_path)
-    os.makedirs(RUNTIME_DIR, mode=0o700, exist_ok=True)
+    ensure_runtime_dir()
     _remove_stale_socket(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:

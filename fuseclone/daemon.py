@@ -23,6 +23,7 @@ from . import control
 from .clone import open_clone, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
+from .identity import check_distinct
 from .metadata import Metadata
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
+    check_distinct(source=opts.source, destination=opts.destination, metadata=opts.metadata,
+                   mountpoint=opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
@@ -125,7 +128,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         if op == "message":
             try:
                 engine.message(req["text"])
-            except ValueError as exc:
+            except (ValueError, FusecloneError) as exc:  # a bad message, or fail mode
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
         if op == "wait":
@@ -145,8 +148,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     write_cache = 0 if image_at_root else opts.write_cache
     await nursery.start(control.serve_control, opts.metadata, handle)
     nursery.start_soon(_signals, image, write_cache, stop)
-    fs = ImageFilesystem(engine, name=opts.name, allow_other=opts.allow_other,
-                         image_at_root=image_at_root, write_cache=write_cache > 0)
+    fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
+                         write_cache=write_cache > 0)
     await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 import threading
 
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, pread_exact, pwrite_all)
-from .errors import DestinationError
+from .errors import DestinationError, DestinationInUseError
 
 _ZEROS = bytes(1 << 20)
 DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
@@ -34,7 +35,8 @@ class Destination:
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
         """Open DST read-write (or read-only, for checks). A missing file is created sparse (only
-        when `create`); a DST smaller than the image is refused. On refusal nothing is changed."""
+        when `create`); a DST smaller than the image is refused. A read-write DST is claimed
+        for this clone until `close` (see _claim). On refusal nothing is changed."""
         created = False
         try:
             fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
@@ -57,6 +59,8 @@ class Destination:
             if size < image_size:
                 raise DestinationError(
                     f"{path}: destination is {size} bytes, smaller than the source ({image_size} bytes)")
+            if not readonly:
+                fd = _claim(fd, path, stat.S_ISBLK(mode))
         except BaseException:
             os.close(fd)
             if created:
@@ -93,6 +97,17 @@ class Destination:
         if not self.is_block_device:
             ident["inode"] = self._st.st_ino
         return ident
+
+    def attributes(self) -> os.stat_result:
+        """DST's stat as it is now (the image shows its owner, group and mode)."""
+        return os.fstat(self.fd)
+
+    def chmod(self, mode: int) -> None:
+        os.fchmod(self.fd, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        """-1 leaves the owner or the group as it is."""
+        os.fchown(self.fd, uid, gid)
 
     def read(self, offset: int, length: int) -> bytes:
         data = pread_exact(self.fd, length, offset)
@@ -188,6 +203,30 @@ class Destination:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _claim(fd: int, path: str, is_block_device: bool) -> int:
+    """Make `fd` this clone's claim on DST (SPEC invariant 9: one clone per DST); returns the
+    descriptor to keep. A file gets an exclusive flock, like META. A flock on a device node
+    locks that node's inode, not the device, and another node of the same device would not
+    conflict; so a block device is reopened with O_EXCL instead (through /proc/self/fd, the very
+    device opened): Linux then refuses, with EBUSY, any other exclusive opener (a second clone,
+    through any node) and any mount of the device, for as long as it stays open."""
+    if not is_block_device:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DestinationInUseError(f"{path}: destination is in use by another clone") from None
+        return fd
+    try:
+        claimed = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        raise DestinationInUseError(
+            f"{path}: destination is in use (by another clone, or mounted)") from None
+    os.close(fd)
+    return claimed
 
 
 def _create_sparse(path: str, size: int) -> int:

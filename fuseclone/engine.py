@@ -6,6 +6,10 @@ destination: a hydration copy, a copy-on-read store, or a user write or discard 
 region whole. Anyone else who needs that region to be stable waits for the claim's release. A
 region's hydrated bit is set in core only after its destination write returned, and reaches the
 metadata file only after the destination was made durable (see `commit`).
+
+Written bits (changed-block tracking) go the other way round: a user write, discard or zeroing
+reaches DST only once the written bits of its chunks are durable in META (`_record_written`),
+so that no crash can leave user data in DST that looks like a corrupt copy of the source.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -21,9 +26,11 @@ from typing import Callable
 import trio
 
 from .destination import Destination
-from .errors import SettingError, describe
+from .errors import MetadataFailedError, SettingError, describe
+from .fuse.backend import Permissions
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
-                       FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, feature_names)
+                       FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
+                       feature_names)
 from .pacing import HydrationPacer
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
@@ -162,6 +169,9 @@ class CloneEngine:
         self._claims: dict[int, _Claim] = {}
         self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
         self._commit_lock = trio.Lock()
+        # Written-bit commits (META only) have their own lock: a user write never waits behind
+        # a hydration commit's DST fdatasync.
+        self._written_lock = trio.Lock()
         self._commits_started = self._commits_done = 0
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
@@ -187,6 +197,16 @@ class CloneEngine:
     def size(self) -> int:
         return self.geometry.image_size
 
+    def permissions(self) -> Permissions:
+        st = self.dst.attributes()  # an fstat: microseconds, on the event loop
+        return Permissions(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+
+    async def set_permissions(self, mode: int | None, uid: int, gid: int) -> None:
+        if mode is not None:
+            await trio.to_thread.run_sync(self.dst.chmod, mode)
+        if uid != -1 or gid != -1:
+            await trio.to_thread.run_sync(self.dst.chown, uid, gid)
+
     def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """The bytes at once if they are hydrated and in DST's page cache, else None (then
         `read` is the way). Lets the FUSE session answer without starting a task."""
@@ -204,8 +224,9 @@ class CloneEngine:
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it."""
-        if self.meta.mode != "rw" or len(data) > INLINE_WRITE_MAX:
-            return False
+        if (self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX
+                or not self.meta.written_durable(offset, len(data))):
+            return False  # too large, or its written bits must reach META first
         span = self.geometry.region_span(offset, len(data))
         hydrated = self.meta.map.all_hydrated(span)
         if hydrated and len(data) >= HANDED_OVER_WRITE_MIN:
@@ -242,6 +263,7 @@ class CloneEngine:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()
+        await self._record_written(offset, len(data))
         done = self.write_now(offset, data)
         if done is True:
             await trio.lowlevel.checkpoint()
@@ -257,6 +279,7 @@ class CloneEngine:
         reads as zeros (punched in DST, or zeroed in place with passdown off)."""
         self._check_writable()
         length = max(0, min(length, self.size - offset))
+        await self._record_written(offset, length)
         if self.settings.discard_passdown:
             op = lambda: self.dst.punch_hole(offset, length)  # noqa: E731
         else:
@@ -266,6 +289,7 @@ class CloneEngine:
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_writable()
         length = max(0, min(length, self.size - offset))
+        await self._record_written(offset, length)
         await self._replace(offset, length, lambda: self.dst.zero_range(offset, length))
 
     async def flush(self) -> None:
@@ -361,8 +385,8 @@ class CloneEngine:
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
             return await self.read(lo, hi - lo)
-        if not (self.settings.copy_on_read and self.hydration_error is None) or any(
-                r in self._claims for r in run):
+        if not (self.settings.copy_on_read and self.hydration_error is None
+                and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
             return await self._source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
         claim = self._claim(run)
@@ -480,7 +504,8 @@ class CloneEngine:
         self._changed.unpark_all()
 
     def _check_writable(self) -> None:
-        if self.meta.mode != "rw":
+        self.meta.refuse_if_failed()
+        if self.meta.mode is not MetadataMode.RW:
             raise OSError(errno.EIO, f"metadata is in {self.meta.mode} mode: writes are refused")
 
     # ---- commits ------------------------------------------------------------------------
@@ -497,6 +522,7 @@ class CloneEngine:
             self._commits_done = self._commits_started
 
     async def _commit_once(self) -> None:
+        self.meta.refuse_if_failed()
         # The batch is copied out *before* DST is synced: every bit in it belongs to a DST write
         # that had already returned, so the fdatasync below covers its data (invariant 1).
         batch = self.meta.prepare_commit()
@@ -504,25 +530,56 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.dst.datasync)
+                await trio.to_thread.run_sync(self._datasync_dst)
                 if batch is not None:
-                    await trio.to_thread.run_sync(self.meta.write_commit, batch)
+                    await trio.to_thread.run_sync(self.meta.write_commit, batch)  # fails itself
         except OSError as exc:
-            # After a failed fdatasync the kernel may have dropped the dirty data: no bit may be
-            # committed any more. Fail mode, like dm-clone's.
             if batch is not None:
                 self.meta.abort_commit(batch)
-            self.meta.mode = "fail"
-            log.error("commit failed, metadata now in fail mode: %s", exc)
-            raise OSError(errno.EIO, f"commit failed: {exc}") from exc
+            raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
         if batch is not None:
             self.meta.finish_commit(batch)
+
+    def _datasync_dst(self) -> None:
+        """Blocking. After a failed fdatasync the kernel may have dropped DST's dirty data: no
+        bit may be committed any more. Fail mode, like dm-clone's."""
+        try:
+            self.dst.datasync()
+        except OSError as exc:
+            self.meta.fail(f"a failed fdatasync of {self.dst.path} ({describe(exc)})")
+            raise
+
+    async def _record_written(self, offset: int, length: int) -> None:
+        """Write-ahead of changed-block tracking: return once the written bits of the chunks
+        [offset, offset+length) touches are durable in META. Free when they already are;
+        otherwise writers share one META-only commit (pwrite + fdatasync, no DST sync)."""
+        if self.meta.written_durable(offset, length):
+            return
+        self.meta.mark_written(offset, length)
+        async with self._written_lock:
+            if not self.meta.written_durable(offset, length):  # else an earlier commit had ours
+                self._check_writable()
+                await self._commit_written()
+
+    async def _commit_written(self) -> None:
+        """Commit the changed written-bitmap blocks. Call with `_written_lock` held: a block
+        may be in one commit at a time, or two could write the same slot."""
+        batch = self.meta.prepare_written_commit()
+        if batch is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):  # like _commit_once: never drop dirty marks
+                await trio.to_thread.run_sync(self.meta.write_commit, batch)
+        except OSError as exc:
+            self.meta.abort_commit(batch)
+            raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
+        self.meta.finish_commit(batch)
 
     async def _committer(self) -> None:
         while True:
             await trio.sleep(self.settings.commit_interval)
             self._progress.record(trio.current_time(), self.meta.map.hydrated_count)
-            if self.meta.dirty and self.meta.mode == "rw":
+            if self.meta.dirty and self.meta.mode is MetadataMode.RW:
                 try:
                     await self.commit()
                 except OSError:
@@ -567,7 +624,7 @@ class CloneEngine:
 
     def _may_start_batch(self) -> bool:
         s = self.settings
-        if not s.hydration or self.hydration_error is not None or self.meta.mode != "rw":
+        if not s.hydration or self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
             return False
         batch = self._batch_regions()
         limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
@@ -642,13 +699,18 @@ class CloneEngine:
             await trio.sleep(-self._rate_tokens / rate)
 
     async def _finish_hydration(self) -> None:
-        await self.commit()
+        try:
+            await self.commit()
+        except OSError:
+            return  # fail mode: status and wait say why
         self.complete.set()
         log.info("hydration complete: %d regions", len(self.meta.map))
 
     async def wait_until_settled(self) -> None:
-        """Return once hydration is complete (and committed) or has stopped after failures."""
-        while not self.complete.is_set() and self.hydration_error is None:
+        """Return once hydration is complete (and committed), has stopped after failures, or
+        cannot go on (metadata in fail mode)."""
+        while (not self.complete.is_set() and self.hydration_error is None
+               and self.meta.mode is MetadataMode.RW):
             with trio.move_on_after(STOPPED_POLL_INTERVAL):  # a stop sets no event
                 await self.complete.wait()
 
@@ -664,7 +726,10 @@ class CloneEngine:
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
-        hydration_batch_size N. Raises ValueError on a bad message."""
+        hydration_batch_size N. Raises ValueError on a bad message, and MetadataFailedError in
+        fail mode: every message is recorded in META."""
+        if self.meta.failure is not None:
+            raise MetadataFailedError(self.meta.failure)
         words = text.split()
         s = self.settings
         if words == ["enable_hydration"]:
@@ -684,7 +749,7 @@ class CloneEngine:
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N)")
-        if self.meta.mode == "rw":
+        if self.meta.mode is MetadataMode.RW:
             self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
                                       hydration_batch_size=s.hydration_batch_size)
         self._changed.unpark_all()
@@ -705,7 +770,11 @@ class CloneEngine:
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
             hydration_retry=self._retry_note(),
-            metadata_mode=self.meta.mode,
+            metadata_mode=self.meta.mode.value,
+            metadata_error=self.meta.failure,
+            written_regions=self.meta.written_regions(),
+            written_bytes=self.meta.written_bytes(),
+            written_unknown=self.meta.header.written_unknown,
             bytes_per_second=rate * g.region_size,
             eta_seconds=(remaining / rate) if rate > 0 else None,
             source=self.source.description,
@@ -743,10 +812,12 @@ class CloneEngine:
                 await self._shutdown_commit()
 
     async def _shutdown_commit(self) -> None:
-        if self.meta.mode != "rw":
-            return
+        if self.meta.mode is not MetadataMode.RW:
+            return  # in fail mode META stays as its last good commit, not marked clean
         try:
             await self.commit()
+            async with self._written_lock:  # marks of writers cancelled before their commit
+                await self._commit_written()
             self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)

@@ -12,8 +12,25 @@ class FusecloneError(Exception):
     """Base for errors caused by user input or environment; printed as one line, exit 1."""
 
 
+def user_error(exc: BaseException) -> FusecloneError | None:
+    """The FusecloneError behind EXC: EXC itself, or the only error inside the exception groups
+    that nurseries wrap around what their tasks raise. None when it is anything else."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, FusecloneError) else None
+
+
 class MetadataError(FusecloneError):
     """The metadata file is corrupt, of another clone, or of an unknown format."""
+
+
+class MetadataFailedError(FusecloneError):
+    """A write to META failed, so the live mount writes it no more (dm-clone's fail mode)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"metadata is in fail mode after {reason}: unmount and mount again to "
+                         "resume from the last good commit")
+        self.reason = reason
 
 
 class MetadataInUseError(FusecloneError):
@@ -26,6 +43,14 @@ class SourceError(FusecloneError):
 
 class DestinationError(FusecloneError):
     """The destination cannot be opened, or is too small."""
+
+
+class DestinationInUseError(DestinationError):
+    """Another clone holds the destination (SPEC invariant 9)."""
+
+
+class OverlapError(FusecloneError):
+    """SRC, DST, META and the mountpoint are not four different things (SPEC invariant 8)."""
 
 
 class SettingError(FusecloneError, ValueError):

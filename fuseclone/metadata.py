@@ -2,11 +2,15 @@
 
 Layout (little-endian, 4 KiB blocks so that every write is one aligned block):
 
-    block 0, 1      header slots A/B   (magic, version, seq, geometry, identities, flags, CRC)
-    block 2 + 2i    bitmap block i, slot A
-    block 3 + 2i    bitmap block i, slot B
+    block 0, 1          header slots A/B   (magic, version, seq, geometry, identities, flags, CRC)
+    block 2 + 2i        hydrated bitmap block i, slot A (one bit per region)
+    block 3 + 2i        hydrated bitmap block i, slot B
+    block W + 2j, +1    written bitmap block j, slots A/B (format 2: one bit per chunk of
+                        `written_granularity` bytes that users wrote, discarded or zeroed;
+                        W = 2 + 2 * hydrated bitmap blocks)
 
-Every bitmap block holds BITS_PER_BLOCK region bits and exists twice. A commit writes each
+Both bitmaps follow the same rules (`_BitmapArea`). Every bitmap block holds BITS_PER_BLOCK bits
+and exists twice. A commit writes each
 changed block into the slot that does *not* hold its newest valid copy, tagged with a sequence
 number and a CRC, so a commit costs one 4 KiB write per changed block (SPEC invariant 5), never
 the whole bitmap. A torn write can only spoil the slot being written; the other slot still holds
@@ -14,6 +18,9 @@ the last completed commit. Because hydrated bits only go 0 -> 1 (SPEC invariant 
 copy of a block is a subset of the newest one, and loading ORs all valid copies together: a crash
 can only lose bits set since the last completed commit, never a bit an acknowledged flush made
 durable. A slot that was never written is all zeros and reads as an empty block.
+
+Format 1 had no written bitmap. A writable open upgrades it in place (`mark_open`), with the
+header flag FLAG_WRITTEN_UNKNOWN: writes made before the upgrade were not tracked.
 """
 
 from __future__ import annotations
@@ -27,25 +34,34 @@ import struct
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 from bitarray import bitarray
 
-from .errors import MetadataError, MetadataInUseError
+from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
 
 log = logging.getLogger(__name__)
 
 BLOCK = 4096
 MAGIC = b"FUSECLN1"
-VERSION = 1
-BITMAP_MAGIC = 0x4D424346  # "FCBM"
+VERSION = 2
+VERSION_WITHOUT_WRITTEN = 1  # no written bitmap: upgraded on a writable open
+BITMAP_MAGIC = 0x4D424346  # "FCBM": slots of the hydrated bitmap
+WRITTEN_MAGIC = 0x57424346  # "FCBW": slots of the written bitmap
 FIRST_BITMAP_BLOCK = 2
+# Written bits are kept per chunk of max(region size, 64 KiB), qemu's default dirty-bitmap
+# granularity: with 4 KiB regions a first write to a chunk costs a META commit 16x less often
+# and the bitmap is 16x smaller (2 MiB for 1 TiB), while a 64 KiB backup granularity is fine.
+MIN_WRITTEN_GRANULARITY = 64 << 10
 
 # Header: magic, version, seq, region_size, source_size, nr_regions, flags, features,
-# hydration_threshold, hydration_batch_size, uuid, identity length. The identity JSON follows;
-# the last 4 bytes of the slot are the CRC32 of everything before them.
-_HEADER = struct.Struct("<8sIQQQQIIII16sI")
+# hydration_threshold, hydration_batch_size, uuid, identity length (+ written_granularity in
+# format 2). The identity JSON follows; the last 4 bytes of the slot are the CRC32 of everything
+# before them.
+_HEADER_V1 = struct.Struct("<8sIQQQQIIII16sI")
+_HEADER = struct.Struct("<8sIQQQQIIII16sIQ")
 MAX_HYDRATION_SETTING = 2**32 - 1  # hydration_threshold and hydration_batch_size are u32 above
 # Bitmap slot: magic, block index, clone id (first 8 bytes of the uuid), seq, crc, pad.
 _SLOT = struct.Struct("<IIQQII")
@@ -54,6 +70,7 @@ _PAYLOAD = BLOCK - _SLOT.size
 _ZERO_BLOCK = bytes(BLOCK)
 
 FLAG_CLEAN = 1 << 0
+FLAG_WRITTEN_UNKNOWN = 1 << 1  # upgraded from format 1: writes before the upgrade are unknown
 
 FEATURE_NO_HYDRATION = 1 << 0
 FEATURE_NO_DISCARD_PASSDOWN = 1 << 1
@@ -69,6 +86,18 @@ def feature_names(features: int) -> list[str]:
     return [name for bit, name in _FEATURE_NAMES.items() if features & bit]
 
 
+class MetadataMode(StrEnum):
+    """dm-clone's metadata modes, as status shows them."""
+
+    RW = "rw"
+    RO = "ro"
+    FAIL = "fail"  # a write failed: nothing is written any more until the next open
+
+
+def written_granularity(region_size: int) -> int:
+    return max(region_size, MIN_WRITTEN_GRANULARITY)
+
+
 @dataclass
 class Header:
     seq: int
@@ -81,21 +110,30 @@ class Header:
     hydration_batch_size: int
     uuid: bytes
     identity: dict = field(default_factory=dict)
+    written_granularity: int = 0
+    version: int = VERSION
 
     @property
     def clean(self) -> bool:
         return bool(self.flags & FLAG_CLEAN)
 
     @property
+    def written_unknown(self) -> bool:
+        """Whether users may have written regions the written bitmap does not show."""
+        return self.version == VERSION_WITHOUT_WRITTEN or bool(self.flags & FLAG_WRITTEN_UNKNOWN)
+
+    @property
     def clone_id(self) -> int:
         return int.from_bytes(self.uuid[:8], "little")
 
     def pack(self) -> bytes:
+        if self.version != VERSION:
+            raise MetadataError(f"metadata format {self.version} is only read, never written")
         ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":")).encode()
         body = _HEADER.pack(
             MAGIC, VERSION, self.seq, self.region_size, self.source_size, self.nr_regions,
             self.flags, self.features, self.hydration_threshold, self.hydration_batch_size,
-            self.uuid, len(ident),
+            self.uuid, len(ident), self.written_granularity,
         ) + ident
         if len(body) > BLOCK - 4:
             raise MetadataError("source/destination identity too long for the metadata header")
@@ -110,58 +148,214 @@ class Header:
         body, (crc,) = block[: BLOCK - 4], struct.unpack("<I", block[BLOCK - 4 : BLOCK])
         if zlib.crc32(body) != crc:
             return None
-        (_, version, seq, region_size, source_size, nr_regions, flags, features, threshold,
-         batch, uuid, ident_len) = _HEADER.unpack_from(body)
-        if version != VERSION:
+        (version,) = struct.unpack_from("<I", body, 8)
+        if version == VERSION:
+            layout, granularity = _HEADER, _HEADER.unpack_from(body)[-1]
+        elif version == VERSION_WITHOUT_WRITTEN:
+            layout, granularity = _HEADER_V1, 0
+        else:
             raise MetadataError(f"metadata format version {version} is not supported (expected {VERSION})")
-        ident = json.loads(body[_HEADER.size : _HEADER.size + ident_len])
+        (_, _, seq, region_size, source_size, nr_regions, flags, features, threshold,
+         batch, uuid, ident_len) = layout.unpack_from(body)[:12]
+        ident = json.loads(body[layout.size : layout.size + ident_len])
         return cls(seq, region_size, source_size, nr_regions, flags, features, threshold, batch,
-                   uuid, ident)
+                   uuid, ident, granularity, version)
+
+
+@dataclass
+class SlotWrite:
+    """One bitmap block of a commit: its 4 KiB slot image and where it goes."""
+
+    area: _BitmapArea
+    block: int
+    slot: int  # 0/1
+    image: bytes
+
+    @property
+    def offset(self) -> int:
+        return self.area.slot_offset(self.block, self.slot)
 
 
 @dataclass
 class CommitBatch:
-    """The changed bitmap blocks of one commit, copied out of the live map."""
+    """The changed bitmap blocks of one commit, copied out of the live maps."""
 
     seq: int
-    writes: list[tuple[int, int, bytes]]  # (block index, slot 0/1, 4 KiB slot image)
+    writes: list[SlotWrite]
 
     @property
     def nbytes(self) -> int:
         return len(self.writes) * BLOCK
 
 
-def _bitmap_blocks(nr_regions: int) -> int:
-    return (nr_regions + BITS_PER_BLOCK - 1) // BITS_PER_BLOCK
+def _bitmap_blocks(nr_bits: int) -> int:
+    return (nr_bits + BITS_PER_BLOCK - 1) // BITS_PER_BLOCK
 
 
 def _slot_offset(block: int, slot: int) -> int:
+    """Where a hydrated-bitmap slot lives (the written bitmap's come after them)."""
     return (FIRST_BITMAP_BLOCK + 2 * block + slot) * BLOCK
 
 
+class _BitmapArea:
+    """One crash-safe bitmap in the META file: `len(map)` bits in blocks of BITS_PER_BLOCK, each
+    block in two slots from `first_block` on, slots tagged with `magic`, the block index, the
+    clone id, a sequence number and a CRC. Bits only go 0 -> 1; `dirty` holds the blocks
+    changed since their last commit, `current_slot` the slot of each block's newest copy
+    (2 = none yet)."""
+
+    def __init__(self, magic: int, first_block: int, nr_bits: int, clone_id: int,
+                 bits: bitarray | None = None, current_slot: bytearray | None = None) -> None:
+        self.magic = magic
+        self.first_block = first_block
+        self.clone_id = clone_id
+        self.map: RegionMap = RegionMap(nr_bits, bits)
+        self.nblocks = _bitmap_blocks(nr_bits)
+        self.current_slot = current_slot if current_slot is not None else bytearray(b"\2" * self.nblocks)
+        self.dirty: set[int] = set()
+
+    @property
+    def end_block(self) -> int:
+        """One past the area's last file block."""
+        return self.first_block + 2 * self.nblocks
+
+    def slot_offset(self, block: int, slot: int) -> int:
+        return (self.first_block + 2 * block + slot) * BLOCK
+
+    def set(self, bits: range) -> int:
+        """Set bits in core; returns how many were newly set."""
+        newly = self.map.set_hydrated(bits)
+        if newly:
+            self.dirty.update(range(bits.start // BITS_PER_BLOCK, (bits.stop - 1) // BITS_PER_BLOCK + 1))
+        return newly
+
+    def prepare(self, seq: int) -> list[SlotWrite]:
+        """Slot images of the dirty blocks, each for the slot not holding its newest copy."""
+        writes = [SlotWrite(self, block, 1 if self.current_slot[block] == 0 else 0,
+                            self._slot_image(block, seq)) for block in sorted(self.dirty)]
+        self.dirty.clear()
+        return writes
+
+    def finish(self, write: SlotWrite) -> None:
+        self.current_slot[write.block] = write.slot
+
+    def abort(self, write: SlotWrite) -> None:
+        self.dirty.add(write.block)  # a later commit retries it
+
+    def bits_of(self, write: SlotWrite) -> tuple[int, bitarray]:
+        """(first bit, bits) that a slot image holds."""
+        bits = bitarray(endian="little")
+        bits.frombytes(write.image[_SLOT.size :])
+        start = write.block * BITS_PER_BLOCK
+        return start, bits[: min(BITS_PER_BLOCK, len(self.map) - start)]
+
+    def _slot_image(self, block: int, seq: int) -> bytes:
+        start = block * BITS_PER_BLOCK
+        stop = min(start + BITS_PER_BLOCK, len(self.map))
+        payload = self.map.bits[start:stop].tobytes().ljust(_PAYLOAD, b"\0")
+        head = _SLOT.pack(self.magic, block, self.clone_id, seq, 0, 0)
+        crc = zlib.crc32(payload, zlib.crc32(head))
+        return _SLOT.pack(self.magic, block, self.clone_id, seq, crc, 0) + payload
+
+    @classmethod
+    def load(cls, fd: int, path: str, name: str, magic: int, first_block: int, nr_bits: int,
+             clone_id: int) -> tuple[_BitmapArea, int]:
+        """Read the area: every valid copy of a block ORed together (bits are monotonic, so each
+        valid copy is a subset of the newest). Returns the area and the newest seq found."""
+        area = cls(magic, first_block, 0, clone_id)  # bitless: its slot layout reads the file
+        nblocks = _bitmap_blocks(nr_bits)
+        bits = bitarray(nblocks * BITS_PER_BLOCK, endian="little")
+        bits.setall(0)
+        current = bytearray(b"\2" * nblocks)
+        max_seq = 0
+        chunk_blocks = 256  # read 2 MiB at a time
+        for first in range(0, nblocks, chunk_blocks):
+            count = min(chunk_blocks, nblocks - first)
+            data = os.pread(fd, 2 * count * BLOCK, area.slot_offset(first, 0))
+            for i in range(count):
+                block = first + i
+                slots = [area._parse_slot(data[(2 * i + s) * BLOCK : (2 * i + s + 1) * BLOCK], block)
+                         for s in (0, 1)]
+                valid = [(s, v) for s, v in enumerate(slots) if v is not None]
+                if not valid:
+                    raise MetadataError(
+                        f"{path}: corrupt metadata ({name} bitmap block {block} unreadable in both copies)")
+                if len(valid) == 1:
+                    log.warning("%s: %s bitmap block %d has one torn copy (interrupted commit); "
+                                "using the other", path, name, block)
+                block_bits = bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK]
+                for _, (_, payload) in valid:
+                    copy = bitarray(endian="little")
+                    copy.frombytes(payload)
+                    block_bits |= copy
+                bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK] = block_bits
+                newest_slot, (newest_seq, _) = max(valid, key=lambda sv: sv[1][0])
+                if newest_seq:
+                    current[block] = newest_slot
+                    max_seq = max(max_seq, newest_seq)
+        del bits[nr_bits:]
+        return cls(magic, first_block, nr_bits, clone_id, bits, current), max_seq
+
+    def _parse_slot(self, image: bytes, block: int) -> tuple[int, bytes] | None:
+        """(seq, payload) of a valid slot; (0, zeros) for a never-written slot; None if torn."""
+        if image == _ZERO_BLOCK:
+            return 0, _ZERO_BLOCK[:_PAYLOAD]
+        magic, index, cid, seq, crc, _ = _SLOT.unpack_from(image)
+        payload = image[_SLOT.size :]
+        head = _SLOT.pack(magic, index, cid, seq, 0, 0)
+        if ((magic, index, cid) != (self.magic, block, self.clone_id)
+                or zlib.crc32(payload, zlib.crc32(head)) != crc):
+            return None
+        return seq, payload
+
+
+def _written_geometry(header: Header) -> Geometry:
+    """Chunks of the written bitmap (as regions of their own size)."""
+    return Geometry(header.source_size, header.written_granularity)
+
+
+def _file_blocks(header: Header) -> int:
+    """File size in blocks of a format-2 META with this header."""
+    hydrated = FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)
+    return hydrated + 2 * _bitmap_blocks(_written_geometry(header).nr_regions)
+
+
 class Metadata:
-    """An open metadata file: header, in-core region map, and crash-safe commits.
+    """An open metadata file: header, in-core region maps, and crash-safe commits.
 
     The file is locked for as long as it is open (SPEC invariant 6): exclusively when writable,
     shared when read-only, so a live mount refuses any second opener.
     """
 
-    def __init__(self, path: str, fd: int, header: Header, bits: bitarray,
-                 current_slot: bytearray, writable: bool) -> None:
+    def __init__(self, path: str, fd: int, header: Header, hydrated: _BitmapArea,
+                 written: _BitmapArea, writable: bool) -> None:
         self.path = path
         self._fd = fd
         self.header = header
         self.geometry = Geometry(header.source_size, header.region_size)
-        self.map: RegionMap = RegionMap(header.nr_regions, bits)
-        # current_slot[i]: slot holding block i's newest valid copy (2 = none yet).
-        self._current_slot = current_slot
-        self._dirty: set[int] = set()
+        self.written_geometry = _written_geometry(header)
+        self._hydrated = hydrated
+        self._written = written
+        # Written bits that are in META for sure (loaded, or committed since): a user write may
+        # reach DST only once its chunks' bits are durable (write-ahead, see mark_written).
+        self._written_durable = written.map.bits.copy()
         self._seq = header.seq
         self.writable = writable
-        self.mode = "rw" if writable else "ro"
+        self.mode = MetadataMode.RW if writable else MetadataMode.RO
+        self.failure: str | None = None  # why the mode is FAIL
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         if self.map.complete:
-            self.map = CompleteMap(header.nr_regions)
+            hydrated.map = CompleteMap(header.nr_regions)
+
+    @property
+    def map(self) -> RegionMap:
+        """The hydrated bitmap: one bit per region."""
+        return self._hydrated.map
+
+    @property
+    def written(self) -> RegionMap:
+        """The written bitmap: one bit per chunk of `written_geometry`."""
+        return self._written.map
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -181,15 +375,17 @@ class Metadata:
                             source_size=geometry.image_size, nr_regions=geometry.nr_regions,
                             flags=0, features=features, hydration_threshold=hydration_threshold,
                             hydration_batch_size=hydration_batch_size,
-                            uuid=uuidlib.uuid4().bytes, identity=identity)
-            total = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(geometry.nr_regions)) * BLOCK
+                            uuid=uuidlib.uuid4().bytes, identity=identity,
+                            written_granularity=written_granularity(geometry.region_size))
             formatted = True
-            os.ftruncate(fd, total)  # sparse: never-written slots read as empty blocks
-            os.pwrite(fd, header.pack(), _header_offset(header.seq))
-            os.fsync(fd)
-            bits = bitarray(geometry.nr_regions, endian="little")
-            bits.setall(0)
-            meta = cls(path, fd, header, bits, bytearray(b"\2" * _bitmap_blocks(geometry.nr_regions)), True)
+            try:
+                os.ftruncate(fd, _file_blocks(header) * BLOCK)  # sparse: never-written slots read as empty
+                os.pwrite(fd, header.pack(), _header_offset(header.seq))
+                os.fsync(fd)
+            except OSError as exc:
+                raise _unwritable(path, exc) from None
+            hydrated, written = _empty_areas(header)
+            meta = cls(path, fd, header, hydrated, written, True)
             created_ok = True
             return meta
         finally:
@@ -203,14 +399,25 @@ class Metadata:
     @classmethod
     def open(cls, path: str, *, writable: bool = True) -> Metadata:
         """Open and validate an existing metadata file. Changes nothing on disk until the caller
-        calls mark_open()."""
+        calls mark_open() (which upgrades a format-1 file)."""
         flags = os.O_RDWR if writable else os.O_RDONLY
         fd = _open_locked(path, flags, exclusive=writable)
         try:
             header = _read_header(fd, path)
-            bits, current, seq = _read_bitmap(fd, path, header)
+            clone_id = header.clone_id
+            hydrated, seq = _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
+                                             header.nr_regions, clone_id)
+            if header.version == VERSION:
+                written, written_seq = _BitmapArea.load(
+                    fd, path, "written", WRITTEN_MAGIC, hydrated.end_block,
+                    _written_geometry(header).nr_regions, clone_id)
+                seq = max(seq, written_seq)
+            else:
+                # Format 1 tracked no writes: an empty written bitmap, and `written_unknown`.
+                header.written_granularity = written_granularity(header.region_size)
+                written = _empty_areas(header)[1]
             header.seq = max(header.seq, seq)
-            return cls(path, fd, header, bits, current, writable)
+            return cls(path, fd, header, hydrated, written, writable)
         except BaseException:
             os.close(fd)
             raise
@@ -262,65 +469,127 @@ class Metadata:
     def set_hydrated(self, regions: range) -> None:
         """Mark regions hydrated in core. The caller must have written their data to the
         destination already; it becomes durable at the next commit (invariant 1)."""
-        if self.map.set_hydrated(regions):
-            first = regions.start // BITS_PER_BLOCK
-            last = (regions.stop - 1) // BITS_PER_BLOCK
-            self._dirty.update(range(first, last + 1))
+        self._hydrated.set(regions)
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty)
+        """Whether hydrated bits wait for a commit."""
+        return bool(self._hydrated.dirty)
+
+    # ---- written bits (changed-block tracking) ---------------------------------------------
+
+    def written_chunks(self, offset: int, length: int) -> range:
+        """Chunks of the written bitmap that the byte range touches inside the image."""
+        return self.written_geometry.region_span(offset, min(length, self.geometry.image_size - offset))
+
+    def written_durable(self, offset: int, length: int) -> bool:
+        """Whether every chunk of the byte range is marked written in META for sure."""
+        chunks = self.written_chunks(offset, length)
+        return not chunks or self._written_durable.count(1, chunks.start, chunks.stop) == len(chunks)
+
+    def mark_written(self, offset: int, length: int) -> None:
+        """Mark the chunks of a user write, discard or zeroing written in core. Write-ahead:
+        the caller lets the data reach DST only once `written_durable` (a commit of
+        `prepare_written_commit`), or a crash could leave user data in DST that `check
+        --verify` takes for a corrupt copy of the source."""
+        self._written.set(self.written_chunks(offset, length))
+
+    def prepare_written_commit(self) -> CommitBatch | None:
+        """The changed written-bitmap blocks. Their commit needs no DST sync: the bits must
+        reach META *before* the data they cover reaches DST."""
+        return self._prepare([self._written])
+
+    @property
+    def written_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the written parts of the image, adjacent chunks merged."""
+        g = self.written_geometry
+        return [g.byte_range(run) for written, run in self.written.runs(range(g.nr_regions)) if written]
+
+    def written_bytes(self) -> int:
+        g = self.written_geometry
+        nbytes = self.written.hydrated_count * g.region_size
+        last = g.nr_regions - 1
+        if last >= 0 and self.written.is_hydrated(last):
+            nbytes -= g.region_size - (g.image_size - g.region_start(last))
+        return nbytes
+
+    def written_regions(self) -> int:
+        """Regions inside written chunks (the ones `check --verify` does not compare)."""
+        g = self.geometry
+        per_chunk = self.written_geometry.region_size // g.region_size
+        count = self.written.hydrated_count * per_chunk
+        last = self.written_geometry.nr_regions - 1
+        if last >= 0 and self.written.is_hydrated(last):
+            count -= per_chunk - len(g.region_span(*self.written_geometry.byte_range(range(last, last + 1))))
+        return count
 
     # ---- commits -------------------------------------------------------------------------
 
     def prepare_commit(self) -> CommitBatch | None:
-        """Copy the changed blocks out of the live map. Call it *before* making the destination
-        durable: only bits whose data writes had completed are in the copy (invariant 1)."""
-        if not self._dirty:
+        """Copy the changed hydrated blocks out of the live map. Call it *before* making the
+        destination durable: only bits whose data writes had completed are in the copy
+        (invariant 1)."""
+        return self._prepare([self._hydrated])
+
+    def _prepare(self, areas: list[_BitmapArea]) -> CommitBatch | None:
+        if not any(area.dirty for area in areas):
             return None
         self._seq += 1
-        writes = []
-        for block in sorted(self._dirty):
-            slot = 1 if self._current_slot[block] == 0 else 0
-            writes.append((block, slot, self._slot_image(block, self._seq)))
-        self._dirty.clear()
-        return CommitBatch(self._seq, writes)
+        return CommitBatch(self._seq, [w for area in areas for w in area.prepare(self._seq)])
 
     def write_commit(self, batch: CommitBatch) -> None:
-        """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread,
-        only after the destination has been made durable (invariant 1)."""
+        """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread; a
+        batch of hydrated bits only after the destination has been made durable (invariant 1)."""
+        self.refuse_if_failed()
         try:
-            for block, slot, image in batch.writes:
-                os.pwrite(self._fd, image, _slot_offset(block, slot))
+            for write in batch.writes:
+                os.pwrite(self._fd, write.image, write.offset)
             os.fdatasync(self._fd)
-        except OSError:
-            self.mode = "fail"
+        except OSError as exc:
+            self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
         self.bytes_written += batch.nbytes
 
     def finish_commit(self, batch: CommitBatch) -> None:
-        for block, slot, _ in batch.writes:
-            self._current_slot[block] = slot
+        for write in batch.writes:
+            write.area.finish(write)
+            if write.area is self._written:
+                start, bits = write.area.bits_of(write)
+                self._written_durable[start : start + len(bits)] |= bits
         if self.map.complete and not isinstance(self.map, CompleteMap):
-            self.map = CompleteMap(len(self.map))  # release the bitmap's memory
+            self._hydrated.map = CompleteMap(len(self.map))  # release the bitmap's memory
 
     def abort_commit(self, batch: CommitBatch) -> None:
         """The commit failed: its blocks stay dirty so a later commit retries them."""
-        self._dirty.update(block for block, _, _ in batch.writes)
-
-    def _slot_image(self, block: int, seq: int) -> bytes:
-        start = block * BITS_PER_BLOCK
-        stop = min(start + BITS_PER_BLOCK, len(self.map))
-        payload = self.map.bits[start:stop].tobytes().ljust(_PAYLOAD, b"\0")
-        head = _SLOT.pack(BITMAP_MAGIC, block, self.header.clone_id, seq, 0, 0)
-        crc = zlib.crc32(payload, zlib.crc32(head))
-        return _SLOT.pack(BITMAP_MAGIC, block, self.header.clone_id, seq, crc, 0) + payload
+        for write in batch.writes:
+            write.area.abort(write)
 
     # ---- header updates ------------------------------------------------------------------
 
     def mark_open(self) -> None:
-        """Record that a writer has the file (clean flag cleared). The first change on disk."""
-        self._write_header(flags=self.header.flags & ~FLAG_CLEAN)
+        """Record that a writer has the file (clean flag cleared). The first change on disk;
+        a format-1 file is upgraded here."""
+        try:
+            if self.header.version == VERSION_WITHOUT_WRITTEN:
+                self._upgrade()
+            self._put_header(flags=self.header.flags & ~FLAG_CLEAN)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+
+    def _upgrade(self) -> None:
+        """Format 1 -> 2, crash-safe in this order: first extend the file by the written bitmap
+        (zero blocks read as empty slots) and make that durable, then write the format-2
+        header. A crash before the header leaves a valid format-1 file that is merely longer
+        (format 1 accepts extra length); the header write is the one switch. The upgraded
+        header says that writes before it are unknown."""
+        if not self.writable:
+            raise MetadataError(f"{self.path} is open read-only")
+        log.info("%s: upgrading metadata format %d to %d (changed-block tracking; writes made "
+                 "before now are unknown)", self.path, VERSION_WITHOUT_WRITTEN, VERSION)
+        os.ftruncate(self._fd, max(os.fstat(self._fd).st_size, _file_blocks(self.header) * BLOCK))
+        os.fsync(self._fd)
+        self.header.version = VERSION
+        self.header.flags |= FLAG_WRITTEN_UNKNOWN
 
     def mark_clean(self) -> None:
         """Record a clean shutdown. Call after the last commit."""
@@ -338,17 +607,38 @@ class Metadata:
         self._write_header(flags=h.flags)
 
     def _write_header(self, *, flags: int) -> None:
+        """Write the header of a clone in use; a failure is fail mode."""
+        try:
+            self._put_header(flags=flags)
+        except OSError as exc:
+            self.fail(f"a failed write of {self.path} ({describe(exc)})")
+            raise
+
+    def _put_header(self, *, flags: int) -> None:
         if not self.writable:
             raise MetadataError(f"{self.path} is open read-only")
+        self.refuse_if_failed()
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
-        try:
-            os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
-            os.fdatasync(self._fd)
-        except OSError:
-            self.mode = "fail"
-            raise
+        os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
+        os.fdatasync(self._fd)
+
+    # ---- fail mode -----------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Enter fail mode: nothing is written any more, so META stays at its last good commit
+        and a new open resumes from there. The first reason sticks; there is no way back."""
+        if self.mode is MetadataMode.FAIL:
+            return
+        self.mode = MetadataMode.FAIL
+        self.failure = reason
+        log.error("%s", MetadataFailedError(reason))
+
+    def refuse_if_failed(self) -> None:
+        """Raise EIO, with the reason, in fail mode."""
+        if self.failure is not None:
+            raise OSError(errno.EIO, str(MetadataFailedError(self.failure)))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -365,6 +655,13 @@ class Metadata:
 # ---- helpers -------------------------------------------------------------------------------
 
 
+def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
+    hydrated = _BitmapArea(BITMAP_MAGIC, FIRST_BITMAP_BLOCK, header.nr_regions, header.clone_id)
+    written = _BitmapArea(WRITTEN_MAGIC, hydrated.end_block, _written_geometry(header).nr_regions,
+                          header.clone_id)
+    return hydrated, written
+
+
 def _header_offset(seq: int) -> int:
     return (seq % 2) * BLOCK
 
@@ -378,6 +675,8 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
         raise MetadataError(f"{path}: is a directory, not a metadata file") from None
     except PermissionError:
         raise MetadataError(f"{path}: permission denied") from None
+    except OSError as exc:  # a read-only filesystem, say
+        raise MetadataError(f"{path}: {exc.strerror}") from None
     try:
         # Invariant 6: one process per metadata file.
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -399,61 +698,26 @@ def _read_header(fd: int, path: str) -> Header:
     header = max(valid, key=lambda h: h.seq)
     try:
         geometry = Geometry(header.source_size, header.region_size)
+        if header.version == VERSION:
+            _written_geometry(header)
     except Exception as exc:
         raise MetadataError(f"{path}: corrupt header ({exc})") from None
+    if header.version == VERSION and header.written_granularity < header.region_size:
+        raise MetadataError(f"{path}: corrupt header (written granularity below the region size)")
     if geometry.nr_regions != header.nr_regions:
         raise MetadataError(f"{path}: corrupt header (region count does not match sizes)")
-    needed = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
+    if header.version == VERSION:
+        needed = _file_blocks(header) * BLOCK
+    else:
+        needed = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
     if size < needed:
         raise MetadataError(f"{path}: corrupt metadata (file is {size} bytes, needs {needed})")
     return header
 
 
-def _parse_slot(image: bytes, block: int, clone_id: int) -> tuple[int, bytes] | None:
-    """(seq, payload) of a valid slot; (0, zeros) for a never-written slot; None if torn."""
-    if image == _ZERO_BLOCK:
-        return 0, _ZERO_BLOCK[:_PAYLOAD]
-    magic, index, cid, seq, crc, _ = _SLOT.unpack_from(image)
-    payload = image[_SLOT.size :]
-    head = _SLOT.pack(magic, index, cid, seq, 0, 0)
-    if (magic, index, cid) != (BITMAP_MAGIC, block, clone_id) or zlib.crc32(payload, zlib.crc32(head)) != crc:
-        return None
-    return seq, payload
 
-
-def _read_bitmap(fd: int, path: str, header: Header) -> tuple[bitarray, bytearray, int]:
-    nblocks = _bitmap_blocks(header.nr_regions)
-    bits = bitarray(nblocks * BITS_PER_BLOCK, endian="little")
-    bits.setall(0)
-    current = bytearray(b"\2" * nblocks)
-    max_seq = 0
-    chunk_blocks = 256  # read 2 MiB at a time
-    for first in range(0, nblocks, chunk_blocks):
-        count = min(chunk_blocks, nblocks - first)
-        data = os.pread(fd, 2 * count * BLOCK, _slot_offset(first, 0))
-        for i in range(count):
-            block = first + i
-            slots = [_parse_slot(data[(2 * i + s) * BLOCK : (2 * i + s + 1) * BLOCK], block,
-                                 header.clone_id) for s in (0, 1)]
-            valid = [(s, v) for s, v in enumerate(slots) if v is not None]
-            if not valid:
-                raise MetadataError(f"{path}: corrupt metadata (bitmap block {block} unreadable in both copies)")
-            if len(valid) == 1:
-                log.warning("%s: bitmap block %d has one torn copy (interrupted commit); "
-                            "using the other", path, block)
-            # Bits only go 0 -> 1, so every valid copy is a subset of the newest: OR them all.
-            block_bits = bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK]
-            for _, (_, payload) in valid:
-                copy = bitarray(endian="little")
-                copy.frombytes(payload)
-                block_bits |= copy
-            bits[block * BITS_PER_BLOCK : (block + 1) * BITS_PER_BLOCK] = block_bits
-            newest_slot, (newest_seq, _) = max(valid, key=lambda sv: sv[1][0])
-            if newest_seq:
-                current[block] = newest_slot
-                max_seq = max(max_seq, newest_seq)
-    del bits[header.nr_regions :]
-    return bits, current, max_seq
+def _unwritable(path: str, exc: OSError) -> MetadataError:
+    return MetadataError(f"{path}: cannot write the metadata file ({exc.strerror})")
 
 
 def _describe(identity: object) -> str:

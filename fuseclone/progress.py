@@ -11,6 +11,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .errors import MetadataFailedError
 from .status import Status
 
 
@@ -32,6 +33,8 @@ def human_duration(seconds: float | None) -> str:
 
 
 def hydration_state(st: Status) -> str:
+    if st.metadata_error:
+        return "stopped: metadata is in fail mode"
     if not st.hydration_enabled:
         return "disabled"
     if st.hydration_error:
@@ -60,9 +63,14 @@ def status_renderable(st: Status) -> Group:
         ("features", " ".join(st.features) or "-"),
         ("core args", f"hydration_threshold {st.hydration_threshold} hydration_batch_size {st.hydration_batch_size}"),
     ]
+    written = f"{st.written_regions} regions ({human_bytes(st.written_bytes)}) by users"
+    rows.insert(2, ("written", written + (", and unknown before the metadata's format upgrade"
+                                          if st.written_unknown else "")))
     if st.log_file:
         rows.append(("log", st.log_file))
-    if st.hydration_error:
+    if st.metadata_error:
+        rows.insert(2, ("error", Text(str(MetadataFailedError(st.metadata_error)), style="bold red")))
+    elif st.hydration_error:
         rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
     elif st.hydration_retry:
         rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
@@ -80,7 +88,7 @@ def watch_status(read: Callable[[], Status], interval: float = 1.0) -> Status:
     console = Console()
     st = read()
     with Live(status_renderable(st), console=console, refresh_per_second=4) as live:
-        while not st.complete and not st.hydration_error and st.live:
+        while not st.complete and not st.hydration_error and not st.metadata_error and st.live:
             time.sleep(interval)
             st = read()
             live.update(status_renderable(st))

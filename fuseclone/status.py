@@ -33,6 +33,10 @@ class Status:
     source_bytes_read: int = 0  # by this mount, for hydration and user reads
     hydration_retry: str | None = None  # while failed copies are retried: how many, when, why
     log_file: str | None = None  # where the mount logs (live status of a mount that logs to a file)
+    metadata_error: str | None = None  # why metadata_mode is fail: no commit until mounted again
+    written_regions: int = 0  # regions in chunks users wrote, discarded or zeroed
+    written_bytes: int = 0
+    written_unknown: bool = False  # META upgraded from format 1: earlier writes were not tracked
 
     @property
     def complete(self) -> bool:

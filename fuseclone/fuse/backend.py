@@ -6,13 +6,31 @@ exception is a bug: the filesystem logs its traceback and answers EIO.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Who may open the image: its mode bits, owner and group."""
+
+    mode: int
+    uid: int
+    gid: int
 
 
 class ImageBackend(Protocol):
     @property
     def size(self) -> int:
         """Fixed image size in bytes. Size changes are refused by the filesystem."""
+
+    def permissions(self) -> Permissions:
+        """The image's mode bits, owner and group as they are now. The engine's are DST's, like
+        a device node's: a chmod or chown of DST decides who may open the image."""
+
+    async def set_permissions(self, mode: int | None, uid: int, gid: int) -> None:
+        """chmod (`mode` not None) and chown (-1: unchanged) of the image; the engine applies
+        them to DST. The kernel has already checked that the caller may."""
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""

@@ -7,6 +7,12 @@ the kernel, which updates or drops its cached pages on the way (cached writes ar
 before an fsync, a direct write or a fallocate of their range is answered, and the kernel
 invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). Hydration never changes what the
 image reads as, so it needs no invalidation either.
+
+Who may open the image is DST's business, as with a device node: the image shows DST's owner,
+group and mode bits (read anew each time the kernel asks, at most ATTR_SECONDS after a chmod or
+chown of DST), and a chmod or chown of the image is applied to DST. The mount is made with
+default_permissions, so the kernel checks those bits; allow_other only lets users other than
+the mounting one reach the mount at all.
 """
 
 from __future__ import annotations
@@ -26,14 +32,19 @@ NAMESPACE_CHANGES = frozenset({
     abi.Opcode.UNLINK, abi.Opcode.RMDIR, abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.TMPFILE,
 })
 
-CACHE_SECONDS = 3600.0  # names and attributes never change while mounted
+CACHE_SECONDS = 3600.0  # names and the directory never change while mounted
+# The image's owner and mode are DST's, which may change under us: the kernel asks again after
+# this long (once a second at most, a GETATTR is an fstat of DST).
+ATTR_SECONDS = 1.0
+# The image is a disk, not a program: it shows no setuid, setgid or sticky bit, and gets none.
+PERMISSION_BITS = 0o777
 BLOCK = 4096
 IMAGE_FH = 1
 
 
 class ImageFilesystem:
-    def __init__(self, image: ImageBackend, *, name: str = "image", allow_other: bool = False,
-                 image_at_root: bool = False, write_cache: bool = False) -> None:
+    def __init__(self, image: ImageBackend, *, name: str = "image", image_at_root: bool = False,
+                 write_cache: bool = False) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"{name!r} is not a usable file name")
         self.image = image
@@ -41,10 +52,7 @@ class ImageFilesystem:
         self.image_at_root = image_at_root
         self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
         self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)
-        # default_permissions makes the kernel check these bits; others get access only when
-        # the mount was made with allow_other on purpose.
-        self._perm = 0o666 if allow_other else 0o600
-        self._uid, self._gid = os.getuid(), os.getgid()
+        self._uid, self._gid = os.getuid(), os.getgid()  # the directory's owner
         self._mounted_at = time.time()
 
     def handlers(self) -> Mapping[type, object]:
@@ -68,8 +76,9 @@ class ImageFilesystem:
         t = self._mounted_at
         if nodeid == self.image_id:
             size = self.image.size
-            return codec.Attr(ino=nodeid, size=size, mode=stat.S_IFREG | self._perm, nlink=1,
-                              uid=self._uid, gid=self._gid, blocks=(size + 511) // 512,
+            perm = self.image.permissions()
+            return codec.Attr(ino=nodeid, size=size, mode=stat.S_IFREG | (perm.mode & PERMISSION_BITS),
+                              nlink=1, uid=perm.uid, gid=perm.gid, blocks=(size + 511) // 512,
                               atime=t, mtime=t, ctime=t, blksize=BLOCK)
         if nodeid == abi.ROOT_ID:
             return codec.Attr(ino=nodeid, size=0, mode=stat.S_IFDIR | 0o755, nlink=2,
@@ -77,15 +86,20 @@ class ImageFilesystem:
         raise OSError(errno.ENOENT, "no such node")
 
     def _entry(self) -> codec.EntryReply:
-        return codec.EntryReply(self.image_id, self._attr(self.image_id), CACHE_SECONDS, CACHE_SECONDS)
+        return codec.EntryReply(self.image_id, self._attr(self.image_id), CACHE_SECONDS, ATTR_SECONDS)
 
     async def lookup(self, req: codec.Lookup) -> codec.Reply:
         if req.nodeid == abi.ROOT_ID and not self.image_at_root and req.name == self.name:
             return self._entry()
         raise OSError(errno.ENOENT, "no such file")
 
+    def _attr_seconds(self, nodeid: int) -> float:
+        # The directory's attributes never change: cached, a stat of the mountpoint does not
+        # wait for this daemon.
+        return ATTR_SECONDS if nodeid == self.image_id else CACHE_SECONDS
+
     async def getattr(self, req: codec.GetAttr) -> codec.Reply:
-        return codec.AttrReply(self._attr(req.nodeid), CACHE_SECONDS)
+        return codec.AttrReply(self._attr(req.nodeid), self._attr_seconds(req.nodeid))
 
     async def setattr(self, req: codec.SetAttr) -> codec.Reply:
         attr = self._attr(req.nodeid)
@@ -93,8 +107,22 @@ class ImageFilesystem:
             # The image is exactly the source's size; a truncate would lose or invent data.
             raise OSError(errno.EPERM, "the image size is fixed")
         if req.valid & (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID):
-            raise OSError(errno.EPERM, "owner and mode are fixed")
-        return codec.AttrReply(attr, CACHE_SECONDS)  # times: accepted, not kept
+            if req.nodeid != self.image_id:
+                raise OSError(errno.EPERM, "the directory's owner and mode are fixed")
+            await self._set_permissions(req)
+            attr = self._attr(req.nodeid)
+        return codec.AttrReply(attr, self._attr_seconds(req.nodeid))  # times: accepted, not kept
+
+    async def _set_permissions(self, req: codec.SetAttr) -> None:
+        """chmod/chown of the image, applied to DST (default_permissions: the kernel has let
+        only the owner chmod, and only root chown)."""
+        mode = None
+        if req.valid & abi.FATTR_MODE:
+            mode = stat.S_IMODE(req.mode)
+            if mode & ~PERMISSION_BITS:
+                raise OSError(errno.EPERM, "the image takes no setuid, setgid or sticky bit")
+        await self.image.set_permissions(mode, req.uid_new if req.valid & abi.FATTR_UID else -1,
+                                         req.gid_new if req.valid & abi.FATTR_GID else -1)
 
     async def access(self, req: codec.Access) -> codec.Reply:
         self._attr(req.nodeid)

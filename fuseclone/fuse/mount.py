@@ -17,6 +17,9 @@ import socket
 import stat
 import subprocess
 from collections.abc import Collection
+from dataclasses import dataclass
+
+from ..errors import FusecloneError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 PR_SET_IO_FLUSHER = 57
 
 
-class MountError(OSError):
+class MountError(FusecloneError):
     """The kernel or fusermount3 refused the mount."""
 
 
@@ -69,7 +72,7 @@ def _mount_as_root(mountpoint: str, fsname: str, allow_other: bool) -> int:
     if _libc.mount(source, mountpoint.encode(), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
         err = ctypes.get_errno()
         os.close(fd)
-        raise MountError(err, f"mount of {mountpoint} failed: {os.strerror(err)}")
+        raise MountError(f"mount of {mountpoint} failed: {os.strerror(err)}")
     return fd
 
 
@@ -77,7 +80,7 @@ def _mount_with_fusermount(mountpoint: str, fsname: str, allow_other: bool) -> i
     """fusermount3 (setuid root) mounts for us and passes the /dev/fuse fd back over a socket
     named by _FUSE_COMMFD."""
     if shutil.which("fusermount3") is None:
-        raise MountError(errno.EPERM, "mounting as a non-root user needs fusermount3 (Debian package fuse3)")
+        raise MountError("mounting as a non-root user needs fusermount3 (Debian package fuse3)")
     options = ["nosuid", "nodev", "default_permissions", f"fsname={_escape_option(fsname)}",
                f"subtype={SUBTYPE}"]
     if allow_other:
@@ -96,7 +99,8 @@ def _mount_with_fusermount(mountpoint: str, fsname: str, allow_other: bool) -> i
         for fd in fds:
             os.close(fd)
         message = (err or "").strip().splitlines()
-        raise MountError(errno.EPERM, message[-1] if message else f"fusermount3 exited {proc.returncode}")
+        reason = message[-1] if message else f"fusermount3 exited {proc.returncode}"
+        raise MountError(f"cannot mount {mountpoint}: {reason}")
     os.set_inheritable(fds[0], False)
     return fds[0]
 
@@ -143,15 +147,35 @@ def _errno_of_message(message: str) -> int:
     return errno.EIO
 
 
-def mount_table() -> list[tuple[str, str]]:
-    """(source, mountpoint) of every fuseclone mount on this machine, unescaped."""
+@dataclass(frozen=True)
+class FuseMount:
+    source: str
+    mountpoint: str
+    uid: int | None  # the mounting user, as the kernel records it (user_id=)
+
+
+def fuse_mounts() -> list[FuseMount]:
+    """Every fuseclone mount on this machine, unescaped."""
     found = []
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
-            if len(fields) >= 3 and fields[2] == FSTYPE:
-                found.append((_unescape(fields[0]), _unescape(fields[1])))
+            if len(fields) >= 4 and fields[2] == FSTYPE:
+                found.append(FuseMount(_unescape(fields[0]), _unescape(fields[1]),
+                                       _user_id(fields[3])))
     return found
+
+
+def _user_id(options: str) -> int | None:
+    for option in options.split(","):
+        if option.startswith("user_id="):
+            return int(option[len("user_id="):])
+    return None
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(source, mountpoint) of every fuseclone mount on this machine, unescaped."""
+    return [(mount.source, mount.mountpoint) for mount in fuse_mounts()]
 
 
 def _unescape(field: str) -> str:

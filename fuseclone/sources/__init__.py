@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
-__all__ = ["Extent", "Source", "SourceReadError", "open_source"]
+__all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
 
 
 @contextlib.asynccontextmanager
@@ -28,8 +28,18 @@ async def open_source(spec: str) -> AsyncIterator[Source]:
         await source.aclose()
 
 
+def _scheme(spec: str) -> str:
+    """The URL scheme of a source, "" for a local path."""
+    return spec.split("://", 1)[0].lower() if "://" in spec else ""
+
+
+def is_remote(spec: str) -> bool:
+    """Whether the source is a URL rather than a local path (it has no local identity)."""
+    return _scheme(spec) != ""
+
+
 def _opener(spec: str):
-    scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
+    scheme = _scheme(spec)
     if scheme == "":
         from .local import LocalSource
 

@@ -112,6 +112,30 @@ def test_check_verify_finds_differences(full_clone):
     assert result.exit_code == 1 and "region 3 " in result.output and "1 differ" in result.output
 
 
+def test_check_verify_explains_writes_before_a_format_upgrade(full_clone):
+    from fuseclone.metadata import FLAG_WRITTEN_UNKNOWN, Metadata
+
+    with Metadata.open(full_clone.meta) as meta:  # as a format-1 META upgraded by a mount
+        meta._write_header(flags=meta.header.flags | FLAG_WRITTEN_UNKNOWN)
+    with open(full_clone.dst, "r+b") as f:
+        f.seek(4096 * 3 + 5)
+        f.write(bytes(b ^ 0xFF for b in full_clone.source_bytes(4096 * 3 + 5, 3)))
+    result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.dst, "--verify")
+    assert result.exit_code == 1 and "1 differ" in result.output
+    assert "writes made before then are unknown, and the regions that differ may be such writes" in result.output
+    diff = invoke("diff", full_clone.meta)
+    assert diff.exit_code == 0 and "writes made before then are not listed" in diff.output
+
+
+def test_diff_of_a_clone_written_to(half_clone):
+    result = invoke("diff", half_clone.meta, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["extents"] == [{"offset": 0, "length": 65536}] and doc["written_bytes"] == 65536
+    assert doc["written_unknown"] is False
+    assert json.loads(invoke("status", half_clone.meta, "--json").output)["written_regions"] == 16
+
+
 def test_check_against_the_wrong_source(full_clone, tmp_path):
     from tests.engine.conftest import make_source_file
     import os
@@ -130,3 +154,9 @@ def test_check_corrupt(tmp_path):
     (tmp_path / "m").write_bytes(bytes(9000))
     result = invoke("check", str(tmp_path / "m"))
     assert result.exit_code == 1 and "fuseclone: error:" in result.output
+
+
+def test_check_with_the_source_as_destination(full_clone):
+    result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.src, "--verify")
+    assert result.exit_code == 1
+    assert f"destination {full_clone.src} is the same file as source {full_clone.src}" in result.output

@@ -1,5 +1,6 @@
 """SIGKILL the engine at random moments, many times; after each, every flushed write is intact,
-every untouched block equals the source, and the metadata is valid. Then hydrate to the end and
+every untouched block equals the source, the metadata is valid, and every hydrated block holding
+user data is marked written (so `check --verify` passes). Then hydrate to the end and
 check the destination alone."""
 
 import os
@@ -39,6 +40,9 @@ def check_after_crash(src, dst, meta_path, journal):
         for block in range(IMAGE // BLOCK):
             sl = slice(block * BLOCK, (block + 1) * BLOCK)
             visible = dest[sl] if meta.map.is_hydrated(block) else source[sl]
+            if meta.map.is_hydrated(block) and dest[sl] != source[sl]:  # what check --verify sees
+                assert meta.written.is_hydrated(meta.written_chunks(block * BLOCK, 1)[0]), \
+                    f"block {block} holds user data but is not marked written"
             if block in flushed:
                 assert visible == expected_block(block, attempted[block], source[sl]), \
                     f"flushed block {block} ({attempted[block]}) lost"

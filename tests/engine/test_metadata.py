@@ -74,7 +74,7 @@ def test_torn_slot_falls_back_to_the_other_copy(tmp_path):
         meta.set_hydrated(range(10, 20))
         meta.set_hydrated(range(30_000, 30_001))  # a bit in the half that never lands
         b = meta.prepare_commit()
-        block, slot, image = b.writes[0]
+        block, slot, image = b.writes[0].block, b.writes[0].slot, b.writes[0].image
         # a torn write: only the first half of the new slot image reaches the disk
         os.pwrite(meta._fd, image[: BLOCK // 2], _slot_offset(block, slot))
     with Metadata.open(path) as meta:

@@ -1,6 +1,6 @@
 """SIGKILL the mount daemon at random moments while a process writes, punches holes and fsyncs
 through the FUSE image; after each kill the stale mount is cleaned, and every fsync'd write is
-intact, every untouched block equals the source, and `fuseclone check` passes. The engine-level
+intact, every untouched block equals the source, and `fuseclone check --verify` passes. The engine-level
 loop (tests/engine/test_crash.py) does the same without the kernel in between."""
 
 import os
@@ -44,7 +44,7 @@ def run_fuse_crash_loop(rig, iterations, seed=0):
         _wait_gone(pid)
         assert "stale" in fuseclone("unmount", rig.mnt).stderr
         flushed = check_after_crash(rig.src, rig.dst, rig.meta, journal)
-        fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst)
+        fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
     assert flushed > 0, "the writer never fsync'd: the test checked nothing"
     _hydrate_and_compare(rig, journal)
 

@@ -1,0 +1,237 @@
+"""What a path refers to, and whether two paths refer to the same thing (SPEC invariant 8).
+
+SRC, DST, META and the mountpoint must be four different things, and path strings cannot tell:
+a symlink, a hard link, `..`, a second device node or a loop device all reach the same storage
+under another name. So each path is resolved to identities and those are compared:
+
+* a file or directory is its (st_dev, st_ino);
+* a block device is its dev_t, and beneath it lies what holds its data: a partition's whole
+  disk, a loop device's backing file (by inode, from LOOP_GET_STATUS64, since the path in sysfs
+  may be stale, and by that path), a device-mapper or md device's slaves, recursively;
+* a file still to be created is its parent directory's (st_dev, st_ino) plus its name.
+
+Nothing here opens anything for writing; a loop device is opened read-only for its status.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from .errors import OverlapError
+from .sources import is_remote
+
+# Identity keys: ("inode", st_dev, st_ino), ("bdev", dev_t), ("entry", st_dev, st_ino, name)
+# for a missing file in an existing directory, ("path", realpath) when even that is unknown.
+Key = tuple
+
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64 (linux/loop.h) begins with lo_device, lo_inode, lo_rdevice (all __u64).
+_LOOP_INFO64_SIZE = 232
+_LOOP_INFO64_HEAD = struct.Struct("=QQQ")
+SYS_DEV_BLOCK = "/sys/dev/block"  # a block device's sysfs directory, by "major:minor"
+_MAX_DEPTH = 8  # block devices stacked deeper than this are not followed further
+_FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One of the paths a clone is given, resolved."""
+
+    role: str  # "source", "destination", "metadata", "mountpoint"
+    path: str  # as the user gave it
+    key: Key
+    beneath: frozenset[Key] = frozenset()  # what holds its data (disks, backing files)
+    disk: Key | None = None  # a partition's whole disk
+    directories: frozenset[Key] = field(default=frozenset(), compare=False)  # every directory it is in
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.path}"
+
+
+def describe(role: str, path: str) -> Thing:
+    """What `path` refers to, following symlinks. A missing file is described by where it
+    would be created."""
+    real = os.path.realpath(path)
+    directories = _directories_holding(real)
+    try:
+        st = os.stat(path)
+    except OSError:  # missing (or not ours to see): opening it later says which
+        return Thing(role, path, _missing_key(real), directories=directories)
+    if stat.S_ISBLK(st.st_mode):
+        beneath, disk = _beneath_block_device(st.st_rdev, _MAX_DEPTH)
+        return Thing(role, path, ("bdev", st.st_rdev), beneath, disk, directories)
+    return Thing(role, path, ("inode", st.st_dev, st.st_ino), directories=directories)
+
+
+def conflict(a: Thing, b: Thing) -> str | None:
+    """Why `a` and `b` are not two different things, or None if they are."""
+    if a.key == b.key:
+        what = {"inode": "file", "bdev": "device"}.get(a.key[0], "path")
+        return f"{b} is the same {what} as {a}"
+    if a.key in b.beneath:
+        return f"{b} is backed by {a}"
+    if b.key in a.beneath:
+        return f"{a} is backed by {b}"
+    if a.disk is not None and a.disk == b.disk:
+        return None  # two partitions of one disk do not overlap
+    if a.beneath & b.beneath:
+        return f"{a} and {b} are backed by the same storage"
+    return None
+
+
+def inside(thing: Thing, mountpoint: Thing) -> str | None:
+    """Why `thing` would be hidden by a mount on `mountpoint` (it lies under that directory),
+    or None."""
+    if mountpoint.key in thing.directories:
+        return f"{thing} is inside the mountpoint {mountpoint.path}, which the image's mount would hide"
+    return None
+
+
+def check_distinct(*, source: str | None, destination: str | None, metadata: str | None,
+                   mountpoint: str | None = None) -> None:
+    """Refuse (OverlapError) unless the given paths are different things, none backed by
+    another, and DST and META are not inside the mountpoint. A remote source, and any path
+    given as None, takes no part."""
+    things = [describe(role, path) for role, path in (
+        ("source", None if source is None or is_remote(source) else source),
+        ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint))
+        if path is not None]
+    for i, a in enumerate(things):
+        for b in things[i + 1:]:
+            reason = conflict(a, b)
+            if reason:
+                raise OverlapError(f"{reason}: {_FOUR_THINGS}")
+    for mount in (t for t in things if t.role == "mountpoint"):
+        for thing in (t for t in things if t.role in ("destination", "metadata")):
+            reason = inside(thing, mount)
+            if reason:
+                raise OverlapError(reason)
+
+
+def loop_backing_file(sysfs_dir: str) -> str | None:
+    """The path the kernel shows for a loop device's backing file (" (deleted)" removed), or
+    None when the block device in `sysfs_dir` (e.g. /sys/block/loop0) is no bound loop device."""
+    try:
+        with open(os.path.join(sysfs_dir, "loop", "backing_file")) as f:
+            backing = f.read().rstrip("\n")
+    except OSError:
+        return None
+    return backing.removesuffix(" (deleted)") or None
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _missing_key(real: str) -> Key:
+    parent, name = os.path.split(real)
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return ("path", real)  # creating it will fail; the open says why
+    return ("entry", st.st_dev, st.st_ino, name)
+
+
+def _directories_holding(real: str) -> frozenset[Key]:
+    keys = set()
+    parent = os.path.dirname(real)
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            pass  # a missing parent: its own parents still count
+        else:
+            keys.add(("inode", st.st_dev, st.st_ino))
+        if parent == os.path.dirname(parent):
+            return frozenset(keys)
+        parent = os.path.dirname(parent)
+
+
+def _beneath_block_device(rdev: int, depth: int) -> tuple[frozenset[Key], Key | None]:
+    """What holds the data of block device `rdev`, and its whole disk if it is a partition."""
+    sysfs = _sysfs_dir(rdev)
+    if sysfs is None or depth <= 0:
+        return frozenset(), None
+    keys: set[Key] = set()
+    disk = None
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        disk_rdev = _sysfs_dev(os.path.dirname(sysfs))
+        if disk_rdev is not None:
+            disk = ("bdev", disk_rdev)
+            keys.add(disk)
+            keys |= _beneath_block_device(disk_rdev, depth - 1)[0]
+    for backing in _loop_backing(sysfs, rdev):
+        keys.add(backing)
+        if backing[0] == "bdev":
+            keys |= _beneath_block_device(backing[1], depth - 1)[0]
+    for slave in _slaves(sysfs):
+        keys.add(("bdev", slave))
+        keys |= _beneath_block_device(slave, depth - 1)[0]
+    return frozenset(keys), disk
+
+
+def _sysfs_dir(rdev: int) -> str | None:
+    path = os.path.join(SYS_DEV_BLOCK, f"{os.major(rdev)}:{os.minor(rdev)}")
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def _sysfs_dev(sysfs: str) -> int | None:
+    try:
+        with open(os.path.join(sysfs, "dev")) as f:
+            major, minor = f.read().strip().split(":")
+    except (OSError, ValueError):
+        return None
+    return os.makedev(int(major), int(minor))
+
+
+def _slaves(sysfs: str) -> list[int]:
+    try:
+        names = os.listdir(os.path.join(sysfs, "slaves"))
+    except OSError:
+        return []
+    found = (_sysfs_dev(os.path.join(sysfs, "slaves", name)) for name in names)
+    return [rdev for rdev in found if rdev is not None]
+
+
+def _loop_backing(sysfs: str, rdev: int) -> set[Key]:
+    """The backing file of a loop device: by the path sysfs shows (renamed or deleted files
+    leave it stale) and by the inode the device itself reports."""
+    path = loop_backing_file(sysfs)
+    if path is None:
+        return set()
+    keys: set[Key] = set()
+    try:
+        st = os.stat(path)
+    except OSError:
+        pass
+    else:
+        keys.add(("bdev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("inode", st.st_dev, st.st_ino))
+    status = _loop_status(os.path.basename(sysfs), rdev)
+    if status is not None:
+        device, inode, backing_rdev = status
+        keys.add(("bdev", backing_rdev) if backing_rdev else ("inode", device, inode))
+    return keys
+
+
+def _loop_status(name: str, rdev: int) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, st_rdev) of a loop device's backing file, from the device itself
+    through /dev/NAME if that node is this device; None otherwise."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_rdev != rdev:
+            return None
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
+    except OSError as exc:
+        if exc.errno not in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
+            raise
+        return None
+    finally:
+        os.close(fd)
+    return _LOOP_INFO64_HEAD.unpack_from(info)

@@ -1,0 +1,61 @@
+"""Fail mode at the engine: a failed commit (META write or DST fdatasync) is one transition
+with a reason; nothing is written to META after it, so it stays at the last good commit."""
+
+import errno
+
+import pytest
+import trio
+
+from fuseclone.errors import MetadataFailedError
+from fuseclone.metadata import Metadata, MetadataMode
+
+
+def fail_datasync(engine):
+    def datasync():
+        raise OSError(errno.EIO, "Input/output error")
+
+    engine.dst.datasync = datasync
+
+
+async def test_a_failed_dst_fdatasync_puts_the_metadata_in_fail_mode(clone):
+    engine = await clone.open(hydration=False)
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        await engine.flush()  # the last good commit
+        fail_datasync(engine)
+        await engine.write(8192, b"b" * 4096)
+        with pytest.raises(OSError) as info:
+            await engine.flush()
+        assert info.value.errno == errno.EIO
+        status = engine.status()
+        assert status.metadata_mode == "fail"
+        assert status.metadata_error == f"a failed fdatasync of {clone.dst} (Input/output error)"
+        with pytest.raises(OSError) as info:
+            await engine.write(0, b"c" * 4096)  # hydrated, but nothing may be committed now
+        assert info.value.errno == errno.EIO and "unmount and mount again" in str(info.value)
+        assert await engine.read(0, 4096) == b"a" * 4096
+        with pytest.raises(MetadataFailedError, match="after a failed fdatasync"):
+            engine.message("enable_hydration")
+        assert engine.status().hydration_enabled is False
+        with trio.fail_after(5):
+            await engine.wait_until_settled()  # fail mode ends a wait at once
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert not meta.header.clean  # not marked clean after a failure
+        assert meta.map.is_hydrated(0) and not meta.map.is_hydrated(2)
+
+
+def test_fail_is_one_transition_and_the_first_reason_sticks(tmp_path):
+    from fuseclone.regions import Geometry
+
+    with Metadata.create(str(tmp_path / "m"), Geometry(1 << 20, 4096), {}) as meta:
+        assert meta.mode is MetadataMode.RW
+        meta.fail("the first trouble")
+        meta.fail("a later one")
+        assert (meta.mode, meta.failure) == (MetadataMode.FAIL, "the first trouble")
+        with pytest.raises(OSError, match="after the first trouble"):
+            meta.mark_clean()
+        meta.set_hydrated(range(0, 1))
+        batch = meta.prepare_commit()
+        with pytest.raises(OSError):
+            meta.write_commit(batch)
+        assert meta.bytes_written == 0

@@ -1,0 +1,160 @@
+"""META or DST out of space, through the real CLI: the failure is loud (status, wait, messages
+say why), user I/O gets the errno, and the clone recovers once the space is back."""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import MiB, fuseclone, sh, status_json
+
+RESUME_HINT = "unmount and mount again to resume from the last good commit"
+
+
+def small_tmpfs(rig, name, size):
+    """A tmpfs of SIZE at rig.tmp/NAME, unmounted after everything mounted later in the test."""
+    where = rig.tmp / name
+    where.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", where)
+    rig.stack.callback(lambda: sh("umount", "-l", where, check=False))
+    return where
+
+
+def fill(directory):
+    """Write a file in DIRECTORY until its filesystem is full; returns the file's path."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (bytes(MiB), bytes(4096)):
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_source_bytes(rig, offset, length):
+    """Write the source's own bytes at OFFSET through the image and fsync them: whatever lands
+    in DST keeps the clone equal to the source, so `check --verify` judges only the rest."""
+    with open(rig.src, "rb") as src:
+        src.seek(offset)
+        data = src.read(length)
+    fd = os.open(rig.image, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_uncached(rig, offset, length):
+    """Read through the daemon, not the kernel's page cache of the image."""
+    fd = os.open(rig.image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def test_meta_out_of_space_is_loud_and_recoverable(rig, random_source):
+    metafs = small_tmpfs(rig, "metafs", "16M")
+    rig.meta = str(metafs / "clone.meta")
+    rig.mount("--no-hydration")
+    write_source_bytes(rig, 0, MiB)  # a good commit: the first of the two bitmap slots
+    filler = fill(metafs)
+    waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rig.stack.callback(waiter.kill)
+
+    # The next commit needs the second slot's page: there is none.
+    with pytest.raises(OSError) as info:
+        write_source_bytes(rig, 4 * MiB, MiB)
+    assert info.value.errno == errno.EIO
+    _, err = waiter.communicate(timeout=30)  # a wait already under way ends with the failure
+    assert waiter.returncode == 1 and RESUME_HINT in err
+
+    st = status_json(rig.mnt)
+    assert st["metadata_mode"] == "fail"
+    assert "No space left on device" in st["metadata_error"]
+    assert str(rig.meta) in st["metadata_error"]
+    assert fuseclone("status", rig.mnt, "--dmsetup").stdout.split()[-1] == "fail"
+    human = fuseclone("status", rig.mnt).stdout
+    assert "No space left on device" in human and "stopped" in human
+
+    with open(rig.src, "rb") as src:
+        assert read_uncached(rig, 0, MiB) == src.read(MiB)  # hydrated data still reads
+    with pytest.raises(OSError) as info:
+        write_source_bytes(rig, 0, 4096)  # even to hydrated regions
+    assert info.value.errno == errno.EIO
+
+    os.unlink(filler)  # space is back, but the live mount stays in fail mode
+    refused = fuseclone("message", rig.mnt, "enable_hydration", check=False)
+    assert refused.returncode == 1
+    assert "metadata is in fail mode after" in refused.stderr and RESUME_HINT in refused.stderr
+    assert status_json(rig.mnt)["metadata_mode"] == "fail"
+
+    started = time.monotonic()
+    waited = fuseclone("wait", rig.mnt, "--timeout", "60", check=False)
+    assert waited.returncode == 1 and time.monotonic() - started < 30
+    assert "No space left on device" in waited.stderr and RESUME_HINT in waited.stderr
+
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    offline = status_json(rig.meta)
+    assert offline["clean"] is False  # left as the last good commit, not marked clean
+    assert offline["hydrated_regions"] == MiB // offline["region_size"]
+    assert fuseclone("wait", rig.meta, check=False).returncode == 1  # offline: still answers
+
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    st = status_json(rig.mnt)
+    assert st["metadata_mode"] == "rw" and st["metadata_error"] is None
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_dst_out_of_space_stops_hydration_loudly_and_recovers(rig, random_source):
+    dstfs = small_tmpfs(rig, "dstfs", "12M")  # the source holds about 22 MiB of data
+    rig.dst = str(dstfs / "dst.img")
+    rig.mount()
+
+    waited = fuseclone("wait", rig.mnt, "--timeout", "120", check=False)
+    assert waited.returncode == 1
+    assert "hydration stopped" in waited.stderr and "No space left on device" in waited.stderr
+    st = status_json(rig.mnt)
+    assert "No space left on device" in st["hydration_error"] and not st["complete"]
+    assert st["metadata_mode"] == "rw" and st["metadata_error"] is None
+    with pytest.raises(OSError) as info:
+        write_source_bytes(rig, 30 * MiB, MiB)  # the failed copies filled DST to the last page
+    assert info.value.errno == errno.ENOSPC  # user I/O gets the errno
+
+    sh("mount", "-o", "remount,size=64M", dstfs)  # the space is back
+    fuseclone("message", rig.mnt, "enable_hydration")
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+@pytest.mark.parametrize("trouble", ["full", "read-only"])
+def test_a_meta_that_cannot_be_written_is_refused_at_mount(rig, random_source, trouble):
+    metafs = small_tmpfs(rig, "metafs", "1M")
+    rig.meta = str(metafs / "clone.meta")
+    if trouble == "full":
+        fill(metafs)
+    else:
+        sh("mount", "-o", "remount,ro", metafs)
+    result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1
+    expected = "No space left on device" if trouble == "full" else "Read-only file system"
+    assert result.stderr.strip().splitlines() == [f"fuseclone: error: {rig.meta}: " + (
+        f"cannot write the metadata file ({expected})" if trouble == "full" else expected)]
+    assert not os.path.exists(rig.meta) and not os.path.exists(rig.dst)  # nothing left behind
