@@ -296,6 +296,24 @@ class CloneEngine:
         self._check_writable()
         await self.commit()
 
+    def flush_now(self) -> Callable[[], None] | None:
+        """The flush as one blocking fdatasync of DST, for any thread, when there is nothing
+        else to commit: every hydrated bit is already durable in META (none changed, no commit
+        under way that holds bits it has not written yet), and written bits always are before
+        their data. Else None (then `flush` is the way). A thread that answers the FSYNC
+        itself saves the hop back to the event loop: the kernel holds the image's inode lock
+        for the whole FSYNC, so every write of a database waits for it."""
+        if (self.meta.mode is not MetadataMode.RW or self.meta.dirty
+                or self._commit_lock.locked()):
+            return None
+        return self._flush_dst
+
+    def _flush_dst(self) -> None:
+        try:
+            self._datasync_dst()
+        except OSError as exc:
+            raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
+
     async def seek(self, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE over the image: DST's holes where hydrated, the source's zero
         extents where not. Scans at most SEEK_SCAN_LIMIT bytes; past that it answers what is

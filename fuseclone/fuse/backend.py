@@ -54,5 +54,9 @@ class ImageBackend(Protocol):
     async def flush(self) -> None:
         """FSYNC: every write completed before the call is durable when it returns."""
 
+    def flush_now(self) -> Callable[[], None] | None:
+        """Like `flush`, without waiting: a blocking call that does it from any thread, or
+        None if `flush` must do it."""
+
     async def seek(self, offset: int, whence: int) -> int:
         """LSEEK with os.SEEK_DATA or os.SEEK_HOLE; raises OSError(ENXIO) past the end."""

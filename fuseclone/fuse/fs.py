@@ -18,10 +18,11 @@ the mounting one reach the mount at all.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 from . import abi, codec
 from .backend import ImageBackend
@@ -68,7 +69,7 @@ class ImageFilesystem:
     def quick_handlers(self) -> Mapping[type, object]:
         """Request type -> synchronous handler returning a Reply, or None when the request must
         wait (then the async handler runs it in a task of its own)."""
-        return {codec.Read: self.read_now, codec.Write: self.write_now}
+        return {codec.Read: self.read_now, codec.Write: self.write_now, codec.Fsync: self.fsync_now}
 
     # ---- names and attributes ---------------------------------------------------------------
 
@@ -179,12 +180,7 @@ class ImageFilesystem:
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply
-
-        def write_then_reply() -> codec.Reply:
-            done()
-            return reply
-
-        return Blocking(write_then_reply)
+        return Blocking(functools.partial(_call_then, done, reply))
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:
@@ -201,6 +197,14 @@ class ImageFilesystem:
             # Writeback ignores a short count: the part past the end would be dropped silently.
             raise OSError(errno.ENOSPC, "write past the end of the image")
         return codec.WriteReply(len(data))
+
+    def fsync_now(self, req: codec.Fsync) -> Blocking | None:
+        """An FSYNC that is one fdatasync of DST is handed to the session's job thread, which
+        answers it itself (no hop back to the loop)."""
+        flush = self.image.flush_now()
+        if flush is None:
+            return None
+        return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))
 
     async def fsync(self, req: codec.Fsync) -> codec.Reply:
         await self.image.flush()
@@ -234,3 +238,9 @@ class ImageFilesystem:
         if req.nodeid != self.image_id:
             raise OSError(errno.EINVAL, "not the image")
         return codec.LseekReply(await self.image.seek(req.offset, req.whence))
+
+
+def _call_then(call: Callable[[], None], reply: codec.Reply) -> codec.Reply:
+    """A handed-over job: the blocking call, then the reply it earns."""
+    call()
+    return reply

@@ -1,6 +1,8 @@
 import errno
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 import trio
@@ -256,3 +258,58 @@ def test_default_batch_grows_only_with_enough_copies_in_flight():
     assert resolved.hydration_batch_size == 2048 and resolved.hydration_threshold == 32768
     assert Settings(hydration_batch_size=16).resolved(Geometry(1 << 30, 4096), 128 * MiB,
                                                       8 * MiB).hydration_batch_size == 16
+
+
+async def test_flush_now_is_one_fdatasync_only_when_nothing_waits_to_be_committed(clone):
+    """An FSYNC with nothing to commit is a bare fdatasync of DST that any thread may run; with
+    bits to commit, or a commit under way (its bits may not be in META yet), it is not."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    syncs = []
+    real_datasync = engine.dst.datasync
+    held = threading.Event()  # set: DST's fdatasync waits until it is cleared
+
+    def counted_datasync():
+        syncs.append(1)
+        while held.is_set():
+            time.sleep(0.001)
+        real_datasync()
+
+    engine.dst.datasync = counted_datasync
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)  # hydrates region 0: a bit to commit
+        assert engine.flush_now() is None
+        held.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.flush)
+                with trio.fail_after(5):
+                    while not syncs:  # the commit took its blocks and waits in DST's fdatasync
+                        await trio.sleep(0.001)
+                assert not engine.meta.dirty and engine.flush_now() is None
+                held.clear()
+        finally:
+            held.clear()
+        flush = engine.flush_now()
+        assert callable(flush)
+        before = len(syncs)
+        await trio.to_thread.run_sync(flush)
+        assert len(syncs) == before + 1
+        assert engine._commits_done == 1  # no commit of its own
+
+
+async def test_flush_now_failure_is_eio_and_fail_mode(clone):
+    engine = await clone.open(hydration=False, commit_interval=3600)
+
+    def failing_datasync():
+        raise OSError(errno.EIO, "device gone")
+
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        await engine.flush()
+        engine.dst.datasync = failing_datasync
+        flush = engine.flush_now()
+        with pytest.raises(OSError) as raised:
+            await trio.to_thread.run_sync(flush)
+        assert raised.value.errno == errno.EIO
+        assert engine.meta.failure is not None
+        assert engine.flush_now() is None
