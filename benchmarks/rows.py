@@ -10,6 +10,7 @@ the anchors are measured regardless.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -43,6 +44,7 @@ class Profile:
     r6_size: int = 1 << 40
     r6_io_runtime: float = 3.0
     r6_hydrate_seconds: float = 3.0
+    r7_size: int = 512 * MiB  # ext4 image a database-like fio job runs on
 
     @classmethod
     def quick(cls) -> "Profile":
@@ -54,7 +56,7 @@ class Profile:
     def full(cls) -> "Profile":
         return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
                    r2_size=1 * GiB, r3_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
-                   r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5)
+                   r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB)
 
 
 @dataclass
@@ -573,4 +575,113 @@ def rss_hydrating_from_nbd(bench: Bench, m: Metric) -> None:
             remove(clone.dst, clone.meta)
 
 
-ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6}
+# ---- row 7: a database's commits ---------------------------------------------------------------
+
+R7_JOBS = 4
+R7_FILE_SIZE = "64M"
+R7_HYDRATING_RATE = "20M"  # --max-rate while hydrating: the source is still being copied at the end
+
+
+def row7(bench: Bench) -> list[Metric]:
+    """a database's commits: fio --fsync=1 4 KiB random writes, 4 jobs, on ext4 over a direct-I/O loop device"""
+    p = bench.profile
+    names = ["fuseclone hydrated", "fuseclone hydrating", "qsd", "raw"]
+    m = Metric(7, "r7.fsync4k", "synced 4 KiB random writes on ext4 (fio --fsync=1, 4 jobs)", "IOPS", True,
+               targets=[Target("≥ 0.8× raw (hydrated)", ["fuseclone hydrated"], ">=", 0.8, ["raw"]),
+                        Target("≥ qsd (hydrated)", ["fuseclone hydrated"], ">=", 1.0, ["qsd"]),
+                        Target("≥ 0.8× raw (hydrating)", ["fuseclone hydrating"], ">=", 0.8, ["raw"])])
+    m.notes.append(f"fio randwrite bs=4k fsync=1 numjobs={R7_JOBS} psync, one {R7_FILE_SIZE} file laid out "
+                   f"first, {p.fio_runtime:g} s + {p.fio_ramp:g} s ramp; ext4 on a {p.r7_size // MiB} MiB image "
+                   f"through losetup --direct-io=on; hydrating: a fresh clone each sample, --max-rate "
+                   f"{R7_HYDRATING_RATE}, from a local file")
+    for name in names:
+        m.figure(name)
+    src = bench.path(f"r7-ext4-{p.r7_size // MiB}M.img")
+    if not os.path.exists(src):
+        with open(src, "wb") as f:
+            f.truncate(p.r7_size)
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", src])
+    with contextlib.ExitStack() as stack:
+        raw_file = bench.path("r7-raw.img")
+        run(["cp", "--sparse=always", src, raw_file])
+        stack.callback(remove, raw_file)
+        dirs = {"raw": ext4_on_dio_loop(stack, bench, raw_file, "raw")}
+        try:
+            qsd_file, qsd_export = bench.path("r7-qsd.img"), bench.path("r7-qsd-export.img")
+            run(["cp", "--sparse=always", src, qsd_file])
+            stack.callback(remove, qsd_file, qsd_export)
+            server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path("r7-qsd.log"))
+            bench.commands["qsd FUSE export (row 7)"] = server.command_line
+            dirs["qsd"] = ext4_on_dio_loop(stack, bench, qsd_export, "qsd")
+        except BenchError as exc:
+            m.skip(["qsd"], f"qsd FUSE export failed: {exc}")
+        if bench.fuseclone_reason:
+            m.skip(["fuseclone hydrated", "fuseclone hydrating"], bench.fuseclone_reason)
+        else:
+            try:
+                clone = bench.clone("r7", src)
+                stack.callback(remove, clone.dst, clone.meta)
+                subject.mount(stack, clone)
+                bench.commands["fuseclone mount (row 7)"] = clone.command_line
+                clone.wait(timeout=600)
+                dirs["fuseclone hydrated"] = ext4_on_dio_loop(stack, bench, clone.image, "fc")
+            except BenchError as exc:
+                m.skip(["fuseclone hydrated"], f"fuseclone mount/hydration failed: {exc}")
+        contenders = [Contender(m, who, functools.partial(synced_writes, bench, m, who, d))
+                      for who, d in dirs.items()]
+        if not bench.fuseclone_reason:
+            contenders.append(Contender(m, "fuseclone hydrating",
+                                        functools.partial(synced_writes_hydrating, bench, m, src)))
+        for rep in range(p.reps):
+            for c in rotated(contenders, rep):
+                c.run(bench, f"rep {rep + 1}/{p.reps}")
+    return [m]
+
+
+def ext4_on_dio_loop(stack: contextlib.ExitStack, bench: Bench, file: str, tag: str) -> str:
+    """Mount the ext4 filesystem in FILE through a direct-I/O loop device; its mountpoint, with
+    fio's file laid out (and the first writes' costs paid) by a short run."""
+    loop = losetup(stack, file, direct_io=True)
+    if not loop.dio:
+        raise BenchError(f"the loop device on {file} refused direct I/O")
+    bench.commands["losetup (row 7)"] = "losetup -f --show --direct-io=on FILE"
+    directory = bench.path(f"r7-{tag}-fs")
+    mount(stack, loop.device, directory)
+    run_fio(replace(synced_writes_job(bench, directory), runtime=1, ramp_time=0))
+    return directory
+
+
+def synced_writes_job(bench: Bench, directory: str) -> FioJob:
+    p = bench.profile
+    return FioJob(filename=os.path.join(directory, "fio.dat"), rw="randwrite", bs="4k", iodepth=1,
+                  runtime=p.fio_runtime, ramp_time=p.fio_ramp, ioengine="psync", direct=False,
+                  size=R7_FILE_SIZE, extra=["--fsync=1", f"--numjobs={R7_JOBS}"])
+
+
+def synced_writes(bench: Bench, m: Metric, who: str, directory: str) -> float:
+    job = synced_writes_job(bench, directory)
+    bench.commands.setdefault("fio (row 7)", " ".join(fio_command(replace(job, filename="MNT/fio.dat"))))
+    try:
+        res = run_fio(job)
+    except Exception as exc:  # noqa: BLE001 - reported as this contender's failure
+        raise BenchError(f"fio failed: {exc}") from exc
+    m.figure(who).details.append({"p99_us": res.write.percentile(99)})
+    return res.write.iops
+
+
+def synced_writes_hydrating(bench: Bench, m: Metric, src: str) -> float:
+    """One sample on a fresh clone that hydrates (at --max-rate) all the while."""
+    clone = bench.clone("r7h", src, ["--max-rate", R7_HYDRATING_RATE])
+    try:
+        with contextlib.ExitStack() as stack:
+            subject.mount(stack, clone)
+            bench.commands["fuseclone mount (row 7, hydrating)"] = clone.command_line
+            directory = ext4_on_dio_loop(stack, bench, clone.image, "fch")
+            iops = synced_writes(bench, m, "fuseclone hydrating", directory)
+            m.figure("fuseclone hydrating").details[-1]["complete_at_end"] = clone.complete()
+            return iops
+    finally:
+        remove(clone.dst, clone.meta)
+
+
+ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7}
