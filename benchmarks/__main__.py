@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller files, shorter fio runs, 3 repetitions (< 10 min)")
-    ap.add_argument("--only", metavar="ROWS", help="rows to run, e.g. 1,3-5 (default: all of 1-6)")
+    ap.add_argument("--only", metavar="ROWS", help="rows to run, e.g. 1,3-5 (default: all)")
     ap.add_argument("--out", metavar="DIR", default=os.path.join(REPO, "bench-results"),
                     help="where latest.json and latest.png go (default: bench-results/ in the repo)")
     ap.add_argument("--reps", type=int, help="repetitions per figure (default 3 quick, 5 full)")
