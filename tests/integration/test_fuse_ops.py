@@ -698,6 +698,9 @@ class MemoryImage:
     async def flush(self):
         self.flushes += 1
 
+    def flush_now(self):
+        return None  # always the async path
+
     async def seek(self, offset, whence):
         if offset >= self.size:
             raise OSError(errno.ENXIO, "past the end")

@@ -1,0 +1,59 @@
+"""The image filesystem's quick handlers for what a database's commits send: FSYNC, and the
+SETATTR of times that the kernel sends before each FSYNC with the write cache."""
+
+import errno
+
+import pytest
+
+from fuseclone.fuse import abi, codec
+from fuseclone.fuse.backend import Permissions
+from fuseclone.fuse.fs import ImageFilesystem
+from fuseclone.fuse.session import Blocking
+
+IMAGE = 2  # the image's node in a directory mount
+TIMES = abi.FATTR_MTIME | abi.FATTR_CTIME | abi.FATTR_FH  # what the write cache sends (0x460)
+
+
+class Image:
+    size = 1 << 20
+
+    def __init__(self, flush_now):
+        self._flush_now = flush_now
+
+    def permissions(self):
+        return Permissions(0o600, 0, 0)
+
+    def flush_now(self):
+        return self._flush_now
+
+
+def setattr_req(valid, size=0):
+    return codec.SetAttr(1, IMAGE, 0, 0, 0, valid, 1, size, 0, 0, 0)
+
+
+def fsync_req():
+    return codec.Fsync(1, IMAGE, 0, 0, 0, 1, True)
+
+
+def test_fsync_with_nothing_to_commit_is_handed_to_the_job_thread():
+    synced = []
+    fs = ImageFilesystem(Image(lambda: synced.append(1)))
+    answer = fs.quick_handlers()[codec.Fsync](fsync_req())
+    assert isinstance(answer, Blocking) and not synced
+    assert isinstance(answer.job(), codec.EmptyReply) and synced == [1]
+
+
+def test_fsync_with_bits_to_commit_waits_for_its_task():
+    fs = ImageFilesystem(Image(None))
+    assert fs.quick_handlers()[codec.Fsync](fsync_req()) is None
+
+
+def test_setattr_of_times_is_answered_at_once():
+    quick = ImageFilesystem(Image(None)).quick_handlers()[codec.SetAttr]
+    reply = quick(setattr_req(TIMES))
+    assert isinstance(reply, codec.AttrReply) and reply.attr.size == Image.size
+    assert quick(setattr_req(abi.FATTR_SIZE, size=Image.size)) is not None  # same size: fine
+    with pytest.raises(OSError) as raised:
+        quick(setattr_req(abi.FATTR_SIZE, size=4096))
+    assert raised.value.errno == errno.EPERM
+    assert quick(setattr_req(abi.FATTR_MODE | TIMES)) is None  # chmod: DST's, in a task
