@@ -164,12 +164,8 @@ def row1(bench: Bench) -> list[Metric]:
         files["raw"] = raw_file
 
         try:
-            qsd_file, qsd_export = bench.path("r1-qsd.img"), bench.path("r1-qsd-export.img")
-            run(["cp", "--sparse=never", src, qsd_file])
-            stack.callback(remove, qsd_file, qsd_export)
-            server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path("r1-qsd.log"))
-            bench.commands["qsd FUSE export (row 1)"] = server.command_line
-            files["qsd"] = qsd_export
+            server = qsd_export_of_copy(stack, bench, src, "r1", sparse="never")
+            files["qsd"] = server.export
             pids["qsd"] = server.pid
         except BenchError as exc:
             for m in metrics.values():
@@ -230,6 +226,24 @@ def row1(bench: Bench) -> list[Metric]:
                             bench.say(f"  rep {rep + 1}/{p.reps} {label}: {who} {mode}: {value:,.0f} {unit}"
                                       + (f" [dim](daemon CPU {cpu:.0f}%)[/]" if cpu is not None else ""))
     return list(metrics.values())
+
+
+@dataclass
+class QsdExport:
+    export: str  # the file a loop device is put on
+    pid: int
+
+
+def qsd_export_of_copy(stack: contextlib.ExitStack, bench: Bench, src: str, tag: str,
+                       sparse: str) -> QsdExport:
+    """qemu-storage-daemon's FUSE export of a copy of SRC (`cp --sparse=SPARSE`), for row TAG;
+    stopped and removed when STACK closes."""
+    qsd_file, qsd_export = bench.path(f"{tag}-qsd.img"), bench.path(f"{tag}-qsd-export.img")
+    run(["cp", f"--sparse={sparse}", src, qsd_file])
+    stack.callback(remove, qsd_file, qsd_export)
+    server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path(f"{tag}-qsd.log"))
+    bench.commands[f"qsd FUSE export (row {tag[1:]})"] = server.command_line
+    return QsdExport(qsd_export, server.pid)
 
 
 # ---- row 2: hydration from a local source ------------------------------------------------------
@@ -607,12 +621,8 @@ def row7(bench: Bench) -> list[Metric]:
         stack.callback(remove, raw_file)
         dirs = {"raw": ext4_on_dio_loop(stack, bench, raw_file, "raw")}
         try:
-            qsd_file, qsd_export = bench.path("r7-qsd.img"), bench.path("r7-qsd-export.img")
-            run(["cp", "--sparse=always", src, qsd_file])
-            stack.callback(remove, qsd_file, qsd_export)
-            server = anchors.qsd_fuse_export(stack, qsd_file, qsd_export, bench.log_path("r7-qsd.log"))
-            bench.commands["qsd FUSE export (row 7)"] = server.command_line
-            dirs["qsd"] = ext4_on_dio_loop(stack, bench, qsd_export, "qsd")
+            server = qsd_export_of_copy(stack, bench, src, "r7", sparse="always")
+            dirs["qsd"] = ext4_on_dio_loop(stack, bench, server.export, "qsd")
         except BenchError as exc:
             m.skip(["qsd"], f"qsd FUSE export failed: {exc}")
         if bench.fuseclone_reason:
