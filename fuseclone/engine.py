@@ -211,8 +211,10 @@ class CloneEngine:
                  ) -> bytes | bytearray | Callable[[], bytes | bytearray] | None:
         """Hydrated data: the bytes at once if DST's page cache has them, else the blocking
         read from DST, for any thread (nothing in the engine changes with it: hydrated regions
-        stay hydrated, and no copy touches them). Anything else: None, then `read` is the way.
-        Lets the FUSE session answer without a task, and a cold read without a hop back."""
+        stay hydrated, and no copy touches them), with DST's disk already reading them: a
+        missed `RWF_NOWAIT` read starts the read of the pages it missed, so one thread waiting
+        for such reads in turn keeps many at the disk. Anything else: None, then `read` is the
+        way. Lets the FUSE session answer without a task, and a cold read without a hop back."""
         length = max(0, min(length, self.size - offset))
         if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
             return None

@@ -19,9 +19,9 @@ from . import codec
 class Blocking:
     """The answer needs one blocking call first (a large copy into the page cache, a read from
     disk). The session runs `job` on a thread of its own, which then sends the reply itself: the
-    event loop reads the next requests meanwhile, and there is no hop back to it. `parallel`
-    jobs (reads) run beside each other on a pool, so many reach the disk at once; the others
-    run one at a time, in the order they came."""
+    event loop reads the next requests meanwhile, and there is no hop back to it. Jobs run one
+    at a time, in the order they came; `parallel` ones (reads) on threads of their own, beside
+    the others and in any order."""
 
     job: Callable[[], codec.Reply]
     parallel: bool = False

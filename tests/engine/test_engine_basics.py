@@ -50,8 +50,9 @@ def drop_cache(path):
 
 
 async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thread(clone):
-    """No hop back to the event loop: the FUSE session runs it on a job thread. Unless the kernel
-    keeps no copy of what it reads (O_DIRECT), DST's copy is dropped after it: one is enough."""
+    """No hop back to the event loop: the FUSE session runs it on a job thread, while DST's disk
+    is already reading it (the page-cache probe that missed started the read). Unless the kernel keeps no copy of what it reads
+    (O_DIRECT), DST's copy is dropped after it: one is enough."""
     engine = await clone.open()
     async with clone.running(engine):
         with trio.fail_after(30):
@@ -61,6 +62,9 @@ async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thre
         for offset, kernel_keeps in ((0, True), (MiB, False)):
             got = engine.read_now(offset, 64 * KiB, kernel_keeps=kernel_keeps)
             assert callable(got)
+            with trio.fail_after(5):  # the disk is already reading them: the job only waits
+                while not dst_cached(clone.dst, offset, 64 * KiB):
+                    await trio.sleep(0.01)
             assert await trio.to_thread.run_sync(got) == clone.source_bytes(offset, 64 * KiB)
             assert dst_cached(clone.dst, offset, 64 * KiB) is not kernel_keeps
         assert engine.read_now(MiB, 64 * KiB, kernel_keeps=True) == clone.source_bytes(MiB, 64 * KiB)
