@@ -25,8 +25,7 @@ import time
 from typing import Callable, Mapping
 
 from . import abi, codec
-from .backend import ImageBackend
-from .session import Blocking
+from .backend import Blocking, Continue, ImageBackend, QuickAnswer
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -67,8 +66,8 @@ class ImageFilesystem:
         }
 
     def quick_handlers(self) -> Mapping[type, object]:
-        """Request type -> synchronous handler returning a Reply, or None when the request must
-        wait (then the async handler runs it in a task of its own)."""
+        """Request type -> synchronous handler that decides once how the request is answered:
+        a Reply now, a Blocking job for a thread, or a Continue for a task of its own."""
         return {codec.Read: self.read_now, codec.Write: self.write_now, codec.Fsync: self.fsync_now,
                 codec.SetAttr: self.setattr_now}
 
@@ -103,12 +102,12 @@ class ImageFilesystem:
     async def getattr(self, req: codec.GetAttr) -> codec.Reply:
         return codec.AttrReply(self._attr(req.nodeid), self._attr_seconds(req.nodeid))
 
-    def setattr_now(self, req: codec.SetAttr) -> codec.Reply | None:
+    def setattr_now(self, req: codec.SetAttr) -> QuickAnswer:
         """Answered at once unless it changes owner or mode. With the write cache the kernel
         keeps the image's times itself and sends them before every FSYNC, inside the inode
         lock that a database's writes wait for: a task of its own cost that much more."""
         if req.valid & (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID):
-            return None
+            return Continue(lambda: self.setattr(req))
         return self._unchanged_attr(req)
 
     def _unchanged_attr(self, req: codec.SetAttr) -> codec.AttrReply:
@@ -180,16 +179,23 @@ class ImageFilesystem:
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
 
-    def read_now(self, req: codec.Read) -> codec.Reply | None:
-        data = self.image.read_now(req.offset, req.size)
-        return None if data is None else codec.DataReply(data)
+    def read_now(self, req: codec.Read) -> QuickAnswer:
+        if req.offset >= self.image.size:
+            return codec.DataReply(b"")
+        got = self.image.read_now(req.offset, req.size,
+                                  kernel_keeps=not req.open_flags & os.O_DIRECT)
+        if got is None:
+            return Continue(lambda: self.read(req))
+        if callable(got):
+            return Blocking(lambda: codec.DataReply(got()), parallel=True)
+        return codec.DataReply(got)
 
-    def write_now(self, req: codec.Write) -> codec.Reply | Blocking | None:
+    def write_now(self, req: codec.Write) -> QuickAnswer:
         if req.offset + len(req.data) > self.image.size:
-            return None  # the async path clips or refuses it
+            return Continue(lambda: self.write(req))  # it clips or refuses the write
         done = self.image.write_now(req.offset, req.data)
         if not done:
-            return None
+            return Continue(lambda: self.write(req))
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply
@@ -211,12 +217,12 @@ class ImageFilesystem:
             raise OSError(errno.ENOSPC, "write past the end of the image")
         return codec.WriteReply(len(data))
 
-    def fsync_now(self, req: codec.Fsync) -> Blocking | None:
+    def fsync_now(self, req: codec.Fsync) -> QuickAnswer:
         """An FSYNC that is one fdatasync of DST is handed to the session's job thread, which
         answers it itself (no hop back to the loop)."""
         flush = self.image.flush_now()
         if flush is None:
-            return None
+            return Continue(lambda: self.fsync(req))
         return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))
 
     async def fsync(self, req: codec.Fsync) -> codec.Reply:
