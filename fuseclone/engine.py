@@ -52,6 +52,8 @@ INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cach
 # From this size, a write to hydrated regions is copied into the page cache by the FUSE session's
 # job thread instead: the copy then overlaps the loop's next reads of /dev/fuse.
 HANDED_OVER_WRITE_MIN = 256 << 10
+# A sequential writer's partial write into unhydrated regions hydrates this much after it too.
+WRITE_AHEAD_BYTES = 256 << 10
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
@@ -364,13 +366,51 @@ class CloneEngine:
             if busy:
                 await self._wait_for(busy)
             elif partial:
-                # A write to part of an unhydrated region waits for its hydration, which starts
-                # now, in this task, ahead of the background hydrator.
-                for region in partial:
-                    if not self.meta.map.is_hydrated(region) and region not in self._claims:
-                        await self._copy(self._claim(range(region, region + 1)))
+                await self._hydrate_for_write(partial, span)
             else:
                 return [self._claim(run) for run in _runs_of(free)]
+
+    async def _hydrate_for_write(self, partial: list[int], span: range) -> None:
+        """A write to part of an unhydrated region waits for its hydration, which starts now,
+        in this task, ahead of the background hydrator: each run of such regions in one copy,
+        the runs side by side. A write that continues hydrated data (a sequential writer) gets
+        the unhydrated regions after it copied along, up to WRITE_AHEAD_BYTES in the same
+        source read, so that its next writes find them hydrated and need no copy of their own
+        (4000-byte writes went one source round trip and three thread hops each: 4.5 MB/s)."""
+        runs = []
+        for run in _runs_of([r for r in partial
+                             if not self.meta.map.is_hydrated(r) and r not in self._claims]):
+            if run.stop == span.stop and self._continues_hydrated(span.start):
+                ahead = run.stop + WRITE_AHEAD_BYTES // self.geometry.region_size
+                run = range(run.start, self._unhydrated_run_end(run.stop, ahead))
+            runs.append(self._claim(run))
+        failures: list[OSError] = []
+
+        async def copy(claim: _Claim) -> None:
+            try:
+                await self._copy(claim)
+            except OSError as exc:  # one error for the writer, not a group
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for claim in runs:
+                nursery.start_soon(copy, claim)
+        if failures:
+            raise failures[0]
+
+    def _continues_hydrated(self, region: int) -> bool:
+        """Whether the region before `region` holds hydrated data (or it is the first)."""
+        bits = self.meta.map
+        return bits.is_hydrated(region) or (region > 0 and bits.is_hydrated(region - 1))
+
+    def _unhydrated_run_end(self, start: int, limit: int) -> int:
+        """End of the run of unhydrated, unclaimed regions from `start`, at most `limit`."""
+        bits = self.meta.map
+        limit = min(len(bits), limit)
+        stop = start
+        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
+            stop += 1
+        return stop
 
     async def _wait_for(self, claims: set[_Claim]) -> None:
         for claim in claims:
@@ -649,16 +689,12 @@ class CloneEngine:
 
     def _next_batch(self, cursor: int) -> _Claim | None:
         bits = self.meta.map
-        n = len(bits)
         region = bits.next_unhydrated(cursor)
         while region >= 0 and region in self._claims:
             region = bits.next_unhydrated(region + 1)
         if region < 0:
             return None
-        stop = region + 1
-        limit = min(n, region + self._batch_regions())
-        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
-            stop += 1
+        stop = self._unhydrated_run_end(region + 1, region + self._batch_regions())
         return self._claim(range(region, stop))
 
     async def _hydrate_batch(self, claim: _Claim) -> None:

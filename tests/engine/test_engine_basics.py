@@ -256,3 +256,42 @@ def test_default_batch_grows_only_with_enough_copies_in_flight():
     assert resolved.hydration_batch_size == 2048 and resolved.hydration_threshold == 32768
     assert Settings(hydration_batch_size=16).resolved(Geometry(1 << 30, 4096), 128 * MiB,
                                                       8 * MiB).hydration_batch_size == 16
+
+
+def count_copies(engine):
+    """The source reads of hydration copies, (offset, length) each, as they happen."""
+    copies = []
+    read_for_copy = engine.source.read_for_copy
+
+    async def counted(offset, length):
+        copies.append((offset, length))
+        return await read_for_copy(offset, length)
+
+    engine.source.read_for_copy = counted
+    return copies
+
+
+async def test_sequential_partial_writes_share_one_source_read(clone):
+    """A writer going on from hydrated data gets the regions after its partial write copied
+    along (WRITE_AHEAD_BYTES): 32 sequential 4000-byte writes need two copies, not 32."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    copies = count_copies(engine)
+    async with clone.running(engine):
+        for i in range(32):
+            await engine.write(i * 4000, bytes([i + 1]) * 4000)
+        assert len(copies) == 2
+        expected = b"".join(bytes([i + 1]) * 4000 for i in range(32))
+        assert await engine.read(0, 32 * 4000) == expected
+        tail = 32 * 4000
+        assert await engine.read(tail, 4096) == clone.source_bytes(tail, 4096)
+
+
+async def test_random_partial_writes_copy_only_their_regions(clone):
+    """No copy ahead for a write into unhydrated surroundings; its two partial regions are
+    one copy."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    copies = count_copies(engine)
+    async with clone.running(engine):
+        await engine.write(4096 * 40 + 4000, b"r" * 200)  # regions 40 and 41, in part
+        assert copies == [(4096 * 40, 2 * 4096)]
+        assert engine.status().hydrated_regions == 2
