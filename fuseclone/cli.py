@@ -385,8 +385,11 @@ def unmount(mountpoint, timeout, lazy) -> None:
     meta, real = found
     for loop in [] if lazy else loop_devices_of(real):
         fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
+    # A lazy unmount is answered at once (the write-back and detach follow), so a daemon that
+    # does not answer within the usual deadline is stopped or hung: detach it from here.
+    answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
     try:
-        reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
+        reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=answer_within)
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises

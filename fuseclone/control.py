@@ -47,6 +47,7 @@ from .errors import FusecloneError
 
 log = logging.getLogger(__name__)
 
+
 def default_runtime_dir(uid: int, environ: dict[str, str]) -> str:
     """Where a user's control sockets and default logs live: root's in /run/fuseclone, another
     user's in their own $XDG_RUNTIME_DIR/fuseclone, else /tmp/fuseclone-<uid>.
