@@ -226,25 +226,41 @@ class CloneEngine:
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it."""
-        if (self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX
-                or not self.meta.written_durable(offset, len(data))):
-            return False  # too large, or its written bits must reach META first
+        if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
+            return False
         span = self.geometry.region_span(offset, len(data))
+        if not self.meta.written_durable(offset, len(data)):
+            # Its written bits must reach META first (`write` waits for them), unless it
+            # replaces unhydrated regions whole: until their hydrated bits are committed, which
+            # `_commit_once` does only after their written bits, a crash leaves them
+            # unhydrated, to be copied again. That spared a META fdatasync per 64 KiB chunk
+            # (64 KiB direct writes into a fresh clone: 3.6x the time of rewrites).
+            return self.meta.map.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
         hydrated = self.meta.map.all_hydrated(span)
         if hydrated and len(data) >= HANDED_OVER_WRITE_MIN:
             self._last_user_io = trio.current_time()
             return functools.partial(self.dst.write, offset, data)
-        # Otherwise only unhydrated regions it replaces whole, that no copy is filling: like
-        # _replace, but nothing can claim them between the write and the mark, as neither awaits.
-        if not hydrated and (self.geometry.covered_span(offset, len(data)) != span
-                             or any(r in self._claims for r in span)):
+        if hydrated:
+            self._last_user_io = trio.current_time()
+            self.dst.write(offset, data)
+            return True
+        return self._fill(offset, data, span, mark=False)
+
+    def _fill(self, offset: int, data: bytes | memoryview, span: range, *, mark: bool) -> bool:
+        """Write `data` into the regions of `span` and mark them hydrated, if it covers every
+        unhydrated one whole and no copy is filling any: like _replace, but nothing can claim
+        them between the write and the mark, as neither awaits. `mark`: mark its chunks
+        written first (in core; the next commit makes them durable before the hydrated bits)."""
+        if (self.geometry.covered_span(offset, len(data)) != span
+                or any(r in self._claims for r in span)):
             return False
         self._last_user_io = trio.current_time()
+        if mark:
+            self.meta.mark_written(offset, len(data))
         self.dst.write(offset, data)
-        if not hydrated:
-            # Marked after the data is in DST; the commit makes DST durable before the bit.
-            self.meta.set_hydrated(span)
-            self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
+        # Marked after the data is in DST; the commit makes DST durable before the bit.
+        self.meta.set_hydrated(span)
+        self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -265,8 +281,10 @@ class CloneEngine:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()
-        await self._record_written(offset, len(data))
         done = self.write_now(offset, data)
+        if done is False:
+            await self._record_written(offset, len(data))
+            done = self.write_now(offset, data)
         if done is True:
             await trio.lowlevel.checkpoint()
             return
@@ -570,6 +588,13 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
+                if batch is not None:
+                    # Written bits first: whole-region writes to unhydrated regions mark them
+                    # without waiting for META (write_now), and META must never hold such a
+                    # region's hydrated bit without its written bit. They were marked before
+                    # their regions' hydrated bits were set, so before the batch was copied.
+                    async with self._written_lock:
+                        await self._commit_written()
                 await trio.to_thread.run_sync(self._datasync_dst)
                 if batch is not None:
                     await trio.to_thread.run_sync(self.meta.write_commit, batch)  # fails itself

@@ -47,8 +47,8 @@ async def test_held_hydration_starts_only_when_released(clone):
 async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
-        # A chunk never written waits for its written bit in META first: the async path.
-        assert not engine.write_now(8192, b"w" * 8192)
+        # Part of a region in a chunk never written waits for its written bit in META first.
+        assert not engine.write_now(8192 + 1, b"w" * 100)
         await engine._record_written(0, 1 << 20)
         # Whole regions, not hydrated: written at once and marked hydrated, no source read.
         assert engine.write_now(8192, b"w" * 8192)
