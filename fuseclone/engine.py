@@ -9,7 +9,9 @@ metadata file only after the destination was made durable (see `commit`).
 
 Written bits (changed-block tracking) go the other way round: a user write, discard or zeroing
 reaches DST only once the written bits of its chunks are durable in META (`_record_written`),
-so that no crash can leave user data in DST that looks like a corrupt copy of the source.
+so that no crash can leave user data in DST that looks like a corrupt copy of the source. A
+write replacing unhydrated regions whole need not wait: a commit writes written bits before
+hydrated ones, and until their hydrated bits are durable those regions are not compared.
 """
 
 from __future__ import annotations
