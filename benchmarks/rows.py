@@ -128,7 +128,12 @@ R1_TESTS = [  # key, label, unit, fio rw, bs, SPEC's factor over qsd
     ("randwrite4k", "4 KiB random write (hydrated)", "IOPS", "randwrite", "4k", 2.0),
     ("read1m", "1 MiB sequential read (hydrated)", "MB/s", "read", "1M", 5.0),
     ("write1m", "1 MiB sequential write (hydrated)", "MB/s", "write", "1M", 5.0),
+    ("randread4k_cold", "4 KiB random read (hydrated, cold)", "IOPS", "randread", "4k", 1.0),
+    ("randread4k_cold_qd1", "4 KiB random read (hydrated, cold, iodepth 1)", "IOPS", "randread", "4k", 1.0),
 ]
+# Cold tests drop every page cache before each sample (a clone larger than RAM, steady state).
+R1_COLD = {"randread4k_cold", "randread4k_cold_qd1"}
+R1_IODEPTH = {"randread4k_cold_qd1": 1}
 R1_WHO = ["fuseclone", "qsd", "raw"]
 R1_MODES = ["dio=off", "dio=on"]
 
@@ -139,17 +144,20 @@ def row1(bench: Bench) -> list[Metric]:
     metrics = {}
     for key, label, unit, rw, bs, factor in R1_TESTS:
         fc, qsd, raw = ([f"{who} {mode}" for mode in R1_MODES] for who in R1_WHO)
+        cold = key in R1_COLD  # SPEC "Performance": cold hydrated reads ≥ 0.8× the raw loop
         targets = [Target(f"≥ {factor:g}× qsd (best loop mode each)", fc, ">=", factor, qsd),
-                   Target("fraction of raw loop (best modes)", fc, ">=", 0.0, raw, info=True)]
+                   Target("fraction of raw loop (best modes)", fc, ">=", 0.8 if cold else 0.0, raw,
+                          info=not cold)]
         targets += [Target(f"fuseclone / qsd at loop {mode}", [f"fuseclone {mode}"], ">=", factor,
                            [f"qsd {mode}"], info=True) for mode in R1_MODES]
         m = Metric(1, f"r1.{key}", label, unit, True, targets=targets)
         for who in R1_WHO:
             for mode in R1_MODES:
                 m.figure(f"{who} {mode}")
-        m.notes.append(f"fio {rw} bs={bs} iodepth=16 libaio direct=1 on a loop device; "
+        m.notes.append(f"fio {rw} bs={bs} iodepth={R1_IODEPTH.get(key, 16)} libaio direct=1 on a loop device; "
                        f"{p.fio_runtime:g} s + {p.fio_ramp:g} s ramp per sample; image {p.r1_size // MiB} MiB, "
-                       "warmed by one sequential read pass per loop device")
+                       + ("page caches dropped before each sample" if key in R1_COLD
+                          else "warmed by one sequential read pass per loop device"))
         metrics[key] = m
 
     src = random_file(bench.path(f"src-random-{p.r1_size}.img"), p.r1_size)
@@ -207,13 +215,16 @@ def row1(bench: Bench) -> list[Metric]:
                     run(["dd", f"if={loop.device}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"])
                 bench.commands[f"losetup (row 1, {mode})"] = (
                     f"losetup -f --show --direct-io={mode.split('=')[1]} FILE")
-                for rep in range(p.reps):
-                    for key, label, unit, rw, bs, _ in R1_TESTS:
+                # the warm tests' repetitions first: a cold test's drop_caches would chill them
+                for rep, cold in [(rep, cold) for cold in (False, True) for rep in range(p.reps)]:
+                    for key, label, unit, rw, bs, _ in [t for t in R1_TESTS if (t[0] in R1_COLD) == cold]:
                         m = metrics[key]
                         for who in rotated(list(loops), rep):
-                            job = bench.fio(loops[who].device, rw, bs)
-                            bench.commands.setdefault(f"fio (row 1, {rw} {bs})", " ".join(
+                            job = bench.fio(loops[who].device, rw, bs, iodepth=R1_IODEPTH.get(key, 16))
+                            bench.commands.setdefault(f"fio (row 1, {key})", " ".join(
                                 fio_command(replace(job, filename="/dev/loopN"))))
+                            if key in R1_COLD:
+                                drop_caches()
                             meter = CpuMeter({who: pids[who]} if who in pids else {})
                             try:
                                 res = run_fio(job)

@@ -115,6 +115,13 @@ class Destination:
             data += bytes(length - len(data))
         return data
 
+    def read_uncached(self, offset: int, length: int) -> bytes:
+        """`read`, then drop those pages from DST's page cache (for a reader that keeps its own
+        copy: the image's page cache). Dirty pages are not dropped, only written back sooner."""
+        data = self.read(offset, length)
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return data
+
     def read_cached(self, offset: int, length: int) -> bytearray | None:
         """Non-blocking read: the bytes if they are all in the page cache, else None. Lets the
         event loop serve hot data without a thread hop (preadv2 with RWF_NOWAIT)."""

@@ -211,14 +211,24 @@ class CloneEngine:
         if uid != -1 or gid != -1:
             await trio.to_thread.run_sync(self.dst.chown, uid, gid)
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
-        """The bytes at once if they are hydrated and in DST's page cache, else None (then
-        `read` is the way). Lets the FUSE session answer without starting a task."""
+    def read_now(self, offset: int, length: int, *, kernel_keeps: bool
+                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | None:
+        """Hydrated data: the bytes at once if DST's page cache has them, else the blocking
+        read from DST, for any thread (nothing in the engine changes with it: hydrated regions
+        stay hydrated, and no copy touches them), with DST's disk already reading them: a
+        missed `RWF_NOWAIT` read starts the read of the pages it missed, so one thread waiting
+        for such reads in turn keeps many at the disk. Anything else: None, then `read` is the
+        way. Lets the FUSE session answer without a task, and a cold read without a hop back."""
         length = max(0, min(length, self.size - offset))
         if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
             return None
         self._last_user_io = trio.current_time()
-        return self.dst.read_cached(offset, length)
+        data = self.dst.read_cached(offset, length)
+        if data is not None:
+            return data
+        if kernel_keeps:  # the image's page cache keeps what DST's would: one copy is enough
+            return functools.partial(self.dst.read_uncached, offset, length)
+        return functools.partial(self.dst.read, offset, length)
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool | Callable[[], None]:
         """Write at once if the write is small and needs no copy from the source, else return

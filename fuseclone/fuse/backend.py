@@ -7,7 +7,35 @@ exception is a bug: the filesystem logs its traceback and answers EIO.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Union
+
+from . import codec
+
+
+# ---- what a quick handler answers: one dispatch decision per request ----------------------------
+
+
+@dataclass(slots=True)
+class Blocking:
+    """The answer needs one blocking call first (a large copy into the page cache, a read from
+    disk). The session runs `job` on a thread of its own, which then sends the reply itself: the
+    event loop reads the next requests meanwhile, and there is no hop back to it. Jobs run one
+    at a time, in the order they came; `parallel` ones (reads) on threads of their own, beside
+    the others and in any order."""
+
+    job: Callable[[], codec.Reply]
+    parallel: bool = False
+
+
+@dataclass(slots=True)
+class Continue:
+    """The answer needs to wait for something (the source, a commit): the session runs `answer`
+    in a task of its own. It carries what the quick attempt learned, so nothing is asked twice."""
+
+    answer: Callable[[], Awaitable[codec.Reply]]
+
+
+QuickAnswer = Union[codec.Reply, Blocking, Continue]
 
 
 @dataclass(frozen=True)
@@ -35,8 +63,12 @@ class ImageBackend(Protocol):
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
-        """Like `read`, without waiting: the bytes if they can be had at once, else None."""
+    def read_now(self, offset: int, length: int, *, kernel_keeps: bool
+                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | None:
+        """Like `read`, without waiting: the bytes if they can be had at once, a blocking call
+        that gets them from any thread (a disk read, nothing else to wait for), or None (then
+        `read` is the way). `kernel_keeps`: the kernel keeps what this read returns in the
+        image's page cache, so no other copy of it needs to stay cached."""
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool | Callable[[], None]:
         """Like `write`, without waiting: True if done, False if `write` must do it, or a

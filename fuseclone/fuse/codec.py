@@ -113,6 +113,7 @@ class Read(Request):
     fh: int
     offset: int
     size: int
+    open_flags: int = 0  # the file's open(2) flags: O_DIRECT says the kernel keeps no copy
     opcode: ClassVar[int] = Opcode.READ
 
 
@@ -271,7 +272,7 @@ _PARSERS: dict[int, Callable[[tuple, memoryview], Request]] = {
     Opcode.SETATTR: _fixed(abi.setattr_in, lambda h, f: SetAttr(*h, f[0], f[2], f[3], f[11], f[13], f[14])),
     Opcode.OPEN: _fixed(abi.open_in, lambda h, f: Open(*h, f[0])),
     Opcode.OPENDIR: _fixed(abi.open_in, lambda h, f: OpenDir(*h, f[0])),
-    Opcode.READ: _fixed(abi.read_in, lambda h, f: Read(*h, f[0], f[1], f[2])),
+    Opcode.READ: _fixed(abi.read_in, lambda h, f: Read(*h, f[0], f[1], f[2], f[5])),
     Opcode.WRITE: _write,
     Opcode.READDIR: _fixed(abi.read_in, lambda h, f: ReadDir(*h, f[0], f[1], f[2], False)),
     Opcode.READDIRPLUS: _fixed(abi.read_in, lambda h, f: ReadDir(*h, f[0], f[1], f[2], True)),

@@ -24,8 +24,7 @@ import time
 from typing import Mapping
 
 from . import abi, codec
-from .backend import ImageBackend
-from .session import Blocking
+from .backend import Blocking, Continue, ImageBackend, QuickAnswer
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -66,8 +65,8 @@ class ImageFilesystem:
         }
 
     def quick_handlers(self) -> Mapping[type, object]:
-        """Request type -> synchronous handler returning a Reply, or None when the request must
-        wait (then the async handler runs it in a task of its own)."""
+        """Request type -> synchronous handler that decides once how the request is answered:
+        a Reply now, a Blocking job for a thread, or a Continue for a task of its own."""
         return {codec.Read: self.read_now, codec.Write: self.write_now}
 
     # ---- names and attributes ---------------------------------------------------------------
@@ -166,16 +165,23 @@ class ImageFilesystem:
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
 
-    def read_now(self, req: codec.Read) -> codec.Reply | None:
-        data = self.image.read_now(req.offset, req.size)
-        return None if data is None else codec.DataReply(data)
+    def read_now(self, req: codec.Read) -> QuickAnswer:
+        if req.offset >= self.image.size:
+            return codec.DataReply(b"")
+        got = self.image.read_now(req.offset, req.size,
+                                  kernel_keeps=not req.open_flags & os.O_DIRECT)
+        if got is None:
+            return Continue(lambda: self.read(req))
+        if callable(got):
+            return Blocking(lambda: codec.DataReply(got()), parallel=True)
+        return codec.DataReply(got)
 
-    def write_now(self, req: codec.Write) -> codec.Reply | Blocking | None:
+    def write_now(self, req: codec.Write) -> QuickAnswer:
         if req.offset + len(req.data) > self.image.size:
-            return None  # the async path clips or refuses it
+            return Continue(lambda: self.write(req))  # it clips or refuses the write
         done = self.image.write_now(req.offset, req.data)
         if not done:
-            return None
+            return Continue(lambda: self.write(req))
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply

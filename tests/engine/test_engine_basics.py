@@ -31,6 +31,45 @@ async def test_background_hydration_copies_everything_and_keeps_holes(clone):
         assert meta.map.complete and meta.header.clean
 
 
+def dst_cached(dst, offset, length):
+    """Whether all of DST's pages in the range are in the page cache."""
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(length)], offset, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thread(clone):
+    """No hop back to the event loop: the FUSE session runs it on a job thread, while DST's disk
+    is already reading it (the page-cache probe that missed started the read). Unless the kernel keeps no copy of what it reads
+    (O_DIRECT), DST's copy is dropped after it: one is enough."""
+    engine = await clone.open()
+    async with clone.running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        await engine.commit()
+        drop_cache(clone.dst)
+        for offset, kernel_keeps in ((0, True), (MiB, False)):
+            got = engine.read_now(offset, 64 * KiB, kernel_keeps=kernel_keeps)
+            assert callable(got)
+            with trio.fail_after(5):  # the disk is already reading them: the job only waits
+                while not dst_cached(clone.dst, offset, 64 * KiB):
+                    await trio.sleep(0.01)
+            assert await trio.to_thread.run_sync(got) == clone.source_bytes(offset, 64 * KiB)
+            assert dst_cached(clone.dst, offset, 64 * KiB) is not kernel_keeps
+        assert engine.read_now(MiB, 64 * KiB, kernel_keeps=True) == clone.source_bytes(MiB, 64 * KiB)
+
+
 async def test_held_hydration_starts_only_when_released(clone):
     # The daemon holds hydration until the image is mounted; user I/O works meanwhile.
     engine = await clone.open()

@@ -14,7 +14,8 @@ import trio
 
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
-from fuseclone.fuse.session import MAX_QUEUED_JOBS, MAX_WRITE, Blocking, Session, negotiate
+from fuseclone.fuse.backend import Blocking, Continue
+from fuseclone.fuse.session import MAX_QUEUED_JOBS, MAX_WRITE, Session, negotiate
 from tests.fuse.test_codec import request
 
 
@@ -29,6 +30,7 @@ class SlowFs:
         self.job_threads = set()
         self.jobs_may_finish = threading.Event()
         self.ran_on = {}  # request unique -> the thread that ran its job
+        self.reads_may_finish = threading.Event()
 
     def handlers(self):
         return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
@@ -54,15 +56,26 @@ class SlowFs:
             self.writes.append(data)
             return codec.WriteReply(len(data))
 
-        return Blocking(job) if req.offset in (1 << 20, 2 << 20, 3 << 20, 4 << 20) else None
+        if req.offset in (1 << 20, 2 << 20, 3 << 20, 4 << 20):
+            return Blocking(job)
+        return Continue(lambda: self.write(req))
 
     def read_now(self, req):
-        """Offset 4096 is answered at once, 8192 is refused at once, the rest waits."""
+        """Offset 4096 is answered at once, 8192 is refused at once, 1 MiB and up is read by a
+        parallel job (2 MiB: one that waits for `reads_may_finish`), the rest waits."""
+        if req.offset >= 1 << 20:
+            return Blocking(lambda: self.parallel_read(req), parallel=True)
         if req.offset == 4096:
             return codec.DataReply(b"q" * req.size)
         if req.offset == 8192:
             raise OSError(errno.EIO, "quick failure")
-        return None
+        return Continue(lambda: self.read(req))
+
+    def parallel_read(self, req):
+        self.ran_on[req.unique] = threading.get_ident()
+        if req.offset == 2 << 20:
+            self.reads_may_finish.wait(5)
+        return codec.DataReply(b"p" * req.size)
 
     async def getattr(self, req):
         return codec.AttrReply(codec.Attr(req.nodeid, 123, 0o100600), 1.0)
@@ -270,6 +283,47 @@ async def test_jobs_beyond_the_queue_bound_run_on_the_loop(session):
         answered = {(await kernel.reply())[0] for _ in range(MAX_QUEUED_JOBS)}
     assert answered == set(range(90, 90 + MAX_QUEUED_JOBS))
     assert threading.get_ident() not in {fs.ran_on[u] for u in answered}
+
+
+def read(kernel, offset, unique, size=10):
+    kernel.send(Opcode.READ, abi.read_in.pack(1, offset, size, 0, 0, 0, 0), unique=unique, nodeid=2)
+
+
+async def test_parallel_jobs_run_beside_the_ordered_ones_and_answer_once(session):
+    """Reads of data on disk do not wait behind a write job (nor the loop for them), and an
+    INTERRUPT of one being read changes nothing: one answer each, with the data."""
+    kernel, fs, _ = session
+    body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"w" * 5
+    kernel.send(Opcode.WRITE, body, unique=199)  # its job waits for jobs_may_finish
+    uniques = range(200, 232, 2)
+    for unique in uniques:
+        read(kernel, 1 << 20, unique)
+        kernel.send(Opcode.INTERRUPT, abi.interrupt_in.pack(unique), unique=unique + 1)
+    kernel.send(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=300)
+    with trio.fail_after(10):
+        answers = [await kernel.reply() for _ in range(len(uniques) + 1)]
+        with trio.move_on_after(0.2):  # nothing more: every request was answered once
+            extra = await kernel.reply()
+            pytest.fail(f"a second answer: {extra}")
+        fs.jobs_may_finish.set()
+        assert (await kernel.reply())[:2] == (199, 0)
+    by_unique = {unique: (error, body) for unique, error, body in answers}
+    assert by_unique.pop(300)[0] == 0  # GETATTR, read after them, did not wait for them
+    assert by_unique == {u: (0, b"p" * 10) for u in uniques}
+    assert {fs.ran_on[u] for u in uniques}.isdisjoint({threading.get_ident(), fs.ran_on[199]})
+
+
+async def test_the_session_ends_after_its_parallel_jobs(session):
+    kernel, fs, done = session
+    read(kernel, 2 << 20, 400)
+    kernel.send(Opcode.DESTROY, unique=401)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (401, 0)
+        await trio.sleep(0.1)
+        assert not done.is_set(), "the session ended with a read job still running"
+        fs.reads_may_finish.set()
+        assert await kernel.reply() == (400, 0, b"p" * 10)
+        await done.wait()
 
 
 async def test_the_session_ends_after_its_jobs(session):

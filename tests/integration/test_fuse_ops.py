@@ -681,7 +681,7 @@ class MemoryImage:
     async def read(self, offset, length):
         return bytes(self.buf[offset : offset + length])
 
-    def read_now(self, offset, length):
+    def read_now(self, offset, length, *, kernel_keeps):
         return None  # always the async path
 
     def write_now(self, offset, data):
