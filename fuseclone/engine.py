@@ -9,7 +9,9 @@ metadata file only after the destination was made durable (see `commit`).
 
 Written bits (changed-block tracking) go the other way round: a user write, discard or zeroing
 reaches DST only once the written bits of its chunks are durable in META (`_record_written`),
-so that no crash can leave user data in DST that looks like a corrupt copy of the source.
+so that no crash can leave user data in DST that looks like a corrupt copy of the source. A
+write replacing unhydrated regions whole need not wait: a commit writes written bits before
+hydrated ones, and until their hydrated bits are durable those regions are not compared.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cach
 # From this size, a write to hydrated regions is copied into the page cache by the FUSE session's
 # job thread instead: the copy then overlaps the loop's next reads of /dev/fuse.
 HANDED_OVER_WRITE_MIN = 256 << 10
+# A sequential writer's partial write into unhydrated regions hydrates this much after it too.
+WRITE_AHEAD_BYTES = 256 << 10
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
@@ -234,25 +238,41 @@ class CloneEngine:
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it."""
-        if (self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX
-                or not self.meta.written_durable(offset, len(data))):
-            return False  # too large, or its written bits must reach META first
+        if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
+            return False
         span = self.geometry.region_span(offset, len(data))
+        if not self.meta.written_durable(offset, len(data)):
+            # Its written bits must reach META first (`write` waits for them), unless it
+            # replaces unhydrated regions whole: until their hydrated bits are committed, which
+            # `_commit_once` does only after their written bits, a crash leaves them
+            # unhydrated, to be copied again. That spared a META fdatasync per 64 KiB chunk
+            # (64 KiB direct writes into a fresh clone: 3.6x the time of rewrites).
+            return self.meta.map.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
         hydrated = self.meta.map.all_hydrated(span)
         if hydrated and len(data) >= HANDED_OVER_WRITE_MIN:
             self._last_user_io = trio.current_time()
             return functools.partial(self.dst.write, offset, data)
-        # Otherwise only unhydrated regions it replaces whole, that no copy is filling: like
-        # _replace, but nothing can claim them between the write and the mark, as neither awaits.
-        if not hydrated and (self.geometry.covered_span(offset, len(data)) != span
-                             or any(r in self._claims for r in span)):
+        if hydrated:
+            self._last_user_io = trio.current_time()
+            self.dst.write(offset, data)
+            return True
+        return self._fill(offset, data, span, mark=False)
+
+    def _fill(self, offset: int, data: bytes | memoryview, span: range, *, mark: bool) -> bool:
+        """Write `data` into the regions of `span` and mark them hydrated, if it covers every
+        unhydrated one whole and no copy is filling any: like _replace, but nothing can claim
+        them between the write and the mark, as neither awaits. `mark`: mark its chunks
+        written first (in core; the next commit makes them durable before the hydrated bits)."""
+        if (self.geometry.covered_span(offset, len(data)) != span
+                or any(r in self._claims for r in span)):
             return False
         self._last_user_io = trio.current_time()
+        if mark:
+            self.meta.mark_written(offset, len(data))
         self.dst.write(offset, data)
-        if not hydrated:
-            # Marked after the data is in DST; the commit makes DST durable before the bit.
-            self.meta.set_hydrated(span)
-            self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
+        # Marked after the data is in DST; the commit makes DST durable before the bit.
+        self.meta.set_hydrated(span)
+        self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -273,8 +293,10 @@ class CloneEngine:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()
-        await self._record_written(offset, len(data))
         done = self.write_now(offset, data)
+        if done is False:
+            await self._record_written(offset, len(data))
+            done = self.write_now(offset, data)
         if done is True:
             await trio.lowlevel.checkpoint()
             return
@@ -392,13 +414,51 @@ class CloneEngine:
             if busy:
                 await self._wait_for(busy)
             elif partial:
-                # A write to part of an unhydrated region waits for its hydration, which starts
-                # now, in this task, ahead of the background hydrator.
-                for region in partial:
-                    if not self.meta.map.is_hydrated(region) and region not in self._claims:
-                        await self._copy(self._claim(range(region, region + 1)))
+                await self._hydrate_for_write(partial, span)
             else:
                 return [self._claim(run) for run in _runs_of(free)]
+
+    async def _hydrate_for_write(self, partial: list[int], span: range) -> None:
+        """A write to part of an unhydrated region waits for its hydration, which starts now,
+        in this task, ahead of the background hydrator: each run of such regions in one copy,
+        the runs side by side. A write that continues hydrated data (a sequential writer) gets
+        the unhydrated regions after it copied along, up to WRITE_AHEAD_BYTES in the same
+        source read, so that its next writes find them hydrated and need no copy of their own
+        (4000-byte writes went one source round trip and three thread hops each: 4.5 MB/s)."""
+        runs = []
+        for run in _runs_of([r for r in partial
+                             if not self.meta.map.is_hydrated(r) and r not in self._claims]):
+            if run.stop == span.stop and self._continues_hydrated(span.start):
+                ahead = run.stop + WRITE_AHEAD_BYTES // self.geometry.region_size
+                run = range(run.start, self._unhydrated_run_end(run.stop, ahead))
+            runs.append(self._claim(run))
+        failures: list[OSError] = []
+
+        async def copy(claim: _Claim) -> None:
+            try:
+                await self._copy(claim)
+            except OSError as exc:  # one error for the writer, not a group
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for claim in runs:
+                nursery.start_soon(copy, claim)
+        if failures:
+            raise failures[0]
+
+    def _continues_hydrated(self, region: int) -> bool:
+        """Whether the region before `region` holds hydrated data (or it is the first)."""
+        bits = self.meta.map
+        return bits.is_hydrated(region) or (region > 0 and bits.is_hydrated(region - 1))
+
+    def _unhydrated_run_end(self, start: int, limit: int) -> int:
+        """End of the run of unhydrated, unclaimed regions from `start`, at most `limit`."""
+        bits = self.meta.map
+        limit = min(len(bits), limit)
+        stop = start
+        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
+            stop += 1
+        return stop
 
     async def _wait_for(self, claims: set[_Claim]) -> None:
         for claim in claims:
@@ -558,6 +618,13 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
+                if batch is not None:
+                    # Written bits first: whole-region writes to unhydrated regions mark them
+                    # without waiting for META (write_now), and META must never hold such a
+                    # region's hydrated bit without its written bit. They were marked before
+                    # their regions' hydrated bits were set, so before the batch was copied.
+                    async with self._written_lock:
+                        await self._commit_written()
                 await trio.to_thread.run_sync(self._datasync_dst)
                 if batch is not None:
                     await trio.to_thread.run_sync(self.meta.write_commit, batch)  # fails itself
@@ -677,16 +744,12 @@ class CloneEngine:
 
     def _next_batch(self, cursor: int) -> _Claim | None:
         bits = self.meta.map
-        n = len(bits)
         region = bits.next_unhydrated(cursor)
         while region >= 0 and region in self._claims:
             region = bits.next_unhydrated(region + 1)
         if region < 0:
             return None
-        stop = region + 1
-        limit = min(n, region + self._batch_regions())
-        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
-            stop += 1
+        stop = self._unhydrated_run_end(region + 1, region + self._batch_regions())
         return self._claim(range(region, stop))
 
     async def _hydrate_batch(self, claim: _Claim) -> None:

@@ -88,8 +88,8 @@ async def test_held_hydration_starts_only_when_released(clone):
 async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
-        # A chunk never written waits for its written bit in META first: the async path.
-        assert not engine.write_now(8192, b"w" * 8192)
+        # Part of a region in a chunk never written waits for its written bit in META first.
+        assert not engine.write_now(8192 + 1, b"w" * 100)
         await engine._record_written(0, 1 << 20)
         # Whole regions, not hydrated: written at once and marked hydrated, no source read.
         assert engine.write_now(8192, b"w" * 8192)
@@ -352,3 +352,42 @@ async def test_flush_now_failure_is_eio_and_fail_mode(clone):
         assert raised.value.errno == errno.EIO
         assert engine.meta.failure is not None
         assert engine.flush_now() is None
+
+
+def count_copies(engine):
+    """The source reads of hydration copies, (offset, length) each, as they happen."""
+    copies = []
+    read_for_copy = engine.source.read_for_copy
+
+    async def counted(offset, length):
+        copies.append((offset, length))
+        return await read_for_copy(offset, length)
+
+    engine.source.read_for_copy = counted
+    return copies
+
+
+async def test_sequential_partial_writes_share_one_source_read(clone):
+    """A writer going on from hydrated data gets the regions after its partial write copied
+    along (WRITE_AHEAD_BYTES): 32 sequential 4000-byte writes need two copies, not 32."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    copies = count_copies(engine)
+    async with clone.running(engine):
+        for i in range(32):
+            await engine.write(i * 4000, bytes([i + 1]) * 4000)
+        assert len(copies) == 2
+        expected = b"".join(bytes([i + 1]) * 4000 for i in range(32))
+        assert await engine.read(0, 32 * 4000) == expected
+        tail = 32 * 4000
+        assert await engine.read(tail, 4096) == clone.source_bytes(tail, 4096)
+
+
+async def test_random_partial_writes_copy_only_their_regions(clone):
+    """No copy ahead for a write into unhydrated surroundings; its two partial regions are
+    one copy."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    copies = count_copies(engine)
+    async with clone.running(engine):
+        await engine.write(4096 * 40 + 4000, b"r" * 200)  # regions 40 and 41, in part
+        assert copies == [(4096 * 40, 2 * 4096)]
+        assert engine.status().hydrated_regions == 2

@@ -200,8 +200,8 @@ async def test_writers_share_written_commits_and_rewrites_are_free(clone):
         real = engine.meta.write_commit
         engine.meta.write_commit = lambda batch: (commits.append(batch), real(batch))
         async with trio.open_nursery() as nursery:
-            for i in range(20):
-                nursery.start_soon(engine.write, i * CHUNK, b"x" * 4096)
+            for i in range(20):  # partial writes: each hydrates its region, after the write-ahead
+                nursery.start_soon(engine.write, i * CHUNK + 100, b"x" * 4000)
         assert 1 <= len(commits) <= 2  # the first writer's commit, then one for the other 19
         commits.clear()
         for i in range(20):
@@ -220,7 +220,7 @@ async def test_a_written_commit_does_not_wait_for_a_hydration_commit(clone):
             nursery.start_soon(engine.commit)  # stuck in DST's fdatasync
             await trio.sleep(0.05)
             with trio.fail_after(10):
-                await engine.write(CHUNK, b"w" * 4096)
+                await engine.write(CHUNK + 100, b"w" * 4000)  # part of a region: write-ahead
             assert engine.meta.written_durable(CHUNK, 1)
             release.set()
 
@@ -271,3 +271,24 @@ async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, se
             if meta.map.is_hydrated(region) and dest[lo:hi] != source[lo:hi]:
                 assert meta.written.is_hydrated(meta.written_chunks(lo, 1)[0]), \
                     f"seed {seed}: region {region} holds user data but its chunk is not marked written"
+
+
+async def test_whole_region_writes_skip_the_write_ahead_and_commit_written_bits_first(clone):
+    """A write replacing unhydrated regions whole needs no META commit before it: until their
+    hydrated bits are committed a crash leaves them unhydrated, and a commit writes their
+    written bits first, then syncs DST, then writes the hydrated bits."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        order = []
+        real_commit, real_sync = engine.meta.write_commit, engine.dst.datasync
+        engine.meta.write_commit = lambda batch: (
+            order.append(("meta", engine.meta.written_durable(0, 8192))), real_commit(batch))
+        engine.dst.datasync = lambda: (
+            order.append(("dst", engine.meta.written_durable(0, 8192))), real_sync())
+        assert engine.write_now(0, b"w" * 8192) is True
+        assert order == [] and not engine.meta.written_durable(0, 8192)
+        assert not engine.write_now(3 * 4096 + 1, b"p" * 100)  # a partial one waits for META
+        await engine.commit()
+        assert order == [("meta", False), ("dst", True), ("meta", True)]
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.written_extents == [(0, CHUNK)] and meta.map.is_hydrated(1)
