@@ -331,8 +331,9 @@ class CloneEngine:
     def flush_now(self) -> Callable[[], None] | None:
         """The flush as one blocking fdatasync of DST, for any thread, when there is nothing
         else to commit: every hydrated bit is already durable in META (none changed, no commit
-        under way that holds bits it has not written yet), and written bits always are before
-        their data. Else None (then `flush` is the way). A thread that answers the FSYNC
+        under way that holds bits it has not written yet), and so is every written bit (written
+        ahead of their data, or, for whole-region writes, committed with their hydrated bits,
+        which are then dirty). Else None (then `flush` is the way). A thread that answers the FSYNC
         itself saves the hop back to the event loop: the kernel holds the image's inode lock
         for the whole FSYNC, so every write of a database waits for it."""
         if (self.meta.mode is not MetadataMode.RW or self.meta.dirty
