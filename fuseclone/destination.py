@@ -15,6 +15,7 @@ import threading
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, pread_exact, pwrite_all)
 from .errors import DestinationError, DestinationInUseError
+from .libc import libc
 
 _ZEROS = bytes(1 << 20)
 DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
@@ -251,13 +252,13 @@ def _create_sparse(path: str, size: int) -> int:
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _LIBC.fallocate(fd, mode, offset, length) != 0:
+    if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
-    if _LIBC.sync_file_range(fd, offset, length, flags) != 0:
+    if libc.sync_file_range(fd, offset, length, flags) != 0:
         err = ctypes.get_errno()
         if err not in (errno.ESPIPE, errno.EINVAL, errno.ENOSYS):  # not for this file: no-op
             raise OSError(err, os.strerror(err))
@@ -268,7 +269,3 @@ SYNC_FILE_RANGE_WRITE = 2
 SYNC_FILE_RANGE_WAIT_AFTER = 4
 SYNC_FILE_RANGE_WAIT_ALL = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
 
-# libc through the process's own symbols: find_library("c") would run ldconfig at every start.
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

@@ -20,6 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..errors import FusecloneError
+from ..libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,6 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 
-# libc through the process's own symbols: find_library("c") would run ldconfig at every start.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 PR_SET_IO_FLUSHER = 57
 
 
@@ -69,7 +65,7 @@ def _mount_as_root(mountpoint: str, fsname: str, allow_other: bool) -> int:
         options.append("allow_other")
     data = ",".join(options).encode()
     source = fsname.encode()
-    if _libc.mount(source, mountpoint.encode(), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
+    if libc.mount(source, mountpoint.encode(), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
         err = ctypes.get_errno()
         os.close(fd)
         raise MountError(f"mount of {mountpoint} failed: {os.strerror(err)}")
@@ -116,7 +112,7 @@ def unmount(mountpoint: str, *, lazy: bool = False, use_fusermount: bool | None 
     if use_fusermount:
         _unmount_with_fusermount(mountpoint, lazy)
         return
-    if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+    if libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unmount of {mountpoint}: {os.strerror(err)}")
 
@@ -231,7 +227,7 @@ def become_io_flusher() -> bool:
     pages: the kernel then throttles its own writes only against DST's device, never against
     the image's dirty pages that only it can clean, and keeps its allocations out of I/O
     reclaim. Needs CAP_SYS_RESOURCE; returns whether it took."""
-    if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
         return True
     log.info("not an I/O flusher (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE: %s): with the "
              "write cache, DST writes may be throttled behind the image's own dirty pages",
