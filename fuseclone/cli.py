@@ -233,15 +233,29 @@ def refuse_another_users_mount(target: str) -> None:
     if os.geteuid() == 0:
         return
     mounts = fuse_mounts()
-    real = resolve_outside_mounts(target, {mount.mountpoint for mount in mounts})
+    mountpoints = {mount.mountpoint for mount in mounts}
+    real = resolve_outside_mounts(target, mountpoints)
+    # A META is known by its identity (any name of it: a hard link too); a mountpoint by the
+    # mount table alone, since a stat of it would wait for its daemon.
+    target_file = None if real in mountpoints else _file_identity(real)
     for mount in mounts:
         if not mount.source.startswith(control.FSNAME_PREFIX) or mount.uid in (None, os.geteuid()):
             continue
         meta = mount.source[len(control.FSNAME_PREFIX):]
-        if real in (mount.mountpoint, os.path.realpath(meta)):
+        if real == mount.mountpoint or (target_file is not None
+                                        and target_file == _file_identity(meta)):
             who = "root" if mount.uid == 0 else f"its user, uid {mount.uid}"
             raise FusecloneError(f"permission denied: the mount of {meta} belongs to another "
                                  f"user (run as {who})")
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of PATH, or None when it cannot be seen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def read_status(target: str) -> Status:

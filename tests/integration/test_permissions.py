@@ -250,7 +250,9 @@ def test_a_user_gets_one_line_for_roots_mount(public_rig, nobody_home, runtime_d
     env = nobody_env(nobody_home / "run") if runtime_dir == "its own" else None
     if env is None:
         env = dict(os.environ, XDG_RUNTIME_DIR=str(nobody_home / "run"))
-    for target in (rig.mnt, rig.meta):
+    linked_meta = rig.meta + ".link"  # another name of META: found by identity, not by path
+    os.link(rig.meta, linked_meta)
+    for target in (rig.mnt, rig.meta, linked_meta):
         for command in (["status"], ["status", "--json"], ["message", "disable_hydration"],
                         ["wait", "--timeout", "1"]):
             r = fuseclone_as_nobody(nobody_home, command[0], target, *command[1:], env=env)
