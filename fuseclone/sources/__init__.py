@@ -14,18 +14,10 @@ __all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
 @contextlib.asynccontextmanager
 async def open_source(spec: str) -> AsyncIterator[Source]:
     """Open the source a user named (a path, nbd://, nbd+unix:// or http(s):// URL) for the
-    duration of the block; its connections and background tasks end with the block."""
-    opener = _opener(spec)
-    opened = opener(spec)
-    if hasattr(opened, "__aenter__"):  # sources that own tasks are async context managers
-        async with opened as source:
-            yield source
-        return
-    source = await opened
-    try:
+    duration of the block; its connections and background tasks end with the block. Every
+    kind opens the same way: an async context manager that owns what the source holds."""
+    async with _opener(spec)(spec) as source:
         yield source
-    finally:
-        await source.aclose()
 
 
 def _scheme(spec: str) -> str:
@@ -41,9 +33,9 @@ def is_remote(spec: str) -> bool:
 def _opener(spec: str):
     scheme = _scheme(spec)
     if scheme == "":
-        from .local import LocalSource
+        from .local import open_local_source
 
-        return LocalSource.open
+        return open_local_source
     if scheme in ("nbd", "nbd+unix"):
         from .nbd import open_nbd_source
 

@@ -8,7 +8,7 @@ import sys
 MOUNT_OF_A_FILE = ("fuseclone.cli", "fuseclone.daemon", "fuseclone.fuse.session",
                    "fuseclone.fuse.fs", "fuseclone.sources.local")
 NOT_NEEDED = ("httpx", "h11", "fuseclone.sources.http", "fuseclone.sources.nbd",
-              "fuseclone.sources.nbdproto", "rich", "fuseclone.demo", "fuseclone.checker")
+              "fuseclone.sources.nbd.wire", "rich", "fuseclone.demo", "fuseclone.checker")
 
 
 def test_a_local_mount_imports_no_remote_source_client():
