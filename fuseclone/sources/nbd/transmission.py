@@ -30,35 +30,6 @@ from .wire import (
 
 
 @dataclass(frozen=True, slots=True)
-class SimpleReply:
-    """A simple reply. For a successful read, its data is already in the request's buffer."""
-
-    cookie: int
-    error: int
-    done: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class OffsetData:
-    """NBD_REPLY_TYPE_OFFSET_DATA: `length` bytes at export `offset` are in the read's buffer."""
-
-    cookie: int
-    offset: int
-    length: int
-    done: bool
-
-
-@dataclass(frozen=True, slots=True)
-class OffsetHole:
-    """NBD_REPLY_TYPE_OFFSET_HOLE: `length` bytes at `offset` read as zeros (zeroed in the buffer)."""
-
-    cookie: int
-    offset: int
-    length: int
-    done: bool
-
-
-@dataclass(frozen=True, slots=True)
 class BlockStatus:
     """NBD_REPLY_TYPE_BLOCK_STATUS: consecutive (length, flags) descriptors from the request's
     offset, for one metadata context; clipped to the requested range."""
@@ -66,31 +37,13 @@ class BlockStatus:
     cookie: int
     context_id: int
     descriptors: tuple[tuple[int, int], ...]
-    done: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorChunk:
-    """NBD_REPLY_TYPE_ERROR / _ERROR_OFFSET (offset set) or an unknown error chunk type."""
-
-    cookie: int
-    error: int
-    message: str
-    offset: int | None
-    done: bool
-
-
-@dataclass(frozen=True, slots=True)
-class NoneChunk:
-    """NBD_REPLY_TYPE_NONE: the final chunk, no payload."""
-
-    cookie: int
-    done: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyDone:
-    """The request is complete: no more replies for this cookie. `error` 0 means success."""
+    """The request is complete: no more replies for this cookie. `error` 0 means success; else
+    it is the first error the server sent for it (or EIO for a read it did not cover), and
+    `message` says what the server said."""
 
     cookie: int
     command: int
@@ -98,7 +51,9 @@ class ReplyDone:
     message: str
 
 
-Event = Union[SimpleReply, OffsetData, OffsetHole, BlockStatus, ErrorChunk, NoneChunk, ReplyDone]
+#: The events the transport acts on. Read data and holes go straight into the read's buffer,
+#: and error chunks are recorded on the request, so neither needs an event of its own.
+Event = Union[BlockStatus, ReplyDone]
 
 
 class _Pending:
@@ -288,7 +243,7 @@ class Transmission:
                                             f"[{pending.offset}, +{pending.length})")
                     self._start = start + STRUCTURED.size + 8
                     self._payload(events, pending.view[rel:rel + count],
-                                  (pending, flags, offset, count))
+                                  (pending, flags, count))
                     continue
                 if length > MAX_CHUNK_PAYLOAD:
                     raise ProtocolError(f"reply chunk of {length} bytes is too long")
@@ -311,9 +266,8 @@ class Transmission:
                 if pending.command == CMD_READ and self.structured:
                     raise ProtocolError("simple reply to NBD_CMD_READ after structured replies were negotiated")
                 if pending.command == CMD_READ and error == 0:
-                    self._payload(events, pending.view, (pending, None, pending.offset, pending.length))
+                    self._payload(events, pending.view, (pending, None, pending.length))
                     continue
-                events.append(SimpleReply(cookie, error))
                 self._complete(events, pending, error, "")
             else:
                 raise ProtocolError(f"bad reply magic 0x{magic:08x}")
@@ -336,15 +290,11 @@ class Transmission:
             self._direct_then = then
 
     def _payload_done(self, events: list[Event], pending: _Pending, flags: int | None,
-                      offset: int, count: int) -> None:
+                      count: int) -> None:
         pending.covered += count
         if flags is None:  # simple reply
-            events.append(SimpleReply(pending.cookie, 0))
             self._complete(events, pending, 0, "")
-            return
-        done = bool(flags & REPLY_FLAG_DONE)
-        events.append(OffsetData(pending.cookie, offset, count, done))
-        if done:
+        elif flags & REPLY_FLAG_DONE:
             self._complete(events, pending)
 
     def _chunk(self, events: list[Event], pending: _Pending, flags: int, kind: int, payload: bytes) -> None:
@@ -353,7 +303,6 @@ class Transmission:
         if kind == REPLY_TYPE_NONE:
             if payload or not done:
                 raise ProtocolError("NBD_REPLY_TYPE_NONE with a payload or without the DONE flag")
-            events.append(NoneChunk(cookie))
         elif kind == REPLY_TYPE_OFFSET_HOLE:
             if pending.command != CMD_READ or len(payload) != 12:
                 raise ProtocolError("malformed or unexpected NBD_REPLY_TYPE_OFFSET_HOLE")
@@ -364,7 +313,6 @@ class Transmission:
                                     f"[{pending.offset}, +{pending.length})")
             pending.view[rel:rel + count] = bytes(count)
             pending.covered += count
-            events.append(OffsetHole(cookie, offset, count, done))
         elif kind == REPLY_TYPE_OFFSET_DATA:
             raise ProtocolError(f"data chunk in reply to {COMMAND_NAMES.get(pending.command)}")
         elif kind == REPLY_TYPE_BLOCK_STATUS:
@@ -385,7 +333,7 @@ class Transmission:
                 count = min(count, left)  # a final extent may run past the request: clip it
                 descriptors.append((count, values[i + 1]))
                 left -= count
-            events.append(BlockStatus(cookie, context, tuple(descriptors), done))
+            events.append(BlockStatus(cookie, context, tuple(descriptors)))
         elif kind & REPLY_TYPE_ERROR_BIT:
             if len(payload) < 6:
                 raise ProtocolError(f"error chunk of {len(payload)} bytes")
@@ -393,17 +341,16 @@ class Transmission:
             if 6 + mlen > len(payload):
                 raise ProtocolError("error chunk message longer than the chunk")
             message = payload[6:6 + mlen].decode("utf-8", "replace")
-            offset = None
             if kind == REPLY_TYPE_ERROR_OFFSET:
                 if len(payload) != 6 + mlen + 8:
                     raise ProtocolError("malformed NBD_REPLY_TYPE_ERROR_OFFSET")
                 offset = U64.unpack_from(payload, 6 + mlen)[0]
+                message = f"{message} (at offset {offset})" if message else f"at offset {offset}"
             elif kind != REPLY_TYPE_ERROR and not message:
                 message = f"unknown error chunk type 0x{kind:04x}"
             error = error or EIO  # "MUST be nonzero": a zero error is still an error
-            if not pending.error:
+            if not pending.error:  # the first failure is the one the request reports
                 pending.error, pending.message = error, message
-            events.append(ErrorChunk(cookie, error, message, offset, done))
         else:
             raise ProtocolError(f"unknown structured reply type {kind}")
         if done:
