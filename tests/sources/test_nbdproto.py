@@ -205,12 +205,43 @@ def test_go_errors_are_one_clear_line(reply, words):
 def test_tls_required_and_shutdown_stop_at_once():
     hs = Handshake("")
     hs.receive_data(greeting())
-    with pytest.raises(p.HandshakeError, match="requires TLS"):
+    with pytest.raises(p.HandshakeError, match="requires TLS .*nbds://"):
         hs.receive_data(opt_reply(p.OPT_STRUCTURED_REPLY, p.REP_ERR_TLS_REQD))
     hs = Handshake("")
     hs.receive_data(greeting())
     with pytest.raises(p.HandshakeError, match="shutting down"):
         hs.receive_data(opt_reply(p.OPT_STRUCTURED_REPLY, p.REP_ERR_SHUTDOWN))
+
+
+def test_starttls_comes_first_and_the_rest_waits_for_tls():
+    hs = Handshake("disk", tls=True)
+    hs.receive_data(greeting())
+    out = hs.data_to_send()
+    option, payload, end = client_option(out, 4)
+    assert (option, payload, end) == (p.OPT_STARTTLS, b"", len(out))  # nothing else in the clear
+    hs.receive_data(opt_reply(p.OPT_STARTTLS, p.REP_ACK))
+    assert hs.wants_tls and hs.data_to_send() == b""
+    hs.tls_started()
+    option, _, _ = client_option(hs.data_to_send())
+    assert option == p.OPT_STRUCTURED_REPLY and not hs.wants_tls
+    hs.receive_data(opt_reply(p.OPT_STRUCTURED_REPLY, p.REP_ACK))
+    assert client_option(hs.data_to_send())[0] == p.OPT_SET_META_CONTEXT
+
+
+@pytest.mark.parametrize("reply", [p.REP_ERR_UNSUP, p.REP_ERR_POLICY, p.REP_ERR_INVALID])
+def test_starttls_refused_is_fatal(reply):
+    hs = Handshake("disk", tls=True)
+    hs.receive_data(greeting())
+    with pytest.raises(p.HandshakeError, match="does not offer TLS") as info:
+        hs.receive_data(opt_reply(p.OPT_STARTTLS, reply, b"no certificates"))
+    assert "no certificates" in str(info.value)
+
+
+def test_data_in_the_clear_after_starttls_is_refused():
+    hs = Handshake("disk", tls=True)
+    hs.receive_data(greeting())
+    with pytest.raises(p.ProtocolError, match="before TLS"):
+        hs.receive_data(opt_reply(p.OPT_STARTTLS, p.REP_ACK) + b"\x16\x03")
 
 
 def test_server_without_structured_replies_skips_meta_context():

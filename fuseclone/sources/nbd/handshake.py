@@ -7,24 +7,46 @@ style of h11): bytes go in, bytes and at the end an `ExportInfo` come out.
         hs.receive_data(recv())          # b"" means the server closed the connection
     info = hs.info
 
-Greeting, client flags, then the options NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT
-("base:allocation") and NBD_OPT_GO (asking for NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE), falling
-back to NBD_OPT_EXPORT_NAME for servers without NBD_OPT_GO.
+Greeting, client flags, then the options of OPTION_ORDER: NBD_OPT_STARTTLS (for nbds://),
+NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT ("base:allocation") and NBD_OPT_GO (asking for
+NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE), falling back to NBD_OPT_EXPORT_NAME for servers
+without NBD_OPT_GO. After the server's NBD_REP_ACK to NBD_OPT_STARTTLS, `wants_tls` turns true:
+the caller runs the TLS handshake on the connection, calls `tls_started()`, and the rest of the
+negotiation travels inside TLS.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 from .wire import (
     EXPORT, GREETING, OPTION_REPLY, U16, U32, U64, BLOCK_SIZES, CLISERV_MAGIC,
     CONTEXT_BASE_ALLOCATION, DEFAULT_MAX_BLOCK, DEFAULT_PREFERRED_BLOCK, FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
-    MAX_OPTION_REPLY, MAX_STRING, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT,
+    MAX_OPTION_REPLY, MAX_STRING, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS,
     OPT_STRUCTURED_REPLY, OPTION_NAMES, OPTION_REPLY_MAGIC, REP_ACK, REP_ERR_BIT,
     REP_ERR_BLOCK_SIZE_REQD, REP_ERR_POLICY, REP_ERR_SHUTDOWN, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN,
     REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, REPLY_NAMES, ExportInfo, HandshakeError, NBDError,
     ProtocolError, option_message, string_field,
 )
 
+
+
+class _Step(NamedTuple):
+    option: int
+    sent_when: Callable[[Handshake], bool]  # asked when the previous option's reply is in
+
+
+#: The options this client sends, in this order, each only when `sent_when` holds. STARTTLS
+#: comes first: nothing but the greeting may travel in the clear. NBD_OPT_SET_META_CONTEXT
+#: needs structured replies, so it waits for NBD_OPT_STRUCTURED_REPLY's answer. NBD_OPT_GO
+#: ends the negotiation.
+OPTION_ORDER: tuple[_Step, ...] = (
+    _Step(OPT_STARTTLS, lambda hs: hs.tls),
+    _Step(OPT_STRUCTURED_REPLY, lambda hs: hs._want_structured),
+    _Step(OPT_SET_META_CONTEXT, lambda hs: hs._structured and bool(hs._want_contexts)),
+    _Step(OPT_GO, lambda hs: True),
+)
 
 
 class Handshake:
@@ -35,11 +57,12 @@ class Handshake:
     `info` then describes the export. Refusals raise HandshakeError, garbage ProtocolError.
     """
 
-    GREETING, OPTIONS, EXPORT_NAME, DONE, FAILED = "greeting", "options", "export-name", "done", "failed"
+    GREETING, OPTIONS, STARTTLS, EXPORT_NAME, DONE, FAILED = (
+        "greeting", "options", "starttls", "export-name", "done", "failed")
 
     def __init__(self, export_name: str = "", *, structured_replies: bool = True,
                  meta_contexts: tuple[str, ...] = (CONTEXT_BASE_ALLOCATION,),
-                 request_block_size: bool = True) -> None:
+                 request_block_size: bool = True, tls: bool = False) -> None:
         self.export_name = export_name
         self._name = export_name.encode("utf-8")
         if len(self._name) > MAX_STRING:
@@ -47,11 +70,11 @@ class Handshake:
         self._want_structured = structured_replies
         self._want_contexts = tuple(meta_contexts)
         self._want_block_size = request_block_size
+        self.tls = tls  # NBD_OPT_STARTTLS before anything else; refused means failed
         self.state = self.GREETING
         self._buf = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._plan: list[int] = []
         self.option: int | None = None  # the option whose reply we wait for
         self._no_zeroes = False
         self._structured = False
@@ -64,6 +87,18 @@ class Handshake:
     @property
     def done(self) -> bool:
         return self.state == self.DONE
+
+    @property
+    def wants_tls(self) -> bool:
+        """The server accepted NBD_OPT_STARTTLS: run the TLS handshake, then `tls_started()`."""
+        return self.state == self.STARTTLS
+
+    def tls_started(self) -> None:
+        """TLS is up: the negotiation goes on inside it."""
+        if self.state != self.STARTTLS:
+            raise ProtocolError("tls_started() without an accepted NBD_OPT_STARTTLS")
+        self.state = self.OPTIONS
+        self._send_next_option()
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -90,7 +125,7 @@ class Handshake:
     # -- internals ------------------------------------------------------------------------------
 
     def _advance(self) -> None:
-        while self.state != self.DONE:
+        while self.state not in (self.DONE, self.STARTTLS):
             if self.state == self.GREETING:
                 if not self._greeting():
                     break
@@ -100,7 +135,7 @@ class Handshake:
             elif self.state == self.EXPORT_NAME:
                 if not self._export_name_reply():
                     break
-        if self._eof and self.state != self.DONE:
+        if self._eof and self.state not in (self.DONE, self.STARTTLS):
             if self.state == self.GREETING:
                 got = bytes(self._buf[:16])
                 raise ProtocolError("the server closed the connection before a complete NBD greeting"
@@ -130,17 +165,17 @@ class Handshake:
             raise HandshakeError("the server does not support the fixed newstyle handshake")
         self._no_zeroes = bool(hflags & FLAG_NO_ZEROES)
         self._out += U32.pack(FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self._no_zeroes else 0))
-        if self._want_structured:
-            self._plan.append(OPT_STRUCTURED_REPLY)
-        self._plan.append(OPT_GO)  # NBD_OPT_SET_META_CONTEXT goes in once structured replies are on
         self.state = self.OPTIONS
         self._send_next_option()
         return True
 
     def _send_next_option(self) -> None:
-        option = self._plan.pop(0)
+        """The first option of OPTION_ORDER after the current one that is to be sent."""
+        options = [step.option for step in OPTION_ORDER]
+        after = options.index(self.option) + 1 if self.option in options else 0
+        option = next(step.option for step in OPTION_ORDER[after:] if step.sent_when(self))
         self.option = option
-        if option == OPT_STRUCTURED_REPLY:
+        if option in (OPT_STARTTLS, OPT_STRUCTURED_REPLY):
             self._out += option_message(option)
         elif option == OPT_SET_META_CONTEXT:
             queries = [q.encode("utf-8") for q in self._want_contexts]
@@ -150,7 +185,7 @@ class Handshake:
             infos = [INFO_EXPORT] + ([INFO_BLOCK_SIZE] if self._want_block_size else [])
             payload = string_field(self._name) + U16.pack(len(infos)) + b"".join(U16.pack(i) for i in infos)
             self._out += option_message(option, payload)
-        else:  # pragma: no cover - the plan only holds the options above
+        else:  # pragma: no cover - OPTION_ORDER only holds the options above
             raise AssertionError(option)
 
     def _option_reply(self) -> bool:
@@ -171,12 +206,17 @@ class Handshake:
         del buf[:OPTION_REPLY.size + length]
         if reply & REP_ERR_BIT:
             self._option_error(reply, payload.decode("utf-8", "replace").strip())
+        elif self.option == OPT_STARTTLS:
+            if reply != REP_ACK or payload:
+                raise ProtocolError(f"unexpected {REPLY_NAMES.get(reply, reply)} to NBD_OPT_STARTTLS")
+            if buf:
+                raise ProtocolError("the server sent data after accepting NBD_OPT_STARTTLS, before TLS")
+            self.state = self.STARTTLS
+            return False
         elif self.option == OPT_STRUCTURED_REPLY:
             if reply != REP_ACK:
                 raise ProtocolError(f"unexpected {REPLY_NAMES.get(reply, reply)} to NBD_OPT_STRUCTURED_REPLY")
             self._structured = True
-            if self._want_contexts:
-                self._plan.insert(0, OPT_SET_META_CONTEXT)
             self._send_next_option()
         elif self.option == OPT_SET_META_CONTEXT:
             if reply == REP_META_CONTEXT:
@@ -221,11 +261,14 @@ class Handshake:
         said = f" (server: {message})" if message else ""
         option = self.option
         if reply == REP_ERR_TLS_REQD:
-            raise HandshakeError("the server requires TLS, which fuseclone does not support" + said, reply)
+            raise HandshakeError("the server requires TLS (connect with nbds:// or nbds+unix://)"
+                                 + said, reply)
         if reply == REP_ERR_SHUTDOWN:
             raise HandshakeError("the server is shutting down" + said, reply)
+        if option == OPT_STARTTLS:  # asked for TLS, so never go on without it
+            raise HandshakeError("the server does not offer TLS (it answered NBD_OPT_STARTTLS with "
+                                 f"{REPLY_NAMES.get(reply, f'error 0x{reply:08x}')})" + said, reply)
         if option == OPT_STRUCTURED_REPLY:  # an old server: simple replies, no block status
-            self._plan = [o for o in self._plan if o != OPT_SET_META_CONTEXT]
             self._send_next_option()
         elif option == OPT_SET_META_CONTEXT:  # no block status; reads still work
             self._contexts.clear()
