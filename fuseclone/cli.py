@@ -95,7 +95,7 @@ def main() -> None:
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
           allow_other, name, foreground, on_complete, log_file, log_level) -> None:
-    """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
+    """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
 

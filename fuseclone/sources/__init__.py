@@ -13,7 +13,7 @@ __all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
 
 @contextlib.asynccontextmanager
 async def open_source(spec: str) -> AsyncIterator[Source]:
-    """Open the source a user named (a path, nbd://, nbd+unix:// or http(s):// URL) for the
+    """Open the source a user named (a path, nbd[s]://, nbd[s]+unix:// or http(s):// URL) for the
     duration of the block; its connections and background tasks end with the block. Every
     kind opens the same way: an async context manager that owns what the source holds."""
     async with _opener(spec)(spec) as source:
@@ -36,7 +36,7 @@ def _opener(spec: str):
         from .local import open_local_source
 
         return open_local_source
-    if scheme in ("nbd", "nbd+unix"):
+    if scheme in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
         from .nbd import open_nbd_source
 
         return open_nbd_source
@@ -45,4 +45,4 @@ def _opener(spec: str):
 
         return open_http_source
     raise SourceError(f"unknown source URL scheme {scheme!r} in {spec!r} "
-                      "(use a path, nbd://, nbd+unix://, http:// or https://)")
+                      "(use a path, nbd://, nbd+unix://, nbds://, nbds+unix://, http:// or https://)")

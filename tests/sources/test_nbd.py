@@ -78,12 +78,31 @@ def test_url_forms():
     assert parse_nbd_url("nbd+unix:///?socket=rel.sock").socket_path == os.path.abspath("rel.sock")
 
 
+def test_tls_urls_parse_like_libnbd():
+    a = parse_nbd_url("nbds://localhost/disk?tls-certificates=certs")
+    assert (a.tls, a.host, a.port, a.export) == (True, "localhost", 10809, "disk")
+    assert a.tls_certificates == os.path.abspath("certs")
+    assert a.canonical == "nbds://localhost:10809/disk"  # no certificate paths in the identity
+    a = parse_nbd_url("nbds+unix:///disk?socket=/run/nbd.sock")
+    assert (a.tls, a.socket_path, a.tls_certificates) == (True, "/run/nbd.sock", None)
+    assert not parse_nbd_url("nbd://localhost/").tls
+
+
+def test_tls_is_how_an_export_is_reached_not_which_it_is():
+    plain = {"kind": "nbd", "url": "nbd://h:10809/x", "export": "x", "size": 1, "host": "h", "port": 10809}
+    tls = dict(plain, url="nbds://h:10809/x")
+    assert same_nbd_export(plain, tls)
+    assert not same_nbd_export(plain, dict(tls, port=10810))
+
+
 @pytest.mark.parametrize("url, words", [
     ("nbd+unix:///exp", "?socket=PATH"),
     ("nbd+unix://host/exp?socket=/s", "takes no host"),
     ("nbd:///exp", "needs a host"),
     ("nbd://host:notaport/", "not a valid NBD URL"),
-    ("nbds://host/", "not an NBD URL"),
+    ("nbdx://host/", "not an NBD URL"),
+    ("nbd://host/?tls-certificates=/etc/pki", "needs TLS"),
+    ("nbds+unix:///exp", "?socket=PATH"),
 ])
 def test_bad_urls_are_source_errors(url, words):
     with pytest.raises(SourceError) as info:

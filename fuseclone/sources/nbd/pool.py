@@ -5,6 +5,10 @@ Several connections when the server advertises NBD_FLAG_CAN_MULTI_CONN, else one
 the least loaded. A dropped pool is re-dialled by the next request, with exponential backoff
 between failed attempts; a request during an outage fails after at most one connection attempt
 instead of hanging. The readers run in the nursery the source's opener owns.
+
+Inside TLS (nbds://) a connection's bytes go through trio's SSLStream: its reader receives
+decrypted bytes and the codec copies them into the read's buffer (one copy more than the
+plain socket's `recv_into` straight into it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING, Callable
 
 import trio
@@ -22,6 +27,7 @@ from ...errors import SourceError
 from ..base import SourceReadError
 from . import wire
 from .handshake import Handshake
+from .tls import TlsClient, describe_failure, tls_client
 from .transmission import BlockStatus, ReplyDone, Transmission
 
 if TYPE_CHECKING:
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 1.0  # seconds a close waits for replies already asked for
 DRAIN_POLL = 0.005
+DISCONNECT_TIMEOUT = 1.0  # seconds NBD_CMD_DISC may take to go out through TLS
+TLS_RECEIVE_SIZE = 256 * 1024
 
 
 class Request:
@@ -49,9 +57,10 @@ class Connection:
     """One socket in the transmission phase, its codec and the requests waiting on it."""
 
     def __init__(self, sock: socket.socket, info: wire.ExportInfo, codec: Transmission,
-                 number: int, url: str) -> None:
+                 number: int, url: str, tls: trio.SSLStream | None = None) -> None:
         self.url = url
         self.sock = sock
+        self.tls = tls  # the TLS stream over sock, for nbds://
         self.info = info
         self.codec = codec
         self.number = number
@@ -68,7 +77,7 @@ class Connection:
         """Send one whole message; messages from concurrent callers never interleave."""
         if not self.alive:
             raise SourceReadError(errno.ECONNRESET, f"{self.url}: connection lost: {self.reason}")
-        if not self._slow_senders:
+        if self.tls is None and not self._slow_senders:
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -87,7 +96,9 @@ class Connection:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + timeout
                 async with self._send_lock:
-                    view = memoryview(data)
+                    if self.tls is not None:
+                        await self._send_tls(data)
+                    view = memoryview(data if self.tls is None else b"")
                     while view and self.alive:
                         await trio.lowlevel.wait_writable(self.sock)
                         try:
@@ -106,6 +117,26 @@ class Connection:
             self._slow_senders -= 1
         if not self.alive:
             raise SourceReadError(errno.ECONNRESET, f"{self.url}: connection lost: {self.reason}")
+
+    async def _send_tls(self, data: bytes) -> None:
+        try:
+            await self.tls.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.kill(self.reason or describe_failure(exc))
+
+    async def disconnect(self, reason: str) -> None:
+        """NBD_CMD_DISC, best effort and never waiting long, then close."""
+        if not self.alive:
+            return
+        message = self.codec.disconnect()
+        if self.tls is None:
+            with contextlib.suppress(OSError):
+                self.sock.send(message)  # never blocks
+        else:
+            with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
+                async with self._send_lock:
+                    await self._send_tls(message)
+        self.kill(reason)
 
     def kill(self, reason: str) -> None:
         """Close the socket; every request waiting on it fails with SourceReadError."""
@@ -133,6 +164,8 @@ class ConnectionPool:
     def __init__(self, address: NbdAddress, options: NbdOptions) -> None:
         self.address = address
         self.options = options
+        self._tls: TlsClient | None = (
+            tls_client(address.url, address.host, address.tls_certificates) if address.tls else None)
         self._info: wire.ExportInfo | None = None
         self._conns: list[Connection] = []
         self._target = 1
@@ -170,12 +203,7 @@ class ConnectionPool:
         self._closed = True
         await self._await_replies()
         for conn in self._conns:
-            if conn.alive:
-                try:
-                    conn.sock.send(conn.codec.disconnect())  # best effort, never blocks
-                except OSError:
-                    pass
-                conn.kill("source closed")
+            await conn.disconnect("source closed")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -262,9 +290,7 @@ class ConnectionPool:
             log.debug("%s: extra connection failed: %s", self.address.url, exc.strerror)
             return
         if self._closed:
-            with contextlib.suppress(OSError):
-                conn.sock.send(conn.codec.disconnect())
-            conn.sock.close()
+            await conn.disconnect("source closed")
             return
         self._attempt_succeeded()
         self._adopt(conn)
@@ -284,7 +310,7 @@ class ConnectionPool:
         assert self._nursery is not None
         self._conns = [c for c in self._conns if c.alive]
         self._conns.append(conn)
-        self._nursery.start_soon(self._reader, conn)
+        self._nursery.start_soon(self._reader if conn.tls is None else self._tls_reader, conn)
 
     # ---- dialling -------------------------------------------------------------------------
 
@@ -303,7 +329,7 @@ class ConnectionPool:
         try:
             with trio.fail_after(timeout):
                 sock = await self._connect_socket()
-                info, leftover = await self._handshake(sock)
+                info, leftover, tls = await self._handshake(sock)
         except trio.TooSlowError:
             if sock is not None:
                 sock.close()
@@ -313,6 +339,9 @@ class ConnectionPool:
         except wire.NBDError as exc:
             sock.close()
             raise SourceReadError(errno.EPROTO, str(exc)) from None
+        except trio.BrokenResourceError as exc:  # inside TLS, or TLS itself failed
+            sock.close()
+            raise SourceReadError(errno.EPROTO, describe_failure(exc)) from None
         except OSError as exc:
             if sock is not None:
                 sock.close()
@@ -331,7 +360,7 @@ class ConnectionPool:
         if leftover:
             codec.receive_data(leftover)  # unexpected, but parsed like any reply (and refused)
         self._numbers += 1
-        return Connection(sock, info, codec, self._numbers, self.address.url)
+        return Connection(sock, info, codec, self._numbers, self.address.url, tls)
 
     async def _connect_socket(self) -> socket.socket:
         a = self.address
@@ -361,22 +390,48 @@ class ConnectionPool:
             return sock
         raise last or OSError(errno.EHOSTUNREACH, "no address")
 
-    async def _handshake(self, sock: socket.socket) -> tuple[wire.ExportInfo, bytes]:
+    async def _handshake(self, sock: socket.socket
+                         ) -> tuple[wire.ExportInfo, bytes, trio.SSLStream | None]:
+        """The NBD handshake; with TLS, the TLS stream it continued in."""
         hs = Handshake(self.address.export, structured_replies=True,
-                             meta_contexts=(wire.CONTEXT_BASE_ALLOCATION,) if self.options.block_status else ())
+                       meta_contexts=(wire.CONTEXT_BASE_ALLOCATION,) if self.options.block_status else (),
+                       tls=self._tls is not None)
         tsock = trio.socket.from_stdlib_socket(sock)
-        while not hs.done:
-            out = hs.data_to_send()
+        tls: trio.SSLStream | None = None
+
+        async def send_plain(out: bytes) -> None:
             while out:
                 sent = await tsock.send(out)
                 out = out[sent:]
+
+        send, receive = send_plain, tsock.recv
+        answered_inside_tls = False
+        while not hs.done:
             try:
-                data = await tsock.recv(65536)
+                await send(hs.data_to_send())
+                if hs.wants_tls:
+                    assert self._tls is not None
+                    tls = self._tls.wrap(trio.SocketStream(tsock))
+                    await tls.do_handshake()
+                    send, receive = tls.send_all, tls.receive_some
+                    hs.tls_started()
+                    continue
+                data = await receive(65536)
             except ConnectionResetError:
                 data = b""
+            except trio.BrokenResourceError as exc:
+                if tls is None or answered_inside_tls or isinstance(exc.__cause__, ssl.SSLError):
+                    raise
+                data = b""  # a reset just after the TLS handshake: see below
+            if tls is not None and not answered_inside_tls and not data:
+                # TLS 1.3 ends the client's handshake before the server has checked the
+                # client's certificate: a server that refuses it (or its absence) just hangs
+                # up on the first option inside TLS.
+                raise wire.HandshakeError(self._tls.hang_up_reason())
+            answered_inside_tls = tls is not None
             hs.receive_data(data)
         assert hs.info is not None
-        return hs.info, hs.trailing_data()
+        return hs.info, hs.trailing_data(), tls
 
     # ---- the reader -----------------------------------------------------------------------
 
@@ -410,10 +465,38 @@ class ConnectionPool:
         except OSError as exc:
             reason = conn.reason or str(exc)
         finally:
-            if conn.alive and not self._closed:
-                log.warning("%s: connection %d lost: %s", self.address.url, conn.number, reason)
-            conn.kill(conn.reason or reason)
-            self.on_connection_lost()
+            self._ended(conn, reason)
+
+    async def _tls_reader(self, conn: Connection) -> None:
+        """`_reader` for a connection inside TLS: trio's SSLStream hands out decrypted bytes,
+        which the codec copies where they belong."""
+        assert conn.tls is not None
+        reason = "closed"
+        try:
+            while True:
+                data = await conn.tls.receive_some(TLS_RECEIVE_SIZE)
+                if not data:
+                    reason = "the server closed the connection"
+                    break
+                events = conn.codec.receive_data(data)
+                if events:
+                    self._dispatch(conn, events)
+        except trio.ClosedResourceError:
+            reason = conn.reason or "closed"
+        except trio.BrokenResourceError as exc:
+            reason = conn.reason or describe_failure(exc)
+        except wire.ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.error("%s: %s", self.address.url, reason)
+        finally:
+            self._ended(conn, reason)
+
+    def _ended(self, conn: Connection, reason: str) -> None:
+        """A reader stopped: the connection is gone, and what waits on it fails."""
+        if conn.alive and not self._closed:
+            log.warning("%s: connection %d lost: %s", self.address.url, conn.number, reason)
+        conn.kill(conn.reason or reason)
+        self.on_connection_lost()
 
     def _dispatch(self, conn: Connection, events: list) -> bool:
         woke = False
@@ -439,11 +522,8 @@ class ConnectionPool:
                 if request is not None and event.context_id == conn.info.base_allocation:
                     request.descriptors.extend(event.descriptors)
         if conn.draining and not conn.waiting and conn.alive:
-            try:
-                conn.sock.send(conn.codec.disconnect())
-            except OSError:
-                pass
-            conn.kill("the server is shutting down")
+            conn.draining = False
+            self._nursery.start_soon(conn.disconnect, "the server is shutting down")
         return woke
 
     def _drain(self, conn: Connection) -> None:

@@ -1,4 +1,5 @@
-"""An NBD server as the source: `nbd://host[:port][/export]` and `nbd+unix:///export?socket=PATH`.
+"""An NBD server as the source: `nbd://host[:port][/export]`, `nbd+unix:///export?socket=PATH`,
+and the same inside TLS, `nbds://` and `nbds+unix://` (see `tls`).
 
 The protocol itself lives in `wire`, `handshake` and `transmission` (sans I/O); this module and
 its neighbours are its trio transport:
@@ -69,14 +70,17 @@ class NbdAddress:
     socket_path: str | None = None  # nbd+unix
     host: str | None = None  # nbd
     port: int = wire.DEFAULT_PORT
+    tls: bool = False  # nbds, nbds+unix
+    tls_certificates: str | None = None  # ?tls-certificates=DIR
 
     @property
     def canonical(self) -> str:
         export = urllib.parse.quote(self.export, safe="")
+        scheme = "nbds" if self.tls else "nbd"
         if self.socket_path is not None:
-            return f"nbd+unix:///{export}?socket={self.socket_path}"
+            return f"{scheme}+unix:///{export}?socket={self.socket_path}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{export}"
+        return f"{scheme}://{host}:{self.port}/{export}"
 
     @property
     def where(self) -> str:
@@ -84,7 +88,8 @@ class NbdAddress:
 
 
 def parse_nbd_url(spec: str) -> NbdAddress:
-    """`nbd://host[:port][/export]` or `nbd+unix:///export?socket=PATH` (the NBD URI forms)."""
+    """`nbd[s]://host[:port][/export]` or `nbd[s]+unix:///export?socket=PATH` (the NBD URI
+    forms; the `s` asks for TLS, and `?tls-certificates=DIR` names its certificates)."""
     try:
         parts = urllib.parse.urlsplit(spec)
         port = parts.port
@@ -93,20 +98,26 @@ def parse_nbd_url(spec: str) -> NbdAddress:
     scheme = parts.scheme.lower()
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     query = urllib.parse.parse_qs(parts.query)
-    if scheme == "nbd+unix":
+    tls = scheme in ("nbds", "nbds+unix")
+    certificates = query.get("tls-certificates", [None])[0]
+    if certificates is not None and not tls:
+        raise SourceError(f"{spec}: tls-certificates= needs TLS (nbds:// or nbds+unix://)")
+    security = {"tls": tls, "tls_certificates": certificates and os.path.abspath(certificates)}
+    if scheme in ("nbd+unix", "nbds+unix"):
         sockets = query.get("socket")
         if not sockets or not sockets[0]:
-            raise SourceError(f"{spec}: nbd+unix:// needs ?socket=PATH "
-                              "(e.g. nbd+unix:///export?socket=/run/nbd.sock)")
+            raise SourceError(f"{spec}: {scheme}:// needs ?socket=PATH "
+                              f"(e.g. {scheme}:///export?socket=/run/nbd.sock)")
         if parts.netloc:
-            raise SourceError(f"{spec}: nbd+unix:// takes no host (write nbd+unix:///export?socket=PATH)")
-        return NbdAddress(spec, export, socket_path=os.path.abspath(sockets[0]))
-    if scheme == "nbd":
+            raise SourceError(f"{spec}: {scheme}:// takes no host (write {scheme}:///export?socket=PATH)")
+        return NbdAddress(spec, export, socket_path=os.path.abspath(sockets[0]), **security)
+    if scheme in ("nbd", "nbds"):
         if not parts.hostname:
-            raise SourceError(f"{spec}: nbd:// needs a host (nbd://host[:port][/export])")
-        return NbdAddress(spec, export, host=parts.hostname, port=port or wire.DEFAULT_PORT)
-    raise SourceError(f"{spec}: not an NBD URL (use nbd://host[:port][/export] or "
-                      "nbd+unix:///export?socket=PATH)")
+            raise SourceError(f"{spec}: {scheme}:// needs a host ({scheme}://host[:port][/export])")
+        return NbdAddress(spec, export, host=parts.hostname, port=port or wire.DEFAULT_PORT,
+                          **security)
+    raise SourceError(f"{spec}: not an NBD URL (use nbd[s]://host[:port][/export] or "
+                      "nbd[s]+unix:///export?socket=PATH)")
 
 
 @contextlib.asynccontextmanager
@@ -276,11 +287,15 @@ def same_nbd_export(stored: dict, current: dict) -> bool:
     if stored == current:
         return True
     if "socket" not in stored or "socket" not in current:
-        return False
-    ignored = ("socket", "url")
-    same = ({k: v for k, v in stored.items() if k not in ignored}
-            == {k: v for k, v in current.items() if k not in ignored})
+        # The URL repeats host, port and export; only its scheme can differ (nbd:// or
+        # nbds://), and TLS is how the export is reached, not which export it is.
+        return _without(stored, "url") == _without(current, "url")
+    same = _without(stored, "socket", "url") == _without(current, "socket", "url")
     if same:
         log.info("the NBD socket moved from %s to %s: taking it for the same export",
                  stored["socket"], current["socket"])
     return same
+
+
+def _without(identity: dict, *keys: str) -> dict:
+    return {k: v for k, v in identity.items() if k not in keys}
