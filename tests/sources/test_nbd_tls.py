@@ -4,9 +4,10 @@ certificates made by openssl for the session (see conftest.TlsCertificates)."""
 import os
 
 import pytest
+import trio
 
 from fuseclone.errors import SourceError
-from fuseclone.sources import open_source
+from fuseclone.sources import SourceReadError, open_source
 from tests.engine.conftest import make_source_file
 from tests.integration import conftest as integration
 from tests.integration.conftest import fuseclone, sha256, status_json
@@ -56,6 +57,24 @@ async def test_nbds_unix_with_a_client_certificate_from_tls_certificates(nbdkit,
         assert await source.read(0, source.size) == contents(image)
         assert source.identity()["url"].startswith("nbds+unix:///")
         assert "tls-certificates" not in str(source.identity())
+
+
+async def test_a_dropped_tls_connection_is_redialled_with_tls(nbdkit, tls_certificates, image):
+    server = tls_server(nbdkit, tls_certificates, image)
+    url = server.url(tls=True) + f"&tls-certificates={tls_certificates.client}"
+    expected = contents(image)
+    async with open_source(url) as source:
+        assert await source.read(0, 4096) == expected[:4096]
+        server.restart()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    got = await source.read(5000, 70000)
+                    break
+                except SourceReadError:
+                    await trio.sleep(0.05)
+        assert got == expected[5000:75000]
+        assert source.reconnects >= 1
 
 
 @pytest.mark.parametrize("case, words", [

@@ -89,26 +89,15 @@ class Connection:
             if sent == len(data):
                 return
             data = data[sent:]
-        # The socket buffer is full: queue behind earlier slow senders. A half-sent message
-        # must be finished whatever happens to the caller, or the stream is corrupt.
+        # The socket buffer is full (or TLS has to encrypt the message): queue behind earlier
+        # slow senders. A half-sent message must be finished whatever happens to the caller,
+        # or the stream is corrupt.
         self._slow_senders += 1
         try:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + timeout
                 async with self._send_lock:
-                    if self.tls is not None:
-                        await self._send_tls(data)
-                    view = memoryview(data if self.tls is None else b"")
-                    while view and self.alive:
-                        await trio.lowlevel.wait_writable(self.sock)
-                        try:
-                            sent = self.sock.send(view)
-                        except BlockingIOError:
-                            continue
-                        except OSError as exc:
-                            self.kill(f"send failed: {exc}")
-                            break
-                        view = view[sent:]
+                    await (self._send_plain(data) if self.tls is None else self._send_tls(data))
             if scope.cancelled_caught:
                 self.kill(f"could not send a request within {timeout:g} s")
         except trio.ClosedResourceError:
@@ -118,6 +107,19 @@ class Connection:
         if not self.alive:
             raise SourceReadError(errno.ECONNRESET, f"{self.url}: connection lost: {self.reason}")
 
+    async def _send_plain(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.alive:
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.kill(f"send failed: {exc}")
+                break
+            view = view[sent:]
+
     async def _send_tls(self, data: bytes) -> None:
         try:
             await self.tls.send_all(data)
@@ -126,16 +128,18 @@ class Connection:
 
     async def disconnect(self, reason: str) -> None:
         """NBD_CMD_DISC, best effort and never waiting long, then close."""
-        if not self.alive:
-            return
-        message = self.codec.disconnect()
-        if self.tls is None:
-            with contextlib.suppress(OSError):
-                self.sock.send(message)  # never blocks
-        else:
+        if self.alive and self.tls is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
                 async with self._send_lock:
-                    await self._send_tls(message)
+                    await self._send_tls(self.codec.disconnect())
+        self.disconnect_now(reason)
+
+    def disconnect_now(self, reason: str) -> None:
+        """NBD_CMD_DISC where it goes out without waiting (a plain socket), then close. Inside
+        TLS it would need an await; a server that is shutting down does without it."""
+        if self.alive and self.tls is None:
+            with contextlib.suppress(OSError):
+                self.sock.send(self.codec.disconnect())  # never blocks
         self.kill(reason)
 
     def kill(self, reason: str) -> None:
@@ -522,8 +526,7 @@ class ConnectionPool:
                 if request is not None and event.context_id == conn.info.base_allocation:
                     request.descriptors.extend(event.descriptors)
         if conn.draining and not conn.waiting and conn.alive:
-            conn.draining = False
-            self._nursery.start_soon(conn.disconnect, "the server is shutting down")
+            conn.disconnect_now("the server is shutting down")
         return woke
 
     def _drain(self, conn: Connection) -> None:
