@@ -140,19 +140,18 @@ class HeaderFile:
         """Read `path`; one SourceError line (never quoting a value) if it is unusable."""
         return cls(path, await trio.to_thread.run_sync(_read_header_file, path))
 
-    async def reload(self) -> bool:
-        """Read the file again; whether its headers changed. An unreadable or malformed file
-        keeps the headers read before (logged), so a rotation caught half-way does no harm."""
+    async def reload(self) -> dict[str, str]:
+        """Read the file again and return its headers. An unreadable or malformed file keeps
+        the headers read before (logged), so a rotation caught half-way does no harm."""
         try:
             fresh = await trio.to_thread.run_sync(_read_header_file, self.path)
         except SourceError as exc:
             log.warning("%s", exc)
-            return False
-        changed = fresh != self.headers
-        self.headers = fresh
-        if changed:
+            return self.headers
+        if fresh != self.headers:
             log.info("%s: re-read after the server refused a request", self.path)
-        return changed
+            self.headers = fresh
+        return fresh
 
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -191,21 +190,25 @@ class RequestAuth(httpx.Auth):
         self._sign = sign
 
     async def async_auth_flow(self, request: httpx.Request):
-        await self._prepare(request)
+        sent = await self._prepare(request)
         response = yield request
+        # Compared with what this request carried: a concurrent request may have re-read first.
         if (response.status_code in (401, 403) and self.header_file is not None
-                and await self.header_file.reload()):
+                and await self.header_file.reload() != sent):
             await self._prepare(request)
             yield request
 
     def sync_auth_flow(self, request: httpx.Request):
         raise RuntimeError("sources use httpx's async client only")
 
-    async def _prepare(self, request: httpx.Request) -> None:
-        if self.header_file is not None:
-            request.headers.update(self.header_file.headers)
+    async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
+        """Add the headers and the signature; the headers added."""
+        headers = self.header_file.headers if self.header_file is not None else None
+        if headers is not None:
+            request.headers.update(headers)
         if self._sign is not None:
             await self._sign(request)
+        return headers
 
 
 class HttpSource(Source):
