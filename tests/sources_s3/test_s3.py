@@ -103,6 +103,41 @@ async def test_an_object_replaced_while_open_fails_reads(aws_env, bucket):
     assert "changed" in str(exc_info.value)
 
 
+CREDENTIAL_PROCESS = """#!{python}
+import datetime, json
+with open({calls!r}, "a") as f:
+    f.write("call\\n")
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+print(json.dumps({{"Version": 1, "AccessKeyId": {access!r}, "SecretAccessKey": {secret!r},
+                  "SessionToken": "", "Expiration": expires.isoformat()}}))
+"""
+
+
+async def test_expiring_credentials_are_refreshed_for_later_requests(aws_env, bucket, tmp_path,
+                                                                    monkeypatch):
+    """A profile's credential_process hands out credentials that expire within botocore's
+    refresh window: each request is signed with freshly fetched ones."""
+    import sys
+
+    from benchmarks.anchors import S3_ACCESS_KEY
+
+    data = upload(aws_env, bucket, "refreshed.raw")
+    calls = tmp_path / "calls"
+    script = tmp_path / "credentials.py"
+    script.write_text(CREDENTIAL_PROCESS.format(python=sys.executable, calls=str(calls),
+                                                access=S3_ACCESS_KEY, secret=SECRET_KEY))
+    script.chmod(0o755)
+    (tmp_path / "aws-config").write_text(f"[profile fleet]\ncredential_process = {script}\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_PROFILE", "fleet")
+    async with open_source(f"s3://{bucket}/refreshed.raw") as source:
+        assert await source.read(0, 100) == data[:100]
+        before = calls.read_text().count("call")
+        assert await source.read(SIZE - 100, 100) == data[SIZE - 100 :]
+        assert calls.read_text().count("call") > before
+
+
 # ---- through the CLI ------------------------------------------------------------------------
 
 
