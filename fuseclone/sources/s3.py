@@ -48,6 +48,9 @@ from .http import HeaderFile, HttpSource, RequestAuth, serving
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
+# Bytes per GET: each request costs a signature and a round trip through the store's gateway,
+# so a hydration copy (4 MiB) is one request, as boto3 fetches 8 MiB parts (HTTP: 1 MiB).
+PIECE_SIZE = 4 << 20
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error answer read to find its <Code>
 # Headers that take part in the signature besides host and x-amz-*: the ones our requests set.
 SIGNED_HEADERS = ("range", "if-match", "if-unmodified-since")
@@ -236,6 +239,7 @@ async def open_s3_source(spec: str, *, header_file: str | None = None,
         log.warning("%s: no AWS credentials found; requests go unsigned", obj)
     signer = SigV4Signer(settings.credentials, settings.region) if settings.credentials else None
     auth = RequestAuth(headers, signer) if headers or signer else None
+    tuning.setdefault("piece_size", PIECE_SIZE)
     async with serving(S3Source, settings.object_url(obj), str(obj), auth, obj=obj,
                        region=settings.region, signed=signer is not None,
                        **tuning) as source:
