@@ -46,6 +46,7 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
 
 
 def check_mountpoint(path: str) -> None:
@@ -91,7 +92,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     image = image_path(opts.mountpoint, opts.name)
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
-    async with open_source(opts.source) as source:
+    async with open_source(opts.source, http_header_file=opts.http_header_file) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False
