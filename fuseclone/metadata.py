@@ -471,6 +471,10 @@ class Metadata:
         destination already; it becomes durable at the next commit (invariant 1)."""
         self._hydrated.set(regions)
 
+    def hydrated_bytes(self) -> int:
+        """Bytes of the image in hydrated regions (a partial last region counts its part)."""
+        return _bytes_set(self.map, self.geometry)
+
     @property
     def dirty(self) -> bool:
         """Whether hydrated bits wait for a commit."""
@@ -506,12 +510,7 @@ class Metadata:
         return [g.byte_range(run) for written, run in self.written.runs(range(g.nr_regions)) if written]
 
     def written_bytes(self) -> int:
-        g = self.written_geometry
-        nbytes = self.written.hydrated_count * g.region_size
-        last = g.nr_regions - 1
-        if last >= 0 and self.written.is_hydrated(last):
-            nbytes -= g.region_size - (g.image_size - g.region_start(last))
-        return nbytes
+        return _bytes_set(self.written, self.written_geometry)
 
     def written_regions(self) -> int:
         """Regions inside written chunks (the ones `check --verify` does not compare)."""
@@ -624,6 +623,14 @@ class Metadata:
         os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
         os.fdatasync(self._fd)
 
+    def block_usage(self) -> tuple[int, int]:
+        """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
+        blocks": the file is laid out at full size but sparse, so the blocks a header or bitmap
+        slot was ever written to are the ones it holds on disk (what `du` counts)."""
+        st = os.fstat(self._fd)
+        total = -(-st.st_size // BLOCK)
+        return min(total, st.st_blocks * 512 // BLOCK), total
+
     # ---- fail mode -----------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
@@ -660,6 +667,15 @@ def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
     written = _BitmapArea(WRITTEN_MAGIC, hydrated.end_block, _written_geometry(header).nr_regions,
                           header.clone_id)
     return hydrated, written
+
+
+def _bytes_set(bits: RegionMap, geometry: Geometry) -> int:
+    """Bytes of the image in the regions whose bit is set (the last region may be partial)."""
+    nbytes = bits.hydrated_count * geometry.region_size
+    last = geometry.nr_regions - 1
+    if last >= 0 and bits.is_hydrated(last):
+        nbytes -= geometry.region_size - (geometry.image_size - geometry.region_start(last))
+    return nbytes
 
 
 def _header_offset(seq: int) -> int:

@@ -12,15 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import MetadataFailedError
-from .status import Status
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from .status import Status, human_bytes
 
 
 def human_duration(seconds: float | None) -> str:
