@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .metadata import BLOCK as METADATA_BLOCK
 
@@ -110,4 +110,4 @@ def public_source(source: str) -> str:
             host += f":{parts.port}"
     except ValueError:  # not a URL after all: show its scheme only
         return source.split("://", 1)[0] + "://..."
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return f"{parts.scheme}://{host}{parts.path}"
