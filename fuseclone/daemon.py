@@ -47,6 +47,7 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
     metrics_listen: tuple[str | None, int] | None = None  # (host, port) serving GET /metrics
     notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
 
@@ -96,7 +97,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
     notifier = _systemd_notifier(opts)
-    async with open_source(opts.source) as source:
+    async with open_source(opts.source, http_header_file=opts.http_header_file) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False
