@@ -344,6 +344,7 @@ class Metadata:
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
+        self._usage_at_close = (0, 0)  # block_usage() once the file is closed
         if self.map.complete:
             hydrated.map = CompleteMap(header.nr_regions)
 
@@ -627,6 +628,8 @@ class Metadata:
         """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
         blocks": the file is laid out at full size but sparse, so the blocks a header or bitmap
         slot was ever written to are the ones it holds on disk (what `du` counts)."""
+        if self._fd < 0:
+            return self._usage_at_close
         st = os.fstat(self._fd)
         total = -(-st.st_size // BLOCK)
         return min(total, st.st_blocks * 512 // BLOCK), total
@@ -649,6 +652,7 @@ class Metadata:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._usage_at_close = self.block_usage()  # status of a clone that has ended
             os.close(self._fd)  # also drops the lock
             self._fd = -1
 
