@@ -549,7 +549,8 @@ def metrics(timeout) -> None:
     from .clones import live_clones
     from .metrics import Sample, exposition
 
-    clones = live_clones(timeout)
+    # Another user's clones are left out: they are not down, only out of this user's reach.
+    clones = [clone for clone in live_clones(timeout) if not clone.another_users]
     click.echo(exposition(Sample(c.mountpoint, c.metadata, c.status) for c in clones), nl=False)
 
 

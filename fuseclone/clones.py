@@ -23,6 +23,7 @@ class LiveClone:
     status: Status | None = None  # None: no answer, `problem` says why
     image: str | None = None
     problem: str | None = None
+    another_users: bool = False  # mounted by another user, whose daemon answers only them
 
     @property
     def state(self) -> str:
@@ -56,6 +57,7 @@ def live_clones(timeout: float) -> list[LiveClone]:
         if mount.uid not in (None, os.geteuid()):
             # Its control socket is in that user's runtime directory, not ours.
             clone.problem = f"another user's mount (uid {mount.uid}): run as that user"
+            clone.another_users = True
         clones.append(clone)
     trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
     return clones
