@@ -76,6 +76,7 @@ def main() -> None:
 @click.argument("dst")
 @click.argument("meta")
 @click.argument("mountpoint")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL", help="Another server of the same image (repeatable; any source kind): reads fail over to it and come back to SRC when it answers again. Its size (and ETag) must match SRC's.")
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
@@ -92,7 +93,7 @@ def main() -> None:
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
+def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
           allow_other, name, foreground, on_complete, log_file, log_level) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://) as an image at MOUNTPOINT,
@@ -108,7 +109,8 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
-                        name=name, on_complete=on_complete, write_cache=write_cache)
+                        name=name, on_complete=on_complete, write_cache=write_cache,
+                        mirrors=tuple(mirrors))
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:

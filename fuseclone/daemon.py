@@ -20,7 +20,7 @@ from typing import Callable
 import trio
 
 from . import control
-from .clone import open_clone, running
+from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
 from .identity import check_distinct
@@ -46,6 +46,7 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
 
 
 def check_mountpoint(path: str) -> None:
@@ -76,7 +77,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
     from .fuse.mount import become_io_flusher
-    from .sources import open_source
+    from .sources.mirrors import open_mirrored_source
 
     # Worker threads (source reads, zero detection, DST writes) hold the GIL for up to the switch
     # interval when the event loop wants it back; at CPython's default 5 ms that interval became
@@ -84,14 +85,17 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
-    check_distinct(source=opts.source, destination=opts.destination, metadata=opts.metadata,
-                   mountpoint=opts.mountpoint)
+    for source_path in (opts.source, *opts.mirrors):
+        check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
+                       mountpoint=opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
-    async with open_source(opts.source) as source:
+    # A resumed clone mounts even while its source is down: META knows the image's size.
+    recorded = recorded_source(opts.metadata)
+    async with open_mirrored_source(opts.source, opts.mirrors, recorded) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False

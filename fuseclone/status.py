@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 SECTOR = 512
 
@@ -37,6 +37,9 @@ class Status:
     written_regions: int = 0  # regions in chunks users wrote, discarded or zeroed
     written_bytes: int = 0
     written_unknown: bool = False  # META upgraded from format 1: earlier writes were not tracked
+    # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
+    # (source, role, state: serving / standby / failing / unreachable / refused, error).
+    servers: list[dict] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
-__all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
+__all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "is_remote", "open_source"]
 
 
 @contextlib.asynccontextmanager
@@ -18,6 +18,11 @@ async def open_source(spec: str) -> AsyncIterator[Source]:
     kind opens the same way: an async context manager that owns what the source holds."""
     async with _opener(spec)(spec) as source:
         yield source
+
+
+def check_scheme(spec: str) -> None:
+    """Raise SourceError unless `spec` is a path or a URL of a scheme we can open."""
+    _opener(spec)
 
 
 def _scheme(spec: str) -> str:
