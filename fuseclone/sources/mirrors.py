@@ -262,7 +262,7 @@ class MirroredSource(Source):
         while True:
             try:
                 async with open_source(server.spec) as source:
-                    mismatch = self._mismatch(server, source)
+                    mismatch = await self._mismatch(server, source)
                     if mismatch is not None:
                         self._refuse(server, mismatch)
                         return
@@ -277,7 +277,7 @@ class MirroredSource(Source):
             await trio.sleep(delay)
             delay = min(2 * delay, RECONNECT_MAX)
 
-    def _mismatch(self, server: _Server, source: Source) -> str | None:
+    async def _mismatch(self, server: _Server, source: Source) -> str | None:
         """Why `source` (just opened for `server`) may not serve, or None."""
         recorded = self._recorded
         if server is self._primary:
@@ -286,11 +286,19 @@ class MirroredSource(Source):
             if source.size != recorded.size or not source.identity_matches(recorded.identity):
                 return f"it now serves another image: {_differences(recorded, source)}"
             return None
-        if recorded is not None:
-            return mirror_mismatch(recorded.size, recorded.identity, source)
+        reference = await self._reference()
+        if reference is None:
+            return "the source did not answer"  # a new clone: the mount fails for that
+        return mirror_mismatch(reference.size, reference.identity, source)
+
+    async def _reference(self) -> RecordedSource | None:
+        """What a mirror must match: META's record, or a new clone's primary once it opened
+        (None when it did not)."""
+        if self._recorded is not None:
+            return self._recorded
+        await self._primary.attempted.wait()
         primary = self._primary.source
-        assert primary is not None, "a new clone's mirror opened without its primary"
-        return mirror_mismatch(primary.size, primary.identity(), source)
+        return None if primary is None else RecordedSource(primary.size, primary.identity())
 
     def _attach(self, server: _Server, source: Source) -> None:
         if server.error is not None:

@@ -5,34 +5,20 @@ source is down and hydrates once it answers (or stops, when it answers with anot
 import errno
 import mmap
 import os
-import shutil
 import time
 
 import pytest
 
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, fuseclone, sha256, status_json
-from tests.sources.conftest import Nbdkit
+from tests.sources.conftest import nbdkit  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
-def nbd_file_server(tmp_path):
+def nbd_file_server(nbdkit):
     """nbd_file_server(path, name) -> a started Nbdkit serving PATH on the Unix socket
     tmp_path/NAME.sock (a restart keeps the socket); every one is killed at teardown."""
-    if shutil.which("nbdkit") is None:
-        pytest.skip("nbdkit is not installed")
-    servers = []
-
-    def start(path, name):
-        server = Nbdkit(tmp_path, ["file", path], name=name)
-        servers.append(server)
-        return server.start()
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop()
+    return lambda path, name: nbdkit("file", path, name=name)
 
 
 def pread_direct(path, offset, length):
