@@ -88,6 +88,8 @@ def main() -> None:
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
+@click.option("--http-header-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
@@ -95,8 +97,9 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          allow_other, name, foreground, on_complete, log_file, log_level) -> None:
-    """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://) as an image at MOUNTPOINT,
+          allow_other, http_header_file, name, foreground, on_complete, log_file,
+          log_level) -> None:
+    """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
 
@@ -110,6 +113,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete, write_cache=write_cache,
+                        http_header_file=http_header_file and os.path.abspath(http_header_file),
                         mirrors=tuple(mirrors))
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)

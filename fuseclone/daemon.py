@@ -46,6 +46,7 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
     mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
 
 
@@ -95,7 +96,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     new_dst = not os.path.exists(opts.destination)
     # A resumed clone mounts even while its source is down: META knows the image's size.
     recorded = recorded_source(opts.metadata)
-    async with open_mirrored_source(opts.source, opts.mirrors, recorded) as source:
+    async with open_mirrored_source(opts.source, opts.mirrors, recorded,
+                                    http_header_file=opts.http_header_file) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False

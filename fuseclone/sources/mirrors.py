@@ -27,7 +27,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import trio
 
 from ..errors import SourceError
-from . import check_scheme, open_source
+from . import check_scheme, describe_spec, open_source, takes_http_headers
 from .base import Extent, ServerStatus, Source, SourceReadError
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,11 @@ class _State(enum.Enum):
 
 
 class _Server:
-    def __init__(self, spec: str, role: str) -> None:
+    def __init__(self, spec: str, role: str, header_file: str | None) -> None:
         self.spec = spec
+        self.description = describe_spec(spec)  # the source's own, once it opened
         self.role = role
+        self.header_file = header_file
         self.source: Source | None = None
         self.state = _State.UNREACHABLE
         self.error: str | None = None
@@ -84,15 +86,19 @@ def mirror_mismatch(reference_size: int, reference: dict, mirror: Source) -> str
 
 @contextlib.asynccontextmanager
 async def open_mirrored_source(primary: str, mirrors: Sequence[str] = (),
-                               recorded: RecordedSource | None = None
+                               recorded: RecordedSource | None = None, *,
+                               http_header_file: str | None = None
                                ) -> AsyncIterator[MirroredSource]:
     """The source `primary` and its `mirrors` for the duration of the block. Without `recorded`
     (a new clone) the primary must answer, or its SourceError is raised; with it, the block
     starts anyway. A mirror that answers with another image raises SourceError naming it. The
-    servers' connections and the probes live in a nursery this opener owns."""
-    for spec in (primary, *mirrors):
-        check_scheme(spec)  # a typo is refused, not dialled again forever
-    servers = [_Server(primary, "primary")] + [_Server(spec, "mirror") for spec in mirrors]
+    servers' connections and the probes live in a nursery this opener owns.
+    `http_header_file` goes to the primary, and to each mirror whose requests carry headers."""
+    servers = [_Server(primary, "primary", http_header_file)]
+    servers += [_Server(spec, "mirror", http_header_file if takes_http_headers(spec) else None)
+                for spec in mirrors]
+    for server in servers:
+        check_scheme(server.spec, server.header_file)  # a typo is refused, not dialled forever
     source = MirroredSource(servers, recorded)
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -124,9 +130,12 @@ class MirroredSource(Source):
         self._recorded = recorded
         self._opening = True
         self._changed = trio.lowlevel.ParkingLot()  # a server's state changed
-        self.description = self._primary.spec
 
     # ---- Source ---------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return self._primary.description
 
     @property
     def size(self) -> int:
@@ -180,12 +189,12 @@ class MirroredSource(Source):
             if any(server.usable for server in self._servers):
                 return None
             if all(server.state is _State.REFUSED for server in self._servers):
-                return "; ".join(f"{server.spec}: {server.error}" for server in self._servers)
+                return "; ".join(f"{server.description}: {server.error}" for server in self._servers)
             await self._changed.park()
 
     def servers(self) -> list[ServerStatus]:
         serving = self._serving()
-        return [ServerStatus(server.spec, server.role, self._state_name(server, serving),
+        return [ServerStatus(server.description, server.role, self._state_name(server, serving),
                              None if server is serving else server.error)
                 for server in self._servers]
 
@@ -215,15 +224,16 @@ class MirroredSource(Source):
         server.error = str(exc)
         if server.state is _State.UP:
             server.state = _State.FAILING
-            log.warning("%s %s failed, reads go to the next server: %s", server.role,
-                        server.spec, exc)
+            others = any(other.usable for other in self._servers if other is not server)
+            log.warning("%s %s failed%s: %s", server.role, server.description,
+                        ", reads go to the next server" if others else "", exc)
             self._changed.unpark_all()
 
     def _answered(self, server: _Server) -> None:
         if server.state is _State.FAILING:
             server.state = _State.UP
             server.error = None
-            log.info("%s %s answers again", server.role, server.spec)
+            log.info("%s %s answers again", server.role, server.description)
             self._changed.unpark_all()
 
     def _serving(self) -> _Server | None:
@@ -243,7 +253,7 @@ class MirroredSource(Source):
         return server.state.value
 
     def _unusable_reason(self) -> str:
-        errors = "; ".join(f"{server.spec}: {server.error}" for server in self._servers)
+        errors = "; ".join(f"{server.description}: {server.error}" for server in self._servers)
         return f"no server of the source answers ({errors})"
 
     def _first_open(self) -> Source | None:
@@ -261,7 +271,7 @@ class MirroredSource(Source):
         delay = RECONNECT_INITIAL
         while True:
             try:
-                async with open_source(server.spec) as source:
+                async with open_source(server.spec, http_header_file=server.header_file) as source:
                     mismatch = await self._mismatch(server, source)
                     if mismatch is not None:
                         self._refuse(server, mismatch)
@@ -271,7 +281,7 @@ class MirroredSource(Source):
             except SourceError as exc:
                 if server.error != str(exc):
                     log.warning("%s %s cannot be reached (trying again): %s", server.role,
-                                server.spec, exc)
+                                server.description, exc)
                 server.error = str(exc)
                 server.attempted.set()
             await trio.sleep(delay)
@@ -302,8 +312,9 @@ class MirroredSource(Source):
 
     def _attach(self, server: _Server, source: Source) -> None:
         if server.error is not None:
-            log.info("%s %s answers: serving from it again", server.role, server.spec)
+            log.info("%s %s answers: serving from it again", server.role, server.description)
         server.source = source
+        server.description = source.description
         server.state = _State.UP
         server.error = None
         server.attempted.set()
@@ -313,7 +324,7 @@ class MirroredSource(Source):
         server.state = _State.REFUSED
         server.error = reason
         if not self._opening:
-            log.error("%s %s refused: %s", server.role, server.spec, reason)
+            log.error("%s %s refused: %s", server.role, server.description, reason)
         server.attempted.set()
         self._changed.unpark_all()
 
@@ -323,12 +334,12 @@ class MirroredSource(Source):
         primary = self._primary
         if primary.state is not _State.UP:
             if self._recorded is None:
-                raise SourceError(primary.error or f"{primary.spec}: source cannot be reached")
+                raise SourceError(primary.error or f"{primary.description}: source cannot be reached")
             log.warning("the source cannot be reached: serving hydrated data, and hydrating "
                         "once it answers")
         for server in self._servers[1:]:
             if server.state is _State.REFUSED:
-                raise SourceError(f"mirror {server.spec} does not serve the source's image: "
+                raise SourceError(f"mirror {server.description} does not serve the source's image: "
                                   f"{server.error}")
 
     async def _probe_failing(self) -> None:
