@@ -8,6 +8,7 @@ import trio
 
 from fuseclone.errors import SourceError
 from fuseclone.sources.mirrors import PROBE_INTERVAL, RecordedSource, open_mirrored_source
+from tests.sources.conftest import free_port
 from tests.sources_http.test_http import nginx, write_file  # noqa: F401  (a fixture)
 
 MiB = 1 << 20
@@ -71,3 +72,17 @@ async def test_a_recorded_source_waits_for_a_server(nginx, tmp_path):  # noqa: F
         with trio.fail_after(30):
             assert await source.wait_usable() is None
         assert await source.read(0, 10) == data[:10]
+
+
+async def test_a_password_in_a_url_stays_out_of_status_and_errors():
+    """A server that never answered has no description of its own yet: its URL is shown with
+    the password masked, as an open HTTP source shows it."""
+    url = f"http://user:hunter2@127.0.0.1:{free_port()}/image.raw"  # nobody listens
+    recorded = RecordedSource(MiB, {"kind": "http", "url": url, "size": MiB})
+    async with open_mirrored_source(url, [url.replace("image", "copy")], recorded=recorded) as source:
+        texts = [source.description, *(str(server) for server in source.servers())]
+        with pytest.raises(OSError) as failed:
+            await source.read(0, 10)
+        texts.append(str(failed.value))
+    assert all("hunter2" not in text for text in texts), texts
+    assert "user:***@127.0.0.1" in source.description
