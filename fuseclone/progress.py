@@ -39,7 +39,8 @@ def hydration_state(st: Status) -> str:
         return "disabled"
     if st.hydration_error:
         return "stopped by errors (the message enable_hydration retries)"
-    if st.servers and not any(server["state"] == "serving" for server in st.servers):
+    if (not st.complete and st.servers
+            and not any(server["state"] == "serving" for server in st.servers)):
         return "enabled, waiting for the source to answer"
     return "enabled"
 
