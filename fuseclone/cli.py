@@ -77,6 +77,7 @@ def main() -> None:
 @click.argument("dst")
 @click.argument("meta")
 @click.argument("mountpoint")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL", help="Another server of the same image (repeatable; any source kind): reads fail over to it and come back to SRC when it answers again. Its size (and ETag) must match SRC's.")
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
@@ -97,7 +98,7 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 @click.option("--metrics-listen", metavar="HOST:PORT", callback=lambda ctx, param, value: _listen_address(value),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
-def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
+def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
           allow_other, http_header_file, name, foreground, on_complete, log_file,
           log_level, metrics_listen) -> None:
@@ -116,7 +117,8 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
-                        metrics_listen=metrics_listen, notify=foreground)
+                        metrics_listen=metrics_listen, notify=foreground,
+                        mirrors=tuple(mirrors))
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:

@@ -20,7 +20,7 @@ from typing import Callable
 import trio
 
 from . import control
-from .clone import open_clone, running
+from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
 from .identity import check_distinct
@@ -50,6 +50,7 @@ class MountOptions:
     http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
     metrics_listen: tuple[str | None, int] | None = None  # (host, port) serving GET /metrics
     notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
+    mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
 
 
 def check_mountpoint(path: str) -> None:
@@ -80,7 +81,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
     from .fuse.mount import become_io_flusher
-    from .sources import open_source
+    from .sources.mirrors import open_mirrored_source
 
     # Worker threads (source reads, zero detection, DST writes) hold the GIL for up to the switch
     # interval when the event loop wants it back; at CPython's default 5 ms that interval became
@@ -88,8 +89,9 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
-    check_distinct(source=opts.source, destination=opts.destination, metadata=opts.metadata,
-                   mountpoint=opts.mountpoint)
+    for source_path in (opts.source, *opts.mirrors):
+        check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
+                       mountpoint=opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
@@ -97,7 +99,10 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
     notifier = _systemd_notifier(opts)
-    async with open_source(opts.source, http_header_file=opts.http_header_file) as source:
+    # A resumed clone mounts even while its source is down: META knows the image's size.
+    recorded = recorded_source(opts.metadata)
+    async with open_mirrored_source(opts.source, opts.mirrors, recorded,
+                                    http_header_file=opts.http_header_file) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False

@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import trio
@@ -689,6 +689,7 @@ class CloneEngine:
     async def _hydrator(self) -> None:
         if self._hydration_hold is not None:
             await self._hydration_hold.wait()
+        await self._wait_for_source()
         cursor = 0
         async with trio.open_nursery() as copies:
             while not self.meta.map.complete:
@@ -717,6 +718,14 @@ class CloneEngine:
                     # between batches, or on two cores p99 user latency grew 6x while hydrating.
                     await trio.sleep(self.settings.user_io_pause)
         await self._finish_hydration()
+
+    async def _wait_for_source(self) -> None:
+        """A clone resumed while its source was down hydrates once the source answers (and
+        matches META); if it answers with another image, hydration stops with the reason."""
+        refusal = await self.source.wait_usable()
+        if refusal is not None:
+            self.hydration_error = refusal
+            log.error("hydration stopped: %s", self.hydration_error)
 
     def _user_active(self) -> bool:
         return trio.current_time() - self._last_user_io < 0.05
@@ -883,6 +892,7 @@ class CloneEngine:
             hydration_errors=self.hydration_errors,
             metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks,
+            servers=[asdict(server) for server in self.source.servers()],
         )
 
     def _retry_note(self) -> str | None:

@@ -424,6 +424,16 @@ class Metadata:
             raise
 
     @staticmethod
+    def read_header(path: str) -> Header:
+        """The header of an existing metadata file, without its bitmaps (refused like `open`
+        while a mount holds the file)."""
+        fd = _open_locked(path, os.O_RDONLY, exclusive=False)
+        try:
+            return _read_header(fd, path)
+        finally:
+            os.close(fd)
+
+    @staticmethod
     def exists(path: str) -> bool:
         try:
             return os.stat(path).st_size > 0

@@ -4,7 +4,7 @@ state and progress that `list` and systemd's STATUS= show (the human table is pr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from .metadata import BLOCK as METADATA_BLOCK
@@ -46,6 +46,9 @@ class Status:
     user_read_bytes: int = 0  # read through the image
     user_write_bytes: int = 0  # written through the image
     hydration_errors: int = 0  # hydration copies and copy-on-read stores that failed
+    # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
+    # (source, role, state: serving / standby / failing / unreachable / refused, error).
+    servers: list[dict] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
