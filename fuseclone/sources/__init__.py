@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import urllib.parse
 from typing import AsyncIterator
 
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
-__all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
+__all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "describe_spec", "is_remote",
+           "open_source", "takes_http_headers"]
 
 
 @contextlib.asynccontextmanager
@@ -21,6 +23,27 @@ async def open_source(spec: str, *, http_header_file: str | None = None
     `http_header_file`: headers every HTTP request carries (http(s):// and s3:// only)."""
     async with _opener(spec, http_header_file)(spec) as source:
         yield source
+
+
+def check_scheme(spec: str, http_header_file: str | None = None) -> None:
+    """Raise SourceError unless `spec` is a path or a URL of a scheme we can open (with
+    `http_header_file`, if given)."""
+    _opener(spec, http_header_file)
+
+
+def takes_http_headers(spec: str) -> bool:
+    """Whether the source's requests can carry headers (--http-header-file)."""
+    return _scheme(spec) in ("http", "https", "s3")
+
+
+def describe_spec(spec: str) -> str:
+    """`spec` for messages and status before its source opened (then its `description`): a
+    password in the URL shown as ***."""
+    parts = urllib.parse.urlsplit(spec)
+    if not is_remote(spec) or parts.password is None:
+        return spec
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _scheme(spec: str) -> str:
@@ -35,7 +58,7 @@ def is_remote(spec: str) -> bool:
 
 def _opener(spec: str, http_header_file: str | None = None):
     scheme = _scheme(spec)
-    if http_header_file is not None and scheme not in ("http", "https", "s3"):
+    if http_header_file is not None and not takes_http_headers(spec):
         raise SourceError(f"--http-header-file applies to http://, https:// and s3:// sources, "
                           f"not {spec!r}")
     if scheme == "":
