@@ -81,8 +81,8 @@ def main() -> None:
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
-@click.option("--hydration-threshold", type=int, help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 32 MiB from S3, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
-@click.option("--hydration-batch-size", type=int, help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD and S3).")
+@click.option("--hydration-threshold", type=int, help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
+@click.option("--hydration-batch-size", type=int, help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD).")
 @click.option("--max-rate", type=SIZE, default=0, help="Limit hydration to RATE bytes/s (e.g. 50M).")
 @click.option("--copy-on-read/--no-copy-on-read", default=True, help="Hydrate regions as they are read (default on).")
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,

@@ -49,9 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 # Bytes per GET: each request costs a signature and a round trip through the store's gateway,
-# so a hydration copy (8 MiB, S3Source.hydration_batch) is one request, the size of boto3's
-# parts and of the parts objects are uploaded in (HTTP: 1 MiB).
-PIECE_SIZE = 8 << 20
+# so a hydration copy (4 MiB) is one request, as boto3 fetches 8 MiB parts (HTTP: 1 MiB).
+PIECE_SIZE = 4 << 20
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error answer read to find its <Code>
 # Headers that take part in the signature besides host and x-amz-*: the ones our requests set.
 SIGNED_HEADERS = ("range", "if-match", "if-unmodified-since")
@@ -169,14 +168,6 @@ class S3Source(HttpSource):
     """An object in an S3 bucket. Open with open_s3_source."""
 
     probe_with_head = False
-
-    # Fewer, larger requests than HTTP's default (4 MiB copies, 64 MiB in flight): hydrating
-    # 512 MiB from SeaweedFS on this host, 8 MiB copies with 32 MiB in flight gave 319 MB/s
-    # against 291 (medians of 3 alternating cold runs; a boto3 download 307). The store's
-    # gateway slows down with many concurrent requests (a source read alone: 4 MiB x 32 in
-    # flight 254 MB/s, 4 MiB x 8 375), and fleets of clones multiply them.
-    hydration_depth = 32 << 20
-    hydration_batch = 8 << 20
 
     def __init__(self, *args, obj: S3Object, region: str, signed: bool, **kwargs) -> None:
         super().__init__(*args, canonical=str(obj), **kwargs)
