@@ -63,6 +63,14 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+def read_through(path: str, chunk: int = 8 << 20) -> None:
+    """Read PATH once, so its pages are in the page cache (a source that is "cached")."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
+
+
 # ---- background processes ---------------------------------------------------------------------
 
 
