@@ -295,9 +295,24 @@ def leftovers(workdir: str) -> dict[str, list[str]]:
     found["loops"] = run(["losetup", "-a"], check=False).stdout.decode().splitlines()
     found["nbdkit"] = run(["pgrep", "-a", "nbdkit"], check=False).stdout.decode().splitlines()
     found["qemu-storage"] = run(["pgrep", "-a", "qemu-storage"], check=False).stdout.decode().splitlines()
+    ancestors = own_ancestors()
     found["fuseclone"] = [l for l in run(["pgrep", "-a", "-f", "fuseclone"], check=False).stdout.decode().splitlines()
-                          if workdir in l]
+                          if workdir in l and int(l.split()[0]) not in ancestors]
     return found
+
+
+def own_ancestors() -> set[int]:
+    """This process and the ones that started it, whose command lines may name the workdir
+    (e.g. `flock /tmp/fuseclone-bench.lock python -m benchmarks --workdir ...`)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def versions() -> dict[str, str]:
