@@ -48,19 +48,20 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def evict(path: str) -> None:
-    """Drop one file's clean pages from the page cache: the copy rows read their source cold
+def evict(*paths: str) -> None:
+    """Drop these files' clean pages from the page cache: the copy rows read their source cold
     while every contender's program files stay cached, as on a machine in use. (drop_caches
     also evicts Python's own modules, which charged fuseclone ~0.13 s of disk reads per sample
     that nbdcopy, a small C program, does not pay.)"""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        # Dirty pages (a source file just written) are not dropped, only queued for writeback,
-        # which then competes with the sample for the disk: write them out first.
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # Dirty pages (a source file just written) are not dropped, only queued for
+            # writeback, which then competes with the sample for the disk: write them out first.
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_through(path: str, chunk: int = 8 << 20) -> None:
