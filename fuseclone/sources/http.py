@@ -22,7 +22,9 @@ replaced within the same second keeps its ETag.)
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
 concurrently; at most `max_connections` (16) requests are in flight across the whole source, and
-the engine's own concurrency (hydration_threshold) keeps them busy. Every GET carries `If-Match:
+the engine's own concurrency (hydration_threshold) keeps them busy. Each body is received
+straight into its place in the read's buffer (from a BufferPool; page-aligned for hydration
+copies, which DST then takes with direct I/O), 1 MiB per socket read. Every GET carries `If-Match:
 <etag>` (or `If-Unmodified-Since: <last-modified>` when the ETag is weak or missing), and each
 answer's Content-Range, ETag and Last-Modified are checked, so a file that changes mid-clone fails
 instead of mixing versions. Connection failures and 5xx answers are retried twice within a
