@@ -86,6 +86,10 @@ def main() -> None:
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
+@click.option("--record-access", metavar="TRACE", type=click.Path(dir_okay=False),
+              help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
+@click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
+              help="Hydrate the regions of TRACE (recorded with --record-access from the same source) first, at full depth, even with --no-hydration.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
@@ -94,7 +98,7 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          allow_other, name, foreground, on_complete, log_file, log_level) -> None:
+          record_access, prefetch, allow_other, name, foreground, on_complete, log_file, log_level) -> None:
     """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
@@ -108,7 +112,8 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
-                        name=name, on_complete=on_complete, write_cache=write_cache)
+                        name=name, on_complete=on_complete, write_cache=write_cache,
+                        record_access=record_access, prefetch=prefetch)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:

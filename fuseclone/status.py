@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 SECTOR = 512
 
@@ -37,6 +37,11 @@ class Status:
     written_regions: int = 0  # regions in chunks users wrote, discarded or zeroed
     written_bytes: int = 0
     written_unknown: bool = False  # META upgraded from format 1: earlier writes were not tracked
+    prefetch_regions: int = 0  # regions the prefetch trace lists (--prefetch), 0 without one
+    prefetch_hydrated: int = 0  # of those, hydrated so far
+    prefetching: bool = False  # regions of the trace are still to be asked for
+    # bytes this mount claimed for copies of each kind: prefetch, readahead, hot_spots
+    fetched: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
