@@ -144,12 +144,12 @@ async def _recording_access(engine: CloneEngine, path: str | None) -> AsyncItera
     if path is None:
         yield
         return
-    recorder = TraceRecorder(path, engine.source.identity(), engine.geometry, trio.current_time())
-    engine.on_source_read = lambda run: recorder.record(run, trio.current_time())
+    recorder = TraceRecorder(path, engine.source.identity(), engine.geometry, trio.current_time)
+    engine.recorder = recorder
     try:
         yield
     finally:
-        engine.on_source_read = None
+        engine.recorder = None
         recorder.close()
 
 

@@ -39,6 +39,7 @@ from .readahead import ReadaheadDetector
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
 from .status import Status
+from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ class _Claim:
         self.regions = regions
         self.done = trio.Event()
         self.error: BaseException | None = None
-        self.ahead = ahead  # a readahead copy: a reader that reaches it waits for it
+        # A copy asked for ahead of readers (readahead, prefetch): a reader that reaches it
+        # waits for it rather than ask the source again.
+        self.ahead = ahead
 
 
 @dataclass
@@ -207,9 +210,7 @@ class CloneEngine:
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
         self._readahead_inflight = 0  # bytes
         self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
-        # Called with the regions of every user read that goes to the source, and of every
-        # readahead copy (the access trace's recorder).
-        self.on_source_read: Callable[[range], None] | None = None
+        self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
 
     def prefetch(self, runs: list[range]) -> None:
         """Call before `run`: hydrate these runs of regions first, in this order."""
@@ -245,6 +246,8 @@ class CloneEngine:
         self._last_user_io = trio.current_time()
         if len(self._readahead):  # a stream reading what readahead fetched reads on
             self._follow_stream(offset, length, may_start=False)
+        if self.recorder is not None:
+            self.recorder.read(self.geometry.region_span(offset, length))
         data = self.dst.read_cached(offset, length)
         if data is not None:
             return data
@@ -302,6 +305,8 @@ class CloneEngine:
         self._last_user_io = trio.current_time()
         span = self.geometry.region_span(offset, length)
         self._follow_stream(offset, length, may_start=not self.meta.map.all_hydrated(span))
+        if self.recorder is not None:
+            self.recorder.read(span)
         return await self._read_range(offset, length)
 
     async def _read_range(self, offset: int, length: int) -> bytes | bytearray:
@@ -502,7 +507,7 @@ class CloneEngine:
             # or a copy-on-read store would put source data over a completed write.
             return await self._read_range(lo, hi - lo)
         ahead = {self._claims[r] for r in run if r in self._claims and self._claims[r].ahead}
-        if ahead:  # readahead is fetching it: wait for that rather than ask the source again
+        if ahead:  # readahead or prefetch is fetching it: wait rather than ask the source again
             for claim in ahead:
                 await claim.done.wait()
             return await self._read_range(lo, hi - lo)
@@ -539,8 +544,8 @@ class CloneEngine:
         """A user read `run` from the source: its neighbourhood is a hot spot, and the access
         trace records it."""
         self.order.note_source_read(run)
-        if self.on_source_read is not None:
-            self.on_source_read(run)
+        if self.recorder is not None:
+            self.recorder.source_read(run)
         self._changed.unpark_all()  # a parked hydrator may take the hot spot
 
     def _follow_stream(self, offset: int, length: int, *, may_start: bool) -> None:
@@ -572,8 +577,8 @@ class CloneEngine:
             self._readahead_inflight += nbytes
             self._inflight_regions += len(run)
             self.fetched["readahead"] += nbytes
-            if self.on_source_read is not None:
-                self.on_source_read(run)
+            if self.recorder is not None:
+                self.recorder.fetched_ahead(run)
             assert self._nursery is not None
             self._nursery.start_soon(self._fetch_ahead, self._claim(run, ahead=True))
             pos = run.stop
@@ -857,18 +862,18 @@ class CloneEngine:
         if self.order.prefetching:
             run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
             if run is not None or not self.settings.hydration:
-                return self._claim_for("prefetch", run), False
+                return self._claim_for("prefetch", run, ahead=True), False
         run = self.order.next_hot(self._free_run, self._batch_regions())
         if run is not None:
             return self._claim_for("hot_spots", run), False
         run = self._free_run(cursor, len(self.meta.map), self._batch_regions())
         return (None if run is None else self._claim(run)), True
 
-    def _claim_for(self, kind: str, run: range | None) -> _Claim | None:
+    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
         if run is None:
             return None
         self.fetched[kind] += len(run) * self.geometry.region_size
-        return self._claim(run)
+        return self._claim(run, ahead=ahead)
 
     async def _hydrate_batch(self, claim: _Claim) -> None:
         started = trio.current_time()

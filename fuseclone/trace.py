@@ -17,7 +17,8 @@ The format is text, one record a line (UTF-8, `\\n` line ends)::
    records; a trace of another source is refused) and `image_size` its size in bytes;
 3. one line per first read from the source: seconds since the mount started (three decimals),
    then the offset and the length in bytes of the whole regions that read fetched, in the order
-   users first read them (a region appears once; readahead's fetches count as reads);
+   users first read them (a region appears once; a sequential reader's reads of what readahead
+   fetched for it count as reads from the source, what it fetched and nobody read does not);
 4. `end N` (N: the number of records) once the mount ended cleanly.
 Each record is written to the file as it happens, so a trace of a mount that was killed ends
 without the `end` line and is still good to prefetch from; anything else that does not parse
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from bitarray import bitarray
 
@@ -52,8 +54,20 @@ class AccessTrace:
     complete: bool  # ended with its `end` line
 
     def region_runs(self, geometry: Geometry) -> list[range]:
-        """The records as runs of regions of `geometry`, in order."""
-        return [geometry.region_span(offset, length) for offset, length in self.records]
+        """The records as runs of regions of `geometry`: records that touch or overlap merged
+        into one run (one copy instead of many small ones), placed where the first of them was
+        read."""
+        spans = [geometry.region_span(offset, length) for offset, length in self.records]
+        order = sorted(range(len(spans)), key=lambda i: spans[i].start)
+        merged: list[tuple[int, range]] = []  # (first record's index, run)
+        for i in order:
+            span = spans[i]
+            if merged and span.start <= merged[-1][1].stop:
+                first, run = merged[-1]
+                merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
+            else:
+                merged.append((i, span))
+        return [run for _, run in sorted(merged, key=lambda item: item[0])]
 
 
 def read_trace(path: str) -> AccessTrace:
@@ -118,23 +132,45 @@ def _describe(identity: dict) -> str:
 
 
 class TraceRecorder:
-    """Appends first reads from the source to a trace file as they happen."""
+    """Appends first reads from the source to a trace file as they happen. The engine calls
+    `source_read` for user reads that went to the source, `fetched_ahead` for readahead's
+    copies, and `read` for user reads of data at hand: the part of those that readahead
+    fetched is recorded then, as read (what readahead fetched and nobody read is not)."""
 
-    def __init__(self, path: str, source_identity: dict, geometry: Geometry, started: float) -> None:
+    def __init__(self, path: str, source_identity: dict, geometry: Geometry,
+                 clock: Callable[[], float]) -> None:
         self.path = path
         self.geometry = geometry
-        self._started = started
+        self._clock = clock
+        self._started = clock()
         self._seen = bitarray(geometry.nr_regions, endian="little")
         self._seen.setall(0)
+        self._ahead = bitarray(geometry.nr_regions, endian="little")  # fetched ahead, not read yet
+        self._ahead.setall(0)
         self.records = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
                             sort_keys=True)
         self._write(f"{MAGIC}\n{header}\n")
 
-    def record(self, regions: range, now: float) -> None:
-        """Users read `regions` from the source at NOW (trio time); the ones read before are
-        left out. One write(2) per record: the file is whole up to its last line at any time."""
+    def fetched_ahead(self, regions: range) -> None:
+        self._ahead[regions.start : regions.stop] = 1
+
+    def read(self, regions: range) -> None:
+        """A user read `regions` of data at hand: record the runs of it readahead fetched."""
+        if not self._ahead.any() or not self._ahead.count(1, regions.start, regions.stop):
+            return
+        pos = self._ahead.find(1, regions.start, regions.stop)
+        while pos >= 0:
+            end = self._ahead.find(0, pos, regions.stop)
+            end = regions.stop if end < 0 else end
+            self._ahead[pos:end] = 0
+            self.source_read(range(pos, end))
+            pos = self._ahead.find(1, end, regions.stop)
+
+    def source_read(self, regions: range) -> None:
+        """Users read `regions` from the source just now; the ones read before are left out.
+        One write(2) per record: the file is whole up to its last line at any time."""
         if not regions or self._seen.count(0, regions.start, regions.stop) == 0:
             return
         first = self._seen.find(0, regions.start, regions.stop)
@@ -144,7 +180,7 @@ class TraceRecorder:
         self._seen[first : last + 1] = 1
         offset, length = self.geometry.byte_range(range(first, last + 1))
         self.records += 1
-        self._write(f"{now - self._started:.3f} {offset} {length}\n")
+        self._write(f"{self._clock() - self._started:.3f} {offset} {length}\n")
 
     def close(self) -> None:
         """The mount ended: write the `end` line and close."""

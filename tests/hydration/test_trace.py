@@ -10,9 +10,9 @@ GEOMETRY = Geometry(1 << 20, 4096)
 
 
 def record(path, runs, close=True):
-    recorder = TraceRecorder(str(path), IDENT, GEOMETRY, started=100.0)
-    for i, run in enumerate(runs):
-        recorder.record(run, 100.0 + i)
+    recorder = TraceRecorder(str(path), IDENT, GEOMETRY, clock=iter(range(100, 200)).__next__)
+    for run in runs:
+        recorder.source_read(run)
     if close:
         recorder.close()
 
@@ -22,7 +22,18 @@ def test_round_trip_in_first_read_order_without_repeats(tmp_path):
     trace = read_trace(str(tmp_path / "t"))
     assert trace.source == IDENT and trace.image_size == 1 << 20 and trace.complete
     assert trace.records == ((5 * 4096, 2 * 4096), (0, 4096), (7 * 4096, 2 * 4096))
-    assert trace.region_runs(GEOMETRY) == [range(5, 7), range(0, 1), range(7, 9)]
+    # touching records merge into one run, placed where the first of them was read
+    assert trace.region_runs(GEOMETRY) == [range(5, 9), range(0, 1)]
+
+
+def test_readahead_counts_once_read(tmp_path):
+    recorder = TraceRecorder(str(tmp_path / "t"), IDENT, GEOMETRY, clock=lambda: 0.0)
+    recorder.source_read(range(0, 1))
+    recorder.fetched_ahead(range(1, 9))
+    recorder.read(range(1, 3))
+    recorder.read(range(0, 2))
+    recorder.close()
+    assert read_trace(str(tmp_path / "t")).records == ((0, 4096), (4096, 2 * 4096))
 
 
 def test_a_trace_cut_short_is_usable(tmp_path):
