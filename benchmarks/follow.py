@@ -1,4 +1,4 @@
-"""Row 8: hydration that follows the user (issue 17), behind 5 ms per source read.
+"""Row 9: hydration that follows the user (issue 17), behind 5 ms per source read.
 
 * sequential reads of unhydrated data: 64 KiB direct and 1 MiB buffered `dd` of the image, and
   random 4 KiB direct reads, on a fresh clone with background hydration off; the peer is
@@ -46,28 +46,28 @@ def qsd_cor_argv(sock: str, overlay: str, export: str) -> list[str]:
 @contextlib.contextmanager
 def qsd_cor(bench, sock: str, size: int):
     """A fresh qsd copy-on-read export of the NBD source; yields the exported file."""
-    overlay, export = bench.path("r8-qsd.qcow2"), bench.path("r8-qsd-export.img")
+    overlay, export = bench.path("r9-qsd.qcow2"), bench.path("r9-qsd-export.img")
     remove(overlay)
     run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(size)])
     with open(export, "ab"):
         pass
     argv = qsd_cor_argv(sock, overlay, export)
-    bench.commands["qsd copy-on-read over NBD (row 8)"] = shlex.join(argv)
+    bench.commands["qsd copy-on-read over NBD (row 9)"] = shlex.join(argv)
     try:
         with contextlib.ExitStack() as stack:
-            start_server(stack, argv, bench.log_path("r8-qsd.log"), ready=lambda: mounted(export))
+            start_server(stack, argv, bench.log_path("r9-qsd.log"), ready=lambda: mounted(export))
             yield export
     finally:
         remove(overlay)
 
 
 @contextlib.contextmanager
-def fresh_clone(bench, uri: str, options: list[str], tag: str = "r8"):
+def fresh_clone(bench, uri: str, options: list[str], tag: str = "r9"):
     clone = bench.clone(tag, uri, ["--no-hydration", *options])
     try:
         with contextlib.ExitStack() as stack:
             subject.mount(stack, clone)
-            bench.commands[f"fuseclone mount (row 8, {tag})"] = clone.command_line
+            bench.commands[f"fuseclone mount (row 9, {tag})"] = clone.command_line
             yield clone
     finally:
         remove(clone.dst, clone.meta)
@@ -111,10 +111,10 @@ def p99(values: list[float]) -> float:
 def startup_image(bench) -> tuple[str, list[str]]:
     """A 512 MiB ext4 image holding FILES random files of 64 KiB-1 MiB spread over its block
     groups, and the names of the files the workload reads."""
-    path = bench.path("r8-ext4.img")
+    path = bench.path("r9-ext4.img")
     names = [f"dir{i % 6}/f{i}.bin" for i in range(FILES)]
     if not os.path.exists(path):
-        files = bench.path("r8-files")
+        files = bench.path("r9-files")
         rng = random.Random(17)
         for name in names:
             os.makedirs(os.path.join(files, os.path.dirname(name)), exist_ok=True)
@@ -131,7 +131,7 @@ def startup_image(bench) -> tuple[str, list[str]]:
 def startup_seconds(bench, image: str, names: list[str], before=lambda stack: None) -> float:
     """Seconds from BEFORE (which mounts a clone, or nothing) through losetup, a read-only
     mount of the ext4 and reading every file."""
-    fsmnt = bench.path("r8-fs")
+    fsmnt = bench.path("r9-fs")
     drop_caches()
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -146,23 +146,23 @@ def startup_seconds(bench, image: str, names: list[str], before=lambda stack: No
     return seconds
 
 
-def row8(bench) -> list[Metric]:
+def row9(bench) -> list[Metric]:
     """hydration that follows the user: readahead, prefetch traces (behind 5 ms)"""
     p = bench.profile
     size = 512 * MiB
-    seq = Metric(8, "r8.seq_unhydrated", f"sequential reads of unhydrated data behind {DELAY}", "MB/s",
+    seq = Metric(9, "r9.seq_unhydrated", f"sequential reads of unhydrated data behind {DELAY}", "MB/s",
                  targets=[Target("64 KiB direct ≥ 60 MB/s", ["fuseclone 64k direct"], ">=", 60),
                           Target("1 MiB buffered ≥ 150 MB/s", ["fuseclone 1M buffered"], ">=", 150),
                           Target("64 KiB direct / qsd", ["fuseclone 64k direct"], ">=", 0,
                                  ["qsd 64k direct"], info=True)])
-    rnd = Metric(8, "r8.random_unhydrated", f"random 4 KiB direct reads of unhydrated data behind {DELAY}",
+    rnd = Metric(9, "r9.random_unhydrated", f"random 4 KiB direct reads of unhydrated data behind {DELAY}",
                  "IOPS", targets=[Target("/ qsd", ["fuseclone"], ">=", 0, ["qsd"], info=True)])
-    start = Metric(8, "r8.startup", "start-up workload (mount ext4 ro from a loop device, read 60 files)",
+    start = Metric(9, "r9.startup", "start-up workload (mount ext4 ro from a loop device, read 60 files)",
                    "s", False, targets=[Target("second clone ≤ 0.4× first", ["second clone --prefetch"],
                                                "<=", 0.4, ["first clone"]),
                                         Target("second clone / local", ["second clone --prefetch"], "<=", 0,
                                                ["local DST"], info=True)])
-    lat = Metric(8, "r8.p99_following", "p99 4 KiB direct read of hydrated data", "µs", False,
+    lat = Metric(9, "r9.p99_following", "p99 4 KiB direct read of hydrated data", "µs", False,
                  targets=[Target("readahead ≤ 3× idle", ["during readahead"], "<=", 3.0, ["idle"]),
                           Target("prefetch ≤ 3× idle", ["during prefetch"], "<=", 3.0, ["idle"])])
     metrics = [seq, rnd, start, lat]
@@ -175,18 +175,18 @@ def row8(bench) -> list[Metric]:
     src = random_file(bench.path(f"src-random-{size}.img"), size)
     img, names = startup_image(bench)
     with contextlib.ExitStack() as stack:
-        nbd = anchors.nbdkit_server(stack, src, bench.path("r8.sock"), bench.log_path("r8-nbdkit.log"),
+        nbd = anchors.nbdkit_server(stack, src, bench.path("r9.sock"), bench.log_path("r9-nbdkit.log"),
                                     rdelay=DELAY)
-        ext4 = anchors.nbdkit_server(stack, img, bench.path("r8-ext4.sock"),
-                                     bench.log_path("r8-nbdkit-ext4.log"), rdelay=DELAY)
-        bench.commands["nbdkit (row 8)"] = shlex.join(anchors.nbdkit_argv(src, nbd.socket, DELAY))
+        ext4 = anchors.nbdkit_server(stack, img, bench.path("r9-ext4.sock"),
+                                     bench.log_path("r9-nbdkit-ext4.log"), rdelay=DELAY)
+        bench.commands["nbdkit (row 9)"] = shlex.join(anchors.nbdkit_argv(src, nbd.socket, DELAY))
         for rep in range(p.reps):
             try:
                 _sequential_and_random(bench, nbd, size, seq, rnd, rep)
                 _startup(bench, ext4, img, names, start)
                 _latency(bench, nbd, lat)
             except BenchError as exc:
-                bench.say(f"  row 8: [red]failed[/]: {exc}")
+                bench.say(f"  row 9: [red]failed[/]: {exc}")
                 for m in metrics:
                     m.notes.append(f"failed: {exc}")
                 break
@@ -213,7 +213,7 @@ def traces_supported() -> bool:
 
 
 def _startup(bench, ext4, img, names, start) -> None:
-    trace = bench.path("r8-startup.trace")
+    trace = bench.path("r9-startup.trace")
     traces = traces_supported()
 
     def clone_of(options, tag):
@@ -221,14 +221,14 @@ def _startup(bench, ext4, img, names, start) -> None:
             clone = bench.clone(tag, ext4.uri, ["--no-hydration", *options])
             stack.callback(remove, clone.dst, clone.meta)
             subject.mount(stack, clone)
-            bench.commands[f"fuseclone mount (row 8, {tag})"] = clone.command_line
+            bench.commands[f"fuseclone mount (row 9, {tag})"] = clone.command_line
             return clone.image
         return before
 
     first = startup_seconds(bench, img, names,
-                            clone_of(["--record-access", trace] if traces else [], "r8-first"))
+                            clone_of(["--record-access", trace] if traces else [], "r9-first"))
     second = startup_seconds(bench, img, names,
-                             clone_of(["--prefetch", trace] if traces else [], "r8-second"))
+                             clone_of(["--prefetch", trace] if traces else [], "r9-second"))
     local = startup_seconds(bench, img, names)
     start.figure("first clone").add(first)
     start.figure("second clone --prefetch").add(second)
@@ -242,9 +242,9 @@ def _latency(bench, nbd, lat) -> None:
     hot = 32 * MiB
     rng = random.Random(5)
     offsets = [rng.randrange(hot // 4096) * 4096 for _ in range(1500)]
-    trace = bench.path("r8-seq.trace")
+    trace = bench.path("r9-seq.trace")
     traces = traces_supported()
-    with fresh_clone(bench, nbd.uri, ["--record-access", trace] if traces else [], "r8-lat") as clone:
+    with fresh_clone(bench, nbd.uri, ["--record-access", trace] if traces else [], "r9-lat") as clone:
         run(["dd", f"if={clone.image}", "of=/dev/null", "bs=1M", f"count={hot // MiB}", "iflag=direct",
              "status=none"])
         clone.flush()
@@ -261,7 +261,7 @@ def _latency(bench, nbd, lat) -> None:
         bench.say(f"  p99: idle {idle * 1e6:,.0f} µs, beside a sequential reader {busy * 1e6:,.0f} µs")
         return
     # A clone with its first 32 MiB hydrated as above, then prefetching the trace.
-    clone = bench.clone("r8-lat3", nbd.uri, ["--no-hydration"])
+    clone = bench.clone("r9-lat3", nbd.uri, ["--no-hydration"])
     try:
         with contextlib.ExitStack() as stack:
             subject.mount(stack, clone)

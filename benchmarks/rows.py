@@ -45,6 +45,8 @@ class Profile:
     r6_io_runtime: float = 3.0
     r6_hydrate_seconds: float = 3.0
     r7_size: int = 512 * MiB  # ext4 image a database-like fio job runs on
+    r8_size: int = 512 * MiB  # S3 object hydrated from SeaweedFS
+    r8_fleet_size: int = 256 * MiB  # object four clones hydrate at once
 
     @classmethod
     def quick(cls) -> "Profile":
@@ -56,7 +58,8 @@ class Profile:
     def full(cls) -> "Profile":
         return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
                    r2_size=1 * GiB, r3_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
-                   r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB)
+                   r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB,
+                   r8_size=1 * GiB, r8_fleet_size=512 * MiB)
 
 
 @dataclass
@@ -297,14 +300,16 @@ def row2(bench: Bench) -> list[Metric]:
     return [m]
 
 
-def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: str,
+def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: str | list[str],
                  options: list[str] = ()) -> float:
     """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone of SRC
-    (a path or URL), with COLD_FILE (the source's data) evicted from the page cache first."""
+    (a path or URL), with COLD_FILE (the source's data; or several files) evicted from the page
+    cache first."""
     clone = bench.clone(tag, src, options)
     try:
         with contextlib.ExitStack() as stack:
-            evict(cold_file)
+            for path in [cold_file] if isinstance(cold_file, str) else cold_file:
+                evict(path)
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t_ready = time.perf_counter()
@@ -705,6 +710,106 @@ def synced_writes_hydrating(bench: Bench, m: Metric, src: str) -> float:
         remove(clone.dst, clone.meta)
 
 
-from .follow import row8  # noqa: E402  (it uses this module's Bench)
+# ---- row 8: hydration from S3 (SeaweedFS) ------------------------------------------------------
 
-ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7, 8: row8}
+
+def row8(bench: Bench) -> list[Metric]:
+    """hydration from S3 (SeaweedFS on this host): fuseclone vs a boto3 download; four at once"""
+    import subprocess
+
+    p = bench.profile
+    one = Metric(8, "r8.hydrate_s3", f"hydration from S3 / SeaweedFS ({p.r8_size // MiB} MiB)",
+                 "MB/s", targets=[Target("≥ 0.8× boto3", ["fuseclone"], ">=", 0.8, ["boto3"])])
+    four = Metric(8, "r8.hydrate_s3_x4",
+                  f"four clones of one S3 object at once ({p.r8_fleet_size // MiB} MiB each), total",
+                  "MB/s", targets=[Target("≥ 0.8× 4 boto3", ["fuseclone ×4"], ">=", 0.8,
+                                          ["boto3 ×4"])])
+    for m in (one, four):
+        m.notes.append("weed server -s3 on 127.0.0.1, signatures checked; SeaweedFS's volume "
+                       "files evicted from the page cache before each sample; boto3: "
+                       "download_file (10 threads, 8 MiB parts) then fsync, in its own process; "
+                       "fuseclone: mount → complete → fsync of the image")
+    with contextlib.ExitStack() as stack:
+        os.makedirs(bench.path("r8-seaweedfs"), exist_ok=True)
+        server = anchors.start_seaweedfs(bench.path("r8-seaweedfs"), bench.log_path("r8-weed.log"))
+        stack.callback(anchors.stop_seaweedfs, server)
+        bench.commands["SeaweedFS (row 8)"] = " ".join(server.argv)
+        saved = {name: os.environ.get(name) for name in server.env()}
+        os.environ.update(server.env())  # the fuseclone and boto3 processes read these
+        stack.callback(_restore_env, saved)
+        for key, size in (("r8-one.raw", p.r8_size), ("r8-fleet.raw", p.r8_fleet_size)):
+            src = random_file(bench.path(f"src-random-{size}.img"), size)
+            server.client().upload_file(src, anchors.S3_BUCKET, key)
+        bench.commands["boto3 (row 8)"] = " ".join(
+            anchors.boto3_download_argv(server, "KEY", "DST")[:2]) + " ..."
+
+        def boto3(key: str, copies: int, size: int) -> float:
+            for path in server.volume_files():
+                evict(path)
+            dsts = [bench.path(f"r8-boto3-{i}.img") for i in range(copies)]
+            remove(*dsts)
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(anchors.boto3_download_argv(server, key, dst),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for dst in dsts]
+            for proc in procs:
+                _, err = proc.communicate(timeout=900)
+                if proc.returncode:
+                    raise BenchError(f"boto3 download failed: {err.decode()[-400:]}")
+            seconds = time.perf_counter() - t0
+            remove(*dsts)
+            return copies * size / seconds / 1e6
+
+        def fc_one() -> float:
+            return p.r8_size / hydrate_once(bench, "r8", f"s3://{anchors.S3_BUCKET}/r8-one.raw",
+                                            one, server.volume_files()) / 1e6
+
+        def fc_four() -> float:
+            return 4 * p.r8_fleet_size / hydrate_together(
+                bench, "r8x4", f"s3://{anchors.S3_BUCKET}/r8-fleet.raw", 4,
+                server.volume_files()) / 1e6
+
+        contenders = [Contender(one, "boto3", lambda: boto3("r8-one.raw", 1, p.r8_size)),
+                      Contender(one, "fuseclone", fc_one, bench.fuseclone_reason),
+                      Contender(four, "boto3 ×4", lambda: boto3("r8-fleet.raw", 4, p.r8_fleet_size)),
+                      Contender(four, "fuseclone ×4", fc_four, bench.fuseclone_reason)]
+        for rep in range(p.reps):
+            for c in rotated(contenders, rep):
+                c.run(bench, f"rep {rep + 1}/{p.reps}")
+    return [one, four]
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def hydrate_together(bench: Bench, tag: str, src: str, count: int, cold_files: list[str]) -> float:
+    """Seconds from the first of COUNT `fuseclone mount`s of SRC (fresh clones, mounted one
+    after the other) until every one is hydrated and flushed."""
+    clones = [bench.clone(f"{tag}-{i}", src) for i in range(count)]
+    try:
+        with contextlib.ExitStack() as stack:
+            for path in cold_files:
+                evict(path)
+            t0 = time.perf_counter()
+            for clone in clones:
+                subject.mount(stack, clone)
+            for clone in clones:
+                clone.wait(timeout=900)
+                clone.flush()
+            seconds = time.perf_counter() - t0
+            bench.commands.setdefault(f"fuseclone mount ({tag})", clones[0].command_line)
+        return seconds
+    finally:
+        for clone in clones:
+            remove(clone.dst, clone.meta)
+
+
+from .follow import row9  # noqa: E402  (it uses this module's Bench)
+
+ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7, 8: row8,
+                                                   9: row9}
