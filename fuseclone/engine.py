@@ -1022,7 +1022,8 @@ class CloneEngine:
         )
 
     def _hydrated_in(self, run: range) -> int:
-        return sum(1 for region in run if self.meta.map.is_hydrated(region))
+        bits = self.meta.map
+        return len(run) if bits.complete else bits.bits.count(1, run.start, run.stop)
 
     def _retry_note(self) -> str | None:
         """While hydration backs off after failures (and has not stopped): how it stands."""

@@ -147,6 +147,7 @@ class TraceRecorder:
         self._seen.setall(0)
         self._ahead = bitarray(geometry.nr_regions, endian="little")  # fetched ahead, not read yet
         self._ahead.setall(0)
+        self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
         self.records = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
@@ -154,17 +155,19 @@ class TraceRecorder:
         self._write(f"{MAGIC}\n{header}\n")
 
     def fetched_ahead(self, regions: range) -> None:
+        self._ahead_count += self._ahead.count(0, regions.start, regions.stop)
         self._ahead[regions.start : regions.stop] = 1
 
     def read(self, regions: range) -> None:
         """A user read `regions` of data at hand: record the runs of it readahead fetched."""
-        if not self._ahead.any() or not self._ahead.count(1, regions.start, regions.stop):
+        if not self._ahead_count or not self._ahead.count(1, regions.start, regions.stop):
             return
         pos = self._ahead.find(1, regions.start, regions.stop)
         while pos >= 0:
             end = self._ahead.find(0, pos, regions.stop)
             end = regions.stop if end < 0 else end
             self._ahead[pos:end] = 0
+            self._ahead_count -= end - pos
             self.source_read(range(pos, end))
             pos = self._ahead.find(1, end, regions.stop)
 
