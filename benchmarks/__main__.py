@@ -23,7 +23,8 @@ from rich.console import Console
 from . import report, subject
 from .rows import ROWS, Bench, Profile
 from .stats import Metric
-from .system import WORKDIR_DEFAULT, detach_loop, kill_pid, leftovers, log, run, umount, versions
+from .system import (WORKDIR_DEFAULT, detach_loop, kill_pid, leftovers, log, own_ancestors, run, umount,
+                     versions)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +100,9 @@ def clean_previous_run(workdir: str, console: Console) -> None:
         if fstype == "fuse.fuseclone":
             run([*subject.FUSECLONE, "unmount", point], check=False)
         umount(point)
+    ancestors = own_ancestors()
     for pid_dir in os.listdir("/proc"):
-        if not pid_dir.isdigit() or int(pid_dir) == os.getpid():
+        if not pid_dir.isdigit() or int(pid_dir) in ancestors:
             continue
         try:
             with open(f"/proc/{pid_dir}/cmdline", "rb") as f:

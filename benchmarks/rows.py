@@ -20,8 +20,8 @@ from typing import Callable
 from . import anchors, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
-from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, remove,
-                     rss_kib, run)
+from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, read_through,
+                     remove, rss_kib, run)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -35,7 +35,6 @@ class Profile:
     fio_ramp: float
     r1_size: int  # hydrated image for the fio rows
     r2_size: int  # local-source hydration
-    r3_size: int  # NBD hydration
     r4_size: int  # source hydrating while fio measures latency
     r4_hot: int  # pre-hydrated part fio reads
     r4_runtime: float
@@ -45,19 +44,20 @@ class Profile:
     r6_io_runtime: float = 3.0
     r6_hydrate_seconds: float = 3.0
     r7_size: int = 512 * MiB  # ext4 image a database-like fio job runs on
+    r3_sizes: tuple[int, ...] = (512 * MiB, 4 * GiB)  # NBD hydration, source cached and not
     r8_size: int = 512 * MiB  # S3 object hydrated from SeaweedFS
     r8_fleet_size: int = 256 * MiB  # object four clones hydrate at once
 
     @classmethod
     def quick(cls) -> "Profile":
         return cls("quick", reps=3, fio_runtime=2, fio_ramp=0.5, r1_size=256 * MiB,
-                   r2_size=512 * MiB, r3_size=512 * MiB, r4_size=1 * GiB, r4_hot=64 * MiB,
+                   r2_size=512 * MiB, r4_size=1 * GiB, r4_hot=64 * MiB,
                    r4_runtime=3)
 
     @classmethod
     def full(cls) -> "Profile":
         return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
-                   r2_size=1 * GiB, r3_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
+                   r2_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
                    r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB,
                    r8_size=1 * GiB, r8_fleet_size=512 * MiB)
 
@@ -290,7 +290,7 @@ def row2(bench: Bench) -> list[Metric]:
         return size / seconds / 1e6
 
     def fc():
-        return size / hydrate_once(bench, "r2", src, m, src) / 1e6
+        return size / hydrate_once(bench, "r2", src, m, functools.partial(evict, src)) / 1e6
 
     contenders = [Contender(m, "dd", dd), Contender(m, "qsd stream", qsd),
                   Contender(m, "fuseclone", fc, bench.fuseclone_reason)]
@@ -300,16 +300,14 @@ def row2(bench: Bench) -> list[Metric]:
     return [m]
 
 
-def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: str | list[str],
+def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, before: Callable[[], None],
                  options: list[str] = ()) -> float:
     """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone of SRC
-    (a path or URL), with COLD_FILE (the source's data; or several files) evicted from the page
-    cache first."""
+    (a path or URL), with BEFORE (e.g. evicting the source's data) run first, untimed."""
     clone = bench.clone(tag, src, options)
     try:
         with contextlib.ExitStack() as stack:
-            for path in [cold_file] if isinstance(cold_file, str) else cold_file:
-                evict(path)
+            before()
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t_ready = time.perf_counter()
@@ -333,35 +331,57 @@ def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: st
 
 # ---- row 3: hydration from NBD with 2 ms latency -----------------------------------------------
 
+R3_CASES = [  # key suffix, label, what happens to the served file's page cache before each sample
+    ("cached", "source cached", "read once through, so nbdkit serves it from the page cache"),
+    ("cold", "source uncached", "every page cache dropped (sync; drop_caches)"),
+]
+
 
 def row3(bench: Bench) -> list[Metric]:
-    """hydration from NBD with 2 ms added latency: fuseclone vs nbdcopy"""
+    """hydration from NBD with 2 ms added latency, source cached and uncached: fuseclone vs nbdcopy"""
     p = bench.profile
-    size = p.r3_size
-    m = Metric(3, "r3.hydrate_nbd", f"hydration from NBD, +2 ms per read ({size // MiB} MiB)", "MB/s",
-               targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
-    m.notes.append("nbdkit delay filter rdelay=2ms on a unix socket; the served file's page cache evicted before each "
-                   "sample; nbdcopy --flush (defaults: 4 connections × 64 requests); fuseclone: mount → "
-                   "complete → fsync of the image")
+    metrics = []
+    for size in p.r3_sizes:
+        cases = {}
+        for key, label, how in R3_CASES:
+            m = Metric(3, f"r3.hydrate_nbd_{size // MiB}M_{key}",
+                       f"hydration from NBD, +2 ms per read ({size // MiB} MiB, {label})", "MB/s",
+                       targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
+            m.notes.append(f"nbdkit delay filter rdelay=2ms on a unix socket; before each sample the served "
+                           f"file's {how}; nbdcopy --flush (defaults: 4 connections × 64 requests) to a file "
+                           "beside DST; fuseclone: mount → complete → fsync of the image")
+            cases[key] = m
+        metrics += cases.values()
+        hydration_from_nbd(bench, size, cases)
+    return metrics
+
+
+def hydration_from_nbd(bench: Bench, size: int, cases: dict[str, Metric]) -> None:
+    """Row 3 at one SIZE: every case's contenders interleaved, against one nbdkit."""
+    p = bench.profile
     src = random_file(bench.path(f"src-random-{size}.img"), size)
+    prepare = {"cached": functools.partial(read_through, src), "cold": drop_caches}
     with contextlib.ExitStack() as stack:
         nbd = anchors.nbdkit_server(stack, src, bench.path("r3-nbd.sock"), bench.log_path("r3-nbdkit.log"))
         bench.commands["nbdkit (rows 3, 5)"] = nbd.server.command_line
-        bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, bench.path("r3-nbdcopy.img")))
+        nbdcopy_dst = bench.path("r3-nbdcopy.img")
+        bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, nbdcopy_dst))
 
-        def nbdcopy():
-            evict(src)
-            return size / anchors.nbdcopy(nbd.uri, bench.path("r3-nbdcopy.img")) / 1e6
+        def nbdcopy(before: Callable[[], None]) -> float:
+            before()
+            return size / anchors.nbdcopy(nbd.uri, nbdcopy_dst) / 1e6
 
-        def fc():
-            return size / hydrate_once(bench, "r3", nbd.uri, m, src) / 1e6
+        def fc(m: Metric, before: Callable[[], None]) -> float:
+            return size / hydrate_once(bench, "r3", nbd.uri, m, before) / 1e6
 
-        contenders = [Contender(m, "nbdcopy", nbdcopy),
-                      Contender(m, "fuseclone", fc, bench.fuseclone_reason or bench.nbd_reason)]
+        contenders = []
+        for key, m in cases.items():
+            contenders += [Contender(m, "nbdcopy", functools.partial(nbdcopy, prepare[key])),
+                           Contender(m, "fuseclone", functools.partial(fc, m, prepare[key]),
+                                     bench.fuseclone_reason or bench.nbd_reason)]
         for rep in range(p.reps):
             for c in rotated(contenders, rep):
-                c.run(bench, f"rep {rep + 1}/{p.reps}")
-    return [m]
+                c.run(bench, f"rep {rep + 1}/{p.reps} {c.metric.key}")
 
 
 # ---- row 4: p99 read latency while hydrating ---------------------------------------------------
@@ -762,7 +782,7 @@ def row8(bench: Bench) -> list[Metric]:
 
         def fc_one() -> float:
             return p.r8_size / hydrate_once(bench, "r8", f"s3://{anchors.S3_BUCKET}/r8-one.raw",
-                                            one, server.volume_files()) / 1e6
+                                            one, lambda: evict(*server.volume_files())) / 1e6
 
         def fc_four() -> float:
             return 4 * p.r8_fleet_size / hydrate_together(

@@ -604,7 +604,9 @@ class CloneEngine:
         bits = self.meta.map
         region = bits.next_unhydrated(start, stop)
         while region >= 0 and region in self._claims:
-            region = bits.next_unhydrated(region + 1, stop)
+            # Past the whole claim at once: stepping region by region through 128 MiB of
+            # copies in flight took half the loop's time at the end of a hydration.
+            region = bits.next_unhydrated(self._claims[region].regions.stop, stop)
         if region < 0:
             return None
         return range(region, self._unhydrated_run_end(region + 1, min(stop, region + limit)))
