@@ -215,6 +215,10 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    # Like a daemon should: a descriptor inherited from the caller (a `flock LOCK fuseclone
+    # mount` lock, a pipe someone waits on for EOF) must not live as long as the mount.
+    os.closerange(3, ready_fd)
+    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
     try:
         _mount_foreground(opts, log_file, log_level, ready_fd, default_log)
     except FusecloneError:
