@@ -16,6 +16,7 @@ import click
 from . import control
 from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
+from .sources import is_remote
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -117,7 +118,10 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
-    opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
+    # Absolute, so that status, list and metrics name them usefully from any directory.
+    src = src if is_remote(src) else os.path.abspath(src)
+    opts = MountOptions(source=src, destination=os.path.abspath(dst), metadata=meta,
+                        mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
