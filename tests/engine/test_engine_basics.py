@@ -129,6 +129,25 @@ async def test_large_writes_to_hydrated_regions_are_handed_over(clone):
         assert engine.source_reads == 0
 
 
+async def test_direct_writes_to_hydrated_regions_go_past_dst_page_cache(clone):
+    """A writer with O_DIRECT (a database, a direct-I/O loop device) flushes soon: its small
+    aligned writes to hydrated regions are written through to DST's disk by the job thread,
+    so the flush's fdatasync has nothing of them to write back inside the kernel's lock."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine._record_written(0, MiB)
+        assert engine.write_now(0, b"a" * (64 * KiB)) is True  # unhydrated: filled and marked
+        assert engine.write_now(0, b"b" * 4096, direct=False) is True  # buffered: at once
+        assert dst_cached(clone.dst, 0, 4096)
+        through = engine.write_now(8192, memoryview(b"c" * 8192), direct=True)
+        assert callable(through)
+        await trio.to_thread.run_sync(through)
+        assert not dst_cached(clone.dst, 8192, 8192)  # on DST's disk, not in its page cache
+        assert file_bytes(clone.dst, 16 * KiB) == b"b" * 4096 + b"a" * 4096 + b"c" * 8192
+        assert engine.write_now(4096 + 512, b"d" * 512, direct=True) is True  # unaligned: buffered
+        assert await engine.read(0, 16 * KiB) == b"b" * 4096 + b"a" * 512 + b"d" * 512 + b"a" * 3072 + b"c" * 8192
+
+
 async def test_reads_come_from_source_until_hydrated(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
