@@ -54,6 +54,10 @@ INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cach
 # From this size, a write to hydrated regions is copied into the page cache by the FUSE session's
 # job thread instead: the copy then overlaps the loop's next reads of /dev/fuse.
 HANDED_OVER_WRITE_MIN = 256 << 10
+# Direct writes go through to DST's disk while FSYNCs come this often (seconds since the last):
+# a database commits. Without flushes, 4 KiB direct writes at iodepth 16 stay in DST's page
+# cache (25-36k IOPS through a dio loop device; one by one through to the disk: 8-9k).
+COMMITTING_WINDOW = 0.1
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
@@ -180,6 +184,7 @@ class CloneEngine:
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._last_user_io = -1e9
+        self._last_flush = -1e9
         self._failures = 0
         self._resume_at = 0.0
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
@@ -266,11 +271,14 @@ class CloneEngine:
 
     def _write_through(self, offset: int, length: int) -> bool:
         """Whether a direct write to hydrated regions goes past DST's page cache to its disk
-        (by the job thread). A database's commit is a few small direct writes and a flush, and
-        the kernel holds the image's inode lock for the whole FSYNC: a write left in the page
-        cache made that fdatasync write it back and wait for it, inside the lock. Written
-        through, the fdatasync only flushes the disk's cache, as a raw loop device's does."""
-        return length < HANDED_OVER_WRITE_MIN and self.dst.can_write_through(offset, length)
+        (by the job thread), which it does while the image is flushed often (a database
+        commits). A commit is a few small direct writes and a flush, and the kernel holds the
+        image's inode lock for the whole FSYNC: a write left in the page cache made that
+        fdatasync write it back and wait for it, inside the lock. Written through, the
+        fdatasync only flushes the disk's cache, as a raw loop device's does."""
+        return (length < HANDED_OVER_WRITE_MIN
+                and trio.current_time() - self._last_flush < COMMITTING_WINDOW
+                and self.dst.can_write_through(offset, length))
 
     def _fill(self, offset: int, data: bytes | memoryview, span: range, *, mark: bool) -> bool:
         """Write `data` into the regions of `span` and mark them hydrated, if it covers every
@@ -340,6 +348,7 @@ class CloneEngine:
 
     async def flush(self) -> None:
         self._check_writable()
+        self._last_flush = trio.current_time()
         await self.commit()
 
     def flush_now(self) -> Callable[[], None] | None:
@@ -350,6 +359,7 @@ class CloneEngine:
         which are then dirty). Else None (then `flush` is the way). A thread that answers the FSYNC
         itself saves the hop back to the event loop: the kernel holds the image's inode lock
         for the whole FSYNC, so every write of a database waits for it."""
+        self._last_flush = trio.current_time()
         if (self.meta.mode is not MetadataMode.RW or self.meta.dirty
                 or self._commit_lock.locked()):
             return None
