@@ -99,8 +99,9 @@ def clean_previous_run(workdir: str, console: Console) -> None:
         if fstype == "fuse.fuseclone":
             run([*subject.FUSECLONE, "unmount", point], check=False)
         umount(point)
+    ours = ancestors()  # e.g. `flock /tmp/fuseclone-bench.lock python -m benchmarks --workdir ...`
     for pid_dir in os.listdir("/proc"):
-        if not pid_dir.isdigit() or int(pid_dir) == os.getpid():
+        if not pid_dir.isdigit() or int(pid_dir) in ours:
             continue
         try:
             with open(f"/proc/{pid_dir}/cmdline", "rb") as f:
@@ -110,6 +111,19 @@ def clean_previous_run(workdir: str, console: Console) -> None:
         if real in cmdline and any(n in cmdline for n in ("nbdkit", "qemu-storage-daemon", "fuseclone")):
             console.print(f"[yellow]stopping leftover pid {pid_dir}: {cmdline[:120]}[/]")
             kill_pid(int(pid_dir))
+
+
+def ancestors() -> set[int]:
+    """This process and the ones that started it (a wrapper naming the workdir is no leftover)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def mounts_under(real: str) -> list[tuple[str, str]]:
