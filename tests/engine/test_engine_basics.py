@@ -358,6 +358,46 @@ async def test_flush_now_is_one_fdatasync_only_when_nothing_waits_to_be_committe
         assert engine._commits_done == 1  # no commit of its own
 
 
+async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
+    """A flush needs the bits of the regions users wrote in META, not the bits hydration set
+    since (a lost copy is copied again): it stays one fdatasync while they wait for the
+    committer, and while their commit runs. A user write near unsettled bits needs a commit."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    held = threading.Event()
+    real_datasync = engine.dst.datasync
+    syncs = []
+
+    def held_datasync():
+        syncs.append(1)
+        while held.is_set():
+            time.sleep(0.001)
+        real_datasync()
+
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        await engine.flush()
+        await engine._copy(engine._claim(range(64, 66)))  # hydration: bits to commit
+        assert engine.meta.dirty
+        assert callable(engine.flush_now())
+        engine.dst.datasync = held_datasync
+        held.set()
+        async with trio.open_nursery() as nursery:
+            try:  # cleared before the nursery waits for the commit, whatever fails here
+                nursery.start_soon(engine.commit)  # the committer's
+                with trio.fail_after(5):
+                    while not syncs:
+                        await trio.sleep(0.001)
+                assert engine._commit_lock.locked() and callable(engine.flush_now())
+                # A user write whose bitmap block is in that commit: its flush waits for one.
+                await engine.write(64 * 4096, b"w" * 4096)
+                assert engine.flush_now() is None
+            finally:
+                held.clear()
+        assert engine.flush_now() is None  # the commit that ran began before the write
+        await engine.flush()
+        assert callable(engine.flush_now())
+
+
 async def test_flush_now_failure_is_eio_and_fail_mode(clone):
     engine = await clone.open(hydration=False, commit_interval=3600)
 
