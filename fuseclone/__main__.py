@@ -1,3 +1,3 @@
 from .cli import main
 
-main()
+main(prog_name="fuseclone")  # `python -m fuseclone` too: its usage and _FUSECLONE_COMPLETE

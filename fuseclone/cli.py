@@ -1,4 +1,5 @@
-"""The `fuseclone` command: mount, status, message, wait, unmount, check, diff, demo."""
+"""The `fuseclone` command: mount, status, message, wait, unmount, list, metrics, check, diff,
+demo."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def main() -> None:
 @click.argument("dst")
 @click.argument("meta")
 @click.argument("mountpoint")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL", help="Another server of the same image (repeatable; any source kind): reads fail over to it and come back to SRC when it answers again. Its size (and ETag) must match SRC's.")
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
@@ -87,15 +89,20 @@ def main() -> None:
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
+@click.option("--http-header-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
 @click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_passdown,
+@click.option("--metrics-listen", metavar="HOST:PORT", callback=lambda ctx, param, value: _listen_address(value),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
+def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          allow_other, name, foreground, on_complete, log_file, log_level) -> None:
-    """Serve a clone of SRC (path, nbd://, nbd+unix://, http(s)://) as an image at MOUNTPOINT,
+          allow_other, http_header_file, name, foreground, on_complete, log_file,
+          log_level, metrics_listen) -> None:
+    """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
 
@@ -108,11 +115,25 @@ def mount(src, dst, meta, mountpoint, region_size, no_hydration, no_discard_pass
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
-                        name=name, on_complete=on_complete, write_cache=write_cache)
+                        name=name, on_complete=on_complete, write_cache=write_cache,
+                        http_header_file=http_header_file and os.path.abspath(http_header_file),
+                        metrics_listen=metrics_listen, notify=foreground,
+                        mirrors=tuple(mirrors))
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
         _mount_background(opts, log_file, log_level)
+
+
+def _listen_address(value: str | None) -> tuple[str | None, int] | None:
+    from .metrics import parse_listen_address
+
+    if value is None:
+        return None
+    try:
+        return parse_listen_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
@@ -274,6 +295,7 @@ def offline_status(meta_path: str) -> Status:
     with Metadata.open(meta_path, writable=False) as meta:
         h = meta.header
         ident = h.identity
+        used_blocks, total_blocks = meta.block_usage()
         return Status(
             hydrated_regions=meta.map.hydrated_count, total_regions=h.nr_regions,
             hydrating_regions=0, region_size=h.region_size, image_size=h.source_size,
@@ -285,7 +307,8 @@ def offline_status(meta_path: str) -> Status:
             destination=str(ident.get("destination", {}).get("path", "?")),
             metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)),
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),
-            written_unknown=h.written_unknown)
+            written_unknown=h.written_unknown, metadata_used_blocks=used_blocks,
+            metadata_total_blocks=total_blocks)
 
 
 def _existing(path: str) -> str | None:
@@ -481,6 +504,56 @@ def loop_devices_of(real_mountpoint: str) -> list[str]:
         if backing == real or backing.startswith(real.rstrip("/") + "/"):
             found.append(f"/dev/{name}")
     return found
+
+
+# ---- list / metrics -----------------------------------------------------------------------------
+
+
+LIST_TIMEOUT = 3.0  # seconds every clone together has to answer `list` and `metrics`
+LIST_COLUMNS = ("MOUNTPOINT", "IMAGE", "SOURCE", "DST", "META", "PROGRESS", "RATE", "STATE")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+              help="Seconds the clones have to answer, all together.")
+def list_clones(as_json, timeout) -> None:
+    """List every live clone on this machine, like losetup -l: a daemon that does not answer
+    (stopped, killed) shows as such."""
+    from .clones import live_clones
+
+    clones = live_clones(timeout)
+    if as_json:
+        click.echo(json.dumps([clone.to_json() for clone in clones], indent=2))
+        return
+    rows = [LIST_COLUMNS] + [_list_row(clone) for clone in clones]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS) - 1)]
+    for row in rows:
+        click.echo("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]))
+
+
+def _list_row(clone) -> tuple[str, ...]:
+    from .status import human_bytes
+
+    doc, st = clone.to_json(), clone.status
+    progress = f"{st.fraction:.1%}" if st else "-"
+    rate = f"{human_bytes(st.bytes_per_second)}/s" if st and st.live else "-"
+    return (doc["mountpoint"], doc["image"] or "-", doc["source"] or "-",
+            doc["destination"] or "-", doc["metadata"], progress, rate, doc["state"])
+
+
+@main.command()
+@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+              help="Seconds the clones have to answer, all together.")
+def metrics(timeout) -> None:
+    """Print Prometheus metrics of every live clone (text format, e.g. for node_exporter's
+    textfile collector); `mount --metrics-listen` serves one clone's over HTTP."""
+    from .clones import live_clones
+    from .metrics import Sample, exposition
+
+    # Another user's clones are left out: they are not down, only out of this user's reach.
+    clones = [clone for clone in live_clones(timeout) if not clone.another_users]
+    click.echo(exposition(Sample(c.mountpoint, c.metadata, c.status) for c in clones), nl=False)
 
 
 # ---- check ------------------------------------------------------------------------------------

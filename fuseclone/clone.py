@@ -19,6 +19,16 @@ from .errors import DestinationError
 from .metadata import Metadata
 from .regions import DEFAULT_REGION_SIZE, Geometry, validate_region_size
 from .sources.base import Source
+from .sources.mirrors import RecordedSource
+
+
+def recorded_source(meta_path: str) -> RecordedSource | None:
+    """The source as an existing META records it (a resumed clone may start without it), or
+    None for a new clone."""
+    if not Metadata.exists(meta_path):
+        return None
+    header = Metadata.read_header(meta_path)
+    return RecordedSource(header.source_size, header.identity.get("source") or {})
 
 
 def _identity(source: Source, dst: Destination) -> dict:

@@ -222,6 +222,7 @@ class NotAnswering(FusecloneError):
     """The mount's daemon accepted the connection but did not answer in time."""
 
     def __init__(self, meta_path: str, pid: int | None) -> None:
+        self.pid = pid
         super().__init__(f"the mount of {meta_path} does not answer (is its daemon stopped? "
                          f"pid {pid if pid else 'unknown'})")
 

@@ -20,11 +20,12 @@ from typing import Callable
 import trio
 
 from . import control
-from .clone import open_clone, running
+from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
 from .identity import check_distinct
 from .metadata import Metadata
+from .status import Status
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
+    metrics_listen: tuple[str | None, int] | None = None  # (host, port) serving GET /metrics
+    notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
+    mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
 
 
 def check_mountpoint(path: str) -> None:
@@ -76,7 +81,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
     from .fuse.mount import become_io_flusher
-    from .sources import open_source
+    from .sources.mirrors import open_mirrored_source
 
     # Worker threads (source reads, zero detection, DST writes) hold the GIL for up to the switch
     # interval when the event loop wants it back; at CPython's default 5 ms that interval became
@@ -84,41 +89,79 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_mountpoint(opts.mountpoint)
-    check_distinct(source=opts.source, destination=opts.destination, metadata=opts.metadata,
-                   mountpoint=opts.mountpoint)
+    for source_path in (opts.source, *opts.mirrors):
+        check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
+                       mountpoint=opts.mountpoint)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
+    real_mountpoint = os.path.realpath(opts.mountpoint)  # as the mount table will have it
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
-    async with open_source(opts.source) as source:
+    notifier = _systemd_notifier(opts)
+    # A resumed clone mounts even while its source is down: META knows the image's size.
+    recorded = recorded_source(opts.metadata)
+    async with open_mirrored_source(opts.source, opts.mirrors, recorded,
+                                    http_header_file=opts.http_header_file) as source:
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         mounted = False
         try:
             async with running(engine, hold_hydration=True):
-                async with trio.open_nursery() as nursery:
-                    await _start_serving(nursery, engine, opts, image)
-                    mounted = True
-                    on_ready(image)
-                    # Usable first, then hydrating: copies competing for the GIL made the
-                    # mount itself ~40-90 ms slower.
-                    engine.release_hydration()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
+                        mounted = True
+                        on_ready(image)
+                        if notifier is not None:
+                            notifier.ready(status().progress_line())
+                            nursery.start_soon(notifier.report_progress,
+                                               lambda: status().progress_line())
+                        # Usable first, then hydrating: copies competing for the GIL made the
+                        # mount itself ~40-90 ms slower.
+                        engine.release_hydration()
+                finally:
+                    if notifier is not None and mounted:
+                        notifier.stopping()  # before the last commit, which may take a while
         finally:
+            if notifier is not None:
+                notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
 
 
+def _systemd_notifier(opts: MountOptions):
+    if not opts.notify:
+        return None
+    from .notify import SystemdNotifier
+
+    return SystemdNotifier.from_environment()
+
+
 async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions,
-                         image: str) -> None:
+                         image: str, real_mountpoint: str) -> Callable[[], Status]:
+    """Start the control socket, the signal handler, the FUSE session (mounted when this
+    returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
 
     stop = nursery.cancel_scope
+    # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
+    # root inode starts at size 0: it has to stay write-through.
+    image_at_root = image == opts.mountpoint
+    write_cache = 0 if image_at_root else opts.write_cache
+    fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
+                         write_cache=write_cache > 0)
+
+    def status() -> Status:
+        st = engine.status()
+        st.log_file = _log_file()
+        st.user_read_bytes = fs.user_read_bytes
+        st.user_write_bytes = fs.user_write_bytes
+        return st
 
     def status_reply() -> dict:
-        status = engine.status()
-        status.log_file = _log_file()
-        return {"ok": True, "status": status, "pid": os.getpid(), "mountpoint": opts.mountpoint}
+        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": opts.mountpoint,
+                "image": image}
 
     async def handle(req: dict) -> dict:
         """A request control.parse_request accepted: every field there and valid."""
@@ -142,17 +185,25 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             return await _unmount_unless_in_use(opts.mountpoint, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
-    # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
-    # root inode starts at size 0: it has to stay write-through.
-    image_at_root = image == opts.mountpoint
-    write_cache = 0 if image_at_root else opts.write_cache
     await nursery.start(control.serve_control, opts.metadata, handle)
+    if opts.metrics_listen is not None:
+        await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)
-    fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
-                         write_cache=write_cache > 0)
     await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
+    return status
+
+
+async def _serve_metrics(opts: MountOptions, real_mountpoint: str, status: Callable[[], Status],
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """GET /metrics on --metrics-listen, labelled like `fuseclone metrics` labels this mount."""
+    from .metrics import Sample, exposition, serve_metrics
+
+    host, port = opts.metrics_listen
+    labels = {"mountpoint": real_mountpoint, "metadata": os.path.abspath(opts.metadata)}
+    await serve_metrics(host, port, lambda: exposition([Sample(**labels, status=status())]),
+                        task_status=task_status)
 
 
 async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, stop: trio.CancelScope,

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from rich.console import Console
 
 from .control import remove_logs
-from .progress import human_bytes
+from .status import human_bytes
 
 console = Console(highlight=False)
 

@@ -356,6 +356,7 @@ class Metadata:
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
+        self._usage_at_close = (0, 0)  # block_usage() once the file is closed
         if self.map.complete:
             hydrated.map = CompleteMap(header.nr_regions)
 
@@ -435,6 +436,16 @@ class Metadata:
             raise
 
     @staticmethod
+    def read_header(path: str) -> Header:
+        """The header of an existing metadata file, without its bitmaps (refused like `open`
+        while a mount holds the file)."""
+        fd = _open_locked(path, os.O_RDONLY, exclusive=False)
+        try:
+            return _read_header(fd, path)
+        finally:
+            os.close(fd)
+
+    @staticmethod
     def exists(path: str) -> bool:
         try:
             return os.stat(path).st_size > 0
@@ -483,6 +494,10 @@ class Metadata:
         destination already; it becomes durable at the next commit (invariant 1)."""
         self._hydrated.set(regions)
 
+    def hydrated_bytes(self) -> int:
+        """Bytes of the image in hydrated regions (a partial last region counts its part)."""
+        return _bytes_set(self.map, self.geometry)
+
     @property
     def dirty(self) -> bool:
         """Whether hydrated bits wait for a commit."""
@@ -524,12 +539,7 @@ class Metadata:
         return [g.byte_range(run) for written, run in self.written.runs(range(g.nr_regions)) if written]
 
     def written_bytes(self) -> int:
-        g = self.written_geometry
-        nbytes = self.written.hydrated_count * g.region_size
-        last = g.nr_regions - 1
-        if last >= 0 and self.written.is_hydrated(last):
-            nbytes -= g.region_size - (g.image_size - g.region_start(last))
-        return nbytes
+        return _bytes_set(self.written, self.written_geometry)
 
     def written_regions(self) -> int:
         """Regions inside written chunks (the ones `check --verify` does not compare)."""
@@ -642,6 +652,16 @@ class Metadata:
         os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
         os.fdatasync(self._fd)
 
+    def block_usage(self) -> tuple[int, int]:
+        """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
+        blocks": the file is laid out at full size but sparse, so the blocks a header or bitmap
+        slot was ever written to are the ones it holds on disk (what `du` counts)."""
+        if self._fd < 0:
+            return self._usage_at_close
+        st = os.fstat(self._fd)
+        total = -(-st.st_size // BLOCK)
+        return min(total, st.st_blocks * 512 // BLOCK), total
+
     # ---- fail mode -----------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
@@ -660,6 +680,7 @@ class Metadata:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._usage_at_close = self.block_usage()  # status of a clone that has ended
             os.close(self._fd)  # also drops the lock
             self._fd = -1
 
@@ -678,6 +699,15 @@ def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
     written = _BitmapArea(WRITTEN_MAGIC, hydrated.end_block, _written_geometry(header).nr_regions,
                           header.clone_id)
     return hydrated, written
+
+
+def _bytes_set(bits: RegionMap, geometry: Geometry) -> int:
+    """Bytes of the image in the regions whose bit is set (the last region may be partial)."""
+    nbytes = bits.hydrated_count * geometry.region_size
+    last = geometry.nr_regions - 1
+    if last >= 0 and bits.is_hydrated(last):
+        nbytes -= geometry.region_size - (geometry.image_size - geometry.region_start(last))
+    return nbytes
 
 
 def _header_offset(seq: int) -> int:

@@ -12,15 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import MetadataFailedError
-from .status import Status
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from .status import Status, human_bytes
 
 
 def human_duration(seconds: float | None) -> str:
@@ -39,7 +31,25 @@ def hydration_state(st: Status) -> str:
         return "disabled"
     if st.hydration_error:
         return "stopped by errors (the message enable_hydration retries)"
+    if (not st.complete and st.servers
+            and not any(server["state"] == "serving" for server in st.servers)):
+        return "enabled, waiting for the source to answer"
     return "enabled"
+
+
+def server_rows(st: Status) -> list[tuple[str, str | Text]]:
+    """The source's row, or one per server (primary, mirrors) when there is more to say than
+    that the source serves."""
+    if not st.servers or [server["state"] for server in st.servers] == ["serving"]:
+        return [("source", st.source)]
+    rows: list[tuple[str, str | Text]] = []
+    for server in st.servers:
+        line = f"{server['source']}  {server['state']}"
+        if server.get("error"):
+            line += f": {server['error']}"
+        style = "" if server["state"] in ("serving", "standby") else "yellow"
+        rows.append(("source" if server["role"] == "primary" else "mirror", Text(line, style=style)))
+    return rows
 
 
 def status_renderable(st: Status) -> Group:
@@ -58,7 +68,7 @@ def status_renderable(st: Status) -> Group:
                  if st.live else "(not mounted)"),
         ("hydration", hydration_state(st)),
         ("metadata", f"{st.metadata_mode}  {st.metadata}"),
-        ("source", st.source),
+        *server_rows(st),
         ("destination", st.destination),
         ("features", " ".join(st.features) or "-"),
         ("core args", f"hydration_threshold {st.hydration_threshold} hydration_batch_size {st.hydration_batch_size}"),

@@ -1,9 +1,13 @@
-"""A status snapshot of a clone, and its three renderings: human, JSON and dmsetup's line."""
+"""A status snapshot of a clone, and its renderings: JSON, dmsetup's line, and the one-line
+state and progress that `list` and systemd's STATUS= show (the human table is progress.py's)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+from .metadata import BLOCK as METADATA_BLOCK
 
 SECTOR = 512
 
@@ -37,6 +41,14 @@ class Status:
     written_regions: int = 0  # regions in chunks users wrote, discarded or zeroed
     written_bytes: int = 0
     written_unknown: bool = False  # META upgraded from format 1: earlier writes were not tracked
+    # Counters of this mount (from 0 at each mount, like a Prometheus counter):
+    hydrated_bytes: int = 0  # of regions that became hydrated (copied, or written or discarded whole)
+    user_read_bytes: int = 0  # read through the image
+    user_write_bytes: int = 0  # written through the image
+    hydration_errors: int = 0  # hydration copies and copy-on-read stores that failed
+    # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
+    # (source, role, state: serving / standby / failing / unreachable / refused, error).
+    servers: list[dict] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -57,6 +69,48 @@ class Status:
         features = " ".join([str(len(self.features)), *self.features])
         core = (f"4 hydration_threshold {self.hydration_threshold} "
                 f"hydration_batch_size {self.hydration_batch_size}")
-        return (f"{4096 // SECTOR} {self.metadata_used_blocks}/{self.metadata_total_blocks} "
+        return (f"{METADATA_BLOCK // SECTOR} {self.metadata_used_blocks}/{self.metadata_total_blocks} "
                 f"{self.region_size // SECTOR} {self.hydrated_regions}/{self.total_regions} "
                 f"{self.hydrating_regions} {features} {core} {self.metadata_mode}")
+
+    @property
+    def state(self) -> str:
+        """One word or phrase for `list` and systemd: complete, hydrating, idle (hydration
+        disabled), or stopped with the reason."""
+        if self.complete:
+            return "complete"
+        if self.metadata_error:
+            return f"stopped: metadata in fail mode ({self.metadata_error})"
+        if self.hydration_error:
+            return f"stopped: {self.hydration_error}"
+        return "hydrating" if self.hydration_enabled else "idle"
+
+    def progress_line(self) -> str:
+        """"42.0% (1234/2938 regions), 12.5 MiB/s, complete": systemd's STATUS=."""
+        return (f"{self.fraction:.1%} ({self.hydrated_regions}/{self.total_regions} regions), "
+                f"{human_bytes(self.bytes_per_second)}/s, {self.state}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def public_source(source: str) -> str:
+    """SOURCE as `list` and the metrics show it: a URL without user, password, query or
+    fragment (where pre-signed URLs and tokens live); a path as it is."""
+    if "://" not in source:
+        return source
+    try:
+        parts = urlsplit(source)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host += f":{parts.port}"
+    except ValueError:  # not a URL after all: show its scheme only
+        return source.split("://", 1)[0] + "://..."
+    return f"{parts.scheme}://{host}{parts.path}"

@@ -54,6 +54,8 @@ class ImageFilesystem:
         self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)
         self._uid, self._gid = os.getuid(), os.getgid()  # the directory's owner
         self._mounted_at = time.time()
+        self.user_read_bytes = 0  # answered to READs (status and metrics)
+        self.user_write_bytes = 0  # accepted from WRITEs
 
     def handlers(self) -> Mapping[type, object]:
         return {
@@ -186,6 +188,7 @@ class ImageFilesystem:
                                   kernel_keeps=not req.open_flags & os.O_DIRECT)
         if got is None:
             return Continue(lambda: self.read(req))
+        self.user_read_bytes += min(req.size, self.image.size - req.offset)
         if callable(got):
             return Blocking(lambda: codec.DataReply(got()), parallel=True)
         return codec.DataReply(got)
@@ -196,6 +199,7 @@ class ImageFilesystem:
         done = self.image.write_now(req.offset, req.data, direct=_direct(req))
         if not done:
             return Continue(lambda: self.write(req))
+        self.user_write_bytes += len(req.data)
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply
@@ -204,7 +208,9 @@ class ImageFilesystem:
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:
             return codec.DataReply(b"")
-        return codec.DataReply(await self.image.read(req.offset, req.size))
+        data = await self.image.read(req.offset, req.size)
+        self.user_read_bytes += len(data)
+        return codec.DataReply(data)
 
     async def write(self, req: codec.Write) -> codec.Reply:
         room = self.image.size - req.offset
@@ -212,6 +218,7 @@ class ImageFilesystem:
             raise OSError(errno.ENOSPC, "write past the end of the image")
         data = req.data if len(req.data) <= room else req.data[:room]
         await self.image.write(req.offset, data)
+        self.user_write_bytes += len(data)
         if len(data) < len(req.data) and req.write_flags & abi.FUSE_WRITE_CACHE:
             # Writeback ignores a short count: the part past the end would be dropped silently.
             raise OSError(errno.ENOSPC, "write past the end of the image")

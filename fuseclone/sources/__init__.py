@@ -1,31 +1,49 @@
-"""Sources: local path, NBD, HTTP(S), behind one async interface (see base.Source)."""
+"""Sources: local path, NBD, HTTP(S), S3, behind one async interface (see base.Source)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import urllib.parse
 from typing import AsyncIterator
 
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
-__all__ = ["Extent", "Source", "SourceReadError", "is_remote", "open_source"]
+__all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "describe_spec", "is_remote",
+           "open_source", "takes_http_headers"]
 
 
 @contextlib.asynccontextmanager
-async def open_source(spec: str) -> AsyncIterator[Source]:
-    """Open the source a user named (a path, nbd://, nbd+unix:// or http(s):// URL) for the
-    duration of the block; its connections and background tasks end with the block."""
-    opener = _opener(spec)
-    opened = opener(spec)
-    if hasattr(opened, "__aenter__"):  # sources that own tasks are async context managers
-        async with opened as source:
-            yield source
-        return
-    source = await opened
-    try:
+async def open_source(spec: str, *, http_header_file: str | None = None
+                      ) -> AsyncIterator[Source]:
+    """Open the source a user named (a path, nbd[s]://, nbd[s]+unix://, http(s):// or s3:// URL)
+    for the duration of the block; its connections and background tasks end with the block.
+    Every kind opens the same way: an async context manager that owns what the source holds.
+    `http_header_file`: headers every HTTP request carries (http(s):// and s3:// only)."""
+    async with _opener(spec, http_header_file)(spec) as source:
         yield source
-    finally:
-        await source.aclose()
+
+
+def check_scheme(spec: str, http_header_file: str | None = None) -> None:
+    """Raise SourceError unless `spec` is a path or a URL of a scheme we can open (with
+    `http_header_file`, if given)."""
+    _opener(spec, http_header_file)
+
+
+def takes_http_headers(spec: str) -> bool:
+    """Whether the source's requests can carry headers (--http-header-file)."""
+    return _scheme(spec) in ("http", "https", "s3")
+
+
+def describe_spec(spec: str) -> str:
+    """`spec` for messages and status before its source opened (then its `description`): a
+    password in the URL shown as ***."""
+    parts = urllib.parse.urlsplit(spec)
+    if not is_remote(spec) or parts.password is None:
+        return spec
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _scheme(spec: str) -> str:
@@ -38,19 +56,26 @@ def is_remote(spec: str) -> bool:
     return _scheme(spec) != ""
 
 
-def _opener(spec: str):
+def _opener(spec: str, http_header_file: str | None = None):
     scheme = _scheme(spec)
+    if http_header_file is not None and not takes_http_headers(spec):
+        raise SourceError(f"--http-header-file applies to http://, https:// and s3:// sources, "
+                          f"not {spec!r}")
     if scheme == "":
-        from .local import LocalSource
+        from .local import open_local_source
 
-        return LocalSource.open
-    if scheme in ("nbd", "nbd+unix"):
+        return open_local_source
+    if scheme in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
         from .nbd import open_nbd_source
 
         return open_nbd_source
     if scheme in ("http", "https"):
         from .http import open_http_source
 
-        return open_http_source
+        return functools.partial(open_http_source, header_file=http_header_file)
+    if scheme == "s3":
+        from .s3 import open_s3_source
+
+        return functools.partial(open_s3_source, header_file=http_header_file)
     raise SourceError(f"unknown source URL scheme {scheme!r} in {spec!r} "
-                      "(use a path, nbd://, nbd+unix://, http:// or https://)")
+                      "(use a path, nbd://, nbd+unix://, nbds://, nbds+unix://, http://, https:// or s3://)")

@@ -20,6 +20,16 @@ class Extent:
     zero: bool
 
 
+@dataclass(frozen=True)
+class ServerStatus:
+    """One server of a source (the primary or a mirror), as status shows it."""
+
+    source: str  # the URL or path the user gave
+    role: str  # "primary" or "mirror"
+    state: str  # "serving", "standby", "failing", "unreachable" or "refused"
+    error: str | None = None  # why it is not serving (the last error, or the identity mismatch)
+
+
 class Source(abc.ABC):
     """Async, read-only access to the source image."""
 
@@ -64,6 +74,15 @@ class Source(abc.ABC):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
         return [Extent(offset, length, zero=False)]
+
+    async def wait_usable(self) -> str | None:
+        """Return once the source can serve reads: None; or why it never will (it answered
+        with another image than the one recorded). A source that opened is usable at once."""
+        return None
+
+    def servers(self) -> list[ServerStatus]:
+        """The servers behind the source and which one serves reads now."""
+        return [ServerStatus(self.description, "primary", "serving")]
 
     def recycle(self, data: bytes | bytearray) -> None:
         """Hand back what `read` returned, once nothing refers to it any more; a source may

@@ -47,7 +47,7 @@ import os
 import re
 import socket
 import ssl
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import httpx
 import trio
@@ -75,18 +75,36 @@ _HEADERS = {
 }
 
 
+HttpSourceT = TypeVar("HttpSourceT", bound="HttpSource")
+
+
 class _Transient(Exception):
     """A failed attempt worth repeating (connection trouble, 5xx); carries the final message."""
 
 
 @contextlib.asynccontextmanager
-async def open_http_source(spec: str, *, piece_size: int = PIECE_SIZE,
-                           max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT,
-                           connect_timeout: float = CONNECT_TIMEOUT,
-                           retry_delays: tuple[float, ...] = RETRY_DELAYS,
-                           ) -> AsyncIterator[HttpSource]:
-    """Open `spec` (an http:// or https:// URL) for the duration of the block."""
+async def open_http_source(spec: str, *, header_file: str | None = None,
+                           **tuning) -> AsyncIterator[HttpSource]:
+    """Open `spec` (an http:// or https:// URL) for the duration of the block; every request
+    carries the headers of `header_file` (see HeaderFile). `tuning`: piece_size,
+    max_connections, timeout, connect_timeout, retry_delays."""
     url, description, canonical = _parse_url(spec)
+    headers = await HeaderFile.load(header_file) if header_file else None
+    auth = RequestAuth(headers) if headers else None
+    async with serving(HttpSource, url, description, auth, canonical=canonical,
+                       **tuning) as source:
+        yield source
+
+
+@contextlib.asynccontextmanager
+async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
+                  auth: RequestAuth | None,
+                  *, piece_size: int = PIECE_SIZE, max_connections: int = MAX_CONNECTIONS,
+                  timeout: float = TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
+                  retry_delays: tuple[float, ...] = RETRY_DELAYS,
+                  **source_args) -> AsyncIterator[HttpSourceT]:
+    """An HttpSource (or subclass `cls`, given `source_args`) on its own pooled client, probed,
+    for the duration of the block."""
     if piece_size <= 0 or max_connections <= 0:
         raise ValueError("piece_size and max_connections must be positive")
     client = httpx.AsyncClient(
@@ -95,10 +113,11 @@ async def open_http_source(spec: str, *, piece_size: int = PIECE_SIZE,
         # The pool wait is bounded by our own limiter, not by a timeout.
         timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout), pool=None),
         follow_redirects=False,
+        auth=auth,
     )
-    source = HttpSource(client, url, description, canonical, piece_size=piece_size,
-                        max_connections=max_connections, timeout=timeout,
-                        retry_delays=retry_delays)
+    source = cls(client, url, description, piece_size=piece_size,
+                 max_connections=max_connections, timeout=timeout, retry_delays=retry_delays,
+                 **source_args)
     try:
         await source._probe()
         yield source
@@ -106,14 +125,103 @@ async def open_http_source(spec: str, *, piece_size: int = PIECE_SIZE,
         await source.aclose()
 
 
+class HeaderFile:
+    """Request headers kept in a file (`--http-header-file`), so that secrets such as
+    `Authorization: Bearer ...` stay out of argv: one `Name: value` per line; blank lines and
+    lines starting with # are ignored. Re-read when the server refuses a request (401/403),
+    so a rotated token is picked up without a remount. Its values are never logged or shown."""
+
+    def __init__(self, path: str, headers: dict[str, str]) -> None:
+        self.path = path
+        self.headers = headers
+
+    @classmethod
+    async def load(cls, path: str) -> HeaderFile:
+        """Read `path`; one SourceError line (never quoting a value) if it is unusable."""
+        return cls(path, await trio.to_thread.run_sync(_read_header_file, path))
+
+    async def reload(self) -> dict[str, str]:
+        """Read the file again and return its headers. An unreadable or malformed file keeps
+        the headers read before (logged), so a rotation caught half-way does no harm."""
+        try:
+            fresh = await trio.to_thread.run_sync(_read_header_file, self.path)
+        except SourceError as exc:
+            log.warning("%s", exc)
+            return self.headers
+        if fresh != self.headers:
+            log.info("%s: re-read after the server refused a request", self.path)
+            self.headers = fresh
+        return fresh
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _read_header_file(path: str) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SourceError(f"cannot read the header file {path}: {reason}") from None
+    headers: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not _HEADER_NAME.match(name) or not value.strip():
+            raise SourceError(f"{path}, line {number}: not a header (expected `Name: value`)")
+        headers[name] = value.strip()
+    return headers
+
+
+SignRequest = Callable[[httpx.Request], Awaitable[None]]
+
+
+class RequestAuth(httpx.Auth):
+    """What every request of a source carries: the header file's headers, then (S3) a
+    signature made last, over the final request. A 401 or 403 answer re-reads the header file;
+    if it changed, the request is sent once more with the new headers."""
+
+    def __init__(self, header_file: HeaderFile | None = None,
+                 sign: SignRequest | None = None) -> None:
+        self.header_file = header_file
+        self._sign = sign
+
+    async def async_auth_flow(self, request: httpx.Request):
+        sent = await self._prepare(request)
+        response = yield request
+        # Compared with what this request carried: a concurrent request may have re-read first.
+        if (response.status_code in (401, 403) and self.header_file is not None
+                and await self.header_file.reload() != sent):
+            await self._prepare(request)
+            yield request
+
+    def sync_auth_flow(self, request: httpx.Request):
+        raise RuntimeError("sources use httpx's async client only")
+
+    async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
+        """Add the headers and the signature; the headers added."""
+        headers = self.header_file.headers if self.header_file is not None else None
+        if headers is not None:
+            request.headers.update(headers)
+        if self._sign is not None:
+            await self._sign(request)
+        return headers
+
+
 class HttpSource(Source):
     """A file on an HTTP(S) server that honours Range requests. Open with open_http_source."""
 
     hydration_depth = 64 << 20  # latency-bound like NBD: enough pieces for every pooled connection
 
-    def __init__(self, client: httpx.AsyncClient, url: httpx.URL, description: str,
-                 canonical: str, *,
-                 piece_size: int, max_connections: int, timeout: float,
+    #: Whether opening starts with HEAD (S3 opens with the Range probe alone: its error
+    #: answers say what is wrong in their body, which a HEAD answer has not).
+    probe_with_head = True
+
+    def __init__(self, client: httpx.AsyncClient, url: httpx.URL, description: str, *,
+                 canonical: str, piece_size: int, max_connections: int, timeout: float,
                  retry_delays: tuple[float, ...]) -> None:
         self.description = description
         self._canonical = canonical
@@ -193,16 +301,18 @@ class HttpSource(Source):
     async def _probe(self) -> None:
         """HEAD (and if needed a one-byte Range GET): size, validators, Range support."""
         where = self.description
-        head = await self._open_request("HEAD", self._url, follow_redirects=True)
+        head = None
         ranges_ok = False
         size: int | None = None
-        if head.is_success:
-            self._url = head.url
-            size = _content_length(head)
-            self._take_validators(head)
-            ranges_ok = "bytes" in _tokens(head.headers.get("accept-ranges", ""))
-        elif head.status_code not in (403, 405, 501):  # 403/405/501: try a GET before refusing
-            raise SourceError(f"{where}: {_status_line(head)}")
+        if self.probe_with_head:
+            head = await self._open_request("HEAD", self._url, follow_redirects=True)
+            if head.is_success:
+                self._url = head.url
+                size = _content_length(head)
+                self._take_validators(head)
+                ranges_ok = "bytes" in _tokens(head.headers.get("accept-ranges", ""))
+            elif head.status_code not in (403, 405, 501):  # 403/405/501: try a GET first
+                raise SourceError(f"{where}: {await self._refusal(head)}")
         if ranges_ok and size is not None:
             self._set_size(size)
             return
@@ -215,7 +325,7 @@ class HttpSource(Source):
                 status = probe.status_code
                 if status == 206:
                     self._url = probe.url
-                    if not head.is_success:
+                    if head is None or not head.is_success:
                         self._take_validators(probe)
                     total = _content_range(probe)[2] if "content-range" in probe.headers else None
                     if size is None:
@@ -225,15 +335,19 @@ class HttpSource(Source):
                                       f"(it answered {_status_line(probe)} to one); "
                                       "fuseclone needs them")
                 else:
-                    raise SourceError(f"{where}: {_status_line(probe)}")
+                    raise SourceError(f"{where}: {await self._refusal(probe)}")
         except httpx.HTTPError as exc:
             raise SourceError(f"{where}: {_describe_transport_error(exc)}") from None
-        except ValueError as exc:
+        except (ValueError, SourceReadError) as exc:
             raise SourceError(f"{where}: {exc}") from None
         if size is None:
             raise SourceError(f"{where}: the server does not say how large the file is "
                               "(no Content-Length); fuseclone needs the size")
         self._set_size(size)
+
+    async def _refusal(self, response: httpx.Response) -> str:
+        """Why the server refused a request, in a few words (its body may be unread)."""
+        return _status_line(response)
 
     async def _open_request(self, method: str, url: httpx.URL, **kwargs) -> httpx.Response:
         try:
@@ -287,6 +401,8 @@ class HttpSource(Source):
         headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
         try:
             async with self._client.stream("GET", self._url, headers=headers) as response:
+                if 400 <= response.status_code < 500 and response.status_code != 412:
+                    raise SourceReadError(errno.EIO, f"{where}: {await self._refusal(response)}")
                 self._check_answer(response, where, start, stop)
                 chunks = []
                 got = 0

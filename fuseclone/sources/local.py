@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from typing import AsyncIterator
 
 import trio
 
 from ..blockio import data_extents, fd_size, pread_exact
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
+
+
+@contextlib.asynccontextmanager
+async def open_local_source(path: str) -> AsyncIterator[LocalSource]:
+    """The file or block device at `path`, open for the duration of the block."""
+    source = await LocalSource.open(path)
+    try:
+        yield source
+    finally:
+        await source.aclose()
 
 
 class LocalSource(Source):

@@ -63,6 +63,8 @@ def test_status_offline_json_and_dmsetup(half_clone):
     assert result.exit_code == 0
     fields = result.output.split()
     assert fields[0] == "8" and fields[2] == "8" and fields[3] == f"10/{doc['total_regions']}"
+    used, total = map(int, fields[1].split("/"))  # META's 4 KiB blocks: header and bitmap slots
+    assert 2 <= used < total and (used, total) == (doc["metadata_used_blocks"], doc["metadata_total_blocks"])
     assert "no_hydration" in fields and fields[-1] == "ro"
 
 

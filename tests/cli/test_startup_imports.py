@@ -7,8 +7,9 @@ import sys
 # What `mount` of a local file imports: the CLI, the daemon, the FUSE layer, the local source.
 MOUNT_OF_A_FILE = ("fuseclone.cli", "fuseclone.daemon", "fuseclone.fuse.session",
                    "fuseclone.fuse.fs", "fuseclone.sources.local")
-NOT_NEEDED = ("httpx", "h11", "fuseclone.sources.http", "fuseclone.sources.nbd",
-              "fuseclone.sources.nbdproto", "rich", "fuseclone.demo", "fuseclone.checker")
+NOT_NEEDED = ("httpx", "h11", "botocore", "fuseclone.sources.http", "fuseclone.sources.s3",
+              "fuseclone.sources.nbd", "fuseclone.sources.nbd.wire", "rich", "fuseclone.demo",
+              "fuseclone.checker")
 
 
 def test_a_local_mount_imports_no_remote_source_client():

@@ -45,6 +45,25 @@ def status_json(target):
     return json.loads(fuseclone("status", target, "--json").stdout)
 
 
+def assert_secret_absent(secret: str, rig, status: dict) -> None:
+    """Not in META, `status --json`, the daemon's log or its command line."""
+    assert secret.encode() not in open(rig.meta, "rb").read()
+    assert secret not in json.dumps(status)
+    assert secret not in fuseclone("status", rig.mnt, "--json").stdout
+    log_file = status.get("log_file")
+    assert log_file and os.path.exists(log_file)
+    assert secret not in open(log_file, errors="replace").read()
+    pid = daemon_pid(rig.mnt)
+    assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+
+
+def daemon_pid(mnt: str) -> int:
+    from fuseclone import control
+
+    reply = control.request(control.resolve_target(mnt), {"op": "status"})
+    return reply["pid"]
+
+
 class Rig:
     """One clone's paths plus cleanup of everything attached to them."""
 

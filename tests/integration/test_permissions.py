@@ -6,6 +6,7 @@ chown of DST decides who may open it; --allow-other only lifts FUSE's rule that 
 mounting user may use the mount at all."""
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -260,4 +261,19 @@ def test_a_user_gets_one_line_for_roots_mount(public_rig, nobody_home, runtime_d
     r = fuseclone_as_nobody(nobody_home, "unmount", rig.mnt, env=env)
     assert "belongs to another user" in one_line_error(r)
     assert status_json(rig.mnt)["hydration_enabled"]  # the message did not get through
+    fuseclone("unmount", rig.mnt)
+
+
+def test_a_users_list_names_roots_clone_and_its_metrics_leave_it_out(public_rig, nobody_home):
+    nobody_can_run_fuseclone(nobody_home)
+    rig = public_rig
+    make_source_file(rig.src, SIZE, seed=6)
+    rig.mount()
+    r = fuseclone_as_nobody(nobody_home, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    mine = [clone for clone in json.loads(r.stdout) if clone["metadata"] == rig.meta]
+    assert [clone["state"] for clone in mine] == ["another user's mount (uid 0): run as that user"]
+    r = fuseclone_as_nobody(nobody_home, "metrics")
+    assert r.returncode == 0, r.stderr
+    assert rig.meta not in r.stdout and "# TYPE fuseclone_up gauge" in r.stdout
     fuseclone("unmount", rig.mnt)

@@ -30,10 +30,11 @@ class Nbdkit:
         self.log = os.path.join(str(workdir), f"{name}.stderr")
         self.proc = None
 
-    def url(self, export=""):
+    def url(self, export="", tls=False):
+        scheme = "nbds" if tls else "nbd"
         if self.tcp:
-            return f"nbd://127.0.0.1:{self.port}/{export}"
-        return f"nbd+unix:///{export}?socket={self.sock}"
+            return f"{scheme}://127.0.0.1:{self.port}/{export}"
+        return f"{scheme}+unix:///{export}?socket={self.sock}"
 
     def command(self):
         where = ["-i", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-U", self.sock]
@@ -106,3 +107,71 @@ def nbdkit(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+OPENSSL = shutil.which("openssl")
+
+
+def _openssl(*args, cwd):
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(where, name):
+    """A CA certificate and key (EC P-256: quick to make) in `where`."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=where)
+
+
+def _issue(ca_dir, where, stem, subject, extensions):
+    """`stem`-cert.pem and `stem`-key.pem in `where`, signed by the CA in `ca_dir`."""
+    ext = os.path.join(where, f"{stem}.ext")
+    with open(ext, "w") as f:
+        f.write("\n".join(["basicConstraints=CA:FALSE", "subjectKeyIdentifier=hash",
+                           "authorityKeyIdentifier=keyid,issuer", *extensions]) + "\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{stem}-key.pem", "-out", f"{stem}.csr", "-subj", f"/CN={subject}", cwd=where)
+    _openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", os.path.join(ca_dir, "ca-cert.pem"),
+             "-CAkey", os.path.join(ca_dir, "ca-key.pem"), "-CAcreateserial", "-days", "2",
+             "-out", f"{stem}-cert.pem", "-extfile", ext, cwd=where)
+
+
+class TlsCertificates:
+    """Directories in nbdkit's (--tls-certificates) and libnbd's (?tls-certificates=) layouts.
+
+    ca: the test CA (ca-cert.pem, for SSL_CERT_FILE); server: ca-cert.pem, server-cert.pem and
+    server-key.pem for 127.0.0.1 and localhost; client: ca-cert.pem, client-cert.pem and
+    client-key.pem; ca_only: just ca-cert.pem (no client certificate); wrong_name: a server
+    certificate of the same CA for another host; rogue: a server certificate of a CA nobody
+    trusts."""
+
+    def __init__(self, root):
+        for name in ("ca", "server", "client", "ca_only", "wrong_name", "rogue"):
+            path = os.path.join(root, name)
+            os.mkdir(path)
+            setattr(self, name, path)
+        _make_ca(self.ca, "fuseclone test CA")
+        _make_ca(self.rogue, "nobody's CA")
+        server_ext = ["keyUsage=critical,digitalSignature", "extendedKeyUsage=serverAuth"]
+        _issue(self.ca, self.server, "server", "localhost",
+               [*server_ext, "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        _issue(self.ca, self.wrong_name, "server", "elsewhere.example",
+               [*server_ext, "subjectAltName=DNS:elsewhere.example"])
+        _issue(self.rogue, self.rogue, "server", "localhost",
+               [*server_ext, "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        _issue(self.ca, self.client, "client", "fuseclone-client",
+               ["keyUsage=critical,digitalSignature", "extendedKeyUsage=clientAuth"])
+        for directory in (self.server, self.client, self.ca_only, self.wrong_name):
+            shutil.copy(os.path.join(self.ca, "ca-cert.pem"), directory)
+
+    @property
+    def ca_file(self):
+        return os.path.join(self.ca, "ca-cert.pem")
+
+
+@pytest.fixture(scope="session")
+def tls_certificates(tmp_path_factory):
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed")
+    return TlsCertificates(tmp_path_factory.mktemp("tls"))

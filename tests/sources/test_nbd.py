@@ -14,7 +14,8 @@ from fuseclone.errors import MetadataError, SourceError
 from fuseclone.sources import open_source
 from fuseclone.sources.base import SourceReadError
 from fuseclone.sources.local import LocalSource
-from fuseclone.sources.nbd import NbdOptions, NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
+from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
+from fuseclone.sources.nbd.buffers import BufferPool
 from tests.engine.conftest import make_source_file
 
 KiB = 1024
@@ -77,12 +78,31 @@ def test_url_forms():
     assert parse_nbd_url("nbd+unix:///?socket=rel.sock").socket_path == os.path.abspath("rel.sock")
 
 
+def test_tls_urls_parse_like_libnbd():
+    a = parse_nbd_url("nbds://localhost/disk?tls-certificates=certs")
+    assert (a.tls, a.host, a.port, a.export) == (True, "localhost", 10809, "disk")
+    assert a.tls_certificates == os.path.abspath("certs")
+    assert a.canonical == "nbds://localhost:10809/disk"  # no certificate paths in the identity
+    a = parse_nbd_url("nbds+unix:///disk?socket=/run/nbd.sock")
+    assert (a.tls, a.socket_path, a.tls_certificates) == (True, "/run/nbd.sock", None)
+    assert not parse_nbd_url("nbd://localhost/").tls
+
+
+def test_tls_is_how_an_export_is_reached_not_which_it_is():
+    plain = {"kind": "nbd", "url": "nbd://h:10809/x", "export": "x", "size": 1, "host": "h", "port": 10809}
+    tls = dict(plain, url="nbds://h:10809/x")
+    assert same_nbd_export(plain, tls)
+    assert not same_nbd_export(plain, dict(tls, port=10810))
+
+
 @pytest.mark.parametrize("url, words", [
     ("nbd+unix:///exp", "?socket=PATH"),
     ("nbd+unix://host/exp?socket=/s", "takes no host"),
     ("nbd:///exp", "needs a host"),
     ("nbd://host:notaport/", "not a valid NBD URL"),
-    ("nbds://host/", "not an NBD URL"),
+    ("nbdx://host/", "not an NBD URL"),
+    ("nbd://host/?tls-certificates=/etc/pki", "needs TLS"),
+    ("nbds+unix:///exp", "?socket=PATH"),
 ])
 def test_bad_urls_are_source_errors(url, words):
     with pytest.raises(SourceError) as info:
@@ -636,9 +656,9 @@ def test_large_receive_buffers_ask_for_huge_pages():
     the segment limit times 4 KiB ("hg": madvise(MADV_HUGEPAGE) was applied)."""
     import ctypes
 
-    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
+    buffers = BufferPool(32 << 20)
     for length, huge in ((8 << 20, True), (1 << 20, False)):
-        buf = source._buffer(length, aligned=True)
+        buf = buffers.take(length, aligned=True)
         address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         assert ("hg" in _vm_flags(address)) == huge, length
 
@@ -675,27 +695,27 @@ async def test_hydration_over_a_slow_link_keeps_little_in_flight(nbdkit, tmp_pat
 def test_recycled_buffers_make_room_for_the_latest_size():
     """A pool full of odd sizes (a sparse source's extents, a ramping batch) gives way to the
     size copies use now; before, every later copy got a new, unfaulted buffer."""
-    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
-    pool = source.options.recycled_bytes
+    pool = 32 << 20
+    buffers = BufferPool(pool)
     for i in range(pool // (3 << 20)):
-        source.recycle(source._buffer((3 << 20) + 4096 * i, aligned=True))
-    usual = source._buffer(8 << 20, aligned=True)
-    source.recycle(usual)
-    assert source._buffer(8 << 20, aligned=True) is usual
-    assert source._free_bytes <= pool
+        buffers.recycle(buffers.take((3 << 20) + 4096 * i, aligned=True))
+    usual = buffers.take(8 << 20, aligned=True)
+    buffers.recycle(usual)
+    assert buffers.take(8 << 20, aligned=True) is usual
+    assert buffers.kept_bytes <= pool
 
 
 def test_smaller_buffers_go_when_a_larger_one_comes_back():
     """After a ramp of copy sizes, the old size's buffers leave the pool as soon as the new
     size comes back: they would otherwise sit in the daemon's memory."""
-    source = NbdSource(parse_nbd_url("nbd+unix:///?socket=/nonexistent"), NbdOptions())
-    for buf in [source._buffer(2 << 20, aligned=True) for _ in range(16)]:
-        source.recycle(buf)
-    assert source._free_bytes == 32 << 20
-    source.recycle(source._buffer(4 << 20, aligned=True))
-    assert source._free_bytes == 4 << 20
-    source.recycle(source._buffer(1 << 20, aligned=True))  # a smaller one stays beside it
-    assert source._free_bytes == 5 << 20
+    buffers = BufferPool(32 << 20)
+    for buf in [buffers.take(2 << 20, aligned=True) for _ in range(16)]:
+        buffers.recycle(buf)
+    assert buffers.kept_bytes == 32 << 20
+    buffers.recycle(buffers.take(4 << 20, aligned=True))
+    assert buffers.kept_bytes == 4 << 20
+    buffers.recycle(buffers.take(1 << 20, aligned=True))  # a smaller one stays beside it
+    assert buffers.kept_bytes == 5 << 20
 
 
 async def test_close_lets_the_replies_asked_for_arrive_first(nbdkit, image):

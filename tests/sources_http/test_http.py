@@ -31,6 +31,10 @@ MiB = 1024 * KiB
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 FILE_SIZE = 3 * MiB + 12345  # not a multiple of any piece or region size
+# What /bearer/ wants in `Authorization: Bearer ...`: the first, then once {tmp}/rotated
+# exists the second (distinctive: tests grep for them).
+FIRST_TOKEN = "tok-first-9Xq2vL7"
+SECOND_TOKEN = "tok-second-4Rm8kP1"
 
 
 def free_port() -> int:
@@ -103,6 +107,12 @@ http {{
         }}
         location ~ ^/redirect/(.*)$ {{ return 302 /$1; }}
         location /shortkeepalive/ {{ alias {root}/; keepalive_timeout 100ms; }}
+        location /bearer/ {{
+            alias {root}/;
+            set $token "Bearer {first_token}";
+            if (-f {tmp}/rotated) {{ set $token "Bearer {second_token}"; }}
+            if ($http_authorization != $token) {{ return 401; }}
+        }}
     }}
 }}
 """
@@ -127,7 +137,8 @@ class Nginx:
         tls_server = TLS_SERVER.format(tmp=tmp, root=self.root, tls_port=self.tls_port) if tls else ""
         self.conf = tmp / "nginx.conf"
         self.conf.write_text(NGINX_CONF.format(tmp=tmp, root=self.root, port=self.port,
-                                               tls_server=tls_server))
+                                               tls_server=tls_server, first_token=FIRST_TOKEN,
+                                               second_token=SECOND_TOKEN))
         self.proc: subprocess.Popen | None = None
 
     def url(self, path: str) -> str:
@@ -601,6 +612,60 @@ async def test_https_verifies_certificates(tls_nginx, monkeypatch):
     async with open_http_source(url, piece_size=64 * KiB) as source:
         assert source.size == len(data)
         assert await source.read(1, len(data)) == data[1:]
+
+
+# ---- headers from a file (--http-header-file) -----------------------------------------------
+
+
+def write_header_file(path, token: str) -> str:
+    path.write_text(f"# for /bearer/\nAuthorization: Bearer {token}\nX-Client:  fuseclone \n")
+    return str(path)
+
+
+async def test_header_file_is_sent_and_re_read_when_the_token_rotates(nginx, image, tmp_path):
+    url = nginx.url("bearer/image.raw")
+    with pytest.raises(SourceError) as info:  # without the token: refused
+        async with open_source(url):
+            pass
+    assert_one_line(info, url, "401")
+    headers = write_header_file(tmp_path / "headers", FIRST_TOKEN)
+    async with open_source(url, http_header_file=headers) as source:
+        assert await source.read(0, 1000) == image[:1000]
+        (nginx.tmp / "rotated").touch()  # the server now wants the second token only
+        with pytest.raises(SourceReadError) as read_error:  # the file still has the first
+            await source.read(0, 1000)
+        assert "401" in str(read_error.value)
+        write_header_file(tmp_path / "headers", SECOND_TOKEN)  # rotated: picked up on the 401
+        assert await source.read(MiB, 2 * MiB) == image[MiB : 3 * MiB]
+    statuses = [row[1] for row in nginx.log()]
+    assert statuses.count("401") == 4  # the open without a token; twice with the old; once
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("Authorization Bearer x\n", "line 1"),
+    ("# ok\n\nBad Name: x\n", "line 3"),
+    ("X-Empty:\n", "line 1"),
+])
+async def test_a_malformed_header_file_is_one_line_without_its_content(nginx, image, tmp_path,
+                                                                      content, needle):
+    path = tmp_path / "headers"
+    path.write_text(content)
+    with pytest.raises(SourceError) as info:
+        async with open_source(nginx.url("image.raw"), http_header_file=str(path)):
+            pass
+    assert_one_line(info, str(path), needle)
+    assert "Bearer" not in str(info.value)
+
+
+async def test_a_missing_header_file_and_a_header_file_for_a_local_source(nginx, image, tmp_path):
+    with pytest.raises(SourceError) as info:
+        async with open_source(nginx.url("image.raw"), http_header_file=str(tmp_path / "none")):
+            pass
+    assert_one_line(info, "cannot read the header file", "No such file")
+    with pytest.raises(SourceError) as info:
+        async with open_source(str(nginx.root / "image.raw"), http_header_file=str(tmp_path)):
+            pass
+    assert_one_line(info, "--http-header-file applies to")
 
 
 # ---- the engine hydrating from nginx --------------------------------------------------------

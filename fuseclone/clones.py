@@ -1,0 +1,89 @@
+"""Every live clone on this machine, for `list` and `metrics`: the fuseclone mounts in the mount
+table, each asked for its status over its control socket, all at once, within one deadline.
+
+A stopped or hung daemon costs the deadline once, however many there are, and only its own
+row says so; nothing here looks inside a mountpoint (a stat would wait for its daemon).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import trio
+
+from . import control
+from .errors import FusecloneError
+from .status import Status, public_source
+
+@dataclass
+class LiveClone:
+    mountpoint: str  # as the mount table has it
+    metadata: str  # META, from the mount's fsname
+    status: Status | None = None  # None: no answer, `problem` says why
+    image: str | None = None
+    problem: str | None = None
+    another_users: bool = False  # mounted by another user, whose daemon answers only them
+
+    @property
+    def state(self) -> str:
+        return self.status.state if self.status is not None else str(self.problem)
+
+    def to_json(self) -> dict:
+        st = self.status
+        return {
+            "mountpoint": self.mountpoint,
+            "image": self.image,
+            "source": public_source(st.source) if st else None,
+            "destination": st.destination if st else None,
+            "metadata": self.metadata,
+            "hydrated_regions": st.hydrated_regions if st else None,
+            "total_regions": st.total_regions if st else None,
+            "hydration_enabled": st.hydration_enabled if st else None,
+            "state": self.state,
+        }
+
+
+def live_clones(timeout: float) -> list[LiveClone]:
+    """The fuseclone mounts of this machine in mount-table order, each with its status or the
+    reason it has none (another user's, not answering, daemon gone); TIMEOUT seconds for all."""
+    from .fuse.mount import fuse_mounts
+
+    clones = []
+    for mount in fuse_mounts():
+        if not mount.source.startswith(control.FSNAME_PREFIX):
+            continue
+        clone = LiveClone(mount.mountpoint, mount.source[len(control.FSNAME_PREFIX):])
+        if mount.uid not in (None, os.geteuid()):
+            # Its control socket is in that user's runtime directory, not ours.
+            clone.problem = f"another user's mount (uid {mount.uid}): run as that user"
+            clone.another_users = True
+        clones.append(clone)
+    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
+    return clones
+
+
+async def _ask_all(clones: list[LiveClone], timeout: float) -> None:
+    async with trio.open_nursery() as nursery:
+        for clone in clones:
+            nursery.start_soon(_ask, clone, timeout)
+
+
+async def _ask(clone: LiveClone, timeout: float) -> None:
+    """Fill in CLONE's status, or its problem. The blocking client runs in a worker thread of
+    its own and keeps its own deadline, so every clone is asked at once."""
+    try:
+        reply = await trio.to_thread.run_sync(control.request, clone.metadata, {"op": "status"},
+                                              timeout)
+    except control.NotAnswering as exc:
+        clone.problem = f"not answering (stopped? pid {exc.pid or 'unknown'})"
+        return
+    except FusecloneError as exc:
+        clone.problem = f"no answer: {exc}"
+        return
+    if reply is None:
+        clone.problem = ("daemon gone (killed): `fuseclone unmount` cleans the mount"
+                         if control.daemon_gone(clone.metadata) else "no control socket")
+        return
+    clone.status = Status(**reply["status"])
+    clone.image = reply.get("image")
