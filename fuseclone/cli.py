@@ -16,6 +16,7 @@ import click
 from . import control
 from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
+from .sources import is_remote
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -88,6 +89,10 @@ def main() -> None:
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
+@click.option("--record-access", metavar="TRACE", type=click.Path(dir_okay=False),
+              help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
+@click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
+              help="Hydrate the regions of TRACE (recorded with --record-access from the same source) first, at full depth, even with --no-hydration.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
 @click.option("--http-header-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
@@ -100,8 +105,8 @@ def main() -> None:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
 def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          allow_other, http_header_file, name, foreground, on_complete, log_file,
-          log_level, metrics_listen) -> None:
+          record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
+          log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
@@ -113,12 +118,15 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
-    opts = MountOptions(source=src, destination=dst, metadata=meta, mountpoint=mountpoint,
+    # Absolute, so that status, list and metrics name them usefully from any directory.
+    src = src if is_remote(src) else os.path.abspath(src)
+    opts = MountOptions(source=src, destination=os.path.abspath(dst), metadata=meta,
+                        mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
-                        mirrors=tuple(mirrors))
+                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -211,6 +219,10 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    # Like a daemon should: a descriptor inherited from the caller (a `flock LOCK fuseclone
+    # mount` lock, a pipe someone waits on for EOF) must not live as long as the mount.
+    os.closerange(3, ready_fd)
+    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
     try:
         _mount_foreground(opts, log_file, log_level, ready_fd, default_log)
     except FusecloneError:

@@ -14,8 +14,9 @@ import os
 import shlex
 import signal
 import sys
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import trio
 
@@ -26,6 +27,7 @@ from .errors import FusecloneError
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
+from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class MountOptions:
     name: str = "image"
     on_complete: str | None = None
     write_cache: int = DEFAULT_WRITE_CACHE  # 0: write-through
+    record_access: str | None = None  # write an access trace here (trace.py)
+    prefetch: str | None = None  # hydrate the regions of this access trace first
     http_header_file: str | None = None  # headers (secrets) for an http(s):// or s3:// source
     metrics_listen: tuple[str | None, int] | None = None  # (host, port) serving GET /metrics
     notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
@@ -95,6 +99,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
+    prefetch = _read_prefetch_trace(opts)
     real_mountpoint = os.path.realpath(opts.mountpoint)  # as the mount table will have it
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
@@ -103,11 +108,16 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     recorded = recorded_source(opts.metadata)
     async with open_mirrored_source(opts.source, opts.mirrors, recorded,
                                     http_header_file=opts.http_header_file) as source:
+        if prefetch is not None:
+            check_trace_source(prefetch, opts.prefetch, source)
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
+        if prefetch is not None:
+            engine.prefetch(prefetch.region_runs(engine.geometry))
         mounted = False
         try:
-            async with running(engine, hold_hydration=True):
+            async with _recording_access(engine, opts.record_access), \
+                    running(engine, hold_hydration=True):
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
@@ -128,6 +138,40 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
+                if opts.record_access and os.path.exists(opts.record_access):
+                    os.unlink(opts.record_access)
+
+
+def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
+    """The --prefetch trace, read before anything is created (a corrupt one is refused)."""
+    if opts.record_access is not None:
+        parent = os.path.dirname(os.path.abspath(opts.record_access))
+        if not os.path.isdir(parent):
+            raise FusecloneError(f"{opts.record_access}: cannot record an access trace there "
+                                 f"({parent} is not a directory)")
+    if opts.prefetch is None:
+        return None
+    if opts.record_access is not None and os.path.exists(opts.record_access) \
+            and os.path.samefile(opts.prefetch, opts.record_access):
+        raise FusecloneError(f"{opts.record_access}: --record-access would overwrite the "
+                             "--prefetch trace")
+    return read_trace(opts.prefetch)
+
+
+@asynccontextmanager
+async def _recording_access(engine: CloneEngine, path: str | None) -> AsyncIterator[None]:
+    """Record the access trace at PATH (if any) while the mount runs; it is complete (ends
+    with its `end` line) once the mount stopped."""
+    if path is None:
+        yield
+        return
+    recorder = TraceRecorder(path, engine.source.identity(), engine.geometry, trio.current_time)
+    engine.recorder = recorder
+    try:
+        yield
+    finally:
+        engine.recorder = None
+        recorder.close()
 
 
 def _systemd_notifier(opts: MountOptions):

@@ -30,13 +30,16 @@ import trio
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Permissions
+from .ordering import HydrationOrder
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
                        feature_names)
 from .pacing import HydrationPacer
+from .readahead import ReadaheadDetector
 from .regions import Geometry
 from .sources.base import Source, SourceReadError
 from .status import Status
+from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,11 @@ PACED_FLOOR = 512 << 10
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
 STOPPED_POLL_INTERVAL = 0.1  # seconds: how soon a waiter sees that hydration stopped
+# Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
+# of a quarter of its window within these bounds (a reader waits for the copy it reaches).
+READAHEAD_MAX_WINDOW = 8 << 20
+READAHEAD_MIN_COPY = 64 << 10
+READAHEAD_MAX_COPY = 1 << 20
 
 
 @dataclass
@@ -137,12 +145,15 @@ def default_batch(source_batch: int, depth: int) -> int:
 class _Claim:
     """Regions someone is filling in the destination right now."""
 
-    __slots__ = ("regions", "done", "error")
+    __slots__ = ("regions", "done", "error", "ahead")
 
-    def __init__(self, regions: range) -> None:
+    def __init__(self, regions: range, ahead: bool = False) -> None:
         self.regions = regions
         self.done = trio.Event()
         self.error: BaseException | None = None
+        # A copy asked for ahead of readers (readahead, prefetch): a reader that reaches it
+        # waits for it rather than ask the source again.
+        self.ahead = ahead
 
 
 @dataclass
@@ -204,6 +215,16 @@ class CloneEngine:
         self._copied: deque[tuple[int, int]] = deque()
         self._copied_bytes = 0
         self._hydration_hold: trio.Event | None = None
+        # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
+        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size)
+        self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
+        self._readahead_inflight = 0  # bytes
+        self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
+        self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
+
+    def prefetch(self, runs: list[range]) -> None:
+        """Call before `run`: hydrate these runs of regions first, in this order."""
+        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size, runs)
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -233,6 +254,10 @@ class CloneEngine:
         if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
             return None
         self._last_user_io = trio.current_time()
+        if len(self._readahead):  # a stream reading what readahead fetched reads on
+            self._follow_stream(offset, length, may_start=False)
+        if self.recorder is not None:
+            self.recorder.read(self.geometry.region_span(offset, length))
         data = self.dst.read_cached(offset, length)
         if data is not None:
             return data
@@ -316,6 +341,13 @@ class CloneEngine:
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         length = max(0, min(length, self.size - offset))
         self._last_user_io = trio.current_time()
+        span = self.geometry.region_span(offset, length)
+        self._follow_stream(offset, length, may_start=not self.meta.map.all_hydrated(span))
+        if self.recorder is not None:
+            self.recorder.read(span)
+        return await self._read_range(offset, length)
+
+    async def _read_range(self, offset: int, length: int) -> bytes | bytearray:
         span = self.geometry.region_span(offset, length)
         if self.meta.map.all_hydrated(span):
             return await self._dst_read(offset, length)
@@ -515,7 +547,13 @@ class CloneEngine:
         if not self.meta.map.all_unhydrated(run):
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
-            return await self.read(lo, hi - lo)
+            return await self._read_range(lo, hi - lo)
+        ahead = {self._claims[r] for r in run if r in self._claims and self._claims[r].ahead}
+        if ahead:  # readahead or prefetch is fetching it: wait rather than ask the source again
+            for claim in ahead:
+                await claim.done.wait()
+            return await self._read_range(lo, hi - lo)
+        self._note_source_read(run)
         if not (self.settings.copy_on_read and self.hydration_error is None
                 and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
             return await self._source_read(lo, hi - lo)
@@ -542,6 +580,76 @@ class CloneEngine:
             return
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
+
+    # ---- readahead and hot spots ----------------------------------------------------------
+
+    def _note_source_read(self, run: range) -> None:
+        """A user read `run` from the source: its neighbourhood is a hot spot, and the access
+        trace records it."""
+        self.order.note_source_read(run)
+        if self.recorder is not None:
+            self.recorder.source_read(run)
+        self._changed.unpark_all()  # a parked hydrator may take the hot spot
+
+    def _follow_stream(self, offset: int, length: int, *, may_start: bool) -> None:
+        """Tell the stream detector about a user read; fetch what it says lies ahead. Only
+        where copy-on-read would store what it read: readahead is copy-on-read done early."""
+        if (not self.settings.copy_on_read or self.hydration_error is not None
+                or self.meta.mode is not MetadataMode.RW or self._nursery is None
+                or self.meta.map.complete):
+            return
+        ahead = self._readahead.observe(offset, length, may_start=may_start)
+        if ahead is not None:
+            self._read_ahead(*ahead)
+
+    def _read_ahead(self, start: int, stop: int) -> None:
+        """Start copies of the free regions of [start, stop) into DST, claimed as readahead
+        (a reader that reaches one waits for it), while readahead's copies in flight stay
+        within the hydration threshold. Copies are a quarter of the window, so the reader's
+        next read waits for a small one."""
+        g = self.geometry
+        span = g.region_span(start, stop - start)
+        copy_bytes = max(READAHEAD_MIN_COPY, min(READAHEAD_MAX_COPY, (stop - start) // 4))
+        copy_regions = 1 << (max(1, copy_bytes // g.region_size).bit_length() - 1)
+        budget = min(self._threshold_bytes(), READAHEAD_MAX_WINDOW)
+        pos = span.start
+        while (run := self._free_run(pos, span.stop, copy_regions)) is not None:
+            nbytes = len(run) * g.region_size
+            if self._readahead_inflight + nbytes > budget:
+                break
+            self._readahead_inflight += nbytes
+            self._inflight_regions += len(run)
+            self.fetched["readahead"] += nbytes
+            if self.recorder is not None:
+                self.recorder.fetched_ahead(run)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._fetch_ahead, self._claim(run, ahead=True))
+            pos = run.stop
+
+    async def _fetch_ahead(self, claim: _Claim) -> None:
+        nbytes = len(claim.regions) * self.geometry.region_size
+        try:
+            await self._copy(claim)
+        except OSError as exc:  # the reader reads the source itself
+            log.info("readahead of regions %d..%d failed: %s", claim.regions.start,
+                     claim.regions.stop - 1, describe(exc))
+        finally:
+            self._readahead_inflight -= nbytes
+            self._inflight_regions -= len(claim.regions)
+            self._changed.unpark_all()
+
+    def _free_run(self, start: int, stop: int, limit: int) -> range | None:
+        """The first run of unhydrated, unclaimed regions in [start, stop), at most `limit`
+        long, or None."""
+        bits = self.meta.map
+        region = bits.next_unhydrated(start, stop)
+        while region >= 0 and region in self._claims:
+            # Past the whole claim at once: stepping region by region through 128 MiB of
+            # copies in flight took half the loop's time at the end of a hydration.
+            region = bits.next_unhydrated(self._claims[region].regions.stop, stop)
+        if region < 0:
+            return None
+        return range(region, self._unhydrated_run_end(region + 1, min(stop, region + limit)))
 
     # ---- hydration copies -----------------------------------------------------------------
 
@@ -619,8 +727,8 @@ class CloneEngine:
 
     # ---- claims -------------------------------------------------------------------------
 
-    def _claim(self, regions: range) -> _Claim:
-        claim = _Claim(regions)
+    def _claim(self, regions: range, *, ahead: bool = False) -> _Claim:
+        claim = _Claim(regions, ahead)
         for region in regions:
             self._claims[region] = claim
         return claim
@@ -742,18 +850,20 @@ class CloneEngine:
                 if not self._may_start_batch():
                     await self._changed.park()
                     continue
-                claim = self._next_batch(cursor)
+                prefetching = self.order.prefetching
+                claim, in_order = self._next_batch(cursor)
                 if claim is None:
                     if cursor:
                         cursor = 0
                     else:
                         await self._changed.park()  # the rest is claimed by others
                     continue
-                cursor = claim.regions.stop
+                if in_order:
+                    cursor = claim.regions.stop
                 self._inflight_regions += len(claim.regions)
                 copies.start_soon(self._hydrate_batch, claim)
                 await self._throttle(len(claim.regions) * self.geometry.region_size)
-                if self._user_active():
+                if self._user_active() and not prefetching:
                     # Yield to user I/O: one batch at a time (see _may_start_batch) with a pause
                     # between batches, or on two cores p99 user latency grew 6x while hydrating.
                     await trio.sleep(self.settings.user_io_pause)
@@ -772,7 +882,12 @@ class CloneEngine:
 
     def _may_start_batch(self) -> bool:
         s = self.settings
-        if not s.hydration or self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
+        if self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
+            return False
+        if self.order.prefetching:  # at full depth, even with background hydration disabled
+            return self._inflight_regions + s.hydration_batch_size <= max(s.hydration_threshold,
+                                                                          s.hydration_batch_size)
+        if not s.hydration:
             return False
         batch = self._batch_regions()
         limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
@@ -795,17 +910,24 @@ class CloneEngine:
     def _threshold_bytes(self) -> int:
         return self.settings.hydration_threshold * self.geometry.region_size
 
-    def _next_batch(self, cursor: int) -> _Claim | None:
-        bits = self.meta.map
-        region = bits.next_unhydrated(cursor)
-        while region >= 0 and region in self._claims:
-            # Past the whole claim at once: stepping region by region through 128 MiB of
-            # copies in flight took half the loop's time at the end of a hydration.
-            region = bits.next_unhydrated(self._claims[region].regions.stop)
-        if region < 0:
+    def _next_batch(self, cursor: int) -> tuple[_Claim | None, bool]:
+        """Claim the next copy, in hydration's order: the prefetch trace, hot spots, then in
+        order from `cursor`. Also says whether it was the in-order one."""
+        if self.order.prefetching:
+            run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
+            if run is not None or not self.settings.hydration:
+                return self._claim_for("prefetch", run, ahead=True), False
+        run = self.order.next_hot(self._free_run, self._batch_regions())
+        if run is not None:
+            return self._claim_for("hot_spots", run), False
+        run = self._free_run(cursor, len(self.meta.map), self._batch_regions())
+        return (None if run is None else self._claim(run)), True
+
+    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
+        if run is None:
             return None
-        stop = self._unhydrated_run_end(region + 1, region + self._batch_regions())
-        return self._claim(range(region, stop))
+        self.fetched[kind] += len(run) * self.geometry.region_size
+        return self._claim(run, ahead=ahead)
 
     async def _hydrate_batch(self, claim: _Claim) -> None:
         started = trio.current_time()
@@ -930,12 +1052,20 @@ class CloneEngine:
             metadata=self.meta.path,
             live=True,
             source_bytes_read=self.source_reads,
+            prefetch_regions=sum(len(run) for run in self.order.trace),
+            prefetch_hydrated=sum(self._hydrated_in(run) for run in self.order.trace),
+            prefetching=self.order.prefetching,
+            fetched=dict(self.fetched),
             hydrated_bytes=self.meta.hydrated_bytes() - self._hydrated_bytes_at_start,
             hydration_errors=self.hydration_errors,
             metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks,
             servers=[asdict(server) for server in self.source.servers()],
         )
+
+    def _hydrated_in(self, run: range) -> int:
+        bits = self.meta.map
+        return len(run) if bits.complete else bits.bits.count(1, run.start, run.stop)
 
     def _retry_note(self) -> str | None:
         """While hydration backs off after failures (and has not stopped): how it stands."""

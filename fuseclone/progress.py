@@ -76,6 +76,12 @@ def status_renderable(st: Status) -> Group:
     written = f"{st.written_regions} regions ({human_bytes(st.written_bytes)}) by users"
     rows.insert(2, ("written", written + (", and unknown before the metadata's format upgrade"
                                           if st.written_unknown else "")))
+    if st.prefetch_regions:
+        rows.insert(3, ("prefetch", f"{st.prefetch_hydrated}/{st.prefetch_regions} regions of the trace "
+                                    f"hydrated" + (", fetching" if st.prefetching else ", done")))
+    if any(st.fetched.values()):
+        rows.insert(3, ("followed users", ", ".join(f"{kind.replace('_', ' ')} {human_bytes(n)}"
+                                                    for kind, n in sorted(st.fetched.items()))))
     if st.log_file:
         rows.append(("log", st.log_file))
     if st.metadata_error:

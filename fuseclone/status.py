@@ -49,6 +49,11 @@ class Status:
     # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
     # (source, role, state: serving / standby / failing / unreachable / refused, error).
     servers: list[dict] = field(default_factory=list)
+    prefetch_regions: int = 0  # regions the prefetch trace lists (--prefetch), 0 without one
+    prefetch_hydrated: int = 0  # of those, hydrated so far
+    prefetching: bool = False  # regions of the trace are still to be asked for
+    # bytes this mount claimed for copies of each kind: prefetch, readahead, hot_spots
+    fetched: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import MiB, fuseclone, sh, status_json
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
 
 
 def test_messages_apply_live(rig, random_source):
@@ -226,3 +226,18 @@ def test_a_background_mount_logs_to_one_bounded_file_per_clone(rig, random_sourc
     rig.wait_unmounted()
     assert open(log).read().startswith(first) and len(open(log).read()) > len(first)
     assert not [name for name in os.listdir(control.RUNTIME_DIR) if name.startswith("mount-")]
+
+
+def test_a_background_mount_keeps_no_descriptor_of_its_caller(rig, random_source):
+    """A detached daemon that kept its caller's descriptors would hold their locks (a caller's
+    `flock LOCK fuseclone mount ...` stayed locked for the life of the mount) and pipes open."""
+    lock = os.open(rig.tmp / "caller.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        subprocess.run([sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta,
+                        rig.mnt, "--no-hydration"], check=True, pass_fds=(lock,), timeout=60)
+        rig.stack.callback(rig._force_unmount, rig.mnt)
+        pid = daemon_pid(rig.mnt)
+        held = {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert str(rig.tmp / "caller.lock") not in held
+    finally:
+        os.close(lock)

@@ -1,0 +1,76 @@
+"""The order in which background hydration takes regions, before its in-order sweep (sans-IO).
+
+1. the regions of a prefetch trace (`--prefetch`), in the trace's order, at full depth and even
+   with background hydration disabled;
+2. hot spots: the HOT_SPOT_BYTES-aligned neighbourhood of a region a user just read from the
+   source, most recent first (a filesystem keeps related blocks together: the rest of a file, its
+   inode table block, its directory);
+3. everything else, in order (the engine's cursor).
+Readahead for sequential readers does not queue here: the engine fetches it from the read path
+at once (readahead.py).
+
+The engine asks for the next run with `free_run(start, stop, limit)`: the first run of regions
+in [start, stop) that are neither hydrated nor claimed, at most `limit` long, or None.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+FreeRun = Callable[[int, int, int], "range | None"]
+
+HOT_SPOT_BYTES = 1 << 20
+MAX_HOT_SPOTS = 64  # older hot spots are forgotten: they are either done or no longer hot
+
+
+class HydrationOrder:
+    """Prefetch runs, then hot spots; the engine's in-order sweep comes after both."""
+
+    def __init__(self, nr_regions: int, region_size: int, prefetch: list[range] | None = None) -> None:
+        self.nr_regions = nr_regions
+        self._hot_regions = max(1, HOT_SPOT_BYTES // region_size)
+        self.trace: tuple[range, ...] = tuple(prefetch or ())  # as given, for progress
+        self._prefetch: list[range] = list(self.trace)  # what is left of it
+        self._prefetch_next = 0  # index of the first trace run not yet fully asked for
+        self._hot: deque[range] = deque(maxlen=MAX_HOT_SPOTS)
+
+    @property
+    def prefetching(self) -> bool:
+        """Whether runs of the trace are left to ask for."""
+        return self._prefetch_next < len(self._prefetch)
+
+    def next_prefetch(self, free_run: FreeRun, limit: int) -> range | None:
+        """The next free run of the trace, at most `limit` regions. Trace runs that are hydrated
+        or claimed by someone else are passed over: their data is there or on its way."""
+        while self._prefetch_next < len(self._prefetch):
+            run = self._prefetch[self._prefetch_next]
+            found = free_run(run.start, run.stop, limit)
+            if found is not None:
+                if found.stop >= run.stop:
+                    self._prefetch_next += 1
+                else:
+                    self._prefetch[self._prefetch_next] = range(found.stop, run.stop)
+                return found
+            self._prefetch_next += 1
+        return None
+
+    def note_source_read(self, regions: range) -> None:
+        """A user read `regions` from the source: their neighbourhood is hot."""
+        size = self._hot_regions
+        start = regions.start // size * size
+        stop = min(self.nr_regions, -(-regions.stop // size) * size)
+        hot = range(start, stop)
+        if hot in self._hot:
+            self._hot.remove(hot)
+        self._hot.append(hot)
+
+    def next_hot(self, free_run: FreeRun, limit: int) -> range | None:
+        """A free run in the most recent hot spot that has one, at most `limit` regions."""
+        while self._hot:
+            spot = self._hot[-1]
+            found = free_run(spot.start, spot.stop, limit)
+            if found is not None:
+                return found
+            self._hot.pop()
+        return None

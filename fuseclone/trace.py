@@ -1,0 +1,201 @@
+"""Access traces: the regions users read from the source, in first-read order.
+
+`fuseclone mount ... --record-access TRACE` writes one; `fuseclone mount ... --prefetch TRACE`
+on a later clone of the same source fetches those regions before anything else.
+
+The format is text, one record a line (UTF-8, `\\n` line ends)::
+
+    fuseclone-access-trace 1
+    {"image_size": 536870912, "source": {"kind": "nbd", ...}}
+    0.013 1048576 65536
+    0.020 0 4096
+    ...
+    end 2
+
+1. the magic line, with the format's version;
+2. a JSON object: `source` is the identity of the source it was recorded from (what META
+   records; a trace of another source is refused) and `image_size` its size in bytes;
+3. one line per first read from the source: seconds since the mount started (three decimals),
+   then the offset and the length in bytes of the whole regions that read fetched, in the order
+   users first read them (a region appears once; a sequential reader's reads of what readahead
+   fetched for it count as reads from the source, what it fetched and nobody read does not);
+4. `end N` (N: the number of records) once the mount ended cleanly.
+Each record is written to the file as it happens, so a trace of a mount that was killed ends
+without the `end` line and is still good to prefetch from; anything else that does not parse
+is refused as corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from bitarray import bitarray
+
+from .errors import FusecloneError
+from .regions import Geometry
+
+MAGIC = "fuseclone-access-trace 1"
+
+
+class TraceError(FusecloneError):
+    """An access trace that cannot be used: unreadable, corrupt, or of another source."""
+
+
+@dataclass(frozen=True)
+class AccessTrace:
+    """A trace read back: where it came from and its (offset, length) records in order."""
+
+    source: dict
+    image_size: int
+    records: tuple[tuple[int, int], ...]
+    complete: bool  # ended with its `end` line
+
+    def region_runs(self, geometry: Geometry) -> list[range]:
+        """The records as runs of regions of `geometry`: records that touch or overlap merged
+        into one run (one copy instead of many small ones), placed where the first of them was
+        read."""
+        spans = [geometry.region_span(offset, length) for offset, length in self.records]
+        order = sorted(range(len(spans)), key=lambda i: spans[i].start)
+        merged: list[tuple[int, range]] = []  # (first record's index, run)
+        for i in order:
+            span = spans[i]
+            if merged and span.start <= merged[-1][1].stop:
+                first, run = merged[-1]
+                merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
+            else:
+                merged.append((i, span))
+        return [run for _, run in sorted(merged, key=lambda item: item[0])]
+
+
+def read_trace(path: str) -> AccessTrace:
+    """Parse the trace at PATH; raises TraceError (one line) if it is unreadable or corrupt."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read the access trace ({exc})") from None
+    if lines[0] != MAGIC:
+        raise TraceError(f"{path}: not a fuseclone access trace (no {MAGIC!r} line)")
+    try:
+        header = json.loads(lines[1]) if len(lines) > 1 else None
+        source, image_size = header["source"], header["image_size"]
+        if not isinstance(source, dict) or not isinstance(image_size, int) or image_size < 0:
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        raise TraceError(f"{path}: corrupt access trace (line 2 is not its header)") from None
+    records, complete = _records(path, lines[2:], image_size)
+    return AccessTrace(source, image_size, tuple(records), complete)
+
+
+def _records(path: str, lines: list[str], image_size: int) -> tuple[list[tuple[int, int]], bool]:
+    if lines and lines[-1] == "":
+        lines = lines[:-1]  # the final newline
+    records: list[tuple[int, int]] = []
+    for number, line in enumerate(lines, start=3):
+        words = line.split(" ")
+        if words[0] == "end" and number == len(lines) + 2:
+            if len(words) == 2 and words[1] == str(len(records)):
+                return records, True
+        else:
+            record = _record(words, image_size)
+            if record is not None:
+                records.append(record)
+                continue
+        raise TraceError(f"{path}: corrupt access trace (line {number}: {line[:60]!r})")
+    return records, False
+
+
+def _record(words: list[str], image_size: int) -> tuple[int, int] | None:
+    if len(words) != 3:
+        return None
+    try:
+        seconds, offset, length = float(words[0]), int(words[1]), int(words[2])
+    except ValueError:
+        return None
+    if seconds < 0 or offset < 0 or length <= 0 or offset + length > image_size:
+        return None
+    return offset, length
+
+
+def check_trace_source(trace: AccessTrace, path: str, source) -> None:
+    """Refuse a trace recorded from another source than SOURCE (a `sources.base.Source`)."""
+    if trace.image_size != source.size or not source.identity_matches(trace.source):
+        raise TraceError(f"{path}: access trace of another source "
+                         f"({_describe(trace.source)}), not of {source.description}")
+
+
+def _describe(identity: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
+
+
+class TraceRecorder:
+    """Appends first reads from the source to a trace file as they happen. The engine calls
+    `source_read` for user reads that went to the source, `fetched_ahead` for readahead's
+    copies, and `read` for user reads of data at hand: the part of those that readahead
+    fetched is recorded then, as read (what readahead fetched and nobody read is not)."""
+
+    def __init__(self, path: str, source_identity: dict, geometry: Geometry,
+                 clock: Callable[[], float]) -> None:
+        self.path = path
+        self.geometry = geometry
+        self._clock = clock
+        self._started = clock()
+        self._seen = bitarray(geometry.nr_regions, endian="little")
+        self._seen.setall(0)
+        self._ahead = bitarray(geometry.nr_regions, endian="little")  # fetched ahead, not read yet
+        self._ahead.setall(0)
+        self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
+        self.records = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
+                            sort_keys=True)
+        self._write(f"{MAGIC}\n{header}\n")
+
+    def fetched_ahead(self, regions: range) -> None:
+        self._ahead_count += self._ahead.count(0, regions.start, regions.stop)
+        self._ahead[regions.start : regions.stop] = 1
+
+    def read(self, regions: range) -> None:
+        """A user read `regions` of data at hand: record the runs of it readahead fetched."""
+        if not self._ahead_count or not self._ahead.count(1, regions.start, regions.stop):
+            return
+        pos = self._ahead.find(1, regions.start, regions.stop)
+        while pos >= 0:
+            end = self._ahead.find(0, pos, regions.stop)
+            end = regions.stop if end < 0 else end
+            self._ahead[pos:end] = 0
+            self._ahead_count -= end - pos
+            self.source_read(range(pos, end))
+            pos = self._ahead.find(1, end, regions.stop)
+
+    def source_read(self, regions: range) -> None:
+        """Users read `regions` from the source just now; the ones read before are left out.
+        One write(2) per record: the file is whole up to its last line at any time."""
+        if not regions or self._seen.count(0, regions.start, regions.stop) == 0:
+            return
+        first = self._seen.find(0, regions.start, regions.stop)
+        last = regions.stop - 1
+        while self._seen[last]:
+            last -= 1
+        self._seen[first : last + 1] = 1
+        offset, length = self.geometry.byte_range(range(first, last + 1))
+        self.records += 1
+        self._write(f"{self._clock() - self._started:.3f} {offset} {length}\n")
+
+    def close(self) -> None:
+        """The mount ended: write the `end` line and close."""
+        if self._fd < 0:
+            return
+        try:
+            self._write(f"end {self.records}\n")
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _write(self, text: str) -> None:
+        data = text.encode()
+        while data:
+            data = data[os.write(self._fd, data):]
