@@ -772,7 +772,8 @@ def row8(bench: Bench) -> list[Metric]:
         m.notes.append("weed server -s3 on 127.0.0.1, signatures checked; SeaweedFS's volume "
                        "files evicted from the page cache before each sample; boto3: "
                        "download_file (10 threads, 8 MiB parts) then fsync, in its own process; "
-                       "fuseclone: mount → complete → fsync of the image")
+                       "fuseclone: mount → complete → fsync of the image (×4: the four mounts and "
+                       "the four downloads each started at once)")
     with contextlib.ExitStack() as stack:
         os.makedirs(bench.path("r8-seaweedfs"), exist_ok=True)
         server = anchors.start_seaweedfs(bench.path("r8-seaweedfs"), bench.log_path("r8-weed.log"))
@@ -832,16 +833,22 @@ def _restore_env(saved: dict[str, str | None]) -> None:
 
 
 def hydrate_together(bench: Bench, tag: str, src: str, count: int, cold_files: list[str]) -> float:
-    """Seconds from the first of COUNT `fuseclone mount`s of SRC (fresh clones, mounted one
-    after the other) until every one is hydrated and flushed."""
+    """Seconds from COUNT `fuseclone mount`s of SRC (fresh clones, started at once, as the
+    anchor starts its downloads) until every one is hydrated and flushed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     clones = [bench.clone(f"{tag}-{i}", src) for i in range(count)]
     try:
         with contextlib.ExitStack() as stack:
             for path in cold_files:
                 evict(path)
+            # One ExitStack per clone, each entered here: its unmount is registered even when
+            # another mount fails.
+            stacks = [stack.enter_context(contextlib.ExitStack()) for _ in clones]
             t0 = time.perf_counter()
-            for clone in clones:
-                subject.mount(stack, clone)
+            with ThreadPoolExecutor(count) as pool:
+                for mounted in [pool.submit(subject.mount, s, c) for s, c in zip(stacks, clones)]:
+                    mounted.result()
             for clone in clones:
                 clone.wait(timeout=900)
                 clone.flush()

@@ -4,9 +4,11 @@ scripted server for hangs and broken-off bodies. Also the engine hydrating from 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import http.server
+import mmap
 import os
 import random
 import shutil
@@ -24,7 +26,7 @@ from fuseclone.engine import Settings
 from fuseclone.errors import FusecloneError, MetadataError, SourceError
 from fuseclone.sources import open_source
 from fuseclone.sources.base import SourceReadError
-from fuseclone.sources.http import open_http_source
+from fuseclone.sources.http import RECEIVE_BYTES, open_http_source
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -246,6 +248,27 @@ async def test_reads_equal_the_file_unaligned_split_and_the_partial_last_piece(n
     pieces = -(-FILE_SIZE // (256 * KiB))
     assert len(ranges) == pieces + 5 + 2  # the clipped and one-byte reads: one GET each
     assert f"bytes={(pieces - 1) * 256 * KiB}-{FILE_SIZE - 1}" in ranges
+
+
+async def test_copies_arrive_in_page_aligned_buffers_that_are_reused(nginx, image):
+    """Hydration copies land in page-aligned memory (DST takes them with direct I/O), split
+    into pieces or not, and a recycled buffer serves the next copy of its size."""
+    async with open_http_source(nginx.url("image.raw"), piece_size=256 * KiB) as source:
+        for offset, length in ((0, MiB), (MiB, 256 * KiB)):  # four pieces, then one
+            data = await source.read_for_copy(offset, length)
+            assert ctypes.addressof(ctypes.c_char.from_buffer(data)) % mmap.PAGESIZE == 0
+            assert data[:] == image[offset : offset + length]  # an mmap compares by identity
+            source.recycle(data)
+            again = await source.read_for_copy(offset + length, length)
+            assert again is data and again[:] == image[offset + length : offset + 2 * length]
+
+
+async def test_responses_are_read_in_large_socket_reads(nginx, image):
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    async with open_http_source(nginx.url("image.raw")) as source:
+        assert await source.read(0, 4096) == image[:4096]
+        assert AsyncHTTP11Connection.READ_NUM_BYTES == RECEIVE_BYTES > 64 * KiB
 
 
 async def test_many_concurrent_reads(nginx, image):
