@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from . import anchors, subject
+from . import anchors, postgres, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
 from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, random_file, read_through,
@@ -47,6 +47,7 @@ class Profile:
     r3_sizes: tuple[int, ...] = (512 * MiB, 4 * GiB)  # NBD hydration, source cached and not
     r8_size: int = 512 * MiB  # S3 object hydrated from SeaweedFS
     r8_fleet_size: int = 256 * MiB  # object four clones hydrate at once
+    r10_runtime: float = 8.0  # seconds per pgbench run (read-write, then select-only)
 
     @classmethod
     def quick(cls) -> "Profile":
@@ -59,7 +60,8 @@ class Profile:
         return cls("full", reps=5, fio_runtime=5, fio_ramp=1, r1_size=1 * GiB,
                    r2_size=1 * GiB, r4_size=2 * GiB, r4_hot=256 * MiB,
                    r4_runtime=5, r6_io_runtime=10, r6_hydrate_seconds=5, r7_size=1 * GiB,
-                   r8_size=1 * GiB, r8_fleet_size=512 * MiB)
+                   r8_size=1 * GiB, r8_fleet_size=512 * MiB,
+                   r10_runtime=15.0)
 
 
 @dataclass
@@ -652,27 +654,10 @@ def row7(bench: Bench) -> list[Metric]:
             f.truncate(p.r7_size)
         run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", src])
     with contextlib.ExitStack() as stack:
-        raw_file = bench.path("r7-raw.img")
-        run(["cp", "--sparse=always", src, raw_file])
-        stack.callback(remove, raw_file)
-        dirs = {"raw": ext4_on_dio_loop(stack, bench, raw_file, "raw")}
-        try:
-            server = qsd_export_of_copy(stack, bench, src, "r7", sparse="always")
-            dirs["qsd"] = ext4_on_dio_loop(stack, bench, server.export, "qsd")
-        except BenchError as exc:
-            m.skip(["qsd"], f"qsd FUSE export failed: {exc}")
+        dirs = filesystems_on_dio_loops(stack, bench, [m], src, "r7",
+                                        lambda file, who: ext4_on_dio_loop(stack, bench, file, who))
         if bench.fuseclone_reason:
-            m.skip(["fuseclone hydrated", "fuseclone hydrating"], bench.fuseclone_reason)
-        else:
-            try:
-                clone = bench.clone("r7", src)
-                stack.callback(remove, clone.dst, clone.meta)
-                subject.mount(stack, clone)
-                bench.commands["fuseclone mount (row 7)"] = clone.command_line
-                clone.wait(timeout=600)
-                dirs["fuseclone hydrated"] = ext4_on_dio_loop(stack, bench, clone.image, "fc")
-            except BenchError as exc:
-                m.skip(["fuseclone hydrated"], f"fuseclone mount/hydration failed: {exc}")
+            m.skip(["fuseclone hydrating"], bench.fuseclone_reason)
         contenders = [Contender(m, who, functools.partial(synced_writes, bench, m, who, d))
                       for who, d in dirs.items()]
         if not bench.fuseclone_reason:
@@ -684,16 +669,55 @@ def row7(bench: Bench) -> list[Metric]:
     return [m]
 
 
+def filesystems_on_dio_loops(stack: contextlib.ExitStack, bench: Bench, metrics: list[Metric], src: str,
+                             tag: str, mount_fs: Callable[[str, str], str]) -> dict[str, str]:
+    """The filesystem in SRC on three images, each through `mount_fs(file, short name)`: a copy
+    ("raw"), qsd's FUSE export of a copy ("qsd"), fuseclone's clone once hydrated ("fuseclone
+    hydrated"). Their directories by contender; a contender that failed is skipped in METRICS."""
+    def skip(who: str, note: str) -> None:
+        for m in metrics:
+            m.skip([who], note)
+
+    raw_file = bench.path(f"{tag}-raw.img")
+    run(["cp", "--sparse=always", src, raw_file])
+    stack.callback(remove, raw_file)
+    dirs = {"raw": mount_fs(raw_file, "raw")}
+    try:
+        server = qsd_export_of_copy(stack, bench, src, tag, sparse="always")
+        dirs["qsd"] = mount_fs(server.export, "qsd")
+    except BenchError as exc:
+        skip("qsd", f"qsd FUSE export failed: {exc}")
+    if bench.fuseclone_reason:
+        skip("fuseclone hydrated", bench.fuseclone_reason)
+        return dirs
+    try:
+        clone = bench.clone(tag, src)
+        stack.callback(remove, clone.dst, clone.meta)
+        subject.mount(stack, clone)
+        bench.commands[f"fuseclone mount (row {tag[1:]})"] = clone.command_line
+        clone.wait(timeout=600)
+        dirs["fuseclone hydrated"] = mount_fs(clone.image, "fc")
+    except BenchError as exc:
+        skip("fuseclone hydrated", f"fuseclone mount/hydration failed: {exc}")
+    return dirs
+
+
 def ext4_on_dio_loop(stack: contextlib.ExitStack, bench: Bench, file: str, tag: str) -> str:
     """Mount the ext4 filesystem in FILE through a direct-I/O loop device; its mountpoint, with
     fio's file laid out (and the first writes' costs paid) by a short run."""
+    directory = mount_on_dio_loop(stack, bench, file, f"r7-{tag}-fs")
+    run_fio(replace(synced_writes_job(bench, directory), runtime=1, ramp_time=0))
+    return directory
+
+
+def mount_on_dio_loop(stack: contextlib.ExitStack, bench: Bench, file: str, name: str) -> str:
+    """Mount the filesystem in FILE through a direct-I/O loop device at bench.path(NAME)."""
     loop = losetup(stack, file, direct_io=True)
     if not loop.dio:
         raise BenchError(f"the loop device on {file} refused direct I/O")
-    bench.commands["losetup (row 7)"] = "losetup -f --show --direct-io=on FILE"
-    directory = bench.path(f"r7-{tag}-fs")
+    bench.commands["losetup (rows 7, 10)"] = "losetup -f --show --direct-io=on FILE"
+    directory = bench.path(name)
     mount(stack, loop.device, directory)
-    run_fio(replace(synced_writes_job(bench, directory), runtime=1, ramp_time=0))
     return directory
 
 
@@ -836,7 +860,85 @@ def hydrate_together(bench: Bench, tag: str, src: str, count: int, cold_files: l
             remove(clone.dst, clone.meta)
 
 
+# ---- row 10: PostgreSQL ------------------------------------------------------------------------
+
+R10_SCALE = 20  # pgbench -s: about 300 MiB of tables
+R10_IMAGE_SIZE = 1 * GiB
+R10_CLIENTS = ["-c", "8", "-j", "2"]
+R10_WHO = ["fuseclone hydrated", "qsd", "raw"]
+
+
+def row10(bench: Bench) -> list[Metric]:
+    """PostgreSQL: pgbench read-write and select-only on ext4 over a direct-I/O loop device"""
+    p = bench.profile
+    metrics = [Metric(10, f"r10.{key}", f"pgbench {label} (-s {R10_SCALE}, {' '.join(R10_CLIENTS)})", "TPS", True,
+                      targets=[Target("≥ 0.8× raw", ["fuseclone hydrated"], ">=", 0.8, ["raw"]),
+                               Target("≥ qsd", ["fuseclone hydrated"], ">=", 1.0, ["qsd"])])
+               for key, label in (("rw", "read-write"), ("select", "select-only"))]
+    read_write, select_only = metrics
+    for m in metrics:
+        m.notes.append(f"PostgreSQL, shared_buffers 128 MB, pgbench -s {R10_SCALE} laid out once in an "
+                       f"ext4 image; each sample starts the server, runs pgbench -n -T {p.r10_runtime:g} "
+                       "(read-write, then -S) and stops it; ext4 through losetup --direct-io=on")
+        for who in R10_WHO:
+            m.figure(who)
+    reason = postgres.missing_reason()
+    if reason:
+        for m in metrics:
+            m.skip(R10_WHO, reason)
+        bench.say(f"  row 10 skipped: {reason}")
+        return metrics
+    src = pgbench_image(bench)
+    with contextlib.ExitStack() as stack:
+        dirs = filesystems_on_dio_loops(stack, bench, metrics, src, "r10",
+                                        lambda file, who: mount_on_dio_loop(stack, bench, file, f"r10-{who}-fs"))
+        bench.commands["pgbench (row 10)"] = (f"pgbench -n -T {p.r10_runtime:g} {' '.join(R10_CLIENTS)} [-S] "
+                                             f"(server: {' '.join(postgres.SETTINGS)})")
+        failed: set[str] = set()
+        for rep in range(p.reps):
+            for who in rotated(list(dirs), rep):
+                if who in failed:
+                    continue
+                try:
+                    with postgres.Cluster(os.path.join(dirs[who], "pgdata"), postgres.binaries()).running() as db:
+                        runtime = ["-n", "-T", f"{p.r10_runtime:g}", *R10_CLIENTS]
+                        read_write.figure(who).add(db.tps(*runtime))
+                        select_only.figure(who).add(db.tps(*runtime, "-S"))
+                except BenchError as exc:
+                    failed.add(who)
+                    for m in metrics:
+                        m.skip([who], f"failed: {exc}")
+                    bench.say(f"  rep {rep + 1}/{p.reps} {who}: [red]failed[/]: {exc}")
+                    continue
+                bench.say(f"  rep {rep + 1}/{p.reps} {who}: read-write {read_write.figure(who).samples[-1]:,.0f} TPS, "
+                          f"select-only {select_only.figure(who).samples[-1]:,.0f} TPS")
+    return metrics
+
+
+def pgbench_image(bench: Bench) -> str:
+    """An ext4 image holding a PostgreSQL cluster with pgbench's tables at R10_SCALE, cleanly
+    stopped; made once and kept in the work directory."""
+    image = bench.path(f"r10-pgbench-s{R10_SCALE}.img")
+    if os.path.exists(image):
+        return image
+    partial = image + ".partial"
+    remove(partial)
+    with open(partial, "wb") as f:
+        f.truncate(R10_IMAGE_SIZE)
+    run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", partial])
+    with contextlib.ExitStack() as stack:
+        loop = losetup(stack, partial, direct_io=False)
+        directory = bench.path("r10-build-fs")
+        mount(stack, loop.device, directory)
+        cluster = postgres.Cluster(os.path.join(directory, "pgdata"), postgres.binaries())
+        cluster.init()
+        with cluster.running():
+            cluster.pgbench("-i", "-q", "-s", str(R10_SCALE))
+    os.replace(partial, image)
+    return image
+
+
 from .follow import row9  # noqa: E402  (it uses this module's Bench)
 
 ROWS: dict[int, Callable[[Bench], list[Metric]]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7, 8: row8,
-                                                   9: row9}
+                                                   9: row9, 10: row10}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import threading
@@ -19,6 +20,7 @@ from .libc import libc
 
 _ZEROS = bytes(1 << 20)
 DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
+WRITE_THROUGH_MAX = 1 << 20  # one FUSE request: the largest user write that write_through takes
 
 
 class Destination:
@@ -32,6 +34,7 @@ class Destination:
         self._direct_fd = -1
         self.direct_bytes = 0  # written with direct I/O (hydration copies)
         self._direct_count_lock = threading.Lock()  # two writer threads add to it
+        self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -159,6 +162,23 @@ class Destination:
         pwrite_all(self._direct_fd, data, offset)
         with self._direct_count_lock:
             self.direct_bytes += len(data)
+
+    def can_write_through(self, offset: int, length: int) -> bool:
+        """Whether `write_through` can take a write of `length` bytes at `offset`."""
+        return (self._direct_fd >= 0 and 0 < length <= WRITE_THROUGH_MAX
+                and not offset % DIRECT_ALIGN and not length % DIRECT_ALIGN)
+
+    def write_through(self, offset: int, data: bytes | memoryview) -> None:
+        """Write `data` (see can_write_through) with direct I/O from a copy in this thread's
+        page-aligned buffer: past the page cache, so that the next fdatasync has no dirty pages
+        of it to write back and wait for, only the device's cache to flush."""
+        buffer = getattr(self._aligned, "buffer", None)
+        if buffer is None:
+            buffer = self._aligned.buffer = mmap.mmap(-1, WRITE_THROUGH_MAX)
+        length = len(data)
+        buffer[:length] = data
+        with memoryview(buffer) as view:
+            pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
         os.fdatasync(self.fd)

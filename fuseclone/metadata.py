@@ -213,6 +213,15 @@ class _BitmapArea:
         self.nblocks = _bitmap_blocks(nr_bits)
         self.current_slot = current_slot if current_slot is not None else bytearray(b"\2" * self.nblocks)
         self.dirty: set[int] = set()
+        self.committing: set[int] = set()  # blocks of a commit being written
+
+    def settled(self, bits: range) -> bool:
+        """Whether the blocks holding these bits are neither changed since their last commit
+        nor in a commit being written: what META holds of them is what the core holds."""
+        if not bits:
+            return True
+        blocks = range(bits.start // BITS_PER_BLOCK, (bits.stop - 1) // BITS_PER_BLOCK + 1)
+        return not any(b in self.dirty or b in self.committing for b in blocks)
 
     @property
     def end_block(self) -> int:
@@ -233,13 +242,16 @@ class _BitmapArea:
         """Slot images of the dirty blocks, each for the slot not holding its newest copy."""
         writes = [SlotWrite(self, block, 1 if self.current_slot[block] == 0 else 0,
                             self._slot_image(block, seq)) for block in sorted(self.dirty)]
+        self.committing.update(self.dirty)
         self.dirty.clear()
         return writes
 
     def finish(self, write: SlotWrite) -> None:
         self.current_slot[write.block] = write.slot
+        self.committing.discard(write.block)
 
     def abort(self, write: SlotWrite) -> None:
+        self.committing.discard(write.block)
         self.dirty.add(write.block)  # a later commit retries it
 
     def bits_of(self, write: SlotWrite) -> tuple[int, bitarray]:
@@ -490,6 +502,12 @@ class Metadata:
     def dirty(self) -> bool:
         """Whether hydrated bits wait for a commit."""
         return bool(self._hydrated.dirty)
+
+    def hydrated_settled(self, regions: range) -> bool:
+        """Whether META already holds these regions' hydrated bits as the core does (their
+        bitmap blocks have no change waiting for, or in, a commit). Coarse: a block covers
+        BITS_PER_BLOCK regions, so False may only mean that a neighbour changed."""
+        return self._hydrated.settled(regions)
 
     # ---- written bits (changed-block tracking) ---------------------------------------------
 

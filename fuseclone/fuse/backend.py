@@ -70,9 +70,12 @@ class ImageBackend(Protocol):
         `read` is the way). `kernel_keeps`: the kernel keeps what this read returns in the
         image's page cache, so no other copy of it needs to stay cached."""
 
-    def write_now(self, offset: int, data: bytes | memoryview) -> bool | Callable[[], None]:
+    def write_now(self, offset: int, data: bytes | memoryview, *, direct: bool = False
+                  ) -> bool | Callable[[], None]:
         """Like `write`, without waiting: True if done, False if `write` must do it, or a
-        blocking call that does it from any thread (the write is then acknowledged after it)."""
+        blocking call that does it from any thread (the write is then acknowledged after it).
+        `direct`: the writer opened the image with O_DIRECT (it keeps no copy of what it
+        writes, and a disk's writer that does usually flushes soon)."""
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write inside the image (the filesystem has already refused writes past its end)."""

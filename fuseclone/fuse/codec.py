@@ -123,6 +123,7 @@ class Write(Request):
     offset: int
     data: memoryview
     write_flags: int
+    open_flags: int = 0  # the file's open(2) flags: O_DIRECT says the writer keeps no copy
     opcode: ClassVar[int] = Opcode.WRITE
 
 
@@ -237,11 +238,11 @@ def _init(head: tuple, body: memoryview) -> Init:
 def _write(head: tuple, body: memoryview) -> Write:
     if len(body) < abi.write_in.size:
         raise ValueError("short WRITE")
-    fh, offset, size, write_flags, _owner, _flags, _pad = abi.write_in.unpack_from(body)
+    fh, offset, size, write_flags, _owner, open_flags, _pad = abi.write_in.unpack_from(body)
     data = body[abi.write_in.size:]
     if len(data) < size:
         raise ValueError(f"WRITE of {size} bytes carries only {len(data)}")
-    return Write(*head, fh, offset, data[:size], write_flags)
+    return Write(*head, fh, offset, data[:size], write_flags, open_flags)
 
 
 def _getattr(head: tuple, body: memoryview) -> GetAttr:

@@ -196,7 +196,7 @@ class ImageFilesystem:
     def write_now(self, req: codec.Write) -> QuickAnswer:
         if req.offset + len(req.data) > self.image.size:
             return Continue(lambda: self.write(req))  # it clips or refuses the write
-        done = self.image.write_now(req.offset, req.data)
+        done = self.image.write_now(req.offset, req.data, direct=_direct(req))
         if not done:
             return Continue(lambda: self.write(req))
         self.user_write_bytes += len(req.data)
@@ -270,3 +270,9 @@ def _call_then(call: Callable[[], None], reply: codec.Reply) -> codec.Reply:
     """A handed-over job: the blocking call, then the reply it earns."""
     call()
     return reply
+
+
+def _direct(req: codec.Write) -> bool:
+    """Whether the writer opened the image with O_DIRECT and this is its own write (not the
+    kernel writing back its cache): it keeps no copy, and a flush usually follows."""
+    return bool(req.open_flags & os.O_DIRECT) and not req.write_flags & abi.FUSE_WRITE_CACHE

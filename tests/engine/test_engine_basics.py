@@ -129,6 +129,28 @@ async def test_large_writes_to_hydrated_regions_are_handed_over(clone):
         assert engine.source_reads == 0
 
 
+async def test_direct_writes_to_hydrated_regions_go_past_dst_page_cache(clone):
+    """A writer with O_DIRECT that flushes often (a database on a direct-I/O loop device): its
+    small aligned writes to hydrated regions are written through to DST's disk by the job
+    thread, so the flush's fdatasync has nothing of them to write back inside the kernel's
+    lock. Without flushes they stay in the page cache (many small writes, quicker there)."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine._record_written(0, MiB)
+        assert engine.write_now(0, b"a" * (64 * KiB)) is True  # unhydrated: filled and marked
+        assert engine.write_now(0, b"b" * 4096, direct=False) is True  # buffered: at once
+        assert dst_cached(clone.dst, 0, 4096)
+        assert engine.write_now(8192, memoryview(b"c" * 8192), direct=True) is True  # no flush yet
+        engine.flush_now()  # the writer commits
+        through = engine.write_now(8192, memoryview(b"c" * 8192), direct=True)
+        assert callable(through)
+        await trio.to_thread.run_sync(through)
+        assert not dst_cached(clone.dst, 8192, 8192)  # on DST's disk, not in its page cache
+        assert file_bytes(clone.dst, 16 * KiB) == b"b" * 4096 + b"a" * 4096 + b"c" * 8192
+        assert engine.write_now(4096 + 512, b"d" * 512, direct=True) is True  # unaligned: buffered
+        assert await engine.read(0, 16 * KiB) == b"b" * 4096 + b"a" * 512 + b"d" * 512 + b"a" * 3072 + b"c" * 8192
+
+
 async def test_reads_come_from_source_until_hydrated(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
@@ -334,6 +356,46 @@ async def test_flush_now_is_one_fdatasync_only_when_nothing_waits_to_be_committe
         await trio.to_thread.run_sync(flush)
         assert len(syncs) == before + 1
         assert engine._commits_done == 1  # no commit of its own
+
+
+async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
+    """A flush needs the bits of the regions users wrote in META, not the bits hydration set
+    since (a lost copy is copied again): it stays one fdatasync while they wait for the
+    committer, and while their commit runs. A user write near unsettled bits needs a commit."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    held = threading.Event()
+    real_datasync = engine.dst.datasync
+    syncs = []
+
+    def held_datasync():
+        syncs.append(1)
+        while held.is_set():
+            time.sleep(0.001)
+        real_datasync()
+
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        await engine.flush()
+        await engine._copy(engine._claim(range(64, 66)))  # hydration: bits to commit
+        assert engine.meta.dirty
+        assert callable(engine.flush_now())
+        engine.dst.datasync = held_datasync
+        held.set()
+        async with trio.open_nursery() as nursery:
+            try:  # cleared before the nursery waits for the commit, whatever fails here
+                nursery.start_soon(engine.commit)  # the committer's
+                with trio.fail_after(5):
+                    while not syncs:
+                        await trio.sleep(0.001)
+                assert engine._commit_lock.locked() and callable(engine.flush_now())
+                # A user write whose bitmap block is in that commit: its flush waits for one.
+                await engine.write(64 * 4096, b"w" * 4096)
+                assert engine.flush_now() is None
+            finally:
+                held.clear()
+        assert engine.flush_now() is None  # the commit that ran began before the write
+        await engine.flush()
+        assert callable(engine.flush_now())
 
 
 async def test_flush_now_failure_is_eio_and_fail_mode(clone):

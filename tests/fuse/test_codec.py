@@ -49,10 +49,12 @@ def test_lookup_name_stops_at_nul():
 
 def test_write_data_is_a_view_of_the_buffer():
     payload = os.urandom(10000)
-    buf = bytearray(request(Opcode.WRITE, abi.write_in.pack(3, 1 << 40, len(payload), 0, 0, 0, 0) + payload))
+    open_flags = os.O_RDWR | os.O_DIRECT
+    buf = bytearray(request(Opcode.WRITE, abi.write_in.pack(3, 1 << 40, len(payload), 0, 0, open_flags, 0)
+                            + payload))
     req = codec.parse_request(buf)
     assert isinstance(req, codec.Write)
-    assert (req.fh, req.offset, len(req.data)) == (3, 1 << 40, len(payload))
+    assert (req.fh, req.offset, len(req.data), req.open_flags) == (3, 1 << 40, len(payload), open_flags)
     assert bytes(req.data) == payload
     buf[-1] ^= 0xFF  # no copy was made
     assert req.data[-1] == payload[-1] ^ 0xFF

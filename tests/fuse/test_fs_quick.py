@@ -1,7 +1,8 @@
-"""The image filesystem's quick handlers for what a database's commits send: FSYNC, and the
-SETATTR of times that the kernel sends before each FSYNC with the write cache."""
+"""The image filesystem's quick handlers for what a database's commits send: direct WRITEs,
+FSYNC, and the SETATTR of times that the kernel sends before each FSYNC with the write cache."""
 
 import errno
+import os
 
 import pytest
 
@@ -18,12 +19,17 @@ class Image:
 
     def __init__(self, flush_now):
         self._flush_now = flush_now
+        self.writes = []
 
     def permissions(self):
         return Permissions(0o600, 0, 0)
 
     def flush_now(self):
         return self._flush_now
+
+    def write_now(self, offset, data, *, direct=False):
+        self.writes.append((offset, bytes(data), direct))
+        return True
 
 
 def setattr_req(valid, size=0):
@@ -56,3 +62,17 @@ def test_setattr_of_times_is_answered_at_once():
         quick(setattr_req(abi.FATTR_SIZE, size=4096))
     assert raised.value.errno == errno.EPERM
     assert isinstance(quick(setattr_req(abi.FATTR_MODE | TIMES)), Continue)  # chmod: DST's, in a task
+
+
+def write_req(open_flags, write_flags=0):
+    return codec.Write(1, IMAGE, 0, 0, 0, 1, 4096, memoryview(b"w" * 4096), write_flags, open_flags)
+
+
+def test_a_writer_with_o_direct_is_told_to_the_image():
+    """Its writes may skip DST's page cache; the kernel's writeback of its own cache may not."""
+    image = Image(None)
+    quick = ImageFilesystem(image, write_cache=True).quick_handlers()[codec.Write]
+    for open_flags, write_flags in ((os.O_RDWR | os.O_DIRECT, 0), (os.O_RDWR, 0),
+                                    (os.O_RDWR | os.O_DIRECT, abi.FUSE_WRITE_CACHE)):
+        assert quick(write_req(open_flags, write_flags)) == codec.WriteReply(4096)
+    assert [direct for _, _, direct in image.writes] == [True, False, False]

@@ -684,7 +684,7 @@ class MemoryImage:
     def read_now(self, offset, length, *, kernel_keeps):
         return None  # always the async path
 
-    def write_now(self, offset, data):
+    def write_now(self, offset, data, *, direct=False):
         return False
 
     async def write(self, offset, data):
