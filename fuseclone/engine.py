@@ -74,7 +74,6 @@ PACED_FLOOR = 512 << 10
 # SPEC's 100 MiB; it gets 24 MiB (84 MiB peak), while a small clone gets 128 MiB.
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
-STOPPED_POLL_INTERVAL = 0.1  # seconds: how soon a waiter sees that hydration stopped
 # Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
 # of a quarter of its window within these bounds (a reader waits for the copy it reaches).
 READAHEAD_MAX_WINDOW = 8 << 20
@@ -202,7 +201,10 @@ class CloneEngine:
         self._failures = 0
         self._resume_at = 0.0
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
-        self.hydration_error: str | None = None
+        self._hydration_error: str | None = None
+        # Replaced each time it is set: wakes `wait_until_settled` when hydration completes,
+        # stops, or the metadata fails (which may happen in a worker thread).
+        self._settled_changed = trio.Event()
         self._progress = _Progress()
         self._rate_tokens = 0.0
         self._rate_stamp = -1e9
@@ -973,6 +975,7 @@ class CloneEngine:
         except OSError:
             return  # fail mode: status and wait say why
         self.complete.set()
+        self._wake_settle_waiters()
         log.info("hydration complete: %d regions", len(self.meta.map))
 
     async def wait_until_settled(self) -> None:
@@ -980,8 +983,21 @@ class CloneEngine:
         cannot go on (metadata in fail mode)."""
         while (not self.complete.is_set() and self.hydration_error is None
                and self.meta.mode is MetadataMode.RW):
-            with trio.move_on_after(STOPPED_POLL_INTERVAL):  # a stop sets no event
-                await self.complete.wait()
+            await self._settled_changed.wait()
+
+    def _wake_settle_waiters(self) -> None:
+        self._settled_changed.set()
+        self._settled_changed = trio.Event()
+
+    @property
+    def hydration_error(self) -> str | None:
+        """Why background hydration stopped (failures, or a source that is another image)."""
+        return self._hydration_error
+
+    @hydration_error.setter
+    def hydration_error(self, reason: str | None) -> None:
+        self._hydration_error = reason
+        self._wake_settle_waiters()
 
     # ---- control ------------------------------------------------------------------------
 
@@ -1083,9 +1099,13 @@ class CloneEngine:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                token = trio.lowlevel.current_trio_token()
+                # Metadata.fail may run in a commit's worker thread: wake the waiters from the loop.
+                self.meta.on_fail = lambda: token.run_sync_soon(self._wake_settle_waiters)
                 nursery.start_soon(self._committer)
                 if self.meta.map.complete:
                     self.complete.set()
+                    self._wake_settle_waiters()
                 else:
                     nursery.start_soon(self._hydrator)
                 task_status.started()
@@ -1093,6 +1113,7 @@ class CloneEngine:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._shutdown_commit()
+            self.meta.on_fail = None  # this run's loop is what it wakes
 
     async def _shutdown_commit(self) -> None:
         if self.meta.mode is not MetadataMode.RW:

@@ -355,6 +355,7 @@ class Metadata:
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
+        self.on_fail: Callable[[], None] | None = None  # told once, when fail mode begins
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         self._usage_at_close = (0, 0)  # block_usage() once the file is closed
         if self.map.complete:
@@ -672,6 +673,8 @@ class Metadata:
         self.mode = MetadataMode.FAIL
         self.failure = reason
         log.error("%s", MetadataFailedError(reason))
+        if self.on_fail is not None:
+            self.on_fail()
 
     def refuse_if_failed(self) -> None:
         """Raise EIO, with the reason, in fail mode."""
