@@ -241,3 +241,13 @@ def test_a_background_mount_keeps_no_descriptor_of_its_caller(rig, random_source
         assert str(rig.tmp / "caller.lock") not in held
     finally:
         os.close(lock)
+
+
+def test_status_names_src_and_dst_by_absolute_paths(rig, random_source):
+    """A mount made with relative paths: status and list are read from anywhere."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    sh(sys.executable, "-m", "fuseclone", "mount", "src.img", "dst.img", "clone.meta", "mnt",
+       "--no-hydration", cwd=rig.tmp, env=env)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    st = status_json(rig.mnt)
+    assert (st["source"], st["destination"]) == (rig.src, rig.dst)
