@@ -95,7 +95,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     check_mountpoint(opts.mountpoint)
     for source_path in (opts.source, *opts.mirrors):
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
-                       mountpoint=opts.mountpoint)
+                       mountpoint=opts.mountpoint, access_trace=opts.record_access)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
@@ -103,6 +103,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     real_mountpoint = os.path.realpath(opts.mountpoint)  # as the mount table will have it
     new_meta = not Metadata.exists(opts.metadata)
     new_dst = not os.path.exists(opts.destination)
+    new_trace = opts.record_access is not None and not os.path.exists(opts.record_access)
     notifier = _systemd_notifier(opts)
     # A resumed clone mounts even while its source is down: META knows the image's size.
     recorded = recorded_source(opts.metadata)
@@ -138,7 +139,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
-                if opts.record_access and os.path.exists(opts.record_access):
+                if new_trace and os.path.exists(opts.record_access):
                     os.unlink(opts.record_access)
 
 

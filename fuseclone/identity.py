@@ -36,13 +36,14 @@ _LOOP_INFO64_HEAD = struct.Struct("=QQQ")
 SYS_DEV_BLOCK = "/sys/dev/block"  # a block device's sysfs directory, by "major:minor"
 _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed further
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
+_TRACE_OF_ITS_OWN = "the access trace must be a file of its own"
 
 
 @dataclass(frozen=True)
 class Thing:
     """One of the paths a clone is given, resolved."""
 
-    role: str  # "source", "destination", "metadata", "mountpoint"
+    role: str  # "source", "destination", "metadata", "mountpoint", "access trace"
     path: str  # as the user gave it
     key: Key
     beneath: frozenset[Key] = frozenset()  # what holds its data (disks, backing files)
@@ -93,21 +94,23 @@ def inside(thing: Thing, mountpoint: Thing) -> str | None:
 
 
 def check_distinct(*, source: str | None, destination: str | None, metadata: str | None,
-                   mountpoint: str | None = None) -> None:
+                   mountpoint: str | None = None, access_trace: str | None = None) -> None:
     """Refuse (OverlapError) unless the given paths are different things, none backed by
-    another, and DST and META are not inside the mountpoint. A remote source, and any path
-    given as None, takes no part."""
+    another, and DST, META and the access trace (--record-access, a file the mount truncates)
+    are not inside the mountpoint. A remote source, and any path given as None, takes no part."""
     things = [describe(role, path) for role, path in (
         ("source", None if source is None or is_remote(source) else source),
-        ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint))
+        ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint),
+        ("access trace", access_trace))
         if path is not None]
     for i, a in enumerate(things):
         for b in things[i + 1:]:
             reason = conflict(a, b)
             if reason:
-                raise OverlapError(f"{reason}: {_FOUR_THINGS}")
+                rule = _TRACE_OF_ITS_OWN if "access trace" in (a.role, b.role) else _FOUR_THINGS
+                raise OverlapError(f"{reason}: {rule}")
     for mount in (t for t in things if t.role == "mountpoint"):
-        for thing in (t for t in things if t.role in ("destination", "metadata")):
+        for thing in (t for t in things if t.role in ("destination", "metadata", "access trace")):
             reason = inside(thing, mount)
             if reason:
                 raise OverlapError(reason)

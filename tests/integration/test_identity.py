@@ -129,3 +129,23 @@ def make_file(path, size):
     with open(path, "wb") as f:
         f.truncate(size)
 
+
+
+def test_an_access_trace_may_not_be_one_of_the_four(rig, random_source):
+    """--record-access truncates its file: naming SRC, DST or META there would destroy it, and a
+    failed mount must not remove a file it did not create."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    kept = {path: sha256(path) for path in (rig.src, rig.dst, rig.meta)}
+    for path in kept:
+        mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", path,
+                      expect=f"access trace {path} is the same file as")
+        assert {p: sha256(p) for p in kept} == kept
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access",
+                  os.path.join(rig.mnt, "trace"), expect="is inside the mountpoint")
+    # A mount that fails for another reason leaves an existing file alone.
+    other = rig.tmp / "notes.txt"
+    other.write_text("mine")
+    mount_refused(rig, rig.src, rig.src, rig.meta, rig.mnt, "--record-access", str(other),
+                  expect="is the same file as")
+    assert other.read_text() == "mine"
