@@ -2,6 +2,7 @@ import os
 import random
 
 import pytest
+import trio
 
 from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
@@ -57,3 +58,23 @@ class Clone:
 @pytest.fixture
 def clone(tmp_path, source_file):
     return Clone(tmp_path, source_file)
+
+
+async def assert_settle_waiter_woken_by(engine, trigger, monkeypatch) -> None:
+    """Start `engine.wait_until_settled()`, then await `trigger()`: the waiter must wake within
+    10 s, woken by the event itself (where waiters used to poll, they would now wait an hour)."""
+    import fuseclone.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "STOPPED_POLL_INTERVAL", 3600, raising=False)
+    woke = trio.Event()
+
+    async def waiter():
+        await engine.wait_until_settled()
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(0.05)  # the waiter is waiting before the trigger
+        await trigger()
+        with trio.fail_after(10):
+            await woke.wait()

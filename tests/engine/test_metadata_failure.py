@@ -8,6 +8,7 @@ import trio
 
 from fuseclone.errors import MetadataFailedError
 from fuseclone.metadata import Metadata, MetadataMode
+from tests.engine.conftest import assert_settle_waiter_woken_by
 
 
 def fail_datasync(engine):
@@ -63,25 +64,14 @@ def test_fail_is_one_transition_and_the_first_reason_sticks(tmp_path):
 
 async def test_a_waiter_wakes_when_the_metadata_fails(clone, monkeypatch):
     """Fail mode begins in a commit's worker thread; `wait` still hears of it at once."""
-    import fuseclone.engine as engine_module
-
-    # Where waiters used to poll for a stop, they would now wait an hour.
-    monkeypatch.setattr(engine_module, "STOPPED_POLL_INTERVAL", 3600, raising=False)
     engine = await clone.open(hydration=False)
+
+    async def failed_flush():
+        fail_datasync(engine)
+        await engine.write(0, b"a" * 4096)
+        with pytest.raises(OSError):
+            await engine.flush()
+
     async with clone.running(engine):
-        woke = trio.Event()
-
-        async def waiter():
-            await engine.wait_until_settled()
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await trio.sleep(0.05)
-            fail_datasync(engine)
-            await engine.write(0, b"a" * 4096)
-            with pytest.raises(OSError):
-                await engine.flush()
-            with trio.fail_after(10):
-                await woke.wait()
+        await assert_settle_waiter_woken_by(engine, failed_flush, monkeypatch)
         assert engine.status().metadata_mode == "fail"

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from fuseclone.sources.base import Source, SourceReadError
+from tests.engine.conftest import assert_settle_waiter_woken_by
 
 
 class BrokenRange(Source):
@@ -102,24 +103,13 @@ async def test_status_tells_of_retries_and_enable_hydration_ends_a_backoff(clone
 
 async def test_a_waiter_wakes_when_hydration_stops(clone, monkeypatch):
     """`wait` (wait_until_settled) is woken by the stop itself, not found by polling."""
-    import fuseclone.engine as engine_module
-
-    # Where waiters used to poll for a stop, they would now wait an hour.
-    monkeypatch.setattr(engine_module, "STOPPED_POLL_INTERVAL", 3600, raising=False)
     engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
                               max_failures=3, backoff_initial=0.01)
     engine.source = BrokenRange(engine.source, 0, engine.source.size)
+
+    async def enable_hydration():
+        engine.message("enable_hydration")
+
     async with clone.running(engine):
-        woke = trio.Event()
-
-        async def waiter():
-            await engine.wait_until_settled()
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await trio.sleep(0.05)  # the waiter is waiting before hydration starts
-            engine.message("enable_hydration")
-            with trio.fail_after(10):
-                await woke.wait()
+        await assert_settle_waiter_woken_by(engine, enable_hydration, monkeypatch)
         assert "stopped after 3 failures" in engine.status().hydration_error
