@@ -63,6 +63,10 @@ HANDED_OVER_WRITE_MIN = 256 << 10
 COMMITTING_WINDOW = 0.1
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
+# Hydration in order skips this far past a writer filling unhydrated regions in order: copying
+# what it is about to replace made it wait for each copy (256 MiB of 1 MiB writes behind a 5 ms
+# source: 109 MB/s, against 740 without hydration).
+WRITER_LEAD_BYTES = 64 << 20
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
 COPY_WRITER_THREADS = 2
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
@@ -198,6 +202,7 @@ class CloneEngine:
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._last_user_io = -1e9
         self._last_flush = -1e9
+        self._write_frontier = -1  # the region after the latest user write that filled regions
         self._failures = 0
         self._resume_at = 0.0
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
@@ -347,6 +352,7 @@ class CloneEngine:
         self.dst.write(offset, data)
         # Marked after the data is in DST; the commit makes DST durable before the bit.
         self.meta.set_hydrated(span)
+        self._write_frontier = span.stop
         self._note_user_write(span)
         self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
@@ -503,6 +509,7 @@ class CloneEngine:
         for claim in claims:
             self.meta.set_hydrated(claim.regions)
             self._release(claim, None)
+            self._write_frontier = claim.regions.stop
         self._note_user_write(self.geometry.region_span(offset, length))
 
     async def _acquire(self, offset: int, length: int) -> list[_Claim]:
@@ -958,6 +965,10 @@ class CloneEngine:
         if run is not None:
             return self._claim_for("hot_spots", run), False
         run = self._free_run(cursor, len(self.meta.map), self._batch_regions())
+        if run is not None and run.start == self._write_frontier and self._user_active():
+            # A writer is filling these regions: a copy would make it wait, then be overwritten.
+            lead = run.start + WRITER_LEAD_BYTES // self.geometry.region_size
+            run = self._free_run(lead, len(self.meta.map), self._batch_regions()) or run
         return (None if run is None else self._claim(run)), True
 
     def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:

@@ -7,6 +7,7 @@ import time
 import pytest
 import trio
 
+from fuseclone import engine as engine_module
 from fuseclone.engine import HANDED_OVER_WRITE_MIN
 from fuseclone.fuse import codec
 from fuseclone.fuse.backend import Continue
@@ -120,6 +121,22 @@ async def test_a_write_that_needs_a_copy_is_decided_once(clone, monkeypatch):
         assert await answer.answer() == codec.WriteReply(100)
         assert len(attempts) == 1
         assert await engine.read(0, 4096) == clone.source_bytes(0, 100) + b"p" * 100 + clone.source_bytes(200, 3896)
+
+
+async def test_hydration_in_order_skips_ahead_of_a_writer_filling_regions(clone, monkeypatch):
+    """A writer filling unhydrated regions in order would otherwise wait for the copy of the
+    regions it is about to replace, batch after batch."""
+    monkeypatch.setattr(engine_module, "WRITER_LEAD_BYTES", MiB)
+    engine = await clone.open()
+    async with clone.running(engine, hold_hydration=True):
+        assert engine.write_now(0, b"w" * (64 * KiB)) is True
+        claim, in_order = engine._next_batch(0)
+        assert in_order and claim.regions.start == (64 * KiB + MiB) // 4096
+        engine._release(claim, None)
+        await trio.sleep(0.1)  # the writer stopped: hydration goes on where it left off
+        claim, _ = engine._next_batch(0)
+        assert claim.regions.start == 64 * KiB // 4096
+        engine._release(claim, None)
 
 
 async def test_held_hydration_starts_only_when_released(clone):
