@@ -218,7 +218,7 @@ class CloneEngine:
         self._copied_bytes = 0
         self._hydration_hold: trio.Event | None = None
         # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
-        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size)
+        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size)
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
         self._readahead_inflight = 0  # bytes
         self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
@@ -226,7 +226,7 @@ class CloneEngine:
 
     def prefetch(self, runs: list[range]) -> None:
         """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size, runs)
+        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs)
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ class CloneEngine:
         for such reads in turn keeps many at the disk. Anything else: None, then `read` is the
         way. Lets the FUSE session answer without a task, and a cold read without a hop back."""
         length = max(0, min(length, self.size - offset))
-        if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
+        if length == 0 or not self.meta.all_hydrated(self.geometry.region_span(offset, length)):
             return None
         self._last_user_io = trio.current_time()
         if len(self._readahead):  # a stream reading what readahead fetched reads on
@@ -287,8 +287,8 @@ class CloneEngine:
             # `_commit_once` does only after their written bits, a crash leaves them
             # unhydrated, to be copied again. That spared a META fdatasync per 64 KiB chunk
             # (64 KiB direct writes into a fresh clone: 3.6x the time of rewrites).
-            return self.meta.map.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
-        hydrated = self.meta.map.all_hydrated(span)
+            return self.meta.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
+        hydrated = self.meta.all_hydrated(span)
         if hydrated:
             self._note_user_write(span)
         if hydrated and direct and self._write_through(offset, len(data)):
@@ -344,17 +344,17 @@ class CloneEngine:
         length = max(0, min(length, self.size - offset))
         self._last_user_io = trio.current_time()
         span = self.geometry.region_span(offset, length)
-        self._follow_stream(offset, length, may_start=not self.meta.map.all_hydrated(span))
+        self._follow_stream(offset, length, may_start=not self.meta.all_hydrated(span))
         if self.recorder is not None:
             self.recorder.read(span)
         return await self._read_range(offset, length)
 
     async def _read_range(self, offset: int, length: int) -> bytes | bytearray:
         span = self.geometry.region_span(offset, length)
-        if self.meta.map.all_hydrated(span):
+        if self.meta.all_hydrated(span):
             return await self._dst_read(offset, length)
         parts = []
-        for hydrated, run in self.meta.map.runs(span):
+        for hydrated, run in self.meta.runs(span):
             lo = max(offset, self.geometry.region_start(run.start))
             hi = min(offset + length, self.geometry.region_end(run.stop - 1))
             if hydrated:
@@ -441,7 +441,7 @@ class CloneEngine:
 
     async def _extents(self, start: int, stop: int):
         g = self.geometry
-        for hydrated, run in self.meta.map.runs(g.region_span(start, stop - start)):
+        for hydrated, run in self.meta.runs(g.region_span(start, stop - start)):
             lo = max(start, g.region_start(run.start))
             hi = min(stop, g.region_end(run.stop - 1))
             if hydrated:
@@ -477,7 +477,7 @@ class CloneEngine:
             busy: set[_Claim] = set()
             partial: list[int] = []
             free: list[int] = []
-            for hydrated, run in self.meta.map.runs(span):
+            for hydrated, run in self.meta.runs(span):
                 if hydrated:
                     continue
                 for region in run:
@@ -504,7 +504,7 @@ class CloneEngine:
         (4000-byte writes went one source round trip and three thread hops each: 4.5 MB/s)."""
         runs = []
         for run in _runs_of([r for r in partial
-                             if not self.meta.map.is_hydrated(r) and r not in self._claims]):
+                             if not self.meta.is_hydrated(r) and r not in self._claims]):
             if run.stop == span.stop and self._continues_hydrated(span.start):
                 ahead = run.stop + WRITE_AHEAD_BYTES // self.geometry.region_size
                 run = range(run.start, self._unhydrated_run_end(run.stop, ahead))
@@ -525,15 +525,17 @@ class CloneEngine:
 
     def _continues_hydrated(self, region: int) -> bool:
         """Whether the region before `region` holds hydrated data (or it is the first)."""
-        bits = self.meta.map
-        return bits.is_hydrated(region) or (region > 0 and bits.is_hydrated(region - 1))
+        meta = self.meta
+        return meta.is_hydrated(region) or (region > 0 and meta.is_hydrated(region - 1))
 
     def _unhydrated_run_end(self, start: int, limit: int) -> int:
         """End of the run of unhydrated, unclaimed regions from `start`, at most `limit`."""
-        bits = self.meta.map
-        limit = min(len(bits), limit)
+        limit = min(self.meta.nr_regions, limit)
+        hydrated = self.meta.next_hydrated(start, limit)
+        if hydrated >= 0:
+            limit = hydrated
         stop = start
-        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
+        while stop < limit and stop not in self._claims:
             stop += 1
         return stop
 
@@ -546,7 +548,7 @@ class CloneEngine:
     # ---- the read path --------------------------------------------------------------------
 
     async def _read_unhydrated(self, run: range, lo: int, hi: int) -> bytes:
-        if not self.meta.map.all_unhydrated(run):
+        if not self.meta.all_unhydrated(run):
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
             return await self._read_range(lo, hi - lo)
@@ -598,7 +600,7 @@ class CloneEngine:
         where copy-on-read would store what it read: readahead is copy-on-read done early."""
         if (not self.settings.copy_on_read or self.hydration_error is not None
                 or self.meta.mode is not MetadataMode.RW or self._nursery is None
-                or self.meta.map.complete):
+                or self.meta.complete):
             return
         ahead = self._readahead.observe(offset, length, may_start=may_start)
         if ahead is not None:
@@ -643,12 +645,12 @@ class CloneEngine:
     def _free_run(self, start: int, stop: int, limit: int) -> range | None:
         """The first run of unhydrated, unclaimed regions in [start, stop), at most `limit`
         long, or None."""
-        bits = self.meta.map
-        region = bits.next_unhydrated(start, stop)
+        meta = self.meta
+        region = meta.next_unhydrated(start, stop)
         while region >= 0 and region in self._claims:
             # Past the whole claim at once: stepping region by region through 128 MiB of
             # copies in flight took half the loop's time at the end of a hydration.
-            region = bits.next_unhydrated(self._claims[region].regions.stop, stop)
+            region = meta.next_unhydrated(self._claims[region].regions.stop, stop)
         if region < 0:
             return None
         return range(region, self._unhydrated_run_end(region + 1, min(stop, region + limit)))
@@ -827,7 +829,7 @@ class CloneEngine:
     async def _committer(self) -> None:
         while True:
             await trio.sleep(self.settings.commit_interval)
-            self._progress.record(trio.current_time(), self.meta.map.hydrated_count)
+            self._progress.record(trio.current_time(), self.meta.hydrated_count)
             if self.meta.dirty and self.meta.mode is MetadataMode.RW:
                 try:
                     await self.commit()
@@ -842,7 +844,7 @@ class CloneEngine:
         await self._wait_for_source()
         cursor = 0
         async with trio.open_nursery() as copies:
-            while not self.meta.map.complete:
+            while not self.meta.complete:
                 if trio.current_time() < self._resume_at:
                     # Backing off after a failure; enable_hydration (which clears the deadline)
                     # or any other change ends the wait early.
@@ -922,7 +924,7 @@ class CloneEngine:
         run = self.order.next_hot(self._free_run, self._batch_regions())
         if run is not None:
             return self._claim_for("hot_spots", run), False
-        run = self._free_run(cursor, len(self.meta.map), self._batch_regions())
+        run = self._free_run(cursor, self.meta.nr_regions, self._batch_regions())
         return (None if run is None else self._claim(run)), True
 
     def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
@@ -976,7 +978,7 @@ class CloneEngine:
             return  # fail mode: status and wait say why
         self.complete.set()
         self._wake_settle_waiters()
-        log.info("hydration complete: %d regions", len(self.meta.map))
+        log.info("hydration complete: %d regions", self.meta.nr_regions)
 
     async def wait_until_settled(self) -> None:
         """Return once hydration is complete (and committed), has stopped after failures, or
@@ -1042,11 +1044,11 @@ class CloneEngine:
     def status(self) -> Status:
         g = self.geometry
         rate = self._progress.regions_per_second()
-        remaining = len(self.meta.map) - self.meta.map.hydrated_count
+        remaining = self.meta.nr_regions - self.meta.hydrated_count
         used_blocks, total_blocks = self.meta.block_usage()
         return Status(
-            hydrated_regions=self.meta.map.hydrated_count,
-            total_regions=len(self.meta.map),
+            hydrated_regions=self.meta.hydrated_count,
+            total_regions=self.meta.nr_regions,
             hydrating_regions=len(self._claims),
             region_size=g.region_size,
             image_size=g.image_size,
@@ -1069,7 +1071,7 @@ class CloneEngine:
             live=True,
             source_bytes_read=self.source_reads,
             prefetch_regions=sum(len(run) for run in self.order.trace),
-            prefetch_hydrated=sum(self._hydrated_in(run) for run in self.order.trace),
+            prefetch_hydrated=sum(self.meta.hydrated_in(run) for run in self.order.trace),
             prefetching=self.order.prefetching,
             fetched=dict(self.fetched),
             hydrated_bytes=self.meta.hydrated_bytes() - self._hydrated_bytes_at_start,
@@ -1078,10 +1080,6 @@ class CloneEngine:
             metadata_total_blocks=total_blocks,
             servers=[asdict(server) for server in self.source.servers()],
         )
-
-    def _hydrated_in(self, run: range) -> int:
-        bits = self.meta.map
-        return len(run) if bits.complete else bits.bits.count(1, run.start, run.stop)
 
     def _retry_note(self) -> str | None:
         """While hydration backs off after failures (and has not stopped): how it stands."""
@@ -1103,7 +1101,7 @@ class CloneEngine:
                 # Metadata.fail may run in a commit's worker thread: wake the waiters from the loop.
                 self.meta.on_fail = lambda: token.run_sync_soon(self._wake_settle_waiters)
                 nursery.start_soon(self._committer)
-                if self.meta.map.complete:
+                if self.meta.complete:
                     self.complete.set()
                     self._wake_settle_waiters()
                 else:
