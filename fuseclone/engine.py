@@ -27,6 +27,7 @@ from typing import Callable
 
 import trio
 
+from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Permissions
@@ -37,13 +38,12 @@ from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
 from .pacing import HydrationPacer
 from .readahead import ReadaheadDetector
 from .regions import Geometry
-from .sources.base import Source, SourceReadError
+from .sources.base import Source
 from .status import Status
 from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
-_ZEROS = bytes(1 << 20)
 SEEK_SCAN_LIMIT = 1 << 30
 # 4 MiB copies: per-copy overhead (claims, tasks, thread hops) made 1 MiB copies from NBD ~25%
 # slower. While the image is in use, copies shrink to 256 KiB with a 5 ms pause between them
@@ -63,8 +63,6 @@ HANDED_OVER_WRITE_MIN = 256 << 10
 COMMITTING_WINDOW = 0.1
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
-WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
-COPY_WRITER_THREADS = 2
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
 PACED_START = 8 << 20
 PACED_FLOOR = 512 << 10
@@ -209,13 +207,9 @@ class CloneEngine:
         self._rate_tokens = 0.0
         self._rate_stamp = -1e9
         self._nursery: trio.Nursery | None = None
-        self.source_reads = 0  # bytes read from the source, for status and tests
+        self.copier = Copier(source, dst, self.geometry)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
-        # Hydration copies write DST from a few threads only: more just contend for its inode lock.
-        self._copy_writers = trio.CapacityLimiter(COPY_WRITER_THREADS)
-        self._copied: deque[tuple[int, int]] = deque()
-        self._copied_bytes = 0
         self._hydration_hold: trio.Event | None = None
         # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
         self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size)
@@ -227,6 +221,11 @@ class CloneEngine:
     def prefetch(self, runs: list[range]) -> None:
         """Call before `run`: hydrate these runs of regions first, in this order."""
         self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs)
+
+    @property
+    def source_reads(self) -> int:
+        """Bytes read from the source, for status and tests."""
+        return self.copier.source_reads
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -560,12 +559,12 @@ class CloneEngine:
         self._note_source_read(run)
         if not (self.settings.copy_on_read and self.hydration_error is None
                 and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
-            return await self._source_read(lo, hi - lo)
+            return await self.copier.source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
         claim = self._claim(run)
         start, nbytes = self.geometry.byte_range(run)
         try:
-            data = await self._source_read(start, nbytes)
+            data = await self.copier.source_read(start, nbytes)
         except BaseException as exc:
             self._release(claim, exc)
             raise
@@ -576,7 +575,7 @@ class CloneEngine:
     async def _store(self, claim: _Claim, data: bytes) -> None:
         start, _ = self.geometry.byte_range(claim.regions)
         try:
-            await trio.to_thread.run_sync(self._write_or_punch, start, data)
+            await trio.to_thread.run_sync(self.copier.write_or_punch, start, data)
         except OSError as exc:
             log.error("copy-on-read store of regions %s failed: %s", claim.regions, exc)
             self.hydration_errors += 1
@@ -658,70 +657,14 @@ class CloneEngine:
     # ---- hydration copies -----------------------------------------------------------------
 
     async def _copy(self, claim: _Claim) -> None:
-        """Copy the claimed regions from the source into DST, keeping zeros as holes."""
-        start, nbytes = self.geometry.byte_range(claim.regions)
+        """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         try:
-            for extent in await self.source.extents(start, nbytes):
-                if extent.zero:
-                    await trio.to_thread.run_sync(self.dst.punch_hole, extent.offset, extent.length)
-                else:
-                    data = await self._source_read(extent.offset, extent.length, for_copy=True)
-                    direct = self.dst.can_write_direct(extent.offset, data)
-                    stale = [] if direct else self._note_copied(extent.offset, len(data))
-                    await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
-                                                  direct, limiter=self._copy_writers)
-                    self.source.recycle(data)  # written: the source may reuse the buffer
+            await self.copier.copy(claim.regions)
         except BaseException as exc:
             self._release(claim, exc)
             raise
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
-
-    def _note_copied(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Remember a hydration copy; return the copies now more than WRITEBACK_WINDOW behind."""
-        self._copied.append((offset, length))
-        self._copied_bytes += length
-        stale = []
-        while self._copied_bytes > WRITEBACK_WINDOW:
-            old = self._copied.popleft()
-            self._copied_bytes -= old[1]
-            stale.append(old)
-        return stale
-
-    def _store_copy(self, offset: int, data: bytes, stale: list[tuple[int, int]],
-                    direct: bool = False) -> None:
-        """Blocking: write a hydration copy. A copy in aligned memory (the NBD source's) goes
-        to DST with direct I/O: no copy into the page cache, which was 38% of the daemon's CPU
-        hydrating from NBD (`perf`), and nothing to write back or drop later. Otherwise start
-        its writeback at once, like nbdcopy, so dirty data stays bounded and commits' fdatasync
-        stays short, and drop the page cache of copies written a window ago. Either way the
-        data is durable only after the commit's datasync, which comes before its bits."""
-        self._write_or_punch(offset, data, direct)
-        if not direct:
-            self.dst.start_writeback(offset, len(data))
-        for old_offset, old_length in stale:
-            self.dst.forget(old_offset, old_length)
-
-    def _write_or_punch(self, offset: int, data: bytes, direct: bool = False) -> None:
-        """Blocking: all-zero regions become holes, so the destination stays sparse."""
-        view = memoryview(data)
-        write = self.dst.write_direct if direct else self.dst.write
-        for is_zero, lo, hi in _zero_runs(data, self.geometry.region_size):
-            if is_zero:
-                self.dst.punch_hole(offset + lo, hi - lo)
-            else:
-                write(offset + lo, view[lo:hi])
-
-    async def _source_read(self, offset: int, length: int, *, for_copy: bool = False) -> bytes:
-        try:
-            if for_copy:
-                data = await self.source.read_for_copy(offset, length)
-            else:
-                data = await self.source.read(offset, length)
-        except SourceReadError as exc:
-            raise OSError(errno.EIO, f"source read failed: {describe(exc)}") from exc
-        self.source_reads += len(data)
-        return data
 
     async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)
@@ -1123,37 +1066,6 @@ class CloneEngine:
             self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)
-
-
-def _zero_runs(data: bytes | bytearray, step: int) -> list[tuple[bool, int, int]]:
-    """Split `data` into maximal runs of all-zero / not-all-zero `step`-sized pieces.
-
-    Only pieces whose first byte is zero can be all-zero; they are found with one strided copy
-    and checked with a `find` of a zero piece as long as their window (a memcmp, no slice
-    copies; unlike startswith it also works on an mmap), so random data costs almost nothing
-    and zero-filled data runs at memcmp speed rather than element-wise memoryview comparison."""
-    step = min(step, len(_ZEROS))
-    size = len(data)
-    zero_piece = _ZEROS[:step]
-    heads = bytes(memoryview(data)[::step])
-    runs: list[tuple[bool, int, int]] = []
-    covered = 0  # bytes of data already in runs
-    index = heads.find(0)
-    while index >= 0:
-        lo = index * step
-        hi = min(size, lo + step)
-        if data.find(zero_piece[: hi - lo], lo, hi) == lo:
-            if covered < lo:
-                runs.append((False, covered, lo))
-            if runs and runs[-1][0] and runs[-1][2] == lo:
-                runs[-1] = (True, runs[-1][1], hi)
-            else:
-                runs.append((True, lo, hi))
-            covered = hi
-        index = heads.find(0, index + 1)
-    if covered < size:
-        runs.append((False, covered, size))
-    return runs
 
 
 def _runs_of(regions: list[int]) -> list[range]:
