@@ -31,11 +31,10 @@ from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Permissions
-from .ordering import HydrationOrder
+from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
                        feature_names)
-from .pacing import HydrationPacer
 from .readahead import ReadaheadDetector
 from .regions import Geometry
 from .sources.base import Source
@@ -46,13 +45,8 @@ log = logging.getLogger(__name__)
 
 SEEK_SCAN_LIMIT = 1 << 30
 # 4 MiB copies: per-copy overhead (claims, tasks, thread hops) made 1 MiB copies from NBD ~25%
-# slower. While the image is in use, copies shrink to 256 KiB with a 5 ms pause between them
-# (Settings.user_io_pause): a user read that reaches the disk waits behind whatever copy I/O the
-# device is busy with, so small copies keep its tail short. At the same ~50 MB/s of hydration,
-# p99 of 4 KiB QD1 reads of a cold hydrated range was 2.2-2.5x idle with 1 MiB / 20 ms, and
-# 1.7-1.8x with 256 KiB / 5 ms (128 KiB / 2.5 ms: 1.4-1.6x, for 14% more daemon CPU).
+# slower. While the image is in use they shrink (hydrator.BUSY_BATCH_BYTES).
 DEFAULT_BATCH_BYTES = 4 << 20
-BUSY_BATCH_BYTES = 256 << 10
 INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cache on the event loop
 # From this size, a write to hydrated regions is copied into the page cache by the FUSE session's
 # job thread instead: the copy then overlaps the loop's next reads of /dev/fuse.
@@ -63,20 +57,12 @@ HANDED_OVER_WRITE_MIN = 256 << 10
 COMMITTING_WINDOW = 0.1
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
-# Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
-PACED_START = 8 << 20
-PACED_FLOOR = 512 << 10
 # The bitmap (counted at 3.25x: the bitmap itself plus the rest of a 1 TiB clone's RSS) plus the
 # default copies in flight (their buffers) stay within this. A 1 TiB clone at 4 KiB regions (a
 # 32 MiB bitmap) hydrating from NBD peaked at 98 MiB of RSS with 32 MiB in flight, too close to
 # SPEC's 100 MiB; it gets 24 MiB (84 MiB peak), while a small clone gets 128 MiB.
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
-# Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
-# of a quarter of its window within these bounds (a reader waits for the copy it reaches).
-READAHEAD_MAX_WINDOW = 8 << 20
-READAHEAD_MIN_COPY = 64 << 10
-READAHEAD_MAX_COPY = 1 << 20
 
 
 @dataclass
@@ -183,7 +169,7 @@ class CloneEngine:
                                           source.hydration_batch)
         self.complete = trio.Event()
         self._claims: dict[int, _Claim] = {}
-        self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
+        self.changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
         self._commit_lock = trio.Lock()
         # Written-bit commits (META only) have their own lock: a user write never waits behind
         # a hydration commit's DST fdatasync.
@@ -192,35 +178,24 @@ class CloneEngine:
         # The first commit whose done makes every user write so far safe to flush with an
         # fdatasync of DST alone (see _note_user_write).
         self._user_commit_needed = 0
-        self._inflight_regions = 0
-        self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._last_user_io = -1e9
         self._last_flush = -1e9
-        self._failures = 0
-        self._resume_at = 0.0
-        self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self._hydration_error: str | None = None
         # Replaced each time it is set: wakes `wait_until_settled` when hydration completes,
         # stops, or the metadata fails (which may happen in a worker thread).
         self._settled_changed = trio.Event()
         self._progress = _Progress()
-        self._rate_tokens = 0.0
-        self._rate_stamp = -1e9
         self._nursery: trio.Nursery | None = None
         self.copier = Copier(source, dst, self.geometry)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
-        self._hydration_hold: trio.Event | None = None
-        # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
-        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size)
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
-        self._readahead_inflight = 0  # bytes
-        self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
         self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
+        self.hydrator = Hydrator(self)  # background hydration's order, depth, pace and retries
 
     def prefetch(self, runs: list[range]) -> None:
         """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs)
+        self.hydrator.prefetch(runs)
 
     @property
     def source_reads(self) -> int:
@@ -336,7 +311,7 @@ class CloneEngine:
         # Marked after the data is in DST; the commit makes DST durable before the bit.
         self.meta.set_hydrated(span)
         self._note_user_write(span)
-        self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
+        self.changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -492,7 +467,7 @@ class CloneEngine:
             elif partial:
                 await self._hydrate_for_write(partial, span)
             else:
-                return [self._claim(run) for run in _runs_of(free)]
+                return [self.claim(run) for run in _runs_of(free)]
 
     async def _hydrate_for_write(self, partial: list[int], span: range) -> None:
         """A write to part of an unhydrated region waits for its hydration, which starts now,
@@ -507,12 +482,12 @@ class CloneEngine:
             if run.stop == span.stop and self._continues_hydrated(span.start):
                 ahead = run.stop + WRITE_AHEAD_BYTES // self.geometry.region_size
                 run = range(run.start, self._unhydrated_run_end(run.stop, ahead))
-            runs.append(self._claim(run))
+            runs.append(self.claim(run))
         failures: list[OSError] = []
 
         async def copy(claim: _Claim) -> None:
             try:
-                await self._copy(claim)
+                await self.copy(claim)
             except OSError as exc:  # one error for the writer, not a group
                 failures.append(exc)
 
@@ -561,7 +536,7 @@ class CloneEngine:
                 and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
             return await self.copier.source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
-        claim = self._claim(run)
+        claim = self.claim(run)
         start, nbytes = self.geometry.byte_range(run)
         try:
             data = await self.copier.source_read(start, nbytes)
@@ -589,10 +564,10 @@ class CloneEngine:
     def _note_source_read(self, run: range) -> None:
         """A user read `run` from the source: its neighbourhood is a hot spot, and the access
         trace records it."""
-        self.order.note_source_read(run)
+        self.hydrator.order.note_source_read(run)
         if self.recorder is not None:
             self.recorder.source_read(run)
-        self._changed.unpark_all()  # a parked hydrator may take the hot spot
+        self.changed.unpark_all()  # a parked hydrator may take the hot spot
 
     def _follow_stream(self, offset: int, length: int, *, may_start: bool) -> None:
         """Tell the stream detector about a user read; fetch what it says lies ahead. Only
@@ -603,45 +578,9 @@ class CloneEngine:
             return
         ahead = self._readahead.observe(offset, length, may_start=may_start)
         if ahead is not None:
-            self._read_ahead(*ahead)
+            self.hydrator.read_ahead(*ahead, self._nursery)
 
-    def _read_ahead(self, start: int, stop: int) -> None:
-        """Start copies of the free regions of [start, stop) into DST, claimed as readahead
-        (a reader that reaches one waits for it), while readahead's copies in flight stay
-        within the hydration threshold. Copies are a quarter of the window, so the reader's
-        next read waits for a small one."""
-        g = self.geometry
-        span = g.region_span(start, stop - start)
-        copy_bytes = max(READAHEAD_MIN_COPY, min(READAHEAD_MAX_COPY, (stop - start) // 4))
-        copy_regions = 1 << (max(1, copy_bytes // g.region_size).bit_length() - 1)
-        budget = min(self._threshold_bytes(), READAHEAD_MAX_WINDOW)
-        pos = span.start
-        while (run := self._free_run(pos, span.stop, copy_regions)) is not None:
-            nbytes = len(run) * g.region_size
-            if self._readahead_inflight + nbytes > budget:
-                break
-            self._readahead_inflight += nbytes
-            self._inflight_regions += len(run)
-            self.fetched["readahead"] += nbytes
-            if self.recorder is not None:
-                self.recorder.fetched_ahead(run)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._fetch_ahead, self._claim(run, ahead=True))
-            pos = run.stop
-
-    async def _fetch_ahead(self, claim: _Claim) -> None:
-        nbytes = len(claim.regions) * self.geometry.region_size
-        try:
-            await self._copy(claim)
-        except OSError as exc:  # the reader reads the source itself
-            log.info("readahead of regions %d..%d failed: %s", claim.regions.start,
-                     claim.regions.stop - 1, describe(exc))
-        finally:
-            self._readahead_inflight -= nbytes
-            self._inflight_regions -= len(claim.regions)
-            self._changed.unpark_all()
-
-    def _free_run(self, start: int, stop: int, limit: int) -> range | None:
+    def free_run(self, start: int, stop: int, limit: int) -> range | None:
         """The first run of unhydrated, unclaimed regions in [start, stop), at most `limit`
         long, or None."""
         meta = self.meta
@@ -656,7 +595,7 @@ class CloneEngine:
 
     # ---- hydration copies -----------------------------------------------------------------
 
-    async def _copy(self, claim: _Claim) -> None:
+    async def copy(self, claim: _Claim) -> None:
         """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         try:
             await self.copier.copy(claim.regions)
@@ -674,7 +613,7 @@ class CloneEngine:
 
     # ---- claims -------------------------------------------------------------------------
 
-    def _claim(self, regions: range, *, ahead: bool = False) -> _Claim:
+    def claim(self, regions: range, *, ahead: bool = False) -> _Claim:
         claim = _Claim(regions, ahead)
         for region in regions:
             self._claims[region] = claim
@@ -688,7 +627,7 @@ class CloneEngine:
         # waiters look at the region again and copy it themselves.
         claim.error = None if isinstance(error, trio.Cancelled) else error
         claim.done.set()
-        self._changed.unpark_all()
+        self.changed.unpark_all()
 
     def _check_writable(self) -> None:
         self.meta.refuse_if_failed()
@@ -782,137 +721,12 @@ class CloneEngine:
     # ---- the hydrator ---------------------------------------------------------------------
 
     async def _hydrator(self) -> None:
-        if self._hydration_hold is not None:
-            await self._hydration_hold.wait()
-        await self._wait_for_source()
-        cursor = 0
-        async with trio.open_nursery() as copies:
-            while not self.meta.complete:
-                if trio.current_time() < self._resume_at:
-                    # Backing off after a failure; enable_hydration (which clears the deadline)
-                    # or any other change ends the wait early.
-                    with trio.move_on_at(self._resume_at):
-                        await self._changed.park()
-                    continue
-                if not self._may_start_batch():
-                    await self._changed.park()
-                    continue
-                prefetching = self.order.prefetching
-                claim, in_order = self._next_batch(cursor)
-                if claim is None:
-                    if cursor:
-                        cursor = 0
-                    else:
-                        await self._changed.park()  # the rest is claimed by others
-                    continue
-                if in_order:
-                    cursor = claim.regions.stop
-                self._inflight_regions += len(claim.regions)
-                copies.start_soon(self._hydrate_batch, claim)
-                await self._throttle(len(claim.regions) * self.geometry.region_size)
-                if self._user_active() and not prefetching:
-                    # Yield to user I/O: one batch at a time (see _may_start_batch) with a pause
-                    # between batches, or on two cores p99 user latency grew 6x while hydrating.
-                    await trio.sleep(self.settings.user_io_pause)
+        await self.hydrator.run()
         await self._finish_hydration()
 
-    async def _wait_for_source(self) -> None:
-        """A clone resumed while its source was down hydrates once the source answers (and
-        matches META); if it answers with another image, hydration stops with the reason."""
-        refusal = await self.source.wait_usable()
-        if refusal is not None:
-            self.hydration_error = refusal
-            log.error("hydration stopped: %s", self.hydration_error)
-
-    def _user_active(self) -> bool:
+    def user_active(self) -> bool:
+        """Whether users did I/O in the last 50 ms (hydration then yields to them)."""
         return trio.current_time() - self._last_user_io < 0.05
-
-    def _may_start_batch(self) -> bool:
-        s = self.settings
-        if self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
-            return False
-        if self.order.prefetching:  # at full depth, even with background hydration disabled
-            return self._inflight_regions + s.hydration_batch_size <= max(s.hydration_threshold,
-                                                                          s.hydration_batch_size)
-        if not s.hydration:
-            return False
-        batch = self._batch_regions()
-        limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
-        if self._user_active():
-            limit = min(limit, batch)  # yield to user I/O: one batch at a time
-        return self._inflight_regions + batch <= max(limit, batch)
-
-    def _batch_regions(self) -> int:
-        """Regions per copy: the configured batch; smaller while the user is active, and while
-        the paced depth is small (a copy is then a quarter of it), so a user read does not
-        wait behind one large copy on a slow link."""
-        region_size = self.geometry.region_size
-        busy = max(1, BUSY_BATCH_BYTES // region_size)
-        if self._user_active():
-            return min(self.settings.hydration_batch_size, busy)
-        paced = max(busy, self._pacer.depth // 4 // region_size)
-        paced = 1 << (paced.bit_length() - 1)  # few distinct sizes: the source reuses buffers by size
-        return min(self.settings.hydration_batch_size, paced)
-
-    def _threshold_bytes(self) -> int:
-        return self.settings.hydration_threshold * self.geometry.region_size
-
-    def _next_batch(self, cursor: int) -> tuple[_Claim | None, bool]:
-        """Claim the next copy, in hydration's order: the prefetch trace, hot spots, then in
-        order from `cursor`. Also says whether it was the in-order one."""
-        if self.order.prefetching:
-            run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
-            if run is not None or not self.settings.hydration:
-                return self._claim_for("prefetch", run, ahead=True), False
-        run = self.order.next_hot(self._free_run, self._batch_regions())
-        if run is not None:
-            return self._claim_for("hot_spots", run), False
-        run = self._free_run(cursor, self.meta.nr_regions, self._batch_regions())
-        return (None if run is None else self._claim(run)), True
-
-    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
-        if run is None:
-            return None
-        self.fetched[kind] += len(run) * self.geometry.region_size
-        return self._claim(run, ahead=ahead)
-
-    async def _hydrate_batch(self, claim: _Claim) -> None:
-        started = trio.current_time()
-        try:
-            await self._copy(claim)
-            self._failures = 0
-            now = trio.current_time()
-            self._pacer.copied(len(claim.regions) * self.geometry.region_size, now - started, now)
-        except OSError as exc:
-            self._note_failure(claim, exc)
-        finally:
-            self._inflight_regions -= len(claim.regions)
-            self._changed.unpark_all()
-
-    def _note_failure(self, claim: _Claim, exc: OSError) -> None:
-        """Back off exponentially; after max_failures in a row, stop until enable_hydration."""
-        self._failures += 1
-        self.hydration_errors += 1
-        self._last_failure = describe(exc)
-        s = self.settings
-        log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
-                    claim.regions.stop - 1, self._failures, self._last_failure)
-        if self._failures >= s.max_failures and self.hydration_error is None:
-            self.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
-            log.error("hydration %s", self.hydration_error)
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
-        self._resume_at = max(self._resume_at, trio.current_time() + delay)
-
-    async def _throttle(self, nbytes: int) -> None:
-        rate = self.settings.max_rate
-        if rate <= 0:
-            return
-        now = trio.current_time()
-        burst = rate * 0.1  # a token bucket holding a tenth of a second's worth
-        self._rate_tokens = min(burst, self._rate_tokens + (now - self._rate_stamp) * rate) - nbytes
-        self._rate_stamp = now
-        if self._rate_tokens < 0:
-            await trio.sleep(-self._rate_tokens / rate)
 
     async def _finish_hydration(self) -> None:
         try:
@@ -948,11 +762,10 @@ class CloneEngine:
 
     def hold_hydration(self) -> None:
         """Call before `run`: background copies wait until `release_hydration()`."""
-        self._hydration_hold = trio.Event()
+        self.hydrator.hold()
 
     def release_hydration(self) -> None:
-        if self._hydration_hold is not None:
-            self._hydration_hold.set()
+        self.hydrator.release()
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
@@ -965,8 +778,7 @@ class CloneEngine:
         if words == ["enable_hydration"]:
             s.hydration = True
             self.hydration_error = None
-            self._failures = 0
-            self._resume_at = 0.0
+            self.hydrator.resume()
         elif words == ["disable_hydration"]:
             s.hydration = False
         elif len(words) == 2 and words[0] in ("hydration_threshold", "hydration_batch_size"):
@@ -975,14 +787,14 @@ class CloneEngine:
             except ValueError:
                 raise ValueError(f"{words[0]} needs a whole number, not {words[1]!r}") from None
             setattr(s, words[0], check_hydration_setting(words[0], value))
-            self._pacer.set_cap(self._threshold_bytes())
+            self.hydrator.threshold_changed()
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N)")
         if self.meta.mode is MetadataMode.RW:
             self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
                                       hydration_batch_size=s.hydration_batch_size)
-        self._changed.unpark_all()
+        self.changed.unpark_all()
 
     def status(self) -> Status:
         g = self.geometry
@@ -1000,7 +812,7 @@ class CloneEngine:
             hydration_batch_size=self.settings.hydration_batch_size,
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
-            hydration_retry=self._retry_note(),
+            hydration_retry=self.hydrator.retry_note(),
             metadata_mode=self.meta.mode.value,
             metadata_error=self.meta.failure,
             written_regions=self.meta.written_regions(),
@@ -1013,24 +825,16 @@ class CloneEngine:
             metadata=self.meta.path,
             live=True,
             source_bytes_read=self.source_reads,
-            prefetch_regions=sum(len(run) for run in self.order.trace),
-            prefetch_hydrated=sum(self.meta.hydrated_in(run) for run in self.order.trace),
-            prefetching=self.order.prefetching,
-            fetched=dict(self.fetched),
+            prefetch_regions=sum(len(run) for run in self.hydrator.order.trace),
+            prefetch_hydrated=sum(self.meta.hydrated_in(run) for run in self.hydrator.order.trace),
+            prefetching=self.hydrator.order.prefetching,
+            fetched=dict(self.hydrator.fetched),
             hydrated_bytes=self.meta.hydrated_bytes() - self._hydrated_bytes_at_start,
             hydration_errors=self.hydration_errors,
             metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks,
             servers=[asdict(server) for server in self.source.servers()],
         )
-
-    def _retry_note(self) -> str | None:
-        """While hydration backs off after failures (and has not stopped): how it stands."""
-        if not self._failures or self.hydration_error is not None:
-            return None
-        wait = max(0.0, self._resume_at - trio.current_time())
-        return (f"{self._failures} failed in a row (stops at {self.settings.max_failures}), "
-                f"next try in {wait:.1f} s: {self._last_failure}")
 
     # ---- lifecycle ----------------------------------------------------------------------
 

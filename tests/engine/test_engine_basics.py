@@ -97,7 +97,7 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
         # Part of an unhydrated region needs the source's rest: the async path's job.
         assert not engine.write_now(4096 * 5 + 100, b"p" * 100)
         # Regions a copy is filling are left to the async path, which waits for the copy.
-        claim = engine._claim(range(6, 7))
+        claim = engine.claim(range(6, 7))
         assert not engine.write_now(4096 * 6, b"c" * 4096)
         engine._release(claim, None)
         await engine.write(4096 * 5 + 100, b"p" * 100)
@@ -376,7 +376,7 @@ async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
     async with clone.running(engine):
         await engine.write(0, b"a" * 4096)
         await engine.flush()
-        await engine._copy(engine._claim(range(64, 66)))  # hydration: bits to commit
+        await engine.copy(engine.claim(range(64, 66)))  # hydration: bits to commit
         assert engine.meta.dirty
         assert callable(engine.flush_now())
         engine.dst.datasync = held_datasync
@@ -470,11 +470,11 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
 
     meta.next_unhydrated = counted
     total = meta.nr_regions
-    claimed = engine._claim(range(0, total - 3))
-    batch, _ = engine._next_batch(0)  # (claim, whether it is the in-order one)
+    claimed = engine.claim(range(0, total - 3))
+    batch, _ = engine.hydrator._next_batch(0)  # (claim, whether it is the in-order one)
     assert batch.regions.start == total - 3
     assert len(lookups) <= 3
     lookups.clear()
     engine._release(batch, None)
-    assert engine._next_batch(total - 1)[0].regions == range(total - 1, total)
+    assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
     engine._release(claimed, None)
