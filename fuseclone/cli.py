@@ -132,7 +132,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
                         mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch,
-                        passthrough=passthrough)
+                        log_file=log_file, passthrough=passthrough)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -153,7 +153,7 @@ def _listen_address(value: str | None) -> tuple[str | None, int] | None:
 def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
     import trio
 
-    from .daemon import run_mount
+    from .daemon import check_paths, run_mount
 
     told = False
 
@@ -169,6 +169,10 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
+        if opts.log_file is not None:
+            # Appending log lines to SRC, DST or META would damage them: refused before the
+            # log is opened (run_mount checks the rest again, with the log in place).
+            check_paths(opts)
         _setup_logging(log_file, log_level)
         trio.run(run_mount, opts, on_ready)
     except BaseException as exc:
