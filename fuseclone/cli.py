@@ -319,7 +319,7 @@ def offline_status(meta_path: str) -> Status:
         ident = h.identity
         used_blocks, total_blocks = meta.block_usage()
         return Status(
-            hydrated_regions=meta.map.hydrated_count, total_regions=h.nr_regions,
+            hydrated_regions=meta.hydrated_count, total_regions=h.nr_regions,
             hydrating_regions=0, region_size=h.region_size, image_size=h.source_size,
             features=feature_names(h.features), hydration_threshold=h.hydration_threshold,
             hydration_batch_size=h.hydration_batch_size,
