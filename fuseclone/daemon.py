@@ -290,7 +290,7 @@ def _use_passthrough(engine: CloneEngine, opts: MountOptions) -> bool:
     its next mount."""
     if not opts.passthrough:
         return False
-    if not engine.meta.map.complete:
+    if not engine.meta.complete:
         log.info("--passthrough: the clone is still hydrating; this mount is served by the "
                  "daemon (with the write cache), mounts after hydration completes by passthrough")
         return False
