@@ -32,11 +32,11 @@ MAX_PAGES = MAX_WRITE // 4096
 READ_BUFFER_SIZE = MAX_WRITE + 64 * 1024
 MAX_BACKGROUND = 64
 KEPT_BUFFERS = 16
-# A write answered by a task of its own keeps a copy of its data when that fills less than half
-# a read buffer, and the buffer goes back at once: writeback sends single 4 KiB pages, up to
-# MAX_BACKGROUND of them at a time, and when they waited for META's write-ahead each held a
-# whole buffer (70 MiB of a 1 TiB clone's daemon). Larger writes keep their buffer (no copy).
-WRITE_COPIED_BELOW = READ_BUFFER_SIZE // 2
+# A write smaller than this is copied out of its read buffer before it is dispatched, and the
+# buffer goes back at once: writeback sends single 4 KiB pages, up to MAX_BACKGROUND of them at
+# a time, and when they waited in tasks for META's write-ahead each held a whole buffer (70 MiB
+# of a 1 TiB clone's daemon). The copy is a few microseconds at most; larger writes keep theirs.
+WRITE_COPIED_BELOW = 64 << 10
 MAX_READS_WITHOUT_WAIT = 16
 
 WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES
@@ -286,6 +286,10 @@ class Session:
             elif not req.expects_reply:  # FORGET, BATCH_FORGET: nodes here are static
                 pass
             else:
+                if isinstance(req, codec.Write) and len(req.data) < WRITE_COPIED_BELOW:
+                    req.data = memoryview(bytes(req.data))  # see WRITE_COPIED_BELOW
+                    self._give_back(buf)
+                    buf = None
                 answer = self._answer_now(req, buf)
                 if answer is _HANDED_OVER:  # the job thread answers it and gives `buf` back
                     continue
@@ -293,13 +297,13 @@ class Session:
                     # Registered before the task starts: an INTERRUPT read right after its
                     # request must find it.
                     scope = self._in_flight[req.unique] = trio.CancelScope()
-                    if isinstance(req, codec.Write):
-                        if len(req.data) >= WRITE_COPIED_BELOW:  # data stays in `buf` till answered
-                            nursery.start_soon(self._answer, req, answer, scope, buf)
-                            continue
-                        req.data = memoryview(bytes(req.data))  # and `buf` is given back
+                    if isinstance(req, codec.Write) and buf is not None:
+                        # its data stays in `buf` until answered
+                        nursery.start_soon(self._answer, req, answer, scope, buf)
+                        continue
                     nursery.start_soon(self._answer, req, answer, scope, None)
-            self._give_back(buf)
+            if buf is not None:
+                self._give_back(buf)
 
     def _run_jobs(self, jobs: "_JobQueue") -> None:
         """A job thread: run handed-over blocking jobs and send their replies, until told to
@@ -311,7 +315,7 @@ class Session:
             if buf is not None:
                 self._give_back(buf)
 
-    def _answer_now(self, req: codec.Request, buf: bytearray
+    def _answer_now(self, req: codec.Request, buf: bytearray | None
                     ) -> "Callable[[], Awaitable[codec.Reply]] | object":
         """The one dispatch decision. Answer without a task of its own when the filesystem can
         (page-cached reads, small writes that need nothing from the source): a task start
@@ -336,7 +340,7 @@ class Session:
         self._send(codec.encode_reply(req.unique, answer))
         return _ANSWERED
 
-    def _hand_over(self, req: codec.Request, blocking: Blocking, buf: bytearray) -> object:
+    def _hand_over(self, req: codec.Request, blocking: Blocking, buf: bytearray | None) -> object:
         jobs = self._parallel_jobs if blocking.parallel else self._jobs
         if not jobs.slots.acquire():
             self._send(_job_reply(req.unique, blocking))  # the job threads are behind: run it here
