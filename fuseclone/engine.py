@@ -675,7 +675,7 @@ class CloneEngine:
                     # A prefetch copy stays in DST's page cache, where the user's read finds it
                     # (the start-up workload read its files 2x faster than from DST's disk).
                     direct = not claim.prefetch and self.dst.can_write_direct(extent.offset, data)
-                    kept = direct or claim.prefetch  # nothing to write back and drop later
+                    kept = direct or claim.prefetch  # not dropped from the page cache later
                     stale = [] if kept else self._note_copied(extent.offset, len(data))
                     await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
                                                   direct, limiter=self._copy_writers)
