@@ -89,6 +89,11 @@ def main() -> None:
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
+@click.option("--passthrough", is_flag=True,
+              help="Once the clone is complete at mount, let the kernel read and write DST "
+                   "directly (FUSE passthrough: root, a regular-file DST, Linux 6.9+). That mount "
+                   "has no write cache, and its first writable open marks the whole image "
+                   "written for `diff`.")
 @click.option("--record-access", metavar="TRACE", type=click.Path(dir_okay=False),
               help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
 @click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
@@ -105,7 +110,7 @@ def main() -> None:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
 def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
+          passthrough, record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
           log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
@@ -126,7 +131,8 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
-                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch)
+                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch,
+                        log_file=log_file, passthrough=passthrough)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -147,7 +153,7 @@ def _listen_address(value: str | None) -> tuple[str | None, int] | None:
 def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
     import trio
 
-    from .daemon import run_mount
+    from .daemon import check_paths, run_mount
 
     told = False
 
@@ -163,6 +169,10 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
+        if opts.log_file is not None:
+            # Appending log lines to SRC, DST or META would damage them: refused before the
+            # log is opened (run_mount checks the rest again, with the log in place).
+            check_paths(opts)
         _setup_logging(log_file, log_level)
         trio.run(run_mount, opts, on_ready)
     except BaseException as exc:
@@ -309,7 +319,7 @@ def offline_status(meta_path: str) -> Status:
         ident = h.identity
         used_blocks, total_blocks = meta.block_usage()
         return Status(
-            hydrated_regions=meta.map.hydrated_count, total_regions=h.nr_regions,
+            hydrated_regions=meta.hydrated_count, total_regions=h.nr_regions,
             hydrating_regions=0, region_size=h.region_size, image_size=h.source_size,
             features=feature_names(h.features), hydration_threshold=h.hydration_threshold,
             hydration_batch_size=h.hydration_batch_size,

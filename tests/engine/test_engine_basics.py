@@ -7,7 +7,11 @@ import time
 import pytest
 import trio
 
+from fuseclone import hydrator as hydrator_module
 from fuseclone.engine import HANDED_OVER_WRITE_MIN
+from fuseclone.fuse import codec
+from fuseclone.fuse.backend import Continue
+from fuseclone.fuse.fs import ImageFilesystem
 from fuseclone.metadata import Metadata
 from tests.engine.conftest import KiB, MiB
 
@@ -30,7 +34,7 @@ async def test_background_hydration_copies_everything_and_keeps_holes(clone):
     # the source has allocated zero chunks; the destination must not
     assert os.stat(clone.dst).st_blocks < os.stat(clone.src).st_blocks * 0.85
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.complete and meta.header.clean
+        assert meta.complete and meta.header.clean
 
 
 def dst_cached(dst, offset, length):
@@ -72,6 +76,69 @@ async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thre
         assert engine.read_now(MiB, 64 * KiB, kernel_keeps=True) == clone.source_bytes(MiB, 64 * KiB)
 
 
+def count_calls(monkeypatch, owner, name):
+    """Count the calls of `owner.name` (a list that grows by one per call)."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+async def test_a_missed_read_is_decided_once(clone, monkeypatch):
+    """One dispatch decision per READ: the continuation of a read of unhydrated data carries
+    what the quick attempt learned (not all hydrated), so nothing asks the bitmap again or
+    probes DST's page cache; a cold read of hydrated data probes it once."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    quick_read = ImageFilesystem(engine).quick_handlers()[codec.Read]
+    async with clone.running(engine):
+        engine.write_now(MiB, b"h" * 8192)  # two regions hydrated
+        queries = count_calls(monkeypatch, engine.meta, "all_hydrated")
+        probes = count_calls(monkeypatch, engine.dst, "read_cached")
+        answer = quick_read(codec.Read(1, 2, 0, 0, 0, 1, 0, 8192))
+        assert isinstance(answer, Continue)
+        assert await answer.answer() == codec.DataReply(clone.source_bytes(0, 8192))
+        assert (len(queries), len(probes)) == (1, 0)
+        await engine.commit()
+        drop_cache(clone.dst)
+        job = quick_read(codec.Read(2, 2, 0, 0, 0, 1, MiB, 8192)).job
+        assert await trio.to_thread.run_sync(job) == codec.DataReply(b"h" * 8192)
+        assert (len(queries), len(probes)) == (2, 1)
+
+
+async def test_a_write_that_needs_a_copy_is_decided_once(clone, monkeypatch):
+    """The continuation of a partial write to an unhydrated region, whose written bits are
+    durable, goes straight to the copy: `write_now` is not asked again."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    quick_write = ImageFilesystem(engine).quick_handlers()[codec.Write]
+    async with clone.running(engine):
+        await engine._record_written(0, MiB)
+        attempts = count_calls(monkeypatch, engine, "write_now")
+        answer = quick_write(codec.Write(1, 2, 0, 0, 0, 1, 100, memoryview(b"p" * 100), 0))
+        assert isinstance(answer, Continue)
+        assert await answer.answer() == codec.WriteReply(100)
+        assert len(attempts) == 1
+        assert await engine.read(0, 4096) == clone.source_bytes(0, 100) + b"p" * 100 + clone.source_bytes(200, 3896)
+
+
+async def test_hydration_in_order_skips_ahead_of_a_writer_filling_regions(clone, monkeypatch):
+    """A writer filling unhydrated regions in order would otherwise wait for the copy of the
+    regions it is about to replace, batch after batch."""
+    monkeypatch.setattr(hydrator_module, "WRITER_LEAD_BYTES", MiB)
+    engine = await clone.open()
+    async with clone.running(engine, hold_hydration=True):
+        assert engine.write_now(0, b"w" * (64 * KiB)) is True
+        claim, in_order = engine.hydrator._next_batch(0)
+        assert in_order and claim.regions.start == (64 * KiB + MiB) // 4096
+        engine._release(claim, None)
+        await trio.sleep(0.1)  # the writer stopped: hydration goes on where it left off
+        claim, _ = engine.hydrator._next_batch(0)
+        assert claim.regions.start == 64 * KiB // 4096
+        engine._release(claim, None)
+
+
 async def test_held_hydration_starts_only_when_released(clone):
     # The daemon holds hydration until the image is mounted; user I/O works meanwhile.
     engine = await clone.open()
@@ -89,16 +156,16 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
         # Part of a region in a chunk never written waits for its written bit in META first.
-        assert not engine.write_now(8192 + 1, b"w" * 100)
+        assert isinstance(engine.write_now(8192 + 1, b"w" * 100), Continue)
         await engine._record_written(0, 1 << 20)
         # Whole regions, not hydrated: written at once and marked hydrated, no source read.
         assert engine.write_now(8192, b"w" * 8192)
-        assert [engine.meta.map.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
+        assert [engine.meta.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
         # Part of an unhydrated region needs the source's rest: the async path's job.
-        assert not engine.write_now(4096 * 5 + 100, b"p" * 100)
+        assert isinstance(engine.write_now(4096 * 5 + 100, b"p" * 100), Continue)
         # Regions a copy is filling are left to the async path, which waits for the copy.
-        claim = engine._claim(range(6, 7))
-        assert not engine.write_now(4096 * 6, b"c" * 4096)
+        claim = engine.claim(range(6, 7))
+        assert isinstance(engine.write_now(4096 * 6, b"c" * 4096), Continue)
         engine._release(claim, None)
         await engine.write(4096 * 5 + 100, b"p" * 100)
         assert engine.source_reads == 4096  # only region 5's rest was read
@@ -107,7 +174,7 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
             + clone.source_bytes(5 * 4096, 100) + b"p" * 100 + clone.source_bytes(5 * 4096 + 200, 4096 - 200))
         await engine.commit()
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.is_hydrated(2) and meta.map.is_hydrated(3) and not meta.map.is_hydrated(6)
+        assert meta.is_hydrated(2) and meta.is_hydrated(3) and not meta.is_hydrated(6)
     assert file_bytes(clone.dst, 3 * 4096)[8192:] == b"w" * 4096
 
 
@@ -166,7 +233,7 @@ async def test_copy_on_read_hydrates_what_was_read(clone):
         data = await engine.read(8192 + 10, 5000)
         assert data == clone.source_bytes(8192 + 10, 5000)
         await trio.sleep(0.2)  # the store runs in the background
-        assert engine.meta.map.is_hydrated(2) and engine.meta.map.is_hydrated(3)
+        assert engine.meta.is_hydrated(2) and engine.meta.is_hydrated(3)
         reads = engine.source_reads
         assert await engine.read(8192, 8192) == clone.source_bytes(8192, 8192)
         assert engine.source_reads == reads  # now served from DST
@@ -176,7 +243,7 @@ async def test_partial_write_to_unhydrated_region_hydrates_it_first(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
         await engine.write(4096 * 5 + 100, b"x" * 50)
-        assert engine.meta.map.is_hydrated(5)
+        assert engine.meta.is_hydrated(5)
         expected = bytearray(clone.source_bytes(4096 * 5, 4096))
         expected[100:150] = b"x" * 50
         assert await engine.read(4096 * 5, 4096) == bytes(expected)
@@ -190,7 +257,7 @@ async def test_whole_region_write_skips_the_copy(clone):
         assert engine.status().hydrated_regions == 3
         await engine.flush()
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.hydrated_count == 3 and meta.map.is_hydrated(11)
+        assert meta.hydrated_count == 3 and meta.is_hydrated(11)
 
 
 async def test_discard_marks_covered_regions_without_reading_the_source(clone):
@@ -376,7 +443,7 @@ async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
     async with clone.running(engine):
         await engine.write(0, b"a" * 4096)
         await engine.flush()
-        await engine._copy(engine._claim(range(64, 66)))  # hydration: bits to commit
+        await engine.copy(engine.claim(range(64, 66)))  # hydration: bits to commit
         assert engine.meta.dirty
         assert callable(engine.flush_now())
         engine.dst.datasync = held_datasync
@@ -460,21 +527,21 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
     128 MiB of copies in flight (32768 claimed regions), a region-by-region walk of the claims
     took half the event loop's time after every copy that finished."""
     engine = await clone.open(hydration=False)
-    bits = engine.meta.map
+    meta = engine.meta
     lookups = []
-    real_next_unhydrated = bits.next_unhydrated
+    real_next_unhydrated = meta.next_unhydrated
 
     def counted(start, stop=None):
         lookups.append(start)
         return real_next_unhydrated(start, stop)
 
-    bits.next_unhydrated = counted
-    total = len(bits)
-    claimed = engine._claim(range(0, total - 3))
-    batch, _ = engine._next_batch(0)  # (claim, whether it is the in-order one)
+    meta.next_unhydrated = counted
+    total = meta.nr_regions
+    claimed = engine.claim(range(0, total - 3))
+    batch, _ = engine.hydrator._next_batch(0)  # (claim, whether it is the in-order one)
     assert batch.regions.start == total - 3
     assert len(lookups) <= 3
     lookups.clear()
     engine._release(batch, None)
-    assert engine._next_batch(total - 1)[0].regions == range(total - 1, total)
+    assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
     engine._release(claimed, None)

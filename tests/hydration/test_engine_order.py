@@ -15,10 +15,9 @@ async def test_regions_near_a_read_from_the_source_hydrate_before_the_rest(clone
         assert await engine.read(3 * MiB + 8 * KiB, 4096) == clone.source_bytes(3 * MiB + 8 * KiB, 4096)
         engine.release_hydration()
         await trio.sleep(0.5)
-        bits = engine.meta.map.bits
         hot = range(3 * MiB // 4096, 4 * MiB // 4096)
-        assert bits.count(1, hot.start, hot.stop) > 16
-        assert bits.count(1, 0, hot.start) == 0
+        assert engine.meta.hydrated_in(hot) > 16
+        assert engine.meta.hydrated_in(range(0, hot.start)) == 0
         assert engine.status().fetched["hot_spots"] > 0
 
 
@@ -41,7 +40,7 @@ async def test_prefetch_copies_skip_block_status_and_stay_in_dst_page_cache(clon
     engine.prefetch([run])
     async with clone.running(engine):
         with trio.fail_after(10):
-            while not engine.meta.map.all_hydrated(run):
+            while not engine.meta.all_hydrated(run):
                 await trio.sleep(0.01)
         assert asked == []
         assert engine.dst.read_cached(MiB, MiB) == clone.source_bytes(MiB, MiB)
