@@ -363,12 +363,13 @@ class CloneEngine:
                 parts.append(await self._read_unhydrated(run, lo, hi))
         return b"".join(parts)
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
         self._check_writable()
-        done = self.write_now(offset, data)
+        done = self.write_now(offset, data, direct=direct)
         if done is False:
             await self._record_written(offset, len(data))
-            done = self.write_now(offset, data)
+            # Still a direct writer's: left in DST's page cache, the next FSYNC would write it back.
+            done = self.write_now(offset, data, direct=direct)
         if done is True:
             await trio.lowlevel.checkpoint()
             return

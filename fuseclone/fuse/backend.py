@@ -77,8 +77,9 @@ class ImageBackend(Protocol):
         `direct`: the writer opened the image with O_DIRECT (it keeps no copy of what it
         writes, and a disk's writer that does usually flushes soon)."""
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write inside the image (the filesystem has already refused writes past its end)."""
+    async def write(self, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
+        """Write inside the image (the filesystem has already refused writes past its end).
+        `direct`: as for `write_now`."""
 
     async def discard(self, offset: int, length: int) -> None:
         """FALLOCATE PUNCH_HOLE|KEEP_SIZE: afterwards the range reads as zeros."""

@@ -217,7 +217,7 @@ class ImageFilesystem:
         if room <= 0 and len(req.data):
             raise OSError(errno.ENOSPC, "write past the end of the image")
         data = req.data if len(req.data) <= room else req.data[:room]
-        await self.image.write(req.offset, data)
+        await self.image.write(req.offset, data, direct=_direct(req))
         self.user_write_bytes += len(data)
         if len(data) < len(req.data) and req.write_flags & abi.FUSE_WRITE_CACHE:
             # Writeback ignores a short count: the part past the end would be dropped silently.

@@ -151,6 +151,23 @@ async def test_direct_writes_to_hydrated_regions_go_past_dst_page_cache(clone):
         assert await engine.read(0, 16 * KiB) == b"b" * 4096 + b"a" * 512 + b"d" * 512 + b"a" * 3072 + b"c" * 8192
 
 
+async def test_a_direct_write_waiting_for_its_written_bits_still_goes_past_dst_page_cache(clone):
+    """The first write to a chunk waits for its written bit to reach META; then it is still a
+    direct writer's, written through, not left in DST's page cache for the next FSYNC."""
+    engine = await clone.open()
+    async with clone.running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        await engine.commit()
+        drop_cache(clone.dst)
+        assert not engine.meta.written_durable(64 * KiB, 4096)
+        engine.flush_now()  # the writer commits
+        await engine.write(64 * KiB, memoryview(b"w" * 4096), direct=True)
+        assert engine.meta.written_durable(64 * KiB, 4096)
+        assert not dst_cached(clone.dst, 64 * KiB, 4096)
+        assert await engine.read(64 * KiB, 4096) == b"w" * 4096
+
+
 async def test_reads_come_from_source_until_hydrated(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):

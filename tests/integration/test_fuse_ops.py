@@ -687,7 +687,7 @@ class MemoryImage:
     def write_now(self, offset, data, *, direct=False):
         return False
 
-    async def write(self, offset, data):
+    async def write(self, offset, data, *, direct=False):
         self.buf[offset : offset + len(data)] = data
 
     async def discard(self, offset, length):
