@@ -94,5 +94,8 @@ class ImageBackend(Protocol):
         """Like `flush`, without waiting: a blocking call that does it from any thread, or
         None if `flush` must do it."""
 
+    def flush_is_short(self) -> bool:
+        """Whether the call `flush_now` returned is short enough to run on the event loop."""
+
     async def seek(self, offset: int, whence: int) -> int:
         """LSEEK with os.SEEK_DATA or os.SEEK_HOLE; raises OSError(ENXIO) past the end."""

@@ -225,11 +225,14 @@ class ImageFilesystem:
         return codec.WriteReply(len(data))
 
     def fsync_now(self, req: codec.Fsync) -> QuickAnswer:
-        """An FSYNC that is one fdatasync of DST is handed to the session's job thread, which
-        answers it itself (no hop back to the loop)."""
+        """An FSYNC that is one fdatasync of DST runs on the loop when it is short, else on the
+        session's job thread, which answers it itself (no hop back to the loop)."""
         flush = self.image.flush_now()
         if flush is None:
             return Continue(lambda: self.fsync(req))
+        if self.image.flush_is_short():
+            flush()
+            return codec.EmptyReply()
         return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))
 
     async def fsync(self, req: codec.Fsync) -> codec.Reply:

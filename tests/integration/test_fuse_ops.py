@@ -701,6 +701,9 @@ class MemoryImage:
     def flush_now(self):
         return None  # always the async path
 
+    def flush_is_short(self):
+        return False
+
     async def seek(self, offset, whence):
         if offset >= self.size:
             raise OSError(errno.ENXIO, "past the end")
