@@ -286,7 +286,8 @@ class CloneEngine:
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it.
         So does a `direct` write to hydrated regions, written through to DST's disk (see
-        `_write_through`)."""
+        `_write_through`), if larger than LOOP_WRITE_THROUGH_MAX; a smaller one is written
+        through at once."""
         if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
             return False
         span = self.geometry.region_span(offset, len(data))
