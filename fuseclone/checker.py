@@ -19,7 +19,7 @@ def run_check(meta_path: str, src: str | None, dst: str | None, verify: bool,
     with Metadata.open(meta_path, writable=False) as meta:
         h = meta.header
         echo(f"{meta_path}: valid fuseclone metadata, format {h.version}, region size {h.region_size}, "
-             f"{meta.map.hydrated_count}/{h.nr_regions} regions hydrated, "
+             f"{meta.hydrated_count}/{h.nr_regions} regions hydrated, "
              f"{'clean' if h.clean else 'not cleanly closed (the mount was killed or is live)'}")
         if not (src or dst):
             return True
@@ -98,10 +98,10 @@ async def _verify(meta: Metadata, source, dst_path: str, echo) -> bool:
 def _hydrated_never_written(meta: Metadata) -> Iterator[range]:
     """Runs of regions that are hydrated and lie in chunks users never wrote."""
     g, chunks = meta.geometry, meta.written_geometry
-    for written, run in meta.written.runs(range(chunks.nr_regions)):
+    for written, run in meta.written_runs(range(chunks.nr_regions)):
         if written:
             continue
-        for hydrated, regions in meta.map.runs(g.region_span(*chunks.byte_range(run))):
+        for hydrated, regions in meta.runs(g.region_span(*chunks.byte_range(run))):
             if hydrated:
                 yield regions
 

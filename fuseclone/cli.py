@@ -126,7 +126,8 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
-                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch)
+                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch,
+                        log_file=log_file)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -147,7 +148,7 @@ def _listen_address(value: str | None) -> tuple[str | None, int] | None:
 def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
     import trio
 
-    from .daemon import run_mount
+    from .daemon import check_paths, run_mount
 
     told = False
 
@@ -163,6 +164,10 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             click.echo(f"fuseclone: serving {image}", err=True)
 
     try:
+        if opts.log_file is not None:
+            # Appending log lines to SRC, DST or META would damage them: refused before the
+            # log is opened (run_mount checks the rest again, with the log in place).
+            check_paths(opts)
         _setup_logging(log_file, log_level)
         trio.run(run_mount, opts, on_ready)
     except BaseException as exc:
@@ -309,7 +314,7 @@ def offline_status(meta_path: str) -> Status:
         ident = h.identity
         used_blocks, total_blocks = meta.block_usage()
         return Status(
-            hydrated_regions=meta.map.hydrated_count, total_regions=h.nr_regions,
+            hydrated_regions=meta.hydrated_count, total_regions=h.nr_regions,
             hydrating_regions=0, region_size=h.region_size, image_size=h.source_size,
             features=feature_names(h.features), hydration_threshold=h.hydration_threshold,
             hydration_batch_size=h.hydration_batch_size,

@@ -55,6 +55,7 @@ class MountOptions:
     metrics_listen: tuple[str | None, int] | None = None  # (host, port) serving GET /metrics
     notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
     mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
+    log_file: str | None = None  # --log-file: opened by the CLI, after check_paths
 
 
 def check_mountpoint(path: str) -> None:
@@ -71,6 +72,16 @@ def check_mountpoint(path: str) -> None:
         raise FusecloneError(f"{path}: mountpoint must be a directory or a regular file")
     if os.path.ismount(path):
         raise busy
+
+
+def check_paths(opts: MountOptions) -> None:
+    """Refuse a busy mountpoint, and paths that are not different things: SRC (and each
+    mirror), DST, META, the mountpoint, and the files the mount writes (trace, log)."""
+    check_mountpoint(opts.mountpoint)
+    for source_path in (opts.source, *opts.mirrors):
+        check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
+                       mountpoint=opts.mountpoint, access_trace=opts.record_access,
+                       log_file=opts.log_file)
 
 
 def image_path(mountpoint: str, name: str) -> str:
@@ -92,10 +103,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # the p99 latency of user reads during hydration.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
-    check_mountpoint(opts.mountpoint)
-    for source_path in (opts.source, *opts.mirrors):
-        check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
-                       mountpoint=opts.mountpoint, access_trace=opts.record_access)
+    check_paths(opts)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)

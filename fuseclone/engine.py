@@ -27,32 +27,26 @@ from typing import Callable
 
 import trio
 
+from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Permissions
-from .ordering import HydrationOrder
+from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
                        feature_names)
-from .pacing import HydrationPacer
 from .readahead import ReadaheadDetector
 from .regions import Geometry
-from .sources.base import Source, SourceReadError
+from .sources.base import Source
 from .status import Status
 from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
-_ZEROS = bytes(1 << 20)
 SEEK_SCAN_LIMIT = 1 << 30
 # 4 MiB copies: per-copy overhead (claims, tasks, thread hops) made 1 MiB copies from NBD ~25%
-# slower. While the image is in use, copies shrink to 256 KiB with a 5 ms pause between them
-# (Settings.user_io_pause): a user read that reaches the disk waits behind whatever copy I/O the
-# device is busy with, so small copies keep its tail short. At the same ~50 MB/s of hydration,
-# p99 of 4 KiB QD1 reads of a cold hydrated range was 2.2-2.5x idle with 1 MiB / 20 ms, and
-# 1.7-1.8x with 256 KiB / 5 ms (128 KiB / 2.5 ms: 1.4-1.6x, for 14% more daemon CPU).
+# slower. While the image is in use they shrink (hydrator.BUSY_BATCH_BYTES).
 DEFAULT_BATCH_BYTES = 4 << 20
-BUSY_BATCH_BYTES = 256 << 10
 INLINE_WRITE_MAX = 1 << 20  # up to one FUSE request: written to DST's page cache on the event loop
 # From this size, a write to hydrated regions is copied into the page cache by the FUSE session's
 # job thread instead: the copy then overlaps the loop's next reads of /dev/fuse.
@@ -72,22 +66,12 @@ LOOP_WRITE_THROUGH_MAX = 64 << 10
 LOOP_FLUSH_MAX = 64 << 10
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
-WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
-COPY_WRITER_THREADS = 2
-# Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
-PACED_START = 8 << 20
-PACED_FLOOR = 512 << 10
 # The bitmap (counted at 3.25x: the bitmap itself plus the rest of a 1 TiB clone's RSS) plus the
 # default copies in flight (their buffers) stay within this. A 1 TiB clone at 4 KiB regions (a
 # 32 MiB bitmap) hydrating from NBD peaked at 98 MiB of RSS with 32 MiB in flight, too close to
 # SPEC's 100 MiB; it gets 24 MiB (84 MiB peak), while a small clone gets 128 MiB.
 HYDRATION_MEMORY = 128 << 20
 MIN_DEFAULT_DEPTH = 16 << 20
-# Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
-# of a quarter of its window within these bounds (a reader waits for the copy it reaches).
-READAHEAD_MAX_WINDOW = 8 << 20
-READAHEAD_MIN_COPY = 64 << 10
-READAHEAD_MAX_COPY = 1 << 20
 
 
 @dataclass
@@ -194,7 +178,7 @@ class CloneEngine:
                                           source.hydration_batch)
         self.complete = trio.Event()
         self._claims: dict[int, _Claim] = {}
-        self._changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
+        self.changed = trio.lowlevel.ParkingLot()  # claims released, settings changed
         self._commit_lock = trio.Lock()
         # Written-bit commits (META only) have their own lock: a user write never waits behind
         # a hydration commit's DST fdatasync.
@@ -203,39 +187,29 @@ class CloneEngine:
         # The first commit whose done makes every user write so far safe to flush with an
         # fdatasync of DST alone (see _note_user_write).
         self._user_commit_needed = 0
-        self._inflight_regions = 0
-        self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._last_user_io = -1e9
         self._last_flush = -1e9
-        self._failures = 0
-        self._resume_at = 0.0
-        self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self._hydration_error: str | None = None
         # Replaced each time it is set: wakes `wait_until_settled` when hydration completes,
         # stops, or the metadata fails (which may happen in a worker thread).
         self._settled_changed = trio.Event()
         self._progress = _Progress()
-        self._rate_tokens = 0.0
-        self._rate_stamp = -1e9
         self._nursery: trio.Nursery | None = None
-        self.source_reads = 0  # bytes read from the source, for status and tests
+        self.copier = Copier(source, dst, self.geometry)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
-        # Hydration copies write DST from a few threads only: more just contend for its inode lock.
-        self._copy_writers = trio.CapacityLimiter(COPY_WRITER_THREADS)
-        self._copied: deque[tuple[int, int]] = deque()
-        self._copied_bytes = 0
-        self._hydration_hold: trio.Event | None = None
-        # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
-        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size)
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
-        self._readahead_inflight = 0  # bytes
-        self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
         self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
+        self.hydrator = Hydrator(self)  # background hydration's order, depth, pace and retries
 
     def prefetch(self, runs: list[range]) -> None:
         """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.order = HydrationOrder(len(self.meta.map), self.geometry.region_size, runs)
+        self.hydrator.prefetch(runs)
+
+    @property
+    def source_reads(self) -> int:
+        """Bytes read from the source, for status and tests."""
+        return self.copier.source_reads
 
     # ---- ImageBackend ---------------------------------------------------------------------
 
@@ -262,7 +236,7 @@ class CloneEngine:
         for such reads in turn keeps many at the disk. Anything else: None, then `read` is the
         way. Lets the FUSE session answer without a task, and a cold read without a hop back."""
         length = max(0, min(length, self.size - offset))
-        if length == 0 or not self.meta.map.all_hydrated(self.geometry.region_span(offset, length)):
+        if length == 0 or not self.meta.all_hydrated(self.geometry.region_span(offset, length)):
             return None
         self._last_user_io = trio.current_time()
         if len(self._readahead):  # a stream reading what readahead fetched reads on
@@ -297,8 +271,8 @@ class CloneEngine:
             # `_commit_once` does only after their written bits, a crash leaves them
             # unhydrated, to be copied again. That spared a META fdatasync per 64 KiB chunk
             # (64 KiB direct writes into a fresh clone: 3.6x the time of rewrites).
-            return self.meta.map.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
-        hydrated = self.meta.map.all_hydrated(span)
+            return self.meta.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
+        hydrated = self.meta.all_hydrated(span)
         if hydrated:
             self._note_user_write(span)
         if hydrated and direct and self._write_through(offset, len(data)):
@@ -350,24 +324,24 @@ class CloneEngine:
         # Marked after the data is in DST; the commit makes DST durable before the bit.
         self.meta.set_hydrated(span)
         self._note_user_write(span)
-        self._changed.unpark_all()  # a parked hydrator may be waiting for the last regions
+        self.changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         length = max(0, min(length, self.size - offset))
         self._last_user_io = trio.current_time()
         span = self.geometry.region_span(offset, length)
-        self._follow_stream(offset, length, may_start=not self.meta.map.all_hydrated(span))
+        self._follow_stream(offset, length, may_start=not self.meta.all_hydrated(span))
         if self.recorder is not None:
             self.recorder.read(span)
         return await self._read_range(offset, length)
 
     async def _read_range(self, offset: int, length: int) -> bytes | bytearray:
         span = self.geometry.region_span(offset, length)
-        if self.meta.map.all_hydrated(span):
+        if self.meta.all_hydrated(span):
             return await self._dst_read(offset, length)
         parts = []
-        for hydrated, run in self.meta.map.runs(span):
+        for hydrated, run in self.meta.runs(span):
             lo = max(offset, self.geometry.region_start(run.start))
             hi = min(offset + length, self.geometry.region_end(run.stop - 1))
             if hydrated:
@@ -460,7 +434,7 @@ class CloneEngine:
 
     async def _extents(self, start: int, stop: int):
         g = self.geometry
-        for hydrated, run in self.meta.map.runs(g.region_span(start, stop - start)):
+        for hydrated, run in self.meta.runs(g.region_span(start, stop - start)):
             lo = max(start, g.region_start(run.start))
             hi = min(stop, g.region_end(run.stop - 1))
             if hydrated:
@@ -496,7 +470,7 @@ class CloneEngine:
             busy: set[_Claim] = set()
             partial: list[int] = []
             free: list[int] = []
-            for hydrated, run in self.meta.map.runs(span):
+            for hydrated, run in self.meta.runs(span):
                 if hydrated:
                     continue
                 for region in run:
@@ -512,7 +486,7 @@ class CloneEngine:
             elif partial:
                 await self._hydrate_for_write(partial, span)
             else:
-                return [self._claim(run) for run in _runs_of(free)]
+                return [self.claim(run) for run in _runs_of(free)]
 
     async def _hydrate_for_write(self, partial: list[int], span: range) -> None:
         """A write to part of an unhydrated region waits for its hydration, which starts now,
@@ -523,16 +497,16 @@ class CloneEngine:
         (4000-byte writes went one source round trip and three thread hops each: 4.5 MB/s)."""
         runs = []
         for run in _runs_of([r for r in partial
-                             if not self.meta.map.is_hydrated(r) and r not in self._claims]):
+                             if not self.meta.is_hydrated(r) and r not in self._claims]):
             if run.stop == span.stop and self._continues_hydrated(span.start):
                 ahead = run.stop + WRITE_AHEAD_BYTES // self.geometry.region_size
                 run = range(run.start, self._unhydrated_run_end(run.stop, ahead))
-            runs.append(self._claim(run))
+            runs.append(self.claim(run))
         failures: list[OSError] = []
 
         async def copy(claim: _Claim) -> None:
             try:
-                await self._copy(claim)
+                await self.copy(claim)
             except OSError as exc:  # one error for the writer, not a group
                 failures.append(exc)
 
@@ -544,15 +518,17 @@ class CloneEngine:
 
     def _continues_hydrated(self, region: int) -> bool:
         """Whether the region before `region` holds hydrated data (or it is the first)."""
-        bits = self.meta.map
-        return bits.is_hydrated(region) or (region > 0 and bits.is_hydrated(region - 1))
+        meta = self.meta
+        return meta.is_hydrated(region) or (region > 0 and meta.is_hydrated(region - 1))
 
     def _unhydrated_run_end(self, start: int, limit: int) -> int:
         """End of the run of unhydrated, unclaimed regions from `start`, at most `limit`."""
-        bits = self.meta.map
-        limit = min(len(bits), limit)
+        limit = min(self.meta.nr_regions, limit)
+        hydrated = self.meta.next_hydrated(start, limit)
+        if hydrated >= 0:
+            limit = hydrated
         stop = start
-        while stop < limit and not bits.is_hydrated(stop) and stop not in self._claims:
+        while stop < limit and stop not in self._claims:
             stop += 1
         return stop
 
@@ -565,7 +541,7 @@ class CloneEngine:
     # ---- the read path --------------------------------------------------------------------
 
     async def _read_unhydrated(self, run: range, lo: int, hi: int) -> bytes:
-        if not self.meta.map.all_unhydrated(run):
+        if not self.meta.all_unhydrated(run):
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
             return await self._read_range(lo, hi - lo)
@@ -577,12 +553,12 @@ class CloneEngine:
         self._note_source_read(run)
         if not (self.settings.copy_on_read and self.hydration_error is None
                 and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
-            return await self._source_read(lo, hi - lo)
+            return await self.copier.source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
-        claim = self._claim(run)
+        claim = self.claim(run)
         start, nbytes = self.geometry.byte_range(run)
         try:
-            data = await self._source_read(start, nbytes)
+            data = await self.copier.source_read(start, nbytes)
         except BaseException as exc:
             self._release(claim, exc)
             raise
@@ -593,7 +569,7 @@ class CloneEngine:
     async def _store(self, claim: _Claim, data: bytes) -> None:
         start, _ = self.geometry.byte_range(claim.regions)
         try:
-            await trio.to_thread.run_sync(self._write_or_punch, start, data)
+            await trio.to_thread.run_sync(self.copier.write_or_punch, start, data)
         except OSError as exc:
             log.error("copy-on-read store of regions %s failed: %s", claim.regions, exc)
             self.hydration_errors += 1
@@ -607,138 +583,46 @@ class CloneEngine:
     def _note_source_read(self, run: range) -> None:
         """A user read `run` from the source: its neighbourhood is a hot spot, and the access
         trace records it."""
-        self.order.note_source_read(run)
+        self.hydrator.order.note_source_read(run)
         if self.recorder is not None:
             self.recorder.source_read(run)
-        self._changed.unpark_all()  # a parked hydrator may take the hot spot
+        self.changed.unpark_all()  # a parked hydrator may take the hot spot
 
     def _follow_stream(self, offset: int, length: int, *, may_start: bool) -> None:
         """Tell the stream detector about a user read; fetch what it says lies ahead. Only
         where copy-on-read would store what it read: readahead is copy-on-read done early."""
         if (not self.settings.copy_on_read or self.hydration_error is not None
                 or self.meta.mode is not MetadataMode.RW or self._nursery is None
-                or self.meta.map.complete):
+                or self.meta.complete):
             return
         ahead = self._readahead.observe(offset, length, may_start=may_start)
         if ahead is not None:
-            self._read_ahead(*ahead)
+            self.hydrator.read_ahead(*ahead, self._nursery)
 
-    def _read_ahead(self, start: int, stop: int) -> None:
-        """Start copies of the free regions of [start, stop) into DST, claimed as readahead
-        (a reader that reaches one waits for it), while readahead's copies in flight stay
-        within the hydration threshold. Copies are a quarter of the window, so the reader's
-        next read waits for a small one."""
-        g = self.geometry
-        span = g.region_span(start, stop - start)
-        copy_bytes = max(READAHEAD_MIN_COPY, min(READAHEAD_MAX_COPY, (stop - start) // 4))
-        copy_regions = 1 << (max(1, copy_bytes // g.region_size).bit_length() - 1)
-        budget = min(self._threshold_bytes(), READAHEAD_MAX_WINDOW)
-        pos = span.start
-        while (run := self._free_run(pos, span.stop, copy_regions)) is not None:
-            nbytes = len(run) * g.region_size
-            if self._readahead_inflight + nbytes > budget:
-                break
-            self._readahead_inflight += nbytes
-            self._inflight_regions += len(run)
-            self.fetched["readahead"] += nbytes
-            if self.recorder is not None:
-                self.recorder.fetched_ahead(run)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._fetch_ahead, self._claim(run, ahead=True))
-            pos = run.stop
-
-    async def _fetch_ahead(self, claim: _Claim) -> None:
-        nbytes = len(claim.regions) * self.geometry.region_size
-        try:
-            await self._copy(claim)
-        except OSError as exc:  # the reader reads the source itself
-            log.info("readahead of regions %d..%d failed: %s", claim.regions.start,
-                     claim.regions.stop - 1, describe(exc))
-        finally:
-            self._readahead_inflight -= nbytes
-            self._inflight_regions -= len(claim.regions)
-            self._changed.unpark_all()
-
-    def _free_run(self, start: int, stop: int, limit: int) -> range | None:
+    def free_run(self, start: int, stop: int, limit: int) -> range | None:
         """The first run of unhydrated, unclaimed regions in [start, stop), at most `limit`
         long, or None."""
-        bits = self.meta.map
-        region = bits.next_unhydrated(start, stop)
+        meta = self.meta
+        region = meta.next_unhydrated(start, stop)
         while region >= 0 and region in self._claims:
             # Past the whole claim at once: stepping region by region through 128 MiB of
             # copies in flight took half the loop's time at the end of a hydration.
-            region = bits.next_unhydrated(self._claims[region].regions.stop, stop)
+            region = meta.next_unhydrated(self._claims[region].regions.stop, stop)
         if region < 0:
             return None
         return range(region, self._unhydrated_run_end(region + 1, min(stop, region + limit)))
 
     # ---- hydration copies -----------------------------------------------------------------
 
-    async def _copy(self, claim: _Claim) -> None:
-        """Copy the claimed regions from the source into DST, keeping zeros as holes."""
-        start, nbytes = self.geometry.byte_range(claim.regions)
+    async def copy(self, claim: _Claim) -> None:
+        """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         try:
-            for extent in await self.source.extents(start, nbytes):
-                if extent.zero:
-                    await trio.to_thread.run_sync(self.dst.punch_hole, extent.offset, extent.length)
-                else:
-                    data = await self._source_read(extent.offset, extent.length, for_copy=True)
-                    direct = self.dst.can_write_direct(extent.offset, data)
-                    stale = [] if direct else self._note_copied(extent.offset, len(data))
-                    await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
-                                                  direct, limiter=self._copy_writers)
-                    self.source.recycle(data)  # written: the source may reuse the buffer
+            await self.copier.copy(claim.regions)
         except BaseException as exc:
             self._release(claim, exc)
             raise
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
-
-    def _note_copied(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Remember a hydration copy; return the copies now more than WRITEBACK_WINDOW behind."""
-        self._copied.append((offset, length))
-        self._copied_bytes += length
-        stale = []
-        while self._copied_bytes > WRITEBACK_WINDOW:
-            old = self._copied.popleft()
-            self._copied_bytes -= old[1]
-            stale.append(old)
-        return stale
-
-    def _store_copy(self, offset: int, data: bytes, stale: list[tuple[int, int]],
-                    direct: bool = False) -> None:
-        """Blocking: write a hydration copy. A copy in aligned memory (the NBD source's) goes
-        to DST with direct I/O: no copy into the page cache, which was 38% of the daemon's CPU
-        hydrating from NBD (`perf`), and nothing to write back or drop later. Otherwise start
-        its writeback at once, like nbdcopy, so dirty data stays bounded and commits' fdatasync
-        stays short, and drop the page cache of copies written a window ago. Either way the
-        data is durable only after the commit's datasync, which comes before its bits."""
-        self._write_or_punch(offset, data, direct)
-        if not direct:
-            self.dst.start_writeback(offset, len(data))
-        for old_offset, old_length in stale:
-            self.dst.forget(old_offset, old_length)
-
-    def _write_or_punch(self, offset: int, data: bytes, direct: bool = False) -> None:
-        """Blocking: all-zero regions become holes, so the destination stays sparse."""
-        view = memoryview(data)
-        write = self.dst.write_direct if direct else self.dst.write
-        for is_zero, lo, hi in _zero_runs(data, self.geometry.region_size):
-            if is_zero:
-                self.dst.punch_hole(offset + lo, hi - lo)
-            else:
-                write(offset + lo, view[lo:hi])
-
-    async def _source_read(self, offset: int, length: int, *, for_copy: bool = False) -> bytes:
-        try:
-            if for_copy:
-                data = await self.source.read_for_copy(offset, length)
-            else:
-                data = await self.source.read(offset, length)
-        except SourceReadError as exc:
-            raise OSError(errno.EIO, f"source read failed: {describe(exc)}") from exc
-        self.source_reads += len(data)
-        return data
 
     async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)
@@ -748,7 +632,7 @@ class CloneEngine:
 
     # ---- claims -------------------------------------------------------------------------
 
-    def _claim(self, regions: range, *, ahead: bool = False) -> _Claim:
+    def claim(self, regions: range, *, ahead: bool = False) -> _Claim:
         claim = _Claim(regions, ahead)
         for region in regions:
             self._claims[region] = claim
@@ -762,7 +646,7 @@ class CloneEngine:
         # waiters look at the region again and copy it themselves.
         claim.error = None if isinstance(error, trio.Cancelled) else error
         claim.done.set()
-        self._changed.unpark_all()
+        self.changed.unpark_all()
 
     def _check_writable(self) -> None:
         self.meta.refuse_if_failed()
@@ -846,7 +730,7 @@ class CloneEngine:
     async def _committer(self) -> None:
         while True:
             await trio.sleep(self.settings.commit_interval)
-            self._progress.record(trio.current_time(), self.meta.map.hydrated_count)
+            self._progress.record(trio.current_time(), self.meta.hydrated_count)
             if self.meta.dirty and self.meta.mode is MetadataMode.RW:
                 try:
                     await self.commit()
@@ -856,137 +740,12 @@ class CloneEngine:
     # ---- the hydrator ---------------------------------------------------------------------
 
     async def _hydrator(self) -> None:
-        if self._hydration_hold is not None:
-            await self._hydration_hold.wait()
-        await self._wait_for_source()
-        cursor = 0
-        async with trio.open_nursery() as copies:
-            while not self.meta.map.complete:
-                if trio.current_time() < self._resume_at:
-                    # Backing off after a failure; enable_hydration (which clears the deadline)
-                    # or any other change ends the wait early.
-                    with trio.move_on_at(self._resume_at):
-                        await self._changed.park()
-                    continue
-                if not self._may_start_batch():
-                    await self._changed.park()
-                    continue
-                prefetching = self.order.prefetching
-                claim, in_order = self._next_batch(cursor)
-                if claim is None:
-                    if cursor:
-                        cursor = 0
-                    else:
-                        await self._changed.park()  # the rest is claimed by others
-                    continue
-                if in_order:
-                    cursor = claim.regions.stop
-                self._inflight_regions += len(claim.regions)
-                copies.start_soon(self._hydrate_batch, claim)
-                await self._throttle(len(claim.regions) * self.geometry.region_size)
-                if self._user_active() and not prefetching:
-                    # Yield to user I/O: one batch at a time (see _may_start_batch) with a pause
-                    # between batches, or on two cores p99 user latency grew 6x while hydrating.
-                    await trio.sleep(self.settings.user_io_pause)
+        await self.hydrator.run()
         await self._finish_hydration()
 
-    async def _wait_for_source(self) -> None:
-        """A clone resumed while its source was down hydrates once the source answers (and
-        matches META); if it answers with another image, hydration stops with the reason."""
-        refusal = await self.source.wait_usable()
-        if refusal is not None:
-            self.hydration_error = refusal
-            log.error("hydration stopped: %s", self.hydration_error)
-
-    def _user_active(self) -> bool:
+    def user_active(self) -> bool:
+        """Whether users did I/O in the last 50 ms (hydration then yields to them)."""
         return trio.current_time() - self._last_user_io < 0.05
-
-    def _may_start_batch(self) -> bool:
-        s = self.settings
-        if self.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
-            return False
-        if self.order.prefetching:  # at full depth, even with background hydration disabled
-            return self._inflight_regions + s.hydration_batch_size <= max(s.hydration_threshold,
-                                                                          s.hydration_batch_size)
-        if not s.hydration:
-            return False
-        batch = self._batch_regions()
-        limit = min(s.hydration_threshold, max(1, self._pacer.depth // self.geometry.region_size))
-        if self._user_active():
-            limit = min(limit, batch)  # yield to user I/O: one batch at a time
-        return self._inflight_regions + batch <= max(limit, batch)
-
-    def _batch_regions(self) -> int:
-        """Regions per copy: the configured batch; smaller while the user is active, and while
-        the paced depth is small (a copy is then a quarter of it), so a user read does not
-        wait behind one large copy on a slow link."""
-        region_size = self.geometry.region_size
-        busy = max(1, BUSY_BATCH_BYTES // region_size)
-        if self._user_active():
-            return min(self.settings.hydration_batch_size, busy)
-        paced = max(busy, self._pacer.depth // 4 // region_size)
-        paced = 1 << (paced.bit_length() - 1)  # few distinct sizes: the source reuses buffers by size
-        return min(self.settings.hydration_batch_size, paced)
-
-    def _threshold_bytes(self) -> int:
-        return self.settings.hydration_threshold * self.geometry.region_size
-
-    def _next_batch(self, cursor: int) -> tuple[_Claim | None, bool]:
-        """Claim the next copy, in hydration's order: the prefetch trace, hot spots, then in
-        order from `cursor`. Also says whether it was the in-order one."""
-        if self.order.prefetching:
-            run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
-            if run is not None or not self.settings.hydration:
-                return self._claim_for("prefetch", run, ahead=True), False
-        run = self.order.next_hot(self._free_run, self._batch_regions())
-        if run is not None:
-            return self._claim_for("hot_spots", run), False
-        run = self._free_run(cursor, len(self.meta.map), self._batch_regions())
-        return (None if run is None else self._claim(run)), True
-
-    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
-        if run is None:
-            return None
-        self.fetched[kind] += len(run) * self.geometry.region_size
-        return self._claim(run, ahead=ahead)
-
-    async def _hydrate_batch(self, claim: _Claim) -> None:
-        started = trio.current_time()
-        try:
-            await self._copy(claim)
-            self._failures = 0
-            now = trio.current_time()
-            self._pacer.copied(len(claim.regions) * self.geometry.region_size, now - started, now)
-        except OSError as exc:
-            self._note_failure(claim, exc)
-        finally:
-            self._inflight_regions -= len(claim.regions)
-            self._changed.unpark_all()
-
-    def _note_failure(self, claim: _Claim, exc: OSError) -> None:
-        """Back off exponentially; after max_failures in a row, stop until enable_hydration."""
-        self._failures += 1
-        self.hydration_errors += 1
-        self._last_failure = describe(exc)
-        s = self.settings
-        log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
-                    claim.regions.stop - 1, self._failures, self._last_failure)
-        if self._failures >= s.max_failures and self.hydration_error is None:
-            self.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
-            log.error("hydration %s", self.hydration_error)
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
-        self._resume_at = max(self._resume_at, trio.current_time() + delay)
-
-    async def _throttle(self, nbytes: int) -> None:
-        rate = self.settings.max_rate
-        if rate <= 0:
-            return
-        now = trio.current_time()
-        burst = rate * 0.1  # a token bucket holding a tenth of a second's worth
-        self._rate_tokens = min(burst, self._rate_tokens + (now - self._rate_stamp) * rate) - nbytes
-        self._rate_stamp = now
-        if self._rate_tokens < 0:
-            await trio.sleep(-self._rate_tokens / rate)
 
     async def _finish_hydration(self) -> None:
         try:
@@ -995,7 +754,7 @@ class CloneEngine:
             return  # fail mode: status and wait say why
         self.complete.set()
         self._wake_settle_waiters()
-        log.info("hydration complete: %d regions", len(self.meta.map))
+        log.info("hydration complete: %d regions", self.meta.nr_regions)
 
     async def wait_until_settled(self) -> None:
         """Return once hydration is complete (and committed), has stopped after failures, or
@@ -1022,11 +781,10 @@ class CloneEngine:
 
     def hold_hydration(self) -> None:
         """Call before `run`: background copies wait until `release_hydration()`."""
-        self._hydration_hold = trio.Event()
+        self.hydrator.hold()
 
     def release_hydration(self) -> None:
-        if self._hydration_hold is not None:
-            self._hydration_hold.set()
+        self.hydrator.release()
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
@@ -1039,8 +797,7 @@ class CloneEngine:
         if words == ["enable_hydration"]:
             s.hydration = True
             self.hydration_error = None
-            self._failures = 0
-            self._resume_at = 0.0
+            self.hydrator.resume()
         elif words == ["disable_hydration"]:
             s.hydration = False
         elif len(words) == 2 and words[0] in ("hydration_threshold", "hydration_batch_size"):
@@ -1049,23 +806,23 @@ class CloneEngine:
             except ValueError:
                 raise ValueError(f"{words[0]} needs a whole number, not {words[1]!r}") from None
             setattr(s, words[0], check_hydration_setting(words[0], value))
-            self._pacer.set_cap(self._threshold_bytes())
+            self.hydrator.threshold_changed()
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N)")
         if self.meta.mode is MetadataMode.RW:
             self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
                                       hydration_batch_size=s.hydration_batch_size)
-        self._changed.unpark_all()
+        self.changed.unpark_all()
 
     def status(self) -> Status:
         g = self.geometry
         rate = self._progress.regions_per_second()
-        remaining = len(self.meta.map) - self.meta.map.hydrated_count
+        remaining = self.meta.nr_regions - self.meta.hydrated_count
         used_blocks, total_blocks = self.meta.block_usage()
         return Status(
-            hydrated_regions=self.meta.map.hydrated_count,
-            total_regions=len(self.meta.map),
+            hydrated_regions=self.meta.hydrated_count,
+            total_regions=self.meta.nr_regions,
             hydrating_regions=len(self._claims),
             region_size=g.region_size,
             image_size=g.image_size,
@@ -1074,7 +831,7 @@ class CloneEngine:
             hydration_batch_size=self.settings.hydration_batch_size,
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
-            hydration_retry=self._retry_note(),
+            hydration_retry=self.hydrator.retry_note(),
             metadata_mode=self.meta.mode.value,
             metadata_error=self.meta.failure,
             written_regions=self.meta.written_regions(),
@@ -1087,28 +844,16 @@ class CloneEngine:
             metadata=self.meta.path,
             live=True,
             source_bytes_read=self.source_reads,
-            prefetch_regions=sum(len(run) for run in self.order.trace),
-            prefetch_hydrated=sum(self._hydrated_in(run) for run in self.order.trace),
-            prefetching=self.order.prefetching,
-            fetched=dict(self.fetched),
+            prefetch_regions=sum(len(run) for run in self.hydrator.order.trace),
+            prefetch_hydrated=sum(self.meta.hydrated_in(run) for run in self.hydrator.order.trace),
+            prefetching=self.hydrator.order.prefetching,
+            fetched=dict(self.hydrator.fetched),
             hydrated_bytes=self.meta.hydrated_bytes() - self._hydrated_bytes_at_start,
             hydration_errors=self.hydration_errors,
             metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks,
             servers=[asdict(server) for server in self.source.servers()],
         )
-
-    def _hydrated_in(self, run: range) -> int:
-        bits = self.meta.map
-        return len(run) if bits.complete else bits.bits.count(1, run.start, run.stop)
-
-    def _retry_note(self) -> str | None:
-        """While hydration backs off after failures (and has not stopped): how it stands."""
-        if not self._failures or self.hydration_error is not None:
-            return None
-        wait = max(0.0, self._resume_at - trio.current_time())
-        return (f"{self._failures} failed in a row (stops at {self.settings.max_failures}), "
-                f"next try in {wait:.1f} s: {self._last_failure}")
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -1122,7 +867,7 @@ class CloneEngine:
                 # Metadata.fail may run in a commit's worker thread: wake the waiters from the loop.
                 self.meta.on_fail = lambda: token.run_sync_soon(self._wake_settle_waiters)
                 nursery.start_soon(self._committer)
-                if self.meta.map.complete:
+                if self.meta.complete:
                     self.complete.set()
                     self._wake_settle_waiters()
                 else:
@@ -1144,37 +889,6 @@ class CloneEngine:
             self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)
-
-
-def _zero_runs(data: bytes | bytearray, step: int) -> list[tuple[bool, int, int]]:
-    """Split `data` into maximal runs of all-zero / not-all-zero `step`-sized pieces.
-
-    Only pieces whose first byte is zero can be all-zero; they are found with one strided copy
-    and checked with a `find` of a zero piece as long as their window (a memcmp, no slice
-    copies; unlike startswith it also works on an mmap), so random data costs almost nothing
-    and zero-filled data runs at memcmp speed rather than element-wise memoryview comparison."""
-    step = min(step, len(_ZEROS))
-    size = len(data)
-    zero_piece = _ZEROS[:step]
-    heads = bytes(memoryview(data)[::step])
-    runs: list[tuple[bool, int, int]] = []
-    covered = 0  # bytes of data already in runs
-    index = heads.find(0)
-    while index >= 0:
-        lo = index * step
-        hi = min(size, lo + step)
-        if data.find(zero_piece[: hi - lo], lo, hi) == lo:
-            if covered < lo:
-                runs.append((False, covered, lo))
-            if runs and runs[-1][0] and runs[-1][2] == lo:
-                runs[-1] = (True, runs[-1][1], hi)
-            else:
-                runs.append((True, lo, hi))
-            covered = hi
-        index = heads.find(0, index + 1)
-    if covered < size:
-        runs.append((False, covered, size))
-    return runs
 
 
 def _runs_of(regions: list[int]) -> list[range]:

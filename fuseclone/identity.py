@@ -36,14 +36,15 @@ _LOOP_INFO64_HEAD = struct.Struct("=QQQ")
 SYS_DEV_BLOCK = "/sys/dev/block"  # a block device's sysfs directory, by "major:minor"
 _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed further
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
-_TRACE_OF_ITS_OWN = "the access trace must be a file of its own"
+_OF_ITS_OWN = "the {role} must be a file of its own"
+_WRITTEN_FILES = ("access trace", "log file")  # files the mount writes to (it truncates a trace)
 
 
 @dataclass(frozen=True)
 class Thing:
     """One of the paths a clone is given, resolved."""
 
-    role: str  # "source", "destination", "metadata", "mountpoint", "access trace"
+    role: str  # "source", "destination", "metadata", "mountpoint", "access trace", "log file"
     path: str  # as the user gave it
     key: Key
     beneath: frozenset[Key] = frozenset()  # what holds its data (disks, backing files)
@@ -94,26 +95,33 @@ def inside(thing: Thing, mountpoint: Thing) -> str | None:
 
 
 def check_distinct(*, source: str | None, destination: str | None, metadata: str | None,
-                   mountpoint: str | None = None, access_trace: str | None = None) -> None:
+                   mountpoint: str | None = None, access_trace: str | None = None,
+                   log_file: str | None = None) -> None:
     """Refuse (OverlapError) unless the given paths are different things, none backed by
-    another, and DST, META and the access trace (--record-access, a file the mount truncates)
-    are not inside the mountpoint. A remote source, and any path given as None, takes no part."""
+    another, and DST, META and the files the mount writes (the access trace of --record-access,
+    which it truncates; the log file, which it appends to) are not inside the mountpoint. A
+    remote source, and any path given as None, takes no part."""
     things = [describe(role, path) for role, path in (
         ("source", None if source is None or is_remote(source) else source),
         ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint),
-        ("access trace", access_trace))
+        ("access trace", access_trace), ("log file", log_file))
         if path is not None]
     for i, a in enumerate(things):
         for b in things[i + 1:]:
             reason = conflict(a, b)
             if reason:
-                rule = _TRACE_OF_ITS_OWN if "access trace" in (a.role, b.role) else _FOUR_THINGS
-                raise OverlapError(f"{reason}: {rule}")
+                raise OverlapError(f"{reason}: {_rule_for(a, b)}")
     for mount in (t for t in things if t.role == "mountpoint"):
-        for thing in (t for t in things if t.role in ("destination", "metadata", "access trace")):
+        for thing in (t for t in things if t.role in ("destination", "metadata", *_WRITTEN_FILES)):
             reason = inside(thing, mount)
             if reason:
                 raise OverlapError(reason)
+
+
+def _rule_for(a: Thing, b: Thing) -> str:
+    """The rule two conflicting things break: a written file's own, else the four things'."""
+    written = next((t.role for t in (b, a) if t.role in _WRITTEN_FILES), None)
+    return _OF_ITS_OWN.format(role=written) if written else _FOUR_THINGS
 
 
 def loop_backing_file(sysfs_dir: str) -> str | None:

@@ -35,7 +35,7 @@ import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import Callable, Iterator
 
 from bitarray import bitarray
 
@@ -358,16 +358,16 @@ class Metadata:
         self.on_fail: Callable[[], None] | None = None  # told once, when fail mode begins
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         self._usage_at_close = (0, 0)  # block_usage() once the file is closed
-        if self.map.complete:
+        if self._map.complete:
             hydrated.map = CompleteMap(header.nr_regions)
 
     @property
-    def map(self) -> RegionMap:
-        """The hydrated bitmap: one bit per region."""
+    def _map(self) -> RegionMap:
+        """The hydrated bitmap: one bit per region (private: callers use the queries)."""
         return self._hydrated.map
 
     @property
-    def written(self) -> RegionMap:
+    def _written_map(self) -> RegionMap:
         """The written bitmap: one bit per chunk of `written_geometry`."""
         return self._written.map
 
@@ -497,7 +497,47 @@ class Metadata:
 
     def hydrated_bytes(self) -> int:
         """Bytes of the image in hydrated regions (a partial last region counts its part)."""
-        return _bytes_set(self.map, self.geometry)
+        return _bytes_set(self._map, self.geometry)
+
+    # ---- hydrated bits: queries (the bitmap itself stays in here) ---------------------------
+
+    @property
+    def nr_regions(self) -> int:
+        return len(self._hydrated.map)
+
+    @property
+    def hydrated_count(self) -> int:
+        return self._hydrated.map.hydrated_count
+
+    @property
+    def complete(self) -> bool:
+        """Whether every region is hydrated."""
+        return self._hydrated.map.complete
+
+    def is_hydrated(self, region: int) -> bool:
+        return self._hydrated.map.is_hydrated(region)
+
+    def all_hydrated(self, regions: range) -> bool:
+        return self._hydrated.map.all_hydrated(regions)
+
+    def all_unhydrated(self, regions: range) -> bool:
+        return self._hydrated.map.all_unhydrated(regions)
+
+    def hydrated_in(self, regions: range) -> int:
+        """How many of `regions` are hydrated."""
+        return self._hydrated.map.count_hydrated(regions)
+
+    def next_unhydrated(self, start: int, stop: int | None = None) -> int:
+        """The first unhydrated region in [start, stop), or -1."""
+        return self._hydrated.map.next_unhydrated(start, stop)
+
+    def next_hydrated(self, start: int, stop: int) -> int:
+        """The first hydrated region in [start, stop), or -1."""
+        return self._hydrated.map.next_hydrated(start, stop)
+
+    def runs(self, regions: range) -> Iterator[tuple[bool, range]]:
+        """`regions` split into maximal runs of equal state: (hydrated, run)."""
+        return self._hydrated.map.runs(regions)
 
     @property
     def dirty(self) -> bool:
@@ -537,18 +577,26 @@ class Metadata:
     def written_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of the written parts of the image, adjacent chunks merged."""
         g = self.written_geometry
-        return [g.byte_range(run) for written, run in self.written.runs(range(g.nr_regions)) if written]
+        return [g.byte_range(run) for written, run in self.written_runs(range(g.nr_regions)) if written]
+
+    def written_runs(self, chunks: range) -> Iterator[tuple[bool, range]]:
+        """`chunks` (of `written_geometry`) split into maximal runs of equal state: (written, run)."""
+        return self._written_map.runs(chunks)
+
+    def is_written(self, chunk: int) -> bool:
+        """Whether users wrote the chunk (of `written_geometry`), as the core knows it."""
+        return self._written_map.is_hydrated(chunk)
 
     def written_bytes(self) -> int:
-        return _bytes_set(self.written, self.written_geometry)
+        return _bytes_set(self._written_map, self.written_geometry)
 
     def written_regions(self) -> int:
         """Regions inside written chunks (the ones `check --verify` does not compare)."""
         g = self.geometry
         per_chunk = self.written_geometry.region_size // g.region_size
-        count = self.written.hydrated_count * per_chunk
+        count = self._written_map.hydrated_count * per_chunk
         last = self.written_geometry.nr_regions - 1
-        if last >= 0 and self.written.is_hydrated(last):
+        if last >= 0 and self.is_written(last):
             count -= per_chunk - len(g.region_span(*self.written_geometry.byte_range(range(last, last + 1))))
         return count
 
@@ -585,8 +633,8 @@ class Metadata:
             if write.area is self._written:
                 start, bits = write.area.bits_of(write)
                 self._written_durable[start : start + len(bits)] |= bits
-        if self.map.complete and not isinstance(self.map, CompleteMap):
-            self._hydrated.map = CompleteMap(len(self.map))  # release the bitmap's memory
+        if self._map.complete and not isinstance(self._map, CompleteMap):
+            self._hydrated.map = CompleteMap(len(self._map))  # release the bitmap's memory
 
     def abort_commit(self, batch: CommitBatch) -> None:
         """The commit failed: its blocks stay dirty so a later commit retries them."""

@@ -122,6 +122,9 @@ class RegionMap:
     def all_unhydrated(self, regions: range) -> bool:
         return not regions or self._bits.count(1, regions.start, regions.stop) == 0
 
+    def count_hydrated(self, regions: range) -> int:
+        return self._bits.count(1, regions.start, regions.stop) if regions else 0
+
     def set_hydrated(self, regions: range) -> int:
         """Mark regions hydrated; returns how many were newly set."""
         if not regions:
@@ -137,6 +140,12 @@ class RegionMap:
         if start >= stop:
             return -1
         return self._bits.find(0, start, stop)
+
+    def next_hydrated(self, start: int, stop: int) -> int:
+        """Index of the first 1 bit in [start, stop), or -1."""
+        if start >= stop:
+            return -1
+        return self._bits.find(1, start, stop)
 
     def runs(self, regions: range) -> Iterator[tuple[bool, range]]:
         """Split `regions` into maximal runs of equal state: (hydrated, run)."""
@@ -177,8 +186,14 @@ class CompleteMap(RegionMap):
     def set_hydrated(self, regions: range) -> int:
         return 0
 
+    def count_hydrated(self, regions: range) -> int:
+        return len(regions)
+
     def next_unhydrated(self, start: int, stop: int | None = None) -> int:
         return -1
+
+    def next_hydrated(self, start: int, stop: int) -> int:
+        return start if start < stop else -1
 
     def runs(self, regions: range) -> Iterator[tuple[bool, range]]:
         if regions:

@@ -39,9 +39,9 @@ def check_after_crash(src, dst, meta_path, journal):
         source, dest = s.read(), d.read(IMAGE)
         for block in range(IMAGE // BLOCK):
             sl = slice(block * BLOCK, (block + 1) * BLOCK)
-            visible = dest[sl] if meta.map.is_hydrated(block) else source[sl]
-            if meta.map.is_hydrated(block) and dest[sl] != source[sl]:  # what check --verify sees
-                assert meta.written.is_hydrated(meta.written_chunks(block * BLOCK, 1)[0]), \
+            visible = dest[sl] if meta.is_hydrated(block) else source[sl]
+            if meta.is_hydrated(block) and dest[sl] != source[sl]:  # what check --verify sees
+                assert meta.is_written(meta.written_chunks(block * BLOCK, 1)[0]), \
                     f"block {block} holds user data but is not marked written"
             if block in flushed:
                 assert visible == expected_block(block, attempted[block], source[sl]), \

@@ -30,7 +30,7 @@ async def test_background_hydration_copies_everything_and_keeps_holes(clone):
     # the source has allocated zero chunks; the destination must not
     assert os.stat(clone.dst).st_blocks < os.stat(clone.src).st_blocks * 0.85
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.complete and meta.header.clean
+        assert meta.complete and meta.header.clean
 
 
 def dst_cached(dst, offset, length):
@@ -98,11 +98,11 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
         await engine._record_written(0, 1 << 20)
         # Whole regions, not hydrated: written at once and marked hydrated, no source read.
         assert engine.write_now(8192, b"w" * 8192)
-        assert [engine.meta.map.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
+        assert [engine.meta.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
         # Part of an unhydrated region needs the source's rest: the async path's job.
         assert not engine.write_now(4096 * 5 + 100, b"p" * 100)
         # Regions a copy is filling are left to the async path, which waits for the copy.
-        claim = engine._claim(range(6, 7))
+        claim = engine.claim(range(6, 7))
         assert not engine.write_now(4096 * 6, b"c" * 4096)
         engine._release(claim, None)
         await engine.write(4096 * 5 + 100, b"p" * 100)
@@ -112,7 +112,7 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
             + clone.source_bytes(5 * 4096, 100) + b"p" * 100 + clone.source_bytes(5 * 4096 + 200, 4096 - 200))
         await engine.commit()
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.is_hydrated(2) and meta.map.is_hydrated(3) and not meta.map.is_hydrated(6)
+        assert meta.is_hydrated(2) and meta.is_hydrated(3) and not meta.is_hydrated(6)
     assert file_bytes(clone.dst, 3 * 4096)[8192:] == b"w" * 4096
 
 
@@ -212,7 +212,7 @@ async def test_copy_on_read_hydrates_what_was_read(clone):
         data = await engine.read(8192 + 10, 5000)
         assert data == clone.source_bytes(8192 + 10, 5000)
         await trio.sleep(0.2)  # the store runs in the background
-        assert engine.meta.map.is_hydrated(2) and engine.meta.map.is_hydrated(3)
+        assert engine.meta.is_hydrated(2) and engine.meta.is_hydrated(3)
         reads = engine.source_reads
         assert await engine.read(8192, 8192) == clone.source_bytes(8192, 8192)
         assert engine.source_reads == reads  # now served from DST
@@ -222,7 +222,7 @@ async def test_partial_write_to_unhydrated_region_hydrates_it_first(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
         await engine.write(4096 * 5 + 100, b"x" * 50)
-        assert engine.meta.map.is_hydrated(5)
+        assert engine.meta.is_hydrated(5)
         expected = bytearray(clone.source_bytes(4096 * 5, 4096))
         expected[100:150] = b"x" * 50
         assert await engine.read(4096 * 5, 4096) == bytes(expected)
@@ -236,7 +236,7 @@ async def test_whole_region_write_skips_the_copy(clone):
         assert engine.status().hydrated_regions == 3
         await engine.flush()
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.map.hydrated_count == 3 and meta.map.is_hydrated(11)
+        assert meta.hydrated_count == 3 and meta.is_hydrated(11)
 
 
 async def test_discard_marks_covered_regions_without_reading_the_source(clone):
@@ -422,7 +422,7 @@ async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
     async with clone.running(engine):
         await engine.write(0, b"a" * 4096)
         await engine.flush()
-        await engine._copy(engine._claim(range(64, 66)))  # hydration: bits to commit
+        await engine.copy(engine.claim(range(64, 66)))  # hydration: bits to commit
         assert engine.meta.dirty
         assert callable(engine.flush_now())
         engine.dst.datasync = held_datasync
@@ -506,21 +506,21 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
     128 MiB of copies in flight (32768 claimed regions), a region-by-region walk of the claims
     took half the event loop's time after every copy that finished."""
     engine = await clone.open(hydration=False)
-    bits = engine.meta.map
+    meta = engine.meta
     lookups = []
-    real_next_unhydrated = bits.next_unhydrated
+    real_next_unhydrated = meta.next_unhydrated
 
     def counted(start, stop=None):
         lookups.append(start)
         return real_next_unhydrated(start, stop)
 
-    bits.next_unhydrated = counted
-    total = len(bits)
-    claimed = engine._claim(range(0, total - 3))
-    batch, _ = engine._next_batch(0)  # (claim, whether it is the in-order one)
+    meta.next_unhydrated = counted
+    total = meta.nr_regions
+    claimed = engine.claim(range(0, total - 3))
+    batch, _ = engine.hydrator._next_batch(0)  # (claim, whether it is the in-order one)
     assert batch.regions.start == total - 3
     assert len(lookups) <= 3
     lookups.clear()
     engine._release(batch, None)
-    assert engine._next_batch(total - 1)[0].regions == range(total - 1, total)
+    assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
     engine._release(claimed, None)

@@ -125,7 +125,7 @@ async def run_program(tmp, region_size, program):
     with open(h.dst, "rb") as f:
         assert f.read(IMAGE) == bytes(h.model), "the destination alone differs from the model"
     with Metadata.open(h.meta, writable=False) as meta:
-        assert meta.map.complete and meta.header.clean
+        assert meta.complete and meta.header.clean
 
 
 @settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "120")), deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -54,7 +54,7 @@ def test_commit_of_one_region_of_a_1tib_image_writes_a_few_kib(tmp_path, monkeyp
     finally:
         meta.close()
     with Metadata.open(str(tmp_path / "meta"), writable=False) as again:
-        assert again.map.hydrated_count == 1 and again.map.is_hydrated(123_456_789)
+        assert again.hydrated_count == 1 and again.is_hydrated(123_456_789)
 
 
 def test_second_opener_is_refused(tmp_path):
@@ -78,11 +78,11 @@ def test_torn_slot_falls_back_to_the_other_copy(tmp_path):
         # a torn write: only the first half of the new slot image reaches the disk
         os.pwrite(meta._fd, image[: BLOCK // 2], _slot_offset(block, slot))
     with Metadata.open(path) as meta:
-        assert meta.map.hydrated_count == 10  # lost only the interrupted commit's bits
+        assert meta.hydrated_count == 10  # lost only the interrupted commit's bits
         meta.set_hydrated(range(10, 30))
         b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
     with Metadata.open(path) as meta:
-        assert meta.map.hydrated_count == 30
+        assert meta.hydrated_count == 30
 
 
 def test_many_commits_alternate_slots_and_keep_every_bit(tmp_path):
@@ -92,10 +92,10 @@ def test_many_commits_alternate_slots_and_keep_every_bit(tmp_path):
         for i in range(0, g.nr_regions, 7919):
             meta.set_hydrated(range(i, i + 1))
             b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
-        expected = meta.map.hydrated_count
+        expected = meta.hydrated_count
     with Metadata.open(path) as meta:
-        assert meta.map.hydrated_count == expected
-        assert meta.map.is_hydrated(g.nr_regions - 1 - (g.nr_regions - 1) % 7919)
+        assert meta.hydrated_count == expected
+        assert meta.is_hydrated(g.nr_regions - 1 - (g.nr_regions - 1) % 7919)
 
 
 def test_corrupt_header_is_refused(tmp_path):

@@ -42,7 +42,7 @@ async def test_a_failed_dst_fdatasync_puts_the_metadata_in_fail_mode(clone):
             await engine.wait_until_settled()  # fail mode ends a wait at once
     with Metadata.open(clone.meta, writable=False) as meta:
         assert not meta.header.clean  # not marked clean after a failure
-        assert meta.map.is_hydrated(0) and not meta.map.is_hydrated(2)
+        assert meta.is_hydrated(0) and not meta.is_hydrated(2)
 
 
 def test_fail_is_one_transition_and_the_first_reason_sticks(tmp_path):

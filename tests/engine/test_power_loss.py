@@ -110,7 +110,7 @@ async def crash_and_check(tmp_path, seed):
         hydration_batch_size=2, hydration_threshold=8, commit_interval=rng.choice([0.002, 0.02, 1.0]),
         max_rate=rng.choice([0, 4 << 20])))
     volatile = VolatileDestination(engine.dst)
-    engine.dst = volatile
+    engine.dst = engine.copier.dst = volatile
     log = {}
 
     async def no_final_commit():  # the power goes out: nothing runs after the crash

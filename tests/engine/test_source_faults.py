@@ -45,7 +45,7 @@ async def test_faults_back_off_stop_and_resume(clone):
     engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
                               max_failures=3, backoff_initial=0.01)
     broken = BrokenRange(engine.source, 1 << 20, (1 << 20) + 8192)
-    engine.source = broken
+    engine.source = engine.copier.source = broken  # what the engine and its copier read
     async with clone.running(engine):
         await engine.write(0, b"w" * 4096)  # hydrated before the trouble starts
         with pytest.raises(OSError) as info:
@@ -78,7 +78,7 @@ async def test_status_tells_of_retries_and_enable_hydration_ends_a_backoff(clone
     engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
                               hydration_threshold=4, max_failures=3, backoff_initial=30.0)
     broken = BrokenRange(engine.source, 0, 1 << 62)  # every copy fails: no success resets the count
-    engine.source = broken
+    engine.source = engine.copier.source = broken  # what the engine and its copier read
     async with clone.running(engine):
         assert engine.status().hydration_retry is None
         engine.message("enable_hydration")
@@ -105,7 +105,7 @@ async def test_a_waiter_wakes_when_hydration_stops(clone, monkeypatch):
     """`wait` (wait_until_settled) is woken by the stop itself, not found by polling."""
     engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
                               max_failures=3, backoff_initial=0.01)
-    engine.source = BrokenRange(engine.source, 0, engine.source.size)
+    engine.source = engine.copier.source = BrokenRange(engine.source, 0, engine.source.size)
 
     async def enable_hydration():
         engine.message("enable_hydration")

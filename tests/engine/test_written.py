@@ -64,7 +64,7 @@ def test_a_written_commit_costs_the_changed_blocks_only(tmp_path, monkeypatch):
     with Metadata.open(str(tmp_path / "meta"), writable=False) as again:
         assert again.written_extents == [(123_456_789_000 // CHUNK * CHUNK, CHUNK)]
         assert again.written_bytes() == CHUNK and again.written_regions() == CHUNK // 4096
-        assert again.map.hydrated_count == 0
+        assert again.hydrated_count == 0
 
 
 def test_a_torn_written_slot_loses_only_its_own_commit(tmp_path):
@@ -111,7 +111,7 @@ def test_hydrated_and_written_bitmaps_do_not_overlap(tmp_path):
             meta.write_commit(batch)
             meta.finish_commit(batch)
     with Metadata.open(path, writable=False) as meta:
-        assert meta.map.hydrated_count == 1 and meta.map.is_hydrated(g.nr_regions - 1)
+        assert meta.hydrated_count == 1 and meta.is_hydrated(g.nr_regions - 1)
         assert meta.written_extents == [(0, CHUNK)]
 
 
@@ -124,7 +124,7 @@ def test_format_1_reads_as_written_unknown_and_changes_nothing(tmp_path):
     before = snapshot(path)
     with Metadata.open(path, writable=False) as meta:
         assert meta.header.version == 1 and meta.header.written_unknown
-        assert meta.map.hydrated_count == 11 and meta.map.is_hydrated(100)
+        assert meta.hydrated_count == 11 and meta.is_hydrated(100)
         assert meta.written_extents == []
     assert snapshot(path) == before
 
@@ -146,7 +146,7 @@ def test_format_1_is_upgraded_on_a_writable_open(tmp_path):
         assert meta.header.version == VERSION and meta.header.written_unknown
         assert meta.header.identity["source"]["path"] == "/v1/src"
         assert meta.header.hydration_threshold == 8 and meta.header.clean
-        assert meta.map.hydrated_count == 12 and meta.map.is_hydrated(100) and meta.map.is_hydrated(200)
+        assert meta.hydrated_count == 12 and meta.is_hydrated(100) and meta.is_hydrated(200)
         assert meta.written_extents == [(5 * CHUNK, CHUNK)]
 
 
@@ -159,7 +159,7 @@ def test_an_upgrade_cut_before_its_header_leaves_a_valid_format_1_file(tmp_path)
             meta.mark_open()  # extended, then the header write "fails"
     assert os.path.getsize(path) > os.path.getsize(V1_FIXTURE)
     with Metadata.open(path) as meta:
-        assert meta.header.version == 1 and meta.map.hydrated_count == 11
+        assert meta.header.version == 1 and meta.hydrated_count == 11
         meta.mark_open()  # the upgrade runs again
     with Metadata.open(path, writable=False) as meta:
         assert meta.header.version == VERSION and meta.header.written_unknown
@@ -268,8 +268,8 @@ async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, se
         g = meta.geometry
         for region in range(g.nr_regions):
             lo, hi = g.region_start(region), g.region_end(region)
-            if meta.map.is_hydrated(region) and dest[lo:hi] != source[lo:hi]:
-                assert meta.written.is_hydrated(meta.written_chunks(lo, 1)[0]), \
+            if meta.is_hydrated(region) and dest[lo:hi] != source[lo:hi]:
+                assert meta.is_written(meta.written_chunks(lo, 1)[0]), \
                     f"seed {seed}: region {region} holds user data but its chunk is not marked written"
 
 
@@ -291,4 +291,4 @@ async def test_whole_region_writes_skip_the_write_ahead_and_commit_written_bits_
         await engine.commit()
         assert order == [("meta", False), ("dst", True), ("meta", True)]
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.written_extents == [(0, CHUNK)] and meta.map.is_hydrated(1)
+        assert meta.written_extents == [(0, CHUNK)] and meta.is_hydrated(1)

@@ -5,7 +5,7 @@ rest, and a short last piece."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuseclone.engine import _zero_runs
+from fuseclone.copier import _zero_runs
 
 
 def reference_runs(data: bytes, step: int) -> list[tuple[bool, int, int]]:

@@ -205,7 +205,7 @@ def test_punch_hole_marks_covered_regions_and_punches_dst(rig, tool):
     rig.wait_unmounted()
     with Metadata.open(rig.meta, writable=False) as meta:
         assert meta.header.clean
-        assert [r for r in range(len(meta.map)) if meta.map.is_hydrated(r)] == [
+        assert [r for r in range(meta.nr_regions) if meta.is_hydrated(r)] == [
             *range(3, 14), *range(20, 24)]
 
 
@@ -1064,7 +1064,7 @@ def _assert_in_dst_on_a_clean_stop(rig, offset, data):
     """META was left clean with the write's region hydrated, and DST holds the write."""
     with Metadata.open(rig.meta, writable=False) as meta:
         assert meta.header.clean
-        assert meta.map.is_hydrated(offset // meta.header.region_size)
+        assert meta.is_hydrated(offset // meta.header.region_size)
     with open(rig.dst, "rb") as f:
         f.seek(offset)
         assert f.read(len(data)) == data

@@ -149,3 +149,21 @@ def test_an_access_trace_may_not_be_one_of_the_four(rig, random_source):
     mount_refused(rig, rig.src, rig.src, rig.meta, rig.mnt, "--record-access", str(other),
                   expect="is the same file as")
     assert other.read_text() == "mine"
+
+
+def test_a_log_file_may_not_be_one_of_the_four(rig, random_source):
+    """The log is appended to: --log-file naming SRC, DST or META would write log lines into
+    them, so it is refused before the log is opened, and nothing changes."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    kept = {path: sha256(path) for path in (rig.src, rig.dst, rig.meta)}
+    for path in kept:
+        for mode in ((), ("--foreground",)):
+            mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--log-file", path, *mode,
+                          expect=f"log file {path} is the same file as")
+            assert {p: sha256(p) for p in kept} == kept
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--log-file",
+                  os.path.join(rig.mnt, "log"), expect="is inside the mountpoint")
+    trace = str(rig.tmp / "trace")
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", trace,
+                  "--log-file", trace, expect="the log file must be a file of its own")

@@ -24,7 +24,7 @@ def test_clone_reads_like_the_source_and_hydrates(rig, random_source):
     assert not Metadata.in_use(rig.meta)  # unmount returns after the daemon let go of META
     assert sha256(rig.dst, os.path.getsize(rig.src)) == sha256(rig.src)
     with Metadata.open(rig.meta, writable=False) as meta:
-        assert meta.header.clean and meta.map.complete
+        assert meta.header.clean and meta.complete
 
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
@@ -158,7 +158,7 @@ def test_sigterm_mid_hydration_leaves_a_resumable_clone(rig, random_source):
             proc.wait()
     rig.wait_unmounted()
     with Metadata.open(rig.meta, writable=False) as meta:
-        assert meta.header.clean and 0 < meta.map.hydrated_count < len(meta.map)
+        assert meta.header.clean and 0 < meta.hydrated_count < meta.nr_regions
     rig.mount()
     with open(rig.image, "rb") as f:
         f.seek(20 * MiB + 123)

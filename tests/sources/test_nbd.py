@@ -4,9 +4,11 @@ the engine hydrating from it."""
 import errno
 import os
 import random
+import time
 
 import pytest
 import trio
+import trio.testing
 
 from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
@@ -16,6 +18,7 @@ from fuseclone.sources.base import SourceReadError
 from fuseclone.sources.local import LocalSource
 from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
 from fuseclone.sources.nbd.buffers import BufferPool
+from fuseclone.sources.nbd.pool import DRAIN_TIMEOUT
 from tests.engine.conftest import make_source_file
 
 KiB = 1024
@@ -731,3 +734,29 @@ async def test_close_lets_the_replies_asked_for_arrive_first(nbdkit, image):
     assert server.proc.poll() is None, server.stderr()
     # (The fixture's readiness probe leaves a "sending newstyle handshake" error of its own.)
     assert "NBD_CMD_READ" not in server.stderr() and "reply" not in server.stderr(), server.stderr()
+
+
+async def test_close_ends_its_wait_when_the_last_reply_arrives(nbdkit, image, mock_clock):
+    """The close's wait for replies in flight ends when the last one arrives, not at a tick of
+    a clock: with trio's clock standing still, a poll (a sleep between looks) would never see
+    it. Only a watchdog moves the clock, past the wait's bound, if the close is stuck."""
+    server = nbdkit("--filter=delay", "file", image, "rdelay=200ms")
+    read = []
+
+    async def watchdog():
+        await trio.to_thread.run_sync(time.sleep, 5, abandon_on_cancel=True)
+        mock_clock.jump(DRAIN_TIMEOUT + 1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog)
+        async with open_source(server.url()) as source:
+            started = trio.current_time()
+
+            async def reader():
+                read.append(await source.read(0, 4096))
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()  # the request is on the wire
+        assert trio.current_time() == started, "the close waited for the clock, not the reply"
+        assert read == [contents(image)[:4096]]
+        nursery.cancel_scope.cancel()

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 1.0  # seconds a close waits for replies already asked for
-DRAIN_POLL = 0.005
 DISCONNECT_TIMEOUT = 1.0  # seconds NBD_CMD_DISC may take to go out through TLS
 TLS_RECEIVE_SIZE = 256 * 1024
 
@@ -178,6 +177,7 @@ class ConnectionPool:
         self._numbers = 0
         self._reconnect_lock = trio.Lock()
         self._filling = False
+        self._drained: trio.Event | None = None  # while a close waits: set once nothing is in flight
         self._backoff = 0.0
         self._next_attempt = 0.0
         self._last_error = ""
@@ -216,9 +216,18 @@ class ConnectionPool:
         # (nbdkit 1.32 logged "Broken pipe", and once aborted on an assertion). Hydration's
         # paced depth is about 0.2 s of replies, so the wait is short; a hung server is not
         # waited for long. Shielded: the caller is usually being cancelled.
+        # Woken (`_note_drained`) by the last reply, a connection's end, or the end of dialling.
+        self._drained = trio.Event()
+        self._note_drained()
         with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
-            while self._filling or any(conn.alive and conn.waiting for conn in self._conns):
-                await trio.sleep(DRAIN_POLL)  # replies, and connections mid-handshake
+            await self._drained.wait()
+
+    def _note_drained(self) -> None:
+        """While a close waits: wake it once no reply is awaited and no connection is being
+        dialled."""
+        if self._drained is not None and not (
+                self._filling or any(conn.alive and conn.waiting for conn in self._conns)):
+            self._drained.set()
 
     # ---- the connection pool --------------------------------------------------------------
 
@@ -285,6 +294,7 @@ class ConnectionPool:
                     nursery.start_soon(self._add_one)
         finally:
             self._filling = False
+            self._note_drained()
 
     async def _add_one(self) -> None:
         try:
@@ -501,6 +511,7 @@ class ConnectionPool:
             log.warning("%s: connection %d lost: %s", self.address.url, conn.number, reason)
         conn.kill(conn.reason or reason)
         self.on_connection_lost()
+        self._note_drained()
 
     def _dispatch(self, conn: Connection, events: list) -> bool:
         woke = False
@@ -527,6 +538,8 @@ class ConnectionPool:
                     request.descriptors.extend(event.descriptors)
         if conn.draining and not conn.waiting and conn.alive:
             conn.disconnect_now("the server is shutting down")
+        if self._drained is not None and not conn.waiting:
+            self._note_drained()  # a close waits, and this connection's last reply is in
         return woke
 
     def _drain(self, conn: Connection) -> None:
