@@ -42,6 +42,15 @@ def timed(cmd: list[str], **kw) -> float:
     return time.perf_counter() - t0
 
 
+def page_cache_bytes() -> int:
+    """The machine's page cache now (`Cached` in /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError("/proc/meminfo has no Cached line")
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -30,7 +30,7 @@ import trio
 from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
-from .fuse.backend import Permissions
+from .fuse.backend import Continue, Permissions
 from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
@@ -189,6 +189,7 @@ class CloneEngine:
         self._user_commit_needed = 0
         self._last_user_io = -1e9
         self._last_flush = -1e9
+        self.write_frontier = -1  # the region after the latest user write that filled regions
         self._hydration_error: str | None = None
         # Replaced each time it is set: wakes `wait_until_settled` when hydration completes,
         # stops, or the metadata fails (which may happen in a worker thread).
@@ -228,21 +229,26 @@ class CloneEngine:
             await trio.to_thread.run_sync(self.dst.chown, uid, gid)
 
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
-                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | None:
+                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | Continue:
         """Hydrated data: the bytes at once if DST's page cache has them, else the blocking
         read from DST, for any thread (nothing in the engine changes with it: hydrated regions
         stay hydrated, and no copy touches them), with DST's disk already reading them: a
         missed `RWF_NOWAIT` read starts the read of the pages it missed, so one thread waiting
-        for such reads in turn keeps many at the disk. Anything else: None, then `read` is the
-        way. Lets the FUSE session answer without a task, and a cold read without a hop back."""
+        for such reads in turn keeps many at the disk. Anything else: a `Continue` whose answer
+        reads it, knowing it is not all hydrated (no second bitmap check; DST's page cache was
+        not probed). Lets the FUSE session answer without a task, and a cold read without a
+        hop back."""
         length = max(0, min(length, self.size - offset))
-        if length == 0 or not self.meta.all_hydrated(self.geometry.region_span(offset, length)):
-            return None
+        if length == 0:
+            return b""
+        span = self.geometry.region_span(offset, length)
+        if not self.meta.all_hydrated(span):
+            return Continue(functools.partial(self._read_missed, offset, length, span))
         self._last_user_io = trio.current_time()
         if len(self._readahead):  # a stream reading what readahead fetched reads on
             self._follow_stream(offset, length, may_start=False)
         if self.recorder is not None:
-            self.recorder.read(self.geometry.region_span(offset, length))
+            self.recorder.read(span)
         data = self.dst.read_cached(offset, length)
         if data is not None:
             return data
@@ -251,11 +257,12 @@ class CloneEngine:
         return functools.partial(self.dst.read, offset, length)
 
     def write_now(self, offset: int, data: bytes | memoryview, *, direct: bool = False
-                  ) -> bool | Callable[[], None]:
-        """Write at once if the write is small and needs no copy from the source, else return
-        False (then `write` is the way). Such a write is a page-cache copy of a few
-        microseconds: cheaper on the event loop than a hop to a worker thread and back (80-130
-        us here), which held 4 KiB writes to unhydrated regions at ~5k IOPS. A large write to
+                  ) -> bool | Callable[[], None] | Continue:
+        """Write at once (True) if the write is small and needs no copy from the source, else
+        return a `Continue` whose answer does the rest from where this attempt stopped. Such a
+        write is a page-cache copy of a few microseconds: cheaper on the event loop than a hop
+        to a worker thread and back (80-130 us here), which held 4 KiB writes to unhydrated
+        regions at ~5k IOPS. A large write to
         hydrated regions comes back as the blocking call that does it, for any thread: nothing
         in the engine changes with it (bits never go back to 0, and no copy touches hydrated
         regions), and its acknowledgement comes after it, before any FSYNC that must cover it.
@@ -263,15 +270,17 @@ class CloneEngine:
         `_write_through`), if larger than LOOP_WRITE_THROUGH_MAX; a smaller one is written
         through at once."""
         if self.meta.mode is not MetadataMode.RW or len(data) > INLINE_WRITE_MAX:
-            return False
+            return Continue(functools.partial(self._write_later, offset, data, direct=direct))
         span = self.geometry.region_span(offset, len(data))
         if not self.meta.written_durable(offset, len(data)):
-            # Its written bits must reach META first (`write` waits for them), unless it
+            # Its written bits must reach META first (`_write_later` waits for them), unless it
             # replaces unhydrated regions whole: until their hydrated bits are committed, which
             # `_commit_once` does only after their written bits, a crash leaves them
             # unhydrated, to be copied again. That spared a META fdatasync per 64 KiB chunk
             # (64 KiB direct writes into a fresh clone: 3.6x the time of rewrites).
-            return self.meta.all_unhydrated(span) and self._fill(offset, data, span, mark=True)
+            if self.meta.all_unhydrated(span) and self._fill(offset, data, span, mark=True):
+                return True
+            return Continue(functools.partial(self._write_later, offset, data, direct=direct))
         hydrated = self.meta.all_hydrated(span)
         if hydrated:
             self._note_user_write(span)
@@ -285,7 +294,10 @@ class CloneEngine:
         if hydrated:
             self.dst.write(offset, data)
             return True
-        return self._fill(offset, data, span, mark=False)
+        if self._fill(offset, data, span, mark=False):
+            return True
+        # Its written bits are durable: straight to the copy or claim of its regions.
+        return Continue(functools.partial(self._write_unhydrated, offset, data))
 
     def _note_user_write(self, span: range) -> None:
         """A user write, discard or zeroing of the regions in `span`, whose bits are set in
@@ -323,23 +335,36 @@ class CloneEngine:
         self.dst.write(offset, data)
         # Marked after the data is in DST; the commit makes DST durable before the bit.
         self.meta.set_hydrated(span)
+        self.write_frontier = span.stop
         self._note_user_write(span)
         self.changed.unpark_all()  # a parked hydrator may be waiting for the last regions
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        length = max(0, min(length, self.size - offset))
+        got = self.read_now(offset, length, kernel_keeps=False)
+        if isinstance(got, Continue):
+            return await got.answer()
+        if callable(got):
+            return await trio.to_thread.run_sync(got)
+        await trio.lowlevel.checkpoint()
+        return got
+
+    async def _read_missed(self, offset: int, length: int, span: range) -> bytes | bytearray:
+        """The rest of a read that `read_now` found not all hydrated."""
         self._last_user_io = trio.current_time()
-        span = self.geometry.region_span(offset, length)
-        self._follow_stream(offset, length, may_start=not self.meta.all_hydrated(span))
+        self._follow_stream(offset, length, may_start=True)
         if self.recorder is not None:
             self.recorder.read(span)
-        return await self._read_range(offset, length)
+        return await self._read_runs(offset, length, span)
 
     async def _read_range(self, offset: int, length: int) -> bytes | bytearray:
         span = self.geometry.region_span(offset, length)
         if self.meta.all_hydrated(span):
             return await self._dst_read(offset, length)
+        return await self._read_runs(offset, length, span)
+
+    async def _read_runs(self, offset: int, length: int, span: range) -> bytes:
+        """A read of regions not all hydrated: each run from DST or from the source."""
         parts = []
         for hydrated, run in self.meta.runs(span):
             lo = max(offset, self.geometry.region_start(run.start))
@@ -353,16 +378,29 @@ class CloneEngine:
     async def write(self, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
         self._check_writable()
         done = self.write_now(offset, data, direct=direct)
-        if done is False:
-            await self._record_written(offset, len(data))
-            # Still a direct writer's: left in DST's page cache, the next FSYNC would write it back.
-            done = self.write_now(offset, data, direct=direct)
-        if done is True:
+        if isinstance(done, Continue):
+            await done.answer()
+        elif done is True:
             await trio.lowlevel.checkpoint()
-            return
-        if done:
+        else:
             await trio.to_thread.run_sync(done)
-            return
+
+    async def _write_later(self, offset: int, data: bytes | memoryview, *, direct: bool = False
+                           ) -> None:
+        """The rest of a write that needs its written bits durable first (or is too large for
+        the loop): the bits, then the write as `write_now` finds it after that wait (still a
+        direct writer's: left in DST's page cache, the next FSYNC would write it back)."""
+        self._check_writable()
+        await self._record_written(offset, len(data))
+        done = self.write_now(offset, data, direct=direct)
+        if isinstance(done, Continue):  # its bits are durable now: the copy or claim is left
+            await self._write_unhydrated(offset, data)
+        elif done is not True:
+            await trio.to_thread.run_sync(done)
+
+    async def _write_unhydrated(self, offset: int, data: bytes | memoryview) -> None:
+        """A write whose written bits are durable, to regions a copy must fill (in part) or
+        that a copy is filling: it waits for them, or claims those it replaces whole."""
         self._last_user_io = trio.current_time()
         await self._replace(offset, len(data), lambda: self.dst.write(offset, data))
 
@@ -461,6 +499,7 @@ class CloneEngine:
         for claim in claims:
             self.meta.set_hydrated(claim.regions)
             self._release(claim, None)
+            self.write_frontier = claim.regions.stop
         self._note_user_write(self.geometry.region_span(offset, length))
 
     async def _acquire(self, offset: int, length: int) -> list[_Claim]:

@@ -7,7 +7,7 @@ exception is a bug: the filesystem logs its traceback and answers EIO.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Union
+from typing import Any, Awaitable, Callable, Protocol, Union
 
 from . import codec
 
@@ -30,9 +30,11 @@ class Blocking:
 @dataclass(slots=True)
 class Continue:
     """The answer needs to wait for something (the source, a commit): the session runs `answer`
-    in a task of its own. It carries what the quick attempt learned, so nothing is asked twice."""
+    in a task of its own. It carries what the quick attempt learned, so nothing is asked twice.
+    A backend's `read_now` / `write_now` answer with one too, whose `answer` gives the bytes
+    read (or does the write); the filesystem wraps it in one that gives the reply."""
 
-    answer: Callable[[], Awaitable[codec.Reply]]
+    answer: Callable[[], Awaitable[Any]]
 
 
 QuickAnswer = Union[codec.Reply, Blocking, Continue]
@@ -64,16 +66,18 @@ class ImageBackend(Protocol):
         """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""
 
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
-                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | None:
-        """Like `read`, without waiting: the bytes if they can be had at once, a blocking call
-        that gets them from any thread (a disk read, nothing else to wait for), or None (then
-        `read` is the way). `kernel_keeps`: the kernel keeps what this read returns in the
-        image's page cache, so no other copy of it needs to stay cached."""
+                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | Continue:
+        """Like `read`, deciding once without waiting: the bytes if they can be had at once, a
+        blocking call that gets them from any thread (a disk read, nothing else to wait for),
+        or a `Continue` whose answer awaits them, starting from what this call found out.
+        `kernel_keeps`: the kernel keeps what this read returns in the image's page cache, so
+        no other copy of it needs to stay cached."""
 
     def write_now(self, offset: int, data: bytes | memoryview, *, direct: bool = False
-                  ) -> bool | Callable[[], None]:
-        """Like `write`, without waiting: True if done, False if `write` must do it, or a
-        blocking call that does it from any thread (the write is then acknowledged after it).
+                  ) -> bool | Callable[[], None] | Continue:
+        """Like `write`, deciding once without waiting: True if done, a `Continue` whose answer
+        does the rest, or a blocking call that does it from any thread (the write is then
+        acknowledged after it).
         `direct`: the writer opened the image with O_DIRECT (it keeps no copy of what it
         writes, and a disk's writer that does usually flushes soon)."""
 

@@ -186,24 +186,34 @@ class ImageFilesystem:
             return codec.DataReply(b"")
         got = self.image.read_now(req.offset, req.size,
                                   kernel_keeps=not req.open_flags & os.O_DIRECT)
-        if got is None:
-            return Continue(lambda: self.read(req))
+        if isinstance(got, Continue):
+            return Continue(functools.partial(self._read_reply, got))
         self.user_read_bytes += min(req.size, self.image.size - req.offset)
         if callable(got):
             return Blocking(lambda: codec.DataReply(got()), parallel=True)
         return codec.DataReply(got)
 
+    async def _read_reply(self, rest: Continue) -> codec.Reply:
+        data = await rest.answer()
+        self.user_read_bytes += len(data)
+        return codec.DataReply(data)
+
     def write_now(self, req: codec.Write) -> QuickAnswer:
         if req.offset + len(req.data) > self.image.size:
             return Continue(lambda: self.write(req))  # it clips or refuses the write
         done = self.image.write_now(req.offset, req.data, direct=_direct(req))
-        if not done:
-            return Continue(lambda: self.write(req))
+        if isinstance(done, Continue):
+            return Continue(functools.partial(self._write_reply, done, len(req.data)))
         self.user_write_bytes += len(req.data)
         reply = codec.WriteReply(len(req.data))
         if done is True:
             return reply
         return Blocking(functools.partial(_call_then, done, reply))
+
+    async def _write_reply(self, rest: Continue, length: int) -> codec.Reply:
+        await rest.answer()
+        self.user_write_bytes += length
+        return codec.WriteReply(length)
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:

@@ -7,7 +7,11 @@ import time
 import pytest
 import trio
 
+from fuseclone import hydrator as hydrator_module
 from fuseclone.engine import HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX, LOOP_WRITE_THROUGH_MAX
+from fuseclone.fuse import codec
+from fuseclone.fuse.backend import Continue
+from fuseclone.fuse.fs import ImageFilesystem
 from fuseclone.metadata import Metadata
 from tests.engine.conftest import KiB, MiB
 
@@ -77,6 +81,69 @@ async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thre
         assert engine.read_now(MiB, 64 * KiB, kernel_keeps=True) == clone.source_bytes(MiB, 64 * KiB)
 
 
+def count_calls(monkeypatch, owner, name):
+    """Count the calls of `owner.name` (a list that grows by one per call)."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+async def test_a_missed_read_is_decided_once(clone, monkeypatch):
+    """One dispatch decision per READ: the continuation of a read of unhydrated data carries
+    what the quick attempt learned (not all hydrated), so nothing asks the bitmap again or
+    probes DST's page cache; a cold read of hydrated data probes it once."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    quick_read = ImageFilesystem(engine).quick_handlers()[codec.Read]
+    async with clone.running(engine):
+        engine.write_now(MiB, b"h" * 8192)  # two regions hydrated
+        queries = count_calls(monkeypatch, engine.meta, "all_hydrated")
+        probes = count_calls(monkeypatch, engine.dst, "read_cached")
+        answer = quick_read(codec.Read(1, 2, 0, 0, 0, 1, 0, 8192))
+        assert isinstance(answer, Continue)
+        assert await answer.answer() == codec.DataReply(clone.source_bytes(0, 8192))
+        assert (len(queries), len(probes)) == (1, 0)
+        await engine.commit()
+        drop_cache(clone.dst)
+        job = quick_read(codec.Read(2, 2, 0, 0, 0, 1, MiB, 8192)).job
+        assert await trio.to_thread.run_sync(job) == codec.DataReply(b"h" * 8192)
+        assert (len(queries), len(probes)) == (2, 1)
+
+
+async def test_a_write_that_needs_a_copy_is_decided_once(clone, monkeypatch):
+    """The continuation of a partial write to an unhydrated region, whose written bits are
+    durable, goes straight to the copy: `write_now` is not asked again."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    quick_write = ImageFilesystem(engine).quick_handlers()[codec.Write]
+    async with clone.running(engine):
+        await engine._record_written(0, MiB)
+        attempts = count_calls(monkeypatch, engine, "write_now")
+        answer = quick_write(codec.Write(1, 2, 0, 0, 0, 1, 100, memoryview(b"p" * 100), 0))
+        assert isinstance(answer, Continue)
+        assert await answer.answer() == codec.WriteReply(100)
+        assert len(attempts) == 1
+        assert await engine.read(0, 4096) == clone.source_bytes(0, 100) + b"p" * 100 + clone.source_bytes(200, 3896)
+
+
+async def test_hydration_in_order_skips_ahead_of_a_writer_filling_regions(clone, monkeypatch):
+    """A writer filling unhydrated regions in order would otherwise wait for the copy of the
+    regions it is about to replace, batch after batch."""
+    monkeypatch.setattr(hydrator_module, "WRITER_LEAD_BYTES", MiB)
+    engine = await clone.open()
+    async with clone.running(engine, hold_hydration=True):
+        assert engine.write_now(0, b"w" * (64 * KiB)) is True
+        claim, in_order = engine.hydrator._next_batch(0)
+        assert in_order and claim.regions.start == (64 * KiB + MiB) // 4096
+        engine._release(claim, None)
+        await trio.sleep(0.1)  # the writer stopped: hydration goes on where it left off
+        claim, _ = engine.hydrator._next_batch(0)
+        assert claim.regions.start == 64 * KiB // 4096
+        engine._release(claim, None)
+
+
 async def test_held_hydration_starts_only_when_released(clone):
     # The daemon holds hydration until the image is mounted; user I/O works meanwhile.
     engine = await clone.open()
@@ -94,16 +161,16 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
         # Part of a region in a chunk never written waits for its written bit in META first.
-        assert not engine.write_now(8192 + 1, b"w" * 100)
+        assert isinstance(engine.write_now(8192 + 1, b"w" * 100), Continue)
         await engine._record_written(0, 1 << 20)
         # Whole regions, not hydrated: written at once and marked hydrated, no source read.
         assert engine.write_now(8192, b"w" * 8192)
         assert [engine.meta.is_hydrated(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
         # Part of an unhydrated region needs the source's rest: the async path's job.
-        assert not engine.write_now(4096 * 5 + 100, b"p" * 100)
+        assert isinstance(engine.write_now(4096 * 5 + 100, b"p" * 100), Continue)
         # Regions a copy is filling are left to the async path, which waits for the copy.
         claim = engine.claim(range(6, 7))
-        assert not engine.write_now(4096 * 6, b"c" * 4096)
+        assert isinstance(engine.write_now(4096 * 6, b"c" * 4096), Continue)
         engine._release(claim, None)
         await engine.write(4096 * 5 + 100, b"p" * 100)
         assert engine.source_reads == 4096  # only region 5's rest was read

@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from fuseclone import control
-from fuseclone.fuse.backend import Permissions
+from fuseclone.fuse.backend import Continue, Permissions
 from fuseclone.fuse.fs import ImageFilesystem
 from fuseclone.fuse.mount import _unescape, is_fuseclone_mount, unmount
 from fuseclone.fuse.session import serve
@@ -682,10 +682,10 @@ class MemoryImage:
         return bytes(self.buf[offset : offset + length])
 
     def read_now(self, offset, length, *, kernel_keeps):
-        return None  # always the async path
+        return Continue(functools.partial(self.read, offset, length))  # always in a task
 
     def write_now(self, offset, data, *, direct=False):
-        return False
+        return Continue(functools.partial(self.write, offset, data))
 
     async def write(self, offset, data, *, direct=False):
         self.buf[offset : offset + len(data)] = data
