@@ -21,7 +21,7 @@ from . import anchors, postgres, subject
 from .fio import FioJob, fio_command, run_fio
 from .stats import Metric, Target
 from .system import (BenchError, CpuMeter, drop_caches, evict, losetup, mount, page_cache_bytes,
-                     random_file, read_through, remove, rss_kib, run)
+                     random_file, read_through, remove, rss_kib, run, tail)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -98,6 +98,25 @@ class Bench:
                              log_path=self.log_path(f"{tag}.log"), options=list(options))
 
 
+PASSTHROUGH = "fuseclone passthrough"  # a complete clone mounted with --passthrough
+
+
+def passthrough_clone(stack: contextlib.ExitStack, bench: Bench, src: str, tag: str) -> subject.Clone:
+    """A clone hydrated by one mount, then mounted again with --passthrough: complete at mount,
+    so the kernel reads and writes its DST without the daemon. Unmounted and removed by STACK."""
+    clone = bench.clone(tag, src)
+    stack.callback(remove, clone.dst, clone.meta)
+    with contextlib.ExitStack() as hydrating:
+        subject.mount(hydrating, clone)
+        clone.wait(timeout=600)
+    clone.options = [*clone.options, "--passthrough"]
+    subject.mount(stack, clone)
+    bench.commands["fuseclone mount (passthrough, once complete)"] = clone.command_line
+    if not clone.status()["status"].get("passthrough"):
+        raise BenchError(f"the mount got no FUSE passthrough: {tail(clone.log_path)}")
+    return clone
+
+
 def rotated(items: list, rep: int) -> list:
     k = rep % len(items)
     return items[k:] + items[:k]
@@ -141,7 +160,7 @@ R1_TESTS = [  # key, label, unit, fio rw, bs, SPEC's factor over qsd
 # Cold tests drop every page cache before each sample (a clone larger than RAM, steady state).
 R1_COLD = {"randread4k_cold", "randread4k_cold_qd1"}
 R1_IODEPTH = {"randread4k_cold_qd1": 1}
-R1_WHO = ["fuseclone", "qsd", "raw"]
+R1_WHO = ["fuseclone", PASSTHROUGH, "qsd", "raw"]
 R1_MODES = ["dio=off", "dio=on"]
 # Page cache that a cold read through a buffered loop device leaves behind, per GiB read: the
 # loop's backing file keeps what it read (the raw loop: one copy); DST's cache must not add one.
@@ -173,13 +192,15 @@ def row1(bench: Bench) -> list[Metric]:
     p = bench.profile
     metrics = {}
     for key, label, unit, rw, bs, factor in R1_TESTS:
-        fc, qsd, raw = ([f"{who} {mode}" for mode in R1_MODES] for who in R1_WHO)
+        fc, pt, qsd, raw = ([f"{who} {mode}" for mode in R1_MODES] for who in R1_WHO)
         cold = key in R1_COLD  # SPEC "Performance": cold hydrated reads ≥ 0.8× the raw loop
         targets = [Target(f"≥ {factor:g}× qsd (best loop mode each)", fc, ">=", factor, qsd),
                    Target("fraction of raw loop (best modes)", fc, ">=", 0.8 if cold else 0.0, raw,
                           info=not cold)]
         targets += [Target(f"fuseclone / qsd at loop {mode}", [f"fuseclone {mode}"], ">=", factor,
                            [f"qsd {mode}"], info=True) for mode in R1_MODES]
+        targets.append(Target("passthrough: fraction of raw loop (best modes)", pt, ">=", 0.8, raw,
+                              info=True))
         m = Metric(1, f"r1.{key}", label, unit, True, targets=targets)
         for who in R1_WHO:
             for mode in R1_MODES:
@@ -227,6 +248,18 @@ def row1(bench: Bench) -> list[Metric]:
             for m in metrics.values():
                 m.skip([f"fuseclone {mode}" for mode in R1_MODES], fc_reason)
             cached.skip(["fuseclone"], fc_reason)
+        pt_reason = bench.fuseclone_reason
+        if not pt_reason:
+            try:
+                clone = passthrough_clone(stack, bench, src, "r1p")
+                files[PASSTHROUGH] = clone.image
+                pids[PASSTHROUGH] = clone.pid
+            except BenchError as exc:
+                pt_reason = f"fuseclone passthrough mount failed: {exc}"
+        if pt_reason:
+            for m in metrics.values():
+                m.skip([f"{PASSTHROUGH} {mode}" for mode in R1_MODES], pt_reason)
+            cached.skip([PASSTHROUGH], pt_reason)
 
         who_up = [w for w in R1_WHO if w in files]
         for mode in R1_MODES:
@@ -668,11 +701,12 @@ R7_HYDRATING_RATE = "20M"  # --max-rate while hydrating: the source is still bei
 def row7(bench: Bench) -> list[Metric]:
     """a database's commits: fio --fsync=1 4 KiB random writes, 4 jobs, on ext4 over a direct-I/O loop device"""
     p = bench.profile
-    names = ["fuseclone hydrated", "fuseclone hydrating", "qsd", "raw"]
+    names = ["fuseclone hydrated", PASSTHROUGH, "fuseclone hydrating", "qsd", "raw"]
     m = Metric(7, "r7.fsync4k", "synced 4 KiB random writes on ext4 (fio --fsync=1, 4 jobs)", "IOPS", True,
                targets=[Target("≥ 0.8× raw (hydrated)", ["fuseclone hydrated"], ">=", 0.8, ["raw"]),
                         Target("≥ qsd (hydrated)", ["fuseclone hydrated"], ">=", 1.0, ["qsd"]),
-                        Target("≥ 0.8× raw (hydrating)", ["fuseclone hydrating"], ">=", 0.8, ["raw"])])
+                        Target("≥ 0.8× raw (hydrating)", ["fuseclone hydrating"], ">=", 0.8, ["raw"]),
+                        Target("passthrough ≥ 0.8× raw", [PASSTHROUGH], ">=", 0.8, ["raw"], info=True)])
     m.notes.append(f"fio randwrite bs=4k fsync=1 numjobs={R7_JOBS} psync, one {R7_FILE_SIZE} file laid out "
                    f"first, {p.fio_runtime:g} s + {p.fio_ramp:g} s ramp; ext4 on a {p.r7_size // MiB} MiB image "
                    f"through losetup --direct-io=on; hydrating: a fresh clone each sample, --max-rate "
@@ -709,9 +743,10 @@ def row7(bench: Bench) -> list[Metric]:
 
 def filesystems_on_dio_loops(stack: contextlib.ExitStack, bench: Bench, metrics: list[Metric], src: str,
                              tag: str, mount_fs: Callable[[str, str], str]) -> dict[str, str]:
-    """The filesystem in SRC on three images, each through `mount_fs(file, short name)`: a copy
+    """The filesystem in SRC on four images, each through `mount_fs(file, short name)`: a copy
     ("raw"), qsd's FUSE export of a copy ("qsd"), fuseclone's clone once hydrated ("fuseclone
-    hydrated"). Their directories by contender; a contender that failed is skipped in METRICS."""
+    hydrated"), and another complete clone mounted with --passthrough (PASSTHROUGH). Their
+    directories by contender; a contender that failed is skipped in METRICS."""
     def skip(who: str, note: str) -> None:
         for m in metrics:
             m.skip([who], note)
@@ -727,6 +762,7 @@ def filesystems_on_dio_loops(stack: contextlib.ExitStack, bench: Bench, metrics:
         skip("qsd", f"qsd FUSE export failed: {exc}")
     if bench.fuseclone_reason:
         skip("fuseclone hydrated", bench.fuseclone_reason)
+        skip(PASSTHROUGH, bench.fuseclone_reason)
         return dirs
     try:
         clone = bench.clone(tag, src)
@@ -737,6 +773,10 @@ def filesystems_on_dio_loops(stack: contextlib.ExitStack, bench: Bench, metrics:
         dirs["fuseclone hydrated"] = mount_fs(clone.image, "fc")
     except BenchError as exc:
         skip("fuseclone hydrated", f"fuseclone mount/hydration failed: {exc}")
+    try:
+        dirs[PASSTHROUGH] = mount_fs(passthrough_clone(stack, bench, src, f"{tag}p").image, "fcp")
+    except BenchError as exc:
+        skip(PASSTHROUGH, f"fuseclone passthrough mount failed: {exc}")
     return dirs
 
 
@@ -906,7 +946,7 @@ def hydrate_together(bench: Bench, tag: str, src: str, count: int, cold_files: l
 R10_SCALE = 20  # pgbench -s: about 300 MiB of tables
 R10_IMAGE_SIZE = 1 * GiB
 R10_CLIENTS = ["-c", "8", "-j", "2"]
-R10_WHO = ["fuseclone hydrated", "qsd", "raw"]
+R10_WHO = ["fuseclone hydrated", PASSTHROUGH, "qsd", "raw"]
 
 
 def row10(bench: Bench) -> list[Metric]:
@@ -914,7 +954,9 @@ def row10(bench: Bench) -> list[Metric]:
     p = bench.profile
     metrics = [Metric(10, f"r10.{key}", f"pgbench {label} (-s {R10_SCALE}, {' '.join(R10_CLIENTS)})", "TPS", True,
                       targets=[Target("≥ 0.8× raw", ["fuseclone hydrated"], ">=", 0.8, ["raw"]),
-                               Target("≥ qsd", ["fuseclone hydrated"], ">=", 1.0, ["qsd"])])
+                               Target("≥ qsd", ["fuseclone hydrated"], ">=", 1.0, ["qsd"]),
+                               Target("passthrough ≥ 0.8× raw", [PASSTHROUGH], ">=", 0.8, ["raw"],
+                                      info=True)])
                for key, label in (("rw", "read-write"), ("select", "select-only"))]
     read_write, select_only = metrics
     for m in metrics:

@@ -89,6 +89,11 @@ def main() -> None:
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
                    "write-through. fsync still reaches DST. Write-through on a regular-file mountpoint.")
+@click.option("--passthrough", is_flag=True,
+              help="Once the clone is complete at mount, let the kernel read and write DST "
+                   "directly (FUSE passthrough: root, a regular-file DST, Linux 6.9+). That mount "
+                   "has no write cache, and its first writable open marks the whole image "
+                   "written for `diff`.")
 @click.option("--record-access", metavar="TRACE", type=click.Path(dir_okay=False),
               help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
 @click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
@@ -105,7 +110,7 @@ def main() -> None:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
 def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
           hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
-          record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
+          passthrough, record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
           log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
@@ -127,7 +132,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
                         mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch,
-                        log_file=log_file)
+                        log_file=log_file, passthrough=passthrough)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:

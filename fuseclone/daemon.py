@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class MountOptions:
     notify: bool = False  # speak systemd's notify protocol if $NOTIFY_SOCKET is set
     mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
     log_file: str | None = None  # --log-file: opened by the CLI, after check_paths
+    passthrough: bool = False  # a clone complete at mount: FUSE passthrough to DST (--passthrough)
 
 
 def check_mountpoint(path: str) -> None:
@@ -84,6 +86,23 @@ def check_paths(opts: MountOptions) -> None:
                        log_file=opts.log_file)
 
 
+def check_passthrough(opts: MountOptions) -> None:
+    """Refuse --passthrough where the kernel would: it registers only regular files as backing
+    files, and only for CAP_SYS_ADMIN."""
+    if not opts.passthrough:
+        return
+    if os.geteuid() != 0:
+        raise FusecloneError("--passthrough needs root: the kernel lets only CAP_SYS_ADMIN "
+                             "register the destination as a backing file")
+    try:
+        mode = os.stat(opts.destination).st_mode
+    except FileNotFoundError:
+        return  # a new clone: not complete at this mount, so served without passthrough
+    if stat.S_ISBLK(mode):
+        raise FusecloneError(f"{opts.destination}: --passthrough needs a destination that is a "
+                             "regular file (the kernel passes FUSE I/O through to files only)")
+
+
 def image_path(mountpoint: str, name: str) -> str:
     """Where the image appears: the mountpoint itself when it is a file, else a file in it."""
     return mountpoint if os.path.isfile(mountpoint) else os.path.join(mountpoint, name)
@@ -104,6 +123,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
     check_paths(opts)
+    check_passthrough(opts)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would
     # wait for an answer only this process can give.
     image = image_path(opts.mountpoint, opts.name)
@@ -201,7 +221,9 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
     # root inode starts at size 0: it has to stay write-through.
     image_at_root = image == opts.mountpoint
-    write_cache = 0 if image_at_root else opts.write_cache
+    passthrough = _use_passthrough(engine, opts)
+    # The kernel negotiates passthrough only without the writeback cache.
+    write_cache = 0 if image_at_root or passthrough else opts.write_cache
     fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
                          write_cache=write_cache > 0)
 
@@ -210,6 +232,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.log_file = _log_file()
         st.user_read_bytes = fs.user_read_bytes
         st.user_write_bytes = fs.user_write_bytes
+        st.passthrough = fs.backing_id is not None
         return st
 
     def status_reply() -> dict:
@@ -242,7 +265,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)
-    await nursery.start(_serve_then_stop, fs, opts, write_cache, stop)
+    await nursery.start(_serve_then_stop, fs, opts, write_cache,
+                        engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
     return status
@@ -259,12 +283,27 @@ async def _serve_metrics(opts: MountOptions, real_mountpoint: str, status: Calla
                         task_status=task_status)
 
 
-async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, stop: trio.CancelScope,
-                           task_status=trio.TASK_STATUS_IGNORED) -> None:
+def _use_passthrough(engine: CloneEngine, opts: MountOptions) -> bool:
+    """--passthrough serves a clone that is complete at mount (nothing left to copy on read)
+    by FUSE passthrough. It is decided at INIT, for the whole mount, and excludes the
+    writeback cache: a clone still hydrating keeps the write cache, and passthrough waits for
+    its next mount."""
+    if not opts.passthrough:
+        return False
+    if not engine.meta.complete:
+        log.info("--passthrough: the clone is still hydrating; this mount is served by the "
+                 "daemon (with the write cache), mounts after hydration completes by passthrough")
+        return False
+    return True
+
+
+async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, passthrough_fd: int | None,
+                           stop: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from .fuse.session import serve
 
     await serve(fs, opts.mountpoint, fsname=control.FSNAME_PREFIX + os.path.abspath(opts.metadata),
-                allow_other=opts.allow_other, write_cache=write_cache, task_status=task_status)
+                allow_other=opts.allow_other, write_cache=write_cache,
+                passthrough_fd=passthrough_fd, task_status=task_status)
     log.info("%s was unmounted", opts.mountpoint)
     stop.cancel()  # unmounted from outside: shut the rest down
 

@@ -427,6 +427,13 @@ class CloneEngine:
         self._last_flush = trio.current_time()
         await self.commit()
 
+    async def expose_to_direct_writes(self) -> None:
+        """Changed-block tracking cannot see writes that reach DST without us (FUSE
+        passthrough): mark every chunk written, durably, before any can. `diff` then lists
+        the whole image, which is true of what may have changed. Free once done."""
+        self._check_writable()
+        await self._record_written(0, self.size)
+
     def flush_now(self) -> Callable[[], None] | None:
         """The flush as one blocking fdatasync of DST, for any thread, when no user write
         needs a commit: the hydrated bits of every region a user wrote are durable in META

@@ -45,6 +45,9 @@ class Status:
     hydrated_bytes: int = 0  # of regions that became hydrated (copied, or written or discarded whole)
     user_read_bytes: int = 0  # read through the image
     user_write_bytes: int = 0  # written through the image
+    # Opens of the image read and write DST without the daemon (--passthrough): the user I/O
+    # counters above miss what they move.
+    passthrough: bool = False
     hydration_errors: int = 0  # hydration copies and copy-on-read stores that failed
     # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
     # (source, role, state: serving / standby / failing / unreachable / refused, error).

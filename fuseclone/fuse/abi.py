@@ -1,5 +1,7 @@
-"""The kernel FUSE ABI, mirrored from linux/fuse.h (protocol 7.38): opcodes, flags and the
-binary layout of every structure fuseclone reads or writes. Only data, no behaviour.
+"""The kernel FUSE ABI, mirrored from linux/fuse.h (protocol 7.38, plus the passthrough parts of
+7.40: FUSE_PASSTHROUGH, FOPEN_PASSTHROUGH, fuse_open_out.backing_id, fuse_init_out.max_stack_depth
+and the backing-file ioctls): opcodes, flags and the binary layout of every structure fuseclone
+reads or writes. Only data, no behaviour.
 
 Every structure is little-endian and padded to 64 bits, exactly as in the header; each `Struct`
 below is named after the C structure it mirrors and lists its fields in the same order.
@@ -12,6 +14,7 @@ import struct
 
 KERNEL_VERSION = 7
 KERNEL_MINOR_VERSION = 38
+PASSTHROUGH_MINOR_VERSION = 40  # the protocol a mount speaks once it negotiated passthrough
 ROOT_ID = 1
 MIN_READ_BUFFER = 8192
 
@@ -94,6 +97,7 @@ FUSE_CACHE_SYMLINKS = 1 << 23
 FUSE_NO_OPENDIR_SUPPORT = 1 << 24
 FUSE_EXPLICIT_INVAL_DATA = 1 << 25
 FUSE_INIT_EXT = 1 << 30
+FUSE_PASSTHROUGH = 1 << 37  # 7.40: opens may name a backing file for reads and writes
 
 # fuse_write_in.write_flags
 FUSE_WRITE_CACHE = 1 << 0  # the write is the kernel writing back its cache
@@ -104,6 +108,7 @@ FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NONSEEKABLE = 1 << 2
 FOPEN_CACHE_DIR = 1 << 3
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7  # 7.40: fuse_open_out.backing_id serves this open's I/O
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -140,7 +145,7 @@ batch_forget_in = struct.Struct("<II")  # count dummy
 getattr_in = struct.Struct("<IIQ")  # getattr_flags dummy fh
 setattr_in = struct.Struct("<IIQQQQQQIIIIIIII")  # valid padding fh size lock_owner atime mtime ctime *nsec mode unused4 uid gid unused5
 open_in = struct.Struct("<II")  # flags open_flags
-open_out = struct.Struct("<QII")  # fh open_flags padding
+open_out = struct.Struct("<QIi")  # fh open_flags backing_id (7.40; padding before)
 release_in = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 flush_in = struct.Struct("<QIIQ")  # fh unused padding lock_owner
 read_in = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
@@ -149,12 +154,27 @@ write_out = struct.Struct("<II")  # size padding
 fsync_in = struct.Struct("<QII")  # fh fsync_flags padding
 access_in = struct.Struct("<II")  # mask padding
 init_in_head = struct.Struct("<IIII")  # major minor max_readahead flags (flags2 follows from 7.36)
-init_out = struct.Struct("<IIIIHHIIHHI28x")  # major minor max_readahead flags max_background congestion_threshold max_write time_gran max_pages map_alignment flags2 unused[7]
+init_out = struct.Struct("<IIIIHHIIHHII24x")  # major minor max_readahead flags max_background congestion_threshold max_write time_gran max_pages map_alignment flags2 max_stack_depth (7.40) unused[6]
 interrupt_in = struct.Struct("<Q")  # unique
 fallocate_in = struct.Struct("<QQQII")  # fh offset length mode padding
 lseek_in = struct.Struct("<QQII")  # fh offset whence padding
 lseek_out = struct.Struct("<Q")  # offset
 dirent_head = struct.Struct("<QQII")  # ino off namelen type
+backing_map = struct.Struct("<iIQ")  # fd flags padding (7.40)
+
+# ioctls of /dev/fuse (7.40): _IOW(FUSE_DEV_IOC_MAGIC, nr, type)
+FUSE_DEV_IOC_MAGIC = 229
+
+
+def _iow(nr: int, size: int) -> int:
+    return (1 << 30) | (size << 16) | (FUSE_DEV_IOC_MAGIC << 8) | nr
+
+
+FUSE_DEV_IOC_BACKING_OPEN = _iow(1, backing_map.size)  # struct fuse_backing_map -> backing id
+FUSE_DEV_IOC_BACKING_CLOSE = _iow(2, 4)  # uint32_t backing id
+# The stacking depth a passthrough mount declares: 1, its backing files lie on a filesystem that
+# stacks on nothing (ext4, xfs...), and nothing may stack on the mount itself.
+PASSTHROUGH_STACK_DEPTH = 1
 
 
 def rec_align(n: int) -> int:

@@ -94,6 +94,11 @@ class ImageBackend(Protocol):
     async def flush(self) -> None:
         """FSYNC: every write completed before the call is durable when it returns."""
 
+    async def expose_to_direct_writes(self) -> None:
+        """Writes are about to reach DST without passing through the backend (a FUSE
+        passthrough open): return once every part of the image is durably marked written,
+        as each of them would have been."""
+
     def flush_now(self) -> Callable[[], None] | None:
         """Like `flush`, without waiting: a blocking call that does it from any thread, or
         None if `flush` must do it."""

@@ -391,9 +391,10 @@ class AttrReply(Reply):
 class OpenReply(Reply):
     fh: int
     open_flags: int = 0
+    backing_id: int = 0  # with FOPEN_PASSTHROUGH: the registered backing file serving this open
 
     def payload(self) -> list:
-        return [abi.open_out.pack(self.fh, self.open_flags, 0)]
+        return [abi.open_out.pack(self.fh, self.open_flags, self.backing_id)]
 
 
 @dataclass(slots=True)
@@ -437,13 +438,14 @@ class InitReply(Reply):
     max_write: int
     max_pages: int
     time_gran: int = 1
+    max_stack_depth: int = 0  # with FUSE_PASSTHROUGH: how deep backing filesystems may stack
 
     def payload(self) -> list:
         flags2 = self.flags >> 32
         return [abi.init_out.pack(abi.KERNEL_VERSION, self.minor, self.max_readahead,
                                   self.flags & 0xFFFFFFFF, self.max_background,
                                   self.congestion_threshold, self.max_write, self.time_gran,
-                                  self.max_pages, 0, flags2)]
+                                  self.max_pages, 0, flags2, self.max_stack_depth)]
 
 
 @dataclass(slots=True)

@@ -56,6 +56,14 @@ class ImageFilesystem:
         self._mounted_at = time.time()
         self.user_read_bytes = 0  # answered to READs (status and metrics)
         self.user_write_bytes = 0  # accepted from WRITEs
+        self.backing_id: int | None = None  # FUSE passthrough to DST (use_backing)
+
+    def use_backing(self, backing_id: int) -> None:
+        """From now on every open of the image is a passthrough open of the registered backing
+        file (DST, of a complete clone): the kernel reads and writes it without asking us.
+        Every open, because the kernel refuses a caching open of a file that has passthrough
+        opens, and the reverse."""
+        self.backing_id = backing_id
 
     def handlers(self) -> Mapping[type, object]:
         return {
@@ -178,8 +186,19 @@ class ImageFilesystem:
     async def open(self, req: codec.Open) -> codec.Reply:
         if req.nodeid != self.image_id:
             raise OSError(errno.EISDIR, "is a directory")
+        if self.backing_id is not None:
+            return await self._open_passthrough(req)
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
+
+    async def _open_passthrough(self, req: codec.Open) -> codec.Reply:
+        """Reads and writes of this open go to DST without us. Its writes would escape
+        changed-block tracking, so a writable open is answered only once the whole image is
+        marked written in META (write-ahead, like any write's bits). No FOPEN_KEEP_CACHE: the
+        kernel drops what the image's page cache held from before."""
+        if req.flags & os.O_ACCMODE != os.O_RDONLY:
+            await self.image.expose_to_direct_writes()
+        return codec.OpenReply(IMAGE_FH, abi.FOPEN_PASSTHROUGH, self.backing_id)
 
     def read_now(self, req: codec.Read) -> QuickAnswer:
         if req.offset >= self.image.size:

@@ -11,6 +11,7 @@ task (`backend.Continue`).
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -60,9 +61,14 @@ class Filesystem(Protocol):
         """Request type -> synchronous handler that answers at once (a Reply), hands a blocking
         job over (`Blocking`: any thread may run it), or a continuation (`Continue`) over."""
 
+    def use_backing(self, backing_id: int) -> None:
+        """Passthrough was negotiated and the backing file registered (only called when
+        `serve` was given one)."""
+
 
 async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
                 use_fusermount: bool | None = None, write_cache: int = 0,
+                passthrough_fd: int | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount `fs` at `mountpoint` and serve it until it is unmounted (returns) or the caller is
     cancelled (unmounts, then re-raises). `task_status.started()` fires once INIT is answered,
@@ -70,40 +76,66 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
 
     `write_cache` > 0 turns on the kernel's writeback cache: writes are acknowledged from the
     page cache, reach the filesystem when written back (at the latest on fsync, close, or
-    memory pressure), and up to `write_cache` bytes may wait there."""
+    memory pressure), and up to `write_cache` bytes may wait there.
+
+    `passthrough_fd` (a regular file, instead of the write cache: the kernel refuses the two
+    together) asks for FUSE passthrough: if the kernel offers it, the file is registered as a
+    backing file and `fs.use_backing(backing_id)` is called before `started()`, so opens can
+    send their reads and writes straight to it."""
     real_mountpoint = os.path.realpath(mountpoint)
     fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
                     use_fusermount=use_fusermount)
     if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
         log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
                  "system's): raising it needs root and Linux 6.2", mountpoint)
-    session = Session(fd, fs, writeback_cache=write_cache > 0)
+    session = Session(fd, fs, writeback_cache=write_cache > 0,
+                      passthrough=passthrough_fd is not None)
     try:
         await session.handshake()
+        if passthrough_fd is not None:
+            session.register_backing(passthrough_fd)
         task_status.started()
         await session.run()
     finally:
         session.close(mountpoint)
 
 
-def negotiate(init: codec.Init, *, writeback_cache: bool = False) -> codec.InitReply:
+def negotiate(init: codec.Init, *, writeback_cache: bool = False,
+              passthrough: bool = False) -> codec.InitReply:
     """The INIT answer: protocol 7.x at most our header's minor, and the features fuseclone
-    wants among those the kernel offers."""
+    wants among those the kernel offers. Passthrough is 7.40's: asked for, and offered, it
+    makes the answer 7.40 and excludes the writeback cache."""
     if init.major < abi.KERNEL_VERSION:
         raise OSError(errno.EPROTO, f"kernel FUSE protocol {init.major}.{init.minor} is too old")
-    wanted = WANTED_INIT_FLAGS | (abi.FUSE_WRITEBACK_CACHE if writeback_cache else 0)
+    wanted = WANTED_INIT_FLAGS
+    if passthrough:  # a flags2 bit: FUSE_INIT_EXT says flags2 is there
+        wanted |= abi.FUSE_INIT_EXT | abi.FUSE_PASSTHROUGH
+    elif writeback_cache:
+        wanted |= abi.FUSE_WRITEBACK_CACHE
     flags = init.flags & wanted
+    ours = abi.PASSTHROUGH_MINOR_VERSION if flags & abi.FUSE_PASSTHROUGH else abi.KERNEL_MINOR_VERSION
     return codec.InitReply(
-        minor=min(init.minor, abi.KERNEL_MINOR_VERSION) if init.major == abi.KERNEL_VERSION
-        else abi.KERNEL_MINOR_VERSION,
+        minor=min(init.minor, ours) if init.major == abi.KERNEL_VERSION else ours,
         max_readahead=init.max_readahead, flags=flags, max_background=MAX_BACKGROUND,
-        congestion_threshold=MAX_BACKGROUND * 3 // 4, max_write=MAX_WRITE, max_pages=MAX_PAGES)
+        congestion_threshold=MAX_BACKGROUND * 3 // 4, max_write=MAX_WRITE, max_pages=MAX_PAGES,
+        max_stack_depth=abi.PASSTHROUGH_STACK_DEPTH if flags & abi.FUSE_PASSTHROUGH else 0)
+
+
+def open_backing(dev_fd: int, file_fd: int) -> int:
+    """Register `file_fd` with the FUSE connection of `dev_fd` as a passthrough backing file
+    (FUSE_DEV_IOC_BACKING_OPEN; the kernel wants CAP_SYS_ADMIN and a regular file on a
+    filesystem that stacks on nothing). Returns its backing id; raises OSError."""
+    request = bytearray(abi.backing_map.pack(file_fd, 0, 0))
+    return fcntl.ioctl(dev_fd, abi.FUSE_DEV_IOC_BACKING_OPEN, request, True)
 
 
 class Session:
-    def __init__(self, fd: int, fs: Filesystem, *, writeback_cache: bool = False) -> None:
+    def __init__(self, fd: int, fs: Filesystem, *, writeback_cache: bool = False,
+                 passthrough: bool = False) -> None:
         self.fd = fd
+        self.fs = fs
         self.writeback_cache = writeback_cache
+        self.passthrough = passthrough  # asked for; after INIT: negotiated
         self._handlers = dict(fs.handlers())
         self._quick_handlers = dict(fs.quick_handlers())
         self._in_flight: dict[int, trio.CancelScope] = {}
@@ -175,17 +207,42 @@ class Session:
             self._give_back(buf)
             if isinstance(req, codec.Init):
                 try:
-                    reply = negotiate(req, writeback_cache=self.writeback_cache)
+                    reply = negotiate(req, writeback_cache=self.writeback_cache,
+                                      passthrough=self.passthrough)
                 except OSError as exc:
                     self._send(codec.encode_error(req.unique, exc.errno))
                     raise
                 self._send(codec.encode_reply(req.unique, reply))
                 log.debug("FUSE %d.%d, flags %#x", req.major, req.minor, reply.flags)
                 if req.major == abi.KERNEL_VERSION:
+                    self._note_passthrough(reply)
                     return
                 # a newer major: the kernel sends INIT again for our version
             elif req.expects_reply:
                 self._send(codec.encode_error(req.unique, errno.EIO))
+
+    def _note_passthrough(self, reply: codec.InitReply) -> None:
+        if self.passthrough and not reply.flags & abi.FUSE_PASSTHROUGH:
+            log.warning("the kernel offers no FUSE passthrough (Linux 6.9 or later with "
+                        "CONFIG_FUSE_PASSTHROUGH): the daemon serves every read and write")
+            self.passthrough = False
+
+    def register_backing(self, file_fd: int) -> None:
+        """After INIT: if passthrough was negotiated, register `file_fd` as the backing file
+        and hand its id to the filesystem; if the kernel refuses it, say why and go on
+        without (every request then comes to the daemon, as without passthrough)."""
+        if not self.passthrough:
+            return
+        try:
+            backing_id = open_backing(self.fd, file_fd)
+        except OSError as exc:
+            log.warning("the kernel refused FUSE passthrough to the destination (%s): the "
+                        "daemon serves every read and write", os.strerror(exc.errno))
+            self.passthrough = False
+            return
+        log.info("FUSE passthrough: opens of the image read and write the destination "
+                 "directly (backing id %d)", backing_id)
+        self.fs.use_backing(backing_id)
 
     async def run(self) -> None:
         """Serve requests until the kernel ends the session (unmount or DESTROY)."""

@@ -199,6 +199,11 @@ def test_init_reply_splits_flags2():
     assert fields[6] == 1 << 20 and fields[8] == 256 and fields[10] == 2
 
 
+def test_open_reply_carries_its_backing_id():
+    out = joined(codec.encode_reply(1, codec.OpenReply(1, abi.FOPEN_PASSTHROUGH, backing_id=3)))[16:]
+    assert abi.open_out.unpack(out) == (1, abi.FOPEN_PASSTHROUGH, 3)
+
+
 def parse_dirents(data, plus=False):
     names, pos = [], 0
     while pos < len(data):

@@ -160,6 +160,44 @@ def test_negotiate_keeps_only_offered_flags():
         negotiate(codec.Init(1, 0, 0, 0, 0, 6, 0, 0, 0))
 
 
+def test_negotiate_passthrough_instead_of_the_writeback_cache():
+    offered = (abi.FUSE_ASYNC_READ | abi.FUSE_WRITEBACK_CACHE | abi.FUSE_INIT_EXT
+               | abi.FUSE_PASSTHROUGH)
+    reply = negotiate(codec.Init(1, 0, 0, 0, 0, 7, 45, 1 << 20, offered), writeback_cache=True,
+                      passthrough=True)
+    # The kernel ignores FUSE_PASSTHROUGH next to FUSE_WRITEBACK_CACHE: the cache goes.
+    assert reply.flags == abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT | abi.FUSE_PASSTHROUGH
+    assert (reply.minor, reply.max_stack_depth) == (abi.PASSTHROUGH_MINOR_VERSION, 1)
+    fields = abi.init_out.unpack(b"".join(codec.encode_reply(1, reply))[abi.out_header.size:])
+    assert fields[10:] == (abi.FUSE_PASSTHROUGH >> 32, 1)  # flags2, max_stack_depth
+    # A kernel without passthrough: neither, and the protocol we mirror in full.
+    older = negotiate(codec.Init(1, 0, 0, 0, 0, 7, 38, 1 << 20,
+                                 abi.FUSE_ASYNC_READ | abi.FUSE_WRITEBACK_CACHE | abi.FUSE_INIT_EXT),
+                      writeback_cache=True, passthrough=True)
+    assert (older.flags, older.minor, older.max_stack_depth) == (
+        abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT, abi.KERNEL_MINOR_VERSION, 0)
+
+
+async def test_a_refused_backing_file_leaves_every_request_to_the_daemon(caplog):
+    class Fs(SlowFs):
+        backing_ids = []
+
+        def use_backing(self, backing_id):
+            self.backing_ids.append(backing_id)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fs = Fs()
+    sess = Session(ours.detach(), fs, passthrough=True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            sess.register_backing(theirs.fileno())  # no FUSE device: the ioctl fails
+        assert not sess.passthrough and fs.backing_ids == []
+        assert "the daemon serves every read and write" in caplog.text
+    finally:
+        theirs.close()
+        os.close(sess.fd)
+
+
 async def test_handshake_answers_init():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sess = Session(ours.detach(), SlowFs())

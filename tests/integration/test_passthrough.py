@@ -1,0 +1,77 @@
+"""`mount --passthrough` for real: a clone complete at mount is read and written by the kernel
+straight from DST (the daemon sees no READ or WRITE), a writable open first marks the whole image
+written for `diff`, a clone still hydrating is served by the daemon, and a DST the kernel cannot
+pass through to is refused with one line."""
+
+import json
+import os
+
+import pytest
+
+from tests.integration.conftest import MiB, fuseclone, sh, sha256, status_json
+
+SIZE = 32 * MiB
+
+
+@pytest.fixture
+def complete_clone(rig, random_source):
+    """The random source cloned and hydrated by one mount, then unmounted: complete at the
+    next mount."""
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    fuseclone("unmount", rig.mnt)
+    return rig
+
+
+def test_a_complete_clone_is_read_and_written_without_the_daemon(complete_clone):
+    rig = complete_clone
+    rig.mount("--passthrough")
+    st = status_json(rig.mnt)
+    if not st["passthrough"]:
+        pytest.skip("this kernel offers no FUSE passthrough (see the mount's log)")
+
+    for flags in (["-r", "--direct-io=on"], ["-r"]):  # read-only opens, direct and buffered
+        loop = rig.losetup(None, *flags)
+        assert sha256(loop) == sha256(rig.src)
+        sh("losetup", "-d", loop)
+    st = status_json(rig.mnt)
+    assert (st["user_read_bytes"], st["written_bytes"]) == (0, 0)  # not one READ, nothing marked
+
+    data = os.urandom(64 * 1024)
+    fd = os.open(rig.image, os.O_RDWR)  # a writable open: the whole image is marked written first
+    try:
+        assert status_json(rig.mnt)["written_bytes"] == SIZE
+        os.pwrite(fd, data, 5 * MiB)
+        os.fsync(fd)  # still comes to the daemon, which syncs DST
+    finally:
+        os.close(fd)
+    st = status_json(rig.mnt)
+    assert (st["user_read_bytes"], st["user_write_bytes"]) == (0, 0)
+    fuseclone("unmount", rig.mnt)
+
+    with open(rig.dst, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(len(data)) == data
+    doc = json.loads(fuseclone("diff", rig.meta, "--json").stdout)
+    assert [(e["offset"], e["length"]) for e in doc["extents"]] == [(0, SIZE)]
+
+
+def test_a_clone_still_hydrating_is_served_by_the_daemon(rig, random_source):
+    rig.mount("--passthrough", "--no-hydration")
+    loop = rig.losetup(None, "-r")
+    assert sha256(loop) == sha256(rig.src)
+    st = status_json(rig.mnt)
+    assert not st["passthrough"] and st["user_read_bytes"] == SIZE
+    assert "passthrough" in open(st["log_file"]).read()
+
+
+def test_a_block_device_destination_is_refused(rig, random_source):
+    with open(rig.dst, "wb") as f:
+        f.truncate(SIZE)
+    dst_device = rig.losetup(rig.dst)
+    result = fuseclone("mount", rig.src, dst_device, rig.meta, rig.mnt, "--passthrough", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"fuseclone: error: {dst_device}: --passthrough needs a destination that is a regular file "
+        "(the kernel passes FUSE I/O through to files only)"]
+    assert not os.path.exists(rig.meta)
