@@ -73,14 +73,15 @@ class FioResult:
     write: FioSide
     error: int
     runtime_ms: int
+    sync: FioSide | None = None  # the fsyncs of --fsync=N (latencies only), if any
 
     def side(self, rw: str) -> FioSide:
         """The side a job of kind RW exercised ('randwrite' -> write)."""
         return self.write if "write" in rw and "rw" not in rw else self.read
 
 
-def _side(doc: dict) -> FioSide:
-    clat = doc.get("clat_ns") or {}
+def _side(doc: dict, latency: str = "clat_ns") -> FioSide:
+    clat = doc.get(latency) or {}
     pct = clat.get("percentile") or {}
     return FioSide(
         iops=float(doc.get("iops", 0.0)),
@@ -101,7 +102,8 @@ def parse_fio_json(text: str) -> list[FioResult]:
     for job in doc.get("jobs", []):
         results.append(FioResult(name=job.get("jobname", "?"), read=_side(job.get("read", {})),
                                  write=_side(job.get("write", {})), error=int(job.get("error", 0)),
-                                 runtime_ms=int(job.get("job_runtime", 0))))
+                                 runtime_ms=int(job.get("job_runtime", 0)),
+                                 sync=_side(job["sync"], "lat_ns") if job.get("sync", {}).get("total_ios") else None))
     if not results:
         raise ValueError("fio's JSON output has no jobs")
     return results

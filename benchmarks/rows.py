@@ -713,25 +713,32 @@ def row7(bench: Bench) -> list[Metric]:
                    f"{R7_HYDRATING_RATE}, from a local file")
     for name in names:
         m.figure(name)
+    # A commit's latency is its fsync's (fio's write is a page-cache copy): hydrating vs idle.
+    lat = Metric(7, "r7.fsync_p99", "p99 fsync latency of a synced 4 KiB write, hydrating vs idle", "µs", False,
+                 targets=[Target("≤ 3× idle", ["fuseclone hydrating"], "<=", 3.0, ["fuseclone hydrated"])])
+    lat.notes.append("the same fio runs; idle: the hydrated clone")
+    for name in names:
+        lat.figure(name)
     src = bench.path(f"r7-ext4-{p.r7_size // MiB}M.img")
     if not os.path.exists(src):
         with open(src, "wb") as f:
             f.truncate(p.r7_size)
         run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", src])
     with contextlib.ExitStack() as stack:
-        dirs = filesystems_on_dio_loops(stack, bench, [m], src, "r7",
+        dirs = filesystems_on_dio_loops(stack, bench, [m, lat], src, "r7",
                                         lambda file, who: ext4_on_dio_loop(stack, bench, file, who))
         if bench.fuseclone_reason:
-            m.skip(["fuseclone hydrating"], bench.fuseclone_reason)
-        contenders = [Contender(m, who, functools.partial(synced_writes, bench, m, who, d))
+            for metric in (m, lat):
+                metric.skip(["fuseclone hydrating"], bench.fuseclone_reason)
+        contenders = [Contender(m, who, functools.partial(synced_writes, bench, m, lat, who, d))
                       for who, d in dirs.items()]
         if not bench.fuseclone_reason:
             contenders.append(Contender(m, "fuseclone hydrating",
-                                        functools.partial(synced_writes_hydrating, bench, m, src)))
+                                        functools.partial(synced_writes_hydrating, bench, m, lat, src)))
         for rep in range(p.reps):
             for c in rotated(contenders, rep):
                 c.run(bench, f"rep {rep + 1}/{p.reps}")
-    return [m]
+    return [m, lat]
 
 
 def filesystems_on_dio_loops(stack: contextlib.ExitStack, bench: Bench, metrics: list[Metric], src: str,
@@ -799,7 +806,8 @@ def synced_writes_job(bench: Bench, directory: str) -> FioJob:
                   size=R7_FILE_SIZE, extra=["--fsync=1", f"--numjobs={R7_JOBS}"])
 
 
-def synced_writes(bench: Bench, m: Metric, who: str, directory: str) -> float:
+def synced_writes(bench: Bench, m: Metric, lat: Metric, who: str, directory: str) -> float:
+    """One sample: IOPS into M; the fsyncs' p99 into LAT (the write's own p99 into M's details)."""
     job = synced_writes_job(bench, directory)
     bench.commands.setdefault("fio (row 7)", " ".join(fio_command(replace(job, filename="MNT/fio.dat"))))
     try:
@@ -807,10 +815,12 @@ def synced_writes(bench: Bench, m: Metric, who: str, directory: str) -> float:
     except Exception as exc:  # noqa: BLE001 - reported as this contender's failure
         raise BenchError(f"fio failed: {exc}") from exc
     m.figure(who).details.append({"p99_us": res.write.percentile(99)})
+    if res.sync is not None:
+        lat.figure(who).add(res.sync.percentile(99), p50_us=res.sync.percentile(50))
     return res.write.iops
 
 
-def synced_writes_hydrating(bench: Bench, m: Metric, src: str) -> float:
+def synced_writes_hydrating(bench: Bench, m: Metric, lat: Metric, src: str) -> float:
     """One sample on a fresh clone that hydrates (at --max-rate) all the while."""
     clone = bench.clone("r7h", src, ["--max-rate", R7_HYDRATING_RATE])
     try:
@@ -818,7 +828,7 @@ def synced_writes_hydrating(bench: Bench, m: Metric, src: str) -> float:
             subject.mount(stack, clone)
             bench.commands["fuseclone mount (row 7, hydrating)"] = clone.command_line
             directory = ext4_on_dio_loop(stack, bench, clone.image, "fch")
-            iops = synced_writes(bench, m, "fuseclone hydrating", directory)
+            iops = synced_writes(bench, m, lat, "fuseclone hydrating", directory)
             m.figure("fuseclone hydrating").details[-1]["complete_at_end"] = clone.complete()
             return iops
     finally:

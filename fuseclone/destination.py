@@ -33,7 +33,10 @@ class Destination:
         self._st = st
         self._direct_fd = -1
         self.direct_bytes = 0  # written with direct I/O (hydration copies)
-        self._direct_count_lock = threading.Lock()  # two writer threads add to it
+        # What the next datasync may have to write back or commit: bytes written, punched or
+        # zeroed (not by write_through) in all, and in all when the latest finished one began.
+        self._changed_bytes = self._synced_bytes = 0
+        self._count_lock = threading.Lock()  # writer threads add to the counts
         self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
 
     @classmethod
@@ -142,6 +145,7 @@ class Destination:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         pwrite_all(self.fd, data, offset)
+        self._note_change(len(data))
 
     def can_write_direct(self, offset: int, data) -> bool:
         """Whether `data` can go to `offset` with direct I/O: a direct descriptor, and offset,
@@ -160,8 +164,9 @@ class Destination:
         any write: the device may still cache it, and fdatasync flushes the inode's device cache
         whichever descriptor wrote."""
         pwrite_all(self._direct_fd, data, offset)
-        with self._direct_count_lock:
+        with self._count_lock:
             self.direct_bytes += len(data)
+            self._changed_bytes += len(data)
 
     def can_write_through(self, offset: int, length: int) -> bool:
         """Whether `write_through` can take a write of `length` bytes at `offset`."""
@@ -181,7 +186,19 @@ class Destination:
             pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
+        began = self._changed_bytes
         os.fdatasync(self.fd)
+        with self._count_lock:
+            self._synced_bytes = max(self._synced_bytes, began)
+
+    def unsynced_bytes(self) -> int:
+        """Bytes written, punched or zeroed since the latest finished `datasync` began, other
+        than by `write_through` (on the disk already): at most what the next one writes back."""
+        return self._changed_bytes - self._synced_bytes
+
+    def _note_change(self, length: int) -> None:
+        with self._count_lock:
+            self._changed_bytes += length
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Start writing the range to disk now, without waiting (sync_file_range WRITE). Keeps
@@ -205,6 +222,7 @@ class Destination:
         self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._note_change(length)
         try:
             _fallocate(self.fd, mode, offset, length)
         except OSError as exc:

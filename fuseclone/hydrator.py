@@ -197,7 +197,7 @@ class Hydrator:
         if self.order.prefetching:
             run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
             if run is not None or not self.settings.hydration:
-                return self._claim_for("prefetch", run, ahead=True), False
+                return self._claim_for("prefetch", run, ahead=True, prefetch=True), False
         run = self.order.next_hot(self._free_run, self._batch_regions())
         if run is not None:
             return self._claim_for("hot_spots", run), False
@@ -208,11 +208,12 @@ class Hydrator:
             run = self._free_run(lead, self.meta.nr_regions, self._batch_regions()) or run
         return (None if run is None else self._claim(run)), True
 
-    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False) -> _Claim | None:
+    def _claim_for(self, kind: str, run: range | None, *, ahead: bool = False,
+                   prefetch: bool = False) -> _Claim | None:
         if run is None:
             return None
         self.fetched[kind] += len(run) * self.geometry.region_size
-        return self._claim(run, ahead=ahead)
+        return self._claim(run, ahead=ahead, prefetch=prefetch)
 
     async def _hydrate_batch(self, claim: _Claim) -> None:
         started = trio.current_time()

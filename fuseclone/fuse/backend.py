@@ -81,8 +81,9 @@ class ImageBackend(Protocol):
         `direct`: the writer opened the image with O_DIRECT (it keeps no copy of what it
         writes, and a disk's writer that does usually flushes soon)."""
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write inside the image (the filesystem has already refused writes past its end)."""
+    async def write(self, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
+        """Write inside the image (the filesystem has already refused writes past its end).
+        `direct`: as for `write_now`."""
 
     async def discard(self, offset: int, length: int) -> None:
         """FALLOCATE PUNCH_HOLE|KEEP_SIZE: afterwards the range reads as zeros."""
@@ -101,6 +102,9 @@ class ImageBackend(Protocol):
     def flush_now(self) -> Callable[[], None] | None:
         """Like `flush`, without waiting: a blocking call that does it from any thread, or
         None if `flush` must do it."""
+
+    def flush_is_short(self) -> bool:
+        """Whether the call `flush_now` returned is short enough to run on the event loop."""
 
     async def seek(self, offset: int, whence: int) -> int:
         """LSEEK with os.SEEK_DATA or os.SEEK_HOLE; raises OSError(ENXIO) past the end."""

@@ -246,7 +246,7 @@ class ImageFilesystem:
         if room <= 0 and len(req.data):
             raise OSError(errno.ENOSPC, "write past the end of the image")
         data = req.data if len(req.data) <= room else req.data[:room]
-        await self.image.write(req.offset, data)
+        await self.image.write(req.offset, data, direct=_direct(req))
         self.user_write_bytes += len(data)
         if len(data) < len(req.data) and req.write_flags & abi.FUSE_WRITE_CACHE:
             # Writeback ignores a short count: the part past the end would be dropped silently.
@@ -254,11 +254,14 @@ class ImageFilesystem:
         return codec.WriteReply(len(data))
 
     def fsync_now(self, req: codec.Fsync) -> QuickAnswer:
-        """An FSYNC that is one fdatasync of DST is handed to the session's job thread, which
-        answers it itself (no hop back to the loop)."""
+        """An FSYNC that is one fdatasync of DST runs on the loop when it is short, else on the
+        session's job thread, which answers it itself (no hop back to the loop)."""
         flush = self.image.flush_now()
         if flush is None:
             return Continue(lambda: self.fsync(req))
+        if self.image.flush_is_short():
+            flush()
+            return codec.EmptyReply()
         return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))
 
     async def fsync(self, req: codec.Fsync) -> codec.Reply:

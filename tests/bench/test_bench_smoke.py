@@ -49,6 +49,16 @@ def test_parse_write_sample_and_leading_noise():
     assert res.side("randrw") is res.read
 
 
+def test_parse_fsync_latencies():
+    (res,) = parse_fio_json(sample("fio-randwrite-4k-fsync.json"))  # --fsync=1
+    assert res.write.iops == pytest.approx(2968.115942)
+    assert res.sync is not None
+    assert res.sync.percentile(99) == pytest.approx(1908.736)
+    assert res.sync.percentile(50) == pytest.approx(234.496)
+    (unsynced,) = parse_fio_json(sample("fio-write-1m.json"))
+    assert unsynced.sync is None
+
+
 def test_parse_rejects_garbage():
     with pytest.raises(ValueError):
         parse_fio_json("fio: failed to open file")

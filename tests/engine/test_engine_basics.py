@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from fuseclone import hydrator as hydrator_module
-from fuseclone.engine import HANDED_OVER_WRITE_MIN
+from fuseclone.engine import HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX, LOOP_WRITE_THROUGH_MAX
 from fuseclone.fuse import codec
 from fuseclone.fuse.backend import Continue
 from fuseclone.fuse.fs import ImageFilesystem
@@ -55,16 +55,21 @@ def drop_cache(path):
     os.close(fd)
 
 
+async def hydrated_and_uncached(clone, engine):
+    """Wait until the clone is hydrated and committed, then drop DST's page cache."""
+    with trio.fail_after(30):
+        await engine.complete.wait()
+    await engine.commit()
+    drop_cache(clone.dst)
+
+
 async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thread(clone):
     """No hop back to the event loop: the FUSE session runs it on a job thread, while DST's disk
     is already reading it (the page-cache probe that missed started the read). Unless the kernel keeps no copy of what it reads
     (O_DIRECT), DST's copy is dropped after it: one is enough."""
     engine = await clone.open()
     async with clone.running(engine):
-        with trio.fail_after(30):
-            await engine.complete.wait()
-        await engine.commit()
-        drop_cache(clone.dst)
+        await hydrated_and_uncached(clone, engine)
         for offset, kernel_keeps in ((0, True), (MiB, False)):
             got = engine.read_now(offset, 64 * KiB, kernel_keeps=kernel_keeps)
             assert callable(got)
@@ -198,24 +203,65 @@ async def test_large_writes_to_hydrated_regions_are_handed_over(clone):
 
 async def test_direct_writes_to_hydrated_regions_go_past_dst_page_cache(clone):
     """A writer with O_DIRECT that flushes often (a database on a direct-I/O loop device): its
-    small aligned writes to hydrated regions are written through to DST's disk by the job
-    thread, so the flush's fdatasync has nothing of them to write back inside the kernel's
-    lock. Without flushes they stay in the page cache (many small writes, quicker there)."""
+    small aligned writes to hydrated regions are written through to DST's disk (on the loop up
+    to LOOP_WRITE_THROUGH_MAX, larger ones by the job thread), so the flush's fdatasync has
+    nothing of them to write back inside the kernel's lock. Without flushes they stay in the
+    page cache (many small writes, quicker there)."""
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
         await engine._record_written(0, MiB)
-        assert engine.write_now(0, b"a" * (64 * KiB)) is True  # unhydrated: filled and marked
+        assert engine.write_now(0, b"a" * (256 * KiB)) is True  # unhydrated: filled and marked
         assert engine.write_now(0, b"b" * 4096, direct=False) is True  # buffered: at once
         assert dst_cached(clone.dst, 0, 4096)
         assert engine.write_now(8192, memoryview(b"c" * 8192), direct=True) is True  # no flush yet
         engine.flush_now()  # the writer commits
-        through = engine.write_now(8192, memoryview(b"c" * 8192), direct=True)
+        drop_cache(clone.dst)
+        assert engine.write_now(8192, memoryview(b"c" * 8192), direct=True) is True  # on the loop
+        assert not dst_cached(clone.dst, 8192, 8192)  # on DST's disk, not in its page cache
+        large = LOOP_WRITE_THROUGH_MAX + 4096
+        through = engine.write_now(64 * KiB, memoryview(b"e" * large), direct=True)
         assert callable(through)
         await trio.to_thread.run_sync(through)
-        assert not dst_cached(clone.dst, 8192, 8192)  # on DST's disk, not in its page cache
+        assert not dst_cached(clone.dst, 64 * KiB, large)
+        assert file_bytes(clone.dst, 4096) == b"b" * 4096
         assert file_bytes(clone.dst, 16 * KiB) == b"b" * 4096 + b"a" * 4096 + b"c" * 8192
         assert engine.write_now(4096 + 512, b"d" * 512, direct=True) is True  # unaligned: buffered
         assert await engine.read(0, 16 * KiB) == b"b" * 4096 + b"a" * 512 + b"d" * 512 + b"a" * 3072 + b"c" * 8192
+
+
+async def test_a_direct_write_waiting_for_its_written_bits_still_goes_past_dst_page_cache(clone):
+    """The first write to a chunk waits for its written bit to reach META; then it is still a
+    direct writer's, written through, not left in DST's page cache for the next FSYNC."""
+    engine = await clone.open()
+    async with clone.running(engine):
+        await hydrated_and_uncached(clone, engine)
+        assert not engine.meta.written_durable(64 * KiB, 4096)
+        engine.flush_now()  # the writer commits
+        await engine.write(64 * KiB, memoryview(b"w" * 4096), direct=True)
+        assert engine.meta.written_durable(64 * KiB, 4096)
+        assert not dst_cached(clone.dst, 64 * KiB, 4096)
+        assert await engine.read(64 * KiB, 4096) == b"w" * 4096
+
+
+async def test_a_flush_is_short_while_dst_has_little_to_write_back(clone):
+    """An FSYNC with nothing to commit runs its fdatasync on the event loop only while DST
+    holds little written since the last one began: else it could stall the loop for long."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine._record_written(0, MiB)
+        await engine.commit()
+        assert engine.flush_is_short()
+        engine.write_now(0, b"a" * LOOP_FLUSH_MAX)  # unhydrated, whole regions: filled
+        assert engine.flush_is_short()
+        engine.write_now(LOOP_FLUSH_MAX, b"b" * 4096)
+        assert not engine.flush_is_short()
+        await engine.commit()  # its fdatasync began after those writes
+        assert engine.flush_is_short()
+        engine.flush_now()
+        assert engine.write_now(0, memoryview(b"c" * 8192), direct=True) is True  # through
+        assert engine.flush_is_short()  # on the disk already
+        await engine.discard(256 * KiB, 256 * KiB)
+        assert not engine.flush_is_short()
 
 
 async def test_reads_come_from_source_until_hydrated(clone):

@@ -17,8 +17,9 @@ TIMES = abi.FATTR_MTIME | abi.FATTR_CTIME | abi.FATTR_FH  # what the write cache
 class Image:
     size = 1 << 20
 
-    def __init__(self, flush_now):
+    def __init__(self, flush_now, flush_is_short=False):
         self._flush_now = flush_now
+        self._flush_is_short = flush_is_short
         self.writes = []
 
     def permissions(self):
@@ -26,6 +27,9 @@ class Image:
 
     def flush_now(self):
         return self._flush_now
+
+    def flush_is_short(self):
+        return self._flush_is_short
 
     def write_now(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
@@ -46,6 +50,13 @@ def test_fsync_with_nothing_to_commit_is_handed_to_the_job_thread():
     answer = fs.quick_handlers()[codec.Fsync](fsync_req())
     assert isinstance(answer, Blocking) and not synced
     assert isinstance(answer.job(), codec.EmptyReply) and synced == [1]
+
+
+def test_a_short_fsync_with_nothing_to_commit_is_answered_on_the_loop():
+    synced = []
+    fs = ImageFilesystem(Image(lambda: synced.append(1), flush_is_short=True))
+    assert isinstance(fs.quick_handlers()[codec.Fsync](fsync_req()), codec.EmptyReply)
+    assert synced == [1]
 
 
 def test_fsync_with_bits_to_commit_waits_for_its_task():

@@ -1,5 +1,7 @@
 """The engine takes hot spots ahead of its in-order sweep (the order itself: test_ordering)."""
 
+import mmap
+
 import trio
 
 from tests.engine.conftest import KiB, MiB, clone, source_file  # noqa: F401  (fixtures)
@@ -17,3 +19,28 @@ async def test_regions_near_a_read_from_the_source_hydrate_before_the_rest(clone
         assert engine.meta.hydrated_in(hot) > 16
         assert engine.meta.hydrated_in(range(0, hot.start)) == 0
         assert engine.status().fetched["hot_spots"] > 0
+
+
+async def test_prefetch_copies_skip_block_status_and_stay_in_dst_page_cache(clone, monkeypatch):  # noqa: F811
+    # A trace lists what users read: data, read again soon. Block status only delayed the
+    # first copies (a round trip per window, cold), and copies written past the page cache
+    # sent the user's reads to DST's disk.
+    engine = await clone.open(hydration=False)
+    asked = []
+    extents = engine.source.extents
+    monkeypatch.setattr(engine.source, "extents", lambda o, n: asked.append((o, n)) or extents(o, n))
+
+    async def aligned_read(offset, length):  # what the NBD source hands out: page-aligned memory
+        data = mmap.mmap(-1, length)
+        data[:] = clone.source_bytes(offset, length)
+        return data
+
+    monkeypatch.setattr(engine.source, "read_for_copy", aligned_read)
+    run = range(256, 512)  # 1 MiB at 1 MiB
+    engine.prefetch([run])
+    async with clone.running(engine):
+        with trio.fail_after(10):
+            while not engine.meta.all_hydrated(run):
+                await trio.sleep(0.01)
+        assert asked == []
+        assert engine.dst.read_cached(MiB, MiB) == clone.source_bytes(MiB, MiB)

@@ -687,7 +687,7 @@ class MemoryImage:
     def write_now(self, offset, data, *, direct=False):
         return Continue(functools.partial(self.write, offset, data))
 
-    async def write(self, offset, data):
+    async def write(self, offset, data, *, direct=False):
         self.buf[offset : offset + len(data)] = data
 
     async def discard(self, offset, length):
@@ -700,6 +700,9 @@ class MemoryImage:
 
     def flush_now(self):
         return None  # always the async path
+
+    def flush_is_short(self):
+        return False
 
     async def seek(self, offset, whence):
         if offset >= self.size:
