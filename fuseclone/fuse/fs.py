@@ -255,11 +255,12 @@ class ImageFilesystem:
 
     def fsync_now(self, req: codec.Fsync) -> QuickAnswer:
         """An FSYNC that is one fdatasync of DST runs on the loop when it is short, else on the
-        session's job thread, which answers it itself (no hop back to the loop)."""
+        session's job thread, which answers it itself (no hop back to the loop). Never short
+        with passthrough: the kernel writes DST there, and no count of ours sees how much."""
         flush = self.image.flush_now()
         if flush is None:
             return Continue(lambda: self.fsync(req))
-        if self.image.flush_is_short():
+        if self.backing_id is None and self.image.flush_is_short():
             flush()
             return codec.EmptyReply()
         return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))

@@ -59,6 +59,16 @@ def test_a_short_fsync_with_nothing_to_commit_is_answered_on_the_loop():
     assert synced == [1]
 
 
+def test_a_passthrough_fsync_never_runs_on_the_loop():
+    """The kernel writes DST itself under passthrough: the daemon's count of unsynced bytes
+    misses those writes, so the fdatasync may be long and goes to the job thread."""
+    synced = []
+    fs = ImageFilesystem(Image(lambda: synced.append(1), flush_is_short=True))
+    fs.use_backing(1)
+    answer = fs.quick_handlers()[codec.Fsync](fsync_req())
+    assert isinstance(answer, Blocking) and not synced
+
+
 def test_fsync_with_bits_to_commit_waits_for_its_task():
     fs = ImageFilesystem(Image(None))
     assert isinstance(fs.quick_handlers()[codec.Fsync](fsync_req()), Continue)
