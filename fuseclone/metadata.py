@@ -66,6 +66,10 @@ MAX_HYDRATION_SETTING = 2**32 - 1  # hydration_threshold and hydration_batch_siz
 # Bitmap slot: magic, block index, clone id (first 8 bytes of the uuid), seq, crc, pad.
 _SLOT = struct.Struct("<IIQQII")
 BITS_PER_BLOCK = (BLOCK - _SLOT.size) * 8
+# Changed blocks whose committed bits are kept in core (one block's worth each, 4 KiB), so that
+# a flush can tell whether its own regions' bits are in META; past that many (a discard of a
+# whole large image), a changed block counts as not settled, as if every bit of it had changed.
+DURABLE_IMAGES_MAX = 256
 _PAYLOAD = BLOCK - _SLOT.size
 _ZERO_BLOCK = bytes(BLOCK)
 
@@ -202,7 +206,8 @@ class _BitmapArea:
     block in two slots from `first_block` on, slots tagged with `magic`, the block index, the
     clone id, a sequence number and a CRC. Bits only go 0 -> 1; `dirty` holds the blocks
     changed since their last commit, `current_slot` the slot of each block's newest copy
-    (2 = none yet)."""
+    (2 = none yet), `durable` the bits META holds for sure of each block in `dirty` or
+    `committing` (its newest committed image)."""
 
     def __init__(self, magic: int, first_block: int, nr_bits: int, clone_id: int,
                  bits: bitarray | None = None, current_slot: bytearray | None = None) -> None:
@@ -214,14 +219,23 @@ class _BitmapArea:
         self.current_slot = current_slot if current_slot is not None else bytearray(b"\2" * self.nblocks)
         self.dirty: set[int] = set()
         self.committing: set[int] = set()  # blocks of a commit being written
+        self.durable: dict[int, bitarray | None] = {}  # None: too many to keep, not known
 
     def settled(self, bits: range) -> bool:
-        """Whether the blocks holding these bits are neither changed since their last commit
-        nor in a commit being written: what META holds of them is what the core holds."""
-        if not bits:
-            return True
-        blocks = range(bits.start // BITS_PER_BLOCK, (bits.stop - 1) // BITS_PER_BLOCK + 1)
-        return not any(b in self.dirty or b in self.committing for b in blocks)
+        """Whether META holds these bits as the core does. Per bit, not per block: a block
+        covers BITS_PER_BLOCK regions (~128 MiB of 4 KiB ones), so while hydrating, the block
+        of a region a user writes nearly always holds bits that hydration set since."""
+        for block in _blocks_of(bits):
+            if block not in self.durable:
+                continue  # neither changed nor being committed
+            durable = self.durable[block]
+            if durable is None:
+                return False  # not known bit by bit
+            start = block * BITS_PER_BLOCK
+            lo, hi = max(bits.start, start), min(bits.stop, start + BITS_PER_BLOCK)
+            if durable.count(1, lo - start, hi - start) != self.map.count_hydrated(range(lo, hi)):
+                return False  # bits only go 0 -> 1: a count tells whether any is missing
+        return True
 
     @property
     def end_block(self) -> int:
@@ -233,10 +247,15 @@ class _BitmapArea:
 
     def set(self, bits: range) -> int:
         """Set bits in core; returns how many were newly set."""
-        newly = self.map.set_hydrated(bits)
-        if newly:
-            self.dirty.update(range(bits.start // BITS_PER_BLOCK, (bits.stop - 1) // BITS_PER_BLOCK + 1))
-        return newly
+        if self.map.all_hydrated(bits):
+            return 0
+        blocks = _blocks_of(bits)
+        for block in blocks:
+            if block not in self.durable:  # what META holds of it, taken before the change
+                fits = len(self.durable) < DURABLE_IMAGES_MAX
+                self.durable[block] = self._block_bits(block) if fits else None
+        self.dirty.update(blocks)
+        return self.map.set_hydrated(bits)
 
     def prepare(self, seq: int) -> list[SlotWrite]:
         """Slot images of the dirty blocks, each for the slot not holding its newest copy."""
@@ -249,6 +268,10 @@ class _BitmapArea:
     def finish(self, write: SlotWrite) -> None:
         self.current_slot[write.block] = write.slot
         self.committing.discard(write.block)
+        if write.block in self.dirty:  # changed since its image was taken
+            self.durable[write.block] = self.bits_of(write)[1]
+        else:
+            self.durable.pop(write.block, None)
 
     def abort(self, write: SlotWrite) -> None:
         self.committing.discard(write.block)
@@ -261,10 +284,13 @@ class _BitmapArea:
         start = write.block * BITS_PER_BLOCK
         return start, bits[: min(BITS_PER_BLOCK, len(self.map) - start)]
 
-    def _slot_image(self, block: int, seq: int) -> bytes:
+    def _block_bits(self, block: int) -> bitarray:
+        """A copy of the block's bits in core."""
         start = block * BITS_PER_BLOCK
-        stop = min(start + BITS_PER_BLOCK, len(self.map))
-        payload = self.map.bits[start:stop].tobytes().ljust(_PAYLOAD, b"\0")
+        return self.map.bits[start : min(start + BITS_PER_BLOCK, len(self.map))]
+
+    def _slot_image(self, block: int, seq: int) -> bytes:
+        payload = self._block_bits(block).tobytes().ljust(_PAYLOAD, b"\0")
         head = _SLOT.pack(self.magic, block, self.clone_id, seq, 0, 0)
         crc = zlib.crc32(payload, zlib.crc32(head))
         return _SLOT.pack(self.magic, block, self.clone_id, seq, crc, 0) + payload
@@ -319,6 +345,13 @@ class _BitmapArea:
                 or zlib.crc32(payload, zlib.crc32(head)) != crc):
             return None
         return seq, payload
+
+
+def _blocks_of(bits: range) -> range:
+    """The bitmap blocks that hold these bits."""
+    if not bits:
+        return range(0)
+    return range(bits.start // BITS_PER_BLOCK, (bits.stop - 1) // BITS_PER_BLOCK + 1)
 
 
 def _written_geometry(header: Header) -> Geometry:

@@ -511,6 +511,48 @@ async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
         assert callable(engine.flush_now())
 
 
+async def test_a_user_write_near_hydrations_unsettled_bits_needs_no_commit(clone):
+    """A bitmap block covers ~128 MiB of 4 KiB regions, so while hydrating the block of a
+    user's region nearly always holds bits that hydration set since the last commit. The
+    user's flush needs only its own region's bit in META: if that one is durable, the flush
+    stays one fdatasync of DST, before, during and after the commit of hydration's bits."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    held = threading.Event()
+    real_datasync = engine.dst.datasync
+    syncs = []
+
+    def held_datasync():
+        syncs.append(1)
+        while held.is_set():
+            time.sleep(0.001)
+        real_datasync()
+
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)
+        await engine.flush()  # region 0's bit is durable
+        await engine.copy(engine.claim(range(64, 66)))  # hydration: bits of the same block
+        await engine.write(0, b"b" * 4096)
+        assert callable(engine.flush_now())
+        engine.dst.datasync = held_datasync
+        held.set()
+        async with trio.open_nursery() as nursery:
+            try:
+                nursery.start_soon(engine.commit)  # the committer's
+                with trio.fail_after(5):
+                    while not syncs:
+                        await trio.sleep(0.001)
+                await engine.copy(engine.claim(range(80, 82)))  # more, after the batch
+                await engine.write(0, b"c" * 4096)
+                assert callable(engine.flush_now())
+            finally:
+                held.clear()
+        await engine.write(81 * 4096, b"d" * 4096)  # its bit is not durable yet
+        assert engine.flush_now() is None
+        await engine.flush()
+        await engine.write(65 * 4096, b"e" * 4096)  # committed by the held commit
+        assert callable(engine.flush_now())
+
+
 async def test_flush_now_failure_is_eio_and_fail_mode(clone):
     engine = await clone.open(hydration=False, commit_interval=3600)
 

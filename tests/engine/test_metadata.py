@@ -57,6 +57,42 @@ def test_commit_of_one_region_of_a_1tib_image_writes_a_few_kib(tmp_path, monkeyp
         assert again.hydrated_count == 1 and again.is_hydrated(123_456_789)
 
 
+def test_settled_is_per_bit_and_only_what_a_finished_commit_wrote(tmp_path, monkeypatch):
+    """hydrated_settled(r): META holds r's bits for sure. A neighbour's change in the same
+    block does not unsettle r; a bit set after a commit's images were taken is not settled by
+    that commit; past DURABLE_IMAGES_MAX changed blocks a changed block is not known bit by bit."""
+    import fuseclone.metadata as metadata_module
+
+    meta = Metadata.create(str(tmp_path / "meta"), Geometry(TiB, 4096), {"source": {}, "destination": {}})
+    try:
+        def commit():
+            batch = meta.prepare_commit()
+            meta.write_commit(batch)
+            return batch
+
+        meta.set_hydrated(range(10, 11))
+        assert not meta.hydrated_settled(range(10, 11))
+        meta.finish_commit(commit())
+        meta.set_hydrated(range(20, 30))  # same block
+        assert meta.hydrated_settled(range(10, 11)) and not meta.hydrated_settled(range(20, 21))
+        assert meta.hydrated_settled(range(40, 50))  # unhydrated in core and in META
+        batch = commit()
+        meta.set_hydrated(range(30, 31))  # after the images were taken
+        meta.finish_commit(batch)
+        assert meta.hydrated_settled(range(5, 30)) and not meta.hydrated_settled(range(29, 31))
+        meta.finish_commit(commit())
+        assert meta.hydrated_settled(range(0, BITS_PER_BLOCK * 3))
+        monkeypatch.setattr(metadata_module, "DURABLE_IMAGES_MAX", 1)
+        meta.set_hydrated(range(BITS_PER_BLOCK * 5, BITS_PER_BLOCK * 5 + 1))
+        meta.set_hydrated(range(BITS_PER_BLOCK * 7, BITS_PER_BLOCK * 7 + 1))  # one too many
+        assert meta.hydrated_settled(range(BITS_PER_BLOCK * 5 + 1, BITS_PER_BLOCK * 5 + 2))
+        assert not meta.hydrated_settled(range(BITS_PER_BLOCK * 7 + 1, BITS_PER_BLOCK * 7 + 2))
+        meta.finish_commit(commit())
+        assert meta.hydrated_settled(range(BITS_PER_BLOCK * 7, BITS_PER_BLOCK * 7 + 1))
+    finally:
+        meta.close()
+
+
 def test_second_opener_is_refused(tmp_path):
     path = str(tmp_path / "meta")
     with Metadata.create(path, Geometry(1 << 20, 4096), {}):
