@@ -33,8 +33,8 @@ from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Continue, Permissions
 from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
-                       FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
-                       feature_names)
+                       FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, CommitBatch, Metadata,
+                       MetadataMode, feature_names)
 from .readahead import ReadaheadDetector
 from .regions import Geometry
 from .sources.base import Source
@@ -731,15 +731,22 @@ class CloneEngine:
                     # their regions' hydrated bits were set, so before the batch was copied.
                     async with self._written_lock:
                         await self._commit_written()
-                await trio.to_thread.run_sync(self._datasync_dst)
-                if batch is not None:
-                    await trio.to_thread.run_sync(self.meta.write_commit, batch)  # fails itself
+                # One thread hop for both: a user's FSYNC after first writes into unhydrated
+                # regions (a fresh clone's journal) waits for this whole commit.
+                await trio.to_thread.run_sync(self._datasync_dst_then_write, batch)
         except OSError as exc:
             if batch is not None:
                 self.meta.abort_commit(batch)
             raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
         if batch is not None:
             self.meta.finish_commit(batch)
+
+    def _datasync_dst_then_write(self, batch: CommitBatch | None) -> None:
+        """Blocking: DST durable, then the batch in META (invariant 1: bits after their data).
+        Either failure puts the metadata in fail mode."""
+        self._datasync_dst()
+        if batch is not None:
+            self.meta.write_commit(batch)
 
     def _datasync_dst(self) -> None:
         """Blocking. After a failed fdatasync the kernel may have dropped DST's dirty data: no
