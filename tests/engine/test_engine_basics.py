@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import hashlib
 import os
@@ -471,11 +472,10 @@ async def test_flush_now_is_one_fdatasync_only_when_nothing_waits_to_be_committe
         assert engine._commits_done == 1  # no commit of its own
 
 
-async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
-    """A flush needs the bits of the regions users wrote in META, not the bits hydration set
-    since (a lost copy is copied again): it stays one fdatasync while they wait for the
-    committer, and while their commit runs. A user write near unsettled bits needs a commit."""
-    engine = await clone.open(hydration=False, commit_interval=3600)
+@contextlib.asynccontextmanager
+async def commit_held_in_dst_datasync(engine):
+    """Start a commit (the committer's) and hold it in DST's fdatasync for the duration of the
+    block: its bitmap blocks are taken, and not in META yet."""
     held = threading.Event()
     real_datasync = engine.dst.datasync
     syncs = []
@@ -486,26 +486,35 @@ async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
             time.sleep(0.001)
         real_datasync()
 
+    engine.dst.datasync = held_datasync
+    held.set()
+    async with trio.open_nursery() as nursery:
+        try:  # cleared before the nursery waits for the commit, whatever fails here
+            nursery.start_soon(engine.commit)
+            with trio.fail_after(5):
+                while not syncs:
+                    await trio.sleep(0.001)
+            yield
+        finally:
+            held.clear()
+
+
+async def test_flush_now_does_not_wait_for_hydrations_bits(clone):
+    """A flush needs the bits of the regions users wrote in META, not the bits hydration set
+    since (a lost copy is copied again): it stays one fdatasync while they wait for the
+    committer, and while their commit runs. A user write near unsettled bits needs a commit."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
     async with clone.running(engine):
         await engine.write(0, b"a" * 4096)
         await engine.flush()
         await engine.copy(engine.claim(range(64, 66)))  # hydration: bits to commit
         assert engine.meta.dirty
         assert callable(engine.flush_now())
-        engine.dst.datasync = held_datasync
-        held.set()
-        async with trio.open_nursery() as nursery:
-            try:  # cleared before the nursery waits for the commit, whatever fails here
-                nursery.start_soon(engine.commit)  # the committer's
-                with trio.fail_after(5):
-                    while not syncs:
-                        await trio.sleep(0.001)
-                assert engine._commit_lock.locked() and callable(engine.flush_now())
-                # A user write whose bitmap block is in that commit: its flush waits for one.
-                await engine.write(64 * 4096, b"w" * 4096)
-                assert engine.flush_now() is None
-            finally:
-                held.clear()
+        async with commit_held_in_dst_datasync(engine):
+            assert engine._commit_lock.locked() and callable(engine.flush_now())
+            # A user write whose bitmap block is in that commit: its flush waits for one.
+            await engine.write(64 * 4096, b"w" * 4096)
+            assert engine.flush_now() is None
         assert engine.flush_now() is None  # the commit that ran began before the write
         await engine.flush()
         assert callable(engine.flush_now())
@@ -517,35 +526,16 @@ async def test_a_user_write_near_hydrations_unsettled_bits_needs_no_commit(clone
     user's flush needs only its own region's bit in META: if that one is durable, the flush
     stays one fdatasync of DST, before, during and after the commit of hydration's bits."""
     engine = await clone.open(hydration=False, commit_interval=3600)
-    held = threading.Event()
-    real_datasync = engine.dst.datasync
-    syncs = []
-
-    def held_datasync():
-        syncs.append(1)
-        while held.is_set():
-            time.sleep(0.001)
-        real_datasync()
-
     async with clone.running(engine):
         await engine.write(0, b"a" * 4096)
         await engine.flush()  # region 0's bit is durable
         await engine.copy(engine.claim(range(64, 66)))  # hydration: bits of the same block
         await engine.write(0, b"b" * 4096)
         assert callable(engine.flush_now())
-        engine.dst.datasync = held_datasync
-        held.set()
-        async with trio.open_nursery() as nursery:
-            try:
-                nursery.start_soon(engine.commit)  # the committer's
-                with trio.fail_after(5):
-                    while not syncs:
-                        await trio.sleep(0.001)
-                await engine.copy(engine.claim(range(80, 82)))  # more, after the batch
-                await engine.write(0, b"c" * 4096)
-                assert callable(engine.flush_now())
-            finally:
-                held.clear()
+        async with commit_held_in_dst_datasync(engine):
+            await engine.copy(engine.claim(range(80, 82)))  # more, after the batch
+            await engine.write(0, b"c" * 4096)
+            assert callable(engine.flush_now())
         await engine.write(81 * 4096, b"d" * 4096)  # its bit is not durable yet
         assert engine.flush_now() is None
         await engine.flush()
