@@ -543,6 +543,31 @@ async def test_a_user_write_near_hydrations_unsettled_bits_needs_no_commit(clone
         assert callable(engine.flush_now())
 
 
+async def test_a_commit_is_one_thread_hop(clone, monkeypatch):
+    """A user's FSYNC after first writes into unhydrated regions waits for a whole commit:
+    DST's fdatasync and META's write run in one worker-thread call, in that order."""
+    engine = await clone.open(hydration=False, commit_interval=3600)
+    async with clone.running(engine):
+        await engine.write(0, b"a" * 4096)  # hydrates region 0: a bit to commit
+        await engine._record_written(0, 4096)  # no written bits left for the commit
+        calls = []
+        run_sync = trio.to_thread.run_sync
+
+        async def counted(fn, *args, **kwargs):
+            calls.append(fn)
+            return await run_sync(fn, *args, **kwargs)
+
+        order = []
+        monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+        monkeypatch.setattr(engine.dst, "datasync", lambda: order.append("dst"))
+        write_commit = engine.meta.write_commit
+        monkeypatch.setattr(engine.meta, "write_commit",
+                            lambda batch: (order.append("meta"), write_commit(batch)))
+        await engine.commit()
+        assert len(calls) == 1 and order == ["dst", "meta"]
+        assert engine.meta.hydrated_settled(range(0, 1))
+
+
 async def test_flush_now_failure_is_eio_and_fail_mode(clone):
     engine = await clone.open(hydration=False, commit_interval=3600)
 
