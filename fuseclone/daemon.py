@@ -21,7 +21,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from . import control
+from . import claims, control
 from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError
@@ -74,6 +74,8 @@ def check_mountpoint(path: str) -> None:
         raise FusecloneError(f"{path}: mountpoint must be a directory or a regular file")
     if os.path.ismount(path):
         raise busy
+    if os.path.isfile(path):  # covered by the mount: another clone could no longer reach it
+        claims.refuse_if_held("mountpoint", path)
 
 
 def check_paths(opts: MountOptions) -> None:
@@ -84,6 +86,11 @@ def check_paths(opts: MountOptions) -> None:
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
                        mountpoint=opts.mountpoint, access_trace=opts.record_access,
                        log_file=opts.log_file)
+    # The trace is truncated and the log appended to: neither may be another live clone's file.
+    for role, path in (("access trace", opts.record_access), ("log file", opts.log_file)):
+        if path is not None:
+            claims.refuse_unless_file(role, path)
+            claims.refuse_if_held(role, path)
 
 
 def check_passthrough(opts: MountOptions) -> None:

@@ -34,6 +34,7 @@ from typing import Callable
 
 from bitarray import bitarray
 
+from . import claims
 from .errors import FusecloneError
 from .regions import Geometry
 
@@ -127,6 +128,20 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
                          f"({_describe(trace.source)}), not of {source.description}")
 
 
+def _open_held(path: str) -> int:
+    """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
+    held, so that a second mount recording to it, or one naming another clone's file, leaves
+    the file as it was."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        claims.hold(fd, path, exclusive=True)  # a regular file (check_paths): nothing beneath
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _describe(identity: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
 
@@ -149,7 +164,7 @@ class TraceRecorder:
         self._ahead.setall(0)
         self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
         self.records = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._fd = _open_held(path)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
                             sort_keys=True)
         self._write(f"{MAGIC}\n{header}\n")

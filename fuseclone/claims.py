@@ -1,0 +1,94 @@
+"""What a live clone holds, so that no other fuseclone mount writes it (SPEC invariants 4 and 9,
+across clones).
+
+A clone holds its SRC shared and its DST exclusively (META holds its own exclusive flock,
+metadata.py; an access trace being recorded, trace.py, too). A flock follows a file under every
+name (a hard link, a symlink, /proc/self/fd/N), but nothing reaches the file beneath a loop
+device by a name: so a block device's hold also takes the files beneath it (its loop backing
+files, identity.backing_files), and its node. The files a mount writes besides DST and META (the
+access trace it truncates, the log it appends to) and a file mountpoint it would cover are
+probed before the mount opens anything for writing: refused while a clone holds them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+from .errors import FusecloneError
+from .identity import backing_files
+
+
+class HeldError(FusecloneError):
+    """Another process (a live clone) holds the file; `path` names it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} is in use by a live clone")
+        self.path = path
+
+
+def hold(fd: int, path: str, *, exclusive: bool) -> list[int]:
+    """Flock, without waiting, the file or block device node `fd` is open on (named `path`)
+    and, for a block device, the files beneath it. Returns the descriptors opened for the
+    files beneath, which the caller closes to let go (closing `fd` lets go of the rest).
+    Raises HeldError naming what another process holds; then nothing stays held."""
+    _flock(fd, path, exclusive)
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        return []
+    held: list[int] = []
+    try:
+        for file in backing_files(os.fstat(fd).st_rdev):
+            try:
+                file_fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone since identity looked: nobody reaches it by this name either
+            held.append(file_fd)
+            _flock(file_fd, file, exclusive)
+    except BaseException:
+        release(held)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise
+    return held
+
+
+def release(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+def refuse_if_held(role: str, path: str) -> None:
+    """Refuse (HeldError, with ROLE) a PATH that a live clone holds: its source, destination or
+    metadata (or a trace it records), under any name or beneath a loop device. A missing
+    file is held by nobody."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return  # missing, or not ours to read: opening it for writing later says so
+    try:
+        release(hold(fd, path, exclusive=True))
+    except HeldError as exc:
+        held = "" if exc.path == path else f" (through {exc.path})"
+        raise FusecloneError(f"the {role} {path} is in use by a live clone{held}: it must be "
+                             "none of another clone's files") from None
+    finally:
+        os.close(fd)
+
+
+def refuse_unless_file(role: str, path: str) -> None:
+    """A file the mount writes may be a regular file or missing (then it is created), never a
+    block device (a loop device writes straight into another file) or a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISBLK(mode) or stat.S_ISDIR(mode):
+        raise FusecloneError(f"the {role} {path} must be a regular file")
+
+
+def _flock(fd: int, path: str, exclusive: bool) -> None:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise HeldError(path) from None

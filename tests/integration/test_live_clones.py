@@ -1,0 +1,87 @@
+"""A second fuseclone mount can name no file of a live clone as something it writes (SPEC
+invariants 4, 8 and 9, across clones): not its SRC, DST or META as a destination, access
+trace, log file or mountpoint, under any name (a loop device included). Each mistake is one line,
+exit 1, and the live clone's files are unchanged and it keeps serving."""
+
+import os
+
+import pytest
+
+from tests.engine.conftest import make_source_file
+from tests.integration.conftest import MiB, fuseclone, sha256
+from tests.integration.test_identity import mount_refused
+
+
+@pytest.fixture
+def live(rig, random_source):
+    """Clone A, mounted; its files' contents (checked unchanged after each test) and a second
+    clone's paths in rig.b_*."""
+    rig.mount("--no-hydration")
+    with open(rig.image, "r+b") as image:  # A holds user data in DST and META
+        image.write(b"A" * 4096)
+        os.fsync(image.fileno())
+    rig.b_src = str(rig.tmp / "b-src.img")
+    make_source_file(rig.b_src, 32 * MiB, seed=12)
+    rig.b_dst, rig.b_meta = str(rig.tmp / "b-dst.img"), str(rig.tmp / "b.meta")
+    rig.b_mnt = str(rig.tmp / "mnt-b")
+    os.mkdir(rig.b_mnt)
+    kept = {path: sha256(path) for path in (rig.src, rig.dst)}
+    meta_size = os.path.getsize(rig.meta)
+    yield rig
+    assert {path: sha256(path) for path in kept} == kept
+    assert os.path.getsize(rig.meta) == meta_size
+    with open(rig.image, "rb") as image:  # A still serves its data
+        assert image.read(4096) == b"A" * 4096
+    fuseclone("unmount", rig.mnt)
+
+
+def refused(rig, *options, dst=None, mnt=None, src=None, expect):
+    return mount_refused(rig, src or rig.b_src, dst or rig.b_dst, rig.b_meta, mnt or rig.b_mnt,
+                         *options, expect=expect)
+
+
+def test_a_loop_device_of_a_live_clones_destination(live):
+    loop = live.losetup(live.dst)
+    refused(live, dst=loop, expect=f"{loop}: destination is in use by another clone")
+
+
+def test_a_live_clones_destination_on_a_loop_device_is_not_free_under_its_file(rig, random_source):
+    with open(rig.dst, "wb") as f:
+        f.truncate(os.path.getsize(rig.src))
+    loop = rig.losetup(rig.dst)
+    mnt_a = str(rig.tmp / "mnt-a")
+    os.mkdir(mnt_a)
+    rig.stack.callback(rig._force_unmount, mnt_a)
+    fuseclone("mount", rig.src, loop, rig.meta, mnt_a, "--no-hydration")
+    mnt_b = str(rig.tmp / "mnt-b")
+    os.mkdir(mnt_b)
+    mount_refused(rig, rig.src, rig.dst, str(rig.tmp / "b.meta"), mnt_b,
+                  expect=f"{rig.dst}: destination is in use by another clone")
+    fuseclone("unmount", mnt_a)
+
+
+def test_a_live_clones_source_is_no_destination(live):
+    refused(live, dst=live.src, expect=f"{live.src}: destination is in use by another clone")
+    loop = live.losetup(live.src)
+    refused(live, dst=loop, expect=f"{loop}: destination is in use by another clone")
+
+
+@pytest.mark.parametrize("option", ["--record-access", "--log-file"])
+def test_files_the_mount_writes_are_no_live_clones_file(live, option):
+    for path in (live.src, live.dst, live.meta):
+        refused(live, option, path, expect=f"{path} is in use by a live clone")
+    loop = live.losetup(live.dst)
+    refused(live, option, loop, expect="must be a regular file")
+
+
+def test_two_live_clones_record_no_trace_together(live):
+    """The second recording would truncate the first one's trace."""
+    fuseclone("unmount", live.mnt)
+    trace = str(live.tmp / "trace")
+    live.mount("--no-hydration", "--record-access", trace)
+    refused(live, "--record-access", trace, expect=f"{trace} is in use by a live clone")
+
+
+def test_a_file_mountpoint_is_no_live_clones_file(live):
+    for path in (live.src, live.dst, live.meta):
+        refused(live, mnt=path, expect=f"{path} is in use by a live clone")
