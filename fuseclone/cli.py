@@ -16,7 +16,7 @@ import click
 from . import control
 from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
-from .sources import is_remote
+from .sources import describe_spec, is_remote
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -325,7 +325,8 @@ def offline_status(meta_path: str) -> Status:
             hydration_batch_size=h.hydration_batch_size,
             hydration_enabled=not ("no_hydration" in feature_names(h.features)),
             hydration_error=None, metadata_mode="ro", bytes_per_second=0.0, eta_seconds=None,
-            source=str(ident.get("source", {}).get("path") or ident.get("source", {}).get("url", "?")),
+            source=describe_spec(str(ident.get("source", {}).get("path")
+                                     or ident.get("source", {}).get("url", "?"))),
             destination=str(ident.get("destination", {}).get("path", "?")),
             metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)),
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),

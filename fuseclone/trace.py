@@ -37,6 +37,7 @@ from bitarray import bitarray
 from . import claims
 from .errors import FusecloneError
 from .regions import Geometry
+from .sources import describe_identity
 
 MAGIC = "fuseclone-access-trace 1"
 
@@ -125,7 +126,7 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
     """Refuse a trace recorded from another source than SOURCE (a `sources.base.Source`)."""
     if trace.image_size != source.size or not source.identity_matches(trace.source):
         raise TraceError(f"{path}: access trace of another source "
-                         f"({_describe(trace.source)}), not of {source.description}")
+                         f"({describe_identity(trace.source)}), not of {source.description}")
 
 
 def _open_held(path: str) -> int:
@@ -140,10 +141,6 @@ def _open_held(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _describe(identity: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
 
 
 class TraceRecorder:
