@@ -76,14 +76,15 @@ def refuse_if_held(role: str, path: str) -> None:
         os.close(fd)
 
 
-def refuse_unless_file(role: str, path: str) -> None:
-    """A file the mount writes may be a regular file or missing (then it is created), never a
-    block device (a loop device writes straight into another file) or a directory."""
+def refuse_unless_file(role: str, path: str, *, char_device_ok: bool = False) -> None:
+    """A file the mount writes must be a regular file or missing (then it is created): not a
+    block device (a loop device writes straight into another file), nor a FIFO (opening it
+    waits for a reader). CHAR_DEVICE_OK lets a log go to /dev/null."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return
-    if stat.S_ISBLK(mode) or stat.S_ISDIR(mode):
+    if not (stat.S_ISREG(mode) or (char_device_ok and stat.S_ISCHR(mode))):
         raise FusecloneError(f"the {role} {path} must be a regular file")
 
 

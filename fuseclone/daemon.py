@@ -89,7 +89,7 @@ def check_paths(opts: MountOptions) -> None:
     # The trace is truncated and the log appended to: neither may be another live clone's file.
     for role, path in (("access trace", opts.record_access), ("log file", opts.log_file)):
         if path is not None:
-            claims.refuse_unless_file(role, path)
+            claims.refuse_unless_file(role, path, char_device_ok=role == "log file")
             claims.refuse_if_held(role, path)
 
 

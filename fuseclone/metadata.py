@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import struct
 import uuid as uuidlib
 import zlib
@@ -39,6 +40,7 @@ from typing import Callable, Iterator
 
 from bitarray import bitarray
 
+from .blockio import open_without_waiting
 from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
 from .sources import describe_identity
@@ -775,7 +777,7 @@ def _header_offset(seq: int) -> int:
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        fd = open_without_waiting(path, flags | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file does not exist") from None
     except IsADirectoryError:
@@ -784,6 +786,9 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
         raise MetadataError(f"{path}: permission denied") from None
     except OSError as exc:  # a read-only filesystem, say
         raise MetadataError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device's size is 0: it would be "formatted"
+        os.close(fd)
+        raise MetadataError(f"{path}: metadata must be a regular file")
     try:
         # Invariant 6: one process per metadata file.
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 import trio
 
 from .. import claims
-from ..blockio import data_extents, fd_size, pread_exact
+from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
@@ -38,7 +38,8 @@ class LocalSource(Source):
     @classmethod
     async def open(cls, path: str) -> LocalSource:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # read-only: the source is never written
+            # read-only: the source is never written
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SourceError(f"{path}: source does not exist") from None
         except PermissionError:

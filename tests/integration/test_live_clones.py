@@ -85,3 +85,21 @@ def test_two_live_clones_record_no_trace_together(live):
 def test_a_file_mountpoint_is_no_live_clones_file(live):
     for path in (live.src, live.dst, live.meta):
         refused(live, mnt=path, expect=f"{path} is in use by a live clone")
+
+
+def test_paths_that_name_no_file(rig, random_source):
+    """META, SRC or a trace that is a device or a FIFO: one line at once, nothing written
+    (META used to end in a traceback after trying to truncate it, a FIFO SRC or trace hung)."""
+    other = str(rig.tmp / "other.img")
+    make_source_file(other, 4 * MiB, seed=13)
+    before = sha256(other)
+    loop = rig.losetup(other)
+    fifo = str(rig.tmp / "fifo")
+    os.mkfifo(fifo)
+    for meta in (loop, fifo, "/dev/null"):
+        mount_refused(rig, rig.src, rig.dst, meta, rig.mnt, expect=f"{meta}: metadata must be a regular file")
+    assert sha256(other) == before
+    mount_refused(rig, fifo, rig.dst, rig.meta, rig.mnt,
+                  expect=f"{fifo}: source must be a regular file or a block device")
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", fifo,
+                  expect=f"the access trace {fifo} must be a regular file")
