@@ -76,6 +76,24 @@ def check_mountpoint(path: str) -> None:
         raise busy
     if os.path.isfile(path):  # covered by the mount: another clone could no longer reach it
         claims.refuse_if_held("mountpoint", path)
+    else:
+        _refuse_hiding_a_live_clone(path)
+
+
+def _refuse_hiding_a_live_clone(path: str) -> None:
+    """A directory mountpoint hides what lies beneath it: a live clone's META or mountpoint
+    there could be reached no more (its status, its unmount: "does not answer"). Both are
+    found in the mount table, and compared without a look inside any mount."""
+    from .fuse.mount import resolve_outside_mounts
+
+    mounted = control.mounts()
+    mountpoints = {mountpoint for _, mountpoint in mounted}
+    beneath = resolve_outside_mounts(path, mountpoints).rstrip("/") + "/"
+    for meta, mountpoint in mounted:
+        for what, hidden in (("metadata", meta), ("mountpoint", mountpoint)):
+            if resolve_outside_mounts(hidden, mountpoints).startswith(beneath):
+                raise FusecloneError(f"{path}: a mount there would hide the {what} {hidden} "
+                                     "of a live clone")
 
 
 def check_paths(opts: MountOptions) -> None:

@@ -42,12 +42,14 @@ def describe_spec(spec: str) -> str:
     pre-signed URL's signature, a secret, is in the query)."""
     if not is_remote(spec):
         return spec
-    parts = urllib.parse.urlsplit(spec)
+    given = urllib.parse.urlsplit(spec)
+    parts = given
     if _scheme(spec) in ("http", "https"):
         parts = parts._replace(query="", fragment="")
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
-    return urllib.parse.urlunsplit(parts)
+    # Rebuilt only when changed: urlunsplit respells some URLs (nbd+unix:/// as nbd+unix:/).
+    return spec if parts == given else urllib.parse.urlunsplit(parts)
 
 
 def describe_identity(identity: object) -> str:

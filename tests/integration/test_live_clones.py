@@ -103,3 +103,11 @@ def test_paths_that_name_no_file(rig, random_source):
                   expect=f"{fifo}: source must be a regular file or a block device")
     mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", fifo,
                   expect=f"the access trace {fifo} must be a regular file")
+
+
+def test_a_directory_mountpoint_hides_no_live_clone(live, tmp_path_factory):
+    """Mounted over the directory that holds a live clone's META and mountpoint, `status` and
+    `unmount` of that clone could reach it no more ("does not answer": try --lazy)."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    mount_refused(live, live.src, str(elsewhere / "dst.img"), str(elsewhere / "b.meta"),
+                  str(live.tmp), expect=f"would hide the metadata {live.meta} of a live clone")
