@@ -68,6 +68,7 @@ def check_mountpoint(path: str) -> None:
     busy = FusecloneError(f"{path}: mountpoint is busy (something is already mounted there)")
     if control.meta_of_mountpoint(path) is not None:
         raise busy
+    _refuse_covering_a_live_clone(path)
     if not os.path.exists(path):
         raise FusecloneError(f"{path}: mountpoint does not exist")
     if not (os.path.isdir(path) or os.path.isfile(path)):
@@ -76,22 +77,25 @@ def check_mountpoint(path: str) -> None:
         raise busy
     if os.path.isfile(path):  # covered by the mount: another clone could no longer reach it
         claims.refuse_if_held("mountpoint", path)
-    else:
-        _refuse_hiding_a_live_clone(path)
 
 
-def _refuse_hiding_a_live_clone(path: str) -> None:
-    """A directory mountpoint hides what lies beneath it: a live clone's META or mountpoint
-    there could be reached no more (its status, its unmount: "does not answer"). Both are
-    found in the mount table, and compared without a look inside any mount."""
+def _refuse_covering_a_live_clone(path: str) -> None:
+    """A mount covers what lies at or beneath its mountpoint. A live clone's image covered
+    keeps its loop devices, but that clone could not be unmounted ("in use"); its META or
+    mountpoint covered could be reached no more (its status, its unmount: "does not
+    answer"). All three are found in the mount table, and compared without a look inside any
+    mount (before PATH itself is looked at: it may be inside one)."""
     from .fuse.mount import resolve_outside_mounts
 
     mounted = control.mounts()
     mountpoints = {mountpoint for _, mountpoint in mounted}
-    beneath = resolve_outside_mounts(path, mountpoints).rstrip("/") + "/"
+    real = resolve_outside_mounts(path, mountpoints)
     for meta, mountpoint in mounted:
+        if real.startswith(mountpoint.rstrip("/") + "/"):
+            raise FusecloneError(f"{path}: a mount there would cover the image {real} of a "
+                                 "live clone")
         for what, hidden in (("metadata", meta), ("mountpoint", mountpoint)):
-            if resolve_outside_mounts(hidden, mountpoints).startswith(beneath):
+            if resolve_outside_mounts(hidden, mountpoints).startswith(real.rstrip("/") + "/"):
                 raise FusecloneError(f"{path}: a mount there would hide the {what} {hidden} "
                                      "of a live clone")
 
@@ -103,7 +107,8 @@ def check_paths(opts: MountOptions) -> None:
     for source_path in (opts.source, *opts.mirrors):
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
                        mountpoint=opts.mountpoint, access_trace=opts.record_access,
-                       log_file=opts.log_file)
+                       log_file=opts.log_file, prefetch=opts.prefetch,
+                       header_file=opts.http_header_file)
     # The trace is truncated and the log appended to: neither may be another live clone's file.
     for role, path in (("access trace", opts.record_access), ("log file", opts.log_file)):
         if path is not None:
@@ -205,11 +210,7 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
                                  f"({parent} is not a directory)")
     if opts.prefetch is None:
         return None
-    if opts.record_access is not None and os.path.exists(opts.record_access) \
-            and os.path.samefile(opts.prefetch, opts.record_access):
-        raise FusecloneError(f"{opts.record_access}: --record-access would overwrite the "
-                             "--prefetch trace")
-    return read_trace(opts.prefetch)
+    return read_trace(opts.prefetch)  # not the --record-access trace: check_paths refused that
 
 
 @asynccontextmanager

@@ -96,15 +96,19 @@ def inside(thing: Thing, mountpoint: Thing) -> str | None:
 
 def check_distinct(*, source: str | None, destination: str | None, metadata: str | None,
                    mountpoint: str | None = None, access_trace: str | None = None,
-                   log_file: str | None = None) -> None:
+                   log_file: str | None = None, prefetch: str | None = None,
+                   header_file: str | None = None) -> None:
     """Refuse (OverlapError) unless the given paths are different things, none backed by
     another, and DST, META and the files the mount writes (the access trace of --record-access,
-    which it truncates; the log file, which it appends to) are not inside the mountpoint. A
-    remote source, and any path given as None, takes no part."""
+    which it truncates; the log file, which it appends to) are not inside the mountpoint. The
+    files the mount only reads (the --prefetch trace, the --http-header-file) take part so that
+    neither is written as one of those. A remote source, and any path given as None, takes no
+    part."""
     things = [describe(role, path) for role, path in (
         ("source", None if source is None or is_remote(source) else source),
         ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint),
-        ("access trace", access_trace), ("log file", log_file))
+        ("access trace", access_trace), ("log file", log_file), ("prefetch trace", prefetch),
+        ("header file", header_file))
         if path is not None]
     for i, a in enumerate(things):
         for b in things[i + 1:]:

@@ -111,3 +111,27 @@ def test_a_directory_mountpoint_hides_no_live_clone(live, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     mount_refused(live, live.src, str(elsewhere / "dst.img"), str(elsewhere / "b.meta"),
                   str(live.tmp), expect=f"would hide the metadata {live.meta} of a live clone")
+
+
+def test_a_mountpoint_is_not_a_live_clones_image(live):
+    """Covered by a second mount, the image would keep its loop devices but its clone could
+    not be unmounted ("in use") until that one is."""
+    refused(live, mnt=live.image, expect=f"would cover the image {live.image} of a live clone")
+
+
+# ---- one mount's own files: what it reads is not what it writes -----------------------------
+
+
+def test_the_log_is_not_the_prefetch_trace(rig, random_source):
+    """The log is opened (and appended to) before the trace is read."""
+    trace = str(rig.tmp / "trace")
+    rig.mount("--no-hydration", "--record-access", trace)
+    with open(rig.image, "rb") as image:
+        image.read(4096)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    before = sha256(trace)
+    for mode in ((), ("--foreground",)):
+        mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--prefetch", trace,
+                      "--log-file", trace, *mode, expect="the log file must be a file of its own")
+    assert sha256(trace) == before

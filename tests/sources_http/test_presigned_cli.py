@@ -66,3 +66,19 @@ def test_an_old_meta_with_a_signature_loses_it_at_the_next_mount(rig, nginx, ima
     rig.wait_unmounted()
     assert_signature_absent(rig)
     assert "sig3" not in json.dumps(Metadata.read_header(rig.meta).identity)
+
+
+def test_the_header_file_is_neither_trace_nor_log(rig, nginx, image, tmp_path):
+    """Truncated as a trace or appended to as a log, the headers (a token) would be lost."""
+    from tests.integration.test_identity import mount_refused
+
+    from .test_http import FIRST_TOKEN, write_header_file
+
+    headers = write_header_file(tmp_path / "headers", FIRST_TOKEN)
+    before = open(headers).read()
+    open(rig.src, "wb").close()  # mount_refused checks that SRC is unchanged; here it is remote
+    for option in ("--record-access", "--log-file"):
+        mount_refused(rig, nginx.url("bearer/image.raw"), rig.dst, rig.meta, rig.mnt,
+                      "--http-header-file", headers, option, headers,
+                      expect="must be a file of its own")
+        assert open(headers).read() == before
