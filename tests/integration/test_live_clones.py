@@ -4,11 +4,12 @@ trace, log file or mountpoint, under any name (a loop device included). Each mis
 exit 1, and the live clone's files are unchanged and it keeps serving."""
 
 import os
+import sys
 
 import pytest
 
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, fuseclone, sha256
+from tests.integration.conftest import MiB, fuseclone, sh, sha256, status_json
 from tests.integration.test_identity import mount_refused
 
 
@@ -135,3 +136,28 @@ def test_the_log_is_not_the_prefetch_trace(rig, random_source):
         mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--prefetch", trace,
                       "--log-file", trace, *mode, expect="the log file must be a file of its own")
     assert sha256(trace) == before
+
+
+def test_a_path_through_the_callers_descriptors_names_the_callers_file(rig, random_source):
+    """/proc/self/fd/N (/dev/fd/N) means the file the `fuseclone` command has open as N; the
+    daemon, a child that closed the caller's descriptors, used to open its own N instead: SRC,
+    opened read-write as DST."""
+    before = sha256(rig.src)
+    with open(rig.dst, "wb") as f:
+        f.truncate(os.path.getsize(rig.src))
+    fd = os.open(rig.dst, os.O_RDONLY)
+    try:
+        rig.stack.callback(rig._force_unmount, rig.mnt)
+        sh(sys.executable, "-m", "fuseclone", "mount", rig.src, f"/proc/self/fd/{fd}", rig.meta,
+           rig.mnt, "--no-hydration", pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert status_json(rig.mnt)["destination"] == rig.dst
+    with open(rig.image, "r+b") as image:
+        image.write(b"B" * 4096)
+        os.fsync(image.fileno())
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert sha256(rig.src) == before
+    with open(rig.dst, "rb") as f:
+        assert f.read(4096) == b"B" * 4096
