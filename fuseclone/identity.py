@@ -131,7 +131,8 @@ def _rule_for(a: Thing, b: Thing) -> str:
 def backing_files(rdev: int) -> list[str]:
     """The regular files that hold block device `rdev`'s data: the backing files of the loop
     devices beneath it (itself, a partition's disk, device-mapper slaves), by the path sysfs
-    shows, each only if that path still is the file the loop device reports."""
+    shows, each only if that path is still the file the loop device reports (where it can be
+    asked)."""
     return sorted(_beneath_block_device(rdev, _MAX_DEPTH)[2])
 
 
@@ -233,7 +234,7 @@ def _slaves(sysfs: str) -> list[int]:
 def _loop_backing(sysfs: str, rdev: int) -> tuple[set[Key], str | None]:
     """The backing file of a loop device: by the path sysfs shows (renamed or deleted files
     leave it stale) and by the inode the device itself reports; and that path, if it is a
-    regular file and still the one the device reports."""
+    regular file and (where the device can be asked) still the one it reports."""
     path = loop_backing_file(sysfs)
     if path is None:
         return set(), None
@@ -252,7 +253,8 @@ def _loop_backing(sysfs: str, rdev: int) -> tuple[set[Key], str | None]:
         device, inode, backing_rdev = status
         reported = ("bdev", backing_rdev) if backing_rdev else ("inode", device, inode)
         keys.add(reported)
-    same_file = by_path is not None and by_path[0] == "inode" and by_path == reported
+    # The device's own word, where it can be asked, decides whether the path is still its file.
+    same_file = by_path is not None and by_path[0] == "inode" and reported in (None, by_path)
     return keys, path if same_file else None
 
 
