@@ -12,12 +12,18 @@ probed before the mount opens anything for writing: refused while a clone holds 
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import stat
 
 from .errors import FusecloneError
 from .identity import backing_files
+
+log = logging.getLogger(__name__)
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # the filesystem cannot flock
 
 
 class HeldError(FusecloneError):
@@ -28,12 +34,15 @@ class HeldError(FusecloneError):
         self.path = path
 
 
-def hold(fd: int, path: str, *, exclusive: bool) -> list[int]:
+def hold(fd: int, path: str, *, exclusive: bool, required: bool | None = None) -> list[int]:
     """Flock, without waiting, the file or block device node `fd` is open on (named `path`)
     and, for a block device, the files beneath it. Returns the descriptors opened for the
     files beneath, which the caller closes to let go (closing `fd` lets go of the rest).
-    Raises HeldError naming what another process holds; then nothing stays held."""
-    _flock(fd, path, exclusive)
+    Raises HeldError naming what another process holds; then nothing stays held. Where the
+    filesystem has no locks (an NFS mount without lockd, say), a hold that is not REQUIRED
+    (by default: a shared one), and the hold of a file beneath, hold nothing (logged): as
+    before these holds existed, the path checks alone guard it. DST's fails, as it always did."""
+    _flock(fd, path, exclusive, required=exclusive if required is None else required)
     if not stat.S_ISBLK(os.fstat(fd).st_mode):
         return []
     held: list[int] = []
@@ -44,7 +53,7 @@ def hold(fd: int, path: str, *, exclusive: bool) -> list[int]:
             except OSError:
                 continue  # gone since identity looked: nobody reaches it by this name either
             held.append(file_fd)
-            _flock(file_fd, file, exclusive)
+            _flock(file_fd, file, exclusive, required=False)
     except BaseException:
         release(held)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -67,7 +76,7 @@ def refuse_if_held(role: str, path: str) -> None:
     except OSError:
         return  # missing, or not ours to read: opening it for writing later says so
     try:
-        release(hold(fd, path, exclusive=True))
+        release(hold(fd, path, exclusive=True, required=False))
     except HeldError as exc:
         held = "" if exc.path == path else f" (through {exc.path})"
         raise FusecloneError(f"the {role} {path} is in use by a live clone{held}: it must be "
@@ -88,8 +97,12 @@ def refuse_unless_file(role: str, path: str, *, char_device_ok: bool = False) ->
         raise FusecloneError(f"the {role} {path} must be a regular file")
 
 
-def _flock(fd: int, path: str, exclusive: bool) -> None:
+def _flock(fd: int, path: str, exclusive: bool, *, required: bool) -> None:
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         raise HeldError(path) from None
+    except OSError as exc:
+        if required or exc.errno not in _NO_LOCKS:
+            raise
+        log.warning("%s: not held against other clones (%s)", path, exc.strerror)

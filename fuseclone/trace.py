@@ -135,7 +135,8 @@ def _open_held(path: str) -> int:
     the file as it was."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        claims.hold(fd, path, exclusive=True)  # a regular file (check_paths): nothing beneath
+        # A regular file (check_paths refused others): nothing is held beneath it.
+        claims.hold(fd, path, exclusive=True, required=False)
         os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)
