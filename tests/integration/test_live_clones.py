@@ -4,7 +4,9 @@ trace, log file or mountpoint, under any name (a loop device included). Each mis
 exit 1, and the live clone's files are unchanged and it keeps serving."""
 
 import os
+import socket
 import sys
+import time
 
 import pytest
 
@@ -161,3 +163,29 @@ def test_a_path_through_the_callers_descriptors_names_the_callers_file(rig, rand
     assert sha256(rig.src) == before
     with open(rig.dst, "rb") as f:
         assert f.read(4096) == b"B" * 4096
+
+
+# ---- clients of the metrics endpoint ---------------------------------------------------------
+
+
+def test_idle_metrics_clients_cost_the_mount_no_descriptors(rig, random_source):
+    """--metrics-listen may face a network: connections that send nothing used to be accepted
+    without bound, each a descriptor of the daemon, until it had none left for the source's
+    connections or the image's write-back. Beyond the ones served at once they wait in the
+    listen backlog."""
+    from fuseclone.metrics import MAX_SCRAPERS
+    from tests.integration.test_control import daemon_pid
+    from tests.integration.test_operating import free_port, scrape
+
+    port = free_port()
+    rig.mount("--no-hydration", "--metrics-listen", f"127.0.0.1:{port}")
+    pid = daemon_pid(rig)
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_SCRAPERS + 200)]
+    try:
+        time.sleep(1)  # the daemon accepts what it will
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= before + MAX_SCRAPERS + 4
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "fuseclone_up" in scrape(port)  # served again once the crowd is gone
