@@ -39,6 +39,8 @@ def test_a_signature_is_neither_shown_nor_stored(rig, nginx, image, tmp_path):
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     assert_signature_absent(rig, trace)
+    checked = fuseclone("check", rig.meta, "--src", signed(nginx))
+    assert "matches" in checked.stdout and SIGNATURE not in checked.stdout + checked.stderr
     # re-signed: the same object (the strong ETag says so), so the clone resumes, with the trace
     rig.mount("--no-hydration", "--prefetch", trace, src=signed(nginx, "sig2"))
     deadline = time.monotonic() + 60
