@@ -38,6 +38,9 @@ _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed furthe
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
 _OF_ITS_OWN = "the {role} must be a file of its own"
 _WRITTEN_FILES = ("access trace", "log file")  # files the mount writes to (it truncates a trace)
+# What the mount opens while it is mounted: beneath the mountpoint, it would look inside its own
+# mount instead (a local SRC missing at mount is dialled again; headers are re-read on 401/403).
+_HIDDEN_BY_THE_MOUNT = ("source", "destination", "metadata", "header file", *_WRITTEN_FILES)
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,10 @@ def check_distinct(*, source: str | None, destination: str | None, metadata: str
                    header_file: str | None = None) -> None:
     """Refuse (OverlapError) unless the given paths are different things, none backed by
     another, and DST, META and the files the mount writes (the access trace of --record-access,
-    which it truncates; the log file, which it appends to) are not inside the mountpoint. The
-    files the mount only reads (the --prefetch trace, the --http-header-file) take part so that
-    neither is written as one of those. A remote source, and any path given as None, takes no
-    part."""
+    which it truncates; the log file, which it appends to), a local SRC and the header file
+    (both may be opened again while mounted) are not inside the mountpoint. The files the
+    mount only reads (the --prefetch trace, the --http-header-file) take part so that neither
+    is written as one of those. A remote source, and any path given as None, takes no part."""
     things = [describe(role, path) for role, path in (
         ("source", None if source is None or is_remote(source) else source),
         ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint),
@@ -116,7 +119,7 @@ def check_distinct(*, source: str | None, destination: str | None, metadata: str
             if reason:
                 raise OverlapError(f"{reason}: {_rule_for(a, b)}")
     for mount in (t for t in things if t.role == "mountpoint"):
-        for thing in (t for t in things if t.role in ("destination", "metadata", *_WRITTEN_FILES)):
+        for thing in (t for t in things if t.role in _HIDDEN_BY_THE_MOUNT):
             reason = inside(thing, mount)
             if reason:
                 raise OverlapError(reason)

@@ -189,3 +189,22 @@ def test_idle_metrics_clients_cost_the_mount_no_descriptors(rig, random_source):
         for sock in idle:
             sock.close()
     assert "fuseclone_up" in scrape(port)  # served again once the crowd is gone
+
+
+def test_what_the_mount_reads_later_is_not_inside_the_mountpoint(rig, random_source):
+    """A resumed clone whose SRC is missing at mount dials it again later, and the headers are
+    re-read on 401/403: beneath the mountpoint, the daemon would look inside its own mount
+    (and hang: it answers that lookup itself) instead of finding them."""
+    inner_src = os.path.join(rig.mnt, "src.img")
+    os.rename(rig.src, inner_src)
+    rig.src = inner_src
+    mount_refused(rig, inner_src, rig.dst, rig.meta, rig.mnt,
+                  expect=f"source {inner_src} is inside the mountpoint {rig.mnt}")
+    os.rename(inner_src, str(rig.tmp / "src.img"))
+    rig.src = str(rig.tmp / "src.img")
+    headers = os.path.join(rig.mnt, "headers")
+    with open(headers, "w") as f:
+        f.write("Authorization: Bearer x\n")
+    mount_refused(rig, "http://127.0.0.1:9/image.raw", rig.dst, rig.meta, rig.mnt,
+                  "--http-header-file", headers,
+                  expect=f"header file {headers} is inside the mountpoint {rig.mnt}")
