@@ -102,7 +102,11 @@ def _refuse_covering_a_live_clone(path: str) -> None:
 
 def check_paths(opts: MountOptions) -> None:
     """Refuse a busy mountpoint, and paths that are not different things: SRC (and each
-    mirror), DST, META, the mountpoint, and the files the mount writes (trace, log)."""
+    mirror), DST, META, the mountpoint, and the files the mount writes (trace, log); and an
+    image name that is no file name."""
+    from .fuse.fs import check_image_name
+
+    check_image_name(opts.name)
     check_mountpoint(opts.mountpoint)
     for source_path in (opts.source, *opts.mirrors):
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,

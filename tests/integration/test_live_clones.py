@@ -208,3 +208,11 @@ def test_what_the_mount_reads_later_is_not_inside_the_mountpoint(rig, random_sou
     mount_refused(rig, "http://127.0.0.1:9/image.raw", rig.dst, rig.meta, rig.mnt,
                   "--http-header-file", headers,
                   expect=f"header file {headers} is inside the mountpoint {rig.mnt}")
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ""])
+def test_an_image_name_that_is_no_file_name(rig, random_source, name):
+    """Refused with one line before anything is created (it was a traceback once DST and META
+    had been created and removed again)."""
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--name", name,
+                  expect="must be a file name")
