@@ -24,7 +24,7 @@ import trio
 from . import claims, control
 from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
-from .errors import FusecloneError
+from .errors import FusecloneError, describe
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
@@ -107,6 +107,8 @@ def check_paths(opts: MountOptions) -> None:
     from .fuse.fs import check_image_name
 
     check_image_name(opts.name)
+    if opts.on_complete is not None:
+        on_complete_argv(opts.on_complete)
     check_mountpoint(opts.mountpoint)
     for source_path in (opts.source, *opts.mirrors):
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
@@ -405,13 +407,29 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def on_complete_argv(command: str) -> list[str]:
+    """The --on-complete command split like a shell would; refused (one line) at mount, not
+    found out when hydration completes."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise FusecloneError(f"--on-complete {command!r}: {exc}") from None
+    if not argv:
+        raise FusecloneError("--on-complete: the command is empty")
+    return argv
+
+
 async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int) -> None:
     await engine.complete.wait()
     if write_cache:
         await _write_back(image)  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
-    result = await trio.run_process(shlex.split(command), check=False, env=env)
+    try:
+        result = await trio.run_process(on_complete_argv(command), check=False, env=env)
+    except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
+        log.error("--on-complete command could not run: %s", describe(exc))
+        return
     if result.returncode:
         log.warning("--on-complete command exited with %d", result.returncode)
 

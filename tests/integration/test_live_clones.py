@@ -216,3 +216,20 @@ def test_an_image_name_that_is_no_file_name(rig, random_source, name):
     had been created and removed again)."""
     mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--name", name,
                   expect="must be a file name")
+
+
+# ---- --on-complete: a mistake in the command must not end the mount hours later --------------
+
+
+def test_an_on_complete_command_that_cannot_run_leaves_the_mount_up(rig, random_source):
+    rig.mount("--on-complete", str(rig.tmp / "no-such-command"))
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    time.sleep(0.5)  # the command is started once hydration completes
+    status = status_json(rig.mnt)
+    assert status["live"] and status["hydrated_regions"] == status["total_regions"]
+    assert "no-such-command" in open(status["log_file"]).read()
+
+
+def test_an_on_complete_command_that_does_not_parse_is_one_line(rig, random_source):
+    mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--on-complete", 'echo "unclosed',
+                  expect="--on-complete")
