@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 
 from .errors import FusecloneError
 from .identity import backing_files
@@ -24,6 +25,9 @@ from .identity import backing_files
 log = logging.getLogger(__name__)
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # the filesystem cannot flock
+# udev holds a shared flock on a block device while it probes it (just after `losetup`, say):
+# an exclusive hold of a device node waits that long for it before calling the device held.
+UDEV_PROBE_WAIT = 1.0  # seconds
 
 
 class HeldError(FusecloneError):
@@ -42,8 +46,10 @@ def hold(fd: int, path: str, *, exclusive: bool, required: bool | None = None) -
     filesystem has no locks (an NFS mount without lockd, say), a hold that is not REQUIRED
     (by default: a shared one), and the hold of a file beneath, hold nothing (logged): as
     before these holds existed, the path checks alone guard it. DST's fails, as it always did."""
-    _flock(fd, path, exclusive, required=exclusive if required is None else required)
-    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+    block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
+    _flock(fd, path, exclusive, required=exclusive if required is None else required,
+           wait=UDEV_PROBE_WAIT if block_device and exclusive else 0.0)
+    if not block_device:
         return []
     held: list[int] = []
     try:
@@ -97,12 +103,19 @@ def refuse_unless_file(role: str, path: str, *, char_device_ok: bool = False) ->
         raise FusecloneError(f"the {role} {path} must be a regular file")
 
 
-def _flock(fd: int, path: str, exclusive: bool, *, required: bool) -> None:
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise HeldError(path) from None
-    except OSError as exc:
-        if required or exc.errno not in _NO_LOCKS:
-            raise
-        log.warning("%s: not held against other clones (%s)", path, exc.strerror)
+def _flock(fd: int, path: str, exclusive: bool, *, required: bool, wait: float = 0.0) -> None:
+    """Flock FD, trying again for WAIT seconds while another holder has it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise HeldError(path) from None
+            time.sleep(0.02)
+        except OSError as exc:
+            if required or exc.errno not in _NO_LOCKS:
+                raise
+            log.warning("%s: not held against other clones (%s)", path, exc.strerror)
+            return

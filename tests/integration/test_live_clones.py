@@ -233,3 +233,21 @@ def test_an_on_complete_command_that_cannot_run_leaves_the_mount_up(rig, random_
 def test_an_on_complete_command_that_does_not_parse_is_one_line(rig, random_source):
     mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--on-complete", 'echo "unclosed',
                   expect="--on-complete")
+
+
+def test_a_block_device_dst_waits_out_udevs_brief_shared_lock(rig, random_source):
+    """udev holds a shared flock on a block device while it probes it (just after `losetup`,
+    say): the claim's exclusive flock of the node waits that out instead of calling the device
+    in use by another clone."""
+    import fcntl
+    import threading
+
+    with open(rig.dst, "wb") as f:
+        f.truncate(os.path.getsize(rig.src))
+    loop = rig.losetup(rig.dst)
+    probe = os.open(loop, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.3, os.close, (probe,)).start()
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    fuseclone("mount", rig.src, loop, rig.meta, rig.mnt, "--no-hydration")
+    fuseclone("unmount", rig.mnt)
