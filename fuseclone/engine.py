@@ -203,7 +203,7 @@ class CloneEngine:
         self.copier = Copier(source, dst, self.geometry)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self.written_commits = 0  # META commits that user writes waited for (metrics)
-        self.written_wait_seconds = 0.0  # time user writes spent waiting for them
+        self.written_wait_seconds = 0.0  # time user writes spent waiting for them, summed
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
         self._mark_ahead = MarkAhead(self.geometry.image_size)  # what else a write-ahead marks
@@ -763,7 +763,8 @@ class CloneEngine:
         if self.meta.written_durable(offset, length):
             return
         started = trio.current_time()
-        self.meta.mark_written(*_start_length(self._mark_ahead.span(offset, length)))
+        start, stop = self._mark_ahead.span(offset, length)
+        self.meta.mark_written(start, stop - start)
         async with self._written_lock:
             if not self.meta.written_durable(offset, length):  # else an earlier commit had ours
                 self._check_writable()
@@ -951,11 +952,6 @@ class CloneEngine:
             self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)
-
-
-def _start_length(span: tuple[int, int]) -> tuple[int, int]:
-    start, stop = span
-    return start, stop - start
 
 
 def _runs_of(regions: list[int]) -> list[range]:
