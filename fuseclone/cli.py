@@ -14,7 +14,6 @@ from typing import NoReturn
 import click
 
 from . import control
-from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .sources import is_remote
 from .status import Status
@@ -115,6 +114,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
+    from .engine import Settings, check_hydration_setting
 
     for option, value in (("--hydration-threshold", hydration_threshold),
                           ("--hydration-batch-size", hydration_batch_size)):
@@ -140,10 +140,10 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
 
 
 def _listen_address(value: str | None) -> tuple[str | None, int] | None:
-    from .metrics import parse_listen_address
-
     if value is None:
         return None
+    from .metrics import parse_listen_address
+
     try:
         return parse_listen_address(value)
     except ValueError as exc:
