@@ -344,9 +344,9 @@ def _existing(path: str) -> str | None:
 @click.option("--watch", "-w", is_flag=True, help="Update live until hydration is complete.")
 def status(target, as_json, dmsetup, watch) -> None:
     """Show hydration progress of a mountpoint or a META file."""
-    from .progress import render_status, watch_status
-
     if watch:
+        from .progress import watch_status
+
         watch_status(lambda: read_status(target))
         return
     st = read_status(target)
@@ -355,6 +355,8 @@ def status(target, as_json, dmsetup, watch) -> None:
     elif dmsetup:
         click.echo(st.dmsetup_line())
     else:
+        from .progress import render_status  # rich: only for the human-readable form
+
         render_status(st)
 
 

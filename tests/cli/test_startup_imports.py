@@ -41,3 +41,16 @@ def test_a_mount_without_metrics_listen_does_not_import_the_metrics_server():
     parse = ("from fuseclone.cli import mount\n"
              "mount.make_context('mount', ['src.img', 'dst.img', 'clone.meta', 'mnt'])")
     assert _loaded_after(parse, ("fuseclone.metrics",)) == []
+
+
+def test_machine_readable_status_does_not_import_rich(tmp_path):
+    """`status --json` and `--dmsetup` are for scripts, which run them often: no rich."""
+    meta = tmp_path / "clone.meta"
+    create = ("from fuseclone.metadata import Metadata\nfrom fuseclone.regions import Geometry\n"
+              f"Metadata.create({str(meta)!r}, Geometry(1 << 20, 4096), {{}}).close()")
+    subprocess.run([sys.executable, "-c", create], check=True)
+    for form in ("--json", "--dmsetup"):
+        run = ("import contextlib, io\nfrom fuseclone.cli import main\n"
+               "with contextlib.redirect_stdout(io.StringIO()):\n"
+               f"    main(['status', {str(meta)!r}, {form!r}], standalone_mode=False)")
+        assert _loaded_after(run, ("rich",)) == []
