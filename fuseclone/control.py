@@ -27,6 +27,7 @@ in the listen backlog.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -59,6 +60,8 @@ def default_runtime_dir(uid: int, environ: dict[str, str]) -> str:
 
 RUNTIME_DIR = default_runtime_dir(os.geteuid(), dict(os.environ))
 FSNAME_PREFIX = "fuseclone:"
+# accept(2) failures a server (the control socket, the metrics endpoint) waits out and retries
+ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 REQUEST_TIMEOUT = 10.0  # seconds: the CLI's deadline for an answer, and the mount's for a request line
 MAX_REQUEST = 64 << 10  # bytes in a request line

@@ -19,15 +19,14 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from .control import (ANSWER_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, REQUEST_TIMEOUT, RequestError,
-                      ensure_runtime_dir, parse_request, socket_path)
+from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, MAX_CLIENTS, MAX_REQUEST,
+                      REQUEST_TIMEOUT, RequestError, ensure_runtime_dir, parse_request,
+                      socket_path)
 
 log = logging.getLogger(__name__)
 
 
 Handler = Callable[[dict], Awaitable[dict]]
-
-_ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 async def serve_control(meta_path: str, handle: Handler,
@@ -70,7 +69,7 @@ async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
         except OSError as exc:
             if exc.errno == errno.ECONNABORTED:
                 continue
-            if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+            if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
                 raise
             log.warning("control socket: %s; accepting again in 0.1 s", os.strerror(exc.errno))
             await trio.sleep(0.1)
