@@ -199,7 +199,7 @@ class CloneEngine:
         self._settled_changed = trio.Event()
         self._progress = _Progress()
         self._nursery: trio.Nursery | None = None
-        self.copier = Copier(source, dst, self.geometry)
+        self.copier = Copier(source, dst, self.geometry, users_active=self.user_active)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
