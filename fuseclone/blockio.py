@@ -22,6 +22,14 @@ def fd_size(fd: int) -> int:
     return st.st_size
 
 
+def open_without_waiting(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open that never waits for a FIFO's other end: opened O_NONBLOCK, which is then
+    cleared, so that a caller's check of the file's type refuses a FIFO instead of hanging."""
+    fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
 def is_block_device(fd: int) -> bool:
     return stat.S_ISBLK(os.fstat(fd).st_mode)
 

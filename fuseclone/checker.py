@@ -39,9 +39,9 @@ async def _check_against(meta: Metadata, src: str | None, dst: str | None, verif
         recorded = identity.get("source")
         if (not isinstance(recorded, dict) or not source.identity_matches(recorded)
                 or source.size != meta.header.source_size):
-            echo(f"MISMATCH: {src} is not the source this metadata was made for")
+            echo(f"MISMATCH: {source.description} is not the source this metadata was made for")
             return False
-        echo(f"source {src}: matches")
+        echo(f"source {source.description}: matches")
         if dst:
             ok = _check_destination(meta, dst, echo)
             if ok and verify:

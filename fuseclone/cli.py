@@ -16,7 +16,7 @@ import click
 from . import control
 from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
-from .sources import is_remote
+from .sources import describe_spec, is_remote
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -124,19 +124,36 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     # Absolute, so that status, list and metrics name them usefully from any directory.
-    src = src if is_remote(src) else os.path.abspath(src)
+    src = src if is_remote(src) else os.path.abspath(_callers_file(src))
+    mirrors = tuple(m if is_remote(m) else _callers_file(m) for m in mirrors)
+    dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file = (
+        path and _callers_file(path) for path in (dst, meta, mountpoint, record_access, prefetch,
+                                                  log_file, http_header_file))
     opts = MountOptions(source=src, destination=os.path.abspath(dst), metadata=meta,
                         mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
                         name=name, on_complete=on_complete, write_cache=write_cache,
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
-                        mirrors=tuple(mirrors), record_access=record_access, prefetch=prefetch,
+                        mirrors=mirrors, record_access=record_access, prefetch=prefetch,
                         log_file=log_file, passthrough=passthrough)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
         _mount_background(opts, log_file, log_level)
+
+
+_OWN_DESCRIPTORS = re.compile(r"^/(proc/(self|thread-self|\d+)/|dev/(fd/|stdin$|stdout$|stderr$))")
+
+
+def _callers_file(path: str) -> str:
+    """PATH as the daemon must see it. /proc/self/fd/N, /dev/fd/N and /dev/stdin name this
+    command's descriptors, which the daemon (a child that closes them) does not share: it
+    would open whatever it holds as N itself (its source, say, as DST). Such a path is resolved
+    here to the file it names; every other one is left as the user spelled it."""
+    if _OWN_DESCRIPTORS.match(os.path.abspath(path)):
+        return os.path.realpath(path)
+    return path
 
 
 def _listen_address(value: str | None) -> tuple[str | None, int] | None:
@@ -325,7 +342,8 @@ def offline_status(meta_path: str) -> Status:
             hydration_batch_size=h.hydration_batch_size,
             hydration_enabled=not ("no_hydration" in feature_names(h.features)),
             hydration_error=None, metadata_mode="ro", bytes_per_second=0.0, eta_seconds=None,
-            source=str(ident.get("source", {}).get("path") or ident.get("source", {}).get("url", "?")),
+            source=describe_spec(str(ident.get("source", {}).get("path")
+                                     or ident.get("source", {}).get("url", "?"))),
             destination=str(ident.get("destination", {}).get("path", "?")),
             metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)),
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),

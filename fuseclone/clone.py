@@ -54,12 +54,13 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
                 f"not {region_size}")
         dst = Destination.open(dst_path, source.size, create=False)
         try:
-            meta.check_matches(source.size, _identity(source, dst), source.identity_matches)
+            identity = _identity(source, dst)
+            meta.check_matches(source.size, identity, source.identity_matches)
             if not settings.hydration_threshold:
                 settings.hydration_threshold = meta.header.hydration_threshold
             if not settings.hydration_batch_size:
                 settings.hydration_batch_size = meta.header.hydration_batch_size
-            meta.mark_open()  # the first change on disk, after every check
+            meta.mark_open(identity)  # the first change on disk, after every check
         except BaseException:
             dst.close()
             raise

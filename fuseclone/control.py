@@ -363,7 +363,7 @@ def _short(text: str, limit: int = 40) -> str:
 
 Handler = Callable[[dict], Awaitable[dict]]
 
-_ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 async def serve_control(meta_path: str, handle: Handler,
@@ -406,7 +406,7 @@ async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
         except OSError as exc:
             if exc.errno == errno.ECONNABORTED:
                 continue
-            if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+            if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
                 raise
             log.warning("control socket: %s; accepting again in 0.1 s", os.strerror(exc.errno))
             await trio.sleep(0.1)

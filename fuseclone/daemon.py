@@ -21,10 +21,10 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from . import control
+from . import claims, control
 from .clone import open_clone, recorded_source, running
 from .engine import CloneEngine, Settings
-from .errors import FusecloneError
+from .errors import FusecloneError, describe
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
@@ -68,22 +68,58 @@ def check_mountpoint(path: str) -> None:
     busy = FusecloneError(f"{path}: mountpoint is busy (something is already mounted there)")
     if control.meta_of_mountpoint(path) is not None:
         raise busy
+    _refuse_covering_a_live_clone(path)
     if not os.path.exists(path):
         raise FusecloneError(f"{path}: mountpoint does not exist")
     if not (os.path.isdir(path) or os.path.isfile(path)):
         raise FusecloneError(f"{path}: mountpoint must be a directory or a regular file")
     if os.path.ismount(path):
         raise busy
+    if os.path.isfile(path):  # covered by the mount: another clone could no longer reach it
+        claims.refuse_if_held("mountpoint", path)
+
+
+def _refuse_covering_a_live_clone(path: str) -> None:
+    """A mount covers what lies at or beneath its mountpoint. A live clone's image covered
+    keeps its loop devices, but that clone could not be unmounted ("in use"); its META or
+    mountpoint covered could be reached no more (its status, its unmount: "does not
+    answer"). All three are found in the mount table, and compared without a look inside any
+    mount (before PATH itself is looked at: it may be inside one)."""
+    from .fuse.mount import resolve_outside_mounts
+
+    mounted = control.mounts()
+    mountpoints = {mountpoint for _, mountpoint in mounted}
+    real = resolve_outside_mounts(path, mountpoints)
+    for meta, mountpoint in mounted:
+        if real.startswith(mountpoint.rstrip("/") + "/"):
+            raise FusecloneError(f"{path}: a mount there would cover the image {real} of a "
+                                 "live clone")
+        for what, hidden in (("metadata", meta), ("mountpoint", mountpoint)):
+            if resolve_outside_mounts(hidden, mountpoints).startswith(real.rstrip("/") + "/"):
+                raise FusecloneError(f"{path}: a mount there would hide the {what} {hidden} "
+                                     "of a live clone")
 
 
 def check_paths(opts: MountOptions) -> None:
     """Refuse a busy mountpoint, and paths that are not different things: SRC (and each
-    mirror), DST, META, the mountpoint, and the files the mount writes (trace, log)."""
+    mirror), DST, META, the mountpoint, and the files the mount writes (trace, log); and an
+    image name that is no file name."""
+    from .fuse.fs import check_image_name
+
+    check_image_name(opts.name)
+    if opts.on_complete is not None:
+        on_complete_argv(opts.on_complete)
     check_mountpoint(opts.mountpoint)
     for source_path in (opts.source, *opts.mirrors):
         check_distinct(source=source_path, destination=opts.destination, metadata=opts.metadata,
                        mountpoint=opts.mountpoint, access_trace=opts.record_access,
-                       log_file=opts.log_file)
+                       log_file=opts.log_file, prefetch=opts.prefetch,
+                       header_file=opts.http_header_file)
+    # The trace is truncated and the log appended to: neither may be another live clone's file.
+    for role, path in (("access trace", opts.record_access), ("log file", opts.log_file)):
+        if path is not None:
+            claims.refuse_unless_file(role, path, char_device_ok=role == "log file")
+            claims.refuse_if_held(role, path)
 
 
 def check_passthrough(opts: MountOptions) -> None:
@@ -180,11 +216,7 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
                                  f"({parent} is not a directory)")
     if opts.prefetch is None:
         return None
-    if opts.record_access is not None and os.path.exists(opts.record_access) \
-            and os.path.samefile(opts.prefetch, opts.record_access):
-        raise FusecloneError(f"{opts.record_access}: --record-access would overwrite the "
-                             "--prefetch trace")
-    return read_trace(opts.prefetch)
+    return read_trace(opts.prefetch)  # not the --record-access trace: check_paths refused that
 
 
 @asynccontextmanager
@@ -375,13 +407,29 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def on_complete_argv(command: str) -> list[str]:
+    """The --on-complete command split like a shell would; refused (one line) at mount, not
+    found out when hydration completes."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise FusecloneError(f"--on-complete {command!r}: {exc}") from None
+    if not argv:
+        raise FusecloneError("--on-complete: the command is empty")
+    return argv
+
+
 async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int) -> None:
     await engine.complete.wait()
     if write_cache:
         await _write_back(image)  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
-    result = await trio.run_process(shlex.split(command), check=False, env=env)
+    try:
+        result = await trio.run_process(on_complete_argv(command), check=False, env=env)
+    except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
+        log.error("--on-complete command could not run: %s", describe(exc))
+        return
     if result.returncode:
         log.warning("--on-complete command exited with %d", result.returncode)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import stat
 import threading
 
+from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, pread_exact, pwrite_all)
 from .errors import DestinationError, DestinationInUseError
@@ -32,6 +32,7 @@ class Destination:
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._st = st
         self._direct_fd = -1
+        self._held: list[int] = []  # files held beneath a block device (claims.hold)
         self.direct_bytes = 0  # written with direct I/O (hydration copies)
         # What the next datasync may have to write back or commit: bytes written, punched or
         # zeroed (not by write_through) in all, and in all when the latest finished one began.
@@ -66,14 +67,16 @@ class Destination:
             if size < image_size:
                 raise DestinationError(
                     f"{path}: destination is {size} bytes, smaller than the source ({image_size} bytes)")
+            held: list[int] = []
             if not readonly:
-                fd = _claim(fd, path, stat.S_ISBLK(mode))
+                fd, held = _claim(fd, path, stat.S_ISBLK(mode))
         except BaseException:
             os.close(fd)
             if created:
                 os.unlink(path)
             raise
         dst = cls(path, fd, image_size)
+        dst._held = held
         if not readonly:  # a check reads DST front to back, where readahead pays
             dst._no_readahead()
             dst._open_direct()
@@ -255,30 +258,39 @@ class Destination:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        claims.release(self._held)
 
 
-def _claim(fd: int, path: str, is_block_device: bool) -> int:
+def _claim(fd: int, path: str, is_block_device: bool) -> tuple[int, list[int]]:
     """Make `fd` this clone's claim on DST (SPEC invariant 9: one clone per DST); returns the
-    descriptor to keep. A file gets an exclusive flock, like META. A flock on a device node
-    locks that node's inode, not the device, and another node of the same device would not
-    conflict; so a block device is reopened with O_EXCL instead (through /proc/self/fd, the very
-    device opened): Linux then refuses, with EBUSY, any other exclusive opener (a second clone,
-    through any node) and any mount of the device, for as long as it stays open."""
-    if not is_block_device:
+    descriptor to keep, and those of the files held beneath it (claims.hold). A file gets an
+    exclusive flock, like META. A flock on a device node locks that node's inode, not the
+    device, and another node of the same device would not conflict; so a block device is
+    reopened with O_EXCL as well (through /proc/self/fd, the very device opened): Linux then
+    refuses, with EBUSY, any other exclusive opener (a second clone, through any node) and any
+    mount of the device, for as long as it stays open. The flocks of its node and of the files
+    beneath it (a loop device's backing file) meet those of a clone holding them as its SRC or
+    DST by a file name."""
+    claimed = fd
+    if is_block_device:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DestinationInUseError(f"{path}: destination is in use by another clone") from None
-        return fd
+            claimed = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            raise DestinationInUseError(
+                f"{path}: destination is in use (by another clone, or mounted)") from None
     try:
-        claimed = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
+        held = claims.hold(claimed, path, exclusive=True)
+    except claims.HeldError as exc:
+        if claimed != fd:
+            os.close(claimed)
+        beneath = "" if exc.path == path else f" (through {exc.path})"
         raise DestinationInUseError(
-            f"{path}: destination is in use (by another clone, or mounted)") from None
-    os.close(fd)
-    return claimed
+            f"{path}: destination is in use by another clone{beneath}") from None
+    if claimed != fd:
+        os.close(fd)
+    return claimed, held
 
 
 def _create_sparse(path: str, size: int) -> int:

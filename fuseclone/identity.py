@@ -38,6 +38,9 @@ _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed furthe
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
 _OF_ITS_OWN = "the {role} must be a file of its own"
 _WRITTEN_FILES = ("access trace", "log file")  # files the mount writes to (it truncates a trace)
+# What the mount opens while it is mounted: beneath the mountpoint, it would look inside its own
+# mount instead (a local SRC missing at mount is dialled again; headers are re-read on 401/403).
+_HIDDEN_BY_THE_MOUNT = ("source", "destination", "metadata", "header file", *_WRITTEN_FILES)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def describe(role: str, path: str) -> Thing:
     except OSError:  # missing (or not ours to see): opening it later says which
         return Thing(role, path, _missing_key(real), directories=directories)
     if stat.S_ISBLK(st.st_mode):
-        beneath, disk = _beneath_block_device(st.st_rdev, _MAX_DEPTH)
+        beneath, disk, _ = _beneath_block_device(st.st_rdev, _MAX_DEPTH)
         return Thing(role, path, ("bdev", st.st_rdev), beneath, disk, directories)
     return Thing(role, path, ("inode", st.st_dev, st.st_ino), directories=directories)
 
@@ -96,15 +99,19 @@ def inside(thing: Thing, mountpoint: Thing) -> str | None:
 
 def check_distinct(*, source: str | None, destination: str | None, metadata: str | None,
                    mountpoint: str | None = None, access_trace: str | None = None,
-                   log_file: str | None = None) -> None:
+                   log_file: str | None = None, prefetch: str | None = None,
+                   header_file: str | None = None) -> None:
     """Refuse (OverlapError) unless the given paths are different things, none backed by
     another, and DST, META and the files the mount writes (the access trace of --record-access,
-    which it truncates; the log file, which it appends to) are not inside the mountpoint. A
-    remote source, and any path given as None, takes no part."""
+    which it truncates; the log file, which it appends to), a local SRC and the header file
+    (both may be opened again while mounted) are not inside the mountpoint. The files the
+    mount only reads (the --prefetch trace, the --http-header-file) take part so that neither
+    is written as one of those. A remote source, and any path given as None, takes no part."""
     things = [describe(role, path) for role, path in (
         ("source", None if source is None or is_remote(source) else source),
         ("destination", destination), ("metadata", metadata), ("mountpoint", mountpoint),
-        ("access trace", access_trace), ("log file", log_file))
+        ("access trace", access_trace), ("log file", log_file), ("prefetch trace", prefetch),
+        ("header file", header_file))
         if path is not None]
     for i, a in enumerate(things):
         for b in things[i + 1:]:
@@ -112,7 +119,7 @@ def check_distinct(*, source: str | None, destination: str | None, metadata: str
             if reason:
                 raise OverlapError(f"{reason}: {_rule_for(a, b)}")
     for mount in (t for t in things if t.role == "mountpoint"):
-        for thing in (t for t in things if t.role in ("destination", "metadata", *_WRITTEN_FILES)):
+        for thing in (t for t in things if t.role in _HIDDEN_BY_THE_MOUNT):
             reason = inside(thing, mount)
             if reason:
                 raise OverlapError(reason)
@@ -122,6 +129,14 @@ def _rule_for(a: Thing, b: Thing) -> str:
     """The rule two conflicting things break: a written file's own, else the four things'."""
     written = next((t.role for t in (b, a) if t.role in _WRITTEN_FILES), None)
     return _OF_ITS_OWN.format(role=written) if written else _FOUR_THINGS
+
+
+def backing_files(rdev: int) -> list[str]:
+    """The regular files that hold block device `rdev`'s data: the backing files of the loop
+    devices beneath it (itself, a partition's disk, device-mapper slaves), by the path sysfs
+    shows, each only if that path is still the file the loop device reports (where it can be
+    asked)."""
+    return sorted(_beneath_block_device(rdev, _MAX_DEPTH)[2])
 
 
 def loop_backing_file(sysfs_dir: str) -> str | None:
@@ -162,27 +177,38 @@ def _directories_holding(real: str) -> frozenset[Key]:
         parent = os.path.dirname(parent)
 
 
-def _beneath_block_device(rdev: int, depth: int) -> tuple[frozenset[Key], Key | None]:
-    """What holds the data of block device `rdev`, and its whole disk if it is a partition."""
+def _beneath_block_device(rdev: int, depth: int) -> tuple[frozenset[Key], Key | None, set[str]]:
+    """What holds the data of block device `rdev`, its whole disk if it is a partition, and the
+    paths of the loop backing files among them."""
     sysfs = _sysfs_dir(rdev)
     if sysfs is None or depth <= 0:
-        return frozenset(), None
+        return frozenset(), None, set()
     keys: set[Key] = set()
+    files: set[str] = set()
     disk = None
+
+    def add_beneath(beneath_rdev: int) -> None:
+        deeper_keys, _, deeper_files = _beneath_block_device(beneath_rdev, depth - 1)
+        keys.update(deeper_keys)
+        files.update(deeper_files)
+
     if os.path.exists(os.path.join(sysfs, "partition")):
         disk_rdev = _sysfs_dev(os.path.dirname(sysfs))
         if disk_rdev is not None:
             disk = ("bdev", disk_rdev)
             keys.add(disk)
-            keys |= _beneath_block_device(disk_rdev, depth - 1)[0]
-    for backing in _loop_backing(sysfs, rdev):
+            add_beneath(disk_rdev)
+    backing_keys, backing_file = _loop_backing(sysfs, rdev)
+    if backing_file is not None:
+        files.add(backing_file)
+    for backing in backing_keys:
         keys.add(backing)
         if backing[0] == "bdev":
-            keys |= _beneath_block_device(backing[1], depth - 1)[0]
+            add_beneath(backing[1])
     for slave in _slaves(sysfs):
         keys.add(("bdev", slave))
-        keys |= _beneath_block_device(slave, depth - 1)[0]
-    return frozenset(keys), disk
+        add_beneath(slave)
+    return frozenset(keys), disk, files
 
 
 def _sysfs_dir(rdev: int) -> str | None:
@@ -208,24 +234,31 @@ def _slaves(sysfs: str) -> list[int]:
     return [rdev for rdev in found if rdev is not None]
 
 
-def _loop_backing(sysfs: str, rdev: int) -> set[Key]:
+def _loop_backing(sysfs: str, rdev: int) -> tuple[set[Key], str | None]:
     """The backing file of a loop device: by the path sysfs shows (renamed or deleted files
-    leave it stale) and by the inode the device itself reports."""
+    leave it stale) and by the inode the device itself reports; and that path, if it is a
+    regular file and (where the device can be asked) still the one it reports."""
     path = loop_backing_file(sysfs)
     if path is None:
-        return set()
+        return set(), None
     keys: set[Key] = set()
+    by_path = None
     try:
         st = os.stat(path)
     except OSError:
         pass
     else:
-        keys.add(("bdev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("inode", st.st_dev, st.st_ino))
+        by_path = ("bdev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("inode", st.st_dev, st.st_ino)
+        keys.add(by_path)
     status = _loop_status(os.path.basename(sysfs), rdev)
+    reported = None
     if status is not None:
         device, inode, backing_rdev = status
-        keys.add(("bdev", backing_rdev) if backing_rdev else ("inode", device, inode))
-    return keys
+        reported = ("bdev", backing_rdev) if backing_rdev else ("inode", device, inode)
+        keys.add(reported)
+    # The device's own word, where it can be asked, decides whether the path is still its file.
+    same_file = by_path is not None and by_path[0] == "inode" and reported in (None, by_path)
+    return keys, path if same_file else None
 
 
 def _loop_status(name: str, rdev: int) -> tuple[int, int, int] | None:

@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import struct
 import uuid as uuidlib
 import zlib
@@ -39,8 +40,10 @@ from typing import Callable, Iterator
 
 from bitarray import bitarray
 
+from .blockio import open_without_waiting
 from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
+from .sources import describe_identity
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +489,7 @@ class Metadata:
             if not same:
                 raise MetadataError(
                     f"{self.path} belongs to another clone: its {role} was "
-                    f"{_describe(stored.get(role))}, now {_describe(identity.get(role))}")
+                    f"{describe_identity(stored.get(role))}, now {describe_identity(identity.get(role))}")
 
     # ---- region bits ---------------------------------------------------------------------
 
@@ -643,13 +646,20 @@ class Metadata:
 
     # ---- header updates ------------------------------------------------------------------
 
-    def mark_open(self) -> None:
+    def mark_open(self, identity: dict | None = None) -> None:
         """Record that a writer has the file (clean flag cleared). The first change on disk;
-        a format-1 file is upgraded here."""
+        a format-1 file is upgraded here. IDENTITY (one `check_matches` accepted) replaces a
+        recorded identity of another form: an older version kept a pre-signed URL's signature
+        in it, a secret, which then goes from both header slots."""
         try:
             if self.header.version == VERSION_WITHOUT_WRITTEN:
                 self._upgrade()
+            rewrite = identity is not None and identity != self.header.identity
+            if rewrite:
+                self.header.identity = identity
             self._put_header(flags=self.header.flags & ~FLAG_CLEAN)
+            if rewrite:  # the other slot still holds the old form
+                self._put_header(flags=self.header.flags)
         except OSError as exc:
             raise _unwritable(self.path, exc) from None
 
@@ -767,7 +777,7 @@ def _header_offset(seq: int) -> int:
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        fd = open_without_waiting(path, flags | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file does not exist") from None
     except IsADirectoryError:
@@ -776,6 +786,9 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
         raise MetadataError(f"{path}: permission denied") from None
     except OSError as exc:  # a read-only filesystem, say
         raise MetadataError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device's size is 0: it would be "formatted"
+        os.close(fd)
+        raise MetadataError(f"{path}: metadata must be a regular file")
     try:
         # Invariant 6: one process per metadata file.
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -817,12 +830,6 @@ def _read_header(fd: int, path: str) -> Header:
 
 def _unwritable(path: str, exc: OSError) -> MetadataError:
     return MetadataError(f"{path}: cannot write the metadata file ({exc.strerror})")
-
-
-def _describe(identity: object) -> str:
-    if isinstance(identity, dict):
-        return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
-    return str(identity)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -9,6 +9,7 @@ metric, one sample line per clone, label values escaped). Its parser checks ours
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -116,13 +117,40 @@ async def serve_metrics(host: str | None, port: int, render: Callable[[], str],
         where = f"[{host}]:{port}" if host and ":" in host else f"{host or ''}:{port}"
         raise FusecloneError(f"--metrics-listen {where}: {exc.strerror or exc}") from None
     task_status.started(listeners[0].socket.getsockname()[:2])
-    scrapers = trio.CapacityLimiter(MAX_SCRAPERS)
+    scrapers = trio.Semaphore(MAX_SCRAPERS)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_scrapers, listener, render, scrapers, nursery)
 
-    async def handle(stream: trio.SocketStream) -> None:
-        async with scrapers:
-            await _answer_scrape(stream, render)
 
-    await trio.serve_listeners(handle, listeners)
+async def _accept_scrapers(listener: trio.SocketListener, render: Callable[[], str],
+                           scrapers: trio.Semaphore, nursery: trio.Nursery) -> None:
+    """Accept a connection only when one of the MAX_SCRAPERS slots is free: the endpoint may
+    face a network, and each accepted connection is a descriptor the mount may need (its
+    source's connections, the image's write-back). The rest wait in the listen backlog."""
+    from .control import ACCEPT_RESOURCE_ERRNOS
+
+    async with listener:
+        while True:
+            await scrapers.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                scrapers.release()
+                if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
+                    raise
+                log.warning("metrics endpoint: %s; accepting again in 0.1 s", os.strerror(exc.errno))
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(_answer_then_release, stream, render, scrapers)
+
+
+async def _answer_then_release(stream: trio.SocketStream, render: Callable[[], str],
+                               scrapers: trio.Semaphore) -> None:
+    try:
+        await _answer_scrape(stream, render)
+    finally:
+        scrapers.release()
 
 
 async def _answer_scrape(stream: trio.SocketStream, render: Callable[[], str]) -> None:

@@ -34,8 +34,10 @@ from typing import Callable
 
 from bitarray import bitarray
 
+from . import claims
 from .errors import FusecloneError
 from .regions import Geometry
+from .sources import describe_identity
 
 MAGIC = "fuseclone-access-trace 1"
 
@@ -124,11 +126,22 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
     """Refuse a trace recorded from another source than SOURCE (a `sources.base.Source`)."""
     if trace.image_size != source.size or not source.identity_matches(trace.source):
         raise TraceError(f"{path}: access trace of another source "
-                         f"({_describe(trace.source)}), not of {source.description}")
+                         f"({describe_identity(trace.source)}), not of {source.description}")
 
 
-def _describe(identity: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
+def _open_held(path: str) -> int:
+    """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
+    held, so that a second mount recording to it, or one naming another clone's file, leaves
+    the file as it was."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        # A regular file (check_paths refused others): nothing is held beneath it.
+        claims.hold(fd, path, exclusive=True, required=False)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class TraceRecorder:
@@ -149,7 +162,7 @@ class TraceRecorder:
         self._ahead.setall(0)
         self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
         self.records = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._fd = _open_held(path)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
                             sort_keys=True)
         self._write(f"{MAGIC}\n{header}\n")

@@ -7,7 +7,7 @@ import pytest
 
 from fuseclone import identity
 from fuseclone.errors import OverlapError
-from fuseclone.identity import check_distinct, conflict, describe, inside
+from fuseclone.identity import backing_files, check_distinct, conflict, describe, inside
 
 
 def touch(path, data=b"x"):
@@ -141,3 +141,9 @@ def test_two_nodes_of_one_device_are_the_same_device(devices, tmp_path):
     os.mknod(twin, stat.S_IFBLK | 0o600, PART1)
     assert conflict(describe("source", devices["part1"]), describe("destination", twin)) == \
         f"destination {twin} is the same device as source {devices['part1']}"
+
+
+def test_the_files_beneath_a_block_device(devices):
+    for name in ("loop", "part1", "part2", "dm"):
+        assert backing_files(os.stat(devices[name]).st_rdev) == [devices["backing"]]
+    assert backing_files(os.stat(devices["backing"]).st_dev) == []  # a disk with no loop beneath

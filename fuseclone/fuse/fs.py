@@ -24,6 +24,7 @@ import stat
 import time
 from typing import Callable, Mapping
 
+from ..errors import FusecloneError
 from . import abi, codec
 from .backend import Blocking, Continue, ImageBackend, QuickAnswer
 
@@ -42,11 +43,17 @@ BLOCK = 4096
 IMAGE_FH = 1
 
 
+def check_image_name(name: str) -> None:
+    """Refuse (one line) a --name that is not a file name of its own."""
+    if not name or "/" in name or name in (".", ".."):
+        raise FusecloneError(f"--name {name!r}: the image's name must be a file name (no '/', "
+                             "not '.' or '..')")
+
+
 class ImageFilesystem:
     def __init__(self, image: ImageBackend, *, name: str = "image", image_at_root: bool = False,
                  write_cache: bool = False) -> None:
-        if not name or "/" in name or name in (".", ".."):
-            raise ValueError(f"{name!r} is not a usable file name")
+        check_image_name(name)
         self.image = image
         self.name = name.encode()
         self.image_at_root = image_at_root

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
-__all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "describe_spec", "is_remote",
+__all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "describe_identity", "describe_spec", "is_remote",
            "open_source", "takes_http_headers"]
 
 
@@ -37,13 +37,28 @@ def takes_http_headers(spec: str) -> bool:
 
 
 def describe_spec(spec: str) -> str:
-    """`spec` for messages and status before its source opened (then its `description`): a
-    password in the URL shown as ***."""
-    parts = urllib.parse.urlsplit(spec)
-    if not is_remote(spec) or parts.password is None:
+    """`spec` for messages and status (the description of every source opened from it): a
+    password in the URL shown as ***, and an http(s) URL without its query and fragment (a
+    pre-signed URL's signature, a secret, is in the query)."""
+    if not is_remote(spec):
         return spec
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    given = urllib.parse.urlsplit(spec)
+    parts = given
+    if _scheme(spec) in ("http", "https"):
+        parts = parts._replace(query="", fragment="")
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    # Rebuilt only when changed: urlunsplit respells some URLs (nbd+unix:/// as nbd+unix:/).
+    return spec if parts == given else urllib.parse.urlunsplit(parts)
+
+
+def describe_identity(identity: object) -> str:
+    """A recorded identity (of a source or destination) for a message: `key=value, ...`, its
+    URL as describe_spec shows it."""
+    if not isinstance(identity, dict):
+        return str(identity)
+    return ", ".join(f"{key}={describe_spec(value) if key == 'url' else value}"
+                     for key, value in sorted(identity.items()))
 
 
 def _scheme(spec: str) -> str:

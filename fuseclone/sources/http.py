@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import mmap
 import os
@@ -57,6 +58,7 @@ import trio
 
 from .. import __version__
 from ..errors import SourceError
+from . import describe_spec
 from .base import Source, SourceReadError
 from .nbd.buffers import BufferPool
 
@@ -82,6 +84,20 @@ _HEADERS = {
 
 
 HttpSourceT = TypeVar("HttpSourceT", bound="HttpSource")
+
+
+class _UrlsWithoutSecrets(logging.Filter):
+    """httpx logs every request's URL (at INFO): in the form describe_spec gives it, without
+    a pre-signed URL's signature."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(describe_spec(str(arg)) if isinstance(arg, httpx.URL) else arg
+                                for arg in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_UrlsWithoutSecrets())
 
 
 class _Transient(Exception):
@@ -233,6 +249,7 @@ class HttpSource(Source):
         self._canonical = canonical
         self._client = client
         self._url = url  # where reads go: the URL after redirects
+        self._query = url.query.decode("ascii")  # as given: part of the identity
         self._piece = piece_size
         self._timeout = timeout
         self._retry_delays = tuple(retry_delays)
@@ -257,6 +274,8 @@ class HttpSource(Source):
 
     def identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "http", "url": self._canonical, "size": self._size}
+        if self._query:
+            ident["query_sha256"] = _query_sha256(self._query)
         if self.etag is not None:
             ident["etag"] = self.etag
         if self.last_modified is not None:
@@ -496,17 +515,37 @@ class HttpSource(Source):
 
 def _parse_url(spec: str) -> tuple[httpx.URL, str, str]:
     """The URL to request, how to name it in messages (the spec as given) and in the identity
-    (normalised); a password in the URL is replaced by *** in both."""
+    (normalised); neither has the query (`query_sha256` stands for it in the identity), and a
+    password in the URL is replaced by *** in both."""
     try:
         url = httpx.URL(spec)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise SourceError(f"{spec}: not a valid URL ({exc})") from None
+        raise SourceError(f"{describe_spec(spec)}: not a valid URL ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise SourceError(f"{spec}: not a valid http:// or https:// URL")
-    description, canonical = spec, str(url)
+        raise SourceError(f"{describe_spec(spec)}: not a valid http:// or https:// URL")
+    canonical = url.copy_with(query=None, fragment=None)
     if url.password:
-        canonical = description = str(url.copy_with(username=url.username, password="***"))
-    return url, description, canonical
+        canonical = canonical.copy_with(username=url.username, password="***")
+    return url, describe_spec(spec), str(canonical)
+
+
+def _query_sha256(query: str) -> str:
+    """What an identity records of a URL's query: a digest, which tells two queries apart
+    without keeping a signature in it."""
+    return hashlib.sha256(query.encode()).hexdigest()
+
+
+def _in_current_form(identity: dict) -> dict:
+    """IDENTITY as this version records it: an older one kept the URL's query (and fragment)
+    in `url`."""
+    url = identity.get("url")
+    if not isinstance(url, str) or not ("?" in url or "#" in url):
+        return identity
+    base, _, query = url.split("#", 1)[0].partition("?")
+    current = {**identity, "url": base}
+    if query:
+        current["query_sha256"] = _query_sha256(query)
+    return current
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -528,17 +567,17 @@ def same_http_object(stored: dict, current: dict) -> bool:
     GCS, Azure SAS) changes its query each time it is issued, and a clone resumed the next day
     must accept the new one. The strong ETag names the object's content (reads send it in
     If-Match as well), so the query no longer has to."""
+    stored, current = _in_current_form(stored), _in_current_form(current)
     if stored == current:
         return True
     etag = stored.get("etag")
     if not isinstance(etag, str) or etag.startswith("W/") or etag != current.get("etag"):
         return False
-    return ({**stored, "url": _without_query(stored.get("url"))}
-            == {**current, "url": _without_query(current.get("url"))})
+    return _without_query(stored) == _without_query(current)
 
 
-def _without_query(url: object) -> str:
-    return str(url).split("?", 1)[0].split("#", 1)[0]
+def _without_query(identity: dict) -> dict:
+    return {key: value for key, value in identity.items() if key != "query_sha256"}
 
 
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:

@@ -9,7 +9,8 @@ from typing import AsyncIterator
 
 import trio
 
-from ..blockio import data_extents, fd_size, pread_exact
+from .. import claims
+from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
@@ -32,22 +33,30 @@ class LocalSource(Source):
         self._is_file = stat.S_ISREG(st.st_mode)
         self._st = st
         self._size = fd_size(fd)
+        self._held: list[int] = []  # files held beneath a block device (claims.hold)
 
     @classmethod
     async def open(cls, path: str) -> LocalSource:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # read-only: the source is never written
+            # read-only: the source is never written
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SourceError(f"{path}: source does not exist") from None
         except PermissionError:
             raise SourceError(f"{path}: source is not readable (permission denied)") from None
         except OSError as exc:
             raise SourceError(f"{path}: cannot open source: {exc.strerror}") from None
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise SourceError(f"{path}: source must be a regular file or a block device")
+            held = _hold(fd, path)
+        except BaseException:
             os.close(fd)
-            raise SourceError(f"{path}: source must be a regular file or a block device")
-        return cls(path, fd)
+            raise
+        source = cls(path, fd)
+        source._held = held
+        return source
 
     @property
     def size(self) -> int:
@@ -83,3 +92,15 @@ class LocalSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        claims.release(self._held)
+
+
+def _hold(fd: int, path: str) -> list[int]:
+    """Hold SRC shared while it is open (claims.py): no clone may take it, or a loop device
+    of it, as its destination meanwhile. One that writes it already refuses it as a source."""
+    try:
+        return claims.hold(fd, path, exclusive=False)
+    except claims.HeldError as exc:
+        through = "" if exc.path == path else f" (through {exc.path})"
+        raise SourceError(f"{path}: source is in use by a live clone that writes it (as its "
+                          f"destination or metadata){through}") from None
