@@ -32,6 +32,7 @@ from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
 from .fuse.backend import Continue, Permissions
 from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
+from .markahead import MarkAhead
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
                        FEATURE_NO_HYDRATION, MAX_HYDRATION_SETTING, Metadata, MetadataMode,
                        feature_names)
@@ -201,8 +202,11 @@ class CloneEngine:
         self._nursery: trio.Nursery | None = None
         self.copier = Copier(source, dst, self.geometry, users_active=self.user_active)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
+        self.written_commits = 0  # META commits that user writes waited for (metrics)
+        self.written_wait_seconds = 0.0  # time user writes spent waiting for them, summed
         self._hydrated_bytes_at_start = meta.hydrated_bytes()
         self._readahead = ReadaheadDetector(READAHEAD_MAX_WINDOW, self.geometry.image_size)
+        self._mark_ahead = MarkAhead(self.geometry.image_size)  # what else a write-ahead marks
         self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
         self.hydrator = Hydrator(self)  # background hydration's order, depth, pace and retries
 
@@ -753,21 +757,28 @@ class CloneEngine:
     async def _record_written(self, offset: int, length: int) -> None:
         """Write-ahead of changed-block tracking: return once the written bits of the chunks
         [offset, offset+length) touches are durable in META. Free when they already are;
-        otherwise writers share one META-only commit (pwrite + fdatasync, no DST sync)."""
+        otherwise writers share one META-only commit (pwrite + fdatasync, no DST sync), which
+        also marks the chunks around the write and ahead of a sequential writer (`MarkAhead`):
+        `diff` may list more than was written, never less."""
         if self.meta.written_durable(offset, length):
             return
-        self.meta.mark_written(offset, length)
+        started = trio.current_time()
+        start, stop = self._mark_ahead.span(offset, length)
+        self.meta.mark_written(start, stop - start)
         async with self._written_lock:
             if not self.meta.written_durable(offset, length):  # else an earlier commit had ours
                 self._check_writable()
-                await self._commit_written()
+                if await self._commit_written():
+                    self.written_commits += 1
+        self.written_wait_seconds += trio.current_time() - started
 
-    async def _commit_written(self) -> None:
-        """Commit the changed written-bitmap blocks. Call with `_written_lock` held: a block
-        may be in one commit at a time, or two could write the same slot."""
+    async def _commit_written(self) -> bool:
+        """Commit the changed written-bitmap blocks; whether there were any. Call with
+        `_written_lock` held: a block may be in one commit at a time, or two could write the
+        same slot."""
         batch = self.meta.prepare_written_commit()
         if batch is None:
-            return
+            return False
         try:
             with trio.CancelScope(shield=True):  # like _commit_once: never drop dirty marks
                 await trio.to_thread.run_sync(self.meta.write_commit, batch)
@@ -775,6 +786,7 @@ class CloneEngine:
             self.meta.abort_commit(batch)
             raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
         self.meta.finish_commit(batch)
+        return True
 
     async def _committer(self) -> None:
         while True:
@@ -899,6 +911,8 @@ class CloneEngine:
             fetched=dict(self.hydrator.fetched),
             hydrated_bytes=self.meta.hydrated_bytes() - self._hydrated_bytes_at_start,
             hydration_errors=self.hydration_errors,
+            written_commits=self.written_commits,
+            written_wait_seconds=self.written_wait_seconds,
             metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks,
             servers=[asdict(server) for server in self.source.servers()],

@@ -53,6 +53,12 @@ METRICS = (
            lambda st: st.user_write_bytes),
     Metric("fuseclone_hydration_errors_total", "counter",
            "Hydration copies and copy-on-read stores that failed.", lambda st: st.hydration_errors),
+    Metric("fuseclone_written_commits_total", "counter",
+           "META commits of changed-block tracking that user writes waited for.",
+           lambda st: st.written_commits),
+    Metric("fuseclone_written_wait_seconds_total", "counter",
+           "Time user writes spent waiting for those commits, summed over writers.",
+           lambda st: st.written_wait_seconds),
 )
 UP = Metric("fuseclone_up", "gauge", "1 if the mount's daemon answered, 0 if it is stopped or gone.",
             lambda st: 1)

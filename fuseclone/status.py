@@ -49,6 +49,9 @@ class Status:
     # counters above miss what they move.
     passthrough: bool = False
     hydration_errors: int = 0  # hydration copies and copy-on-read stores that failed
+    # META commits of written bits that user writes waited for (write-ahead), and their wait
+    written_commits: int = 0
+    written_wait_seconds: float = 0.0
     # The source's servers (the primary, then each --mirror): sources.base.ServerStatus fields
     # (source, role, state: serving / standby / failing / unreachable / refused, error).
     servers: list[dict] = field(default_factory=list)

@@ -1,6 +1,6 @@
-"""SIGKILL the engine at random moments, many times; after each, every flushed write is intact,
-every untouched block equals the source, the metadata is valid, and every hydrated block holding
-user data is marked written (so `check --verify` passes). Then hydrate to the end and
+"""SIGKILL the engine at random moments, many times; after each, every flushed write is intact
+and marked written (`diff` lists it), every untouched block equals the source, the metadata is
+valid, and every hydrated block holding user data is marked written (so `check --verify` passes). Then hydrate to the end and
 check the destination alone."""
 
 import os
@@ -46,6 +46,8 @@ def check_after_crash(src, dst, meta_path, journal):
             if block in flushed:
                 assert visible == expected_block(block, attempted[block], source[sl]), \
                     f"flushed block {block} ({attempted[block]}) lost"
+                assert meta.is_written(meta.written_chunks(block * BLOCK, 1)[0]), \
+                    f"flushed block {block} ({attempted[block]}) missing from diff"
             elif block in attempted:
                 assert visible in (source[sl], expected_block(block, attempted[block], source[sl])), \
                     f"unflushed block {block} holds neither old nor new data"

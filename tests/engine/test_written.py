@@ -9,10 +9,12 @@ import threading
 import pytest
 import trio
 
-from fuseclone.clone import open_clone
+from fuseclone import markahead
+from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
 from fuseclone.errors import MetadataError
 from fuseclone.fuse.backend import Continue
+from fuseclone.markahead import MAX_WINDOW
 from fuseclone.metadata import (BLOCK, FLAG_WRITTEN_UNKNOWN, VERSION, Metadata,
                                 written_granularity)
 from fuseclone.regions import Geometry
@@ -22,6 +24,7 @@ from tests.engine.test_metadata import CountingFile, snapshot
 
 TiB = 1 << 40
 KiB = 1 << 10
+MiB = 1 << 20
 CHUNK = 64 * KiB
 # Made by the format-1 code (commit a393477): a 1 MiB image at 4 KiB regions, regions 0-9 and 100
 # hydrated, closed cleanly.
@@ -183,15 +186,15 @@ async def test_writes_discards_and_zeroing_are_durably_marked_before_they_return
     engine = await clone.open(hydration=False, copy_on_read=False)
     engine._shutdown_commit = no_final_commit  # nothing is committed on the way out
     async with clone.running(engine):
-        await engine.write(3 * CHUNK + 100, b"w" * 10)
-        await engine.discard(10 * CHUNK, 2 * CHUNK)
-        await engine.write_zeroes(20 * CHUNK - 1, 2)  # straddles two chunks
-        await engine.read(30 * CHUNK, 4096)  # reads and copy-on-read mark nothing
+        await engine.write(3 * CHUNK + 100, b"w" * 10)  # marks the MiB around it (MarkAhead)
+        await engine.discard(10 * CHUNK, 2 * CHUNK)  # in that MiB: durable already
+        await engine.write_zeroes(48 * CHUNK - 1, 2)  # straddles two chunks and two MiBs
+        await engine.read(64 * CHUNK, 4096)  # reads and copy-on-read mark nothing
         status = engine.status()
-        assert (status.written_regions, status.written_bytes) == (5 * 16, 5 * CHUNK)
+        assert (status.written_regions, status.written_bytes) == (3 * MiB // 4096, 3 * MiB)
+        assert status.written_commits == 2
     with Metadata.open(clone.meta, writable=False) as meta:
-        assert meta.written_extents == [(3 * CHUNK, CHUNK), (10 * CHUNK, 2 * CHUNK),
-                                        (19 * CHUNK, 2 * CHUNK)]
+        assert meta.written_extents == [(0, MiB), (2 * MiB, 2 * MiB)]
 
 
 async def test_writers_share_written_commits_and_rewrites_are_free(clone):
@@ -226,11 +229,58 @@ async def test_a_written_commit_does_not_wait_for_a_hydration_commit(clone):
             release.set()
 
 
+async def hydrated_sparse_clone(tmp_path, size):
+    src = str(make_source_file(tmp_path / "src", size, hole_every=1))  # holes: hydrates at once
+    engine = open_clone(await LocalSource.open(src), str(tmp_path / "dst"), str(tmp_path / "meta"),
+                        settings=Settings())
+    return engine
+
+
+def counting_written_commits(engine):
+    commits = []
+    real = engine.meta.write_commit
+    engine.meta.write_commit = lambda batch: (commits.append(batch), real(batch))
+    return commits
+
+
+async def test_a_sequential_writer_pays_a_few_written_commits_for_many_chunks(tmp_path):
+    """The write-ahead marks a window ahead of a sequential writer that doubles up to
+    markahead.MAX_WINDOW: 64 MiB of 64 KiB writes (1024 chunks) cost 7 META commits."""
+    engine = await hydrated_sparse_clone(tmp_path, 80 * MiB)
+    async with running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        commits = counting_written_commits(engine)
+        for offset in range(0, 64 * MiB, CHUNK):
+            await engine.write(offset, b"s" * CHUNK)
+        assert len(commits) <= 7
+        assert engine.status().written_commits == len(commits)
+        assert engine.meta.written_bytes() <= 64 * MiB + MAX_WINDOW
+
+
+async def test_random_writes_within_a_mib_pay_one_written_commit(tmp_path):
+    engine = await hydrated_sparse_clone(tmp_path, 16 * MiB)
+    rng = random.Random(3)
+    async with running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        commits = counting_written_commits(engine)
+        for _ in range(32):
+            await engine.write(5 * MiB + rng.randrange(MiB // 4096) * 4096, b"r" * 4096)
+        assert len(commits) == 1
+        assert engine.meta.written_extents == [(5 * MiB, MiB)]
+        assert engine.status().written_wait_seconds > 0
+
+
 @pytest.mark.parametrize("seed", range(15))
-async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, seed):
+async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, seed, monkeypatch):
     """Write-ahead: DST's page cache survives a SIGKILL, so any user data that reached DST may
     be there after the crash. Every hydrated region whose DST data differs from the source must
-    then be in a written chunk, or check --verify would call the clone corrupt."""
+    then be in a written chunk, or check --verify would call the clone corrupt. Odd seeds mark
+    no more than the written chunks: around 1 MiB marks would soon cover the whole 8 MiB."""
+    if seed % 2:
+        monkeypatch.setattr(markahead, "NEIGHBOURHOOD", CHUNK)
+        monkeypatch.setattr(markahead, "MAX_WINDOW", CHUNK)
     rng = random.Random(seed)
     size = 8 << 20
     flush_rate = rng.choice([0, 0.02])

@@ -143,6 +143,12 @@ def test_metrics_endpoint_counts_user_io_and_hydration(rig, random_source):
     assert after["fuseclone_user_write_bytes_total"] == 256 << 10
     assert after["fuseclone_source_read_bytes_total"] == 2 * MiB
     assert after["fuseclone_hydration_errors_total"] == 0
+    assert after["fuseclone_written_commits_total"] == 0  # whole unhydrated regions wait for none
+    # A write into regions the first read hydrated waits for its written bits' commit.
+    sh("dd", "if=/dev/zero", f"of={rig.image}", "bs=4k", "count=1", "oflag=direct", "conv=notrunc")
+    written = samples_of(scrape(port), mountpoint)[0]
+    assert written["fuseclone_written_commits_total"] == 1
+    assert written["fuseclone_written_wait_seconds_total"] > 0
     # `fuseclone metrics` says the same of this clone.
     printed, _ = samples_of(fuseclone("metrics").stdout, mountpoint)
     assert printed["fuseclone_user_read_bytes_total"] == 2 * MiB
