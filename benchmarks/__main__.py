@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="repetitions per figure (default 3 quick, 5 full)")
     ap.add_argument("--workdir", default=WORKDIR_DEFAULT, help=f"scratch files (default {WORKDIR_DEFAULT})")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files (sources, images) afterwards")
+    ap.add_argument("--r3-sizes", metavar="MIB", help="row 3's image sizes in MiB, e.g. 512 (default: 512,4096)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every command")
     args = ap.parse_args(argv)
     try:
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = Profile.quick() if args.quick else Profile.full()
     if args.reps:
         profile.reps = args.reps
+    if args.r3_sizes:
+        profile.r3_sizes = tuple(int(mib) * 1024 * 1024 for mib in args.r3_sizes.split(","))
     os.makedirs(args.workdir, exist_ok=True)
     clean_previous_run(args.workdir, console)
     bench = Bench(workdir=args.workdir, profile=profile, say=console.print,

@@ -14,7 +14,6 @@ from typing import NoReturn
 import click
 
 from . import control
-from .engine import Settings, check_hydration_setting
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .sources import describe_spec, is_remote
 from .status import Status
@@ -115,6 +114,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
     from .daemon import MountOptions
+    from .engine import Settings, check_hydration_setting
 
     for option, value in (("--hydration-threshold", hydration_threshold),
                           ("--hydration-batch-size", hydration_batch_size)):
@@ -157,10 +157,10 @@ def _callers_file(path: str) -> str:
 
 
 def _listen_address(value: str | None) -> tuple[str | None, int] | None:
-    from .metrics import parse_listen_address
-
     if value is None:
         return None
+    from .metrics import parse_listen_address
+
     try:
         return parse_listen_address(value)
     except ValueError as exc:
@@ -362,9 +362,9 @@ def _existing(path: str) -> str | None:
 @click.option("--watch", "-w", is_flag=True, help="Update live until hydration is complete.")
 def status(target, as_json, dmsetup, watch) -> None:
     """Show hydration progress of a mountpoint or a META file."""
-    from .progress import render_status, watch_status
-
     if watch:
+        from .progress import watch_status
+
         watch_status(lambda: read_status(target))
         return
     st = read_status(target)
@@ -373,6 +373,8 @@ def status(target, as_json, dmsetup, watch) -> None:
     elif dmsetup:
         click.echo(st.dmsetup_line())
     else:
+        from .progress import render_status  # rich: only for the human-readable form
+
         render_status(st)
 
 

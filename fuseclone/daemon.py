@@ -23,6 +23,7 @@ import trio
 
 from . import claims, control
 from .clone import open_clone, recorded_source, running
+from .control_server import serve_control
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError, describe
 from .identity import check_distinct
@@ -293,7 +294,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             return await _unmount_unless_in_use(opts.mountpoint, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
-    await nursery.start(control.serve_control, opts.metadata, handle)
+    await nursery.start(serve_control, opts.metadata, handle)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)

@@ -209,11 +209,17 @@ class Destination:
         from `datasync` only."""
         _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
+    def write_back(self, offset: int, length: int) -> None:
+        """Write the range to disk now and wait until the disk has it (sync_file_range WRITE and
+        WAIT): no more of it left in the disk's queue, ahead of whatever reads come next.
+        Durability still comes from `datasync` only (the disk's cache, and the metadata)."""
+        _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_ALL)
+
     def forget(self, offset: int, length: int) -> None:
         """Wait for the range's writeback, then drop its clean pages from the page cache: data
         copied by hydration is not hot, and a clone of a large image should not push the
         machine's working set out."""
-        _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_ALL)
+        self.write_back(offset, length)
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def punch_hole(self, offset: int, length: int) -> None:

@@ -200,7 +200,7 @@ class CloneEngine:
         self._settled_changed = trio.Event()
         self._progress = _Progress()
         self._nursery: trio.Nursery | None = None
-        self.copier = Copier(source, dst, self.geometry)
+        self.copier = Copier(source, dst, self.geometry, users_active=self.user_active)
         self.hydration_errors = 0  # failed copies and copy-on-read stores (metrics)
         self.written_commits = 0  # META commits that user writes waited for (metrics)
         self.written_wait_seconds = 0.0  # time user writes spent waiting for them, summed

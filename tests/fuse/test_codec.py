@@ -235,3 +235,18 @@ def test_dir_reply_plus_carries_entries():
     assert [(n, i) for n, _, i in parse_dirents(out, plus=True)] == [(b".", 1), (b"image", 2)]
     second = abi.entry_out_head.size + abi.attr.size + abi.rec_align(abi.dirent_head.size + 1)
     assert abi.entry_out_head.unpack_from(out, second)[0] == 2  # image's entry names node 2
+
+
+def test_wire_structures_compare_and_print_by_their_named_fields():
+    read = codec.Read(7, 1, 1000, 100, 4242, fh=3, offset=8192, size=4096)
+    assert read == codec.Read(7, 1, 1000, 100, 4242, fh=3, offset=8192, size=4096)
+    assert read != codec.Read(7, 1, 1000, 100, 4242, fh=3, offset=0, size=4096)
+    assert codec.ReleaseDir(7, 1, 1000, 100, 4242, fh=3) != codec.Flush(7, 1, 1000, 100, 4242, fh=3)
+    assert repr(read) == ("Read(unique=7, nodeid=1, uid=1000, gid=100, pid=4242, fh=3, offset=8192, "
+                          "size=4096, open_flags=0)")
+    entries = [codec.DirEntry(1, b"image", 8)]
+    assert codec.DirReply(entries, 0, 4096) == codec.DirReply([codec.DirEntry(1, b"image", 8)], 0, 4096)
+    with pytest.raises(TypeError):
+        hash(read)  # mutable and compared by value
+    with pytest.raises(AttributeError):
+        read.not_a_field = 1  # slotted: a misspelt field is an error

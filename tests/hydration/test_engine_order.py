@@ -44,3 +44,54 @@ async def test_prefetch_copies_skip_block_status_and_stay_in_dst_page_cache(clon
                 await trio.sleep(0.01)
         assert asked == []
         assert engine.dst.read_cached(MiB, MiB) == clone.source_bytes(MiB, MiB)
+
+
+async def test_copies_reach_dst_disk_a_bounded_piece_at_a_time_while_users_read(clone, monkeypatch):  # noqa: F811
+    # A prefetch claims its whole trace at once; with every copy's writeback merely started,
+    # DST's disk queued megabytes of writes and users' reads of DST waited behind them (row 9:
+    # 5-33 ms). While users are active, a copy's bytes must be on the disk before more follow.
+    import threading
+
+    from fuseclone import copier, destination
+
+    engine = await clone.open(hydration=False)
+    lock = threading.Lock()
+    unwaited = {"now": 0, "most": 0}  # bytes written to DST's page cache, writeback not waited for
+
+    def note(offset, delta):
+        if not MiB <= offset < 3 * MiB:  # the prefetch's, not the copy-on-read store's
+            return
+        with lock:
+            unwaited["now"] = max(0, unwaited["now"] + delta)
+            unwaited["most"] = max(unwaited["most"], unwaited["now"])
+
+    write, sync_file_range = engine.dst.write, destination._sync_file_range
+    monkeypatch.setattr(engine.dst, "write", lambda offset, data: (note(offset, len(data)), write(offset, data)))
+
+    def waited_sync(fd, offset, length, flags):
+        sync_file_range(fd, offset, length, flags)
+        if flags & destination.SYNC_FILE_RANGE_WAIT_AFTER:
+            note(offset, -length)
+
+    monkeypatch.setattr(destination, "_sync_file_range", waited_sync)
+    run = range(256, 768)  # 2 MiB at 1 MiB, in one copy
+    engine.prefetch([run])
+    async with clone.running(engine, hold_hydration=True):
+        assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)  # copy-on-read: hydrated
+        async with trio.open_nursery() as users:
+            async def read_hydrated():
+                while True:
+                    await engine.read(0, 4096)
+                    await trio.sleep(0.002)
+
+            users.start_soon(read_hydrated)
+            await trio.sleep(0.01)
+            engine.release_hydration()
+            with trio.fail_after(10):
+                while not engine.meta.all_hydrated(run):
+                    await trio.sleep(0.01)
+            users.cancel_scope.cancel()
+    assert 0 < unwaited["most"] <= copier.BOUNDED_WRITE_BYTES
+    with open(clone.dst, "rb") as f:
+        f.seek(MiB)
+        assert f.read(2 * MiB) == clone.source_bytes(MiB, 2 * MiB)

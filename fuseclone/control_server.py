@@ -1,0 +1,192 @@
+"""The mount's side of the control channel (control.py has the protocol and the CLI's side):
+listens on META's control socket in the mount's nursery and answers each request with the
+mount's handler.
+
+Apart from control.py so that the commands that only ask a mount (status, wait, unmount, list)
+do not import trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import socket
+from dataclasses import asdict
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, MAX_CLIENTS, MAX_REQUEST,
+                      REQUEST_TIMEOUT, RequestError, ensure_runtime_dir, parse_request,
+                      socket_path)
+
+log = logging.getLogger(__name__)
+
+
+Handler = Callable[[dict], Awaitable[dict]]
+
+
+async def serve_control(meta_path: str, handle: Handler,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on META's control socket until cancelled; remove the socket afterwards. HANDLE
+    gets requests that parse_request accepted."""
+    path = socket_path(meta_path)
+    ensure_runtime_dir()
+    _remove_stale_socket(path)
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(socket.SOMAXCONN)
+        task_status.started(path)
+        clients = trio.Semaphore(MAX_CLIENTS)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await clients.acquire()
+                conn = await _accept(listener)
+                nursery.start_soon(_serve_connection, conn, handle, clients)
+    finally:
+        listener.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection. Out of descriptors or memory, the mount waits and tries again: the
+    clients wait in the backlog meanwhile."""
+    while True:
+        try:
+            conn, _ = await listener.accept()
+            return conn
+        except OSError as exc:
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
+                raise
+            log.warning("control socket: %s; accepting again in 0.1 s", os.strerror(exc.errno))
+            await trio.sleep(0.1)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket left by a killed mount answers nothing: remove it. A live one means the META is
+    in use, which the metadata lock has already refused."""
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+async def _serve_connection(conn: trio.socket.SocketType, handle: Handler,
+                            clients: trio.Semaphore) -> None:
+    """One request, one answer. Whatever the client does (garbage, silence, hanging up) is its
+    own problem: logged at debug level, never raised into the mount."""
+    try:
+        async with trio.SocketStream(conn) as stream:
+            line = await _receive_request_line(stream)
+            if line is None:
+                return
+            try:
+                req = parse_request(line)
+            except RequestError as exc:
+                await _send_answer(stream, _encode({"ok": False, "error": str(exc)}))
+                return
+            await _answer_unless_hung_up(stream, handle, req)
+    finally:
+        clients.release()
+
+
+async def _receive_request_line(stream: trio.SocketStream) -> bytes | None:
+    """The request line, or None (after answering why, if the client can read it): the client
+    hung up, was silent for REQUEST_TIMEOUT, or sent more than MAX_REQUEST bytes."""
+    buf = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while b"\n" not in buf:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError as exc:
+                chunk = b""
+                log.debug("control client: %s", exc.__cause__ or exc)
+            if not chunk:
+                log.debug("control client hung up before a whole request")
+                return None
+            buf += chunk
+            if len(buf) > MAX_REQUEST and b"\n" not in buf[:MAX_REQUEST + 1]:
+                error = f"a request is at most {MAX_REQUEST} bytes"
+                await _send_answer(stream, _encode({"ok": False, "error": error}))
+                return None
+        return buf.split(b"\n", 1)[0]
+    log.debug("control client sent no whole request in %.0f s", REQUEST_TIMEOUT)
+    return None
+
+
+async def _answer_unless_hung_up(stream: trio.SocketStream, handle: Handler, req: dict) -> None:
+    """Answer REQ, unless the client hangs up first: then its request (a wait, say) is
+    cancelled rather than kept for nobody. A request whose client is gone already (it gave up
+    on a stopped daemon, which now runs again) is not acted on at all."""
+    if _hung_up(stream.socket):
+        log.debug("control client hung up before %s was read: not acting on it", req["op"])
+        return
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as handling:
+            nursery.start_soon(_cancel_when_hung_up, stream.socket, handling, req["op"])
+            answer = await _handle_safely(handle, req)
+        nursery.cancel_scope.cancel()  # stop watching
+        if not handling.cancelled_caught:
+            await _send_answer(stream, answer)
+
+
+async def _cancel_when_hung_up(sock: trio.socket.SocketType, handling: trio.CancelScope,
+                               op: str) -> None:
+    """Cancel HANDLING once the client has closed its end (POLLHUP: it can no longer read an
+    answer). A client that only shut down its sending side, or sent more, is not watched."""
+    await trio.lowlevel.wait_readable(sock)
+    if _hung_up(sock):
+        log.debug("control client hung up before the answer to %s", op)
+        handling.cancel()
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the client closed its end: POLLHUP, not just a shut-down sending side."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+async def _handle_safely(handle: Handler, req: dict) -> bytes:
+    """HANDLE's answer to REQ, encoded. A failure is a bug: logged with its traceback and
+    answered with an error, never raised into the mount (cancellation still goes through)."""
+    try:
+        return _encode(await handle(req))
+    except Exception:
+        log.exception("control request %s failed", req["op"])
+        return _encode({"ok": False, "error": f"{req['op']} failed in the mount (see its log)"})
+
+
+async def _send_answer(stream: trio.SocketStream, answer: bytes) -> None:
+    """Send ANSWER, also when this task is being cancelled (shielded, briefly): an "unmount"
+    request cancels the nursery the connection lives in, and its answer must still reach the
+    waiting CLI. A client gone meanwhile is only logged."""
+    with trio.move_on_after(ANSWER_TIMEOUT) as scope:
+        scope.shield = True
+        try:
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("control client went away before its answer: %s", exc.__cause__ or exc)
+    if scope.cancelled_caught:
+        log.debug("control client did not read its answer in %.0f s", ANSWER_TIMEOUT)
+
+
+def _encode(answer: dict) -> bytes:
+    return json.dumps(answer, default=_jsonable).encode() + b"\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
