@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -119,14 +120,30 @@ def log_path(meta_path: str) -> str:
 
 def rotate_log(meta_path: str) -> str:
     """The default log of META, renamed to LOG.1 first if it grew past DEFAULT_LOG_MAX: at
-    most this mount's log plus one older file."""
+    most this mount's log plus one older file. Not while a live mount of META writes it (this
+    mount will be refused): its log would move under it."""
     path = log_path(meta_path)
     try:
-        if os.path.getsize(path) > DEFAULT_LOG_MAX:
+        if os.path.getsize(path) > DEFAULT_LOG_MAX and not _held_by_a_mount(meta_path):
             os.replace(path, path + ".1")
     except FileNotFoundError:
         pass
     return path
+
+
+def _held_by_a_mount(meta_path: str) -> bool:
+    """Whether a live mount holds META (its exclusive flock, metadata.py)."""
+    try:
+        fd = os.open(meta_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # no META yet (a new clone), or not ours to read: the mount says so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def adopt_log(meta_path: str, current: str) -> str:

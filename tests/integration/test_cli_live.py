@@ -228,6 +228,23 @@ def test_a_background_mount_logs_to_one_bounded_file_per_clone(rig, random_sourc
     assert not [name for name in os.listdir(control.RUNTIME_DIR) if name.startswith("mount-")]
 
 
+def test_a_refused_mount_of_a_live_clones_meta_leaves_its_log_in_place(rig, random_source):
+    from fuseclone import control
+
+    rig.mount("--no-hydration")
+    log = control.log_path(rig.meta)
+    with open(log, "ab") as f:  # the live mount's log, grown past the bound
+        f.write(b"old line\n" * (control.DEFAULT_LOG_MAX // 9 + 1))
+    other = str(rig.tmp / "mnt-2")
+    os.mkdir(other)
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, other, check=False)
+    assert r.returncode == 1 and "in use" in r.stderr
+    assert not os.path.exists(log + ".1")  # the live mount's log did not move under it
+    assert os.path.getsize(log) > control.DEFAULT_LOG_MAX
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+
 def test_a_background_mount_keeps_no_descriptor_of_its_caller(rig, random_source):
     """A detached daemon that kept its caller's descriptors would hold their locks (a caller's
     `flock LOCK fuseclone mount ...` stayed locked for the life of the mount) and pipes open."""
