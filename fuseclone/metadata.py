@@ -826,10 +826,21 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
         # Invariant 6: one process per metadata file.
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
+        looks_like_metadata = _has_a_header(fd)
         os.close(fd)
+        if not looks_like_metadata:  # a live clone's destination, say, which it holds too
+            raise MetadataError(f"{path}: not a fuseclone metadata file (a live clone holds it: "
+                                "its destination?)") from None
         raise MetadataInUseError(
             f"{path}: metadata file is in use by another fuseclone process") from None
     return fd
+
+
+def _has_a_header(fd: int) -> bool:
+    """Whether the file holds a valid header in either slot (read without its lock)."""
+    if os.fstat(fd).st_size < FIRST_BITMAP_BLOCK * BLOCK:
+        return False
+    return any(Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) is not None for slot in (0, 1))
 
 
 def _read_header(fd: int, path: str) -> Header:

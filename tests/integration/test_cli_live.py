@@ -196,6 +196,16 @@ def test_second_mount_of_the_same_meta_is_refused(rig, random_source):
     assert_refused(r, "in use by another fuseclone process")
 
 
+def test_a_live_clones_destination_is_not_called_a_metadata_file_in_use(rig, random_source):
+    """A live clone holds its DST's lock as well as META's: naming DST where META belongs is
+    told as what it is, not as a metadata file some process uses."""
+    rig.mount("--no-hydration")
+    r = fuseclone("status", rig.dst, check=False)
+    assert r.returncode == 1 and "not a fuseclone metadata file" in r.stderr, r.stderr
+    assert "metadata file is in use" not in r.stderr
+    fuseclone("unmount", rig.mnt)
+
+
 def test_busy_mountpoint_is_refused(rig, random_source):
     rig.mount()
     r = fuseclone("mount", rig.src, str(rig.tmp / "d2"), str(rig.tmp / "m2"), rig.mnt, check=False)
