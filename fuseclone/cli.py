@@ -113,9 +113,11 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
           log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
     hydrating into DST and tracking progress in META."""
+    from .cmdline import mask_url_queries
     from .daemon import MountOptions
     from .engine import Settings, check_hydration_setting
 
+    mask_url_queries()  # a pre-signed URL's signature, which `ps` would show for the mount's life
     for option, value in (("--hydration-threshold", hydration_threshold),
                           ("--hydration-batch-size", hydration_batch_size)):
         if value is not None:

@@ -10,7 +10,7 @@ import time
 
 from fuseclone.metadata import Metadata
 from fuseclone.regions import Geometry
-from tests.integration.conftest import fuseclone, rig, status_json  # noqa: F401
+from tests.integration.conftest import daemon_pid, fuseclone, rig, status_json  # noqa: F401
 
 from .test_http import FILE_SIZE, image, nginx  # noqa: F401
 
@@ -35,6 +35,7 @@ def test_a_signature_is_neither_shown_nor_stored(rig, nginx, image, tmp_path):
         assert f.read(4096) == image[:4096]
     status = status_json(rig.mnt)
     assert status["source"] == nginx.url("image.raw")  # the URL without its query
+    assert SIGNATURE.encode() not in open(f"/proc/{daemon_pid(rig.mnt)}/cmdline", "rb").read()  # ps
     assert_signature_absent(rig, status["log_file"])
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
