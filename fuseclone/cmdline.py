@@ -6,6 +6,8 @@ kernel shows the process's argument area as it is in memory; Python has its own 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +18,10 @@ _ARG_START_AFTER_NAME = 48 - 3
 
 
 def mask_url_queries() -> None:
-    """Overwrite the queries of http(s) URLs in this process's argument area."""
+    """Overwrite the queries of http(s) URLs in this process's argument area (untouched where
+    the arguments hold none)."""
+    if not any(_masked(os.fsencode(arg)) != os.fsencode(arg) for arg in sys.argv):
+        return
     try:
         start, end = _argument_area()
         with open("/proc/self/mem", "r+b", buffering=0) as mem:
