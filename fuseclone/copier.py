@@ -30,11 +30,9 @@ WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before 
 COPY_WRITER_THREADS = 2
 # While users are active, copies reach DST's disk this much at a time: each piece written and
 # its writeback waited for before the next, so a user's read of DST waits behind one piece at
-# most, not behind every copy the disk has accepted. Row 9's prefetch (128 MiB claimed at
-# mount, its writeback started at once) kept the disk's queue full: 4 KiB reads of DST stalled
-# 5-33 ms. fio on this VM's virtio disk, 4 KiB direct random reads (p99 88 µs alone) beside
-# sequential direct writes: 1 MiB at depth 16, p99 13 ms; 1 MiB one at a time, 586 µs; 256 KiB,
-# 285 µs; 128 KiB, 214 µs (the writes still at 817 MB/s, far above a source's).
+# most, not behind every copy the disk has accepted (a prefetch's did: many ms). Small enough
+# for a read's tail, large enough to write far faster than a source delivers; the measurements
+# behind it are in docs/benchmark/row9-follow-users.md.
 BOUNDED_WRITE_BYTES = 128 << 10
 
 
@@ -114,18 +112,17 @@ class Copier:
                 self.dst.punch_hole(offset + lo, hi - lo)
             elif piece:
                 for at in range(lo, hi, piece):
-                    self._write_piece(offset + at, view[at : min(hi, at + piece)], direct)
+                    self._write_piece(write, offset + at, view[at : min(hi, at + piece)], direct)
             else:
                 write(offset + lo, view[lo:hi])
 
-    def _write_piece(self, offset: int, data: memoryview, direct: bool) -> None:
-        """Blocking: write `data` and wait until DST's disk has it, while no other piece is
-        on its way there (a direct write returns once the disk has it)."""
+    def _write_piece(self, write: Callable[[int, memoryview], object], offset: int,
+                     data: memoryview, direct: bool) -> None:
+        """Blocking: `write` the piece and wait until DST's disk has it, while no other piece
+        is on its way there (a direct write returns once the disk has it)."""
         with self._piece_lock:
-            if direct:
-                self.dst.write_direct(offset, data)
-            else:
-                self.dst.write(offset, data)
+            write(offset, data)
+            if not direct:
                 self.dst.write_back(offset, len(data))
 
     async def source_read(self, offset: int, length: int, *, for_copy: bool = False) -> bytes:

@@ -209,8 +209,8 @@ class _BitmapArea:
     block in two slots from `first_block` on, slots tagged with `magic`, the block index, the
     clone id, a sequence number and a CRC. Bits only go 0 -> 1; `dirty` holds the blocks
     changed since their last commit, `current_slot` the slot of each block's newest copy
-    (2 = none yet), `durable` the bits META holds for sure of each block in `dirty` or
-    `committing` (its newest committed image)."""
+    (2 = none yet), `durable` the bits META holds for sure of each block changed since its
+    last finished commit (its newest committed image; a block without one is as in core)."""
 
     def __init__(self, magic: int, first_block: int, nr_bits: int, clone_id: int,
                  bits: bitarray | None = None, current_slot: bytearray | None = None) -> None:
@@ -221,7 +221,6 @@ class _BitmapArea:
         self.nblocks = _bitmap_blocks(nr_bits)
         self.current_slot = current_slot if current_slot is not None else bytearray(b"\2" * self.nblocks)
         self.dirty: set[int] = set()
-        self.committing: set[int] = set()  # blocks of a commit being written
         self.durable: dict[int, bitarray | None] = {}  # None: too many to keep, not known
 
     def settled(self, bits: range) -> bool:
@@ -264,20 +263,17 @@ class _BitmapArea:
         """Slot images of the dirty blocks, each for the slot not holding its newest copy."""
         writes = [SlotWrite(self, block, 1 if self.current_slot[block] == 0 else 0,
                             self._slot_image(block, seq)) for block in sorted(self.dirty)]
-        self.committing.update(self.dirty)
         self.dirty.clear()
         return writes
 
     def finish(self, write: SlotWrite) -> None:
         self.current_slot[write.block] = write.slot
-        self.committing.discard(write.block)
         if write.block in self.dirty:  # changed since its image was taken
             self.durable[write.block] = self.bits_of(write)[1]
         else:
             self.durable.pop(write.block, None)
 
     def abort(self, write: SlotWrite) -> None:
-        self.committing.discard(write.block)
         self.dirty.add(write.block)  # a later commit retries it
 
     def bits_of(self, write: SlotWrite) -> tuple[int, bitarray]:
@@ -384,9 +380,6 @@ class Metadata:
         self.written_geometry = _written_geometry(header)
         self._hydrated = hydrated
         self._written = written
-        # Written bits that are in META for sure (loaded, or committed since): a user write may
-        # reach DST only once its chunks' bits are durable (write-ahead, see mark_written).
-        self._written_durable = written.map.bits.copy()
         self._seq = header.seq
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
@@ -581,9 +574,9 @@ class Metadata:
         return bool(self._hydrated.dirty)
 
     def hydrated_settled(self, regions: range) -> bool:
-        """Whether META already holds these regions' hydrated bits as the core does (their
-        bitmap blocks have no change waiting for, or in, a commit). Coarse: a block covers
-        BITS_PER_BLOCK regions, so False may only mean that a neighbour changed."""
+        """Whether META already holds these regions' hydrated bits as the core does (bit by
+        bit; False for every bit of a changed block whose image was not kept, past
+        DURABLE_IMAGES_MAX)."""
         return self._hydrated.settled(regions)
 
     # ---- written bits (changed-block tracking) ---------------------------------------------
@@ -593,9 +586,10 @@ class Metadata:
         return self.written_geometry.region_span(offset, min(length, self.geometry.image_size - offset))
 
     def written_durable(self, offset: int, length: int) -> bool:
-        """Whether every chunk of the byte range is marked written in META for sure."""
+        """Whether every chunk of the byte range is marked written in META for sure: a user
+        write may reach DST only then (write-ahead, see mark_written)."""
         chunks = self.written_chunks(offset, length)
-        return not chunks or self._written_durable.count(1, chunks.start, chunks.stop) == len(chunks)
+        return not chunks or (self._written.map.all_hydrated(chunks) and self._written.settled(chunks))
 
     def mark_written(self, offset: int, length: int) -> None:
         """Mark the chunks of a user write, discard or zeroing written in core. Write-ahead:
@@ -666,9 +660,6 @@ class Metadata:
     def finish_commit(self, batch: CommitBatch) -> None:
         for write in batch.writes:
             write.area.finish(write)
-            if write.area is self._written:
-                start, bits = write.area.bits_of(write)
-                self._written_durable[start : start + len(bits)] |= bits
         if self._map.complete and not isinstance(self._map, CompleteMap):
             self._hydrated.map = CompleteMap(len(self._map))  # release the bitmap's memory
 
