@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
 
-_URL_SCHEMES = (b"http://", b"https://")
+_URL_QUERY = re.compile(rb"(https?://[^?]*\?)(.*)", re.IGNORECASE | re.DOTALL)
 # /proc/PID/stat fields after the command's name: arg_start and arg_end are fields 48 and 49,
 # the 46th and 47th after the name (fields 1 and 2).
 _ARG_START_AFTER_NAME = 48 - 3
@@ -41,10 +42,9 @@ def masked_url_queries(area: bytes) -> bytes:
 
 
 def _masked(arg: bytes) -> bytes:
-    if not arg.lower().startswith(_URL_SCHEMES) or b"?" not in arg:
-        return arg
-    head, _, query = arg.partition(b"?")
-    return head + b"?" + b"*" * len(query)
+    """ARG with the query of an http(s) URL in it masked: the URL may follow an option's '='
+    (`--mirror=https://...`)."""
+    return _URL_QUERY.sub(lambda m: m[1] + b"*" * len(m[2]), arg)
 
 
 def _argument_area() -> tuple[int, int]:

@@ -11,6 +11,8 @@ def test_only_http_url_queries_are_masked_and_lengths_kept():
     masked = masked_url_queries(area)
     assert masked == (b"fuseclone\0mount\0HTTPS://h/o?" + b"*" * 22 + b"\0/a?b\0nbd://h/e?tls=1\0dst")
     assert len(masked) == len(area)
+    joined = b"--mirror=https://m/o?sig=s3cr3t"  # an option's value after '='
+    assert masked_url_queries(joined) == b"--mirror=https://m/o?" + b"*" * 10
 
 
 def test_a_process_that_masks_shows_no_query_in_its_cmdline():
