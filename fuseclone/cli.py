@@ -431,6 +431,8 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     except FusecloneError:  # unmounted while waiting
         return _offline_status_once_released(meta)
     if reply is not None:
+        if not reply.get("ok"):  # too many waits pending, say
+            raise FusecloneError(reply.get("error", "wait refused"))
         return Status(**reply["status"])
     return offline_status(meta)
 
