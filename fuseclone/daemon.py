@@ -204,7 +204,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
-                if new_trace and os.path.exists(opts.record_access):
+                # A regular file: not a FIFO put in its place, which the recorder refused.
+                if new_trace and os.path.isfile(opts.record_access):
                     os.unlink(opts.record_access)
 
 

@@ -5,6 +5,8 @@ exit 1, and the live clone's files are unchanged and it keeps serving."""
 
 import os
 import socket
+import stat
+import subprocess
 import sys
 import time
 
@@ -13,6 +15,7 @@ import pytest
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, fuseclone, sh, sha256, status_json
 from tests.integration.test_identity import mount_refused
+from tests.sources_http.test_http import scripted  # noqa: F401
 
 
 @pytest.fixture
@@ -106,6 +109,33 @@ def test_paths_that_name_no_file(rig, random_source):
                   expect=f"{fifo}: source must be a regular file or a block device")
     mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", fifo,
                   expect=f"the access trace {fifo} must be a regular file")
+
+
+def test_a_trace_swapped_for_a_fifo_once_checked(rig, scripted):  # noqa: F811
+    """The trace is opened once the source is open: a FIFO put in its place meanwhile (here,
+    while the source's server answers its first request) blocked the daemon in open(2) for
+    ever, and the mount command waiting for it with it."""
+    server, url = scripted
+    server.head = "gated"
+    trace = str(rig.tmp / "trace")
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    mount = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", url, rig.dst, rig.meta,
+                              rig.mnt, "--no-hydration", "--record-access", trace],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.at_gate.wait(60), "the mount never asked the source"
+        os.mkfifo(trace)
+        server.gate.set()
+        _, stderr = mount.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        mount.kill()
+        os.close(os.open(trace, os.O_RDWR))  # lets the daemon's open(2) return
+        raise AssertionError("the mount hung opening a FIFO as its trace") from None
+    assert mount.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the access trace {trace}: not a regular file" in lines[0], stderr
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    assert stat.S_ISFIFO(os.stat(trace).st_mode)
 
 
 def test_a_directory_mountpoint_hides_no_live_clone(live, tmp_path_factory):
