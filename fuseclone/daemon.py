@@ -9,6 +9,7 @@ before the mount is up, files this run created (META, a new DST) are removed aga
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shlex
@@ -28,6 +29,7 @@ from .engine import CloneEngine, Settings
 from .errors import FusecloneError, describe
 from .identity import check_distinct
 from .metadata import Metadata
+from .sources import is_remote
 from .status import Status
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
 
@@ -121,6 +123,11 @@ def check_paths(opts: MountOptions) -> None:
         if path is not None:
             claims.refuse_unless_file(role, path, char_device_ok=role == "log file")
             claims.refuse_if_held(role, path)
+    # Their own claims refuse a live clone's log (it is held) as merely in use: say whose it is.
+    local_sources = [path for path in (opts.source, *opts.mirrors) if not is_remote(path)]
+    for role, path in (("destination", opts.destination), ("metadata", opts.metadata),
+                       *(("source", path) for path in local_sources)):
+        claims.refuse_a_live_log(role, path)
 
 
 def check_passthrough(opts: MountOptions) -> None:
@@ -182,7 +189,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             engine.prefetch(prefetch.region_runs(engine.geometry))
         mounted = False
         try:
-            async with _recording_access(engine, opts.record_access), \
+            async with _holding_the_log(), _recording_access(engine, opts.record_access), \
                     running(engine, hold_hydration=True):
                 try:
                     async with trio.open_nursery() as nursery:
@@ -219,6 +226,25 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
     if opts.prefetch is None:
         return None
     return read_trace(opts.prefetch)  # not the --record-access trace: check_paths refused that
+
+
+@asynccontextmanager
+async def _holding_the_log() -> AsyncIterator[None]:
+    """Hold the file this mount logs to (claims.py), if it logs to a regular file, while the
+    mount runs: a later mount naming it as its DST, META or trace would empty or overwrite it,
+    or get this mount's log lines appended to its own file. Taken once META is this mount's
+    (a second mount of it appends its refusal to the same default log)."""
+    handler = _log_handler()
+    if handler is None or not stat.S_ISREG(os.fstat(handler.stream.fileno()).st_mode):
+        yield
+        return
+    fd, path = handler.stream.fileno(), handler.baseFilename
+    claims.refuse_if_held("log file", path)  # says whose log it is
+    claims.hold(fd, path, exclusive=True, required=False)  # a regular file: nothing beneath
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @asynccontextmanager
@@ -445,7 +471,12 @@ def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:
 
 def _log_file() -> str | None:
     """The file this process logs to, if it logs to one (status shows it)."""
+    handler = _log_handler()
+    return handler.baseFilename if handler is not None else None
+
+
+def _log_handler() -> logging.FileHandler | None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            return handler.baseFilename
+            return handler
     return None

@@ -88,6 +88,38 @@ def test_two_live_clones_record_no_trace_together(live):
     refused(live, "--record-access", trace, expect=f"{trace} is in use by a live clone")
 
 
+@pytest.mark.parametrize("log", ["default", "--log-file"])
+def test_a_live_clones_log_is_no_file_of_another_mount(live, log):
+    """A live clone appends to its log for its whole life. Named as a later mount's trace, it
+    was emptied; as its META (an empty log: nothing logged yet), it was formatted, and the
+    live clone then appended its log lines into that clone's metadata."""
+    if log == "--log-file":
+        fuseclone("unmount", live.mnt)
+        live.mount("--no-hydration", "--log-file", str(live.tmp / "a.log"), "--log-level", "error")
+    path = status_json(live.mnt)["log_file"]
+    before = open(path, "rb").read()
+    for option in ("--record-access", "--log-file"):
+        refused(live, option, path, expect=f"{path} is the log of the live clone at {live.mnt}")
+    refused(live, dst=path, expect=f"the destination {path} is the log of the live clone at {live.mnt}")
+    mount_refused(live, live.b_src, live.b_dst, path, live.b_mnt,
+                  expect=f"the metadata {path} is the log of the live clone at {live.mnt}")
+    refused(live, mnt=path, expect=f"the mountpoint {path} is the log of the live clone at {live.mnt}")
+    refused(live, src=path, expect=f"the source {path} is the log of the live clone at {live.mnt}")
+    assert open(path, "rb").read().startswith(before)
+
+
+def test_a_live_clones_trace_is_no_log_file(live):
+    """The reverse: a file a live clone writes (its trace here; its DST and META above)
+    named as a later mount's log."""
+    fuseclone("unmount", live.mnt)
+    trace = str(live.tmp / "trace")
+    live.mount("--no-hydration", "--record-access", trace)
+    before = open(trace, "rb").read()
+    for mode in ((), ("--foreground",)):
+        refused(live, "--log-file", trace, *mode, expect=f"the log file {trace} is in use by a live clone")
+    assert open(trace, "rb").read() == before
+
+
 def test_a_file_mountpoint_is_no_live_clones_file(live):
     for path in (live.src, live.dst, live.meta):
         refused(live, mnt=path, expect=f"{path} is in use by a live clone")
