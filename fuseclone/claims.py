@@ -84,24 +84,33 @@ def refuse_if_held(role: str, path: str) -> None:
     device. A missing file is held by nobody."""
     held = _held_as(path)
     if held is not None:
-        refuse_a_live_log(role, path, held)
         through = "" if held == path else f" (through {held})"
-        raise FusecloneError(f"the {role} {path} is in use by a live clone{through}: "
-                             f"{_NONE_OF_ANOTHER_CLONES}")
+        raise FusecloneError(live_log_refusal(role, path, held) or f"the {role} {path} is in use "
+                             f"by a live clone{through}: {_NONE_OF_ANOTHER_CLONES}")
 
 
-def refuse_a_live_log(role: str, path: str, held: str | None = None) -> None:
-    """Refuse PATH (as ROLE) if it is a live clone's log: held (by the name HELD, once
-    known), and named so by that clone. For the files whose own claim refuses any held file
-    (DST, META, SRC) but cannot tell why it is held."""
+def refuse_a_live_log(role: str, path: str) -> None:
+    """Refuse PATH (as ROLE) if it is a live clone's log. For the files whose own claim
+    refuses any held file (DST, META) but cannot tell why it is held."""
+    refusal = live_log_refusal(role, path)
+    if refusal is not None:
+        raise FusecloneError(refusal)
+
+
+def live_log_refusal(role: str, path: str, held: str | None = None) -> str | None:
+    """Why PATH may not be this mount's ROLE if it is a live clone's log, or None: held (by
+    the name HELD, once known), and named so by that clone. A clone holds its log only if it is
+    a regular file."""
     from .clones import clone_logging_to
 
-    held = held or _held_as(path)
+    if held is None:
+        held = _held_as(path) if os.path.isfile(path) else None
     mountpoint = clone_logging_to(held) if held is not None else None
-    if mountpoint is not None:
-        through = "" if held == path else f" (through {held})"
-        raise FusecloneError(f"the {role} {path} is the log of the live clone at {mountpoint}"
-                             f"{through}: {_NONE_OF_ANOTHER_CLONES}")
+    if mountpoint is None:
+        return None
+    through = "" if held == path else f" (through {held})"
+    return (f"the {role} {path} is the log of the live clone at {mountpoint}{through}: "
+            f"{_NONE_OF_ANOTHER_CLONES}")
 
 
 def _held_as(path: str) -> str | None:

@@ -50,6 +50,13 @@ class LiveClone:
 def live_clones(timeout: float) -> list[LiveClone]:
     """The fuseclone mounts of this machine in mount-table order, each with its status or the
     reason it has none (another user's, not answering, daemon gone); TIMEOUT seconds for all."""
+    clones = _in_the_mount_table()
+    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
+    return clones
+
+
+def _in_the_mount_table() -> list[LiveClone]:
+    """The fuseclone mounts of this machine, another user's with its problem said."""
     from .fuse.mount import fuse_mounts
 
     clones = []
@@ -62,7 +69,6 @@ def live_clones(timeout: float) -> list[LiveClone]:
             clone.problem = f"another user's mount (uid {mount.uid}): run as that user"
             clone.another_users = True
         clones.append(clone)
-    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
     return clones
 
 
@@ -76,17 +82,19 @@ def clone_logging_to(path: str, timeout: float = LOG_QUESTION_TIMEOUT) -> str | 
     except OSError:
         return None
     deadline = time.monotonic() + timeout
-    for meta, mountpoint in control.mounts():
+    for clone in _in_the_mount_table():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        if clone.another_users:  # its socket is not in our runtime directory
+            continue
         try:
-            reply = control.request(meta, {"op": "status"}, remaining)
+            reply = control.request(clone.metadata, {"op": "status"}, remaining)
         except FusecloneError:  # not answering: it cannot say, and the refusal stays general
             continue
         log_file = reply and reply.get("ok") and reply["status"].get("log_file")
         if log_file and _same_file(log_file, target):
-            return mountpoint
+            return clone.mountpoint
     return None
 
 

@@ -29,7 +29,6 @@ from .engine import CloneEngine, Settings
 from .errors import FusecloneError, describe
 from .identity import check_distinct
 from .metadata import Metadata
-from .sources import is_remote
 from .status import Status
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
 
@@ -124,9 +123,7 @@ def check_paths(opts: MountOptions) -> None:
             claims.refuse_unless_file(role, path, char_device_ok=role == "log file")
             claims.refuse_if_held(role, path)
     # Their own claims refuse a live clone's log (it is held) as merely in use: say whose it is.
-    local_sources = [path for path in (opts.source, *opts.mirrors) if not is_remote(path)]
-    for role, path in (("destination", opts.destination), ("metadata", opts.metadata),
-                       *(("source", path) for path in local_sources)):
+    for role, path in (("destination", opts.destination), ("metadata", opts.metadata)):
         claims.refuse_a_live_log(role, path)
 
 
