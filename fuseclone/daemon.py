@@ -186,8 +186,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             engine.prefetch(prefetch.region_runs(engine.geometry))
         mounted = False
         try:
-            async with _holding_the_log(), _recording_access(engine, opts.record_access), \
-                    running(engine, hold_hydration=True):
+            async with _recording_access(engine, opts.record_access), \
+                    running(engine, hold_hydration=True), _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
@@ -229,8 +229,9 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
 async def _holding_the_log() -> AsyncIterator[None]:
     """Hold the file this mount logs to (claims.py), if it logs to a regular file, while the
     mount runs: a later mount naming it as its DST, META or trace would empty or overwrite it,
-    or get this mount's log lines appended to its own file. Taken once META is this mount's
-    (a second mount of it appends its refusal to the same default log)."""
+    or get this mount's log lines appended to its own file. Held only while META is this
+    mount's: a second mount of META appends its refusal to the same default log, and a mount
+    of META right after this one ends must not find the log still held."""
     handler = _log_handler()
     if handler is None or not stat.S_ISREG(os.fstat(handler.stream.fileno()).st_mode):
         yield
