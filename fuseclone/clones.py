@@ -19,6 +19,7 @@ from .status import Status, public_source
 
 LOG_QUESTION_TIMEOUT = 3.0  # seconds the clones have, all together, to say whose log a file is
 
+
 @dataclass
 class LiveClone:
     mountpoint: str  # as the mount table has it
