@@ -4,7 +4,6 @@ the engine hydrating from it."""
 import errno
 import os
 import random
-import threading
 import time
 
 import pytest
@@ -19,9 +18,7 @@ from fuseclone.sources.base import SourceReadError
 from fuseclone.sources.local import LocalSource
 from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, same_nbd_export
 from fuseclone.sources.nbd.buffers import BufferPool
-from fuseclone.sources.nbd.pool import DRAIN_TIMEOUT, Request
-from fuseclone.sources.nbd.source import NbdOptions
-from fuseclone.sources.nbd.transmission import Transmission
+from fuseclone.sources.nbd.pool import DRAIN_TIMEOUT
 from tests.engine.conftest import make_source_file
 
 KiB = 1024
@@ -556,73 +553,6 @@ async def test_close_with_reads_in_flight(nbdkit, image):
     assert len(outcome) == 1 and "source closed" in str(outcome[0])
     with pytest.raises(SourceReadError):
         await source.read(0, 10)  # closed stays closed
-
-
-def open_fds():
-    return set(os.listdir("/proc/self/fd"))
-
-
-async def test_replies_are_received_off_the_event_loop(nbdkit, image, monkeypatch):
-    # Payload copies and parsing in a worker thread: a FUSE request answered on the loop does
-    # not wait for them (issue #17, row 9).
-    parsed_in = set()
-    buffer_updated = Transmission.buffer_updated
-
-    def recording(self, nbytes):
-        parsed_in.add(threading.get_ident())
-        return buffer_updated(self, nbytes)
-
-    monkeypatch.setattr(Transmission, "buffer_updated", recording)
-    server = nbdkit("file", image)
-    async with open_nbd_source(server.url()) as source:
-        assert await source.read(0, SIZE) == contents(image)
-    assert parsed_in and threading.get_ident() not in parsed_in
-
-
-async def test_cancelling_the_pools_nursery_ends_its_receiving_threads(nbdkit, image):
-    # Not through close(): e.g. a task of the nursery crashed. The threads wait on a server that
-    # answers in 30 s; the cancellation shuts their sockets down, and each is closed once its
-    # thread has returned.
-    server = nbdkit("--filter=delay", "file", image, "rdelay=30")
-    fds_before = open_fds()
-    pool = NbdSource(parse_nbd_url(server.url()), NbdOptions()).pool
-    requests = []
-
-    async def read(conn):
-        cookie, message = conn.codec.read(0, 4096, bytearray(4096))
-        conn.waiting[cookie] = request = Request(conn, 4096, "a read")
-        requests.append(request)
-        await conn.send(message, 5)
-        await request.done.wait()
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            pool.start(nursery, await pool.dial_first())
-            await pool.fill()
-            conns = list(pool._conns)
-            async with trio.open_nursery() as readers:
-                for conn in conns:
-                    readers.start_soon(read, conn)
-                await trio.sleep(0.2)
-                nursery.cancel_scope.cancel()
-    assert len(conns) == 4 and len(requests) == 4
-    assert all("connection lost" in str(request.error) for request in requests)
-    assert all(conn.sock.fileno() == -1 for conn in conns)
-    assert open_fds() == fds_before
-
-
-async def test_killing_a_connection_closes_its_socket_after_its_thread(nbdkit, image):
-    server = nbdkit("--filter=delay", "file", image, "rdelay=30")
-    fds_before = open_fds()
-    async with open_nbd_source(server.url(), timeout=0.3, connections=1) as source:
-        [conn] = source.pool._conns
-        with pytest.raises(SourceReadError):
-            await source.read(0, 4096)  # times out: its connection is killed
-        assert not conn.alive
-        with trio.fail_after(5):
-            while conn.sock.fileno() != -1:
-                await trio.sleep(0.01)
-    assert open_fds() == fds_before
 
 
 async def test_body_exceptions_propagate_unwrapped(nbdkit, image):

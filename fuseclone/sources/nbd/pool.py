@@ -1,6 +1,5 @@
 """The NBD source's connection pool: sockets in the transmission phase, dialled and handshaken,
-with one reader task each that routes replies to their requests by cookie. A plain socket's
-replies are received in a thread of the reader's (`receiver`), off the event loop.
+with one reader task each that routes replies to their requests by cookie.
 
 Several connections when the server advertises NBD_FLAG_CAN_MULTI_CONN, else one; callers take
 the least loaded. A dropped pool is re-dialled by the next request, with exponential backoff
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import socket
@@ -29,7 +27,6 @@ from ...errors import SourceError
 from ..base import SourceReadError
 from . import wire
 from .handshake import Handshake
-from .receiver import receive_in_thread, shut_down
 from .tls import TlsClient, describe_failure, tls_client
 from .transmission import BlockStatus, ReplyDone, Transmission
 
@@ -70,9 +67,6 @@ class Connection:
         self.load = 0  # bytes requested and not yet answered
         self.usable = True  # accepts new requests
         self.alive = True  # socket open, reader running
-        # A plain socket whose reader was started: its receiving thread may use the fd, so
-        # only the reader task closes it, once the thread has returned.
-        self.reader_closes = False
         self.draining = False  # got ESHUTDOWN: no new requests, disconnect when idle
         self.reason = ""
         self._slow_senders = 0
@@ -148,19 +142,16 @@ class Connection:
         self.kill(reason)
 
     def kill(self, reason: str) -> None:
-        """End the connection; every request waiting on it fails with SourceReadError."""
+        """Close the socket; every request waiting on it fails with SourceReadError."""
         if not self.alive:
             return
         self.alive = self.usable = False
         self.reason = reason
         try:
-            trio.lowlevel.notify_closing(self.sock)  # wakes a sender or TLS reader blocked on it
+            trio.lowlevel.notify_closing(self.sock)  # wakes the reader blocked on it
         except Exception:  # pragma: no cover - not registered with trio yet
             pass
-        if self.reader_closes:
-            shut_down(self.sock)  # wakes the receiving thread; its task closes the socket
-        else:
-            self.sock.close()
+        self.sock.close()
         waiting, self.waiting = self.waiting, {}
         for request in waiting.values():
             request.error = SourceReadError(errno.ECONNRESET,
@@ -333,7 +324,6 @@ class ConnectionPool:
         assert self._nursery is not None
         self._conns = [c for c in self._conns if c.alive]
         self._conns.append(conn)
-        conn.reader_closes = conn.tls is None
         self._nursery.start_soon(self._reader if conn.tls is None else self._tls_reader, conn)
 
     # ---- dialling -------------------------------------------------------------------------
@@ -460,12 +450,29 @@ class ConnectionPool:
     # ---- the reader -----------------------------------------------------------------------
 
     async def _reader(self, conn: Connection) -> None:
-        """Route replies to their requests until the connection ends; then fail what waits.
-        They are received and parsed in a thread (`receiver`); only the dispatch runs here."""
+        """Route replies to their requests until the connection ends; then fail what waits."""
+        sock, codec = conn.sock, conn.codec
         reason = "closed"
+        spins = 0
         try:
-            reason = await receive_in_thread(conn.sock, conn.codec,
-                                             functools.partial(self._dispatch, conn))
+            while True:
+                buf = codec.get_buffer()
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    spins = 0
+                    continue
+                if n == 0:
+                    reason = "the server closed the connection"
+                    break
+                events = codec.buffer_updated(n)
+                spins += 1
+                if events and self._dispatch(conn, events) or spins >= 64:
+                    spins = 0
+                    await trio.lowlevel.checkpoint()  # let the woken readers run
+        except trio.ClosedResourceError:
+            reason = conn.reason or "closed"
         except wire.ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.error("%s: %s", self.address.url, reason)
@@ -473,7 +480,6 @@ class ConnectionPool:
             reason = conn.reason or str(exc)
         finally:
             self._ended(conn, reason)
-            conn.sock.close()  # the receiving thread has returned
 
     async def _tls_reader(self, conn: Connection) -> None:
         """`_reader` for a connection inside TLS: trio's SSLStream hands out decrypted bytes,
@@ -507,7 +513,8 @@ class ConnectionPool:
         self.on_connection_lost()
         self._note_drained()
 
-    def _dispatch(self, conn: Connection, events: list) -> None:
+    def _dispatch(self, conn: Connection, events: list) -> bool:
+        woke = False
         for event in events:
             kind = type(event)
             if kind is ReplyDone:
@@ -524,6 +531,7 @@ class ConnectionPool:
                     if event.error == wire.ESHUTDOWN:
                         self._drain(conn)
                 request.done.set()
+                woke = True
             elif kind is BlockStatus:
                 request = conn.waiting.get(event.cookie)
                 if request is not None and event.context_id == conn.info.base_allocation:
@@ -532,6 +540,7 @@ class ConnectionPool:
             conn.disconnect_now("the server is shutting down")
         if self._drained is not None and not conn.waiting:
             self._note_drained()  # a close waits, and this connection's last reply is in
+        return woke
 
     def _drain(self, conn: Connection) -> None:
         """ESHUTDOWN: the client must disconnect; finish what is in flight first."""

@@ -90,8 +90,6 @@ class Transmission:
         self.info = info
         self.structured = info.structured_replies
         self._contexts = set(info.meta_contexts.values()) if self.structured else set()
-        # Filled by the loop, emptied by the thread that receives replies (pool + receiver.py,
-        # where why that is safe is written)
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
         self._buf = bytearray(max(header_buffer, 64))
