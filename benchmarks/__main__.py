@@ -107,12 +107,23 @@ def clean_previous_run(workdir: str, console: Console) -> None:
             continue
         try:
             with open(f"/proc/{pid_dir}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                args = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if real in cmdline and any(n in cmdline for n in ("nbdkit", "qemu-storage-daemon", "fuseclone")):
-            console.print(f"[yellow]stopping leftover pid {pid_dir}: {cmdline[:120]}[/]")
+        if is_leftover_server(args, real):
+            console.print(f"[yellow]stopping leftover pid {pid_dir}: {' '.join(args)[:120]}[/]")
             kill_pid(int(pid_dir))
+
+
+def is_leftover_server(args: list[str], workdir: str) -> bool:
+    """Whether a process with these arguments is a server an earlier run in WORKDIR started:
+    nbdkit, qemu-storage-daemon or a fuseclone mount, naming a file in WORKDIR. Path
+    boundaries count: /var/tmp/b is not in /var/tmp/b2, and another run's `flock
+    /tmp/fuseclone-bench.lock ...` waiting for its turn is no fuseclone."""
+    program = os.path.basename(args[0]) if args else ""
+    server = (program in ("nbdkit", "qemu-storage-daemon", "fuseclone")
+              or args[1:3] == ["-m", "fuseclone"])
+    return server and any(a == workdir or workdir + "/" in a for a in args[1:])
 
 
 def mounts_under(real: str) -> list[tuple[str, str]]:

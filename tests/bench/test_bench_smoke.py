@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from benchmarks.__main__ import parse_rows
+from benchmarks.__main__ import is_leftover_server, parse_rows
 from benchmarks.fio import FioJob, fio_command, parse_fio_json
 from benchmarks.report import chart_points, render_table, summary
 from benchmarks.rows import ROWS, Profile
@@ -164,3 +164,18 @@ def test_parse_rows_and_profiles():
         parse_rows("99")
     q, f = Profile.quick(), Profile.full()
     assert q.reps >= 3 and f.reps >= q.reps and f.r1_size >= q.r1_size
+
+
+def test_a_leftover_server_is_one_naming_the_workdir_across_a_path_boundary():
+    workdir = "/var/tmp/fcb-nt"
+    daemon = ["/venv/bin/python", "-m", "fuseclone", "mount", f"{workdir}/src", f"{workdir}/dst"]
+    nbdkit = ["nbdkit", "--unix", f"{workdir}/nbd.sock", "file", f"{workdir}/src"]
+    assert is_leftover_server(daemon, workdir)
+    assert is_leftover_server(nbdkit, workdir)
+    assert is_leftover_server(["nbdkit", "-U", "-", "file", f"file={workdir}/src"], workdir)
+    # Another run's scratch directory shares the prefix; another run waits for the bench lock.
+    assert not is_leftover_server(["nbdkit", "file", "/var/tmp/fcb-nt3/src"], workdir)
+    assert not is_leftover_server(
+        ["flock", "/tmp/fuseclone-bench.lock", "python", "-m", "benchmarks", "--workdir", workdir],
+        workdir)
+    assert not is_leftover_server(["sleep", f"{workdir}/x"], workdir)
