@@ -64,6 +64,13 @@ class ImageFilesystem:
         self.user_read_bytes = 0  # answered to READs (status and metrics)
         self.user_write_bytes = 0  # accepted from WRITEs
         self.backing_id: int | None = None  # FUSE passthrough to DST (use_backing)
+        self.direct_io_opens = False  # O_DIRECT opens get FOPEN_DIRECT_IO (negotiated)
+
+    def negotiated(self, init_flags: int) -> None:
+        """The features INIT settled on. An O_DIRECT open gets FOPEN_DIRECT_IO only where the
+        kernel lets such an open be mapped shared (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6);
+        elsewhere its mmap would fail with ENODEV."""
+        self.direct_io_opens = bool(init_flags & abi.FUSE_DIRECT_IO_ALLOW_MMAP)
 
     def use_backing(self, backing_id: int) -> None:
         """From now on every open of the image is a passthrough open of the registered backing
@@ -197,7 +204,7 @@ class ImageFilesystem:
             return await self._open_passthrough(req)
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES
-        if req.flags & os.O_DIRECT:
+        if req.flags & os.O_DIRECT and self.direct_io_opens:
             # A direct writer (a database, a --direct-io=on loop device) commits in chains of
             # requests. Through the cached-file path the kernel stamps the image's times on
             # each such write and, with the write cache, sends them as a SETATTR before the

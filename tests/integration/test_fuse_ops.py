@@ -1168,6 +1168,32 @@ def test_direct_and_buffered_openers_see_each_others_writes(rig):
         os.close(fd)
     assert pread(rig.image, 0, 64 * KiB) == data[: 64 * KiB]
     assert pread(rig.image, 0, 64 * KiB, direct=True) == data[: 64 * KiB]
+    fd = os.open(rig.image, os.O_RDWR | os.O_DIRECT)  # and a direct opener may map it shared
+    try:
+        with mmap.mmap(fd, 64 * KiB, mmap.MAP_SHARED) as mapped:
+            assert mapped[:] == data[: 64 * KiB]
+    finally:
+        os.close(fd)
     fuseclone("unmount", rig.mnt)
     with open(rig.dst, "rb") as f:
         assert f.read(64 * KiB) == data[: 64 * KiB]
+
+
+def test_a_direct_writers_commit_sends_no_times(rig):
+    """With the write cache the kernel kept the image's times itself and sent them as a SETATTR
+    before the next FSYNC, inside the inode lock that a database's writes wait for. A direct
+    opener's writes stamp none (the times the daemon reports stay)."""
+    make_random(rig.src, 1 * MiB)
+    rig.mount()
+    before = os.stat(rig.image).st_mtime_ns
+    time.sleep(0.05)  # past the kernel's coarse clock tick
+    fd = os.open(rig.image, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"t" * 4096)
+        os.pwritev(fd, [buf], 0)
+        os.fsync(fd)
+        assert os.fstat(fd).st_mtime_ns == before
+    finally:
+        os.close(fd)
+    assert pread(rig.image, 0, 4096) == b"t" * 4096
