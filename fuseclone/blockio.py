@@ -1,7 +1,9 @@
-"""Small blocking helpers shared by the local source and the destination."""
+"""Small blocking helpers for the files a mount opens: the local source, the destination, and
+the files it opens by path after its checks."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -28,6 +30,30 @@ def open_without_waiting(path: str, flags: int, mode: int = 0o600) -> int:
     fd = os.open(path, flags | os.O_NONBLOCK, mode)
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
+
+
+def open_regular_file(path: str, flags: int, mode: int = 0o600, *,
+                      char_device_ok: bool = False) -> int:
+    """A file the mount opens by path after its checks (a trace, the log, a header file):
+    opened without waiting, then refused with an OSError ("not a regular file") unless it is a
+    regular file (or, with CHAR_DEVICE_OK, a character device: a log to /dev/null). What the
+    checks saw may since have been swapped for a FIFO, whose open(2) would wait for its other
+    end forever, or a device."""
+    try:
+        fd = open_without_waiting(path, flags | os.O_NOCTTY, mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads, opened for writing (or a device)
+            raise _not_a_regular_file(path) from None
+        raise
+    file_mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(file_mode) or (char_device_ok and stat.S_ISCHR(file_mode))):
+        os.close(fd)
+        raise _not_a_regular_file(path)
+    return fd
+
+
+def _not_a_regular_file(path: str) -> OSError:
+    return OSError(errno.EINVAL, "not a regular file", path)
 
 
 def is_block_device(fd: int) -> bool:

@@ -2,7 +2,9 @@
 across clones).
 
 A clone holds its SRC shared and its DST exclusively (META holds its own exclusive flock,
-metadata.py; an access trace being recorded, trace.py, too). A flock follows a file under every
+metadata.py; an access trace being recorded, trace.py, and its log file, daemon.py, too). A
+refusal of a live clone's log says so (the clone names its log when asked). A flock follows a
+file under every
 name (a hard link, a symlink, /proc/self/fd/N), but nothing reaches the file beneath a loop
 device by a name: so a block device's hold also takes the files beneath it (its loop backing
 files, identity.backing_files), and its node. The files a mount writes besides DST and META (the
@@ -73,22 +75,59 @@ def release(fds: list[int]) -> None:
     fds.clear()
 
 
+_NONE_OF_ANOTHER_CLONES = "it must be none of another clone's files"
+
+
 def refuse_if_held(role: str, path: str) -> None:
-    """Refuse (HeldError, with ROLE) a PATH that a live clone holds: its source, destination or
-    metadata (or a trace it records), under any name or beneath a loop device. A missing
-    file is held by nobody."""
+    """Refuse (FusecloneError, with ROLE) a PATH that a live clone holds: its source,
+    destination, metadata or log (or a trace it records), under any name or beneath a loop
+    device. A missing file is held by nobody."""
+    held = _held_as(path)
+    if held is not None:
+        through = "" if held == path else f" (through {held})"
+        raise FusecloneError(live_log_refusal(role, path, held) or f"the {role} {path} is in use "
+                             f"by a live clone{through}: {_NONE_OF_ANOTHER_CLONES}")
+
+
+def refuse_a_live_log(role: str, path: str) -> None:
+    """Refuse PATH (as ROLE) if it is a live clone's log. For the files whose own claim
+    refuses any held file (DST, META) but cannot tell why it is held."""
+    refusal = live_log_refusal(role, path)
+    if refusal is not None:
+        raise FusecloneError(refusal)
+
+
+def live_log_refusal(role: str, path: str, held: str | None = None) -> str | None:
+    """Why PATH may not be this mount's ROLE if it is a live clone's log, or None: held (by
+    the name HELD, once known), and named so by that clone. A clone holds its log only if it is
+    a regular file."""
+    from .clones import clone_logging_to
+
+    if held is None:
+        held = _held_as(path) if os.path.isfile(path) else None
+    mountpoint = clone_logging_to(held) if held is not None else None
+    if mountpoint is None:
+        return None
+    through = "" if held == path else f" (through {held})"
+    return (f"the {role} {path} is the log of the live clone at {mountpoint}{through}: "
+            f"{_NONE_OF_ANOTHER_CLONES}")
+
+
+def _held_as(path: str) -> str | None:
+    """The name under which another process holds PATH (PATH itself, or a file beneath it),
+    or None. A missing file, or one not ours to read, is held by nobody: opening it for
+    writing later says why not."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        return  # missing, or not ours to read: opening it for writing later says so
+        return None
     try:
         release(hold(fd, path, exclusive=True, required=False))
     except HeldError as exc:
-        held = "" if exc.path == path else f" (through {exc.path})"
-        raise FusecloneError(f"the {role} {path} is in use by a live clone{held}: it must be "
-                             "none of another clone's files") from None
+        return exc.path
     finally:
         os.close(fd)
+    return None
 
 
 def refuse_unless_file(role: str, path: str, *, char_device_ok: bool = False) -> None:

@@ -14,6 +14,7 @@ from typing import NoReturn
 import click
 
 from . import control
+from .blockio import open_regular_file
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .sources import describe_spec, is_remote
 from .status import Status
@@ -262,9 +263,20 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
     return 0
 
 
+class _LogFile(logging.FileHandler):
+    """A FileHandler that opens its file like the other files a mount opens by path after its
+    checks (blockio.open_regular_file): a FIFO put there since would block the mount for ever.
+    A character device (/dev/null) is a log too."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = open_regular_file(self.baseFilename, flags, 0o666, char_device_ok=True)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def _setup_logging(log_file: str | None, level: str) -> None:
     try:
-        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+        handler = _LogFile(log_file) if log_file else logging.StreamHandler()
     except OSError as exc:
         raise FusecloneError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -431,6 +443,8 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     except FusecloneError:  # unmounted while waiting
         return _offline_status_once_released(meta)
     if reply is not None:
+        if not reply.get("ok"):  # too many waits pending, say
+            raise FusecloneError(reply.get("error", "wait refused"))
         return Status(**reply["status"])
     return offline_status(meta)
 

@@ -8,6 +8,7 @@ row says so; nothing here looks inside a mountpoint (a stat would wait for its d
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import trio
@@ -15,6 +16,9 @@ import trio
 from . import control
 from .errors import FusecloneError
 from .status import Status, public_source
+
+LOG_QUESTION_TIMEOUT = 3.0  # seconds the clones have, all together, to say whose log a file is
+
 
 @dataclass
 class LiveClone:
@@ -47,6 +51,13 @@ class LiveClone:
 def live_clones(timeout: float) -> list[LiveClone]:
     """The fuseclone mounts of this machine in mount-table order, each with its status or the
     reason it has none (another user's, not answering, daemon gone); TIMEOUT seconds for all."""
+    clones = _in_the_mount_table()
+    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
+    return clones
+
+
+def _in_the_mount_table() -> list[LiveClone]:
+    """The fuseclone mounts of this machine, another user's with its problem said."""
     from .fuse.mount import fuse_mounts
 
     clones = []
@@ -59,8 +70,41 @@ def live_clones(timeout: float) -> list[LiveClone]:
             clone.problem = f"another user's mount (uid {mount.uid}): run as that user"
             clone.another_users = True
         clones.append(clone)
-    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
     return clones
+
+
+def clone_logging_to(path: str, timeout: float = LOG_QUESTION_TIMEOUT) -> str | None:
+    """The mountpoint of this user's live clone that logs to PATH (by any name of the file), or
+    None. Each clone is asked in turn, within TIMEOUT seconds for all: blocking and without
+    trio, for a mount that refuses PATH (claims.py) and wants to say why, in or out of its
+    event loop."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return None
+    deadline = time.monotonic() + timeout
+    for clone in _in_the_mount_table():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if clone.another_users:  # its socket is not in our runtime directory
+            continue
+        try:
+            reply = control.request(clone.metadata, {"op": "status"}, remaining)
+        except FusecloneError:  # not answering: it cannot say, and the refusal stays general
+            continue
+        log_file = reply and reply.get("ok") and reply["status"].get("log_file")
+        if log_file and _same_file(log_file, target):
+            return clone.mountpoint
+    return None
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
 async def _ask_all(clones: list[LiveClone], timeout: float) -> None:

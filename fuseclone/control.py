@@ -21,7 +21,9 @@ Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any 
 type or range is answered {"ok": false, "error": "..."} before anything is done; a client that
 hangs up before its answer only cancels its own request; a line must arrive within
 REQUEST_TIMEOUT and fit in MAX_REQUEST; at most MAX_CLIENTS are served at once, the rest wait
-in the listen backlog.
+in the listen backlog. A `wait` gives its slot back once it is read (at most MAX_WAITS are
+pending; more are answered with an error): a crowd of waits never keeps status, message or
+unmount from being answered.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 REQUEST_TIMEOUT = 10.0  # seconds: the CLI's deadline for an answer, and the mount's for a request line
 MAX_REQUEST = 64 << 10  # bytes in a request line
 MAX_CLIENTS = 128  # connections served at once; more wait in the listen backlog
+MAX_WAITS = 256  # "wait" requests pending at once, apart from MAX_CLIENTS; more get an error
+LONG_REQUESTS = {"wait"}  # requests that last (until the clone is complete): they hold a wait slot
 ANSWER_TIMEOUT = 5.0  # seconds an answer may take to send (shielded: an unmount's answer)
 
 

@@ -19,9 +19,9 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, MAX_CLIENTS, MAX_REQUEST,
-                      REQUEST_TIMEOUT, RequestError, ensure_runtime_dir, parse_request,
-                      socket_path)
+from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, LONG_REQUESTS, MAX_CLIENTS,
+                      MAX_REQUEST, MAX_WAITS, REQUEST_TIMEOUT, RequestError, ensure_runtime_dir,
+                      parse_request, socket_path)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,12 @@ async def serve_control(meta_path: str, handle: Handler,
         listener.listen(socket.SOMAXCONN)
         task_status.started(path)
         clients = trio.Semaphore(MAX_CLIENTS)
+        waits = trio.Semaphore(MAX_WAITS)
         async with trio.open_nursery() as nursery:
             while True:
                 await clients.acquire()
                 conn = await _accept(listener)
-                nursery.start_soon(_serve_connection, conn, handle, clients)
+                nursery.start_soon(_serve_connection, conn, handle, clients, waits)
     finally:
         listener.close()
         try:
@@ -83,9 +84,12 @@ def _remove_stale_socket(path: str) -> None:
 
 
 async def _serve_connection(conn: trio.socket.SocketType, handle: Handler,
-                            clients: trio.Semaphore) -> None:
+                            clients: trio.Semaphore, waits: trio.Semaphore) -> None:
     """One request, one answer. Whatever the client does (garbage, silence, hanging up) is its
-    own problem: logged at debug level, never raised into the mount."""
+    own problem: logged at debug level, never raised into the mount. The connection holds one
+    of the CLIENTS slots; a long request (a wait) trades it for one of the WAITS slots once it
+    is read, so that pending waits never keep a status or an unmount from being answered."""
+    slot = clients
     try:
         async with trio.SocketStream(conn) as stream:
             line = await _receive_request_line(stream)
@@ -96,9 +100,18 @@ async def _serve_connection(conn: trio.socket.SocketType, handle: Handler,
             except RequestError as exc:
                 await _send_answer(stream, _encode({"ok": False, "error": str(exc)}))
                 return
+            if req["op"] in LONG_REQUESTS:
+                try:
+                    waits.acquire_nowait()
+                except trio.WouldBlock:
+                    error = f"{MAX_WAITS} waits are pending on this mount already: try again later"
+                    await _send_answer(stream, _encode({"ok": False, "error": error}))
+                    return
+                clients.release()
+                slot = waits
             await _answer_unless_hung_up(stream, handle, req)
     finally:
-        clients.release()
+        slot.release()
 
 
 async def _receive_request_line(stream: trio.SocketStream) -> bytes | None:

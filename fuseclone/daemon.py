@@ -9,6 +9,7 @@ before the mount is up, files this run created (META, a new DST) are removed aga
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shlex
@@ -121,6 +122,9 @@ def check_paths(opts: MountOptions) -> None:
         if path is not None:
             claims.refuse_unless_file(role, path, char_device_ok=role == "log file")
             claims.refuse_if_held(role, path)
+    # Their own claims refuse a live clone's log (it is held) as merely in use: say whose it is.
+    for role, path in (("destination", opts.destination), ("metadata", opts.metadata)):
+        claims.refuse_a_live_log(role, path)
 
 
 def check_passthrough(opts: MountOptions) -> None:
@@ -183,7 +187,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         mounted = False
         try:
             async with _recording_access(engine, opts.record_access), \
-                    running(engine, hold_hydration=True):
+                    running(engine, hold_hydration=True), _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
@@ -204,7 +208,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
-                if new_trace and os.path.exists(opts.record_access):
+                # A regular file: not a FIFO put in its place, which the recorder refused.
+                if new_trace and os.path.isfile(opts.record_access):
                     os.unlink(opts.record_access)
 
 
@@ -218,6 +223,26 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
     if opts.prefetch is None:
         return None
     return read_trace(opts.prefetch)  # not the --record-access trace: check_paths refused that
+
+
+@asynccontextmanager
+async def _holding_the_log() -> AsyncIterator[None]:
+    """Hold the file this mount logs to (claims.py), if it logs to a regular file, while the
+    mount runs: a later mount naming it as its DST, META or trace would empty or overwrite it,
+    or get this mount's log lines appended to its own file. Held only while META is this
+    mount's: a second mount of META appends its refusal to the same default log, and a mount
+    of META right after this one ends must not find the log still held."""
+    handler = _log_handler()
+    if handler is None or not stat.S_ISREG(os.fstat(handler.stream.fileno()).st_mode):
+        yield
+        return
+    fd, path = handler.stream.fileno(), handler.baseFilename
+    claims.refuse_if_held("log file", path)  # says whose log it is
+    claims.hold(fd, path, exclusive=True, required=False)  # a regular file: nothing beneath
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @asynccontextmanager
@@ -444,7 +469,12 @@ def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:
 
 def _log_file() -> str | None:
     """The file this process logs to, if it logs to one (status shows it)."""
+    handler = _log_handler()
+    return handler.baseFilename if handler is not None else None
+
+
+def _log_handler() -> logging.FileHandler | None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            return handler.baseFilename
+            return handler
     return None

@@ -14,7 +14,7 @@ import threading
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      data_extents, fd_size, pread_exact, pwrite_all)
+                      data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all)
 from .errors import DestinationError, DestinationInUseError
 from .libc import libc
 
@@ -47,7 +47,8 @@ class Destination:
         for this clone until `close` (see _claim). On refusal nothing is changed."""
         created = False
         try:
-            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+            # A FIFO is refused below; read-only, its open(2) would wait for a writer first.
+            fd = open_without_waiting(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create:
                 raise DestinationError(f"{path}: destination does not exist") from None
@@ -95,7 +96,10 @@ class Destination:
         """A second descriptor with O_DIRECT, for hydration copies; none where the filesystem
         refuses direct I/O (then every write is buffered)."""
         try:
-            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            # Through the descriptor, not the path: the file this one has open and checked,
+            # whatever DST's path names by now.
+            self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                      os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
             self._direct_fd = -1
 

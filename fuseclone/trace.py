@@ -35,6 +35,7 @@ from typing import Callable
 from bitarray import bitarray
 
 from . import claims
+from .blockio import open_regular_file
 from .errors import FusecloneError
 from .regions import Geometry
 from .sources import describe_identity
@@ -75,10 +76,11 @@ class AccessTrace:
 def read_trace(path: str) -> AccessTrace:
     """Parse the trace at PATH; raises TraceError (one line) if it is unreadable or corrupt."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_regular_file(path, os.O_RDONLY | os.O_CLOEXEC), encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{path}: cannot read the access trace ({exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise TraceError(f"{path}: cannot read the access trace ({reason})") from None
     if lines[0] != MAGIC:
         raise TraceError(f"{path}: not a fuseclone access trace (no {MAGIC!r} line)")
     try:
@@ -133,9 +135,12 @@ def _open_held(path: str) -> int:
     """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
     held, so that a second mount recording to it, or one naming another clone's file, leaves
     the file as it was."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        # A regular file (check_paths refused others): nothing is held beneath it.
+        fd = open_regular_file(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise TraceError(f"cannot write the access trace {path}: {exc.strerror}") from None
+    try:
+        # A regular file: nothing is held beneath it.
         claims.hold(fd, path, exclusive=True, required=False)
         os.ftruncate(fd, 0)
     except BaseException:

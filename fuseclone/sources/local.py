@@ -102,5 +102,6 @@ def _hold(fd: int, path: str) -> list[int]:
         return claims.hold(fd, path, exclusive=False)
     except claims.HeldError as exc:
         through = "" if exc.path == path else f" (through {exc.path})"
-        raise SourceError(f"{path}: source is in use by a live clone that writes it (as its "
+        raise SourceError(claims.live_log_refusal("source", path, exc.path)
+                          or f"{path}: source is in use by a live clone that writes it (as its "
                           f"destination or metadata){through}") from None

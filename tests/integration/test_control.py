@@ -165,6 +165,34 @@ def test_a_crowd_of_clients_all_get_answers(rig, random_source):
     assert len(replies) == clients and all(r["ok"] for r in replies)
 
 
+def test_pending_waits_leave_status_message_and_unmount_answered(rig, random_source):
+    """`wait` requests last until the clone is complete: a crowd of them (scripts waiting on a
+    clone that is not hydrating) used to take every one of the socket's slots, and `status`,
+    `message` and `unmount` of that clone then hung in the backlog. Waits beyond their own
+    cap get an error answer at once."""
+    rig.mount("--no-hydration")
+    waiting = []
+    try:
+        for _ in range(control.MAX_WAITS + 8):
+            sock = connect(rig.meta)
+            waiting.append(sock)
+            sock.sendall(b'{"op": "wait", "timeout": 600}\n')
+        time.sleep(1)  # the daemon reads them all
+        assert status_json(rig.mnt)["live"] is True
+        fuseclone("message", rig.mnt, "hydration_threshold", "4")
+        assert status_json(rig.mnt)["hydration_threshold"] == 4
+        r = fuseclone("wait", rig.mnt, "--timeout", "1", check=False)
+        assert_one_line(r, "waits are pending on this mount already")
+        fuseclone("unmount", rig.mnt)
+        answers = [read_answer(sock) for sock in waiting]
+    finally:
+        for sock in waiting:
+            sock.close()
+    refused = [a for a in answers if a is not None]  # the rest: closed by the unmount
+    assert len(refused) == max(0, len(waiting) - control.MAX_WAITS)
+    assert all(not a["ok"] and "waits" in a["error"] for a in refused), refused[:1]
+
+
 def test_every_name_of_a_live_meta_reaches_its_mount(rig, random_source):
     rig.mount("--no-hydration")
     link = str(rig.tmp / "hard-link.meta")

@@ -5,6 +5,8 @@ exit 1, and the live clone's files are unchanged and it keeps serving."""
 
 import os
 import socket
+import stat
+import subprocess
 import sys
 import time
 
@@ -13,6 +15,7 @@ import pytest
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, fuseclone, sh, sha256, status_json
 from tests.integration.test_identity import mount_refused
+from tests.sources_http.test_http import scripted  # noqa: F401
 
 
 @pytest.fixture
@@ -85,6 +88,38 @@ def test_two_live_clones_record_no_trace_together(live):
     refused(live, "--record-access", trace, expect=f"{trace} is in use by a live clone")
 
 
+@pytest.mark.parametrize("log", ["default", "--log-file"])
+def test_a_live_clones_log_is_no_file_of_another_mount(live, log):
+    """A live clone appends to its log for its whole life. Named as a later mount's trace, it
+    was emptied; as its META (an empty log: nothing logged yet), it was formatted, and the
+    live clone then appended its log lines into that clone's metadata."""
+    if log == "--log-file":
+        fuseclone("unmount", live.mnt)
+        live.mount("--no-hydration", "--log-file", str(live.tmp / "a.log"), "--log-level", "error")
+    path = status_json(live.mnt)["log_file"]
+    before = open(path, "rb").read()
+    for option in ("--record-access", "--log-file"):
+        refused(live, option, path, expect=f"{path} is the log of the live clone at {live.mnt}")
+    refused(live, dst=path, expect=f"the destination {path} is the log of the live clone at {live.mnt}")
+    mount_refused(live, live.b_src, live.b_dst, path, live.b_mnt,
+                  expect=f"the metadata {path} is the log of the live clone at {live.mnt}")
+    refused(live, mnt=path, expect=f"the mountpoint {path} is the log of the live clone at {live.mnt}")
+    refused(live, src=path, expect=f"the source {path} is the log of the live clone at {live.mnt}")
+    assert open(path, "rb").read().startswith(before)
+
+
+def test_a_live_clones_trace_is_no_log_file(live):
+    """The reverse: a file a live clone writes (its trace here; its DST and META above)
+    named as a later mount's log."""
+    fuseclone("unmount", live.mnt)
+    trace = str(live.tmp / "trace")
+    live.mount("--no-hydration", "--record-access", trace)
+    before = open(trace, "rb").read()
+    for mode in ((), ("--foreground",)):
+        refused(live, "--log-file", trace, *mode, expect=f"the log file {trace} is in use by a live clone")
+    assert open(trace, "rb").read() == before
+
+
 def test_a_file_mountpoint_is_no_live_clones_file(live):
     for path in (live.src, live.dst, live.meta):
         refused(live, mnt=path, expect=f"{path} is in use by a live clone")
@@ -106,6 +141,33 @@ def test_paths_that_name_no_file(rig, random_source):
                   expect=f"{fifo}: source must be a regular file or a block device")
     mount_refused(rig, rig.src, rig.dst, rig.meta, rig.mnt, "--record-access", fifo,
                   expect=f"the access trace {fifo} must be a regular file")
+
+
+def test_a_trace_swapped_for_a_fifo_once_checked(rig, scripted):  # noqa: F811
+    """The trace is opened once the source is open: a FIFO put in its place meanwhile (here,
+    while the source's server answers its first request) blocked the daemon in open(2) for
+    ever, and the mount command waiting for it with it."""
+    server, url = scripted
+    server.head = "gated"
+    trace = str(rig.tmp / "trace")
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    mount = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", url, rig.dst, rig.meta,
+                              rig.mnt, "--no-hydration", "--record-access", trace],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.at_gate.wait(60), "the mount never asked the source"
+        os.mkfifo(trace)
+        server.gate.set()
+        _, stderr = mount.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        mount.kill()
+        os.close(os.open(trace, os.O_RDWR))  # lets the daemon's open(2) return
+        raise AssertionError("the mount hung opening a FIFO as its trace") from None
+    assert mount.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the access trace {trace}: not a regular file" in lines[0], stderr
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    assert stat.S_ISFIFO(os.stat(trace).st_mode)
 
 
 def test_a_directory_mountpoint_hides_no_live_clone(live, tmp_path_factory):

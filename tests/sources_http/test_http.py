@@ -466,6 +466,9 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self):
+        if self.server.head == "gated":  # answered once the test opens the gate
+            self.server.at_gate.set()
+            self.server.gate.wait(30)
         if self.server.head == "405":  # e.g. a URL pre-signed for GET only
             self.send_response(405)
             self.send_header("Content-Length", "0")
@@ -513,12 +516,14 @@ def scripted():
     server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
     server.daemon_threads = True
     server.mode, server.head, server.gets, server.release = "ok", "ok", 0, threading.Event()
+    server.at_gate, server.gate = threading.Event(), threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server, f"http://127.0.0.1:{server.server_address[1]}/image.raw"
     finally:
         server.release.set()
+        server.gate.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
