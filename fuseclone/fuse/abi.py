@@ -97,6 +97,7 @@ FUSE_CACHE_SYMLINKS = 1 << 23
 FUSE_NO_OPENDIR_SUPPORT = 1 << 24
 FUSE_EXPLICIT_INVAL_DATA = 1 << 25
 FUSE_INIT_EXT = 1 << 30
+FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36  # 7.39: shared mmap of a FOPEN_DIRECT_IO open
 FUSE_PASSTHROUGH = 1 << 37  # 7.40: opens may name a backing file for reads and writes
 
 # fuse_write_in.write_flags

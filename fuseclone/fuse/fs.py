@@ -64,6 +64,13 @@ class ImageFilesystem:
         self.user_read_bytes = 0  # answered to READs (status and metrics)
         self.user_write_bytes = 0  # accepted from WRITEs
         self.backing_id: int | None = None  # FUSE passthrough to DST (use_backing)
+        self.direct_io_opens = False  # O_DIRECT opens get FOPEN_DIRECT_IO (negotiated)
+
+    def negotiated(self, init_flags: int) -> None:
+        """The features INIT settled on. An O_DIRECT open gets FOPEN_DIRECT_IO only where the
+        kernel lets such an open be mapped shared (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6);
+        elsewhere its mmap would fail with ENODEV."""
+        self.direct_io_opens = bool(init_flags & abi.FUSE_DIRECT_IO_ALLOW_MMAP)
 
     def use_backing(self, backing_id: int) -> None:
         """From now on every open of the image is a passthrough open of the registered backing
@@ -196,7 +203,17 @@ class ImageFilesystem:
         if self.backing_id is not None:
             return await self._open_passthrough(req)
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
-        return codec.OpenReply(IMAGE_FH, abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES)
+        flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES
+        if req.flags & os.O_DIRECT and self.direct_io_opens:
+            # A direct writer (a database, a --direct-io=on loop device) commits in chains of
+            # requests. Through the cached-file path the kernel stamps the image's times on
+            # each such write and, with the write cache, sends them as a SETATTR before the
+            # next FSYNC, inside the inode lock that every write waits for: one more round
+            # trip in 722 of 855 commits. FOPEN_DIRECT_IO writes stamp nothing, and with
+            # FOPEN_PARALLEL_DIRECT_WRITES they share the lock. The kernel still writes back
+            # and drops cached pages of the range first, so buffered openers stay coherent.
+            flags |= abi.FOPEN_DIRECT_IO
+        return codec.OpenReply(IMAGE_FH, flags)
 
     async def _open_passthrough(self, req: codec.Open) -> codec.Reply:
         """Reads and writes of this open go to DST without us. Its writes would escape

@@ -113,9 +113,10 @@ def negotiate(init: codec.Init, *, writeback_cache: bool = False,
     makes the answer 7.40 and excludes the writeback cache."""
     if init.major < abi.KERNEL_VERSION:
         raise OSError(errno.EPROTO, f"kernel FUSE protocol {init.major}.{init.minor} is too old")
-    wanted = WANTED_INIT_FLAGS
-    if passthrough:  # a flags2 bit: FUSE_INIT_EXT says flags2 is there
-        wanted |= abi.FUSE_INIT_EXT | abi.FUSE_PASSTHROUGH
+    # flags2 bits: FUSE_INIT_EXT says flags2 is there
+    wanted = WANTED_INIT_FLAGS | abi.FUSE_INIT_EXT | abi.FUSE_DIRECT_IO_ALLOW_MMAP
+    if passthrough:
+        wanted |= abi.FUSE_PASSTHROUGH
     elif writeback_cache:
         wanted |= abi.FUSE_WRITEBACK_CACHE
     flags = init.flags & wanted
@@ -222,6 +223,7 @@ class Session:
                 log.debug("FUSE %d.%d, flags %#x", req.major, req.minor, reply.flags)
                 if req.major == abi.KERNEL_VERSION:
                     self._note_passthrough(reply)
+                    self.fs.negotiated(reply.flags)
                     return
                 # a newer major: the kernel sends INIT again for our version
             elif req.expects_reply:

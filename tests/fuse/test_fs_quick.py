@@ -97,3 +97,28 @@ def test_a_writer_with_o_direct_is_told_to_the_image():
                                     (os.O_RDWR | os.O_DIRECT, abi.FUSE_WRITE_CACHE)):
         assert quick(write_req(open_flags, write_flags)) == codec.WriteReply(4096)
     assert [direct for _, _, direct in image.writes] == [True, False, False]
+
+
+def open_req(flags):
+    return codec.Open(1, IMAGE, 0, 0, 0, flags)
+
+
+@pytest.mark.trio
+async def test_a_direct_opener_gets_direct_io_and_a_buffered_one_the_page_cache():
+    """A direct opener's writes then stamp no times on the image, so its FSYNCs come without a
+    SETATTR of times before them, and they share the inode lock."""
+    fs = ImageFilesystem(Image(None), write_cache=True)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP)
+    direct = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    assert direct.open_flags & abi.FOPEN_DIRECT_IO
+    assert direct.open_flags & abi.FOPEN_PARALLEL_DIRECT_WRITES
+    buffered = await fs.open(open_req(os.O_RDWR))
+    assert not buffered.open_flags & abi.FOPEN_DIRECT_IO
+    assert buffered.open_flags & abi.FOPEN_KEEP_CACHE
+
+
+@pytest.mark.trio
+async def test_no_direct_io_opens_where_the_kernel_would_refuse_their_shared_mmap():
+    fs = ImageFilesystem(Image(None), write_cache=True)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE)
+    assert not (await fs.open(open_req(os.O_RDWR | os.O_DIRECT))).open_flags & abi.FOPEN_DIRECT_IO

@@ -36,6 +36,9 @@ class SlowFs:
         self.writes_waiting = 0
         self.writes_may_finish: trio.Event | None = None  # when set: writes wait for it
 
+    def negotiated(self, init_flags):
+        self.init_flags = init_flags
+
     def handlers(self):
         return {codec.GetAttr: self.getattr, codec.Read: self.read, codec.StatFs: self.statfs,
                 codec.Write: self.write}
@@ -165,6 +168,14 @@ def test_negotiate_keeps_only_offered_flags():
     assert old.minor == 26 and old.flags == abi.FUSE_ASYNC_READ
     with pytest.raises(OSError):
         negotiate(codec.Init(1, 0, 0, 0, 0, 6, 0, 0, 0))
+
+
+def test_negotiate_shared_mmap_of_direct_io_opens_where_offered():
+    offered = abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT | abi.FUSE_DIRECT_IO_ALLOW_MMAP
+    reply = negotiate(codec.Init(1, 0, 0, 0, 0, 7, 45, 1 << 20, offered))
+    assert reply.flags == offered
+    fields = abi.init_out.unpack(b"".join(codec.encode_reply(1, reply))[abi.out_header.size:])
+    assert fields[10] == abi.FUSE_DIRECT_IO_ALLOW_MMAP >> 32  # flags2
 
 
 def test_negotiate_passthrough_instead_of_the_writeback_cache():

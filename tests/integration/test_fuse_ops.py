@@ -1143,3 +1143,57 @@ def test_sigterm_while_a_loop_device_holds_the_image(rig):
     expected = bytearray(data)
     expected[2 * MiB : 2 * MiB + 4096] = b"\x42" * 4096
     assert pread(rig.image, 0, len(expected)) == expected
+
+
+def test_direct_and_buffered_openers_see_each_others_writes(rig):
+    """A direct opener's I/O skips the image's page cache (FOPEN_DIRECT_IO): the kernel must
+    still write back a buffered writer's dirty pages before a direct read or write of their
+    range, and drop pages a buffered reader cached before a direct write replaced them."""
+    data = bytearray(make_random(rig.src, 1 * MiB))
+    rig.mount()  # the write cache: buffered writes stay dirty in the kernel
+    assert pread(rig.image, 0, 64 * KiB) == data[: 64 * KiB]  # cached by a buffered reader
+    _write_direct(rig.image, 8 * KiB, b"d" * 4096)
+    data[8 * KiB : 12 * KiB] = b"d" * 4096
+    assert pread(rig.image, 0, 64 * KiB) == data[: 64 * KiB]
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"b" * 4096, 16 * KiB)  # dirty in the page cache, no fsync
+        data[16 * KiB : 20 * KiB] = b"b" * 4096
+        assert pread(rig.image, 0, 64 * KiB, direct=True) == data[: 64 * KiB]
+        os.pwrite(fd, b"c" * 4096, 24 * KiB)
+        _write_direct(rig.image, 24 * KiB, b"e" * 4096)  # the dirty page must not win later
+        data[24 * KiB : 28 * KiB] = b"e" * 4096
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert pread(rig.image, 0, 64 * KiB) == data[: 64 * KiB]
+    assert pread(rig.image, 0, 64 * KiB, direct=True) == data[: 64 * KiB]
+    fd = os.open(rig.image, os.O_RDWR | os.O_DIRECT)  # and a direct opener may map it shared
+    try:
+        with mmap.mmap(fd, 64 * KiB, mmap.MAP_SHARED) as mapped:
+            assert mapped[:] == data[: 64 * KiB]
+    finally:
+        os.close(fd)
+    fuseclone("unmount", rig.mnt)
+    with open(rig.dst, "rb") as f:
+        assert f.read(64 * KiB) == data[: 64 * KiB]
+
+
+def test_a_direct_writers_commit_sends_no_times(rig):
+    """With the write cache the kernel kept the image's times itself and sent them as a SETATTR
+    before the next FSYNC, inside the inode lock that a database's writes wait for. A direct
+    opener's writes stamp none (the times the daemon reports stay)."""
+    make_random(rig.src, 1 * MiB)
+    rig.mount()
+    before = os.stat(rig.image).st_mtime_ns
+    time.sleep(0.05)  # past the kernel's coarse clock tick
+    fd = os.open(rig.image, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"t" * 4096)
+        os.pwritev(fd, [buf], 0)
+        os.fsync(fd)
+        assert os.fstat(fd).st_mtime_ns == before
+    finally:
+        os.close(fd)
+    assert pread(rig.image, 0, 4096) == b"t" * 4096
