@@ -52,6 +52,13 @@ def open_regular_file(path: str, flags: int, mode: int = 0o600, *,
     return fd
 
 
+def read_regular_text(path: str) -> str:
+    """The UTF-8 text of a small file the mount reads by path after its checks (a trace, the
+    header file): opened as open_regular_file does. OSError or UnicodeDecodeError."""
+    with os.fdopen(open_regular_file(path, os.O_RDONLY | os.O_CLOEXEC), encoding="utf-8") as f:
+        return f.read()
+
+
 def _not_a_regular_file(path: str) -> OSError:
     return OSError(errno.EINVAL, "not a regular file", path)
 

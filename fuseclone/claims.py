@@ -4,10 +4,9 @@ across clones).
 A clone holds its SRC shared and its DST exclusively (META holds its own exclusive flock,
 metadata.py; an access trace being recorded, trace.py, and its log file, daemon.py, too). A
 refusal of a live clone's log says so (the clone names its log when asked). A flock follows a
-file under every
-name (a hard link, a symlink, /proc/self/fd/N), but nothing reaches the file beneath a loop
-device by a name: so a block device's hold also takes the files beneath it (its loop backing
-files, identity.backing_files), and its node. The files a mount writes besides DST and META (the
+file under every name (a hard link, a symlink, /proc/self/fd/N), but nothing reaches the file
+beneath a loop device by a name: so a block device's hold also takes the files beneath it (its
+loop backing files, identity.backing_files), and its node. The files a mount writes besides DST and META (the
 access trace it truncates, the log it appends to) and a file mountpoint it would cover are
 probed before the mount opens anything for writing: refused while a clone holds them.
 """

@@ -237,8 +237,11 @@ async def _holding_the_log() -> AsyncIterator[None]:
         yield
         return
     fd, path = handler.stream.fileno(), handler.baseFilename
-    claims.refuse_if_held("log file", path)  # says whose log it is
-    claims.hold(fd, path, exclusive=True, required=False)  # a regular file: nothing beneath
+    try:
+        claims.hold(fd, path, exclusive=True, required=False)  # a regular file: nothing beneath
+    except claims.HeldError:
+        claims.refuse_if_held("log file", path)  # says whose log it is
+        raise
     try:
         yield
     finally:

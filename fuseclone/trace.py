@@ -35,7 +35,7 @@ from typing import Callable
 from bitarray import bitarray
 
 from . import claims
-from .blockio import open_regular_file
+from .blockio import open_regular_file, read_regular_text
 from .errors import FusecloneError
 from .regions import Geometry
 from .sources import describe_identity
@@ -76,8 +76,7 @@ class AccessTrace:
 def read_trace(path: str) -> AccessTrace:
     """Parse the trace at PATH; raises TraceError (one line) if it is unreadable or corrupt."""
     try:
-        with os.fdopen(open_regular_file(path, os.O_RDONLY | os.O_CLOEXEC), encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        lines = read_regular_text(path).split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else exc
         raise TraceError(f"{path}: cannot read the access trace ({reason})") from None

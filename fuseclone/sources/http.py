@@ -57,7 +57,7 @@ import httpx
 import trio
 
 from .. import __version__
-from ..blockio import open_regular_file
+from ..blockio import read_regular_text
 from ..errors import SourceError
 from . import describe_spec
 from .base import Source, SourceReadError
@@ -182,8 +182,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 def _read_header_file(path: str) -> dict[str, str]:
     try:
-        with os.fdopen(open_regular_file(path, os.O_RDONLY | os.O_CLOEXEC), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise SourceError(f"cannot read the header file {path}: {reason}") from None
