@@ -295,6 +295,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.log_file = _log_file()
         st.user_read_bytes = fs.user_read_bytes
         st.user_write_bytes = fs.user_write_bytes
+        st.reads_on_ring = fs.reads_on_ring
         st.passthrough = fs.backing_id is not None
         return st
 

@@ -30,7 +30,7 @@ import trio
 from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
-from .fuse.backend import Continue, Permissions
+from .fuse.backend import Continue, Permissions, ReadFrom
 from .hydrator import READAHEAD_MAX_WINDOW, Hydrator
 from .markahead import MarkAhead
 from .metadata import (FEATURE_NO_COPY_ON_READ, FEATURE_NO_DISCARD_PASSDOWN,
@@ -236,12 +236,10 @@ class CloneEngine:
             await trio.to_thread.run_sync(self.dst.chown, uid, gid)
 
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
-                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | Continue:
-        """Hydrated data: the bytes at once if DST's page cache has them, else the blocking
-        read from DST, for any thread (nothing in the engine changes with it: hydrated regions
-        stay hydrated, and no copy touches them), with DST's disk already reading them: a
-        missed `RWF_NOWAIT` read starts the read of the pages it missed, so one thread waiting
-        for such reads in turn keeps many at the disk. Anything else: a `Continue` whose answer
+                 ) -> bytes | bytearray | ReadFrom | Continue:
+        """Hydrated data: the bytes at once if DST's page cache has them, else the range of DST
+        to read them from (`ReadFrom`: nothing in the engine changes while it is read: hydrated
+        regions stay hydrated, and no copy touches them). Anything else: a `Continue` whose answer
         reads it, knowing it is not all hydrated (no second bitmap check; DST's page cache was
         not probed). Lets the FUSE session answer without a task, and a cold read without a
         hop back."""
@@ -259,9 +257,10 @@ class CloneEngine:
         data = self.dst.read_cached(offset, length)
         if data is not None:
             return data
-        if kernel_keeps:  # the image's page cache keeps what DST's would: one copy is enough
-            return functools.partial(self.dst.read_uncached, offset, length)
-        return functools.partial(self.dst.read, offset, length)
+        # kernel_keeps: the image's page cache keeps what DST's would: one copy is enough
+        read = self.dst.read_uncached if kernel_keeps else self.dst.read
+        return ReadFrom(self.dst.fd, offset, length, kernel_keeps,
+                        functools.partial(read, offset, length))
 
     def write_now(self, offset: int, data: bytes | memoryview, *, direct: bool = False
                   ) -> bool | Callable[[], None] | Continue:
@@ -351,8 +350,8 @@ class CloneEngine:
         got = self.read_now(offset, length, kernel_keeps=False)
         if isinstance(got, Continue):
             return await got.answer()
-        if callable(got):
-            return await trio.to_thread.run_sync(got)
+        if isinstance(got, ReadFrom):
+            return await trio.to_thread.run_sync(got.read)
         await trio.lowlevel.checkpoint()
         return got
 

@@ -37,7 +37,24 @@ class Continue:
     answer: Callable[[], Awaitable[Any]]
 
 
-QuickAnswer = Union[codec.Reply, Blocking, Continue]
+@dataclass(slots=True)
+class ReadFrom:
+    """The answer is the `length` bytes at `offset` of the file `fd` (hydrated data, which
+    nothing changes while it is read): the session reads them with io_uring into a buffer of its
+    own and replies from the completion, with no thread. `read` is the same read as one blocking
+    call for any thread: the session's fallback, and its answer to a short or failed read.
+    `drop_cached`: drop the pages this read brings into the file's page cache (the kernel keeps
+    a copy of the data: one is enough). As a filesystem's quick answer it means a DataReply of
+    those bytes."""
+
+    fd: int
+    offset: int
+    length: int
+    drop_cached: bool
+    read: Callable[[], bytes | bytearray]
+
+
+QuickAnswer = Union[codec.Reply, Blocking, Continue, ReadFrom]
 
 
 @dataclass(frozen=True)
@@ -66,10 +83,10 @@ class ImageBackend(Protocol):
         """Bytes at [offset, offset+length), clipped to the image size (bytes-like)."""
 
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
-                 ) -> bytes | bytearray | Callable[[], bytes | bytearray] | Continue:
+                 ) -> bytes | bytearray | ReadFrom | Continue:
         """Like `read`, deciding once without waiting: the bytes if they can be had at once, a
-        blocking call that gets them from any thread (a disk read, nothing else to wait for),
-        or a `Continue` whose answer awaits them, starting from what this call found out.
+        `ReadFrom` naming the file range that holds them (a disk read, nothing else to wait
+        for), or a `Continue` whose answer awaits them, starting from what this call found out.
         `kernel_keeps`: the kernel keeps what this read returns in the image's page cache, so
         no other copy of it needs to stay cached."""
 

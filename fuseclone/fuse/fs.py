@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 from ..errors import FusecloneError
 from . import abi, codec
-from .backend import Blocking, Continue, ImageBackend, QuickAnswer
+from .backend import Blocking, Continue, ImageBackend, QuickAnswer, ReadFrom
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -65,6 +65,7 @@ class ImageFilesystem:
         self.user_write_bytes = 0  # accepted from WRITEs
         self.backing_id: int | None = None  # FUSE passthrough to DST (use_backing)
         self.direct_io_opens = False  # O_DIRECT opens get FOPEN_DIRECT_IO (negotiated)
+        self.reads_on_ring = 0  # READs the session answered from an io_uring read of DST
 
     def negotiated(self, init_flags: int) -> None:
         """The features INIT settled on. An O_DIRECT open gets FOPEN_DIRECT_IO only where the
@@ -232,8 +233,8 @@ class ImageFilesystem:
         if isinstance(got, Continue):
             return Continue(functools.partial(self._read_reply, got))
         self.user_read_bytes += min(req.size, self.image.size - req.offset)
-        if callable(got):
-            return Blocking(lambda: codec.DataReply(got()), parallel=True)
+        if isinstance(got, ReadFrom):
+            return got  # the session reads it from DST and replies
         return codec.DataReply(got)
 
     async def _read_reply(self, rest: Continue) -> codec.Reply:

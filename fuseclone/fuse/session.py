@@ -4,8 +4,10 @@ its own task, write the replies, honour INTERRUPT, and unmount when the session 
 The session knows the protocol, not the filesystem: every request other than INIT, DESTROY,
 FORGET and INTERRUPT goes to the handler the filesystem registered for its type, which returns
 a `codec.Reply` or raises OSError(errno). A quick handler (READ, WRITE) decides once, on the
-event loop, how its request is answered: now, by a job on a thread (`backend.Blocking`), or by a
-task (`backend.Continue`).
+event loop, how its request is answered: now, by a job on a thread (`backend.Blocking`), by a
+task (`backend.Continue`), or from a read of a file range on the session's io_uring
+(`backend.ReadFrom`, answered when its completion is reaped; on a thread where io_uring is
+unavailable).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Awaitable, Callable, Mapping, Protocol
 
 import trio
 
+from .. import uring
 from . import abi, codec
-from .backend import Blocking, Continue, QuickAnswer
+from .backend import Blocking, Continue, QuickAnswer, ReadFrom
 from .mount import mount_fuse, set_dirty_limit, unmount
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ MAX_QUEUED_JOBS = 8
 # 11-13k with 24 (raw loop 55-58k, 2 vCPUs).
 PARALLEL_JOB_THREADS = 1
 MAX_QUEUED_PARALLEL_JOBS = 4 * MAX_BACKGROUND
+# Reads on the io_uring at once; beyond, they go to the parallel job thread (the kernel's
+# MAX_BACKGROUND and its synchronous readers keep far fewer in flight).
+MAX_RING_READS = 4 * MAX_BACKGROUND
 
 
 Handler = Callable[[codec.Request], Awaitable[codec.Reply]]
@@ -70,6 +76,8 @@ class Filesystem(Protocol):
     def use_backing(self, backing_id: int) -> None:
         """Passthrough was negotiated and the backing file registered (only called when
         `serve` was given one)."""
+
+    reads_on_ring: int  # the session counts here the READs it answered from its io_uring
 
 
 async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool = False,
@@ -150,6 +158,7 @@ class Session:
         self._reads_without_wait = 0
         self._jobs = _JobQueue(threads=1, slots=MAX_QUEUED_JOBS)
         self._parallel_jobs = _JobQueue(threads=PARALLEL_JOB_THREADS, slots=MAX_QUEUED_PARALLEL_JOBS)
+        self._ring_reads: uring.Reads | None = None  # while `run` serves, if io_uring works here
         os.set_blocking(fd, False)
 
     # ---- reading and writing /dev/fuse --------------------------------------------------------
@@ -164,12 +173,14 @@ class Session:
                 # requests per wakeup instead of paying an epoll round for each.
                 if self._reads_without_wait >= MAX_READS_WITHOUT_WAIT:
                     self._reads_without_wait = 0
+                    self._submit_reads()
                     await trio.lowlevel.checkpoint()  # let the answering tasks run
                 n = os.readv(self.fd, [buf])
                 self._reads_without_wait += 1
             except BlockingIOError:
                 self._give_back(buf)
                 self._reads_without_wait = 0
+                self._submit_reads()  # one io_uring_enter for the reads of this batch
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
             except OSError as exc:
@@ -268,9 +279,11 @@ class Session:
                         trio.to_thread.run_sync, self._run_jobs, jobs, limiter=threads))
             try:
                 async with trio.open_nursery() as nursery:
+                    self._open_ring(nursery)
                     await self._serve_requests(nursery)
                     nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for answers
             finally:
+                self._close_ring()
                 # the job threads finish what they hold, then return
                 self._jobs.stop()
                 self._parallel_jobs.stop()
@@ -339,20 +352,85 @@ class Session:
         if isinstance(answer, Continue):
             return answer.answer
         if isinstance(answer, Blocking):
-            return self._hand_over(req, answer, buf)
+            return self._hand_over(req.unique, answer, buf)
+        if isinstance(answer, ReadFrom):
+            return self._read_from(req.unique, answer)
         self._send(codec.encode_reply(req.unique, answer))
         return _ANSWERED
 
-    def _hand_over(self, req: codec.Request, blocking: Blocking, buf: bytearray | None) -> object:
+    def _hand_over(self, unique: int, blocking: Blocking, buf: bytearray | None) -> object:
         jobs = self._parallel_jobs if blocking.parallel else self._jobs
         if not jobs.slots.acquire(blocking=False):
-            self._send(_job_reply(req.unique, blocking))  # the job threads are behind: run it here
+            self._send(_job_reply(unique, blocking))  # the job threads are behind: run it here
             return _ANSWERED
         if blocking.parallel:  # its request's data is not needed any more
-            jobs.queue.put((req.unique, blocking, None))
+            jobs.queue.put((unique, blocking, None))
             return _ANSWERED
-        jobs.queue.put((req.unique, blocking, buf))
+        jobs.queue.put((unique, blocking, buf))
         return _HANDED_OVER
+
+    # ---- reads on the io_uring ----------------------------------------------------------------
+
+    def _open_ring(self, nursery: trio.Nursery) -> None:
+        """Set up the io_uring for ReadFrom answers and start its reaper in `nursery`; without
+        io_uring (an old kernel, disabled by the administrator), say so once and read on the
+        parallel job thread as before."""
+        try:
+            ring = uring.ReadRing()
+        except uring.RingUnavailable as exc:
+            log.info("reads from the destination go through a thread: %s", exc)
+            return
+        self._ring_reads = uring.Reads(ring)
+        nursery.start_soon(self._reap_ring_reads, self._ring_reads)
+
+    def _read_from(self, unique: int, answer: ReadFrom) -> object:
+        reads = self._ring_reads
+        if reads is None or len(reads) >= MAX_RING_READS:
+            return self._hand_over(unique, _read_job(answer), None)
+        reads.start(answer.fd, answer.offset, answer.length, (unique, answer))
+        return _ANSWERED  # by the reaper, once the read completes
+
+    def _submit_reads(self) -> None:
+        if self._ring_reads is not None:
+            self._ring_reads.ring.submit()
+
+    async def _reap_ring_reads(self, reads: uring.Reads) -> None:
+        while True:
+            await reads.ring.wait_readable()
+            for context, buffer, res in reads.reaped():
+                self._answer_ring_read(*context, buffer, res)
+
+    def _answer_ring_read(self, unique: int, answer: ReadFrom, buffer: bytearray, res: int,
+                          *, closing: bool = False) -> None:
+        """Reply to a READ from its ring read's completion. A short or failed read is answered
+        as the thread path answers it, by its blocking read (which reads on past a short read,
+        pads DST's end with zeros, or raises the error)."""
+        if res == answer.length:
+            if answer.drop_cached:
+                # Not RWF_DONTCACHE: it drops only the pages its own read brought in, and most
+                # were brought in by the readahead of the page-cache probe that missed.
+                os.posix_fadvise(answer.fd, answer.offset, answer.length, os.POSIX_FADV_DONTNEED)
+            self.fs.reads_on_ring += 1
+            self._send(codec.encode_reply(unique, codec.DataReply(buffer)))
+            return
+        if closing:
+            self._send(_job_reply(unique, _read_job(answer)))
+        else:
+            self._hand_over(unique, _read_job(answer), None)
+
+    def _close_ring(self) -> None:
+        """Wait for every read in flight, answer them, then close the ring: the kernel writes
+        into their buffers until they complete. Blocking, but reads of a local disk are short,
+        and this runs once, at the end of the session."""
+        reads, self._ring_reads = self._ring_reads, None
+        if reads is None:
+            return
+        done = reads.wait_all()  # should this fail, the ring stays open: the kernel may still write
+        try:
+            for context, buffer, res in done:
+                self._answer_ring_read(*context, buffer, res, closing=True)
+        finally:
+            reads.ring.close()
 
     def _handler(self, req: codec.Request) -> Handler:
         return self._handlers.get(type(req), _not_served)
@@ -414,6 +492,11 @@ class _JobQueue:
 
 async def _not_served(req: codec.Request) -> codec.Reply:
     raise OSError(errno.ENOSYS, "not served")
+
+
+def _read_job(answer: ReadFrom) -> Blocking:
+    """The thread path of a ReadFrom answer."""
+    return Blocking(lambda: codec.DataReply(answer.read()), parallel=True)
 
 
 def _job_reply(unique: int, blocking: Blocking) -> list:

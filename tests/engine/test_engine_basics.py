@@ -11,7 +11,7 @@ import trio
 from fuseclone import hydrator as hydrator_module
 from fuseclone.engine import HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX, LOOP_WRITE_THROUGH_MAX
 from fuseclone.fuse import codec
-from fuseclone.fuse.backend import Continue
+from fuseclone.fuse.backend import Continue, ReadFrom
 from fuseclone.fuse.fs import ImageFilesystem
 from fuseclone.metadata import Metadata
 from tests.engine.conftest import KiB, MiB
@@ -64,20 +64,23 @@ async def hydrated_and_uncached(clone, engine):
     drop_cache(clone.dst)
 
 
-async def test_read_now_of_hydrated_data_on_disk_is_a_blocking_read_for_any_thread(clone):
-    """No hop back to the event loop: the FUSE session runs it on a job thread, while DST's disk
-    is already reading it (the page-cache probe that missed started the read). Unless the kernel keeps no copy of what it reads
+async def test_read_now_of_hydrated_data_on_disk_names_dst_range_and_its_blocking_read(clone):
+    """No hop back to the event loop: the FUSE session reads the range on its io_uring, or runs
+    the blocking read on a job thread, while DST's disk is already reading it (the page-cache
+    probe that missed started the read). Unless the kernel keeps no copy of what it reads
     (O_DIRECT), DST's copy is dropped after it: one is enough."""
     engine = await clone.open()
     async with clone.running(engine):
         await hydrated_and_uncached(clone, engine)
         for offset, kernel_keeps in ((0, True), (MiB, False)):
             got = engine.read_now(offset, 64 * KiB, kernel_keeps=kernel_keeps)
-            assert callable(got)
+            assert isinstance(got, ReadFrom)
+            assert (got.offset, got.length, got.drop_cached) == (offset, 64 * KiB, kernel_keeps)
+            assert os.path.samestat(os.fstat(got.fd), os.stat(clone.dst))
             with trio.fail_after(5):  # the disk is already reading them: the job only waits
                 while not dst_cached(clone.dst, offset, 64 * KiB):
                     await trio.sleep(0.01)
-            assert await trio.to_thread.run_sync(got) == clone.source_bytes(offset, 64 * KiB)
+            assert await trio.to_thread.run_sync(got.read) == clone.source_bytes(offset, 64 * KiB)
             assert dst_cached(clone.dst, offset, 64 * KiB) is not kernel_keeps
         assert engine.read_now(MiB, 64 * KiB, kernel_keeps=True) == clone.source_bytes(MiB, 64 * KiB)
 
@@ -109,8 +112,8 @@ async def test_a_missed_read_is_decided_once(clone, monkeypatch):
         assert (len(queries), len(probes)) == (1, 0)
         await engine.commit()
         drop_cache(clone.dst)
-        job = quick_read(codec.Read(2, 2, 0, 0, 0, 1, MiB, 8192)).job
-        assert await trio.to_thread.run_sync(job) == codec.DataReply(b"h" * 8192)
+        read = quick_read(codec.Read(2, 2, 0, 0, 0, 1, MiB, 8192)).read
+        assert await trio.to_thread.run_sync(read) == b"h" * 8192
         assert (len(queries), len(probes)) == (2, 1)
 
 
