@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from fuseclone import hydrator as hydrator_module
-from fuseclone.engine import HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX, LOOP_WRITE_THROUGH_MAX
+from fuseclone.engine import (COLD_AFTER_MISSES, HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX,
+                              LOOP_WRITE_THROUGH_MAX, PROBE_EVERY_WHEN_COLD)
 from fuseclone.fuse import codec
 from fuseclone.fuse.backend import Continue, ReadFrom
 from fuseclone.fuse.fs import ImageFilesystem
@@ -115,6 +116,24 @@ async def test_a_missed_read_is_decided_once(clone, monkeypatch):
         read = quick_read(codec.Read(2, 2, 0, 0, 0, 1, MiB, 8192)).read
         assert await trio.to_thread.run_sync(read) == b"h" * 8192
         assert (len(queries), len(probes)) == (2, 1)
+
+
+async def test_cold_reads_stop_probing_dst_page_cache_until_one_hits(clone, monkeypatch):
+    """A probe that misses costs the kernel time of the read that follows: in a cold spell only
+    one read in PROBE_EVERY_WHEN_COLD probes, and the first hit ends it."""
+    engine = await clone.open()
+    async with clone.running(engine):
+        await hydrated_and_uncached(clone, engine)
+        probes = count_calls(monkeypatch, engine.dst, "read_cached")
+        for block in range(COLD_AFTER_MISSES + PROBE_EVERY_WHEN_COLD):
+            got = engine.read_now(block * 64 * KiB, 4096, kernel_keeps=False)
+            assert isinstance(got, ReadFrom), block
+        assert len(probes) == COLD_AFTER_MISSES + 1
+        await trio.to_thread.run_sync(engine.dst.read, 0, 4096)  # cached now
+        for _ in range(PROBE_EVERY_WHEN_COLD):
+            got = engine.read_now(0, 4096, kernel_keeps=False)
+        assert got == clone.source_bytes(0, 4096)  # the probe that hit: warm again
+        assert engine.read_now(0, 4096, kernel_keeps=False) == clone.source_bytes(0, 4096)
 
 
 async def test_a_write_that_needs_a_copy_is_decided_once(clone, monkeypatch):
