@@ -31,6 +31,8 @@ from .libc import libc
 SYS_IO_URING_SETUP, SYS_IO_URING_ENTER, SYS_IO_URING_REGISTER = 425, 426, 427
 IORING_OP_READ = 22
 IORING_ENTER_GETEVENTS = 1
+# Features (io_uring_params.features) of Linux 5.6, the release that brought IORING_OP_READ
+IORING_FEAT_NODROP, IORING_FEAT_RW_CUR_POS = 1 << 1, 1 << 3
 IORING_REGISTER_EVENTFD = 4
 IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
 SQE_SIZE, CQE_SIZE = 64, 16
@@ -83,15 +85,26 @@ class ReadRing:
         except OSError as exc:
             raise RingUnavailable(_why_unavailable(exc)) from exc
         try:
+            self._check_features(params)
             self._map(params)
             self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            registered = ctypes.c_int32(self.eventfd)
-            _syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD,
-                     ctypes.byref(registered), ctypes.c_uint(1))
         except BaseException:
             os.close(self.fd)
             raise
+        try:
+            registered = ctypes.c_int32(self.eventfd)
+            _syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD,
+                     ctypes.byref(registered), ctypes.c_uint(1))
+        except OSError as exc:
+            self.close()
+            raise RingUnavailable(f"io_uring_register(EVENTFD): {exc.strerror}") from exc
         self.queued = 0  # SQEs in the SQ ring, not yet submitted
+
+    def _check_features(self, params: ctypes.Array) -> None:
+        features = params_head.unpack_from(params)[5]
+        wanted = IORING_FEAT_NODROP | IORING_FEAT_RW_CUR_POS
+        if features & wanted != wanted:
+            raise RingUnavailable("io_uring's reads need Linux 5.6 or later")
 
     def _map(self, params: ctypes.Array) -> None:
         sq_entries, cq_entries, *_ = params_head.unpack_from(params)

@@ -398,7 +398,11 @@ class Session:
         while True:
             await reads.ring.wait_readable()
             for context, buffer, res in reads.reaped():
-                self._answer_ring_read(*context, buffer, res)
+                try:
+                    self._answer_ring_read(*context, buffer, res)
+                except Exception:
+                    log.exception("bug while answering a READ from the io_uring")
+                    self._send(codec.encode_error(context[0], errno.EIO))
 
     def _answer_ring_read(self, unique: int, answer: ReadFrom, buffer: bytearray, res: int,
                           *, closing: bool = False) -> None:
