@@ -1,0 +1,345 @@
+"""Spike (not part of the package, not imported by tests): one image file served through FUSE in
+two transports with the same per-request work, to measure what FUSE over io_uring buys.
+
+    python spikes/uring_fuse.py IMAGE MOUNTPOINT --transport classic|uring [--threads N]
+
+MOUNTPOINT is a regular file; the mount makes it a one-file filesystem (root = the image). The
+daemon serves INIT, GETATTR, OPEN, READ, WRITE, FSYNC, FLUSH, RELEASE, STATFS and answers
+ENOSYS to everything else. It runs until the mount goes away (`umount MOUNTPOINT`).
+
+- classic: THREADS plain threads share the /dev/fuse descriptor, each reads a request, serves
+  it (pread/pwrite of IMAGE) and writev()s the reply.
+- uring (Linux 6.14+, fuse.enable_uring=Y): INIT goes over /dev/fuse with FUSE_OVER_IO_URING;
+  then, for each possible CPU's queue, THREADS threads each set up an io_uring of 128-byte SQEs
+  and register ENTRIES ring entries ([header, payload] buffers) with
+  FUSE_IO_URING_CMD_REGISTER; each completion is a request in an entry, answered in place and
+  sent back with COMMIT_AND_FETCH, which fetches the next request into the same entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import mmap
+import os
+import stat
+import struct
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fuseclone.fuse import abi, codec  # noqa: E402
+from fuseclone.fuse.abi import Opcode  # noqa: E402
+from fuseclone.fuse.mount import mount_fuse  # noqa: E402
+from fuseclone.libc import libc  # noqa: E402
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+READ_BUFFER_SIZE = MAX_WRITE + 64 * 1024
+FUSE_OVER_IO_URING = 1 << 41  # 7.42 (linux/fuse.h of Linux 6.14)
+INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES | abi.FUSE_ASYNC_DIO
+              | abi.FUSE_PARALLEL_DIROPS | abi.FUSE_INIT_EXT | abi.FUSE_DIRECT_IO_ALLOW_MMAP)
+ATTR_VALID = 3600.0
+
+# ---- the per-request work, shared by both transports ----------------------------------------
+
+
+class Image:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        st = os.fstat(self.fd)
+        self.attr = codec.Attr(ino=abi.ROOT_ID, size=st.st_size, mode=stat.S_IFREG | 0o644,
+                               blocks=st.st_size // 512, mtime=st.st_mtime, ctime=st.st_ctime)
+        self.requests = 0
+        self.over_dev = 0  # of which read from /dev/fuse (the rest came through the ring)
+
+    def serve(self, opcode: int, op_in: memoryview, data: memoryview,
+              out: memoryview) -> tuple[int, int]:
+        """Serve one request: OP_IN is its fixed per-opcode struct, DATA what follows (a WRITE's
+        bytes); the reply's payload goes into OUT. Returns (errno, payload length)."""
+        self.requests += 1
+        if opcode == Opcode.READ:
+            _fh, offset, size, *_ = abi.read_in.unpack_from(op_in)
+            return 0, os.preadv(self.fd, [out[:size]], offset)
+        if opcode == Opcode.WRITE:
+            _fh, offset, size, *_ = abi.write_in.unpack_from(op_in)
+            written = os.pwritev(self.fd, [data[:size]], offset)
+            abi.write_out.pack_into(out, 0, written, 0)
+            return 0, abi.write_out.size
+        if opcode == Opcode.FSYNC:
+            os.fdatasync(self.fd)
+            return 0, 0
+        if opcode in (Opcode.FLUSH, Opcode.RELEASE):
+            return 0, 0
+        if opcode == Opcode.GETATTR:
+            return 0, _put(out, codec.AttrReply(self.attr, ATTR_VALID).payload())
+        if opcode == Opcode.OPEN:
+            flags, _ = abi.open_in.unpack_from(op_in)
+            open_flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES
+            if flags & os.O_DIRECT:
+                open_flags |= abi.FOPEN_DIRECT_IO  # as fuseclone answers an O_DIRECT open
+            return 0, _put(out, codec.OpenReply(1, open_flags).payload())
+        if opcode == Opcode.STATFS:
+            blocks = self.attr.size // 4096
+            abi.kstatfs.pack_into(out, 0, blocks, 0, 0, 1, 0, 4096, 255, 4096, 0)
+            return 0, abi.kstatfs.size
+        return errno.ENOSYS, 0
+
+
+def _put(out: memoryview, parts: list) -> int:
+    data = b"".join(parts)
+    out[:len(data)] = data
+    return len(data)
+
+
+# Size of the fixed per-opcode struct at the start of a classic request's body (the rest is data).
+OP_IN_SIZE = {Opcode.READ: abi.read_in.size, Opcode.WRITE: abi.write_in.size,
+              Opcode.FSYNC: abi.fsync_in.size, Opcode.FLUSH: abi.flush_in.size,
+              Opcode.RELEASE: abi.release_in.size, Opcode.GETATTR: abi.getattr_in.size,
+              Opcode.OPEN: abi.open_in.size}
+
+# ---- INIT (always over /dev/fuse) -------------------------------------------------------------
+
+
+def answer_init(dev: int, uring: bool) -> None:
+    buf = os.read(dev, READ_BUFFER_SIZE)
+    _len, opcode, unique, *_ = abi.in_header.unpack_from(buf)
+    if opcode != Opcode.INIT:
+        raise SystemExit(f"first request is opcode {opcode}, not INIT")
+    major, minor, max_readahead, flags = abi.init_in_head.unpack_from(buf, abi.in_header.size)
+    if flags & abi.FUSE_INIT_EXT:
+        (flags2,) = struct.unpack_from("<I", buf, abi.in_header.size + abi.init_in_head.size)
+        flags |= flags2 << 32
+    wanted = INIT_FLAGS | (FUSE_OVER_IO_URING if uring else 0)
+    if uring and not flags & FUSE_OVER_IO_URING:
+        raise SystemExit("the kernel does not offer FUSE_OVER_IO_URING "
+                         "(echo Y > /sys/module/fuse/parameters/enable_uring)")
+    reply = codec.InitReply(minor=min(minor, 42), max_readahead=max_readahead,
+                            flags=flags & wanted, max_background=64, congestion_threshold=48,
+                            max_write=MAX_WRITE, max_pages=MAX_PAGES)
+    os.writev(dev, codec.encode_reply(unique, reply))
+
+# ---- classic transport ------------------------------------------------------------------------
+
+
+def classic_worker(dev: int, image: Image) -> None:
+    request = bytearray(READ_BUFFER_SIZE)
+    reply = bytearray(READ_BUFFER_SIZE)
+    req_view, out = memoryview(request), memoryview(reply)
+    while True:
+        try:
+            length = os.readv(dev, [request])
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENOTCONN):
+                return  # unmounted
+            if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                continue
+            raise
+        _len, opcode, unique, *_ = abi.in_header.unpack_from(request)
+        if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+            continue
+        image.over_dev += 1
+        body = abi.in_header.size
+        op_size = OP_IN_SIZE.get(opcode, 0)
+        error, n = image.serve(opcode, req_view[body:body + op_size],
+                               req_view[body + op_size:length], out[abi.out_header.size:])
+        abi.out_header.pack_into(out, 0, abi.out_header.size + n, -error, unique)
+        try:
+            os.writev(dev, [out[:abi.out_header.size + n]])
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                raise
+
+# ---- io_uring, by raw syscalls ------------------------------------------------------------------
+
+
+SYS_io_uring_setup, SYS_io_uring_enter = 425, 426  # x86_64
+IORING_SETUP_SQE128 = 1 << 10
+IORING_OP_URING_CMD = 46
+IORING_ENTER_GETEVENTS = 1
+IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
+SQE_SIZE, CQE_SIZE = 128, 16
+FUSE_IO_URING_CMD_REGISTER, FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 1, 2
+
+# struct io_uring_params: 10 u32, then io_sqring_offsets and io_cqring_offsets (10 x u32 each,
+# the last two being a u64 user_addr)
+params_head = struct.Struct("<IIIIIII12x")  # sq_entries cq_entries flags sq_thread_cpu sq_thread_idle features wq_fd resv[3]
+sq_offsets = struct.Struct("<IIIIIIIIQ")  # head tail ring_mask ring_entries flags dropped array resv1 user_addr
+cq_offsets = struct.Struct("<IIIIIIIIQ")  # head tail ring_mask ring_entries overflow cqes flags resv1 user_addr
+PARAMS_SIZE = params_head.size + sq_offsets.size + cq_offsets.size
+# struct io_uring_sqe, the fields a URING_CMD uses: opcode flags ioprio fd cmd_op pad addr len
+# uring_cmd_flags user_data; the command's 80 bytes start at 48
+sqe_head = struct.Struct("<BBHiIIQIIQ")
+# struct fuse_uring_cmd_req, in the SQE's command area: flags commit_id qid padding[6]
+uring_cmd_req = struct.Struct("<QQH6x")
+SQE_CMD_OFFSET = 48
+cqe = struct.Struct("<QiI")  # user_data res flags
+# struct fuse_uring_req_header: in_out[128] op_in[128] ring_ent_in_out{flags commit_id payload_sz padding reserved}
+URING_IN_OUT_SZ = URING_OP_IN_SZ = 128
+ent_in_out = struct.Struct("<QQIIQ")
+URING_HEADER_SIZE = URING_IN_OUT_SZ + URING_OP_IN_SZ + ent_in_out.size
+ENT_IN_OUT_OFFSET = URING_IN_OUT_SZ + URING_OP_IN_SZ
+
+syscall = libc.syscall
+syscall.restype = ctypes.c_long
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+class Ring:
+    """One io_uring with 128-byte SQEs, its rings mapped into our memory."""
+
+    def __init__(self, entries: int) -> None:
+        params = ctypes.create_string_buffer(PARAMS_SIZE)
+        params_head.pack_into(params, 0, 0, 0, IORING_SETUP_SQE128, 0, 0, 0, 0)
+        self.fd = _check(syscall(SYS_io_uring_setup, ctypes.c_uint(entries), params),
+                         "io_uring_setup")
+        sq_entries, cq_entries, *_ = params_head.unpack_from(params)
+        sq = sq_offsets.unpack_from(params, params_head.size)
+        cq = cq_offsets.unpack_from(params, params_head.size + sq_offsets.size)
+        self.sq_ring = mmap.mmap(self.fd, sq[6] + sq_entries * 4, offset=IORING_OFF_SQ_RING)
+        self.cq_ring = mmap.mmap(self.fd, cq[5] + cq_entries * CQE_SIZE, offset=IORING_OFF_CQ_RING)
+        self.sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, offset=IORING_OFF_SQES)
+        self.sq_head_at, self.sq_tail_at, self.sq_mask = sq[0], sq[1], sq_entries - 1
+        self.sq_array_at = sq[6]
+        self.cq_head_at, self.cq_tail_at, self.cq_mask, self.cqes_at = cq[0], cq[1], cq_entries - 1, cq[5]
+        self.sq_view, self.cq_view = memoryview(self.sq_ring), memoryview(self.cq_ring)
+        self.sq_u32 = self.sq_view.cast("I")
+        self.cq_u32 = self.cq_view.cast("I")
+        self.pending = 0
+
+    def push_uring_cmd(self, fd: int, cmd_op: int, iov_addr: int, user_data: int,
+                       commit_id: int, qid: int) -> None:
+        tail = self.sq_u32[self.sq_tail_at // 4]
+        index = tail & self.sq_mask
+        at = index * SQE_SIZE
+        self.sqes[at:at + SQE_SIZE] = bytes(SQE_SIZE)
+        sqe_head.pack_into(self.sqes, at, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, iov_addr, 2, 0,
+                           user_data)
+        uring_cmd_req.pack_into(self.sqes, at + SQE_CMD_OFFSET, 0, commit_id, qid)
+        self.sq_u32[self.sq_array_at // 4 + index] = index
+        # x86 keeps stores in order: the SQE is written before the kernel can see the new tail
+        self.sq_u32[self.sq_tail_at // 4] = (tail + 1) & 0xFFFFFFFF
+        self.pending += 1
+
+    def submit_and_wait(self) -> None:
+        """Submit what is queued and block (without the GIL) until a completion is there."""
+        while True:
+            done = syscall(SYS_io_uring_enter, self.fd, self.pending, 1, IORING_ENTER_GETEVENTS,
+                           None, 0)
+            if done >= 0:
+                self.pending -= done
+                return
+            if ctypes.get_errno() != errno.EINTR:
+                _check(done, "io_uring_enter")
+
+    def completions(self) -> list[tuple[int, int]]:
+        head = self.cq_u32[self.cq_head_at // 4]
+        tail = self.cq_u32[self.cq_tail_at // 4]
+        found = []
+        while head != tail:
+            user_data, res, _flags = cqe.unpack_from(self.cq_ring,
+                                                     self.cqes_at + (head & self.cq_mask) * CQE_SIZE)
+            found.append((user_data, res))
+            head = (head + 1) & 0xFFFFFFFF
+        self.cq_u32[self.cq_head_at // 4] = head
+        return found
+
+
+class RingEntry:
+    """A [header, payload] pair of buffers the kernel writes requests into and reads replies
+    from; the iovec array that names them stays alive as long as the entry."""
+
+    def __init__(self, payload_size: int) -> None:
+        self.header = mmap.mmap(-1, URING_HEADER_SIZE)
+        self.payload = mmap.mmap(-1, payload_size)
+        self.header_view, self.payload_view = memoryview(self.header), memoryview(self.payload)
+        iov = (ctypes.c_uint64 * 4)(_address(self.header), URING_HEADER_SIZE,
+                                    _address(self.payload), payload_size)
+        self.iov = iov
+        self.iov_addr = ctypes.addressof(iov)
+
+
+def _address(m: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+def uring_worker(dev: int, image: Image, qid: int, entries: int, ready: threading.Barrier) -> None:
+    ring = Ring(entries)
+    slots = [RingEntry(MAX_WRITE + 4096) for _ in range(entries)]
+    for i, slot in enumerate(slots):
+        ring.push_uring_cmd(dev, FUSE_IO_URING_CMD_REGISTER, slot.iov_addr, i, 0, qid)
+    _check(syscall(SYS_io_uring_enter, ring.fd, ring.pending, 0, 0, None, 0), "register entries")
+    ring.pending = 0
+    ready.wait()
+    while True:
+        ring.submit_and_wait()
+        for index, res in ring.completions():
+            if res < 0:
+                if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
+                    return  # unmounted
+                raise OSError(-res, f"queue {qid} entry {index}: {os.strerror(-res)}")
+            slot = slots[index]
+            h = slot.header_view
+            _len, opcode, unique, *_ = abi.in_header.unpack_from(h)
+            _flags, commit_id, payload_sz, _pad, _res = ent_in_out.unpack_from(h, ENT_IN_OUT_OFFSET)
+            error, n = image.serve(opcode, h[URING_IN_OUT_SZ:ENT_IN_OUT_OFFSET],
+                                   slot.payload_view[:payload_sz], slot.payload_view)
+            abi.out_header.pack_into(h, 0, abi.out_header.size + n, -error, unique)
+            ent_in_out.pack_into(h, ENT_IN_OUT_OFFSET, 0, 0, n, 0, 0)
+            ring.push_uring_cmd(dev, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, slot.iov_addr, index,
+                                commit_id, qid)
+
+
+def possible_cpus() -> int:
+    """The kernel makes one queue per possible CPU and sends nothing to the ring until every
+    queue has an entry registered."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        last = f.read().strip().split(",")[-1].split("-")[-1]
+    return int(last) + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--transport", choices=("classic", "uring"), required=True)
+    parser.add_argument("--threads", type=int, default=4,
+                        help="classic: reader threads; uring: threads per queue")
+    parser.add_argument("--entries", type=int, default=8, help="uring: ring entries per thread")
+    args = parser.parse_args()
+    image = Image(args.image)
+    dev = mount_fuse(args.mountpoint, fsname="uring-spike", allow_other=True)
+    uring = args.transport == "uring"
+    answer_init(dev, uring)
+    if uring:
+        queues = possible_cpus()
+        ready = threading.Barrier(queues * args.threads + 1)
+        threads = [threading.Thread(target=uring_worker, args=(dev, image, qid, args.entries, ready),
+                                    daemon=True, name=f"q{qid}t{t}")
+                   for qid in range(queues) for t in range(args.threads)]
+    else:
+        threads = [threading.Thread(target=classic_worker, args=(dev, image), daemon=True)
+                   for _ in range(args.threads)]
+    if uring:  # anything the kernel still sends to /dev/fuse (nothing, in these runs)
+        threads.append(threading.Thread(target=classic_worker, args=(dev, image), daemon=True))
+    for thread in threads:
+        thread.start()
+    if uring:
+        ready.wait()
+    print(f"serving {args.image} at {args.mountpoint} ({args.transport}), pid {os.getpid()}",
+          flush=True)
+    for thread in threads:
+        thread.join()
+    print(f"unmounted; served {image.requests} requests, {image.over_dev} of them over /dev/fuse", flush=True)
+
+
+if __name__ == "__main__":
+    main()
