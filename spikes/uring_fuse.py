@@ -158,6 +158,9 @@ def classic_worker(dev: int, image: Image) -> None:
 SYS_io_uring_setup, SYS_io_uring_enter = 425, 426  # x86_64
 IORING_SETUP_SQE128 = 1 << 10
 IORING_OP_URING_CMD = 46
+IORING_OP_FSYNC, IORING_OP_READ, IORING_OP_WRITE = 3, 22, 23
+IORING_FSYNC_DATASYNC = 1
+IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_DEFER_TASKRUN = 1 << 8, 1 << 12, 1 << 13
 IORING_ENTER_GETEVENTS = 1
 IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
 SQE_SIZE, CQE_SIZE = 128, 16
@@ -175,6 +178,7 @@ sqe_head = struct.Struct("<BBHiIIQIIQ")
 # struct fuse_uring_cmd_req, in the SQE's command area: flags commit_id qid padding[6]
 uring_cmd_req = struct.Struct("<QQH6x")
 SQE_CMD_OFFSET = 48
+ZERO_SQE = bytes(SQE_SIZE)
 cqe = struct.Struct("<QiI")  # user_data res flags
 # struct fuse_uring_req_header: in_out[128] op_in[128] ring_ent_in_out{flags commit_id payload_sz padding reserved}
 URING_IN_OUT_SZ = URING_OP_IN_SZ = 128
@@ -196,9 +200,9 @@ def _check(result: int, what: str) -> int:
 class Ring:
     """One io_uring with 128-byte SQEs, its rings mapped into our memory."""
 
-    def __init__(self, entries: int) -> None:
+    def __init__(self, entries: int, flags: int = 0) -> None:
         params = ctypes.create_string_buffer(PARAMS_SIZE)
-        params_head.pack_into(params, 0, 0, 0, IORING_SETUP_SQE128, 0, 0, 0, 0)
+        params_head.pack_into(params, 0, 0, 0, IORING_SETUP_SQE128 | flags, 0, 0, 0, 0)
         self.fd = _check(syscall(SYS_io_uring_setup, ctypes.c_uint(entries), params),
                          "io_uring_setup")
         sq_entries, cq_entries, *_ = params_head.unpack_from(params)
@@ -215,19 +219,26 @@ class Ring:
         self.cq_u32 = self.cq_view.cast("I")
         self.pending = 0
 
-    def push_uring_cmd(self, fd: int, cmd_op: int, iov_addr: int, user_data: int,
-                       commit_id: int, qid: int) -> None:
+    def push(self, opcode: int, fd: int, off: int, addr: int, length: int, user_data: int,
+             op_flags: int = 0, cmd: tuple[int, int] | None = None) -> None:
+        """Queue one SQE; CMD (commit_id, qid) fills a FUSE uring command's area."""
         tail = self.sq_u32[self.sq_tail_at // 4]
         index = tail & self.sq_mask
         at = index * SQE_SIZE
-        self.sqes[at:at + SQE_SIZE] = bytes(SQE_SIZE)
-        sqe_head.pack_into(self.sqes, at, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, iov_addr, 2, 0,
-                           user_data)
-        uring_cmd_req.pack_into(self.sqes, at + SQE_CMD_OFFSET, 0, commit_id, qid)
+        self.sqes[at:at + SQE_SIZE] = ZERO_SQE
+        sqe_head.pack_into(self.sqes, at, opcode, 0, 0, fd, off & 0xFFFFFFFF, off >> 32, addr,
+                           length, op_flags, user_data)
+        if cmd is not None:
+            uring_cmd_req.pack_into(self.sqes, at + SQE_CMD_OFFSET, 0, *cmd)
         self.sq_u32[self.sq_array_at // 4 + index] = index
         # x86 keeps stores in order: the SQE is written before the kernel can see the new tail
         self.sq_u32[self.sq_tail_at // 4] = (tail + 1) & 0xFFFFFFFF
         self.pending += 1
+
+    def push_uring_cmd(self, fd: int, cmd_op: int, iov_addr: int, user_data: int,
+                       commit_id: int, qid: int) -> None:
+        # for a URING_CMD the SQE's off field is cmd_op (low 32 bits); len is the iovec count
+        self.push(IORING_OP_URING_CMD, fd, cmd_op, iov_addr, 2, user_data, cmd=(commit_id, qid))
 
     def submit_and_wait(self) -> None:
         """Submit what is queued and block (without the GIL) until a completion is there."""
@@ -264,6 +275,7 @@ class RingEntry:
         iov = (ctypes.c_uint64 * 4)(_address(self.header), URING_HEADER_SIZE,
                                     _address(self.payload), payload_size)
         self.iov = iov
+        self.payload_addr = _address(self.payload)
         self.iov_addr = ctypes.addressof(iov)
 
 
@@ -298,6 +310,73 @@ def uring_worker(dev: int, image: Image, qid: int, entries: int, ready: threadin
                                 commit_id, qid)
 
 
+# user_data of the async worker's SQEs: the entry's index, and what the SQE does
+FETCH, DISK = 0, 1 << 32
+
+
+def uring_async_worker(dev: int, image: Image, qid: int, entries: int, ready: threading.Barrier,
+                       ring_flags: int, pin: bool) -> None:
+    """One thread serves queue QID: the file's reads, writes and fsyncs of READ, WRITE and FSYNC
+    go through the same ring as the FUSE commands, so one thread keeps many in flight and one
+    io_uring_enter both sends replies and starts disk I/O."""
+    if pin:
+        os.sched_setaffinity(0, {qid})
+    ring = Ring(entries * 2, ring_flags)
+    slots = [RingEntry(MAX_WRITE + 4096) for _ in range(entries)]
+    for i, slot in enumerate(slots):
+        ring.push_uring_cmd(dev, FUSE_IO_URING_CMD_REGISTER, slot.iov_addr, FETCH | i, 0, qid)
+    _check(syscall(SYS_io_uring_enter, ring.fd, ring.pending, 0, 0, None, 0), "register entries")
+    ring.pending = 0
+    commit_ids = [0] * entries
+    ready.wait()
+    while True:
+        ring.submit_and_wait()
+        for user_data, res in ring.completions():
+            index = user_data & 0xFFFFFFFF
+            slot = slots[index]
+            h = slot.header_view
+            if user_data & DISK:
+                image.requests += 1
+                _len, opcode, unique, *_ = abi.in_header.unpack_from(h)
+                error, n = (-res, 0) if res < 0 else (0, res)
+                if opcode == Opcode.WRITE and not error:
+                    abi.write_out.pack_into(slot.payload, 0, res, 0)
+                    n = abi.write_out.size
+                elif opcode == Opcode.FSYNC:
+                    n = 0
+                _reply(ring, dev, slot, index, qid, unique, error, n, commit_ids[index])
+                continue
+            if res < 0:
+                if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
+                    return  # unmounted
+                raise OSError(-res, f"queue {qid} entry {index}: {os.strerror(-res)}")
+            _len, opcode, unique, *_ = abi.in_header.unpack_from(h)
+            _flags, commit_ids[index], payload_sz, _pad, _res = ent_in_out.unpack_from(h, ENT_IN_OUT_OFFSET)
+            op_in = h[URING_IN_OUT_SZ:ENT_IN_OUT_OFFSET]
+            if opcode == Opcode.READ:
+                _fh, offset, size, *_ = abi.read_in.unpack_from(op_in)
+                ring.push(IORING_OP_READ, image.fd, offset, slot.payload_addr, size, DISK | index)
+            elif opcode == Opcode.WRITE:
+                _fh, offset, size, *_ = abi.write_in.unpack_from(op_in)
+                ring.push(IORING_OP_WRITE, image.fd, offset, slot.payload_addr, size, DISK | index)
+            elif opcode == Opcode.FSYNC:
+                ring.push(IORING_OP_FSYNC, image.fd, 0, 0, 0, DISK | index,
+                          op_flags=IORING_FSYNC_DATASYNC)
+            else:
+                error, n = image.serve(opcode, op_in, slot.payload_view[:payload_sz],
+                                       slot.payload_view)
+                _reply(ring, dev, slot, index, qid, unique, error, n, commit_ids[index])
+
+
+def _reply(ring: Ring, dev: int, slot: RingEntry, index: int, qid: int, unique: int, error: int,
+           n: int, commit_id: int) -> None:
+    h = slot.header_view
+    abi.out_header.pack_into(h, 0, abi.out_header.size + n, -error, unique)
+    ent_in_out.pack_into(h, ENT_IN_OUT_OFFSET, 0, 0, n, 0, 0)
+    ring.push_uring_cmd(dev, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, slot.iov_addr, FETCH | index,
+                        commit_id, qid)
+
+
 def possible_cpus() -> int:
     """The kernel makes one queue per possible CPU and sends nothing to the ring until every
     queue has an entry registered."""
@@ -310,16 +389,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("mountpoint")
-    parser.add_argument("--transport", choices=("classic", "uring"), required=True)
+    parser.add_argument("--transport", choices=("classic", "uring", "uring-async"), required=True)
     parser.add_argument("--threads", type=int, default=4,
                         help="classic: reader threads; uring: threads per queue")
     parser.add_argument("--entries", type=int, default=8, help="uring: ring entries per thread")
+    parser.add_argument("--defer-taskrun", action="store_true",
+                        help="uring-async: IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN")
+    parser.add_argument("--pin", action="store_true", help="uring-async: queue N's thread on CPU N")
     args = parser.parse_args()
     image = Image(args.image)
     dev = mount_fuse(args.mountpoint, fsname="uring-spike", allow_other=True)
-    uring = args.transport == "uring"
+    uring = args.transport != "classic"
     answer_init(dev, uring)
-    if uring:
+    if args.transport == "uring-async":
+        queues = possible_cpus()
+        ready = threading.Barrier(queues + 1)
+        flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN if args.defer_taskrun else 0
+        threads = [threading.Thread(target=uring_async_worker,
+                                    args=(dev, image, qid, args.entries, ready, flags, args.pin),
+                                    daemon=True, name=f"q{qid}")
+                   for qid in range(queues)]
+    elif uring:
         queues = possible_cpus()
         ready = threading.Barrier(queues * args.threads + 1)
         threads = [threading.Thread(target=uring_worker, args=(dev, image, qid, args.entries, ready),
