@@ -7,7 +7,9 @@ Each NAME=PATH[:PID] is a contender: a file to put a `losetup --direct-io=on` de
 pid of the daemon serving it (its CPU per request is reported). Each round takes
 /tmp/fuseclone-bench.lock (flock(2), as `flock` does), rotates the contenders' order, and runs
 for each iodepth and contender: sync, drop caches, `fio --rw=randread --bs=4k --ioengine=libaio
---direct=1 --runtime=5s --time_based --ramp_time=1s` on the loop device.
+--direct=1 --runtime=5s --time_based --ramp_time=1s` on the loop device. With `--job fsync`
+each contender's file is an ext4 image: it is mounted from its loop device and each sample is
+row 7's job (FSYNC_JOB) on it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def daemon_cpu(pid: int | None) -> tuple[float, float]:
     return user / TICK, system / TICK
 
 
-def loop_reads(device: str) -> int:
+def loop_requests(device: str) -> int:
+    """Reads + writes + flushes the loop device completed (each one FUSE request or more)."""
     with open(f"/sys/block/{os.path.basename(device)}/stat") as f:
-        return int(f.read().split()[0])
+        fields = [int(x) for x in f.read().split()]
+    return fields[0] + fields[4] + (fields[15] if len(fields) > 15 else 0)
 
 
 def cpu_idle() -> tuple[int, int]:
@@ -59,17 +63,37 @@ def run_fio(device: str, iodepth: int, runtime: int) -> float:
     return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
 
 
+# row 7's job (benchmarks/rows.py synced_writes_job), full profile: 5 s + 1 s ramp
+FSYNC_JOB = ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--ioengine=psync", "--size=64M",
+             "--fsync=1", "--numjobs=4", "--group_reporting"]
+
+
+def run_fsync_fio(directory: str, runtime: float, ramp: float = 1) -> float:
+    out = subprocess.run(
+        ["fio", "--name=r7", f"--filename={directory}/fio.dat", *FSYNC_JOB, f"--runtime={runtime}",
+         f"--ramp_time={ramp}", "--time_based", "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
 
 
-def sample(name: str, device: str, pid: int | None, iodepth: int, runtime: int) -> dict:
-    drop_caches()
-    cpu0, reads0, idle0 = daemon_cpu(pid), loop_reads(device), cpu_idle()
-    iops = run_fio(device, iodepth, runtime)
-    cpu1, reads1, idle1 = daemon_cpu(pid), loop_reads(device), cpu_idle()
+def sample(name: str, device: str, pid: int | None, iodepth: int, runtime: int,
+           directory: str | None) -> dict:
+    if directory is None:
+        drop_caches()
+    else:
+        os.sync()
+    cpu0, reads0, idle0 = daemon_cpu(pid), loop_requests(device), cpu_idle()
+    if directory is None:
+        iops = run_fio(device, iodepth, runtime)
+    else:
+        iops = run_fsync_fio(directory, runtime)
+    cpu1, reads1, idle1 = daemon_cpu(pid), loop_requests(device), cpu_idle()
     requests = max(reads1 - reads0, 1)
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {"name": name, "iodepth": iodepth, "iops": round(iops),
@@ -84,6 +108,8 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=5)
     parser.add_argument("--iodepths", default="16,1")
     parser.add_argument("--out", help="append the samples as JSON lines here")
+    parser.add_argument("--job", choices=("randread", "fsync"), default="randread",
+                        help="fsync: each contender holds an ext4 image, mounted on its loop device")
     parser.add_argument("contenders", nargs="+")
     args = parser.parse_args()
     contenders = []
@@ -96,6 +122,14 @@ def main() -> None:
         for name, path, _ in contenders:
             devices[name] = subprocess.run(["losetup", "--direct-io=on", "-f", "--show", path],
                                            check=True, capture_output=True, text=True).stdout.strip()
+        directories = dict.fromkeys(devices)
+        if args.job == "fsync":
+            args.iodepths = "1"
+            for name in devices:
+                directories[name] = f"/tmp/uring-spike-fs-{name}"
+                os.makedirs(directories[name], exist_ok=True)
+                subprocess.run(["mount", devices[name], directories[name]], check=True)
+                run_fsync_fio(directories[name], 1, 0)  # lay the file out
         for name, _, _ in contenders:  # read through once (the loop device's first touch)
             subprocess.run(["dd", f"if={devices[name]}", "of=/dev/null", "bs=1M", "count=64",
                             "iflag=direct", "status=none"], check=True)
@@ -106,7 +140,7 @@ def main() -> None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 for iodepth in (int(x) for x in args.iodepths.split(",")):
                     for name, _, pid in order:
-                        s = sample(name, devices[name], pid, iodepth, args.runtime)
+                        s = sample(name, devices[name], pid, iodepth, args.runtime, directories[name])
                         s["round"] = round_no
                         samples.append(s)
                         print(json.dumps(s), flush=True)
@@ -116,6 +150,10 @@ def main() -> None:
             time.sleep(2)  # let others take the lock between rounds
         report(samples, [c[0] for c in contenders])
     finally:
+        for name in devices:
+            directory = f"/tmp/uring-spike-fs-{name}"
+            if args.job == "fsync" and os.path.ismount(directory):
+                subprocess.run(["umount", directory], check=False)
         for device in devices.values():
             subprocess.run(["losetup", "-d", device], check=False)
 

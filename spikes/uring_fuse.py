@@ -1,7 +1,7 @@
 """Spike (not part of the package, not imported by tests): one image file served through FUSE in
 two transports with the same per-request work, to measure what FUSE over io_uring buys.
 
-    python spikes/uring_fuse.py IMAGE MOUNTPOINT --transport classic|uring [--threads N]
+    python spikes/uring_fuse.py IMAGE MOUNTPOINT --transport T [--threads N] [--entries E]
 
 MOUNTPOINT is a regular file; the mount makes it a one-file filesystem (root = the image). The
 daemon serves INIT, GETATTR, OPEN, READ, WRITE, FSYNC, FLUSH, RELEASE, STATFS and answers
@@ -14,6 +14,10 @@ ENOSYS to everything else. It runs until the mount goes away (`umount MOUNTPOINT
   and register ENTRIES ring entries ([header, payload] buffers) with
   FUSE_IO_URING_CMD_REGISTER; each completion is a request in an entry, answered in place and
   sent back with COMMIT_AND_FETCH, which fetches the next request into the same entry.
+- uring-async: as uring, but one thread per queue, and the file's reads, writes and fsyncs are
+  SQEs on the same ring (so one thread keeps ENTRIES requests in flight).
+- classic-ring: the control for uring-async: one thread, one ring, the same file I/O as SQEs,
+  but requests come from ENTRIES READ SQEs on /dev/fuse and replies go back as WRITE SQEs.
 """
 
 from __future__ import annotations
@@ -377,6 +381,84 @@ def _reply(ring: Ring, dev: int, slot: RingEntry, index: int, qid: int, unique: 
                         commit_id, qid)
 
 
+
+REPLY = 2 << 32  # classic-ring: a reply's write to /dev/fuse
+FILE_POSITION = (1 << 64) - 1  # a READ SQE's offset -1: the file's position (/dev/fuse has none)
+
+
+def classic_ring_worker(dev: int, image: Image, entries: int, ring_flags: int,
+                        ready: threading.Barrier) -> None:
+    """The control for uring-async: the same single thread and the same file I/O on a ring, but
+    requests read from /dev/fuse by ENTRIES READ SQEs (io_uring hands a read of /dev/fuse to its
+    io-wq workers) and replies written by WRITE SQEs."""
+    ring = Ring(entries * 4, ring_flags)
+    requests = [mmap.mmap(-1, READ_BUFFER_SIZE) for _ in range(entries)]
+    replies = [mmap.mmap(-1, READ_BUFFER_SIZE) for _ in range(entries)]
+    request_at = [_address(m) for m in requests]
+    reply_at = [_address(m) for m in replies]
+    views = [memoryview(m) for m in requests]
+    out_views = [memoryview(m) for m in replies]
+    for i in range(entries):
+        ring.push(IORING_OP_READ, dev, FILE_POSITION, request_at[i], READ_BUFFER_SIZE, FETCH | i)
+    ready.wait()
+    while True:
+        ring.submit_and_wait()
+        for user_data, res in ring.completions():
+            i = user_data & 0xFFFFFFFF
+            kind = user_data & ~0xFFFFFFFF
+            if kind == REPLY:
+                if res < 0 and res != -errno.ENOENT:  # ENOENT: interrupted meanwhile
+                    raise OSError(-res, f"reply of entry {i}: {os.strerror(-res)}")
+                continue
+            request, out = views[i], out_views[i]
+            if kind == DISK:
+                image.requests += 1
+                _len, opcode, unique, *_ = abi.in_header.unpack_from(request)
+                error, n = (-res, 0) if res < 0 else (0, res)
+                if opcode == Opcode.WRITE and not error:
+                    abi.write_out.pack_into(out, abi.out_header.size, res, 0)
+                    n = abi.write_out.size
+                elif opcode == Opcode.FSYNC:
+                    n = 0
+                _classic_reply(ring, dev, i, unique, error, n, out, reply_at[i], request_at[i])
+                continue
+            if res < 0:
+                if res in (-errno.ENODEV, -errno.ENOTCONN):
+                    return  # unmounted
+                if res in (-errno.EINTR, -errno.EAGAIN, -errno.ENOENT):
+                    ring.push(IORING_OP_READ, dev, FILE_POSITION, request_at[i], READ_BUFFER_SIZE, FETCH | i)
+                    continue
+                raise OSError(-res, f"read of /dev/fuse: {os.strerror(-res)}")
+            _len, opcode, unique, *_ = abi.in_header.unpack_from(request)
+            body = abi.in_header.size
+            image.over_dev += 1
+            if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+                ring.push(IORING_OP_READ, dev, FILE_POSITION, request_at[i], READ_BUFFER_SIZE, FETCH | i)
+            elif opcode == Opcode.READ:
+                _fh, offset, size, *_ = abi.read_in.unpack_from(request, body)
+                ring.push(IORING_OP_READ, image.fd, offset, reply_at[i] + abi.out_header.size, size,
+                          DISK | i)
+            elif opcode == Opcode.WRITE:
+                _fh, offset, size, *_ = abi.write_in.unpack_from(request, body)
+                ring.push(IORING_OP_WRITE, image.fd, offset, request_at[i] + body + abi.write_in.size,
+                          size, DISK | i)
+            elif opcode == Opcode.FSYNC:
+                ring.push(IORING_OP_FSYNC, image.fd, 0, 0, 0, DISK | i, op_flags=IORING_FSYNC_DATASYNC)
+            else:
+                op_size = OP_IN_SIZE.get(opcode, 0)
+                error, n = image.serve(opcode, request[body:body + op_size],
+                                       request[body + op_size:res], out[abi.out_header.size:])
+                _classic_reply(ring, dev, i, unique, error, n, out, reply_at[i], request_at[i])
+
+
+def _classic_reply(ring: Ring, dev: int, i: int, unique: int, error: int, n: int,
+                   out: memoryview, reply_at: int, request_at: int) -> None:
+    """Queue the reply's write and, behind it, the next read of /dev/fuse into the same entry."""
+    abi.out_header.pack_into(out, 0, abi.out_header.size + n, -error, unique)
+    ring.push(IORING_OP_WRITE, dev, FILE_POSITION, reply_at, abi.out_header.size + n, REPLY | i)
+    ring.push(IORING_OP_READ, dev, FILE_POSITION, request_at, READ_BUFFER_SIZE, FETCH | i)
+
+
 def possible_cpus() -> int:
     """The kernel makes one queue per possible CPU and sends nothing to the ring until every
     queue has an entry registered."""
@@ -389,22 +471,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("mountpoint")
-    parser.add_argument("--transport", choices=("classic", "uring", "uring-async"), required=True)
+    parser.add_argument("--transport", choices=("classic", "uring", "uring-async", "classic-ring"), required=True)
     parser.add_argument("--threads", type=int, default=4,
                         help="classic: reader threads; uring: threads per queue")
     parser.add_argument("--entries", type=int, default=8, help="uring: ring entries per thread")
     parser.add_argument("--defer-taskrun", action="store_true",
-                        help="uring-async: IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN")
+                        help="uring-async, classic-ring: IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN")
     parser.add_argument("--pin", action="store_true", help="uring-async: queue N's thread on CPU N")
     args = parser.parse_args()
     image = Image(args.image)
     dev = mount_fuse(args.mountpoint, fsname="uring-spike", allow_other=True)
-    uring = args.transport != "classic"
+    uring = args.transport in ("uring", "uring-async")
     answer_init(dev, uring)
-    if args.transport == "uring-async":
+    flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN if args.defer_taskrun else 0
+    if args.transport == "classic-ring":
+        ready = threading.Barrier(2)
+        threads = [threading.Thread(target=classic_ring_worker,
+                                    args=(dev, image, args.entries, flags, ready), daemon=True)]
+    elif args.transport == "uring-async":
         queues = possible_cpus()
         ready = threading.Barrier(queues + 1)
-        flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN if args.defer_taskrun else 0
         threads = [threading.Thread(target=uring_async_worker,
                                     args=(dev, image, qid, args.entries, ready, flags, args.pin),
                                     daemon=True, name=f"q{qid}")
@@ -422,7 +508,7 @@ def main() -> None:
         threads.append(threading.Thread(target=classic_worker, args=(dev, image), daemon=True))
     for thread in threads:
         thread.start()
-    if uring:
+    if uring or args.transport == "classic-ring":
         ready.wait()
     print(f"serving {args.image} at {args.mountpoint} ({args.transport}), pid {os.getpid()}",
           flush=True)
