@@ -20,8 +20,10 @@ import fcntl
 import glob
 import json
 import os
+import signal
 import statistics
 import subprocess
+import sys
 import time
 
 LOCK = "/tmp/fuseclone-bench.lock"
@@ -112,6 +114,8 @@ def main() -> None:
                         help="fsync: each contender holds an ext4 image, mounted on its loop device")
     parser.add_argument("contenders", nargs="+")
     args = parser.parse_args()
+    # `timeout` sends SIGTERM: leave through the finally below, which detaches the loop devices
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     contenders = []
     for spec in args.contenders:
         name, _, rest = spec.partition("=")

@@ -18,6 +18,11 @@ ENOSYS to everything else. It runs until the mount goes away (`umount MOUNTPOINT
   SQEs on the same ring (so one thread keeps ENTRIES requests in flight).
 - classic-ring: the control for uring-async: one thread, one ring, the same file I/O as SQEs,
   but requests come from ENTRIES READ SQEs on /dev/fuse and replies go back as WRITE SQEs.
+  Unsound: such a READ can run inline in the ring's thread and block it in the kernel while
+  it holds requests to answer (seen with --defer-taskrun at iodepth 1: a hang until more
+  requests came).
+- classic-poll: the sound form of classic-ring: non-blocking /dev/fuse, a POLL_ADD SQE, readv
+  until EAGAIN, writev replies; the file's I/O as SQEs on the ring.
 """
 
 from __future__ import annotations
@@ -459,6 +464,108 @@ def _classic_reply(ring: Ring, dev: int, i: int, unique: int, error: int, n: int
     ring.push(IORING_OP_READ, dev, FILE_POSITION, request_at, READ_BUFFER_SIZE, FETCH | i)
 
 
+
+POLL = 3 << 32  # classic-poll: the ring's poll of /dev/fuse
+IORING_OP_POLL_ADD = 6
+POLLIN = 1
+
+
+def classic_poll_worker(dev: int, image: Image, entries: int, ring_flags: int,
+                        ready: threading.Barrier) -> None:
+    """The sound form of classic-ring (which reads /dev/fuse with READ SQEs, and those can block
+    the ring's thread inside the kernel): /dev/fuse non-blocking, a POLL_ADD SQE says when it has
+    requests, `readv` takes them until EAGAIN (at most ENTRIES in flight), the file's I/O is SQEs
+    on the ring, replies are `writev`s. This is fuseclone's structure (trio's wait_readable, a
+    non-blocking read, writev) with DST's reads on a ring instead of threads."""
+    ring = Ring(entries * 4, ring_flags)
+    requests = [mmap.mmap(-1, READ_BUFFER_SIZE) for _ in range(entries)]
+    replies = [mmap.mmap(-1, READ_BUFFER_SIZE) for _ in range(entries)]
+    reply_at = [_address(m) for m in replies]
+    views = [memoryview(m) for m in requests]
+    out_views = [memoryview(m) for m in replies]
+    free = list(range(entries))
+    polling = False
+    os.set_blocking(dev, False)
+    ready.wait()
+    while True:
+        if free and not polling:
+            ring.push(IORING_OP_POLL_ADD, dev, 0, 0, 0, POLL, op_flags=POLLIN)
+            polling = True
+        ring.submit_and_wait()
+        for user_data, res in ring.completions():
+            if user_data == POLL:
+                polling = False
+                while free:
+                    i = free[-1]
+                    try:
+                        length = os.readv(dev, [requests[i]])
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        if e.errno in (errno.ENODEV, errno.ENOTCONN):
+                            return  # unmounted
+                        if e.errno in (errno.EINTR, errno.ENOENT):
+                            continue
+                        raise
+                    free.pop()
+                    if _start_request(ring, dev, image, i, views[i], length, out_views[i],
+                                      reply_at[i]):
+                        free.append(i)
+                continue
+            i = user_data & 0xFFFFFFFF
+            request, out = views[i], out_views[i]
+            image.requests += 1
+            _len, opcode, unique, *_ = abi.in_header.unpack_from(request)
+            error, n = (-res, 0) if res < 0 else (0, res)
+            if opcode == Opcode.WRITE and not error:
+                abi.write_out.pack_into(out, abi.out_header.size, res, 0)
+                n = abi.write_out.size
+            elif opcode == Opcode.FSYNC:
+                n = 0
+            _write_reply(dev, out, unique, error, n)
+            free.append(i)
+
+
+def _start_request(ring: Ring, dev: int, image: Image, i: int, request: memoryview, length: int,
+                   out: memoryview, reply_at: int) -> bool:
+    """Start the file I/O of a READ/WRITE/FSYNC as an SQE, or serve anything else at once.
+    True when the entry is free again (answered, or nothing to answer)."""
+    _len, opcode, unique, *_ = abi.in_header.unpack_from(request)
+    body = abi.in_header.size
+    image.over_dev += 1
+    if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+        return True
+    if opcode == Opcode.READ:
+        _fh, offset, size, *_ = abi.read_in.unpack_from(request, body)
+        ring.push(IORING_OP_READ, image.fd, offset, reply_at + abi.out_header.size, size, DISK | i)
+    elif opcode == Opcode.WRITE:
+        _fh, offset, size, *_ = abi.write_in.unpack_from(request, body)
+        data = _address_of_view(request) + body + abi.write_in.size
+        ring.push(IORING_OP_WRITE, image.fd, offset, data, size, DISK | i)
+    elif opcode == Opcode.FSYNC:
+        ring.push(IORING_OP_FSYNC, image.fd, 0, 0, 0, DISK | i, op_flags=IORING_FSYNC_DATASYNC)
+    else:
+        op_size = OP_IN_SIZE.get(opcode, 0)
+        error, n = image.serve(opcode, request[body:body + op_size],
+                               request[body + op_size:length], out[abi.out_header.size:])
+        _write_reply(dev, out, unique, error, n)
+        return True
+    return False
+
+
+def _address_of_view(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _write_reply(dev: int, out: memoryview, unique: int, error: int, n: int) -> None:
+    abi.out_header.pack_into(out, 0, abi.out_header.size + n, -error, unique)
+    try:
+        os.writev(dev, [out[:abi.out_header.size + n]])
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+            raise
+
+
 def possible_cpus() -> int:
     """The kernel makes one queue per possible CPU and sends nothing to the ring until every
     queue has an entry registered."""
@@ -471,7 +578,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("mountpoint")
-    parser.add_argument("--transport", choices=("classic", "uring", "uring-async", "classic-ring"), required=True)
+    parser.add_argument("--transport", choices=("classic", "uring", "uring-async", "classic-ring", "classic-poll"), required=True)
     parser.add_argument("--threads", type=int, default=4,
                         help="classic: reader threads; uring: threads per queue")
     parser.add_argument("--entries", type=int, default=8, help="uring: ring entries per thread")
@@ -484,9 +591,10 @@ def main() -> None:
     uring = args.transport in ("uring", "uring-async")
     answer_init(dev, uring)
     flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN if args.defer_taskrun else 0
-    if args.transport == "classic-ring":
+    if args.transport in ("classic-ring", "classic-poll"):
         ready = threading.Barrier(2)
-        threads = [threading.Thread(target=classic_ring_worker,
+        worker = classic_ring_worker if args.transport == "classic-ring" else classic_poll_worker
+        threads = [threading.Thread(target=worker,
                                     args=(dev, image, args.entries, flags, ready), daemon=True)]
     elif args.transport == "uring-async":
         queues = possible_cpus()
@@ -508,7 +616,7 @@ def main() -> None:
         threads.append(threading.Thread(target=classic_worker, args=(dev, image), daemon=True))
     for thread in threads:
         thread.start()
-    if uring or args.transport == "classic-ring":
+    if uring or args.transport in ("classic-ring", "classic-poll"):
         ready.wait()
     print(f"serving {args.image} at {args.mountpoint} ({args.transport}), pid {os.getpid()}",
           flush=True)
