@@ -186,8 +186,10 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             engine.prefetch(prefetch.region_runs(engine.geometry))
         mounted = False
         try:
-            async with _recording_access(engine, opts.record_access), \
-                    running(engine, hold_hydration=True), _holding_the_log():
+            # Held inside META's hold, like the log: `fuseclone unmount` returns once META is
+            # let go, and the trace must be complete (its `end` line) and free by then.
+            async with running(engine, hold_hydration=True), \
+                    _recording_access(engine, opts.record_access), _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)

@@ -5,6 +5,7 @@ later clone prefetches from (or refuses)."""
 import mmap
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -81,6 +82,34 @@ def wait_for_prefetch(mnt, timeout=30):
             return st
         assert time.monotonic() < deadline, st
         time.sleep(0.1)
+
+
+# The daemon with its trace's close held back 1 s: the window in which a mount that let go of
+# META before its trace was over while `fuseclone unmount` had returned.
+SLOW_TRACE_CLOSE = """
+import sys, time
+from fuseclone import trace
+close = trace.TraceRecorder.close
+trace.TraceRecorder.close = lambda self: (time.sleep(1), close(self))
+from fuseclone.cli import main
+sys.argv[0] = "fuseclone"
+main()
+"""
+
+
+def test_a_trace_is_complete_once_unmount_returns(rig, slow_source):
+    """`fuseclone unmount` returns once the daemon let go of META; the trace was closed after
+    that, so right after unmount it had no `end` line (a `--prefetch` of it: refused as
+    incomplete) and was still held (a remount recording it: refused as in use)."""
+    url, _ = slow_source
+    trace = rig.tmp / "start.trace"
+    sh(sys.executable, "-c", SLOW_TRACE_CLOSE, "mount", "--no-hydration", "--record-access", trace,
+       url, rig.dst, rig.meta, rig.mnt)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    direct_reads(rig.image, [(MiB, 4096)])
+    fuseclone("unmount", rig.mnt)
+    assert trace.read_text().splitlines()[-1] == "end 1"
+    rig.mount("--no-hydration", "--record-access", trace, src=url)
 
 
 def test_access_trace_round_trip_prefetches_the_next_clone(rig, slow_source):
