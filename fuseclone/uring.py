@@ -107,12 +107,8 @@ class ReadRing:
             raise RingUnavailable("io_uring's reads need Linux 5.6 or later")
 
     def _map(self, params: ctypes.Array) -> None:
-        sq_entries, cq_entries, *_ = params_head.unpack_from(params)
-        sq = sq_offsets.unpack_from(params, params_head.size)
-        cq = cq_offsets.unpack_from(params, params_head.size + sq_offsets.size)
-        self._sq_ring = mmap.mmap(self.fd, sq[6] + sq_entries * 4, offset=IORING_OFF_SQ_RING)
-        self._cq_ring = mmap.mmap(self.fd, cq[5] + cq_entries * CQE_SIZE, offset=IORING_OFF_CQ_RING)
-        self._sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, offset=IORING_OFF_SQES)
+        (sq_entries, cq_entries, sq, cq), (self._sq_ring, self._cq_ring, self._sqes) = \
+            map_rings(self.fd, params, SQE_SIZE)
         self._sq = memoryview(self._sq_ring).cast("I")
         self._cq = memoryview(self._cq_ring).cast("I")
         self._sq_tail, self._sq_array, self._sq_mask = sq[1] // 4, sq[6] // 4, sq_entries - 1
@@ -121,10 +117,7 @@ class ReadRing:
 
     def queue_read(self, fd: int, offset: int, address: int, length: int, user_data: int) -> None:
         """Queue a read of `length` bytes of `fd` at `offset` into memory at `address`, which
-        must stay valid until its completion is reaped. Submits what is queued first if the
-        SQ ring is full."""
-        if self.queued == self.sq_entries:
-            self.submit()
+        must stay valid until its completion is reaped. Only when `has_room()`."""
         tail = self._sq[self._sq_tail]
         index = tail & self._sq_mask
         at = index * SQE_SIZE
@@ -136,11 +129,25 @@ class ReadRing:
         self._sq[self._sq_tail] = (tail + 1) & 0xFFFFFFFF
         self.queued += 1
 
-    def submit(self) -> None:
-        """Hand the queued SQEs to the kernel without waiting for any completion."""
+    def submit(self) -> bool:
+        """Hand the queued SQEs to the kernel without waiting for any completion. False when
+        it takes none for now (EAGAIN: short of memory; EBUSY: too many completions not yet
+        reaped): they stay queued for the next call."""
         while self.queued:
-            self.queued -= _syscall(SYS_IO_URING_ENTER, self.fd, ctypes.c_uint(self.queued),
-                                    ctypes.c_uint(0), ctypes.c_uint(0), None, ctypes.c_size_t(0))
+            try:
+                self.queued -= _syscall(SYS_IO_URING_ENTER, self.fd, ctypes.c_uint(self.queued),
+                                        ctypes.c_uint(0), ctypes.c_uint(0), None,
+                                        ctypes.c_size_t(0))
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                    return False
+                raise
+        return True
+
+    def has_room(self) -> bool:
+        """Whether another read can be queued (submitting what is queued, if the SQ ring is
+        full)."""
+        return self.queued < self.sq_entries or self.submit()
 
     def wait_for(self, count: int) -> None:
         """Block until `count` completions are in the CQ ring (submitting what is queued)."""
@@ -176,6 +183,20 @@ class ReadRing:
             mapping.close()
         os.close(self.eventfd)
         os.close(self.fd)
+
+
+def map_rings(fd: int, params: ctypes.Array, sqe_size: int
+              ) -> tuple[tuple[int, int, tuple, tuple], tuple[mmap.mmap, mmap.mmap, mmap.mmap]]:
+    """Map the SQ ring, the CQ ring and the SQE array of the io_uring `fd`, set up with
+    `params` (io_uring_setup's answer in them): (sq_entries, cq_entries, the SQ ring's offsets,
+    the CQ ring's offsets), (the three mappings)."""
+    sq_entries, cq_entries, *_ = params_head.unpack_from(params)
+    sq = sq_offsets.unpack_from(params, params_head.size)
+    cq = cq_offsets.unpack_from(params, params_head.size + sq_offsets.size)
+    sq_ring = mmap.mmap(fd, sq[6] + sq_entries * 4, offset=IORING_OFF_SQ_RING)
+    cq_ring = mmap.mmap(fd, cq[5] + cq_entries * CQE_SIZE, offset=IORING_OFF_CQ_RING)
+    sqes = mmap.mmap(fd, sq_entries * sqe_size, offset=IORING_OFF_SQES)
+    return (sq_entries, cq_entries, sq, cq), (sq_ring, cq_ring, sqes)
 
 
 def _why_unavailable(exc: OSError) -> str:

@@ -43,6 +43,8 @@ from fuseclone.fuse import abi, codec  # noqa: E402
 from fuseclone.fuse.abi import Opcode  # noqa: E402
 from fuseclone.fuse.mount import mount_fuse  # noqa: E402
 from fuseclone.libc import libc  # noqa: E402
+from fuseclone import uring  # noqa: E402
+from fuseclone.uring import CQE_SIZE, PARAMS_SIZE, cqe, params_head  # noqa: E402
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
@@ -176,16 +178,10 @@ IORING_OP_FSYNC, IORING_OP_READ, IORING_OP_WRITE = 3, 22, 23
 IORING_FSYNC_DATASYNC = 1
 IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_DEFER_TASKRUN = 1 << 8, 1 << 12, 1 << 13
 IORING_ENTER_GETEVENTS = 1
-IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
-SQE_SIZE, CQE_SIZE = 128, 16
+SQE_SIZE = 128
 FUSE_IO_URING_CMD_REGISTER, FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 1, 2
 
-# struct io_uring_params: 10 u32, then io_sqring_offsets and io_cqring_offsets (10 x u32 each,
-# the last two being a u64 user_addr)
-params_head = struct.Struct("<IIIIIII12x")  # sq_entries cq_entries flags sq_thread_cpu sq_thread_idle features wq_fd resv[3]
-sq_offsets = struct.Struct("<IIIIIIIIQ")  # head tail ring_mask ring_entries flags dropped array resv1 user_addr
-cq_offsets = struct.Struct("<IIIIIIIIQ")  # head tail ring_mask ring_entries overflow cqes flags resv1 user_addr
-PARAMS_SIZE = params_head.size + sq_offsets.size + cq_offsets.size
+# struct io_uring_params and the rings' offsets: fuseclone/uring.py
 # struct io_uring_sqe, the fields a URING_CMD uses: opcode flags ioprio fd cmd_op pad addr len
 # uring_cmd_flags user_data; the command's 80 bytes start at 48
 sqe_head = struct.Struct("<BBHiIIQIIQ")
@@ -193,7 +189,6 @@ sqe_head = struct.Struct("<BBHiIIQIIQ")
 uring_cmd_req = struct.Struct("<QQH6x")
 SQE_CMD_OFFSET = 48
 ZERO_SQE = bytes(SQE_SIZE)
-cqe = struct.Struct("<QiI")  # user_data res flags
 # struct fuse_uring_req_header: in_out[128] op_in[128] ring_ent_in_out{flags commit_id payload_sz padding reserved}
 URING_IN_OUT_SZ = URING_OP_IN_SZ = 128
 ent_in_out = struct.Struct("<QQIIQ")
@@ -219,12 +214,8 @@ class Ring:
         params_head.pack_into(params, 0, 0, 0, IORING_SETUP_SQE128 | flags, 0, 0, 0, 0)
         self.fd = _check(syscall(SYS_io_uring_setup, ctypes.c_uint(entries), params),
                          "io_uring_setup")
-        sq_entries, cq_entries, *_ = params_head.unpack_from(params)
-        sq = sq_offsets.unpack_from(params, params_head.size)
-        cq = cq_offsets.unpack_from(params, params_head.size + sq_offsets.size)
-        self.sq_ring = mmap.mmap(self.fd, sq[6] + sq_entries * 4, offset=IORING_OFF_SQ_RING)
-        self.cq_ring = mmap.mmap(self.fd, cq[5] + cq_entries * CQE_SIZE, offset=IORING_OFF_CQ_RING)
-        self.sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, offset=IORING_OFF_SQES)
+        (sq_entries, cq_entries, sq, cq), (self.sq_ring, self.cq_ring, self.sqes) = \
+            uring.map_rings(self.fd, params, SQE_SIZE)
         self.sq_head_at, self.sq_tail_at, self.sq_mask = sq[0], sq[1], sq_entries - 1
         self.sq_array_at = sq[6]
         self.cq_head_at, self.cq_tail_at, self.cq_mask, self.cqes_at = cq[0], cq[1], cq_entries - 1, cq[5]

@@ -59,6 +59,8 @@ MAX_QUEUED_PARALLEL_JOBS = 4 * MAX_BACKGROUND
 # Reads on the io_uring at once; beyond, they go to the parallel job thread (the kernel's
 # MAX_BACKGROUND and its synchronous readers keep far fewer in flight).
 MAX_RING_READS = 4 * MAX_BACKGROUND
+# How soon reads the kernel would not take (io_uring_enter's EAGAIN or EBUSY) are submitted again
+SUBMIT_RETRY_SECONDS = 0.001
 
 
 Handler = Callable[[codec.Request], Awaitable[codec.Reply]]
@@ -381,22 +383,27 @@ class Session:
             log.info("reads from the destination go through a thread: %s", exc)
             return
         self._ring_reads = uring.Reads(ring)
+        self._reaper_wait = trio.CancelScope()  # the reaper's wait for completions
         nursery.start_soon(self._reap_ring_reads, self._ring_reads)
 
     def _read_from(self, unique: int, answer: ReadFrom) -> object:
         reads = self._ring_reads
-        if reads is None or len(reads) >= MAX_RING_READS:
+        if reads is None or len(reads) >= MAX_RING_READS or not reads.ring.has_room():
             return self._hand_over(unique, _read_job(answer), None)
         reads.start(answer.fd, answer.offset, answer.length, (unique, answer))
         return _ANSWERED  # by the reaper, once the read completes
 
     def _submit_reads(self) -> None:
-        if self._ring_reads is not None:
-            self._ring_reads.ring.submit()
+        if self._ring_reads is not None and not self._ring_reads.ring.submit():
+            self._reaper_wait.cancel()  # it tries again soon: nothing else may wake it
 
     async def _reap_ring_reads(self, reads: uring.Reads) -> None:
         while True:
-            await reads.ring.wait_readable()
+            with trio.CancelScope() as self._reaper_wait:
+                if reads.ring.queued:  # the kernel took none of them last time
+                    self._reaper_wait.deadline = trio.current_time() + SUBMIT_RETRY_SECONDS
+                await reads.ring.wait_readable()
+            reads.ring.submit()
             for context, buffer, res in reads.reaped():
                 try:
                     self._answer_ring_read(*context, buffer, res)

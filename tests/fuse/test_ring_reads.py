@@ -163,3 +163,23 @@ async def test_a_read_in_flight_when_the_session_ends_is_reaped_and_answered(fil
     assert not writer.is_alive()
     assert await answers(kernel, 2) == {9: (0, b""), 7: (0, b"piped")}
     assert fs.reads_on_ring == 2
+
+
+async def test_reads_the_kernel_could_not_take_at_once_are_submitted_again(file_session, monkeypatch):
+    """io_uring_enter may refuse new SQEs for a while (EAGAIN: short of memory; EBUSY: too many
+    completions not yet reaped). They stay queued and are submitted again soon, even with
+    nothing else in flight to wake the session (before, the error ended the session)."""
+    kernel, fs, data, _, _ = file_session
+    refusals = []
+    enter = uring._syscall
+
+    def refuse_twice(number, *args):
+        if number == uring.SYS_IO_URING_ENTER and len(refusals) < 2:
+            refusals.append(number)
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return enter(number, *args)
+
+    monkeypatch.setattr(uring, "_syscall", refuse_twice)
+    read(kernel, 4096, 4096, 1)
+    assert await answers(kernel, 1) == {1: (0, data[4096:8192])}
+    assert len(refusals) == 2 and fs.reads_on_ring == 1
