@@ -265,11 +265,11 @@ class CloneEngine:
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
                  ) -> bytes | bytearray | ReadFrom | Continue:
         """Hydrated data: the bytes at once if DST's page cache has them (unless reads are
-        cold: see COLD_AFTER_MISSES), else the range of DST to read them from (`ReadFrom`: nothing in the engine changes while it is read: hydrated
-        regions stay hydrated, and no copy touches them). Anything else: a `Continue` whose answer
-        reads it, knowing it is not all hydrated (no second bitmap check; DST's page cache was
-        not probed). Lets the FUSE session answer without a task, and a cold read without a
-        hop back."""
+        cold: see COLD_AFTER_MISSES), else the range of DST to read them from (`ReadFrom`:
+        nothing in the engine changes while it is read: hydrated regions stay hydrated, and no
+        copy touches them). Anything else: a `Continue` whose answer reads it, knowing it is
+        not all hydrated (no second bitmap check; DST's page cache was not probed). Lets the
+        FUSE session answer without a task, and a cold read without a hop back."""
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""

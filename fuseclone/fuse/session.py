@@ -161,6 +161,7 @@ class Session:
         self._jobs = _JobQueue(threads=1, slots=MAX_QUEUED_JOBS)
         self._parallel_jobs = _JobQueue(threads=PARALLEL_JOB_THREADS, slots=MAX_QUEUED_PARALLEL_JOBS)
         self._ring_reads: uring.Reads | None = None  # while `run` serves, if io_uring works here
+        self._reaper_wait = trio.CancelScope()  # the ring reaper's wait for completions
         os.set_blocking(fd, False)
 
     # ---- reading and writing /dev/fuse --------------------------------------------------------
@@ -383,7 +384,6 @@ class Session:
             log.info("reads from the destination go through a thread: %s", exc)
             return
         self._ring_reads = uring.Reads(ring)
-        self._reaper_wait = trio.CancelScope()  # the reaper's wait for completions
         nursery.start_soon(self._reap_ring_reads, self._ring_reads)
 
     def _read_from(self, unique: int, answer: ReadFrom) -> object:
