@@ -1,0 +1,58 @@
+"""A prefetch's depth: small while users only read hydrated data, full while a user waits for
+data the prefetch (or copy-on-read) must fetch (the pacer itself: tests/engine/test_pacing.py)."""
+
+import trio
+
+from fuseclone import hydrator
+from tests.engine.conftest import MiB, Clone, make_source_file
+
+REGION = 4096
+PREFETCHED = range(MiB // REGION, 16 * MiB // REGION)  # the trace: 1 MiB to 16 MiB
+THRESHOLD = 8 * MiB
+SOURCE_DELAY = 0.02  # seconds per copy's source read: copies stay in flight long enough to count
+
+
+async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_when_one_waits(tmp_path, monkeypatch):
+    # Row 9: the prefetch claimed its whole depth at mount and the users' reads of hydrated
+    # data waited for the daemon receiving it (p99 5-7.5 ms against ~0.1-0.2 idle).
+    clone = Clone(tmp_path, str(make_source_file(tmp_path / "src.img", 16 * MiB)))
+    engine = await clone.open(hydration=False, hydration_threshold=THRESHOLD // REGION,
+                              hydration_batch_size=MiB // REGION)
+    fetching = {"now": 0, "most": 0}  # bytes of prefetch copies being read from the source
+    read_for_copy = engine.source.read_for_copy
+
+    async def slow_read_for_copy(offset, length):
+        fetching["now"] += length
+        fetching["most"] = max(fetching["most"], fetching["now"])
+        try:
+            await trio.sleep(SOURCE_DELAY)
+            return await read_for_copy(offset, length)
+        finally:
+            fetching["now"] -= length
+
+    monkeypatch.setattr(engine.source, "read_for_copy", slow_read_for_copy)
+    engine.prefetch([PREFETCHED])
+    async with clone.running(engine, hold_hydration=True):
+        assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)  # copy-on-read: hydrated
+        async with trio.open_nursery() as users:
+            async def read_hydrated():
+                while True:
+                    await engine.read(0, 4096)
+                    await trio.sleep(0.002)
+
+            users.start_soon(read_hydrated)
+            await trio.sleep(0.1)  # the copy-on-read's wait for the source is over
+            engine.release_hydration()
+            await trio.sleep(0.5)
+            yielding = fetching["most"]
+            copied = engine.meta.hydrated_in(PREFETCHED) * REGION
+
+            fetching["most"] = 0
+            last = 15 * MiB  # far ahead in the trace: not fetched yet, the user waits for it
+            assert await engine.read(last, 4096) == clone.source_bytes(last, 4096)
+            await trio.sleep(3 * SOURCE_DELAY)
+            waited = fetching["most"]
+            users.cancel_scope.cancel()
+    assert 0 < yielding <= hydrator.PREFETCH_YIELD_BYTES
+    assert copied > 0  # it still goes on
+    assert waited == THRESHOLD
