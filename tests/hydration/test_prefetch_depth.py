@@ -4,7 +4,7 @@ data the prefetch (or copy-on-read) must fetch (the pacer itself: tests/engine/t
 import trio
 
 from fuseclone import hydrator
-from tests.engine.conftest import MiB, Clone, make_source_file
+from tests.engine.conftest import MiB, Clone, make_source_file, user_reading_hydrated
 
 REGION = 4096
 PREFETCHED = range(MiB // REGION, 16 * MiB // REGION)  # the trace: 1 MiB to 16 MiB
@@ -32,27 +32,18 @@ async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_whe
 
     monkeypatch.setattr(engine.source, "read_for_copy", slow_read_for_copy)
     engine.prefetch([PREFETCHED])
-    async with clone.running(engine, hold_hydration=True):
-        assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)  # copy-on-read: hydrated
-        async with trio.open_nursery() as users:
-            async def read_hydrated():
-                while True:
-                    await engine.read(0, 4096)
-                    await trio.sleep(0.002)
+    async with clone.running(engine, hold_hydration=True), user_reading_hydrated(engine, clone):
+        await trio.sleep(0.1)  # the copy-on-read's wait for the source is over
+        engine.release_hydration()
+        await trio.sleep(0.5)
+        yielding = fetching["most"]
+        copied = engine.meta.hydrated_in(PREFETCHED) * REGION
 
-            users.start_soon(read_hydrated)
-            await trio.sleep(0.1)  # the copy-on-read's wait for the source is over
-            engine.release_hydration()
-            await trio.sleep(0.5)
-            yielding = fetching["most"]
-            copied = engine.meta.hydrated_in(PREFETCHED) * REGION
-
-            fetching["most"] = 0
-            last = 15 * MiB  # far ahead in the trace: not fetched yet, the user waits for it
-            assert await engine.read(last, 4096) == clone.source_bytes(last, 4096)
-            await trio.sleep(3 * SOURCE_DELAY)
-            waited = fetching["most"]
-            users.cancel_scope.cancel()
+        fetching["most"] = 0
+        last = 15 * MiB  # far ahead in the trace: not fetched yet, the user waits for it
+        assert await engine.read(last, 4096) == clone.source_bytes(last, 4096)
+        await trio.sleep(3 * SOURCE_DELAY)
+        waited = fetching["most"]
     assert 0 < yielding <= hydrator.PREFETCH_YIELD_BYTES
     assert copied > 0  # it still goes on
     assert waited == THRESHOLD
