@@ -221,9 +221,10 @@ class CloneEngine:
         self._user_commit_needed = 0
         self._last_user_io = -1e9
         # User reads waiting for the source right now (their own read, or a copy ahead of
-        # them), and when the last one stopped: a prefetch goes at full depth meanwhile.
+        # them), and when one last waited or read what the prefetch fetched: a prefetch goes
+        # at full depth meanwhile (users_need_fetching).
         self._reads_waiting = 0
-        self._last_read_wait = -1e9
+        self._last_fetched_read = -1e9
         self._last_flush = -1e9
         self._cache_probes = _CacheProbes()
         self.write_frontier = -1  # the region after the latest user write that filled regions
@@ -283,6 +284,9 @@ class CloneEngine:
         if not self.meta.all_hydrated(span):
             return Continue(functools.partial(self._read_missed, offset, length, span))
         self._last_user_io = trio.current_time()
+        order = self.hydrator.order
+        if order.prefetching and order.prefetched(span):  # the user follows the prefetch
+            self._last_fetched_read = self._last_user_io
         if len(self._readahead):  # a stream reading what readahead fetched reads on
             self._follow_stream(offset, length, may_start=False)
         if self.recorder is not None:
@@ -853,11 +857,12 @@ class CloneEngine:
         """Whether users did I/O in the last 50 ms (hydration then yields to them)."""
         return trio.current_time() - self._last_user_io < USER_ACTIVE_SECONDS
 
-    def user_waiting(self) -> bool:
+    def users_need_fetching(self) -> bool:
         """Whether a user read waits for the source (its own read, or a copy ahead of it), or
-        did in the last 50 ms (a prefetch then goes at full depth)."""
+        did, or read what the prefetch fetched, in the last 50 ms (a prefetch then goes at
+        full depth: users wait for it, or it is ahead of them and must stay so)."""
         return (self._reads_waiting > 0
-                or trio.current_time() - self._last_read_wait < USER_ACTIVE_SECONDS)
+                or trio.current_time() - self._last_fetched_read < USER_ACTIVE_SECONDS)
 
     @contextlib.contextmanager
     def _waiting_for_source(self) -> Iterator[None]:
@@ -867,7 +872,7 @@ class CloneEngine:
             yield
         finally:
             self._reads_waiting -= 1
-            self._last_read_wait = trio.current_time()
+            self._last_fetched_read = trio.current_time()
 
     async def _finish_hydration(self) -> None:
         try:

@@ -73,7 +73,7 @@ class HydrationTarget(Protocol):
 
     def user_active(self) -> bool: ...
 
-    def user_waiting(self) -> bool: ...
+    def users_need_fetching(self) -> bool: ...
 
 
 class Hydrator:
@@ -89,7 +89,7 @@ class Hydrator:
         self._free_run = engine.free_run
         self._copy = engine.copy
         self._user_active = engine.user_active
-        self._user_waiting = engine.user_waiting
+        self._users_need_fetching = engine.users_need_fetching
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
         self._prefetch_pacer = PrefetchPacer(self._threshold_bytes(), PREFETCH_FIRST_BURST,
@@ -200,7 +200,7 @@ class Hydrator:
 
     def _prefetch_depth(self) -> int:
         """Regions a prefetch may have in flight now (see PrefetchPacer)."""
-        depth = self._prefetch_pacer.depth(user_waiting=self._user_waiting(),
+        depth = self._prefetch_pacer.depth(users_need_it=self._users_need_fetching(),
                                            user_active=self._user_active())
         return max(1, depth // self.geometry.region_size)
 
@@ -247,6 +247,7 @@ class Hydrator:
             nbytes = len(claim.regions) * self.geometry.region_size
             self._pacer.copied(nbytes, now - started, now)
             if claim.prefetch:
+                self.order.note_prefetched(claim.regions)
                 self._prefetch_pacer.copied(nbytes, user_active=self._user_active())
         except OSError as exc:
             self._note_failure(claim, exc)

@@ -15,6 +15,7 @@ in [start, stop) that are neither hydrated nor claimed, at most `limit` long, or
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from typing import Callable
 
@@ -33,6 +34,7 @@ class HydrationOrder:
         self.trace: tuple[range, ...] = tuple(prefetch or ())  # as given, for progress
         self._prefetch: list[range] = list(self.trace)  # what is left of it
         self._prefetch_next = 0  # index of the first trace run not yet fully asked for
+        self._prefetched: list[range] = []  # the prefetch's finished copies, sorted by start
         self._hot: deque[range] = deque(maxlen=MAX_HOT_SPOTS)
 
     @property
@@ -55,6 +57,16 @@ class HydrationOrder:
             self._prefetch_next += 1
         return None
 
+    def note_prefetched(self, regions: range) -> None:
+        """A prefetch copy of `regions` finished."""
+        bisect.insort(self._prefetched, regions, key=_start)
+
+    def prefetched(self, regions: range) -> bool:
+        """Whether a prefetch copy fetched the first of `regions`: a user reading it follows
+        the prefetch, which is then ahead of them and should stay so."""
+        at = bisect.bisect_right(self._prefetched, regions.start, key=_start) - 1
+        return at >= 0 and regions.start < self._prefetched[at].stop
+
     def note_source_read(self, regions: range) -> None:
         """A user read `regions` from the source: their neighbourhood is hot."""
         size = self._hot_regions
@@ -74,3 +86,7 @@ class HydrationOrder:
                 return found
             self._hot.pop()
         return None
+
+
+def _start(run: range) -> int:
+    return run.start

@@ -70,8 +70,9 @@ class HydrationPacer:
 
 class PrefetchPacer:
     """Bytes a prefetch keeps in flight. A prefetch fetches what users read before, so it goes
-    at full depth (CAP) while a user waits for data it (or copy-on-read) must fetch. While users
-    only read hydrated data, receiving it competes with them for the daemon's CPU on the same
+    at full depth (CAP) while users need it: a user waits for data it (or copy-on-read) must
+    fetch, or reads what it fetched (it is ahead of them). While users only read other hydrated
+    data, receiving it competes with them for the daemon's CPU on the same
     cores (row 9: p99 of their reads 30-60x idle), so it keeps YIELD in flight. Otherwise (users
     idle, or not there yet: the trace is claimed at mount, before any user read) it starts at
     FIRST and grows by each finished copy, doubling per round trip, up to CAP; it starts from
@@ -87,8 +88,8 @@ class PrefetchPacer:
         self.cap = cap
         self._window = min(self._window, cap)
 
-    def depth(self, *, user_waiting: bool, user_active: bool) -> int:
-        if user_waiting:
+    def depth(self, *, users_need_it: bool, user_active: bool) -> int:
+        if users_need_it:
             self._window = self.cap
         elif user_active:
             self._window = min(self._first, self.cap)

@@ -1,6 +1,8 @@
-"""A prefetch's depth: small while users only read hydrated data, full while a user waits for
-data the prefetch (or copy-on-read) must fetch (the pacer itself: tests/engine/test_pacing.py)."""
+"""A prefetch's depth: small while users only read other hydrated data, full while a user waits
+for data the prefetch (or copy-on-read) must fetch or reads what it fetched (the pacer itself:
+tests/engine/test_pacing.py)."""
 
+import pytest
 import trio
 
 from fuseclone import hydrator
@@ -12,7 +14,12 @@ THRESHOLD = 8 * MiB
 SOURCE_DELAY = 0.02  # seconds per copy's source read: copies stay in flight long enough to count
 
 
-async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_when_one_waits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("needing", [
+    15 * MiB,  # far ahead in the trace: not fetched yet, the user waits for it
+    MiB,  # the trace's start, which the prefetch fetched while yielding: the user follows it
+])
+async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_when_they_need_it(
+        tmp_path, monkeypatch, needing):
     # Row 9: the prefetch claimed its whole depth at mount and the users' reads of hydrated
     # data waited for the daemon receiving it (p99 5-7.5 ms against ~0.1-0.2 idle).
     clone = Clone(tmp_path, str(make_source_file(tmp_path / "src.img", 16 * MiB)))
@@ -40,10 +47,9 @@ async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_whe
         copied = engine.meta.hydrated_in(PREFETCHED) * REGION
 
         fetching["most"] = 0
-        last = 15 * MiB  # far ahead in the trace: not fetched yet, the user waits for it
-        assert await engine.read(last, 4096) == clone.source_bytes(last, 4096)
+        assert await engine.read(needing, 4096) == clone.source_bytes(needing, 4096)
         await trio.sleep(3 * SOURCE_DELAY)
-        waited = fetching["most"]
+        needed = fetching["most"]
     assert 0 < yielding <= hydrator.PREFETCH_YIELD_BYTES
     assert copied > 0  # it still goes on
-    assert waited == THRESHOLD
+    assert needed == THRESHOLD
