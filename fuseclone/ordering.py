@@ -6,6 +6,8 @@
    source, most recent first (a filesystem keeps related blocks together: the rest of a file, its
    inode table block, its directory);
 3. everything else, in order (the engine's cursor).
+It also knows which regions the prefetch's finished copies hold: users reading them follow the
+prefetch, which must then stay ahead of them (the hydrator paces it, pacing.PrefetchPacer).
 Readahead for sequential readers does not queue here: the engine fetches it from the read path
 at once (readahead.py).
 
@@ -58,8 +60,16 @@ class HydrationOrder:
         return None
 
     def note_prefetched(self, regions: range) -> None:
-        """A prefetch copy of `regions` finished."""
-        bisect.insort(self._prefetched, regions, key=_start)
+        """A prefetch copy of `regions` finished (kept merged with its neighbours: copies
+        follow each other along the trace, so the list stays short)."""
+        runs = self._prefetched
+        at = bisect.bisect_left(runs, regions.start, key=_start)
+        if at < len(runs) and runs[at].start == regions.stop:
+            regions = range(regions.start, runs.pop(at).stop)
+        if at > 0 and runs[at - 1].stop == regions.start:
+            regions = range(runs.pop(at - 1).start, regions.stop)
+            at -= 1
+        runs.insert(at, regions)
 
     def prefetched(self, regions: range) -> bool:
         """Whether a prefetch copy fetched the first of `regions`: a user reading it follows
