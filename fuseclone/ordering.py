@@ -1,7 +1,7 @@
 """The order in which background hydration takes regions, before its in-order sweep (sans-IO).
 
-1. the regions of a prefetch trace (`--prefetch`), in the trace's order, at full depth and even
-   with background hydration disabled;
+1. the regions of a prefetch trace (`--prefetch`), in the trace's order, at the depth users need
+   (pacing.PrefetchPacer), even with background hydration disabled;
 2. hot spots: the HOT_SPOT_BYTES-aligned neighbourhood of a region a user just read from the
    source, most recent first (a filesystem keeps related blocks together: the rest of a file, its
    inode table block, its directory);
