@@ -5,9 +5,9 @@ them and has the engine copy them (the engine's `copy` writes DST through the co
 sets the regions' bits and releases the claim: the I/O rules stay in engine.py). What the
 hydrator owns is the order (`HydrationOrder`: the prefetch trace, hot spots, then in order),
 how much is in flight (the pacer under `hydration_threshold`, one small copy at a time while
-the image is in use; a prefetch's own pacer), the rate limit, retries with exponential backoff and the stop after
-`max_failures`, the hold until the image is mounted, and readahead's copies for the engine's
-stream detector, under the same threshold.
+the image is in use; a prefetch's own pacer), the rate limit, retries with exponential backoff
+and the stop after `max_failures`, the hold until the image is mounted, and readahead's copies
+for the engine's stream detector, under the same threshold.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ WRITER_LEAD_BYTES = 64 << 20
 PACED_START = 8 << 20
 PACED_FLOOR = 512 << 10
 # A prefetch starts with this much in flight and grows as its copies finish, and keeps one copy
-# of at most PREFETCH_YIELD_BYTES in flight while users only read hydrated data (PrefetchPacer).
+# of at most PREFETCH_YIELD_BYTES while users only read other hydrated data (PrefetchPacer).
 PREFETCH_FIRST_BURST = 4 << 20
 PREFETCH_YIELD_BYTES = 256 << 10
 # Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
