@@ -117,11 +117,11 @@ def clean_previous_run(workdir: str, console: Console) -> None:
 
 def is_leftover_server(args: list[str], workdir: str) -> bool:
     """Whether a process with these arguments is a server an earlier run in WORKDIR started:
-    nbdkit, qemu-storage-daemon or a fuseclone mount, naming a file in WORKDIR. Path
+    nbdkit, qemu-storage-daemon, a fuseclone mount or PostgreSQL, naming a file in WORKDIR. Path
     boundaries count: /var/tmp/b is not in /var/tmp/b2, and another run's `flock
     /tmp/fuseclone-bench.lock ...` waiting for its turn is no fuseclone."""
     program = os.path.basename(args[0]) if args else ""
-    server = (program in ("nbdkit", "qemu-storage-daemon", "fuseclone")
+    server = (program in ("nbdkit", "qemu-storage-daemon", "fuseclone", "postgres")
               or args[1:3] == ["-m", "fuseclone"])
     return server and any(a == workdir or workdir + "/" in a for a in args[1:])
 

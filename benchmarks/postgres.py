@@ -10,7 +10,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from .system import BenchError, run
+from .system import BenchError, kill_pid, run
 
 USER = "postgres"  # the server refuses to run as root
 PORT = 5499  # only on a Unix socket inside the data directory: no TCP, no clash with a real server
@@ -60,14 +60,30 @@ class Cluster:
 
     @contextlib.contextmanager
     def running(self):
-        """The server, started (waiting until it answers) and stopped (fast: a checkpoint)."""
+        """The server, started (waiting until it answers) and stopped (fast: a checkpoint).
+        Killed where pg_ctl cannot stop it (qsd's export once corrupted the filesystem under
+        it: "could not open PID file ... Bad message"), so that no server is left holding the
+        filesystem, and with it a loop device, busy; the failure is still raised."""
         log = os.path.join(self.datadir, "server.log")
         options = " ".join([*SETTINGS, "-c", f"unix_socket_directories={self.datadir}"])
-        self._as_user("pg_ctl", "-D", self.datadir, "-l", log, "-o", options, "-w", "start")
+        try:
+            self._as_user("pg_ctl", "-D", self.datadir, "-l", log, "-o", options, "-w", "start")
+        except BaseException:
+            self.kill_servers()
+            raise
         try:
             yield self
         finally:
-            self._as_user("pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
+            try:
+                self._as_user("pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
+            finally:
+                self.kill_servers()
+
+    def kill_servers(self) -> None:
+        """Kill every process started with `-D` this data directory (a postmaster: its
+        children end when it does)."""
+        for pid in processes_with_args("-D", self.datadir):
+            kill_pid(pid)
 
     def pgbench(self, *args: str, timeout: float = 600) -> str:
         return self._as_user("pgbench", "-h", self.datadir, "-p", str(PORT), *args, USER,
@@ -80,3 +96,20 @@ class Cluster:
         if not found:
             raise BenchError(f"pgbench printed no TPS: {out[-300:]}")
         return float(found.group(1))
+
+
+def processes_with_args(*args: str) -> list[int]:
+    """The pids of processes whose command line holds ARGS in a row."""
+    wanted = [a.encode() for a in args]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if any(argv[i:i + len(wanted)] == wanted for i in range(len(argv))):
+            found.append(int(entry))
+    return found

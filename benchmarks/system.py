@@ -318,7 +318,8 @@ class CpuMeter:
 
 
 def leftovers(workdir: str) -> dict[str, list[str]]:
-    """What `grep fuse /proc/mounts; losetup -a; pgrep -a nbdkit; pgrep -a qemu-storage` show,
+    """What `grep fuse /proc/mounts; losetup -a; pgrep -a nbdkit; pgrep -a qemu-storage` and
+    PostgreSQL servers (row 10's) show,
     split into lines that mention WORKDIR (ours: a leak) and the rest (other users')."""
     found: dict[str, list[str]] = {}
     with open("/proc/mounts") as f:
@@ -326,6 +327,7 @@ def leftovers(workdir: str) -> dict[str, list[str]]:
     found["loops"] = run(["losetup", "-a"], check=False).stdout.decode().splitlines()
     found["nbdkit"] = run(["pgrep", "-a", "nbdkit"], check=False).stdout.decode().splitlines()
     found["qemu-storage"] = run(["pgrep", "-a", "qemu-storage"], check=False).stdout.decode().splitlines()
+    found["postgres"] = run(["pgrep", "-a", "-f", "postgres -D"], check=False).stdout.decode().splitlines()
     ancestors = own_ancestors()
     found["fuseclone"] = [l for l in run(["pgrep", "-a", "-f", "fuseclone"], check=False).stdout.decode().splitlines()
                           if workdir in l and int(l.split()[0]) not in ancestors]

@@ -173,9 +173,45 @@ def test_a_leftover_server_is_one_naming_the_workdir_across_a_path_boundary():
     assert is_leftover_server(daemon, workdir)
     assert is_leftover_server(nbdkit, workdir)
     assert is_leftover_server(["nbdkit", "-U", "-", "file", f"file={workdir}/src"], workdir)
+    assert is_leftover_server(["/usr/lib/postgresql/15/bin/postgres", "-D", f"{workdir}/r10-qsd-fs/pgdata"],
+                              workdir)
     # Another run's scratch directory shares the prefix; another run waits for the bench lock.
     assert not is_leftover_server(["nbdkit", "file", "/var/tmp/fcb-nt3/src"], workdir)
     assert not is_leftover_server(
         ["flock", "/tmp/fuseclone-bench.lock", "python", "-m", "benchmarks", "--workdir", workdir],
         workdir)
     assert not is_leftover_server(["sleep", f"{workdir}/x"], workdir)
+
+
+def test_a_server_pg_ctl_cannot_stop_is_killed(tmp_path, monkeypatch):
+    """qsd's export once corrupted the filesystem under a row 10 server: `pg_ctl stop` could not
+    read its PID file, and the server kept the filesystem and its loop device busy."""
+    import subprocess
+    import sys
+    import threading
+
+    from benchmarks import postgres
+    from benchmarks.system import BenchError
+
+    datadir = str(tmp_path / "pgdata")
+    servers: list[subprocess.Popen] = []
+
+    def pg_ctl(self, program, *args, timeout=300):
+        if args[-1] == "start":  # a stand-in for the postmaster, with its `-D DATADIR`
+            server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                       "-D", datadir])
+            threading.Thread(target=server.wait, daemon=True).start()  # reaps it once killed
+            servers.append(server)
+            return ""
+        raise BenchError('pg_ctl: could not open PID file "postmaster.pid": Bad message')
+
+    monkeypatch.setattr(postgres.Cluster, "_as_user", pg_ctl)
+    try:
+        with pytest.raises(BenchError, match="Bad message"):
+            with postgres.Cluster(datadir, "/nonexistent").running():
+                assert postgres.processes_with_args("-D", datadir) == [servers[0].pid]
+        assert servers[0].wait(timeout=15) is not None
+        assert postgres.processes_with_args("-D", datadir) == []
+    finally:
+        for server in servers:
+            server.kill()
