@@ -244,9 +244,10 @@ class CloneEngine:
         self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
         self.hydrator = Hydrator(self)  # background hydration's order, depth, pace and retries
 
-    def prefetch(self, runs: list[range]) -> None:
-        """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.hydrator.prefetch(runs)
+    def prefetch(self, runs: list[range], first_burst: int = 0) -> None:
+        """Call before `run`: hydrate these runs of regions first, in this order, the first
+        `first_burst` of them at once."""
+        self.hydrator.prefetch(runs, first_burst)
 
     @property
     def source_reads(self) -> int:

@@ -42,9 +42,14 @@ WRITER_LEAD_BYTES = 64 << 20
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
 PACED_START = 8 << 20
 PACED_FLOOR = 512 << 10
-# A prefetch starts with this much in flight and grows as its copies finish, and keeps one copy
-# of at most PREFETCH_YIELD_BYTES while users only read other hydrated data (PrefetchPacer).
-PREFETCH_FIRST_BURST = 4 << 20
+# A prefetch claims its trace's first burst at mount, at full depth: what the first clone read
+# before its reads first paused for PREFETCH_BURST_PAUSE (a start-up, which the prefetch must
+# finish before the clone's own start-up reads it; row 9's start-up trace, 32.7 MiB in 0.67 s,
+# pauses 19 ms at most, and its latency trace pauses longer between its phases). Then at least
+# PREFETCH_START_BYTES in flight, growing as copies finish, and one copy of at most
+# PREFETCH_YIELD_BYTES while users only read other hydrated data (PrefetchPacer).
+PREFETCH_BURST_PAUSE = 0.1  # seconds
+PREFETCH_START_BYTES = 4 << 20
 PREFETCH_YIELD_BYTES = 256 << 10
 # Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
 # of a quarter of its window within these bounds (a reader waits for the copy it reaches).
@@ -92,7 +97,7 @@ class Hydrator:
         self._users_need_fetching = engine.users_need_fetching
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
-        self._prefetch_pacer = PrefetchPacer(self._threshold_bytes(), PREFETCH_FIRST_BURST,
+        self._prefetch_pacer = PrefetchPacer(self._threshold_bytes(), PREFETCH_START_BYTES,
                                              PREFETCH_YIELD_BYTES)
         self._failures = 0
         self._resume_at = 0.0
@@ -105,9 +110,11 @@ class Hydrator:
         self._readahead_inflight = 0  # bytes
         self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
 
-    def prefetch(self, runs: list[range]) -> None:
-        """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs)
+    def prefetch(self, runs: list[range], first_burst: int = 0) -> None:
+        """Call before `run`: hydrate these runs of regions first, in this order, the first
+        `first_burst` of them at full depth (PrefetchPacer)."""
+        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs,
+                                    first_burst)
 
     def hold(self) -> None:
         """Call before `run`: background copies wait until `release()`."""
@@ -201,7 +208,8 @@ class Hydrator:
     def _prefetch_depth(self) -> int:
         """Regions a prefetch may have in flight now (see PrefetchPacer)."""
         depth = self._prefetch_pacer.depth(users_need_it=self._users_need_fetching(),
-                                           user_active=self._user_active())
+                                           user_active=self._user_active(),
+                                           first_burst=self.order.in_first_burst)
         return max(1, depth // self.geometry.region_size)
 
     def _prefetch_batch(self, depth: int) -> int:

@@ -30,12 +30,14 @@ MAX_HOT_SPOTS = 64  # older hot spots are forgotten: they are either done or no 
 class HydrationOrder:
     """Prefetch runs, then hot spots; the engine's in-order sweep comes after both."""
 
-    def __init__(self, nr_regions: int, region_size: int, prefetch: list[range] | None = None) -> None:
+    def __init__(self, nr_regions: int, region_size: int, prefetch: list[range] | None = None,
+                 first_burst: int = 0) -> None:
         self.nr_regions = nr_regions
         self._hot_regions = max(1, HOT_SPOT_BYTES // region_size)
         self.trace: tuple[range, ...] = tuple(prefetch or ())  # as given, for progress
         self._prefetch: list[range] = list(self.trace)  # what is left of it
         self._prefetch_next = 0  # index of the first trace run not yet fully asked for
+        self._first_burst = first_burst  # the trace's first runs, asked for at full depth
         self._prefetched: list[range] = []  # the prefetch's finished copies, sorted by start
         self._hot: deque[range] = deque(maxlen=MAX_HOT_SPOTS)
 
@@ -43,6 +45,12 @@ class HydrationOrder:
     def prefetching(self) -> bool:
         """Whether runs of the trace are left to ask for."""
         return self._prefetch_next < len(self._prefetch)
+
+    @property
+    def in_first_burst(self) -> bool:
+        """Whether runs of the trace's first burst (what the first clone read before its
+        reads first paused) are left to ask for."""
+        return self._prefetch_next < min(self._first_burst, len(self._prefetch))
 
     def next_prefetch(self, free_run: FreeRun, limit: int) -> range | None:
         """The next free run of the trace, at most `limit` regions. Trace runs that are hydrated
