@@ -61,32 +61,31 @@ class AccessTrace:
         """The records as runs of regions of `geometry`: records that touch or overlap merged
         into one run (one copy instead of many small ones), placed where the first of them was
         read."""
-        return [run for _, run in self._merged_runs(geometry)]
+        return _merged_runs([geometry.region_span(offset, length) for offset, length in self.records])
 
-    def first_burst_runs(self, geometry: Geometry, pause: float) -> int:
-        """How many of `region_runs` (the first ones) hold every record read before the
-        first clone's reads first paused for `pause` seconds or more."""
-        burst = len(self.seconds)
-        for i in range(1, len(self.seconds)):
-            if self.seconds[i] - self.seconds[i - 1] >= pause:
-                burst = i
-                break
-        # Runs are in the order of their first record: the ones holding a burst record lead.
-        return sum(1 for first, _ in self._merged_runs(geometry) if first < burst)
-
-    def _merged_runs(self, geometry: Geometry) -> list[tuple[int, range]]:
-        """(index of its first record, run), in the order of their first records."""
+    def first_burst_and_rest(self, geometry: Geometry,
+                             pause: float) -> tuple[list[range], list[range]]:
+        """`region_runs` of the records read before the first clone's reads first paused for
+        `pause` seconds or more, and of the records after: merged apart, so that the burst
+        ends with its own reads (a stream read on after the pause would otherwise join it)."""
+        burst = next((i for i in range(1, len(self.seconds))
+                      if self.seconds[i] - self.seconds[i - 1] >= pause), len(self.records))
         spans = [geometry.region_span(offset, length) for offset, length in self.records]
-        order = sorted(range(len(spans)), key=lambda i: spans[i].start)
-        merged: list[tuple[int, range]] = []  # (first record's index, run)
-        for i in order:
-            span = spans[i]
-            if merged and span.start <= merged[-1][1].stop:
-                first, run = merged[-1]
-                merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
-            else:
-                merged.append((i, span))
-        return sorted(merged, key=lambda item: item[0])
+        return _merged_runs(spans[:burst]), _merged_runs(spans[burst:])
+
+
+def _merged_runs(spans: list[range]) -> list[range]:
+    """Spans that touch or overlap merged into one run, in the order of each run's first span."""
+    order = sorted(range(len(spans)), key=lambda i: spans[i].start)
+    merged: list[tuple[int, range]] = []  # (first span's index, run)
+    for i in order:
+        span = spans[i]
+        if merged and span.start <= merged[-1][1].stop:
+            first, run = merged[-1]
+            merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
+        else:
+            merged.append((i, span))
+    return [run for _, run in sorted(merged, key=lambda item: item[0])]
 
 
 def read_trace(path: str) -> AccessTrace:

@@ -35,10 +35,12 @@ def test_the_first_burst_is_the_runs_read_before_the_first_pause(tmp_path):
     trace = read_trace(str(tmp_path / "t"))
     assert trace.seconds == (0.01, 0.03, 0.05, 0.4, 0.41, 0.9)
     assert trace.region_runs(GEOMETRY) == [range(8, 10), range(0, 4), range(20, 21), range(30, 31)]
-    # read before the 0.35 s pause: regions 8, 0-1 and 20; range(2, 4) and 9 came later, but in
-    # runs that lead anyway
-    assert trace.first_burst_runs(GEOMETRY, pause=0.1) == 3
-    assert trace.first_burst_runs(GEOMETRY, pause=0.5) == 4  # no such pause: the whole trace
+    # read before the 0.35 s pause: regions 8, 0-1 and 20; 2-3 and 9, read after it, are not
+    # merged into the burst's runs
+    assert trace.first_burst_and_rest(GEOMETRY, pause=0.1) == (
+        [range(8, 9), range(0, 2), range(20, 21)], [range(30, 31), range(2, 4), range(9, 10)])
+    assert trace.first_burst_and_rest(GEOMETRY, pause=0.5) == (  # no such pause: all of it
+        trace.region_runs(GEOMETRY), [])
 
 
 def test_readahead_counts_once_read(tmp_path):
