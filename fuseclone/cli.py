@@ -97,7 +97,7 @@ def main() -> None:
 @click.option("--record-access", metavar="TRACE", type=click.Path(dir_okay=False),
               help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
 @click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
-              help="Hydrate the regions of TRACE (recorded with --record-access from the same source) first, at full depth, even with --no-hydration.")
+              help="Hydrate the regions of TRACE (recorded with --record-access from the same source) first, at full depth while users wait for them (one small copy at a time while they only read other hydrated data), even with --no-hydration.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
 @click.option("--http-header-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")

@@ -27,6 +27,7 @@ from .clone import open_clone, recorded_source, running
 from .control_server import serve_control
 from .engine import CloneEngine, Settings
 from .errors import FusecloneError, describe
+from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
@@ -183,7 +184,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings)
         if prefetch is not None:
-            engine.prefetch(prefetch.region_runs(engine.geometry))
+            burst, rest = prefetch.first_burst_and_rest(engine.geometry, PREFETCH_BURST_PAUSE)
+            engine.prefetch(burst + rest, first_burst=len(burst))
         mounted = False
         try:
             # Held inside META's hold, like the log: `fuseclone unmount` returns once META is

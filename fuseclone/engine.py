@@ -16,6 +16,7 @@ hydrated ones, and until their hydrated bits are durable those regions are not c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -23,7 +24,7 @@ import os
 import stat
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
@@ -45,6 +46,7 @@ from .trace import TraceRecorder
 log = logging.getLogger(__name__)
 
 SEEK_SCAN_LIMIT = 1 << 30
+USER_ACTIVE_SECONDS = 0.05  # users who did I/O this recently are active (hydration yields)
 # 4 MiB copies: per-copy overhead (claims, tasks, thread hops) made 1 MiB copies from NBD ~25%
 # slower. While the image is in use they shrink (hydrator.BUSY_BATCH_BYTES).
 DEFAULT_BATCH_BYTES = 4 << 20
@@ -218,6 +220,11 @@ class CloneEngine:
         # fdatasync of DST alone (see _note_user_write).
         self._user_commit_needed = 0
         self._last_user_io = -1e9
+        # User reads waiting for the source right now (their own read, or a copy ahead of
+        # them), and when one last waited or read what the prefetch fetched: a prefetch goes
+        # at full depth meanwhile (users_need_fetching).
+        self._reads_waiting = 0
+        self._last_fetched_read = -1e9
         self._last_flush = -1e9
         self._cache_probes = _CacheProbes()
         self.write_frontier = -1  # the region after the latest user write that filled regions
@@ -237,9 +244,10 @@ class CloneEngine:
         self.recorder: TraceRecorder | None = None  # the access trace (--record-access)
         self.hydrator = Hydrator(self)  # background hydration's order, depth, pace and retries
 
-    def prefetch(self, runs: list[range]) -> None:
-        """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.hydrator.prefetch(runs)
+    def prefetch(self, runs: list[range], first_burst: int = 0) -> None:
+        """Call before `run`: hydrate these runs of regions first, in this order, the first
+        `first_burst` of them at once."""
+        self.hydrator.prefetch(runs, first_burst)
 
     @property
     def source_reads(self) -> int:
@@ -277,6 +285,9 @@ class CloneEngine:
         if not self.meta.all_hydrated(span):
             return Continue(functools.partial(self._read_missed, offset, length, span))
         self._last_user_io = trio.current_time()
+        order = self.hydrator.order
+        if order.prefetching and order.prefetched(span):  # the user follows the prefetch
+            self._last_fetched_read = self._last_user_io
         if len(self._readahead):  # a stream reading what readahead fetched reads on
             self._follow_stream(offset, length, may_start=False)
         if self.recorder is not None:
@@ -626,6 +637,10 @@ class CloneEngine:
             # Hydrated (and maybe written) while this read awaited an earlier part: start over,
             # or a copy-on-read store would put source data over a completed write.
             return await self._read_range(lo, hi - lo)
+        with self._waiting_for_source():
+            return await self._fetch_unhydrated(run, lo, hi)
+
+    async def _fetch_unhydrated(self, run: range, lo: int, hi: int) -> bytes:
         ahead = {self._claims[r] for r in run if r in self._claims and self._claims[r].ahead}
         if ahead:  # readahead or prefetch is fetching it: wait rather than ask the source again
             for claim in ahead:
@@ -841,7 +856,24 @@ class CloneEngine:
 
     def user_active(self) -> bool:
         """Whether users did I/O in the last 50 ms (hydration then yields to them)."""
-        return trio.current_time() - self._last_user_io < 0.05
+        return trio.current_time() - self._last_user_io < USER_ACTIVE_SECONDS
+
+    def users_need_fetching(self) -> bool:
+        """Whether a user read waits for the source (its own read, or a copy ahead of it), or
+        did, or read what the prefetch fetched, in the last 50 ms (a prefetch then goes at
+        full depth: users wait for it, or it is ahead of them and must stay so)."""
+        return (self._reads_waiting > 0
+                or trio.current_time() - self._last_fetched_read < USER_ACTIVE_SECONDS)
+
+    @contextlib.contextmanager
+    def _waiting_for_source(self) -> Iterator[None]:
+        self._reads_waiting += 1
+        self.changed.unpark_all()  # a prefetch yielding to users goes to full depth
+        try:
+            yield
+        finally:
+            self._reads_waiting -= 1
+            self._last_fetched_read = trio.current_time()
 
     async def _finish_hydration(self) -> None:
         try:

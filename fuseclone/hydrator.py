@@ -5,9 +5,9 @@ them and has the engine copy them (the engine's `copy` writes DST through the co
 sets the regions' bits and releases the claim: the I/O rules stay in engine.py). What the
 hydrator owns is the order (`HydrationOrder`: the prefetch trace, hot spots, then in order),
 how much is in flight (the pacer under `hydration_threshold`, one small copy at a time while
-the image is in use), the rate limit, retries with exponential backoff and the stop after
-`max_failures`, the hold until the image is mounted, and readahead's copies for the engine's
-stream detector, under the same threshold.
+the image is in use; a prefetch's own pacer), the rate limit, retries with exponential backoff
+and the stop after `max_failures`, the hold until the image is mounted, and readahead's copies
+for the engine's stream detector, under the same threshold.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import trio
 from .errors import describe
 from .metadata import Metadata, MetadataMode
 from .ordering import HydrationOrder
-from .pacing import HydrationPacer
+from .pacing import HydrationPacer, PrefetchPacer
 from .sources.base import Source
 from .trace import TraceRecorder
 
@@ -42,6 +42,16 @@ WRITER_LEAD_BYTES = 64 << 20
 # Hydration's depth starts here and follows the copies' latency (pacing.py), never under the floor.
 PACED_START = 8 << 20
 PACED_FLOOR = 512 << 10
+# A prefetch claims its trace's first burst at mount, at full depth: what the first clone read
+# before its reads first paused for PREFETCH_BURST_PAUSE (a start-up, which the prefetch must
+# finish before the clone's own start-up reads it: row 9's start-up trace, 32.7 MiB in 0.67 s,
+# pauses 19 ms at most). Row 9's latency trace pauses 67-238 ms (1,500 reads of hydrated data)
+# between its first 32 MiB and the 128 MiB streamed beside users' reads, which must not be
+# claimed at once (p99 beside the prefetch 6-16 ms when it is). Then at least PREFETCH_START_BYTES in flight, growing as copies finish, and one copy of at most
+# PREFETCH_YIELD_BYTES while users only read other hydrated data (PrefetchPacer).
+PREFETCH_BURST_PAUSE = 0.05  # seconds
+PREFETCH_START_BYTES = 4 << 20
+PREFETCH_YIELD_BYTES = 256 << 10
 # Readahead for sequential readers (readahead.py): at most this far ahead of a stream, in copies
 # of a quarter of its window within these bounds (a reader waits for the copy it reaches).
 READAHEAD_MAX_WINDOW = 8 << 20
@@ -69,6 +79,8 @@ class HydrationTarget(Protocol):
 
     def user_active(self) -> bool: ...
 
+    def users_need_fetching(self) -> bool: ...
+
 
 class Hydrator:
     """Schedules background hydration copies for an engine (see the module's docstring)."""
@@ -83,8 +95,11 @@ class Hydrator:
         self._free_run = engine.free_run
         self._copy = engine.copy
         self._user_active = engine.user_active
+        self._users_need_fetching = engine.users_need_fetching
         self._inflight_regions = 0
         self._pacer = HydrationPacer(self._threshold_bytes(), PACED_FLOOR, PACED_START)
+        self._prefetch_pacer = PrefetchPacer(self._threshold_bytes(), PREFETCH_START_BYTES,
+                                             PREFETCH_YIELD_BYTES)
         self._failures = 0
         self._resume_at = 0.0
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
@@ -96,9 +111,11 @@ class Hydrator:
         self._readahead_inflight = 0  # bytes
         self.fetched = {"prefetch": 0, "readahead": 0, "hot_spots": 0}  # bytes claimed, for status
 
-    def prefetch(self, runs: list[range]) -> None:
-        """Call before `run`: hydrate these runs of regions first, in this order."""
-        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs)
+    def prefetch(self, runs: list[range], first_burst: int = 0) -> None:
+        """Call before `run`: hydrate these runs of regions first, in this order, the first
+        `first_burst` of them at full depth (PrefetchPacer)."""
+        self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size, runs,
+                                    first_burst)
 
     def hold(self) -> None:
         """Call before `run`: background copies wait until `release()`."""
@@ -115,6 +132,7 @@ class Hydrator:
 
     def threshold_changed(self) -> None:
         self._pacer.set_cap(self._threshold_bytes())
+        self._prefetch_pacer.set_cap(self._threshold_bytes())
 
     # ---- the hydrator ---------------------------------------------------------------------
 
@@ -165,9 +183,9 @@ class Hydrator:
         s = self.settings
         if self._engine.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
             return False
-        if self.order.prefetching:  # at full depth, even with background hydration disabled
-            return self._inflight_regions + s.hydration_batch_size <= max(s.hydration_threshold,
-                                                                          s.hydration_batch_size)
+        if self.order.prefetching:  # even with background hydration disabled
+            depth = self._prefetch_depth()
+            return self._inflight_regions + self._prefetch_batch(depth) <= depth
         if not s.hydration:
             return False
         batch = self._batch_regions()
@@ -188,6 +206,19 @@ class Hydrator:
         paced = 1 << (paced.bit_length() - 1)  # few distinct sizes: the source reuses buffers by size
         return min(self.settings.hydration_batch_size, paced)
 
+    def _prefetch_depth(self) -> int:
+        """Regions a prefetch may have in flight now (see PrefetchPacer)."""
+        depth = self._prefetch_pacer.depth(users_need_it=self._users_need_fetching(),
+                                           user_active=self._user_active(),
+                                           first_burst=self.order.in_first_burst)
+        return max(1, depth // self.geometry.region_size)
+
+    def _prefetch_batch(self, depth: int) -> int:
+        """Regions per prefetch copy at `depth`: a quarter of it (copies finish, and the
+        depth grows, a piece at a time), the whole of it while yielding to users."""
+        yielding = max(1, PREFETCH_YIELD_BYTES // self.geometry.region_size)
+        return min(self.settings.hydration_batch_size, depth, max(yielding, depth // 4))
+
     def _threshold_bytes(self) -> int:
         return self.settings.hydration_threshold * self.geometry.region_size
 
@@ -195,7 +226,8 @@ class Hydrator:
         """Claim the next copy, in hydration's order: the prefetch trace, hot spots, then in
         order from `cursor`. Also says whether it was the in-order one."""
         if self.order.prefetching:
-            run = self.order.next_prefetch(self._free_run, self.settings.hydration_batch_size)
+            run = self.order.next_prefetch(self._free_run,
+                                           self._prefetch_batch(self._prefetch_depth()))
             if run is not None or not self.settings.hydration:
                 return self._claim_for("prefetch", run, ahead=True, prefetch=True), False
         run = self.order.next_hot(self._free_run, self._batch_regions())
@@ -221,7 +253,11 @@ class Hydrator:
             await self._copy(claim)
             self._failures = 0
             now = trio.current_time()
-            self._pacer.copied(len(claim.regions) * self.geometry.region_size, now - started, now)
+            nbytes = len(claim.regions) * self.geometry.region_size
+            self._pacer.copied(nbytes, now - started, now)
+            if claim.prefetch:
+                self.order.note_prefetched(claim.regions)
+                self._prefetch_pacer.copied(nbytes, user_active=self._user_active())
         except OSError as exc:
             self._note_failure(claim, exc)
         finally:

@@ -66,3 +66,40 @@ class HydrationPacer:
         self._finished_bytes += nbytes
         while len(self._finished) > 2 and now - self._finished[0][0] > RATE_WINDOW:
             self._finished_bytes -= self._finished.popleft()[1]
+
+
+class PrefetchPacer:
+    """Bytes a prefetch keeps in flight. A prefetch fetches what users read before, so it goes
+    at full depth (CAP) through its trace's first burst (claimed at mount: a start-up must find
+    it fetched, and no user read has told it apart yet) and while users need it: a user waits
+    for data it (or copy-on-read) must fetch, or reads what it fetched (it is ahead of them).
+    While users only read other hydrated data, receiving it competes with them for the
+    daemon's CPU on the same cores (row 9: p99 of their reads 30-60x idle), so it keeps YIELD
+    in flight. Otherwise (users idle, or not there yet) it starts at FIRST and grows by each
+    finished copy, doubling per round trip, up to CAP; it starts from FIRST again after
+    yielding, so that a user who comes back finds little claimed ahead."""
+
+    def __init__(self, cap: int, first: int, yielding: int) -> None:
+        self.cap = cap
+        self._first = first
+        self._yielding = yielding
+        self._window = min(first, cap)
+
+    def set_cap(self, cap: int) -> None:
+        self.cap = cap
+        self._window = min(self._window, cap)
+
+    def depth(self, *, users_need_it: bool, user_active: bool, first_burst: bool = False) -> int:
+        if first_burst:
+            return self.cap  # the window stays: after the burst, the rules below
+        if users_need_it:
+            self._window = self.cap
+        elif user_active:
+            self._window = min(self._first, self.cap)
+            return min(self._yielding, self.cap)
+        return self._window
+
+    def copied(self, nbytes: int, *, user_active: bool) -> None:
+        """A prefetch copy of NBYTES finished."""
+        if not user_active:
+            self._window = min(self.cap, self._window + nbytes)

@@ -55,22 +55,37 @@ class AccessTrace:
     image_size: int
     records: tuple[tuple[int, int], ...]
     complete: bool  # ended with its `end` line
+    seconds: tuple[float, ...] = ()  # when each record was read, since the mount started
 
     def region_runs(self, geometry: Geometry) -> list[range]:
         """The records as runs of regions of `geometry`: records that touch or overlap merged
         into one run (one copy instead of many small ones), placed where the first of them was
         read."""
+        return _merged_runs([geometry.region_span(offset, length) for offset, length in self.records])
+
+    def first_burst_and_rest(self, geometry: Geometry,
+                             pause: float) -> tuple[list[range], list[range]]:
+        """`region_runs` of the records read before the first clone's reads first paused for
+        `pause` seconds or more, and of the records after: merged apart, so that the burst
+        ends with its own reads (a stream read on after the pause would otherwise join it)."""
+        burst = next((i for i in range(1, len(self.seconds))
+                      if self.seconds[i] - self.seconds[i - 1] >= pause), len(self.records))
         spans = [geometry.region_span(offset, length) for offset, length in self.records]
-        order = sorted(range(len(spans)), key=lambda i: spans[i].start)
-        merged: list[tuple[int, range]] = []  # (first record's index, run)
-        for i in order:
-            span = spans[i]
-            if merged and span.start <= merged[-1][1].stop:
-                first, run = merged[-1]
-                merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
-            else:
-                merged.append((i, span))
-        return [run for _, run in sorted(merged, key=lambda item: item[0])]
+        return _merged_runs(spans[:burst]), _merged_runs(spans[burst:])
+
+
+def _merged_runs(spans: list[range]) -> list[range]:
+    """Spans that touch or overlap merged into one run, in the order of each run's first span."""
+    order = sorted(range(len(spans)), key=lambda i: spans[i].start)
+    merged: list[tuple[int, range]] = []  # (first span's index, run)
+    for i in order:
+        span = spans[i]
+        if merged and span.start <= merged[-1][1].stop:
+            first, run = merged[-1]
+            merged[-1] = (min(first, i), range(run.start, max(run.stop, span.stop)))
+        else:
+            merged.append((i, span))
+    return [run for _, run in sorted(merged, key=lambda item: item[0])]
 
 
 def read_trace(path: str) -> AccessTrace:
@@ -90,13 +105,15 @@ def read_trace(path: str) -> AccessTrace:
     except (ValueError, TypeError, KeyError):
         raise TraceError(f"{path}: corrupt access trace (line 2 is not its header)") from None
     records, complete = _records(path, lines[2:], image_size)
-    return AccessTrace(source, image_size, tuple(records), complete)
+    return AccessTrace(source, image_size, tuple((offset, length) for _, offset, length in records),
+                       complete, tuple(seconds for seconds, _, _ in records))
 
 
-def _records(path: str, lines: list[str], image_size: int) -> tuple[list[tuple[int, int]], bool]:
+def _records(path: str, lines: list[str],
+             image_size: int) -> tuple[list[tuple[float, int, int]], bool]:
     if lines and lines[-1] == "":
         lines = lines[:-1]  # the final newline
-    records: list[tuple[int, int]] = []
+    records: list[tuple[float, int, int]] = []
     for number, line in enumerate(lines, start=3):
         words = line.split(" ")
         if words[0] == "end" and number == len(lines) + 2:
@@ -111,7 +128,7 @@ def _records(path: str, lines: list[str], image_size: int) -> tuple[list[tuple[i
     return records, False
 
 
-def _record(words: list[str], image_size: int) -> tuple[int, int] | None:
+def _record(words: list[str], image_size: int) -> tuple[float, int, int] | None:
     if len(words) != 3:
         return None
     try:
@@ -120,7 +137,7 @@ def _record(words: list[str], image_size: int) -> tuple[int, int] | None:
         return None
     if seconds < 0 or offset < 0 or length <= 0 or offset + length > image_size:
         return None
-    return offset, length
+    return seconds, offset, length
 
 
 def check_trace_source(trace: AccessTrace, path: str, source) -> None:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 
@@ -78,3 +79,20 @@ async def assert_settle_waiter_woken_by(engine, trigger, monkeypatch) -> None:
         await trigger()
         with trio.fail_after(10):
             await woke.wait()
+
+
+@contextlib.asynccontextmanager
+async def user_reading_hydrated(engine, clone):
+    """For the block: a user reading 4 KiB of hydrated data (copy-on-read hydrates it first)
+    every 2 ms."""
+    assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)
+
+    async def read_hydrated():
+        while True:
+            await engine.read(0, 4096)
+            await trio.sleep(0.002)
+
+    async with trio.open_nursery() as users:
+        users.start_soon(read_hydrated)
+        yield
+        users.cancel_scope.cancel()

@@ -4,7 +4,7 @@ in the quickest copy's time plus QUEUE_TIME once they do, and stays within its f
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuseclone.pacing import QUEUE_TIME, HydrationPacer
+from fuseclone.pacing import QUEUE_TIME, HydrationPacer, PrefetchPacer
 
 MiB = 1 << 20
 
@@ -60,3 +60,18 @@ def test_a_cap_raised_again_brings_back_the_floor():
     pacer.set_cap(MiB)
     pacer.set_cap(32 * MiB)
     assert pacer.floor == 4 * MiB and pacer.depth >= 4 * MiB
+
+
+def test_prefetch_starts_small_grows_as_copies_finish_and_yields_to_users_of_hydrated_data():
+    pacer = PrefetchPacer(cap=128 * MiB, first=4 * MiB, yielding=MiB // 4)
+    idle = dict(users_need_it=False, user_active=False)
+    assert pacer.depth(**idle) == 4 * MiB  # the trace is claimed at mount: not all of it at once
+    pacer.copied(4 * MiB, user_active=False)
+    assert pacer.depth(**idle) == 8 * MiB
+    assert pacer.depth(users_need_it=False, user_active=True) == MiB // 4
+    pacer.copied(MiB // 4, user_active=True)
+    assert pacer.depth(**idle) == 4 * MiB  # users left: from the first burst again
+    assert pacer.depth(users_need_it=True, user_active=True) == 128 * MiB
+    assert pacer.depth(**idle) == 128 * MiB
+    pacer.set_cap(16 * MiB)
+    assert pacer.depth(**idle) == 16 * MiB

@@ -4,7 +4,7 @@ import mmap
 
 import trio
 
-from tests.engine.conftest import KiB, MiB, clone, source_file  # noqa: F401  (fixtures)
+from tests.engine.conftest import KiB, MiB, clone, source_file, user_reading_hydrated  # noqa: F401  (fixtures)
 
 
 async def test_regions_near_a_read_from_the_source_hydrate_before_the_rest(clone):  # noqa: F811
@@ -76,21 +76,12 @@ async def test_copies_reach_dst_disk_a_bounded_piece_at_a_time_while_users_read(
     monkeypatch.setattr(destination, "_sync_file_range", waited_sync)
     run = range(256, 768)  # 2 MiB at 1 MiB, in one copy
     engine.prefetch([run])
-    async with clone.running(engine, hold_hydration=True):
-        assert await engine.read(0, 4096) == clone.source_bytes(0, 4096)  # copy-on-read: hydrated
-        async with trio.open_nursery() as users:
-            async def read_hydrated():
-                while True:
-                    await engine.read(0, 4096)
-                    await trio.sleep(0.002)
-
-            users.start_soon(read_hydrated)
-            await trio.sleep(0.01)
-            engine.release_hydration()
-            with trio.fail_after(10):
-                while not engine.meta.all_hydrated(run):
-                    await trio.sleep(0.01)
-            users.cancel_scope.cancel()
+    async with clone.running(engine, hold_hydration=True), user_reading_hydrated(engine, clone):
+        await trio.sleep(0.01)
+        engine.release_hydration()
+        with trio.fail_after(10):
+            while not engine.meta.all_hydrated(run):
+                await trio.sleep(0.01)
     assert 0 < unwaited["most"] <= copier.BOUNDED_WRITE_BYTES
     with open(clone.dst, "rb") as f:
         f.seek(MiB)

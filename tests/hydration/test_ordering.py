@@ -57,3 +57,11 @@ def test_hot_spot_clipped_to_the_image():
     order = HydrationOrder(HOT + 2, REGION)
     order.note_source_read(range(HOT + 1, HOT + 2))
     assert order.next_hot(free_runs(empty(HOT + 2)), 10 * HOT) == range(HOT, HOT + 2)
+
+
+def test_prefetched_tells_the_prefetch_copies_regions_apart_from_the_rest():
+    order = HydrationOrder(10 * HOT, REGION, [range(0, 10 * HOT)])
+    for run in (range(5, 7), range(1, 3), range(7, 9), range(10, 11), range(9, 10)):
+        order.note_prefetched(run)
+    assert [r for r in range(12) if order.prefetched(range(r, r + 1))] == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert order.prefetched(range(2, 6)) and not order.prefetched(range(3, 6))

@@ -26,6 +26,23 @@ def test_round_trip_in_first_read_order_without_repeats(tmp_path):
     assert trace.region_runs(GEOMETRY) == [range(5, 9), range(0, 1)]
 
 
+def test_the_first_burst_is_the_runs_read_before_the_first_pause(tmp_path):
+    times = iter([0, 0.01, 0.03, 0.05, 0.4, 0.41, 0.9])  # the recorder's start, then each read
+    recorder = TraceRecorder(str(tmp_path / "t"), IDENT, GEOMETRY, clock=times.__next__)
+    for run in [range(8, 9), range(0, 2), range(20, 21), range(30, 31), range(2, 4), range(9, 10)]:
+        recorder.source_read(run)
+    recorder.close()
+    trace = read_trace(str(tmp_path / "t"))
+    assert trace.seconds == (0.01, 0.03, 0.05, 0.4, 0.41, 0.9)
+    assert trace.region_runs(GEOMETRY) == [range(8, 10), range(0, 4), range(20, 21), range(30, 31)]
+    # read before the 0.35 s pause: regions 8, 0-1 and 20; 2-3 and 9, read after it, are not
+    # merged into the burst's runs
+    assert trace.first_burst_and_rest(GEOMETRY, pause=0.1) == (
+        [range(8, 9), range(0, 2), range(20, 21)], [range(30, 31), range(2, 4), range(9, 10)])
+    assert trace.first_burst_and_rest(GEOMETRY, pause=0.5) == (  # no such pause: all of it
+        trace.region_runs(GEOMETRY), [])
+
+
 def test_readahead_counts_once_read(tmp_path):
     recorder = TraceRecorder(str(tmp_path / "t"), IDENT, GEOMETRY, clock=lambda: 0.0)
     recorder.source_read(range(0, 1))
