@@ -28,6 +28,7 @@ is refused as corrupt.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -135,7 +136,7 @@ def _record(words: list[str], image_size: int) -> tuple[float, int, int] | None:
         seconds, offset, length = float(words[0]), int(words[1]), int(words[2])
     except ValueError:
         return None
-    if seconds < 0 or offset < 0 or length <= 0 or offset + length > image_size:
+    if not 0 <= seconds < math.inf or offset < 0 or length <= 0 or offset + length > image_size:
         return None
     return seconds, offset, length
 

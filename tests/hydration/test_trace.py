@@ -1,5 +1,7 @@
 """Access traces: what the recorder writes reads back; anything else is refused."""
 
+import re
+
 import pytest
 
 from fuseclone.regions import Geometry
@@ -66,6 +68,8 @@ def test_a_trace_cut_short_is_usable(tmp_path):
     lambda text: text + "0.1 0 4096\n",
     lambda text: text.replace(" 4096\n", " 4x96\n", 1),
     lambda text: text.replace(" 4096 4096\n", f" {1 << 20} 4096\n"),
+    lambda text: re.sub(r"\n[^ \n]+ 4096 4096\n", "\nnan 4096 4096\n", text),
+    lambda text: re.sub(r"\n[^ \n]+ 4096 4096\n", "\ninf 4096 4096\n", text),
 ])
 def test_corrupt_traces_are_refused(tmp_path, mangle):
     record(tmp_path / "t", [range(1, 2)])
