@@ -23,7 +23,7 @@ from rich.console import Console
 from . import report, subject
 from .rows import ROWS, Bench, Profile
 from .stats import Metric
-from .system import (WORKDIR_DEFAULT, detach_loop, kill_pid, leftovers, log, own_ancestors, run, umount,
+from .system import (WORKDIR_DEFAULT, command_lines, detach_loop, kill_pid, leftovers, log, own_ancestors, run, umount,
                      versions)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,17 +102,10 @@ def clean_previous_run(workdir: str, console: Console) -> None:
             run([*subject.FUSECLONE, "unmount", point], check=False)
         umount(point)
     ancestors = own_ancestors()
-    for pid_dir in os.listdir("/proc"):
-        if not pid_dir.isdigit() or int(pid_dir) in ancestors:
-            continue
-        try:
-            with open(f"/proc/{pid_dir}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if is_leftover_server(args, real):
-            console.print(f"[yellow]stopping leftover pid {pid_dir}: {' '.join(args)[:120]}[/]")
-            kill_pid(int(pid_dir))
+    for pid, args in command_lines():
+        if pid not in ancestors and is_leftover_server(args, real):
+            console.print(f"[yellow]stopping leftover pid {pid}: {' '.join(args)[:120]}[/]")
+            kill_pid(pid)
 
 
 def is_leftover_server(args: list[str], workdir: str) -> bool:

@@ -10,7 +10,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from .system import BenchError, kill_pid, run
+from .system import BenchError, command_lines, kill_pid, run
 
 USER = "postgres"  # the server refuses to run as root
 PORT = 5499  # only on a Unix socket inside the data directory: no TCP, no clash with a real server
@@ -100,16 +100,6 @@ class Cluster:
 
 def processes_with_args(*args: str) -> list[int]:
     """The pids of processes whose command line holds ARGS in a row."""
-    wanted = [a.encode() for a in args]
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue  # gone, or not ours to read
-        if any(argv[i:i + len(wanted)] == wanted for i in range(len(argv))):
-            found.append(int(entry))
-    return found
+    wanted = list(args)
+    return [pid for pid, argv in command_lines()
+            if any(argv[i:i + len(wanted)] == wanted for i in range(len(argv)))]

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .system import BenchError, kill_pid, log, run, tail, umount
+from .system import BenchError, command_lines, kill_pid, log, run, tail, umount
 
 FUSECLONE = [sys.executable, "-m", "fuseclone"]
 
@@ -147,18 +147,8 @@ def mount(stack: contextlib.ExitStack, clone: Clone) -> Clone:
 def daemon_pids(meta: str) -> list[int]:
     """Pids of fuseclone processes whose command line names META (fallback when the control
     socket does not answer)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "mount" in args and meta in args and any("fuseclone" in a for a in args):
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, args in command_lines()
+            if "mount" in args and meta in args and any("fuseclone" in a for a in args)]
 
 
 def unmount(clone: Clone, timeout: float = 60) -> None:

@@ -165,6 +165,20 @@ def kill_pid(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def command_lines() -> list[tuple[int, list[str]]]:
+    """(pid, arguments) of every process but this one whose command line can be read."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found.append((int(entry), f.read().decode(errors="replace").split("\0")))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
 def tail(path: str, n: int = 600) -> str:
     try:
         with open(path, "rb") as f:
