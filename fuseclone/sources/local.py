@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from typing import AsyncIterator
@@ -75,7 +76,7 @@ class LocalSource(Source):
     async def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self._size - offset))
         try:
-            data = await trio.to_thread.run_sync(pread_exact, self._fd, length, offset)
+            data = await trio.to_thread.run_sync(self._read_unchanged, length, offset)
         except OSError as exc:
             raise SourceReadError(exc.errno, f"source read at {offset}: {exc.strerror}") from exc
         if len(data) != length:
@@ -85,8 +86,30 @@ class LocalSource(Source):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._is_file:
             return [Extent(offset, length, zero=False)]
-        runs = await trio.to_thread.run_sync(data_extents, self._fd, offset, length)
+        runs = await trio.to_thread.run_sync(self._extents_unchanged, offset, length)
         return [Extent(o, n, zero=hole) for o, n, hole in runs]
+
+    def _read_unchanged(self, length: int, offset: int) -> bytes:
+        data = pread_exact(self._fd, length, offset)
+        self._check_unchanged(offset)
+        return data
+
+    def _extents_unchanged(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        runs = data_extents(self._fd, offset, length)
+        self._check_unchanged(offset)
+        return runs
+
+    def _check_unchanged(self, offset: int) -> None:
+        """Blocking: raise SourceReadError if the source file changed since it was opened, as
+        the HTTP source's If-Match does. Checked after the read, so a change that reached the
+        data read has moved the mtime already. Without it, a truncated file's lost end reads as
+        a hole (SEEK_DATA says so), which hydration would store as zeros and mark hydrated."""
+        if not self._is_file:
+            return
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self._st.st_size, self._st.st_mtime_ns):
+            raise SourceReadError(errno.EIO, f"source read at {offset}: the source changed since "
+                                  f"the clone began (its size or modification time moved)")
 
     async def aclose(self) -> None:
         if self._fd >= 0:
