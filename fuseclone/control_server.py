@@ -25,6 +25,8 @@ from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, LONG_REQUESTS, MAX
 
 log = logging.getLogger(__name__)
 
+FOLLOW_META_INTERVAL = 0.5  # seconds between looks at which file META's path names
+
 
 Handler = Callable[[dict], Awaitable[dict]]
 
@@ -47,17 +49,41 @@ async def serve_control(meta_path: str, handle: Handler,
         task_status.started(path)
         clients = trio.Semaphore(MAX_CLIENTS)
         waits = trio.Semaphore(MAX_WAITS)
+        names = [path]
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_follow_meta_name, meta_path, names)
             while True:
                 await clients.acquire()
                 conn = await _accept(listener)
                 nursery.start_soon(_serve_connection, conn, handle, clients, waits)
     finally:
         listener.close()
+        for name in names:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+
+async def _follow_meta_name(meta_path: str, names: list[str]) -> None:
+    """Keep the socket reachable by META's name. The socket is named by META's identity, so a
+    META deleted or renamed over while mounted (the mount then saves its last good commit under
+    that name, metadata.py) would leave the mount out of reach of every command, `unmount`
+    included: the socket gets a second name (a hard link) for the file now at META's path."""
+    while True:
+        await trio.sleep(FOLLOW_META_INTERVAL)
+        if not os.path.exists(meta_path):
+            continue
+        current = socket_path(meta_path)
+        if current in names:
+            continue
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            os.link(names[0], current)
+        except FileExistsError:  # another mount's socket, or a killed one's: not ours to take
+            continue
+        names.append(current)
+        log.warning("control socket: %s names another file now; also reachable as %s",
+                    meta_path, current)
 
 
 async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:

@@ -40,7 +40,7 @@ from typing import Callable, Iterator
 
 from bitarray import bitarray
 
-from .blockio import open_without_waiting
+from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all
 from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
 from .sources import describe_identity
@@ -648,6 +648,7 @@ class Metadata:
         """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread; a
         batch of hydrated bits only after the destination has been made durable (invariant 1)."""
         self.refuse_if_failed()
+        self._refuse_if_unlinked()
         try:
             for write in batch.writes:
                 os.pwrite(self._fd, write.image, write.offset)
@@ -729,6 +730,7 @@ class Metadata:
         if not self.writable:
             raise MetadataError(f"{self.path} is open read-only")
         self.refuse_if_failed()
+        self._refuse_if_unlinked()
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
@@ -757,6 +759,24 @@ class Metadata:
         log.error("%s", MetadataFailedError(reason))
         if self.on_fail is not None:
             self.on_fail()
+
+    def _refuse_if_unlinked(self) -> None:
+        """Blocking: before a write, make sure META still has a name. One deleted, or renamed
+        over, while mounted would take every commit with it at close, and the next mount would
+        start a new clone over DST's data (hydration copying the source over users' writes).
+        So its last good commit is written again under its name (or PATH.saved, when another
+        file has the name now) and META goes to fail mode: that commit is what the next mount
+        resumes from, and nothing is acknowledged that the copy does not hold."""
+        if os.fstat(self._fd).st_nlink:
+            return
+        how = "replaced" if os.path.lexists(self.path) else "deleted"
+        try:
+            saved = f"its last good commit was written again at {_save_copy(self._fd, self.path)}"
+        except OSError as exc:
+            log.exception("%s: cannot write the metadata again", self.path)
+            saved = f"its last good commit could not be written again ({describe(exc)})"
+        self.fail(f"{self.path} was {how} while mounted; {saved}")
+        self.refuse_if_failed()
 
     def refuse_if_failed(self) -> None:
         """Raise EIO, with the reason, in fail mode."""
@@ -865,6 +885,34 @@ def _read_header(fd: int, path: str) -> Header:
 
 def _unwritable(path: str, exc: OSError) -> MetadataError:
     return MetadataError(f"{path}: cannot write the metadata file ({exc.strerror})")
+
+
+def _save_copy(fd: int, path: str) -> str:
+    """Blocking: copy the file open at FD (its data runs: META is sparse) to a new file at PATH,
+    or at PATH.saved when PATH is taken; return where. Made durable under a temporary name
+    first and linked into place, so a crash leaves no half-written META and nothing is
+    overwritten."""
+    target = path + ".saved" if os.path.lexists(path) else path
+    temporary = f"{target}.{os.getpid()}.tmp"
+    out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                  stat.S_IMODE(os.fstat(fd).st_mode))
+    try:
+        size = os.fstat(fd).st_size
+        os.ftruncate(out, size)
+        for offset, length, hole in data_extents(fd, 0, size):
+            for at in range(offset, offset + length, 1 << 20) if not hole else ():
+                pwrite_all(out, pread_exact(fd, min(1 << 20, offset + length - at), at), at)
+        os.fsync(out)
+        os.link(temporary, target)
+    finally:
+        os.close(out)
+        _unlink_quietly(temporary)
+    directory = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return target
 
 
 def _unlink_quietly(path: str) -> None:

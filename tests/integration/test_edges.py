@@ -2,6 +2,7 @@
 the clone never ends up claiming data it does not have."""
 
 import errno
+import json
 import os
 import shutil
 import time
@@ -46,4 +47,58 @@ def test_a_source_file_truncated_under_a_live_clone_fails_instead_of_hydrating_z
     # Put SRC back as it was: whatever was hydrated is the source's own data.
     shutil.copyfile(saved, rig.src)
     os.utime(rig.src, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def live_status(mnt, timeout=30):
+    """The mount's live `status --json`, once its control socket answers by MNT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = fuseclone("status", mnt, "--json", check=False)
+        if answer.returncode == 0 and json.loads(answer.stdout)["live"]:
+            return json.loads(answer.stdout)
+        assert time.monotonic() < deadline, f"no live status: {answer.stderr}"
+        time.sleep(0.1)
+
+
+def write_and_fsync(path, data, offset):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_meta_removed_under_a_live_clone_is_written_again_and_the_clone_resumes(
+        rig, random_source, how):
+    rig.mount("--no-hydration")
+    kept = os.urandom(MiB)
+    write_and_fsync(rig.image, kept, 0)  # committed in META before it goes
+    if how == "deleted":
+        os.unlink(rig.meta)
+    else:
+        other = rig.tmp / "other.meta"
+        other.write_bytes(b"not this clone's")
+        os.rename(other, rig.meta)
+
+    with pytest.raises(OSError) as info:  # no commit into a file nobody will find again
+        write_and_fsync(rig.image, os.urandom(4096), 8 * MiB)
+    assert info.value.errno == errno.EIO
+    st = live_status(rig.mnt)  # the mount stays reachable by its mountpoint
+    assert st["metadata_mode"] == "fail" and f"{rig.meta} was {how}" in st["metadata_error"]
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+    saved = rig.meta if how == "deleted" else rig.meta + ".saved"
+    assert f"written again at {saved}" in st["metadata_error"]
+    if how == "replaced":
+        assert open(rig.meta, "rb").read() == b"not this clone's"  # not ours to overwrite
+        os.rename(saved, rig.meta)
+    rig.mount("--no-hydration")
+    with open(rig.image, "rb") as image:
+        assert image.read(MiB) == kept
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
