@@ -842,11 +842,15 @@ class CloneEngine:
         while True:
             await trio.sleep(self.settings.commit_interval)
             self._progress.record(trio.current_time(), self.meta.hydrated_count)
-            if self.meta.dirty and self.meta.mode is MetadataMode.RW:
-                try:
+            if self.meta.mode is not MetadataMode.RW:
+                continue
+            try:
+                if self.meta.dirty:
                     await self.commit()
-                except OSError:
-                    return  # fail mode; status says so
+                else:  # a META deleted while idle is found (and saved) within a second too
+                    await trio.to_thread.run_sync(self.meta.check_named)
+            except OSError:
+                return  # fail mode; status says so
 
     # ---- the hydrator ---------------------------------------------------------------------
 

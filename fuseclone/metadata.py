@@ -32,6 +32,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
@@ -387,6 +388,8 @@ class Metadata:
         self.on_fail: Callable[[], None] | None = None  # told once, when fail mode begins
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         self._usage_at_close = (0, 0)  # block_usage() once the file is closed
+        self._name_lock = threading.Lock()
+        self._renamed = False  # META lost its name while open (check_named)
         if self._map.complete:
             hydrated.map = CompleteMap(header.nr_regions)
 
@@ -648,7 +651,7 @@ class Metadata:
         """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread; a
         batch of hydrated bits only after the destination has been made durable (invariant 1)."""
         self.refuse_if_failed()
-        self._refuse_if_unlinked()
+        self.check_named()
         try:
             for write in batch.writes:
                 os.pwrite(self._fd, write.image, write.offset)
@@ -730,7 +733,7 @@ class Metadata:
         if not self.writable:
             raise MetadataError(f"{self.path} is open read-only")
         self.refuse_if_failed()
-        self._refuse_if_unlinked()
+        self.check_named()
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
@@ -760,23 +763,28 @@ class Metadata:
         if self.on_fail is not None:
             self.on_fail()
 
-    def _refuse_if_unlinked(self) -> None:
-        """Blocking: before a write, make sure META still has a name. One deleted, or renamed
-        over, while mounted would take every commit with it at close, and the next mount would
-        start a new clone over DST's data (hydration copying the source over users' writes).
-        So its last good commit is written again under its name (or PATH.saved, when another
-        file has the name now) and META goes to fail mode: that commit is what the next mount
-        resumes from, and nothing is acknowledged that the copy does not hold."""
-        if os.fstat(self._fd).st_nlink:
-            return
+    def check_named(self) -> None:
+        """Blocking: make sure META still has a name (before each write, and every second
+        while nothing is committed). One deleted, or renamed over, while mounted would take
+        every commit with it at close, and the next mount would start a new clone over DST's
+        data (hydration copying the source over users' writes). So its last good commit is
+        written again under its name (or PATH.saved, when another file has the name now) and
+        META goes to fail mode: that commit is what the next mount resumes from, and nothing
+        is acknowledged that the copy does not hold. Raises EIO in fail mode."""
+        with self._name_lock:  # one copy, though a commit and the periodic look both ask
+            if not self._renamed and os.fstat(self._fd).st_nlink == 0:
+                self._renamed = True
+                self.fail(f"{self.path} was {self._write_again()}")
+        self.refuse_if_failed()
+
+    def _write_again(self) -> str:
         how = "replaced" if os.path.lexists(self.path) else "deleted"
         try:
-            saved = f"its last good commit was written again at {_save_copy(self._fd, self.path)}"
+            where = _save_copy(self._fd, self.path)
         except OSError as exc:
             log.exception("%s: cannot write the metadata again", self.path)
-            saved = f"its last good commit could not be written again ({describe(exc)})"
-        self.fail(f"{self.path} was {how} while mounted; {saved}")
-        self.refuse_if_failed()
+            return f"{how} while mounted; its last good commit could not be written again ({describe(exc)})"
+        return f"{how} while mounted; its last good commit was written again at {where}"
 
     def refuse_if_failed(self) -> None:
         """Raise EIO, with the reason, in fail mode."""
