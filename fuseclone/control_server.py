@@ -66,14 +66,14 @@ async def serve_control(meta_path: str, handle: Handler,
 
 
 async def _follow_meta_name(meta_path: str, names: list[str]) -> None:
-    """Keep the socket reachable by META's name. The socket is named by META's identity, so a
-    META deleted or renamed over while mounted (the mount then saves its last good commit under
-    that name, metadata.py) would leave the mount out of reach of every command, `unmount`
-    included: the socket gets a second name (a hard link) for the file now at META's path."""
+    """Keep the socket reachable by META's name, which the mount table gives for the
+    mountpoint. The socket is named by META's identity, so a META moved away, deleted or
+    renamed over while mounted (the mount then saves its last good commit under that name,
+    metadata.py) would leave the mount out of reach of every command, `unmount` included: the
+    socket gets a second name (a hard link) for what META's path names now (a missing file's
+    name, while it is missing)."""
     while True:
         await trio.sleep(FOLLOW_META_INTERVAL)
-        if not os.path.exists(meta_path):
-            continue
         current = socket_path(meta_path)
         if current in names:
             continue
@@ -82,8 +82,8 @@ async def _follow_meta_name(meta_path: str, names: list[str]) -> None:
         except FileExistsError:  # another mount's socket, or a killed one's: not ours to take
             continue
         names.append(current)
-        log.warning("control socket: %s names another file now; also reachable as %s",
-                    meta_path, current)
+        log.warning("control socket: %s names another file now, or none; the socket is also "
+                    "reachable as %s", meta_path, current)
 
 
 async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:

@@ -105,3 +105,26 @@ def test_meta_removed_under_a_live_clone_is_written_again_and_the_clone_resumes(
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_meta_renamed_under_a_live_clone_keeps_the_mount_reachable(rig, random_source):
+    rig.mount("--no-hydration")
+    kept = os.urandom(MiB)
+    write_and_fsync(rig.image, kept, 0)
+    moved = str(rig.tmp / "moved.meta")
+    os.rename(rig.meta, moved)  # META keeps its inode: the mount commits on into it
+
+    deadline = time.monotonic() + 30
+    while fuseclone("status", rig.mnt, "--json", check=False).returncode:
+        assert time.monotonic() < deadline, "the mount is out of reach by its mountpoint"
+        time.sleep(0.1)
+    write_and_fsync(rig.image, kept, 4 * MiB)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert status_json(moved)["clean"]
+    rig.meta = moved
+    rig.mount("--no-hydration")
+    with open(rig.image, "rb") as image:
+        assert image.read(MiB) == kept
+        image.seek(4 * MiB)
+        assert image.read(MiB) == kept
