@@ -667,10 +667,10 @@ class CloneEngine:
         try:
             await trio.to_thread.run_sync(self.copier.write_or_punch, start, data)
         except OSError as exc:
-            log.error("copy-on-read store of regions %s failed: %s", claim.regions, exc)
-            self.hydration_errors += 1
+            self.hydrator.note_failure("copy-on-read store", claim.regions, exc)
             self._release(claim, exc)
             return
+        self.hydrator.note_success()
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
 

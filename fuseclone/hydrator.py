@@ -251,7 +251,7 @@ class Hydrator:
         started = trio.current_time()
         try:
             await self._copy(claim)
-            self._failures = 0
+            self.note_success()
             now = trio.current_time()
             nbytes = len(claim.regions) * self.geometry.region_size
             self._pacer.copied(nbytes, now - started, now)
@@ -259,20 +259,27 @@ class Hydrator:
                 self.order.note_prefetched(claim.regions)
                 self._prefetch_pacer.copied(nbytes, user_active=self._user_active())
         except OSError as exc:
-            self._note_failure(claim, exc)
+            self.note_failure("hydration", claim.regions, exc)
         finally:
             self._inflight_regions -= len(claim.regions)
             self._changed.unpark_all()
 
-    def _note_failure(self, claim: _Claim, exc: OSError) -> None:
-        """Back off exponentially; after max_failures in a row, stop until enable_hydration."""
+    def note_success(self) -> None:
+        """A copy into DST worked: failures are no longer in a row."""
+        self._failures = 0
+
+    def note_failure(self, kind: str, regions: range, exc: OSError) -> None:
+        """A copy into DST failed (hydration's, readahead's, or a copy-on-read store): back off
+        exponentially; after max_failures in a row, stop until enable_hydration. Copy-on-read
+        and readahead stop with it, so a DST that is full says why once, not once per read."""
         engine = self._engine
         self._failures += 1
         engine.hydration_errors += 1
         self._last_failure = describe(exc)
         s = self.settings
-        log.warning("hydration of regions %d..%d failed (%d in a row): %s", claim.regions.start,
-                    claim.regions.stop - 1, self._failures, self._last_failure)
+        if engine.hydration_error is None:  # copies in flight when it stopped fail quietly
+            log.warning("%s of regions %d..%d failed (%d in a row): %s", kind, regions.start,
+                        regions.stop - 1, self._failures, self._last_failure)
         if self._failures >= s.max_failures and engine.hydration_error is None:
             engine.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
             log.error("hydration %s", engine.hydration_error)
@@ -328,9 +335,9 @@ class Hydrator:
         nbytes = len(claim.regions) * self.geometry.region_size
         try:
             await self._copy(claim)
+            self.note_success()
         except OSError as exc:  # the reader reads the source itself
-            log.info("readahead of regions %d..%d failed: %s", claim.regions.start,
-                     claim.regions.stop - 1, describe(exc))
+            self.note_failure("readahead", claim.regions, exc)
         finally:
             self._readahead_inflight -= nbytes
             self._inflight_regions -= len(claim.regions)

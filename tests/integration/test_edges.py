@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from tests.integration.conftest import MiB, fuseclone, status_json
+from tests.engine.conftest import make_source_file
+from tests.integration.conftest import MiB, fuseclone, sh, status_json
+from tests.integration.test_metadata_failure import small_tmpfs
 
 
 def poll_status(mnt, predicate, timeout=30):
@@ -128,3 +130,26 @@ def test_a_meta_renamed_under_a_live_clone_keeps_the_mount_reachable(rig, random
         assert image.read(MiB) == kept
         image.seek(4 * MiB)
         assert image.read(MiB) == kept
+
+
+def test_reading_a_clone_whose_dst_is_full_logs_why_once_not_per_read(rig):
+    make_source_file(rig.src, 64 * MiB, seed=5, zero_every=0, hole_every=0)
+    dstfs = small_tmpfs(rig, "dstfs", "8M")
+    rig.dst = str(dstfs / "dst.img")
+    log_file = rig.tmp / "clone.log"
+    rig.mount("--no-hydration", "--log-file", log_file)
+    with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
+        while chunk := image.read(MiB):  # copy-on-read and readahead find DST full
+            assert chunk == src.read(MiB)
+
+    failures = [line for line in open(log_file) if "No space left on device" in line]
+    assert 0 < len(failures) <= 40, f"{len(failures)} lines"
+    st = status_json(rig.mnt)
+    assert "No space left on device" in st["hydration_error"]
+
+    sh("mount", "-o", "remount,size=128M", dstfs)  # the space is back
+    fuseclone("message", rig.mnt, "enable_hydration")
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
