@@ -28,6 +28,7 @@ is refused as corrupt.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .blockio import open_regular_file, read_regular_text
 from .errors import FusecloneError
 from .regions import Geometry
 from .sources import describe_identity
+
+log = logging.getLogger(__name__)
 
 MAGIC = "fuseclone-access-trace 1"
 
@@ -185,9 +188,15 @@ class TraceRecorder:
         self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
         self.records = 0
         self._fd = _open_held(path)
+        self._length = 0  # bytes of whole lines in the file
+        self._failure: str | None = None  # why recording stopped (a write failed)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
                             sort_keys=True)
-        self._write(f"{MAGIC}\n{header}\n")
+        try:
+            self._append(f"{MAGIC}\n{header}\n".encode())
+        except OSError as exc:
+            os.close(self._fd)
+            raise TraceError(f"cannot write the access trace {path}: {exc.strerror}") from None
 
     def fetched_ahead(self, regions: range) -> None:
         self._ahead_count += self._ahead.count(0, regions.start, regions.stop)
@@ -217,11 +226,12 @@ class TraceRecorder:
             last -= 1
         self._seen[first : last + 1] = 1
         offset, length = self.geometry.byte_range(range(first, last + 1))
-        self.records += 1
         self._write(f"{self._clock() - self._started:.3f} {offset} {length}\n")
+        if self._failure is None:
+            self.records += 1
 
     def close(self) -> None:
-        """The mount ended: write the `end` line and close."""
+        """The mount ended: write the `end` line (unless recording stopped) and close."""
         if self._fd < 0:
             return
         try:
@@ -231,6 +241,28 @@ class TraceRecorder:
             self._fd = -1
 
     def _write(self, text: str) -> None:
-        data = text.encode()
-        while data:
-            data = data[os.write(self._fd, data):]
+        """Append whole lines. The trace only helps a later clone: a write that fails (its
+        filesystem full, say) stops the recording, never the user read that called it. The
+        file is cut back to its last whole line, so it stays good to prefetch from, like the
+        trace of a mount that was killed."""
+        if self._failure is not None:
+            return
+        try:
+            self._append(text.encode())
+        except OSError as exc:
+            self._failure = exc.strerror or str(exc)
+            log.error("access trace %s: cannot write (%s): recording stopped; the trace keeps "
+                      "%d records, without its end line", self.path, self._failure, self.records)
+            self._cut_to_whole_lines()
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._length += len(data)
+
+    def _cut_to_whole_lines(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._length)
+        except OSError:
+            log.exception("access trace %s: cannot cut a partly written line off", self.path)

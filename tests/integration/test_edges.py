@@ -3,12 +3,14 @@ the clone never ends up claiming data it does not have."""
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import time
 
 import pytest
 
+from fuseclone.trace import read_trace
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, fuseclone, sh, status_json
 from tests.integration.test_metadata_failure import small_tmpfs
@@ -153,3 +155,27 @@ def test_reading_a_clone_whose_dst_is_full_logs_why_once_not_per_read(rig):
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_full_access_trace_stops_recording_and_never_fails_a_read(rig, random_source):
+    tracefs = small_tmpfs(rig, "tracefs", "4k")  # room for a few dozen records
+    trace = tracefs / "trace"
+    log_file = rig.tmp / "clone.log"
+    rig.mount("--no-hydration", "--record-access", trace, "--log-file", log_file)
+    buffer = mmap.mmap(-1, 4096)
+    fd = os.open(rig.image, os.O_RDONLY | os.O_DIRECT)  # each read reaches the mount
+    try:
+        with open(rig.src, "rb") as src:
+            for offset in range(0, 32 * MiB, 64 * 1024):  # 512 first reads, 512 records
+                os.preadv(fd, [buffer], offset)
+                src.seek(offset)
+                assert buffer[:] == src.read(4096)
+    finally:
+        os.close(fd)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+    said = [line for line in open(log_file) if str(trace) in line]
+    assert len(said) == 1 and "No space left on device" in said[0] and "stopped" in said[0]
+    recorded = read_trace(str(trace))  # whole lines only: good to prefetch from
+    assert not recorded.complete and 0 < len(recorded.records) < 512
