@@ -389,7 +389,9 @@ class Metadata:
         self.bytes_written = 0  # metadata bytes written by commits, for tests and status
         self._usage_at_close = (0, 0)  # block_usage() once the file is closed
         self._name_lock = threading.Lock()
-        self._renamed = False  # META lost its name while open (check_named)
+        # META lost its name while open (check_named). A file just opened by its name has a
+        # link: a filesystem that says 0 (some FUSE ones) counts no links, and is not asked.
+        self._renamed = os.fstat(fd).st_nlink == 0
         if self._map.complete:
             hydrated.map = CompleteMap(header.nr_regions)
 
