@@ -63,6 +63,16 @@ def _not_a_regular_file(path: str) -> OSError:
     return OSError(errno.EINVAL, "not a regular file", path)
 
 
+def still_named(fd: int, path: str) -> bool:
+    """Whether PATH still names the file open at FD (not removed, nor replaced, since)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 def is_block_device(fd: int) -> bool:
     return stat.S_ISBLK(os.fstat(fd).st_mode)
 

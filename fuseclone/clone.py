@@ -83,9 +83,9 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
                                hydration_batch_size=resolved.hydration_batch_size)
         meta.mark_open()
     except BaseException:
-        dst.close()
-        if not dst_existed:
+        if not dst_existed:  # while still claimed: no other clone has taken it meanwhile
             os.unlink(dst_path)
+        dst.close()
         raise
     return CloneEngine(source, dst, meta, settings)
 

@@ -14,7 +14,8 @@ import threading
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all)
+                      data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
+                      still_named)
 from .errors import DestinationError, DestinationInUseError
 from .libc import libc
 
@@ -70,7 +71,14 @@ class Destination:
                     f"{path}: destination is {size} bytes, smaller than the source ({image_size} bytes)")
             held: list[int] = []
             if not readonly:
+                # Past this point a file we created may be another clone's: one that opened it
+                # meanwhile and claimed it first, or one that removed it. Never ours to remove.
+                created = False
                 fd, held = _claim(fd, path, stat.S_ISBLK(mode))
+                if stat.S_ISREG(mode) and not still_named(fd, path):
+                    claims.release(held)
+                    raise DestinationError(f"{path}: destination was removed or replaced while "
+                                           "it was being opened: try again")
         except BaseException:
             os.close(fd)
             if created:

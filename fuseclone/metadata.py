@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 from bitarray import bitarray
 
-from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all
+from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all, still_named
 from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
 from .regions import CompleteMap, Geometry, RegionMap
 from .sources import describe_identity
@@ -438,11 +438,12 @@ class Metadata:
             return meta
         finally:
             if not created_ok:
-                os.close(fd)
+                # Undone while still locked: no other opener has taken the file meanwhile.
                 if not existed:
                     _unlink_quietly(path)
                 elif formatted:
-                    os.truncate(path, 0)  # it was an empty file before we began
+                    os.ftruncate(fd, 0)  # it was an empty file before we began
+                os.close(fd)
 
     @classmethod
     def open(cls, path: str, *, writable: bool = True) -> Metadata:
@@ -854,6 +855,10 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
                                 "its destination?)") from None
         raise MetadataInUseError(
             f"{path}: metadata file is in use by another fuseclone process") from None
+    if not still_named(fd, path):  # locked after its last holder removed it (a failed create)
+        os.close(fd)
+        raise MetadataError(f"{path}: metadata file was removed or replaced while it was being "
+                            "opened: try again")
     return fd
 
 

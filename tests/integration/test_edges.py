@@ -12,8 +12,8 @@ import pytest
 
 from fuseclone.trace import read_trace
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, fuseclone, sh, status_json
-from tests.integration.test_metadata_failure import small_tmpfs
+from tests.integration.conftest import MiB, fuseclone, status_json
+from tests.integration.test_metadata_failure import hydrate_once_space_is_back, small_tmpfs
 
 
 def poll_status(mnt, predicate, timeout=30):
@@ -149,12 +149,7 @@ def test_reading_a_clone_whose_dst_is_full_logs_why_once_not_per_read(rig):
     st = status_json(rig.mnt)
     assert "No space left on device" in st["hydration_error"]
 
-    sh("mount", "-o", "remount,size=128M", dstfs)  # the space is back
-    fuseclone("message", rig.mnt, "enable_hydration")
-    fuseclone("wait", rig.mnt, "--timeout", "120")
-    fuseclone("unmount", rig.mnt)
-    rig.wait_unmounted()
-    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+    hydrate_once_space_is_back(rig, dstfs, "128M")
 
 
 def test_a_full_access_trace_stops_recording_and_never_fails_a_read(rig, random_source):

@@ -23,6 +23,17 @@ def small_tmpfs(rig, name, size):
     return where
 
 
+def hydrate_once_space_is_back(rig, filesystem, size):
+    """Grow the tmpfs at FILESYSTEM to SIZE, resume hydration, let it complete, unmount, and
+    check the clone against the source."""
+    sh("mount", "-o", f"remount,size={size}", filesystem)
+    fuseclone("message", rig.mnt, "enable_hydration")
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
 def fill(directory):
     """Write a file in DIRECTORY until its filesystem is full; returns the file's path."""
     path = directory / "filler"
@@ -136,12 +147,7 @@ def test_dst_out_of_space_stops_hydration_loudly_and_recovers(rig, random_source
         write_source_bytes(rig, 30 * MiB, MiB)  # the failed copies filled DST to the last page
     assert info.value.errno == errno.ENOSPC  # user I/O gets the errno
 
-    sh("mount", "-o", "remount,size=64M", dstfs)  # the space is back
-    fuseclone("message", rig.mnt, "enable_hydration")
-    fuseclone("wait", rig.mnt, "--timeout", "120")
-    fuseclone("unmount", rig.mnt)
-    rig.wait_unmounted()
-    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+    hydrate_once_space_is_back(rig, dstfs, "64M")
 
 
 @pytest.mark.parametrize("trouble", ["full", "read-only"])
