@@ -760,3 +760,22 @@ async def test_close_ends_its_wait_when_the_last_reply_arrives(nbdkit, image, mo
         assert trio.current_time() == started, "the close waited for the clock, not the reply"
         assert read == [contents(image)[:4096]]
         nursery.cancel_scope.cancel()
+
+
+async def test_server_restarted_with_another_size_fails_reads(nbdkit, image):
+    """Same URL, another export size after a restart (the image was truncated or swapped):
+    every read fails, never one of the wrong image."""
+    server = nbdkit("file", image)
+    async with open_nbd_source(server.url(), reconnect_initial=0.02, reconnect_max=0.2) as source:
+        assert await source.read(0, 4096) == contents(image)[:4096]
+        server.stop()
+        os.truncate(image, SIZE // 2)
+        server.start()
+        with trio.fail_after(10):
+            for _ in range(3):
+                with pytest.raises(SourceReadError) as info:
+                    await source.read(0, 4096)
+                if "size changed" in str(info.value):
+                    break
+                await trio.sleep(0.1)
+        assert f"size changed from {SIZE} to {SIZE // 2} bytes" in str(info.value)
