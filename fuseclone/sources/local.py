@@ -86,30 +86,33 @@ class LocalSource(Source):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._is_file:
             return [Extent(offset, length, zero=False)]
-        runs = await trio.to_thread.run_sync(self._extents_unchanged, offset, length)
+        try:
+            runs = await trio.to_thread.run_sync(self._extents_unchanged, offset, length)
+        except OSError as exc:
+            raise SourceReadError(exc.errno, f"source extents at {offset}: {exc.strerror}") from exc
         return [Extent(o, n, zero=hole) for o, n, hole in runs]
 
     def _read_unchanged(self, length: int, offset: int) -> bytes:
         data = pread_exact(self._fd, length, offset)
-        self._check_unchanged(offset)
+        self._check_unchanged()
         return data
 
     def _extents_unchanged(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         runs = data_extents(self._fd, offset, length)
-        self._check_unchanged(offset)
+        self._check_unchanged()
         return runs
 
-    def _check_unchanged(self, offset: int) -> None:
-        """Blocking: raise SourceReadError if the source file changed since it was opened, as
-        the HTTP source's If-Match does. Checked after the read, so a change that reached the
-        data read has moved the mtime already. Without it, a truncated file's lost end reads as
-        a hole (SEEK_DATA says so), which hydration would store as zeros and mark hydrated."""
+    def _check_unchanged(self) -> None:
+        """Blocking: an EIO OSError if the source file changed since it was opened, as the HTTP
+        source's If-Match does. Checked after the read, so a change that reached the data read
+        has moved the mtime already. Without it, a truncated file's lost end reads as a hole
+        (SEEK_DATA says so), which hydration would store as zeros and mark hydrated."""
         if not self._is_file:
             return
         st = os.fstat(self._fd)
         if (st.st_size, st.st_mtime_ns) != (self._st.st_size, self._st.st_mtime_ns):
-            raise SourceReadError(errno.EIO, f"source read at {offset}: the source changed since "
-                                  f"the clone began (its size or modification time moved)")
+            raise OSError(errno.EIO, "the source changed since the clone began (its size or "
+                          "modification time moved)")
 
     async def aclose(self) -> None:
         if self._fd >= 0:
