@@ -39,6 +39,8 @@ async def serve_control(meta_path: str, handle: Handler,
     ensure_runtime_dir()
     _remove_stale_socket(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    names = [path]
+    ours = None
     try:
         old_umask = os.umask(0o177)
         try:
@@ -46,10 +48,11 @@ async def serve_control(meta_path: str, handle: Handler,
         finally:
             os.umask(old_umask)
         listener.listen(socket.SOMAXCONN)
+        bound = os.stat(path)
+        ours = (bound.st_dev, bound.st_ino)
         task_status.started(path)
         clients = trio.Semaphore(MAX_CLIENTS)
         waits = trio.Semaphore(MAX_WAITS)
-        names = [path]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_follow_meta_name, meta_path, names)
             while True:
@@ -58,11 +61,19 @@ async def serve_control(meta_path: str, handle: Handler,
                 nursery.start_soon(_serve_connection, conn, handle, clients, waits)
     finally:
         listener.close()
-        for name in names:
-            try:
+        _remove_names(names, ours)
+
+
+def _remove_names(names: list[str], ours: tuple[int, int] | None) -> None:
+    """Remove the socket's names that still are this socket (OURS: its st_dev, st_ino): one
+    that META's path gave it may be a newer mount's by now, of a new META at that path."""
+    for name in names:
+        try:
+            st = os.stat(name)
+            if name == names[0] or (st.st_dev, st.st_ino) == ours:
                 os.unlink(name)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
 
 
 async def _follow_meta_name(meta_path: str, names: list[str]) -> None:
