@@ -484,7 +484,8 @@ def unmount(mountpoint, timeout, lazy) -> None:
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
     try:
-        reply = control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=answer_within)
+        reply = control.request(meta, {"op": "unmount", "lazy": lazy, "mountpoint": real},
+                                timeout=answer_within)
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises

@@ -16,6 +16,7 @@ Protocol: one JSON object per line in each direction, one request per connection
                                           the image is open, {"ok": false, "busy": true, ...}
     {"op": "unmount", "lazy": true}    -> {"ok": true}: cached writes handed over, then a lazy
                                           detach and shutdown (what SIGTERM does)
+    either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
 Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any other shape,
 type or range is answered {"ok": false, "error": "..."} before anything is done; a client that
@@ -341,7 +342,11 @@ REQUESTS: dict[str, dict[str, _Field]] = {
     "status": {},
     "message": {"text": _Field("a string", lambda v: isinstance(v, str))},
     "wait": {"timeout": _Field("a finite number of seconds, 0 or more", _is_seconds, default=60)},
-    "unmount": {"lazy": _Field("true or false", lambda v: isinstance(v, bool), default=False)},
+    "unmount": {"lazy": _Field("true or false", lambda v: isinstance(v, bool), default=False),
+                # the mountpoint the CLI means (as the mount table has it): a mount at another
+                # refuses, since META's path may name another mount's META by now
+                "mountpoint": _Field("a path or null", lambda v: v is None or isinstance(v, str),
+                                     default=None)},
 }
 
 

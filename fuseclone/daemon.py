@@ -321,6 +321,10 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
+            if req["mountpoint"] not in (None, real_mountpoint):
+                return {"ok": False, "error": f"the mount of {opts.metadata} is at "
+                        f"{real_mountpoint}, not {req['mountpoint']} (META was moved, and another "
+                        f"clone made at its path?): `umount -l {req['mountpoint']}` detaches it"}
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
                 return {"ok": True}

@@ -16,8 +16,9 @@ from fuseclone.fuse.mount import resolve_outside_mounts
     (b'{"op": "wait"}', {"op": "wait", "timeout": 60}),
     (b'{"op": "wait", "timeout": 0.5}', {"op": "wait", "timeout": 0.5}),
     (b'{"op": "wait", "timeout": 100000000000000000000}', {"op": "wait", "timeout": 10**20}),
-    (b'{"op": "unmount"}', {"op": "unmount", "lazy": False}),
-    (b'{"op": "unmount", "lazy": true}', {"op": "unmount", "lazy": True}),
+    (b'{"op": "unmount"}', {"op": "unmount", "lazy": False, "mountpoint": None}),
+    (b'{"op": "unmount", "lazy": true}', {"op": "unmount", "lazy": True, "mountpoint": None}),
+    (b'{"op": "unmount", "mountpoint": "/mnt/c"}', {"op": "unmount", "lazy": False, "mountpoint": "/mnt/c"}),
 ])
 def test_valid_requests_come_back_complete(line, parsed):
     assert parse_request(line) == parsed
@@ -30,6 +31,7 @@ def test_valid_requests_come_back_complete(line, parsed):
     (b'{"op": "status", "lazy": true}', "status takes no field \"lazy\""),
     (b'{"op": "unmount", "lazy": "no"}', '"lazy" of unmount must be true or false'),
     (b'{"op": "unmount", "lazy": 0}', '"lazy" of unmount must be true or false'),
+    (b'{"op": "unmount", "mountpoint": 1}', '"mountpoint" of unmount must be a path or null'),
     (b'{"op": "wait", "timeout": true}', '"timeout" of wait must be'),
     (b'{"op": "wait", "timeout": "5"}', '"timeout" of wait must be'),
     (b'{"op": "wait", "timeout": -0.1}', '"timeout" of wait must be'),

@@ -174,3 +174,18 @@ def test_a_full_access_trace_stops_recording_and_never_fails_a_read(rig, random_
     assert len(said) == 1 and "No space left on device" in said[0] and "stopped" in said[0]
     recorded = read_trace(str(trace))  # whole lines only: good to prefetch from
     assert not recorded.complete and 0 < len(recorded.records) < 512
+
+
+def test_unmount_never_stops_another_mount_that_took_the_meta_path(rig, random_source):
+    rig.mount("--no-hydration")
+    os.rename(rig.meta, rig.tmp / "moved.meta")  # and a new clone is made at META's path
+    other_mnt = rig.tmp / "other"
+    other_mnt.mkdir()
+    fuseclone("mount", rig.src, rig.tmp / "other.img", rig.meta, other_mnt, "--no-hydration")
+    rig.stack.callback(rig._force_unmount, str(other_mnt))
+
+    refused = fuseclone("unmount", rig.mnt, check=False)
+    assert refused.returncode == 1 and f"not {rig.mnt}" in refused.stderr
+    mounted = open("/proc/mounts").read()
+    assert f" {other_mnt} " in mounted and f" {rig.mnt} " in mounted  # neither was stopped
+    fuseclone("unmount", other_mnt)
