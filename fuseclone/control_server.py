@@ -32,9 +32,11 @@ Handler = Callable[[dict], Awaitable[dict]]
 
 
 async def serve_control(meta_path: str, handle: Handler,
+                        path_names_another_clone: Callable[[], bool] = lambda: True,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on META's control socket until cancelled; remove the socket afterwards. HANDLE
-    gets requests that parse_request accepted."""
+    gets requests that parse_request accepted. PATH_NAMES_ANOTHER_CLONE: whether META's path
+    names another clone's metadata now (see _follow_meta_name)."""
     path = socket_path(meta_path)
     ensure_runtime_dir()
     _remove_stale_socket(path)
@@ -54,7 +56,7 @@ async def serve_control(meta_path: str, handle: Handler,
         clients = trio.Semaphore(MAX_CLIENTS)
         waits = trio.Semaphore(MAX_WAITS)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_follow_meta_name, meta_path, names)
+            nursery.start_soon(_follow_meta_name, meta_path, names, path_names_another_clone)
             while True:
                 await clients.acquire()
                 conn = await _accept(listener)
@@ -76,17 +78,19 @@ def _remove_names(names: list[str], ours: tuple[int, int] | None) -> None:
             pass
 
 
-async def _follow_meta_name(meta_path: str, names: list[str]) -> None:
+async def _follow_meta_name(meta_path: str, names: list[str],
+                            path_names_another_clone: Callable[[], bool]) -> None:
     """Keep the socket reachable by META's name, which the mount table gives for the
     mountpoint. The socket is named by META's identity, so a META moved away, deleted or
-    renamed over while mounted (the mount then saves its last good commit under that name,
-    metadata.py) would leave the mount out of reach of every command, `unmount` included: the
-    socket gets a second name (a hard link) for what META's path names now (a missing file's
-    name, while it is missing)."""
+    renamed over while mounted (the mount then writes its last good commit again under that
+    name, metadata.py) would leave the mount out of reach of every command, `unmount`
+    included: the socket gets a second name (a hard link) for what META's path names now (a
+    missing file's name, while it is missing). Never another clone's META's, one made at that
+    path meanwhile: its commands are its own."""
     while True:
         await trio.sleep(FOLLOW_META_INTERVAL)
         current = socket_path(meta_path)
-        if current in names:
+        if current in names or path_names_another_clone():
             continue
         try:
             os.link(names[0], current)

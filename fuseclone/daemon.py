@@ -331,7 +331,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             return await _unmount_unless_in_use(opts.mountpoint, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
-    await nursery.start(serve_control, opts.metadata, handle)
+    await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)

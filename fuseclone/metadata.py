@@ -42,7 +42,8 @@ from typing import Callable, Iterator
 from bitarray import bitarray
 
 from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all, still_named
-from .errors import MetadataError, MetadataFailedError, MetadataInUseError, describe
+from .errors import (FusecloneError, MetadataError, MetadataFailedError, MetadataInUseError,
+                     describe)
 from .regions import CompleteMap, Geometry, RegionMap
 from .sources import describe_identity
 
@@ -779,6 +780,17 @@ class Metadata:
                 self._renamed = True
                 self.fail(f"{self.path} was {self._write_again()}")
         self.refuse_if_failed()
+
+    def path_names_another_clone(self) -> bool:
+        """Whether META's path names another clone's metadata now (one made there after this
+        file was moved away, say): not this file, nor the copy check_named wrote there (the
+        same clone), nor nothing or a file that is no metadata."""
+        try:
+            return Metadata.read_header(self.path).uuid != self.header.uuid
+        except MetadataInUseError:  # a live mount's
+            return True
+        except (FusecloneError, OSError):
+            return False
 
     def _write_again(self) -> str:
         how = "replaced" if os.path.lexists(self.path) else "deleted"
