@@ -524,6 +524,14 @@ def _bad(cookie_read, cookie_status):
                                "message longer than the chunk"),
         "empty hole": (hole_chunk(cookie_read, 1000, 0), "hole chunk"),
         "hole outside": (hole_chunk(cookie_read, 1050, 100), "hole chunk"),
+        # Chunks that overlap would add up to the read's length while leaving part of its
+        # buffer (a recycled one: another read's bytes) unwritten.
+        "data twice": (data_chunk(cookie_read, 1000, b"x" * 50) + data_chunk(cookie_read, 1000, b"y" * 50)
+                       + chunk(cookie_read, 0, done=True), "overlaps"),
+        "hole over data": (data_chunk(cookie_read, 1000, b"x" * 60) + hole_chunk(cookie_read, 1040, 40)
+                           + chunk(cookie_read, 0, done=True), "overlaps"),
+        "data over a hole": (hole_chunk(cookie_read, 1050, 50) + data_chunk(cookie_read, 1000, b"x" * 51)
+                             + chunk(cookie_read, 0, done=True), "overlaps"),
     }
 
 

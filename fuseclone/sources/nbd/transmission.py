@@ -12,6 +12,7 @@ kernel. `receive_data(bytes)` wraps the two for tests and simple callers.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import Union
@@ -57,7 +58,8 @@ Event = Union[BlockStatus, ReplyDone]
 
 
 class _Pending:
-    __slots__ = ("cookie", "command", "offset", "length", "view", "error", "message", "covered")
+    __slots__ = ("cookie", "command", "offset", "length", "view", "error", "message", "covered",
+                 "_starts", "_ends")
 
     def __init__(self, cookie: int, command: int, offset: int, length: int, view) -> None:
         self.cookie = cookie
@@ -68,6 +70,33 @@ class _Pending:
         self.error = 0
         self.message = ""
         self.covered = 0
+        # The byte ranges chunks have filled so far, relative to `offset`, sorted and merged.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def claim(self, rel: int, count: int) -> None:
+        """Record that a chunk fills [rel, rel + count) of the read. A chunk over bytes another
+        chunk filled is refused (the protocol forbids it): `covered` counts bytes, so overlaps
+        could add up to the read's length while part of its buffer, perhaps a recycled one
+        holding another read's bytes, was never written."""
+        starts, ends = self._starts, self._ends
+        stop = rel + count
+        i = bisect.bisect_right(starts, rel)
+        if (i > 0 and ends[i - 1] > rel) or (i < len(starts) and starts[i] < stop):
+            raise ProtocolError(f"chunk [{self.offset + rel}, +{count}) overlaps another chunk "
+                                f"of its read [{self.offset}, +{self.length})")
+        joins_previous = i > 0 and ends[i - 1] == rel
+        joins_next = i < len(starts) and starts[i] == stop
+        if joins_previous and joins_next:
+            ends[i - 1] = ends[i]
+            del starts[i], ends[i]
+        elif joins_previous:
+            ends[i - 1] = stop
+        elif joins_next:
+            starts[i] = rel
+        else:
+            starts.insert(i, rel)
+            ends.insert(i, stop)
 
 
 # ---- transmission: the codec ------------------------------------------------------------------
@@ -241,6 +270,7 @@ class Transmission:
                     if rel < 0 or rel + count > pending.length:
                         raise ProtocolError(f"data chunk [{offset}, +{count}) outside its read "
                                             f"[{pending.offset}, +{pending.length})")
+                    pending.claim(rel, count)
                     self._start = start + STRUCTURED.size + 8
                     self._payload(events, pending.view[rel:rel + count],
                                   (pending, flags, count))
@@ -311,6 +341,7 @@ class Transmission:
             if count == 0 or rel < 0 or rel + count > pending.length:
                 raise ProtocolError(f"hole chunk [{offset}, +{count}) outside its read "
                                     f"[{pending.offset}, +{pending.length})")
+            pending.claim(rel, count)
             pending.view[rel:rel + count] = bytes(count)
             pending.covered += count
         elif kind == REPLY_TYPE_OFFSET_DATA:
