@@ -4,6 +4,7 @@ the engine hydrating from it."""
 import errno
 import os
 import random
+import sys
 import time
 
 import pytest
@@ -636,6 +637,28 @@ async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
             assert "stopped after 3 failures" in status.hydration_error
             assert "EIO" in status.hydration_error
             assert not status.complete and status.hydrated_regions == 0
+
+
+async def test_check_verify_names_a_source_that_fails_reads_in_one_line(nbdkit, image, tmp_path):
+    """`fuseclone check --verify` against a server that fails reads: one line naming the
+    source and the range, exit 1, no traceback."""
+    server = nbdkit("file", image)
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_source(server.url()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings())
+        async with running(engine):
+            with trio.fail_after(30):
+                await engine.complete.wait()
+    server.stop()
+    failing = nbdkit("--filter=error", "file", image, "error-pread-rate=1", name="failing")
+    result = await trio.run_process(
+        [sys.executable, "-m", "fuseclone", "check", meta, "--src", failing.url(), "--dst", dst,
+         "--verify"], capture_stdout=True, capture_stderr=True, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and "fuseclone: error:" in stderr, stderr
+    assert failing.url() in stderr and "EIO" in stderr and "bytes at 0" in stderr
 
 
 def _vm_flags(address: int) -> list[str]:
