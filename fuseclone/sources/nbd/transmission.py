@@ -59,7 +59,7 @@ Event = Union[BlockStatus, ReplyDone]
 
 class _Pending:
     __slots__ = ("cookie", "command", "offset", "length", "view", "error", "message", "covered",
-                 "_starts", "_ends")
+                 "contexts_answered", "_starts", "_ends")
 
     def __init__(self, cookie: int, command: int, offset: int, length: int, view) -> None:
         self.cookie = cookie
@@ -70,6 +70,7 @@ class _Pending:
         self.error = 0
         self.message = ""
         self.covered = 0
+        self.contexts_answered: set[int] = set()  # block status: the contexts a chunk described
         # The byte ranges chunks have filled so far, relative to `offset`, sorted and merged.
         self._starts: list[int] = []
         self._ends: list[int] = []
@@ -352,19 +353,12 @@ class Transmission:
             context = U32.unpack_from(payload)[0]
             if context not in self._contexts:
                 raise ProtocolError(f"block status for metadata context {context}, never negotiated")
-            values = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
-            descriptors = []
-            left = pending.length
-            for i in range(0, len(values), 2):
-                count = values[i]
-                if count == 0:
-                    raise ProtocolError("block status descriptor of length 0")
-                if left <= 0:
-                    break
-                count = min(count, left)  # a final extent may run past the request: clip it
-                descriptors.append((count, values[i + 1]))
-                left -= count
-            events.append(BlockStatus(cookie, context, tuple(descriptors)))
+            # Every chunk describes the range from the request's offset, so a second one for a
+            # context says nothing the first did not; appended to the first it would put its
+            # zero flags over other bytes.
+            if context not in pending.contexts_answered:
+                pending.contexts_answered.add(context)
+                events.append(BlockStatus(cookie, context, _descriptors(payload, pending.length)))
         elif kind & REPLY_TYPE_ERROR_BIT:
             if len(payload) < 6:
                 raise ProtocolError(f"error chunk of {len(payload)} bytes")
@@ -397,3 +391,21 @@ class Transmission:
                                        f"{pending.length} bytes")
         pending.view = None
         events.append(ReplyDone(pending.cookie, pending.command, error, message or ""))
+
+
+def _descriptors(payload: bytes, length: int) -> tuple[tuple[int, int], ...]:
+    """The (length, flags) descriptors of a block status chunk's payload (after its context
+    id), clipped to a request of `length` bytes."""
+    values = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
+    descriptors = []
+    left = length
+    for i in range(0, len(values), 2):
+        count = values[i]
+        if count == 0:
+            raise ProtocolError("block status descriptor of length 0")
+        if left <= 0:
+            break
+        count = min(count, left)  # a final extent may run past the request: clip it
+        descriptors.append((count, values[i + 1]))
+        left -= count
+    return tuple(descriptors)
