@@ -838,7 +838,10 @@ def _read_header(fd: int, path: str) -> Header:
     size = os.fstat(fd).st_size
     if size < FIRST_BITMAP_BLOCK * BLOCK:
         raise MetadataError(f"{path}: not a fuseclone metadata file (too short)")
-    candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    try:
+        candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    except MetadataError as exc:  # a format this release does not know
+        raise MetadataError(f"{path}: {exc}") from None
     valid = [h for h in candidates if h is not None]
     if not valid:
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")
