@@ -75,3 +75,10 @@ def test_the_set_up_commands_are_runs_and_ci_runs_the_test_command():
     packages = shlex.split(re.search(r"^APT_PACKAGES=\((.*)\)", run, re.MULTILINE).group(1))
     set_up_note = README.split("```", 3)[2].split("\n\n", 2)[1]
     assert [p for p in packages if p not in set_up_note] == []
+
+
+def test_the_metrics_table_names_every_metric():
+    from fuseclone.metrics import METRICS, UP
+
+    table = " ".join(cells[0] for cells in table_rows("### Running clones as services"))
+    assert [m.name for m in (UP, *METRICS) if f"`{m.name}`" not in table] == []
