@@ -82,3 +82,20 @@ def test_the_metrics_table_names_every_metric():
 
     table = " ".join(cells[0] for cells in table_rows("### Running clones as services"))
     assert [m.name for m in (UP, *METRICS) if f"`{m.name}`" not in table] == []
+
+
+def test_architecture_names_every_module_and_only_modules_that_exist():
+    """docs/ARCHITECTURE.md's table: each module of the package in a row of its own or its
+    package's (`sources/`, `nbd/`), and each name in its first column a file or package."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    package = ROOT / "fuseclone"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", " ".join(row.split(" | ")[0] for row in rows)))
+    assert [name for name in named if not (package / name).exists()] == []
+    listed = {str(path.relative_to(package)) for path in package.rglob("*.py")
+              if path.name != "__init__.py" and "__pycache__" not in path.parts}
+    mentioned = set(re.findall(r"`([\w/]+\.py)`", text))
+    missing = [module for module in sorted(listed)
+               if module not in mentioned and Path(module).name not in mentioned
+               and f"{Path(module).parent}/" not in named]
+    assert missing == []
