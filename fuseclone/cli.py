@@ -483,7 +483,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     meta, real = found
     for loop in [] if lazy else loop_devices_of(real):
-        fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
+        fail(f"{loop} still uses the image at {mountpoint}: {_how_to_let_go(loop)}")
     # A lazy unmount is answered at once (the write-back and detach follow), so a daemon that
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
@@ -512,6 +512,17 @@ def unmount(mountpoint, timeout, lazy) -> None:
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _how_to_let_go(loop: str) -> str:
+    """What frees LOOP: detaching it, after unmounting its filesystem (`losetup -d` of a mounted
+    loop device only marks it to detach once unmounted)."""
+    from .fuse.mount import mountpoints_of
+
+    mounted = mountpoints_of(loop)
+    if mounted:
+        return f"it is mounted at {', '.join(mounted)}: umount it, then detach it (losetup -d {loop})"
+    return f"detach it first (losetup -d {loop})"
 
 
 def _detach_unanswered(real_mountpoint: str, why: str) -> None:

@@ -77,6 +77,26 @@ def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source)
     rig.wait_unmounted()
 
 
+def test_unmount_names_the_filesystem_mounted_from_the_loop_device(rig, ext4_source):
+    """The walkthrough's step 4 done out of order: `losetup -d` alone does not detach a loop
+    device whose filesystem is mounted, so the line says to umount that first."""
+    rig.mount("--no-hydration")
+    loop = rig.losetup()
+    fs = rig.mount_fs(loop, str(rig.tmp / "fs"))
+    result = fuseclone("unmount", rig.mnt, check=False)
+    assert_refused(result, f"{loop} still uses the image at {rig.mnt}: it is mounted at {fs}: "
+                           f"umount it, then detach it (losetup -d {loop})")
+    sh("losetup", "-d", loop)  # only marks it to detach once unmounted
+    assert_refused(fuseclone("unmount", rig.mnt, check=False), f"it is mounted at {fs}")
+    sh("umount", fs)
+    deadline = time.monotonic() + 10
+    while loop in sh("losetup", "-a").stdout:  # autoclear detaches it once its filesystem is gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+
 def test_unmount_refuses_while_the_image_is_open(rig, random_source):
     """Like umount(8): a lazy detach would drop what the holder writes into the kernel's cache
     afterwards, so the mount stays up and keeps serving until the image is closed."""
