@@ -216,6 +216,9 @@ def test_a_missing_directory_is_told_as_such(rig, random_source):
     assert_refused(r, "cannot create metadata file: No such file or directory", rig.dst)
     r = fuseclone("mount", rig.src, str(rig.tmp / "no" / "dst.img"), rig.meta, rig.mnt, check=False)
     assert_refused(r, "cannot create destination: No such file or directory", rig.meta)
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt,
+                  "--record-access", str(rig.tmp / "no" / "x.trace"), check=False)
+    assert_refused(r, f"({rig.tmp / 'no'} does not exist)", rig.dst, rig.meta)
 
 
 def test_the_meta_of_another_clone_is_told_as_such(rig, random_source):
