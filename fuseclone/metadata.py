@@ -678,8 +678,8 @@ class Metadata:
     def mark_open(self, identity: dict | None = None) -> None:
         """Record that a writer has the file (clean flag cleared). The first change on disk;
         a format-1 file is upgraded here. IDENTITY (one `check_source` and `check_destination`
-        accepted) replaces a recorded identity of another form: an older version kept a pre-signed URL's signature
-        in it, a secret, which then goes from both header slots."""
+        accepted) replaces a recorded identity of another form: an older version kept a
+        pre-signed URL's signature in it, a secret, which then goes from both header slots."""
         try:
             if self.header.version == VERSION_WITHOUT_WRITTEN:
                 self._upgrade()
