@@ -7,9 +7,10 @@ from typing import Callable, Iterator
 import trio
 
 from .destination import Destination
-from .errors import FusecloneError
+from .errors import FusecloneError, SourceError, describe
 from .identity import check_distinct
 from .metadata import Metadata
+from .sources import Source, SourceReadError
 
 
 def run_check(meta_path: str, src: str | None, dst: str | None, verify: bool,
@@ -79,7 +80,7 @@ async def _verify(meta: Metadata, source, dst_path: str, echo) -> bool:
             for start in range(run.start, run.stop, step):
                 piece = range(start, min(start + step, run.stop))
                 offset, length = g.byte_range(piece)
-                want = await source.read(offset, length)
+                want = await _read_source(source, offset, length)
                 got = await trio.to_thread.run_sync(dst.read, offset, length)
                 checked += len(piece)
                 if got != want:
@@ -93,6 +94,15 @@ async def _verify(meta: Metadata, source, dst_path: str, echo) -> bool:
              "it): writes made before then are unknown"
              + (", and the regions that differ may be such writes" if bad else ""))
     return bad == 0
+
+
+async def _read_source(source: Source, offset: int, length: int) -> bytes | bytearray:
+    """The source's bytes; a read it cannot deliver ends the check with one line (the
+    source's message names it and the range), since nothing can be said of that range."""
+    try:
+        return await source.read(offset, length)
+    except SourceReadError as exc:
+        raise SourceError(f"verify: cannot read the source: {describe(exc)}") from None
 
 
 def _hydrated_never_written(meta: Metadata) -> Iterator[range]:

@@ -82,9 +82,9 @@ def main() -> None:
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
-@click.option("--hydration-threshold", type=int, help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
-@click.option("--hydration-batch-size", type=int, help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD).")
-@click.option("--max-rate", type=SIZE, default=0, help="Limit hydration to RATE bytes/s (e.g. 50M).")
+@click.option("--hydration-threshold", type=int, metavar="N", help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
+@click.option("--hydration-batch-size", type=int, metavar="N", help="At most this many contiguous regions per copy (default 4 MiB worth, 8 MiB from NBD).")
+@click.option("--max-rate", type=SIZE, default=0, metavar="RATE", help="Limit hydration to RATE bytes/s (e.g. 50M).")
 @click.option("--copy-on-read/--no-copy-on-read", default=True, help="Hydrate regions as they are read (default on).")
 @click.option("--write-cache", type=SIZE, default="1G", show_default=True,
               help="Written data the kernel may cache before writers wait for the daemon; 0 for "
@@ -98,14 +98,17 @@ def main() -> None:
               help="Write the regions users read from the source to TRACE, in first-read order (an access trace for --prefetch).")
 @click.option("--prefetch", metavar="TRACE", type=click.Path(dir_okay=False),
               help="Hydrate the regions of TRACE (recorded with --record-access from the same source) first, at full depth while users wait for them (one small copy at a time while they only read other hydrated data), even with --no-hydration.")
-@click.option("--allow-other", is_flag=True, help="Let users other than the mounting user open the image.")
+@click.option("--allow-other", is_flag=True,
+              help="Let users other than the mounting one reach the image at all; DST's owner and "
+                   "mode still decide who may open it.")
 @click.option("--http-header-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
-@click.option("--name", default="image", show_default=True, help="File name of the image in a directory mountpoint.")
+@click.option("--name", default="image", show_default=True, metavar="NAME", help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
 @click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+              help="The least severe messages the daemon logs.")
 @click.option("--metrics-listen", metavar="HOST:PORT", callback=lambda ctx, param, value: _listen_address(value),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
 def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
@@ -464,7 +467,8 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 
 @main.command()
 @click.argument("mountpoint")
-@click.option("--timeout", type=float, default=60, show_default=True)
+@click.option("--timeout", type=float, default=60, show_default=True,
+              help="Seconds the mount has to commit and unmount (exit 1 after).")
 @click.option("--lazy", is_flag=True,
               help="Detach even while the image is open, like umount -l: the writes cached so far "
                    "are handed over first, later I/O of the holders fails.")
@@ -479,7 +483,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     meta, real = found
     for loop in [] if lazy else loop_devices_of(real):
-        fail(f"{loop} still uses the image at {mountpoint}: detach it first (losetup -d {loop})")
+        fail(f"{loop} still uses the image at {mountpoint}: {_how_to_let_go(loop)}")
     # A lazy unmount is answered at once (the write-back and detach follow), so a daemon that
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
@@ -509,6 +513,17 @@ def unmount(mountpoint, timeout, lazy) -> None:
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _how_to_let_go(loop: str) -> str:
+    """What frees LOOP: detaching it, after unmounting its filesystem (`losetup -d` of a mounted
+    loop device only marks it to detach once unmounted)."""
+    from .fuse.mount import mountpoints_of
+
+    mounted = mountpoints_of(loop)
+    if mounted:
+        return f"it is mounted at {', '.join(mounted)}: umount it, then detach it (losetup -d {loop})"
+    return f"detach it first (losetup -d {loop})"
 
 
 def _detach_unanswered(real_mountpoint: str, why: str) -> None:
@@ -620,9 +635,9 @@ def metrics(timeout) -> None:
 
 @main.command()
 @click.argument("meta")
-@click.option("--src", help="Check META against this source.")
-@click.option("--dst", help="Check META against this destination.")
-@click.option("--verify", is_flag=True, help="Compare every hydrated region users never wrote of DST with SRC.")
+@click.option("--src", metavar="SRC", help="Check META against this source.")
+@click.option("--dst", metavar="DST", help="Check META against this destination.")
+@click.option("--verify", is_flag=True, help="Compare with SRC every region of DST that is hydrated and was never written by users (exit 1 if one differs).")
 def check(meta, src, dst, verify) -> None:
     """Validate a metadata file (like thin_check); optionally verify DST against SRC."""
     from .checker import run_check

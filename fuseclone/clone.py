@@ -52,10 +52,13 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
             raise DestinationError(
                 f"{meta_path} was created with region size {meta.header.region_size}, "
                 f"not {region_size}")
-        dst = Destination.open(dst_path, source.size, create=False)
+        # The source first: a META of another clone is told as such, not as a DST that is
+        # missing or too small for this source.
+        meta.check_source(source.size, source.identity(), source.identity_matches)
+        dst = _open_recorded_destination(dst_path, source.size, meta)
         try:
             identity = _identity(source, dst)
-            meta.check_matches(source.size, identity, source.identity_matches)
+            meta.check_destination(identity["destination"])
             if not settings.hydration_threshold:
                 settings.hydration_threshold = meta.header.hydration_threshold
             if not settings.hydration_batch_size:
@@ -68,6 +71,16 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
         meta.close()
         raise
     return CloneEngine(source, dst, meta, settings)
+
+
+def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -> Destination:
+    """The existing DST of a resumed clone; a missing one is refused naming the DST that META
+    belongs to (the META given may be another clone's)."""
+    if not os.path.lexists(dst_path):
+        recorded = meta.header.identity.get("destination", {}).get("path", "?")
+        raise DestinationError(f"{dst_path}: destination does not exist ({meta.path} is the "
+                               f"metadata of a clone into {recorded})")
+    return Destination.open(dst_path, image_size, create=False)
 
 
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,

@@ -222,8 +222,9 @@ def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
     if opts.record_access is not None:
         parent = os.path.dirname(os.path.abspath(opts.record_access))
         if not os.path.isdir(parent):
+            why = "is not a directory" if os.path.exists(parent) else "does not exist"
             raise FusecloneError(f"{opts.record_access}: cannot record an access trace there "
-                                 f"({parent} is not a directory)")
+                                 f"({parent} {why})")
     if opts.prefetch is None:
         return None
     return read_trace(opts.prefetch)  # not the --record-access trace: check_paths refused that

@@ -37,7 +37,7 @@ import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
@@ -503,26 +503,31 @@ class Metadata:
 
     # ---- identity (SPEC invariant 7) --------------------------------------------------------
 
-    def check_matches(self, geometry_image_size: int, identity: dict,
-                      source_matches: Callable[[dict], bool] | None = None) -> None:
-        """Refuse a metadata file that belongs to another source or destination.
-        `source_matches(stored)` decides for the source when the source knows better than
-        equality (an HTTP object behind a re-issued pre-signed URL)."""
-        if self.header.source_size != geometry_image_size:
+    def check_source(self, image_size: int, identity: dict,
+                     source_matches: Callable[[dict], bool] | None = None) -> None:
+        """Refuse a metadata file that belongs to another source (of IMAGE_SIZE bytes and
+        IDENTITY). `source_matches(stored)` decides when the source knows better than equality
+        (an HTTP object behind a re-issued pre-signed URL)."""
+        if self.header.source_size != image_size:
             raise MetadataError(
                 f"{self.path} records a source of {self.header.source_size} bytes, but the source "
-                f"has {geometry_image_size}: it belongs to another clone")
-        stored = self.header.identity
-        for role in ("source", "destination"):
-            recorded = stored.get(role)
-            if role == "source" and source_matches is not None and isinstance(recorded, dict):
-                same = source_matches(recorded)
-            else:
-                same = recorded == identity.get(role)
-            if not same:
-                raise MetadataError(
-                    f"{self.path} belongs to another clone: its {role} was "
-                    f"{describe_identity(stored.get(role))}, now {describe_identity(identity.get(role))}")
+                f"has {image_size}: it belongs to another clone")
+        recorded = self.header.identity.get("source")
+        if source_matches is not None and isinstance(recorded, dict):
+            if not source_matches(recorded):
+                self._refuse_another("source", identity)
+        elif recorded != identity:
+            self._refuse_another("source", identity)
+
+    def check_destination(self, identity: dict) -> None:
+        """Refuse a metadata file that belongs to another destination."""
+        if self.header.identity.get("destination") != identity:
+            self._refuse_another("destination", identity)
+
+    def _refuse_another(self, role: str, identity: dict) -> NoReturn:
+        raise MetadataError(
+            f"{self.path} belongs to another clone: its {role} was "
+            f"{describe_identity(self.header.identity.get(role))}, now {describe_identity(identity)}")
 
     # ---- region bits ---------------------------------------------------------------------
 
@@ -680,9 +685,9 @@ class Metadata:
 
     def mark_open(self, identity: dict | None = None) -> None:
         """Record that a writer has the file (clean flag cleared). The first change on disk;
-        a format-1 file is upgraded here. IDENTITY (one `check_matches` accepted) replaces a
-        recorded identity of another form: an older version kept a pre-signed URL's signature
-        in it, a secret, which then goes from both header slots."""
+        a format-1 file is upgraded here. IDENTITY (one `check_source` and `check_destination`
+        accepted) replaces a recorded identity of another form: an older version kept a
+        pre-signed URL's signature in it, a secret, which then goes from both header slots."""
         try:
             if self.header.version == VERSION_WITHOUT_WRITTEN:
                 self._upgrade()
@@ -846,6 +851,8 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     try:
         fd = open_without_waiting(path, flags | os.O_CLOEXEC)
     except FileNotFoundError:
+        if flags & os.O_CREAT:  # a new META in a directory that does not exist
+            raise MetadataError(f"{path}: cannot create metadata file: No such file or directory") from None
         raise MetadataError(f"{path}: metadata file does not exist") from None
     except IsADirectoryError:
         raise MetadataError(f"{path}: is a directory, not a metadata file") from None
@@ -885,7 +892,10 @@ def _read_header(fd: int, path: str) -> Header:
     size = os.fstat(fd).st_size
     if size < FIRST_BITMAP_BLOCK * BLOCK:
         raise MetadataError(f"{path}: not a fuseclone metadata file (too short)")
-    candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    try:
+        candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    except MetadataError as exc:  # a format this release does not know
+        raise MetadataError(f"{path}: {exc}") from None
     valid = [h for h in candidates if h is not None]
     if not valid:
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")

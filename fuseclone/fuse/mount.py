@@ -152,14 +152,24 @@ class FuseMount:
 
 def fuse_mounts() -> list[FuseMount]:
     """Every fuseclone mount on this machine, unescaped."""
-    found = []
+    return [FuseMount(source, mountpoint, _user_id(options))
+            for source, mountpoint, fstype, options in _mount_entries() if fstype == FSTYPE]
+
+
+def mountpoints_of(device: str) -> list[str]:
+    """Where DEVICE (a loop device, say) is mounted."""
+    return [mountpoint for source, mountpoint, _, _ in _mount_entries() if source == device]
+
+
+def _mount_entries() -> list[tuple[str, str, str, str]]:
+    """(source, mountpoint, fstype, options) of every line of the mount table, unescaped."""
+    entries = []
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
-            if len(fields) >= 4 and fields[2] == FSTYPE:
-                found.append(FuseMount(_unescape(fields[0]), _unescape(fields[1]),
-                                       _user_id(fields[3])))
-    return found
+            if len(fields) >= 4:
+                entries.append((_unescape(fields[0]), _unescape(fields[1]), fields[2], fields[3]))
+    return entries
 
 
 def _user_id(options: str) -> int | None:

@@ -1,6 +1,8 @@
 """CLI commands that need no live mount: exit codes and messages."""
 
 import json
+import struct
+import zlib
 
 import pytest
 import trio
@@ -156,6 +158,25 @@ def test_check_corrupt(tmp_path):
     (tmp_path / "m").write_bytes(bytes(9000))
     result = invoke("check", str(tmp_path / "m"))
     assert result.exit_code == 1 and "fuseclone: error:" in result.output
+
+
+def test_a_meta_of_a_later_format_is_one_line_naming_it(full_clone):
+    """A META written by a later release: check, diff and status name the file."""
+    with open(full_clone.meta, "r+b") as f:
+        for slot in (0, 1):
+            f.seek(slot * 4096)
+            header = bytearray(f.read(4096))
+            if header[:8] != b"FUSECLN1":
+                continue
+            struct.pack_into("<I", header, 8, 3)  # the format version
+            struct.pack_into("<I", header, 4092, zlib.crc32(bytes(header[:4092])))
+            f.seek(slot * 4096)
+            f.write(header)
+    for command in ("check", "diff", "status"):
+        result = invoke(command, full_clone.meta)
+        assert result.exit_code == 1, result.output
+        assert result.output == (f"fuseclone: error: {full_clone.meta}: metadata format version 3 "
+                                 "is not supported (expected 2)\n"), result.output
 
 
 def test_check_with_the_source_as_destination(full_clone):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
 
 
@@ -72,6 +73,26 @@ def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source)
     assert f"{loop} still uses the image" in result.stderr
     assert os.path.realpath(rig.mnt) in open("/proc/mounts").read()
     sh("losetup", "-d", loop)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+
+def test_unmount_names_the_filesystem_mounted_from_the_loop_device(rig, ext4_source):
+    """The walkthrough's step 4 done out of order: `losetup -d` alone does not detach a loop
+    device whose filesystem is mounted, so the line says to umount that first."""
+    rig.mount("--no-hydration")
+    loop = rig.losetup()
+    fs = rig.mount_fs(loop, str(rig.tmp / "fs"))
+    result = fuseclone("unmount", rig.mnt, check=False)
+    assert_refused(result, f"{loop} still uses the image at {rig.mnt}: it is mounted at {fs}: "
+                           f"umount it, then detach it (losetup -d {loop})")
+    sh("losetup", "-d", loop)  # only marks it to detach once unmounted
+    assert_refused(fuseclone("unmount", rig.mnt, check=False), f"it is mounted at {fs}")
+    sh("umount", fs)
+    deadline = time.monotonic() + 10
+    while loop in sh("losetup", "-a").stdout:  # autoclear detaches it once its filesystem is gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
 
@@ -186,6 +207,40 @@ def test_bad_input(rig, random_source):
         f.write(os.urandom(16384))
     r = fuseclone("mount", rig.src, rig.dst, garbage, rig.mnt, check=False)
     assert_refused(r, "not a fuseclone metadata file", rig.dst)
+
+
+def test_a_missing_directory_is_told_as_such(rig, random_source):
+    """A new META (or DST) in a directory that does not exist: the file cannot be created,
+    which is what the line says (not that the metadata file does not exist, as if it had to)."""
+    r = fuseclone("mount", rig.src, rig.dst, str(rig.tmp / "no" / "clone.meta"), rig.mnt, check=False)
+    assert_refused(r, "cannot create metadata file: No such file or directory", rig.dst)
+    r = fuseclone("mount", rig.src, str(rig.tmp / "no" / "dst.img"), rig.meta, rig.mnt, check=False)
+    assert_refused(r, "cannot create destination: No such file or directory", rig.meta)
+    r = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt,
+                  "--record-access", str(rig.tmp / "no" / "x.trace"), check=False)
+    assert_refused(r, f"({rig.tmp / 'no'} does not exist)", rig.dst, rig.meta)
+
+
+def test_the_meta_of_another_clone_is_told_as_such(rig, random_source):
+    """A META that belongs to another clone is named as that, whatever else is wrong with the
+    DST given beside it, and nothing is created or changed."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    before = open(rig.meta, "rb").read()
+    other_src = str(rig.tmp / "other-src.img")
+    make_source_file(other_src, 64 * MiB, seed=12)
+    new_dst = str(rig.tmp / "new-dst.img")
+    # Another source with the first clone's DST: not "DST is smaller than the source".
+    r = fuseclone("mount", other_src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert_refused(r, "belongs to another clone")
+    # Another source and a new DST: not "DST does not exist".
+    r = fuseclone("mount", other_src, new_dst, rig.meta, rig.mnt, check=False)
+    assert_refused(r, "belongs to another clone", new_dst)
+    # The same source and a new DST: the line names the DST this META belongs to.
+    r = fuseclone("mount", rig.src, new_dst, rig.meta, rig.mnt, check=False)
+    assert_refused(r, f"is the metadata of a clone into {os.path.realpath(rig.dst)}", new_dst)
+    assert open(rig.meta, "rb").read() == before
 
 
 def test_second_mount_of_the_same_meta_is_refused(rig, random_source):

@@ -1,9 +1,11 @@
 """The NBD source against a real nbdkit: reads, extents, faults, reconnection, shutdown, and
 the engine hydrating from it."""
 
+import contextlib
 import errno
 import os
 import random
+import sys
 import time
 
 import pytest
@@ -598,20 +600,27 @@ async def test_tcp_url(nbdkit, image):
 # ---- the engine on an NBD source -------------------------------------------------------------
 
 
-async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
-    server = nbdkit("--filter=delay", "file", image, "rdelay=1ms")
-    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
-    async with open_source(server.url()) as source:
+@contextlib.asynccontextmanager
+async def hydrated(url, dst, meta):
+    """A clone of `url` into `dst` and `meta`, running until the block ends, once complete."""
+    async with open_source(url) as source:
         engine = open_clone(source, dst, meta, settings=Settings())
         async with running(engine):
             with trio.fail_after(30):
                 await engine.complete.wait()
-            assert engine.status().complete
-            reads = engine.source_reads
-            # Copies arrive in page-aligned buffers and go to DST with direct I/O.
-            assert engine.dst.direct_bytes > 0
-            # NBD keeps 128 MiB of copies in flight by default (16 MiB for a file).
-            assert engine.status().hydration_threshold == (128 << 20) // engine.geometry.region_size
+            yield engine
+
+
+async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
+    server = nbdkit("--filter=delay", "file", image, "rdelay=1ms")
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with hydrated(server.url(), dst, meta) as engine:
+        assert engine.status().complete
+        reads = engine.source_reads
+        # Copies arrive in page-aligned buffers and go to DST with direct I/O.
+        assert engine.dst.direct_bytes > 0
+        # NBD keeps 128 MiB of copies in flight by default (16 MiB for a file).
+        assert engine.status().hydration_threshold == (128 << 20) // engine.geometry.region_size
     assert contents(dst) == contents(image)
     holes = zero_ranges_of(image)
     for lo, hi in allocated_ranges(dst):  # nothing was written where the source has holes
@@ -636,6 +645,25 @@ async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
             assert "stopped after 3 failures" in status.hydration_error
             assert "EIO" in status.hydration_error
             assert not status.complete and status.hydrated_regions == 0
+
+
+async def test_check_verify_names_a_source_that_fails_reads_in_one_line(nbdkit, image, tmp_path):
+    """`fuseclone check --verify` against a server that fails reads: one line naming the
+    source and the range, exit 1, no traceback."""
+    server = nbdkit("file", image)
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with hydrated(server.url(), dst, meta):
+        pass
+    server.stop()
+    failing = nbdkit("--filter=error", "file", image, "error-pread-rate=1", name="failing")
+    result = await trio.run_process(
+        [sys.executable, "-m", "fuseclone", "check", meta, "--src", failing.url(), "--dst", dst,
+         "--verify"], capture_stdout=True, capture_stderr=True, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and "fuseclone: error:" in stderr, stderr
+    assert failing.url() in stderr and "EIO" in stderr and "bytes at 0" in stderr
 
 
 def _vm_flags(address: int) -> list[str]:

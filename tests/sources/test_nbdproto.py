@@ -487,6 +487,18 @@ def test_block_status_reply_is_clipped_to_the_request():
                       ReplyDone(cookie, p.CMD_BLOCK_STATUS, 0, "")]
 
 
+def test_a_second_block_status_chunk_of_one_context_is_not_taken_as_what_follows():
+    """Each block status chunk describes the range from the request's offset: a second one
+    for the same context (a server that answers twice) must not be read as the descriptors
+    after the first, which would put its zero flags over other bytes."""
+    t = Transmission(info())
+    cookie, _ = t.block_status(0, 8192)
+    events = t.receive_data(status_chunk(cookie, 7, [(4096, 0)], done=False)
+                            + status_chunk(cookie, 7, [(8192, 3)]))
+    assert events == [BlockStatus(cookie, 7, ((4096, 0),)),
+                      ReplyDone(cookie, p.CMD_BLOCK_STATUS, 0, "")]
+
+
 def test_block_status_payload_larger_than_the_header_buffer():
     t = Transmission(info(size=1 << 40), header_buffer=64)
     cookie, _ = t.block_status(0, 1 << 31)
@@ -524,6 +536,14 @@ def _bad(cookie_read, cookie_status):
                                "message longer than the chunk"),
         "empty hole": (hole_chunk(cookie_read, 1000, 0), "hole chunk"),
         "hole outside": (hole_chunk(cookie_read, 1050, 100), "hole chunk"),
+        # Chunks that overlap would add up to the read's length while leaving part of its
+        # buffer (a recycled one: another read's bytes) unwritten.
+        "data twice": (data_chunk(cookie_read, 1000, b"x" * 50) + data_chunk(cookie_read, 1000, b"y" * 50)
+                       + chunk(cookie_read, 0, done=True), "overlaps"),
+        "hole over data": (data_chunk(cookie_read, 1000, b"x" * 60) + hole_chunk(cookie_read, 1040, 40)
+                           + chunk(cookie_read, 0, done=True), "overlaps"),
+        "data over a hole": (hole_chunk(cookie_read, 1050, 50) + data_chunk(cookie_read, 1000, b"x" * 51)
+                             + chunk(cookie_read, 0, done=True), "overlaps"),
     }
 
 

@@ -12,6 +12,7 @@ kernel. `receive_data(bytes)` wraps the two for tests and simple callers.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import Union
@@ -57,7 +58,8 @@ Event = Union[BlockStatus, ReplyDone]
 
 
 class _Pending:
-    __slots__ = ("cookie", "command", "offset", "length", "view", "error", "message", "covered")
+    __slots__ = ("cookie", "command", "offset", "length", "view", "error", "message", "covered",
+                 "contexts_answered", "_starts", "_ends")
 
     def __init__(self, cookie: int, command: int, offset: int, length: int, view) -> None:
         self.cookie = cookie
@@ -68,6 +70,34 @@ class _Pending:
         self.error = 0
         self.message = ""
         self.covered = 0
+        self.contexts_answered: set[int] = set()  # block status: the contexts a chunk described
+        # The byte ranges chunks have filled so far, relative to `offset`, sorted and merged.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def claim(self, rel: int, count: int) -> None:
+        """Record that a chunk fills [rel, rel + count) of the read. A chunk over bytes another
+        chunk filled is refused (the protocol forbids it): `covered` counts bytes, so overlaps
+        could add up to the read's length while part of its buffer, perhaps a recycled one
+        holding another read's bytes, was never written."""
+        starts, ends = self._starts, self._ends
+        stop = rel + count
+        i = bisect.bisect_right(starts, rel)
+        if (i > 0 and ends[i - 1] > rel) or (i < len(starts) and starts[i] < stop):
+            raise ProtocolError(f"chunk [{self.offset + rel}, +{count}) overlaps another chunk "
+                                f"of its read [{self.offset}, +{self.length})")
+        joins_previous = i > 0 and ends[i - 1] == rel
+        joins_next = i < len(starts) and starts[i] == stop
+        if joins_previous and joins_next:
+            ends[i - 1] = ends[i]
+            del starts[i], ends[i]
+        elif joins_previous:
+            ends[i - 1] = stop
+        elif joins_next:
+            starts[i] = rel
+        else:
+            starts.insert(i, rel)
+            ends.insert(i, stop)
 
 
 # ---- transmission: the codec ------------------------------------------------------------------
@@ -241,6 +271,7 @@ class Transmission:
                     if rel < 0 or rel + count > pending.length:
                         raise ProtocolError(f"data chunk [{offset}, +{count}) outside its read "
                                             f"[{pending.offset}, +{pending.length})")
+                    pending.claim(rel, count)
                     self._start = start + STRUCTURED.size + 8
                     self._payload(events, pending.view[rel:rel + count],
                                   (pending, flags, count))
@@ -311,6 +342,7 @@ class Transmission:
             if count == 0 or rel < 0 or rel + count > pending.length:
                 raise ProtocolError(f"hole chunk [{offset}, +{count}) outside its read "
                                     f"[{pending.offset}, +{pending.length})")
+            pending.claim(rel, count)
             pending.view[rel:rel + count] = bytes(count)
             pending.covered += count
         elif kind == REPLY_TYPE_OFFSET_DATA:
@@ -321,19 +353,12 @@ class Transmission:
             context = U32.unpack_from(payload)[0]
             if context not in self._contexts:
                 raise ProtocolError(f"block status for metadata context {context}, never negotiated")
-            values = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
-            descriptors = []
-            left = pending.length
-            for i in range(0, len(values), 2):
-                count = values[i]
-                if count == 0:
-                    raise ProtocolError("block status descriptor of length 0")
-                if left <= 0:
-                    break
-                count = min(count, left)  # a final extent may run past the request: clip it
-                descriptors.append((count, values[i + 1]))
-                left -= count
-            events.append(BlockStatus(cookie, context, tuple(descriptors)))
+            # Every chunk describes the range from the request's offset, so a second one for a
+            # context says nothing the first did not; appended to the first it would put its
+            # zero flags over other bytes.
+            if context not in pending.contexts_answered:
+                pending.contexts_answered.add(context)
+                events.append(BlockStatus(cookie, context, _descriptors(payload, pending.length)))
         elif kind & REPLY_TYPE_ERROR_BIT:
             if len(payload) < 6:
                 raise ProtocolError(f"error chunk of {len(payload)} bytes")
@@ -366,3 +391,21 @@ class Transmission:
                                        f"{pending.length} bytes")
         pending.view = None
         events.append(ReplyDone(pending.cookie, pending.command, error, message or ""))
+
+
+def _descriptors(payload: bytes, length: int) -> tuple[tuple[int, int], ...]:
+    """The (length, flags) descriptors of a block status chunk's payload (after its context
+    id), clipped to a request of `length` bytes."""
+    values = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
+    descriptors = []
+    left = length
+    for i in range(0, len(values), 2):
+        count = values[i]
+        if count == 0:
+            raise ProtocolError("block status descriptor of length 0")
+        if left <= 0:
+            break
+        count = min(count, left)  # a final extent may run past the request: clip it
+        descriptors.append((count, values[i + 1]))
+        left -= count
+    return tuple(descriptors)
