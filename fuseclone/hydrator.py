@@ -47,7 +47,8 @@ PACED_FLOOR = 512 << 10
 # finish before the clone's own start-up reads it: row 9's start-up trace, 32.7 MiB in 0.67 s,
 # pauses 19 ms at most). Row 9's latency trace pauses 67-238 ms (1,500 reads of hydrated data)
 # between its first 32 MiB and the 128 MiB streamed beside users' reads, which must not be
-# claimed at once (p99 beside the prefetch 6-16 ms when it is). Then at least PREFETCH_START_BYTES in flight, growing as copies finish, and one copy of at most
+# claimed at once (p99 beside the prefetch 6-16 ms when it is). Then at least
+# PREFETCH_START_BYTES in flight, growing as copies finish, and one copy of at most
 # PREFETCH_YIELD_BYTES while users only read other hydrated data (PrefetchPacer).
 PREFETCH_BURST_PAUSE = 0.05  # seconds
 PREFETCH_START_BYTES = 4 << 20

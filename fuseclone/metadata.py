@@ -937,7 +937,9 @@ def _save_copy(fd: int, path: str) -> str:
         size = os.fstat(fd).st_size
         os.ftruncate(out, size)
         for offset, length, hole in data_extents(fd, 0, size):
-            for at in range(offset, offset + length, 1 << 20) if not hole else ():
+            if hole:
+                continue  # left a hole in the copy too (ftruncate above)
+            for at in range(offset, offset + length, 1 << 20):
                 pwrite_all(out, pread_exact(fd, min(1 << 20, offset + length - at), at), at)
         os.fsync(out)
         os.link(temporary, target)
