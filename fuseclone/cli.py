@@ -527,9 +527,11 @@ def _how_to_let_go(loop: str) -> str:
 
 
 def _detach_unanswered(real_mountpoint: str, why: str) -> None:
-    """unmount --lazy of a mount whose daemon does not answer: detach it from here."""
-    from .fuse.mount import unmount as detach
+    """unmount --lazy of a mount whose daemon does not answer: detach it from here (unless
+    another filesystem is mounted over it: the detach would reach that one)."""
+    from .fuse.mount import check_clone_on_top, unmount as detach
 
+    check_clone_on_top(real_mountpoint)
     try:
         detach(real_mountpoint, lazy=True)
     except OSError as exc:

@@ -284,6 +284,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     from .fuse.fs import ImageFilesystem
 
     stop = nursery.cancel_scope
+    mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
     # root inode starts at size 0: it has to stay write-through.
     image_at_root = image == opts.mountpoint
@@ -329,15 +330,15 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
                 return {"ok": True}
-            return await _unmount_unless_in_use(opts.mountpoint, stop)
+            return await _unmount_unless_in_use(opts.mountpoint, real_mountpoint, mount_id, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)
-    await nursery.start(_serve_then_stop, fs, opts, write_cache,
-                        engine.dst.fd if passthrough else None, stop)
+    mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
+                                   engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
     return status
@@ -394,15 +395,20 @@ async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
 
 
-async def _unmount_unless_in_use(mountpoint: str, stop: trio.CancelScope) -> dict:
+async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id: int | None,
+                                 stop: trio.CancelScope) -> dict:
     """The control socket's unmount, refused like umount(8)'s while something has the image
-    open: a lazy detach would drop whatever that holder writes into the kernel's cache later.
+    open: a lazy detach would drop whatever that holder writes into the kernel's cache later;
+    refused too while another filesystem is mounted over the clone (it is not ours to unmount).
     The unmount runs in a thread while this loop still serves, because the kernel hands over
     the image's cached writes during it; the session then ends by itself."""
-    from .fuse.mount import unmount
+    from .fuse.mount import CoveredError, check_clone_on_top, unmount
 
     try:
+        check_clone_on_top(real_mountpoint, mount_id)
         await trio.to_thread.run_sync(unmount, mountpoint)
+    except CoveredError as exc:
+        return {"ok": False, "error": exc.reason}
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             log.info("unmount refused: %s is in use", mountpoint)

@@ -1,0 +1,79 @@
+"""How a live clone stops, and what it leaves alone while it does: filesystems mounted over
+its mountpoint or there after it, a switch-over hook that unmounts it, a terminal that closes,
+a caller whose standard descriptors are closed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
+
+
+def wait_gone(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def _zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def mounts_at(path):
+    real = os.path.realpath(path)
+    return [line.split()[2] for line in open("/proc/mounts") if line.split()[1] == real]
+
+
+def tmpfs_over(rig, where):
+    """A tmpfs mounted at WHERE holding one file; unmounted at the end of the test."""
+    sh("mount", "-t", "tmpfs", "tmpfs", where)
+    rig.stack.callback(lambda: sh("umount", "-l", where, check=False))
+    with open(os.path.join(where, "keep"), "w") as f:
+        f.write("not fuseclone's")
+
+
+def test_a_filesystem_mounted_over_the_clone_is_never_unmounted_by_it(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    tmpfs_over(rig, rig.mnt)
+
+    result = fuseclone("unmount", rig.mnt, "--timeout", "5", check=False)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "mounted over" in result.stderr
+    os.kill(pid, signal.SIGTERM)  # stops the daemon, and leaves the tmpfs alone
+    wait_gone(pid)
+    assert mounts_at(rig.mnt) == ["fuse.fuseclone", "tmpfs"]
+    assert open(os.path.join(rig.mnt, "keep")).read() == "not fuseclone's"
+
+    result = fuseclone("unmount", "--lazy", rig.mnt, check=False)  # would detach the tmpfs
+    assert result.returncode == 1 and "mounted over" in result.stderr
+    sh("umount", rig.mnt)
+    fuseclone("unmount", "--lazy", rig.mnt)  # the daemon is gone: nothing answers
+    assert mounts_at(rig.mnt) == []
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_clone_detached_behind_its_back_leaves_the_next_mount_there_alone(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    loop = rig.losetup()  # keeps the detached mount, and its daemon, alive
+    sh("umount", "-l", rig.mnt)
+    fuseclone("mount", rig.src, rig.tmp / "dst2.img", rig.tmp / "two.meta", rig.mnt, "--no-hydration")
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+
+    sh("losetup", "-d", loop)  # the first clone's mount goes, and its daemon stops
+    wait_gone(pid)
+    assert mounts_at(rig.mnt) == ["fuse.fuseclone"]
+    assert status_json(rig.mnt)["metadata"] == str(rig.tmp / "two.meta")
+    with open(rig.image, "rb") as f:
+        assert f.read(4096) == open(rig.src, "rb").read(4096)
