@@ -380,10 +380,16 @@ async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, passthrough
     stop.cancel()  # unmounted from outside: shut the rest down
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
+                # the terminal of a foreground mount closed: by default it would kill the
+                # daemon without a commit or an unmount, and lose the writes the kernel caches
+                signal.SIGHUP)
+
+
 async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
-    """The first SIGINT/SIGTERM stops after the kernel's cached writes are handed over; a
-    second one while that waits (a slow source, say) stops at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """The first SIGINT/SIGTERM/SIGHUP stops after the kernel's cached writes are handed over;
+    a second one while that waits (a slow source, say) stops at once."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             async for signum in signals:
                 name = signal.Signals(signum).name
