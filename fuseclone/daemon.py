@@ -477,12 +477,20 @@ async def _on_complete(engine: CloneEngine, command: str, image: str, write_cach
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:
-        result = await trio.run_process(on_complete_argv(command), check=False, env=env)
+        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env)
     except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
         log.error("--on-complete command could not run: %s", describe(exc))
         return
-    if result.returncode:
-        log.warning("--on-complete command exited with %d", result.returncode)
+    try:
+        returncode = await process.wait()
+    except trio.Cancelled:
+        # Not killed: a switch-over to DST unmounts this very clone (`fuseclone unmount` in
+        # CMD, which waits for this mount to let go of META) and must not be cut short by it.
+        log.warning("the --on-complete command (pid %d) still runs as the mount stops: left to "
+                    "finish on its own", process.pid)
+        raise
+    if returncode:
+        log.warning("--on-complete command exited with %d", returncode)
 
 
 def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:

@@ -77,3 +77,33 @@ def test_a_clone_detached_behind_its_back_leaves_the_next_mount_there_alone(rig,
     assert status_json(rig.mnt)["metadata"] == str(rig.tmp / "two.meta")
     with open(rig.image, "rb") as f:
         assert f.read(4096) == open(rig.src, "rb").read(4096)
+
+
+def wait_for_file(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_an_on_complete_hook_that_unmounts_the_clone_is_not_cut_short_by_it(rig, random_source):
+    """The switch-over of the walkthrough's step 4 as a hook: unmount the clone, then use DST."""
+    marker = rig.tmp / "switched"
+    rig.mount("--on-complete", f"sh -c '{sys.executable} -m fuseclone unmount {rig.mnt} "
+                               f"&& cmp -n {MiB} {rig.dst} {rig.src} && touch {marker}'")
+    wait_for_file(marker)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_hung_on_complete_hook_holds_up_no_unmount(rig, random_source):
+    pid_file = rig.tmp / "hook.pid"
+    rig.mount("--on-complete", f"sh -c 'echo $$ > {pid_file}; exec sleep 120'")
+    wait_for_file(pid_file)
+    time.sleep(0.1)  # the pid is written before the exec
+    hook = int(pid_file.read_text())
+    rig.stack.callback(lambda: subprocess.run(["kill", str(hook)], capture_output=True))
+    started = time.monotonic()
+    fuseclone("unmount", rig.mnt, "--timeout", "20")
+    assert time.monotonic() - started < 15
+    assert status_json(rig.meta)["clean"]
