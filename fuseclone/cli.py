@@ -68,6 +68,23 @@ class FriendlyGroup(click.Group):
 @click.version_option(package_name="fuseclone")
 def main() -> None:
     """dm-clone in userspace: use a clone of a slow source at once while it hydrates."""
+    _keep_standard_descriptors_open()
+
+
+def _keep_standard_descriptors_open() -> None:
+    """Open /dev/null on each of 0, 1 and 2 the caller closed (`<&- >&- 2>&-`). Otherwise
+    the next files opened take those numbers: the background mount's ready pipe, which its
+    child's redirection to /dev/null then shut (the command waited for the mount to end), or
+    in a foreground mount whatever the log or the --on-complete command writes to its standard
+    streams would land in the file that holds the number."""
+    for fd, (name, mode) in enumerate((("stdin", "r"), ("stdout", "w"), ("stderr", "w"))):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: FD, as the lower are open
+            os.set_inheritable(fd, True)  # a standard stream of the commands we run, too
+        if getattr(sys, name) is None:  # closed when Python started
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 # ---- mount ------------------------------------------------------------------------------------

@@ -107,3 +107,11 @@ def test_a_hung_on_complete_hook_holds_up_no_unmount(rig, random_source):
     fuseclone("unmount", rig.mnt, "--timeout", "20")
     assert time.monotonic() - started < 15
     assert status_json(rig.meta)["clean"]
+
+
+def test_a_mount_whose_caller_closed_its_standard_descriptors(rig, random_source):
+    """`fuseclone mount ... <&- >&- 2>&-`: the mount's own files must not take those numbers."""
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh("sh", "-c", 'exec "$0" -m fuseclone mount "$@" <&- >&- 2>&-', sys.executable, rig.src,
+       rig.dst, rig.meta, rig.mnt, "--no-hydration", timeout=20)
+    assert status_json(rig.mnt)["live"]
