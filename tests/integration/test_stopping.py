@@ -115,3 +115,23 @@ def test_a_mount_whose_caller_closed_its_standard_descriptors(rig, random_source
     sh("sh", "-c", 'exec "$0" -m fuseclone mount "$@" <&- >&- 2>&-', sys.executable, rig.src,
        rig.dst, rig.meta, rig.mnt, "--no-hydration", timeout=20)
     assert status_json(rig.mnt)["live"]
+
+
+def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random_source):
+    """`rm -rf /run/fuseclone` under a live mount: its control socket comes back."""
+    env = dict(os.environ, FUSECLONE_RUNTIME_DIR=str(rig.tmp / "run"))
+
+    def cli(*args, check=True):
+        return sh(sys.executable, "-m", "fuseclone", *args, env=env, check=check, timeout=60)
+
+    cli("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    rig.stack.callback(lambda: cli("unmount", "--lazy", rig.mnt, check=False))
+    sh("rm", "-rf", rig.tmp / "run")
+    deadline = time.monotonic() + 10
+    while (result := cli("message", rig.mnt, "enable_hydration", check=False)).returncode:
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.2)
+    cli("wait", rig.mnt, "--timeout", "60")
+    cli("unmount", rig.mnt)
+    assert mounts_at(rig.mnt) == []
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
