@@ -362,6 +362,20 @@ def read_status(target: str) -> Status:
     return offline_status(meta)
 
 
+def _status_while_stopping(meta: str) -> Status:
+    """Live status of the mount of META, or, once it closed or is closing, META's offline
+    status after the mount lets go of it."""
+    try:
+        reply = control.request(meta, {"op": "status"})
+    except control.NotAnswering:
+        raise
+    except FusecloneError:  # the mount closed the connection: it is stopping
+        reply = None
+    if reply is not None:
+        return Status(**reply["status"])
+    return _offline_status_once_released(meta)
+
+
 def offline_status(meta_path: str) -> Status:
     from .metadata import Metadata, feature_names
 
@@ -399,7 +413,11 @@ def status(target, as_json, dmsetup, watch) -> None:
     if watch:
         from .progress import watch_status
 
-        watch_status(lambda: read_status(target))
+        # META, not the mountpoint, is asked each time: once the mount goes away the
+        # mountpoint leads nowhere, and META's offline status is the last one to draw.
+        refuse_another_users_mount(target)
+        meta = control.resolve_target(target)
+        watch_status(lambda: _status_while_stopping(meta))
         return
     st = read_status(target)
     if as_json:

@@ -135,3 +135,20 @@ def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random
     cli("unmount", rig.mnt)
     assert mounts_at(rig.mnt) == []
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_status_watch_ends_quietly_when_the_mount_goes_away(rig, random_source):
+    rig.mount("--no-hydration")
+    watch = subprocess.Popen([sys.executable, "-m", "fuseclone", "status", "--watch", rig.mnt],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert watch.poll() is None
+        fuseclone("unmount", rig.mnt)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert "0.0%" in out and not err
