@@ -206,7 +206,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             os.close(ready_fd)
             told = True
         else:
-            click.echo(f"fuseclone: serving {image}", err=True)
+            _tell(f"fuseclone: serving {image}")
 
     try:
         if opts.log_file is not None:
@@ -222,6 +222,15 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if ready_fd is not None and not told:
             os.write(ready_fd, f"error {error}\n".encode())
         raise error from None
+
+
+def _tell(notice: str) -> None:
+    """A foreground mount's notice on stderr. Its reader may be gone (`2>&1 | head -1`, a
+    closed terminal): the notice is lost then, but the mount must serve on."""
+    try:
+        click.echo(notice, err=True)
+    except OSError as exc:
+        logging.getLogger(__name__).debug("stderr: %s (%s)", describe(exc), notice)
 
 
 def _mount_background(opts, log_file: str | None, log_level: str) -> None:

@@ -152,3 +152,29 @@ def test_status_watch_ends_quietly_when_the_mount_goes_away(rig, random_source):
             watch.wait()
     assert watch.returncode == 0, err
     assert "0.0%" in out and not err
+
+
+def test_a_foreground_mount_whose_stderr_reader_went_away_serves_on(rig, random_source):
+    """`fuseclone mount -f ... 2>&1 | head -1`: its notices then meet a closed pipe."""
+    from fuseclone.fuse.mount import is_fuseclone_mount
+
+    proc = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", "-f", rig.src, rig.dst,
+                             rig.meta, rig.mnt, "--no-hydration"], stderr=subprocess.PIPE)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    try:
+        proc.stderr.close()
+        deadline = time.monotonic() + 30
+        while not is_fuseclone_mount(rig.mnt):
+            assert proc.poll() is None, "the mount ended"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the mount ended"
+        with open(rig.image, "rb") as f:
+            assert f.read(4096) == open(rig.src, "rb").read(4096)
+        fuseclone("unmount", rig.mnt)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
