@@ -807,3 +807,32 @@ async def test_server_restarted_with_another_size_fails_reads(nbdkit, image):
                     break
                 await trio.sleep(0.1)
         assert f"size changed from {SIZE} to {SIZE // 2} bytes" in str(info.value)
+
+
+async def test_server_restarted_with_other_block_sizes_is_read_by_its_new_sizes(nbdkit, image, tmp_path):
+    """Same URL and export size, but a restart brought other block-size constraints (a 4 KiB
+    minimum, a 64 KiB maximum): once reconnected, reads follow the new server's sizes instead
+    of failing with EIO until the next mount."""
+    aligned = tmp_path / "aligned.img"
+    data = contents(image)[:SIZE - SIZE % 4096]
+    aligned.write_bytes(data)
+    server = nbdkit("file", aligned)
+    async with open_nbd_source(server.url(), reconnect_initial=0.02, reconnect_max=0.2) as source:
+        assert await source.read(0, 300000) == data[:300000]  # pieces larger than 64 KiB
+        server.stop()
+        server.args[:0] = ["--filter=blocksize-policy"]
+        server.args += ["blocksize-minimum=4096", "blocksize-preferred=65536",
+                        "blocksize-maximum=65536", "blocksize-error-policy=error"]
+        server.start()
+        errors = []
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    await source.read(0, 1)
+                    break
+                except SourceReadError as exc:
+                    errors.append(str(exc))  # the restart, then (before the fix) EINVAL for ever
+                    await trio.sleep(0.05)
+        assert (source.info.min_block_size, source.info.max_block_size) == (4096, 65536), errors[-3:]
+        for offset, n in [(1, 10), (5000, 300000), (0, len(data))]:
+            assert await source.read(offset, n) == data[offset:offset + n], (offset, n)
