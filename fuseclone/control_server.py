@@ -67,14 +67,18 @@ async def _listen(path: str, listeners: list[trio.socket.SocketType],
                   ours: set[tuple[int, int]]) -> None:
     """A listening socket bound at PATH (mode 0600), added to LISTENERS, its identity to OURS."""
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    listeners.append(listener)
-    old_umask = os.umask(0o177)
     try:
-        await listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(socket.SOMAXCONN)
-    bound = os.stat(path)
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(socket.SOMAXCONN)
+        bound = os.stat(path)
+    except BaseException:
+        listener.close()  # a retry every interval must not keep a socket each time
+        raise
+    listeners.append(listener)
     ours.add((bound.st_dev, bound.st_ino))
 
 

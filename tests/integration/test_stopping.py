@@ -137,6 +137,35 @@ def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
 
 
+def test_a_runtime_directory_that_cannot_be_made_again_costs_no_descriptors(rig, random_source):
+    """While the socket cannot be bound again (an immutable runtime directory), each retry
+    closes its socket: a daemon left so for hours must not run out of descriptors."""
+    env = dict(os.environ, FUSECLONE_RUNTIME_DIR=str(rig.tmp / "run"))
+
+    def cli(*args, check=True):
+        return sh(sys.executable, "-m", "fuseclone", *args, env=env, check=check, timeout=60)
+
+    cli("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    rig.stack.callback(lambda: cli("unmount", "--lazy", rig.mnt, check=False))
+    pid = int(sh("pgrep", "-f", f"fuseclone mount .*{rig.meta}").stdout.split()[0])
+    run = rig.tmp / "run"
+    for name in os.listdir(run):  # only the socket: the log stays open
+        if name.endswith(".sock"):
+            os.unlink(run / name)
+    sh("chattr", "+i", run)  # nothing can be made in it, not even by root: bind fails
+    try:
+        time.sleep(1.0)
+        before = len(os.listdir(f"/proc/{pid}/fd"))
+        time.sleep(3.0)  # several retries
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= before + 1
+    finally:
+        sh("chattr", "-i", run)
+    deadline = time.monotonic() + 10
+    while (result := cli("message", rig.mnt, "enable_hydration", check=False)).returncode:
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.2)
+
+
 def test_status_watch_ends_quietly_when_the_mount_goes_away(rig, random_source):
     rig.mount("--no-hydration")
     watch = subprocess.Popen([sys.executable, "-m", "fuseclone", "status", "--watch", rig.mnt],
