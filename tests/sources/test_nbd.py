@@ -628,12 +628,16 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
     assert reads <= SIZE - sum(hi - lo for lo, hi in holes)  # holes were not even read
 
 
-async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
-    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1")
+async def test_engine_stops_after_max_failures_then_resumes_once_the_server_is_well(
+        nbdkit, image, tmp_path):
+    trigger = tmp_path / "fail"
+    trigger.touch()  # the error filter fails every read while this file exists
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1",
+                    f"error-pread-file={trigger}")
     dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
     async with open_source(server.url()) as source:
         engine = open_clone(source, dst, meta, settings=Settings(max_failures=3, backoff_initial=0.01,
-                                                                  copy_on_read=False))
+                                                                  copy_on_read=False, retry_stopped=0.3))
         async with running(engine):
             with pytest.raises(OSError) as info:
                 await engine.read(0, 4096)  # a user read of an unhydrated region: EIO
@@ -645,6 +649,11 @@ async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
             assert "stopped after 3 failures" in status.hydration_error
             assert "EIO" in status.hydration_error
             assert not status.complete and status.hydrated_regions == 0
+            trigger.unlink()  # the server is well again; nobody sends enable_hydration
+            with trio.fail_after(20):
+                await engine.complete.wait()
+            assert engine.status().hydration_error is None
+        assert open(dst, "rb").read() == contents(image)
 
 
 async def test_check_verify_names_a_source_that_fails_reads_in_one_line(nbdkit, image, tmp_path):
