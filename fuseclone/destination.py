@@ -17,6 +17,7 @@ from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_
                       data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
                       still_named)
 from .errors import DestinationError, DestinationInUseError
+from .identity import loop_identity
 from .libc import libc
 
 _ZEROS = bytes(1 << 20)
@@ -116,7 +117,9 @@ class Destination:
             "kind": "blockdev" if self.is_block_device else "file",
             "path": os.path.realpath(self.path),
         }
-        if not self.is_block_device:
+        if self.is_block_device:
+            ident.update(loop_identity(self.fd))
+        else:
             ident["inode"] = self._st.st_ino
         return ident
 
