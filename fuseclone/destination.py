@@ -15,7 +15,7 @@ import threading
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
-                      still_named)
+                      read_only_device, still_named)
 from .errors import DestinationError, DestinationInUseError
 from .identity import loop_identity
 from .libc import libc
@@ -66,6 +66,9 @@ class Destination:
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise DestinationError(f"{path}: destination must be a regular file or a block device")
+            if stat.S_ISBLK(mode) and not readonly and read_only_device(fd):
+                # Else the mount came up and every copy and user write failed with EPERM.
+                raise DestinationError(f"{path}: destination is read-only")
             size = fd_size(fd)
             if size < image_size:
                 raise DestinationError(

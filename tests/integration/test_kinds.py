@@ -6,7 +6,7 @@ import os
 import struct
 
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, fuseclone
+from tests.integration.conftest import MiB, fuseclone, sh
 
 LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
@@ -65,3 +65,18 @@ def test_a_loop_device_source_now_backed_by_another_file_is_refused(rig):
     result = fuseclone("mount", loop, rig.dst, rig.meta, rig.mnt, check=False)
     assert result.returncode == 1, result.stdout
     assert "belongs to another clone: its source was" in result.stderr
+
+
+def test_a_read_only_block_device_destination_is_refused_with_one_line(rig):
+    make_source_file(rig.src, 2 * MiB, seed=6)
+    with open(rig.dst, "wb") as f:
+        f.truncate(4 * MiB)
+    loop = rig.losetup(rig.dst)
+    sh("blockdev", "--setro", loop)
+    # The flag stays with the device node after `losetup -d`: the next user would inherit it.
+    rig.stack.callback(lambda: sh("blockdev", "--setrw", loop, check=False))
+    result = fuseclone("mount", rig.src, loop, rig.meta, rig.mnt, check=False)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == f"fuseclone: error: {loop}: destination is read-only"
+    assert not os.path.exists(rig.meta)
