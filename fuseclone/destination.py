@@ -264,6 +264,19 @@ class Destination:
             pwrite_all(self.fd, memoryview(_ZEROS)[:n], offset)
             offset += n
 
+    def cut_back_growth(self) -> int:
+        """A regular-file DST grown past its size at open is cut back to it; returns the bytes
+        cut (0: none). Only writes that bypass the mount grow it: FUSE passthrough, where the
+        kernel writes DST itself and does not know where the image ends. What is cut lies past
+        the image, which never shows it (and DST alone must stay the image's size)."""
+        if self.is_block_device:
+            return 0
+        size = os.fstat(self.fd).st_size
+        if size <= self._st.st_size:
+            return 0
+        os.ftruncate(self.fd, self._st.st_size)
+        return size - self._st.st_size
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         if self.is_block_device:
             return [(offset, length, False)]
