@@ -139,8 +139,12 @@ class Destination:
 
     def read(self, offset: int, length: int) -> bytes:
         data = pread_exact(self.fd, length, offset)
-        if len(data) < length:  # a DST file shorter than the image reads zeros past its end
-            data += bytes(length - len(data))
+        if len(data) < length:
+            # A DST shorter than the image is refused at open: it was truncated since, and
+            # what it held there (hydrated data, users' writes) is gone. Zeros would be data
+            # that is neither the source's nor a user's.
+            raise OSError(errno.EIO, f"{self.path}: the destination is shorter than the image "
+                          "(truncated while mounted?)")
         return data
 
     def read_uncached(self, offset: int, length: int) -> bytes:

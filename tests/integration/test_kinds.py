@@ -1,9 +1,13 @@
 """Kinds of sources and destinations: a block device is known by more than its name, since a
 name such as /dev/loop0 comes back holding other data once its loop device is set up again."""
 
+import errno
 import fcntl
+import mmap
 import os
 import struct
+
+import pytest
 
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import MiB, fuseclone, sh
@@ -80,3 +84,23 @@ def test_a_read_only_block_device_destination_is_refused_with_one_line(rig):
     assert result.returncode == 1, result.stdout
     assert result.stderr.strip() == f"fuseclone: error: {loop}: destination is read-only"
     assert not os.path.exists(rig.meta)
+
+
+def test_reads_of_a_destination_truncated_under_a_live_clone_fail_instead_of_reading_zeros(
+        rig):
+    """Its hydrated regions past the new end are gone: zeros would be data that is neither the
+    source's nor a user's."""
+    make_source_file(rig.src, 4 * MiB, seed=7, zero_every=0, hole_every=0)
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    os.truncate(rig.dst, 2 * MiB)
+    buffer = mmap.mmap(-1, 4096)
+    fd = os.open(rig.image, os.O_RDONLY | os.O_DIRECT)  # past the image's page cache
+    try:
+        assert os.preadv(fd, [buffer], MiB) == 4096  # still there
+        with pytest.raises(OSError) as failed:
+            os.preadv(fd, [buffer], 3 * MiB)
+        assert failed.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    fuseclone("unmount", rig.mnt)
