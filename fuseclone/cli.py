@@ -68,6 +68,23 @@ class FriendlyGroup(click.Group):
 @click.version_option(package_name="fuseclone")
 def main() -> None:
     """dm-clone in userspace: use a clone of a slow source at once while it hydrates."""
+    _keep_standard_descriptors_open()
+
+
+def _keep_standard_descriptors_open() -> None:
+    """Open /dev/null on each of 0, 1 and 2 the caller closed (`<&- >&- 2>&-`). Otherwise
+    the next files opened take those numbers: the background mount's ready pipe, which its
+    child's redirection to /dev/null then shut (the command waited for the mount to end), or
+    in a foreground mount whatever the log or the --on-complete command writes to its standard
+    streams would land in the file that holds the number."""
+    for fd, (name, mode) in enumerate((("stdin", "r"), ("stdout", "w"), ("stderr", "w"))):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: FD, as the lower are open
+            os.set_inheritable(fd, True)  # a standard stream of the commands we run, too
+        if getattr(sys, name) is None:  # closed when Python started
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 # ---- mount ------------------------------------------------------------------------------------
@@ -189,7 +206,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             os.close(ready_fd)
             told = True
         else:
-            click.echo(f"fuseclone: serving {image}", err=True)
+            _tell(f"fuseclone: serving {image}")
 
     try:
         if opts.log_file is not None:
@@ -205,6 +222,15 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if ready_fd is not None and not told:
             os.write(ready_fd, f"error {error}\n".encode())
         raise error from None
+
+
+def _tell(notice: str) -> None:
+    """A foreground mount's notice on stderr. Its reader may be gone (`2>&1 | head -1`, a
+    closed terminal): the notice is lost then, but the mount must serve on."""
+    try:
+        click.echo(notice, err=True)
+    except OSError as exc:
+        logging.getLogger(__name__).debug("stderr: %s (%s)", describe(exc), notice)
 
 
 def _mount_background(opts, log_file: str | None, log_level: str) -> None:
@@ -345,6 +371,20 @@ def read_status(target: str) -> Status:
     return offline_status(meta)
 
 
+def _status_while_stopping(meta: str) -> Status:
+    """Live status of the mount of META, or, once it closed or is closing, META's offline
+    status after the mount lets go of it."""
+    try:
+        reply = control.request(meta, {"op": "status"})
+    except control.NotAnswering:
+        raise
+    except FusecloneError:  # the mount closed the connection: it is stopping
+        reply = None
+    if reply is not None:
+        return Status(**reply["status"])
+    return _offline_status_once_released(meta)
+
+
 def offline_status(meta_path: str) -> Status:
     from .metadata import Metadata, feature_names
 
@@ -382,7 +422,11 @@ def status(target, as_json, dmsetup, watch) -> None:
     if watch:
         from .progress import watch_status
 
-        watch_status(lambda: read_status(target))
+        # META, not the mountpoint, is asked each time: once the mount goes away the
+        # mountpoint leads nowhere, and META's offline status is the last one to draw.
+        refuse_another_users_mount(target)
+        meta = control.resolve_target(target)
+        watch_status(lambda: _status_while_stopping(meta))
         return
     st = read_status(target)
     if as_json:
@@ -527,9 +571,11 @@ def _how_to_let_go(loop: str) -> str:
 
 
 def _detach_unanswered(real_mountpoint: str, why: str) -> None:
-    """unmount --lazy of a mount whose daemon does not answer: detach it from here."""
-    from .fuse.mount import unmount as detach
+    """unmount --lazy of a mount whose daemon does not answer: detach it from here (unless
+    another filesystem is mounted over it: the detach would reach that one)."""
+    from .fuse.mount import check_clone_on_top, unmount as detach
 
+    check_clone_on_top(real_mountpoint)
     try:
         detach(real_mountpoint, lazy=True)
     except OSError as exc:

@@ -225,12 +225,14 @@ def daemon_gone(meta_path: str) -> bool:
 
 def cleanup_stale_mount(path: str) -> bool:
     """If PATH is a fuseclone mount whose daemon was killed, detach it and return True. A live
-    mount, and one whose daemon is stopped, is left alone."""
-    from .fuse.mount import unmount
+    mount, and one whose daemon is stopped, is left alone; one that another filesystem is
+    mounted over is refused (CoveredError): a detach would reach that filesystem."""
+    from .fuse.mount import check_clone_on_top, unmount
 
     found = find_mount(path)
     if found is None or not daemon_gone(found[0]):
         return False
+    check_clone_on_top(found[1])
     log.warning("%s: cleaning the stale mount of a daemon that is gone", path)
     unmount(found[1], lazy=True)
     return True

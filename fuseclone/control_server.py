@@ -22,6 +22,7 @@ import trio
 from .control import (ACCEPT_RESOURCE_ERRNOS, ANSWER_TIMEOUT, LONG_REQUESTS, MAX_CLIENTS,
                       MAX_REQUEST, MAX_WAITS, REQUEST_TIMEOUT, RequestError, ensure_runtime_dir,
                       parse_request, socket_path)
+from .errors import FusecloneError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,32 @@ async def serve_control(meta_path: str, handle: Handler,
     path = socket_path(meta_path)
     ensure_runtime_dir()
     _remove_stale_socket(path)
-    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     names = [path]
-    ours = None
+    listeners: list[trio.socket.SocketType] = []
+    ours: set[tuple[int, int]] = set()  # (st_dev, st_ino) of each socket bound at PATH
+    try:
+        await _listen(path, listeners, ours)
+        task_status.started(path)
+        clients = trio.Semaphore(MAX_CLIENTS)
+        waits = trio.Semaphore(MAX_WAITS)
+        async with trio.open_nursery() as nursery:
+
+            def accept_on(listener: trio.socket.SocketType) -> None:
+                nursery.start_soon(_accept_connections, listener, handle, clients, waits, nursery)
+
+            accept_on(listeners[0])
+            nursery.start_soon(_follow_meta_name, meta_path, names, path_names_another_clone)
+            nursery.start_soon(_listen_again_once_removed, path, listeners, ours, accept_on)
+    finally:
+        for listener in listeners:
+            listener.close()
+        _remove_names(names, ours)
+
+
+async def _listen(path: str, listeners: list[trio.socket.SocketType],
+                  ours: set[tuple[int, int]]) -> None:
+    """A listening socket bound at PATH (mode 0600), added to LISTENERS, its identity to OURS."""
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         old_umask = os.umask(0o177)
         try:
@@ -51,28 +75,56 @@ async def serve_control(meta_path: str, handle: Handler,
             os.umask(old_umask)
         listener.listen(socket.SOMAXCONN)
         bound = os.stat(path)
-        ours = (bound.st_dev, bound.st_ino)
-        task_status.started(path)
-        clients = trio.Semaphore(MAX_CLIENTS)
-        waits = trio.Semaphore(MAX_WAITS)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_follow_meta_name, meta_path, names, path_names_another_clone)
-            while True:
-                await clients.acquire()
-                conn = await _accept(listener)
-                nursery.start_soon(_serve_connection, conn, handle, clients, waits)
-    finally:
-        listener.close()
-        _remove_names(names, ours)
+    except BaseException:
+        listener.close()  # a retry every interval must not keep a socket each time
+        raise
+    listeners.append(listener)
+    ours.add((bound.st_dev, bound.st_ino))
 
 
-def _remove_names(names: list[str], ours: tuple[int, int] | None) -> None:
-    """Remove the socket's names that still are this socket (OURS: its st_dev, st_ino): one
-    that META's path gave it may be a newer mount's by now, of a new META at that path."""
+async def _accept_connections(listener: trio.socket.SocketType, handle: Handler,
+                              clients: trio.Semaphore, waits: trio.Semaphore,
+                              nursery: trio.Nursery) -> None:
+    while True:
+        await clients.acquire()
+        conn = await _accept(listener)
+        nursery.start_soon(_serve_connection, conn, handle, clients, waits)
+
+
+async def _listen_again_once_removed(path: str, listeners: list[trio.socket.SocketType],
+                                     ours: set[tuple[int, int]],
+                                     accept_on: Callable[[trio.socket.SocketType], None]) -> None:
+    """Bind the socket at PATH again when it is gone (the runtime directory removed, say by
+    `rm -rf /run/fuseclone`): else no command could reach this mount any more, `unmount`
+    included. The old listener stays open for the clients that still hold its address."""
+    failing = None
+    while True:
+        await trio.sleep(FOLLOW_META_INTERVAL)
+        if os.path.lexists(path):
+            continue
+        try:
+            ensure_runtime_dir()
+            await _listen(path, listeners, ours)
+        except (OSError, FusecloneError) as exc:
+            if str(exc) != failing:
+                log.warning("control socket %s was removed, and cannot be made again: %s", path,
+                            exc)
+                failing = str(exc)
+            continue
+        failing = None
+        log.warning("control socket %s was removed (with its runtime directory?): listening "
+                    "there again", path)
+        accept_on(listeners[-1])
+
+
+def _remove_names(names: list[str], ours: set[tuple[int, int]]) -> None:
+    """Remove the socket's names that still are this mount's sockets (OURS: their st_dev,
+    st_ino): one that META's path gave it may be a newer mount's by now, of a new META at
+    that path."""
     for name in names:
         try:
             st = os.stat(name)
-            if name == names[0] or (st.st_dev, st.st_ino) == ours:
+            if name == names[0] or (st.st_dev, st.st_ino) in ours:
                 os.unlink(name)
         except FileNotFoundError:
             pass

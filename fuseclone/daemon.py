@@ -284,6 +284,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     from .fuse.fs import ImageFilesystem
 
     stop = nursery.cancel_scope
+    mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
     # root inode starts at size 0: it has to stay write-through.
     image_at_root = image == opts.mountpoint
@@ -329,15 +330,15 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
                 return {"ok": True}
-            return await _unmount_unless_in_use(opts.mountpoint, stop)
+            return await _unmount_unless_in_use(opts.mountpoint, real_mountpoint, mount_id, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
     nursery.start_soon(_signals, image, write_cache, stop)
-    await nursery.start(_serve_then_stop, fs, opts, write_cache,
-                        engine.dst.fd if passthrough else None, stop)
+    mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
+                                   engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
     return status
@@ -379,10 +380,16 @@ async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, passthrough
     stop.cancel()  # unmounted from outside: shut the rest down
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
+                # the terminal of a foreground mount closed: by default it would kill the
+                # daemon without a commit or an unmount, and lose the writes the kernel caches
+                signal.SIGHUP)
+
+
 async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
-    """The first SIGINT/SIGTERM stops after the kernel's cached writes are handed over; a
-    second one while that waits (a slow source, say) stops at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """The first SIGINT/SIGTERM/SIGHUP stops after the kernel's cached writes are handed over;
+    a second one while that waits (a slow source, say) stops at once."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -394,15 +401,20 @@ async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None
                 nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
 
 
-async def _unmount_unless_in_use(mountpoint: str, stop: trio.CancelScope) -> dict:
+async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id: int | None,
+                                 stop: trio.CancelScope) -> dict:
     """The control socket's unmount, refused like umount(8)'s while something has the image
-    open: a lazy detach would drop whatever that holder writes into the kernel's cache later.
+    open: a lazy detach would drop whatever that holder writes into the kernel's cache later;
+    refused too while another filesystem is mounted over the clone (it is not ours to unmount).
     The unmount runs in a thread while this loop still serves, because the kernel hands over
     the image's cached writes during it; the session then ends by itself."""
-    from .fuse.mount import unmount
+    from .fuse.mount import CoveredError, check_clone_on_top, unmount
 
     try:
+        check_clone_on_top(real_mountpoint, mount_id)
         await trio.to_thread.run_sync(unmount, mountpoint)
+    except CoveredError as exc:
+        return {"ok": False, "error": exc.reason}
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             log.info("unmount refused: %s is in use", mountpoint)
@@ -465,12 +477,20 @@ async def _on_complete(engine: CloneEngine, command: str, image: str, write_cach
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:
-        result = await trio.run_process(on_complete_argv(command), check=False, env=env)
+        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env)
     except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
         log.error("--on-complete command could not run: %s", describe(exc))
         return
-    if result.returncode:
-        log.warning("--on-complete command exited with %d", result.returncode)
+    try:
+        returncode = await process.wait()
+    except trio.Cancelled:
+        # Not killed: a switch-over to DST unmounts this very clone (`fuseclone unmount` in
+        # CMD, which waits for this mount to let go of META) and must not be cut short by it.
+        log.warning("the --on-complete command (pid %d) still runs as the mount stops: left to "
+                    "finish on its own", process.pid)
+        raise
+    if returncode:
+        log.warning("--on-complete command exited with %d", returncode)
 
 
 def _remove_created(opts: MountOptions, new_meta: bool, new_dst: bool) -> None:

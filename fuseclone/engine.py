@@ -118,6 +118,7 @@ class Settings:
     max_failures: int = 8
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
+    retry_stopped: float = 60.0  # seconds between single tries once failures stopped hydration
 
     def resolved(self, geometry: Geometry, source_depth: int,
                  source_batch: int = DEFAULT_BATCH_BYTES) -> Settings:
@@ -655,8 +656,8 @@ class CloneEngine:
                 await claim.done.wait()
             return await self._read_range(lo, hi - lo)
         self._note_source_read(run)
-        if not (self.settings.copy_on_read and self.hydration_error is None
-                and self.meta.mode is MetadataMode.RW) or any(r in self._claims for r in run):
+        if not (self.settings.copy_on_read and self.meta.mode is MetadataMode.RW
+                and not any(r in self._claims for r in run) and self.hydrator.stores_allowed()):
             return await self.copier.source_read(lo, hi - lo)
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
         claim = self.claim(run)
@@ -936,7 +937,6 @@ class CloneEngine:
         s = self.settings
         if words == ["enable_hydration"]:
             s.hydration = True
-            self.hydration_error = None
             self.hydrator.resume()
         elif words == ["disable_hydration"]:
             s.hydration = False

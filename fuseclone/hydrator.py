@@ -6,8 +6,9 @@ sets the regions' bits and releases the claim: the I/O rules stay in engine.py).
 hydrator owns is the order (`HydrationOrder`: the prefetch trace, hot spots, then in order),
 how much is in flight (the pacer under `hydration_threshold`, one small copy at a time while
 the image is in use; a prefetch's own pacer), the rate limit, retries with exponential backoff
-and the stop after `max_failures`, the hold until the image is mounted, and readahead's copies
-for the engine's stream detector, under the same threshold.
+and the stop after `max_failures` (then one try each `retry_stopped`), the hold until the
+image is mounted, and readahead's copies for the engine's stream detector, under the same
+threshold.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Hydrator:
                                              PREFETCH_YIELD_BYTES)
         self._failures = 0
         self._resume_at = 0.0
+        self._stopped_by_failures = False  # hydration_error is ours: a try now and then may end it
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self._rate_tokens = 0.0
         self._rate_stamp = -1e9
@@ -127,9 +129,11 @@ class Hydrator:
             self._hydration_hold.set()
 
     def resume(self) -> None:
-        """Forget past failures and any backoff (enable_hydration)."""
+        """Forget past failures, any backoff and the stop (enable_hydration)."""
         self._failures = 0
         self._resume_at = 0.0
+        self._stopped_by_failures = False
+        self._engine.hydration_error = None
 
     def threshold_changed(self) -> None:
         self._pacer.set_cap(self._threshold_bytes())
@@ -164,6 +168,8 @@ class Hydrator:
                     continue
                 if in_order:
                     cursor = claim.regions.stop
+                if self._stopped_by_failures:
+                    self._note_try()
                 self._inflight_regions += len(claim.regions)
                 copies.start_soon(self._hydrate_batch, claim)
                 await self._throttle(len(claim.regions) * self.geometry.region_size)
@@ -182,8 +188,12 @@ class Hydrator:
 
     def _may_start_batch(self) -> bool:
         s = self.settings
-        if self._engine.hydration_error is not None or self.meta.mode is not MetadataMode.RW:
+        if self.meta.mode is not MetadataMode.RW:
             return False
+        if self._engine.hydration_error is not None:
+            # Stopped after failures: one copy now and then tries whether the cause is gone.
+            return ((s.hydration or self.order.prefetching) and self._inflight_regions == 0
+                    and self._try_due())
         if self.order.prefetching:  # even with background hydration disabled
             depth = self._prefetch_depth()
             return self._inflight_regions + self._prefetch_batch(depth) <= depth
@@ -194,6 +204,25 @@ class Hydrator:
         if self._user_active():
             limit = min(limit, batch)  # yield to user I/O: one batch at a time
         return self._inflight_regions + batch <= max(limit, batch)
+
+    def stores_allowed(self) -> bool:
+        """Whether copy-on-read may store what users read: unless hydration stopped; after a
+        stop by failures, one store in each `retry_stopped` tries whether the cause is gone
+        (its success resumes hydration, as a background copy's does)."""
+        if self._engine.hydration_error is None:
+            return True
+        if not self._try_due():
+            return False
+        self._note_try()
+        return True
+
+    def _try_due(self) -> bool:
+        """After a stop by failures: whether it is time to try a copy."""
+        return self._stopped_by_failures and trio.current_time() >= self._resume_at
+
+    def _note_try(self) -> None:
+        """A try is made: the next one is retry_stopped from now, whatever this one does."""
+        self._resume_at = trio.current_time() + self.settings.retry_stopped
 
     def _batch_regions(self) -> int:
         """Regions per copy: the configured batch; smaller while the user is active, and while
@@ -266,13 +295,18 @@ class Hydrator:
             self._changed.unpark_all()
 
     def note_success(self) -> None:
-        """A copy into DST worked: failures are no longer in a row."""
+        """A copy into DST worked: failures are no longer in a row, and a stop they caused
+        ends (copy-on-read and readahead come back with it)."""
         self._failures = 0
+        if self._stopped_by_failures:
+            self.resume()
+            log.warning("hydration resumed: a copy worked again after the stop")
 
     def note_failure(self, kind: str, regions: range, exc: OSError) -> None:
         """A copy into DST failed (hydration's, readahead's, or a copy-on-read store): back off
-        exponentially; after max_failures in a row, stop until enable_hydration. Copy-on-read
-        and readahead stop with it, so a DST that is full says why once, not once per read."""
+        exponentially; after max_failures in a row, stop, then try one copy each retry_stopped
+        seconds until one works (or enable_hydration). Copy-on-read and readahead stop with
+        it, so a DST that is full says why once, not once per read."""
         engine = self._engine
         self._failures += 1
         engine.hydration_errors += 1
@@ -283,8 +317,13 @@ class Hydrator:
                         regions.stop - 1, self._failures, self._last_failure)
         if self._failures >= s.max_failures and engine.hydration_error is None:
             engine.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
-            log.error("hydration %s", engine.hydration_error)
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
+            self._stopped_by_failures = True
+            log.error("hydration %s; trying one copy every %g s", engine.hydration_error,
+                      s.retry_stopped)
+        if self._stopped_by_failures:
+            delay = s.retry_stopped
+        else:
+            delay = min(s.backoff_max, s.backoff_initial * 2 ** (self._failures - 1))
         self._resume_at = max(self._resume_at, trio.current_time() + delay)
 
     async def _throttle(self, nbytes: int) -> None:
@@ -299,10 +338,12 @@ class Hydrator:
             await trio.sleep(-self._rate_tokens / rate)
 
     def retry_note(self) -> str | None:
-        """While hydration backs off after failures (and has not stopped): how it stands."""
+        """While hydration backs off after failures, or has stopped after them: how it stands."""
+        wait = max(0.0, self._resume_at - trio.current_time())
+        if self._stopped_by_failures:
+            return f"one copy every {self.settings.retry_stopped:g} s, next try in {wait:.0f} s"
         if not self._failures or self._engine.hydration_error is not None:
             return None
-        wait = max(0.0, self._resume_at - trio.current_time())
         return (f"{self._failures} failed in a row (stops at {self.settings.max_failures}), "
                 f"next try in {wait:.1f} s: {self._last_failure}")
 

@@ -30,7 +30,7 @@ def hydration_state(st: Status) -> str:
     if not st.hydration_enabled:
         return "disabled"
     if st.hydration_error:
-        return "stopped by errors (the message enable_hydration retries)"
+        return "stopped by errors (tried again now and then; enable_hydration: at once)"
     if (not st.complete and st.servers
             and not any(server["state"] == "serving" for server in st.servers)):
         return "enabled, waiting for the source to answer"
@@ -88,10 +88,11 @@ def status_renderable(st: Status) -> Group:
         rows.append(("log", st.log_file))
     if st.metadata_error:
         rows.insert(2, ("error", Text(str(MetadataFailedError(st.metadata_error)), style="bold red")))
-    elif st.hydration_error:
-        rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
-    elif st.hydration_retry:
-        rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
+    else:
+        if st.hydration_retry:  # backing off, or stopped and trying now and then
+            rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
+        if st.hydration_error:
+            rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
     for key, value in rows:
         table.add_row(key, value)
     return Group(bar, headline, table)

@@ -277,10 +277,22 @@ def _write_bdi(bdi: str, knob: str, value: int) -> None:
         f.write(str(value))
 
 
-def mount_device(real_mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """"major:minor" of the fuseclone mount at `real_mountpoint` (a resolved path), from
-    mountinfo rather than a stat of the mount."""
-    found = None
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of mountinfo."""
+
+    mount_id: int
+    parent_id: int  # the mount this one is mounted on
+    device: str  # "major:minor"
+    mountpoint: str  # unescaped
+    fstype: str
+
+
+def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
+    entries = []
     with open(mountinfo) as f:
         for line in f:
             fields = line.split()
@@ -288,6 +300,47 @@ def mount_device(real_mountpoint: str, mountinfo: str = "/proc/self/mountinfo") 
                 fstype = fields[fields.index("-", 6) + 1]
             except (ValueError, IndexError):
                 continue
-            if fstype == FSTYPE and _unescape(fields[4]) == real_mountpoint:
-                found = fields[2]  # the last one: mounts stacked on one path hide earlier ones
+            entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
+                                      _unescape(fields[4]), fstype))
+    return entries
+
+
+def mount_device(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> str | None:
+    """"major:minor" of the fuseclone mount at `real_mountpoint` (a resolved path), from
+    mountinfo rather than a stat of the mount."""
+    found = None
+    for entry in mount_entries(mountinfo):
+        if entry.fstype == FSTYPE and entry.mountpoint == real_mountpoint:
+            found = entry.device  # the last one: mounts stacked on one path hide earlier ones
     return found
+
+
+def top_mount(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> MountEntry | None:
+    """The mount that `real_mountpoint` (a resolved path) reaches now, and umount2 of it would
+    unmount: of the mounts stacked there, the one nothing else there is mounted on."""
+    stacked = [entry for entry in mount_entries(mountinfo) if entry.mountpoint == real_mountpoint]
+    covered = {entry.parent_id for entry in stacked}
+    tops = [entry for entry in stacked if entry.mount_id not in covered]
+    return tops[-1] if tops else None
+
+
+class CoveredError(FusecloneError):
+    """Another filesystem is mounted over a clone's mountpoint."""
+
+    def __init__(self, real_mountpoint: str, fstype: str) -> None:
+        self.reason = f"another filesystem ({fstype}) is mounted over the clone: unmount it first"
+        super().__init__(f"{real_mountpoint}: {self.reason}")
+
+
+def check_clone_on_top(real_mountpoint: str, mount_id: int | None = None,
+                       mountinfo: str = MOUNTINFO) -> None:
+    """Raise CoveredError unless `real_mountpoint` reaches a fuseclone mount (the one of
+    MOUNT_ID, when given), before it is unmounted: umount2 takes a path and unmounts whatever
+    is mounted there now, which may be a filesystem mounted over the clone since, or, once the
+    clone was detached behind fuseclone's back (`umount -l`), a mount made there since,
+    another clone's perhaps. Nothing mounted there at all passes: the unmount says EINVAL."""
+    top = top_mount(real_mountpoint, mountinfo)
+    if top is None:
+        return
+    if top.fstype != FSTYPE or (mount_id is not None and top.mount_id != mount_id):
+        raise CoveredError(real_mountpoint, top.fstype)

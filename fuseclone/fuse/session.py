@@ -26,7 +26,8 @@ import trio
 from .. import uring
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import mount_fuse, set_dirty_limit, unmount
+from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, set_dirty_limit,
+                    top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount `fs` at `mountpoint` and serve it until it is unmounted (returns) or the caller is
     cancelled (unmounts, then re-raises). `task_status.started()` fires once INIT is answered,
-    so the filesystem can be used as soon as `nursery.start(serve, ...)` returns.
+    so the filesystem can be used as soon as `nursery.start(serve, ...)` returns; it hands over
+    the mount's id in mountinfo (what `check_clone_on_top` wants before an unmount).
 
     `write_cache` > 0 turns on the kernel's writeback cache: writes are acknowledged from the
     page cache, reach the filesystem when written back (at the latest on fsync, close, or
@@ -101,6 +103,8 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
     real_mountpoint = os.path.realpath(mountpoint)
     fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
                     use_fusermount=use_fusermount)
+    mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
+    mount_id = mounted.mount_id if mounted is not None else None
     if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
         log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
                  "system's): raising it needs root and Linux 6.2", mountpoint)
@@ -110,10 +114,10 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
         await session.handshake()
         if passthrough_fd is not None:
             session.register_backing(passthrough_fd)
-        task_status.started()
+        task_status.started(mount_id)
         await session.run()
     finally:
-        session.close(mountpoint)
+        session.close(mountpoint, real_mountpoint, mount_id)
 
 
 def negotiate(init: codec.Init, *, writeback_cache: bool = False,
@@ -469,10 +473,20 @@ class Session:
         if scope is not None:  # else it was answered already
             scope.cancel()
 
-    def close(self, mountpoint: str) -> None:
-        """Unmount (detaching lazily if something still holds the image) and drop the device."""
+    def close(self, mountpoint: str, real_mountpoint: str, mount_id: int | None) -> None:
+        """Unmount (detaching lazily if something still holds the image) and drop the device.
+        Only our own mount: not a filesystem mounted over it, nor one mounted at the path after
+        ours was detached behind our back."""
         try:
+            check_clone_on_top(real_mountpoint, mount_id)
             unmount(mountpoint)
+        except CoveredError as exc:
+            if any(entry.mount_id == mount_id for entry in mount_entries()):
+                log.warning("%s; this mount stays under it, its daemon gone, until both are "
+                            "unmounted", exc)
+            else:
+                log.info("%s was detached from its mountpoint meanwhile (umount -l): the mount "
+                         "there now is not this one", mountpoint)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 log.warning("%s is still in use: detaching it lazily", mountpoint)

@@ -411,6 +411,11 @@ class HttpSource(Source):
             self._conditions = {"If-Match": self.etag}
         elif self.last_modified:
             self._conditions = {"If-Unmodified-Since": self.last_modified}
+        elif self.etag:
+            self._conditions = {}  # If-Match compares strongly: a weak ETag never matches
+            log.warning("%s: the server sends only a weak ETag (%s) and no Last-Modified; a "
+                        "change of the file during a run cannot be detected (between runs, the "
+                        "ETag is compared)", self.description, self.etag)
         else:
             self._conditions = {}
             log.warning("%s: the server sends neither ETag nor Last-Modified; a change of the "

@@ -113,3 +113,98 @@ async def test_a_waiter_wakes_when_hydration_stops(clone, monkeypatch):
     async with clone.running(engine):
         await assert_settle_waiter_woken_by(engine, enable_hydration, monkeypatch)
         assert "stopped after 3 failures" in engine.status().hydration_error
+
+
+async def test_a_stop_after_failures_is_tried_again_slowly_and_hydration_resumes_by_itself(clone):
+    """A source down for longer than the backoff (a server restarted overnight, DST's
+    filesystem full until someone makes room) must not leave the clone stopped until someone
+    sends enable_hydration: after the stop one copy is tried every `retry_stopped` seconds,
+    and the first that works resumes hydration (and copy-on-read) by itself."""
+    engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
+                              max_failures=3, backoff_initial=0.01, retry_stopped=0.5)
+    broken = BrokenRange(engine.source, 1 << 20, (1 << 20) + 8192)
+    engine.source = engine.copier.source = broken
+    async with clone.running(engine):
+        engine.message("enable_hydration")
+        with trio.fail_after(10):
+            await engine.wait_until_settled()  # `wait` still ends at the stop
+        status = engine.status()
+        assert "stopped after 3 failures" in status.hydration_error
+        assert "next try in" in status.hydration_retry
+        while engine.status().hydrating_regions:
+            await trio.sleep(0.01)
+        calls = broken.failures
+        await trio.sleep(1.3)
+        assert 1 <= broken.failures - calls <= 4, "one try per retry_stopped, no more"
+        assert "stopped after" in engine.status().hydration_error
+        broken.broken = False  # the server is back; nobody sends a message
+        with trio.fail_after(10):
+            await engine.complete.wait()
+        assert engine.status().hydration_error is None
+        assert await engine.read(1 << 20, 8192) == clone.source_bytes(1 << 20, 8192)
+
+
+async def test_with_hydration_off_a_users_read_is_the_try_that_ends_a_stop(clone, monkeypatch):
+    """Copy-on-read stores failing (DST full) stop copy-on-read too; with hydration disabled no
+    background copy tries again, so a user's read does, once per retry_stopped, and its store
+    ends the stop. Hydration itself stays off, as the user set it."""
+    engine = await clone.open(hydration=False, copy_on_read=True, max_failures=3,
+                              backoff_initial=0.01, retry_stopped=0.5)
+    full = True
+    real_write = engine.copier.write_or_punch
+    tries = []
+
+    def write_or_punch(offset, data):
+        tries.append(offset)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(offset, data)
+
+    monkeypatch.setattr(engine.copier, "write_or_punch", write_or_punch)
+    region = engine.geometry.region_size
+    async with clone.running(engine):
+        for i in range(3):
+            assert await engine.read(i * 16 * region, 10) == clone.source_bytes(i * 16 * region, 10)
+        with trio.fail_after(5):
+            while engine.status().hydration_error is None:
+                await trio.sleep(0.01)
+        stopped_at = len(tries)
+        for i in range(3, 8):  # served from the source, not stored: no try is due yet
+            assert await engine.read(i * 16 * region, 10) == clone.source_bytes(i * 16 * region, 10)
+        await trio.sleep(0.1)
+        assert len(tries) == stopped_at
+        full = False
+        await trio.sleep(0.5)
+        assert await engine.read(8 * 16 * region, 10) == clone.source_bytes(8 * 16 * region, 10)
+        with trio.fail_after(5):
+            while engine.status().hydration_error is not None:
+                await trio.sleep(0.01)
+        assert not engine.settings.hydration and engine.meta.hydrated_count > 0
+        await trio.sleep(0.3)
+        hydrated = engine.meta.hydrated_count
+        await trio.sleep(0.3)
+        assert engine.meta.hydrated_count == hydrated  # no background hydration started
+
+
+async def test_the_first_try_after_a_stop_copies_something(clone):
+    """A try that comes when hydration's cursor stands at the end must not be spent finding
+    nothing there: the first try after the stop is a copy, and it resumes hydration."""
+    engine = await clone.open(hydration=False, copy_on_read=False, max_failures=3,
+                              backoff_initial=0.01, retry_stopped=2.0, hydration_batch_size=1,
+                              region_size=1 << 20)
+    # Five regions, all claimed before the first copy runs: the cursor stands at the end.
+    engine.settings.hydration_threshold = engine.meta.nr_regions
+    broken = BrokenRange(engine.source, 0, engine.source.size)
+    engine.source = engine.copier.source = broken
+    async with clone.running(engine):
+        engine.message("enable_hydration")
+        with trio.fail_after(10):
+            await engine.wait_until_settled()
+        stopped = trio.current_time()
+        while engine.status().hydrating_regions:  # copies in flight at the stop fail too
+            await trio.sleep(0.01)
+        broken.broken = False
+        with trio.fail_after(10):
+            while engine.status().hydration_error is not None:
+                await trio.sleep(0.01)
+        assert trio.current_time() - stopped < 3.2  # the first try, due 2 s after the stop

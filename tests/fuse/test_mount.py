@@ -1,6 +1,8 @@
 """Finding a mount's device in mountinfo, without touching the mount."""
 
-from fuseclone.fuse.mount import mount_device
+import pytest
+
+from fuseclone.fuse.mount import CoveredError, check_clone_on_top, mount_device, top_mount
 
 MOUNTINFO = """\
 22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -8,6 +10,7 @@ MOUNTINFO = """\
 41 22 0:40 / /tmp/other rw,nosuid,nodev - fuse.sshfs host: rw
 42 40 0:41 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:3 - fuse.fuseclone fuseclone:/n rw,user_id=0
 43 22 0:42 / /tmp/opt rw shared:4 opt:x - fuse.fuseclone fuseclone:/o rw
+44 43 0:43 / /tmp/opt rw - tmpfs tmpfs rw
 """
 
 
@@ -18,3 +21,17 @@ def test_mount_device_reads_mountinfo(tmp_path):
     assert mount_device("/tmp/opt", str(info)) == "0:42"  # optional fields before "-"
     assert mount_device("/tmp/other", str(info)) is None  # not fuseclone's
     assert mount_device("/tmp/none", str(info)) is None
+
+
+def test_the_top_of_a_stack_is_what_an_unmount_would_reach(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    assert top_mount("/tmp/a b", str(info)).mount_id == 42
+    assert top_mount("/tmp/opt", str(info)).fstype == "tmpfs"  # mounted over the clone
+    assert top_mount("/tmp/none", str(info)) is None
+    check_clone_on_top("/tmp/a b", 42, str(info))
+    check_clone_on_top("/tmp/none", 7, str(info))  # nothing there: the unmount says so
+    with pytest.raises(CoveredError, match=r"^/tmp/opt: another filesystem \(tmpfs\)"):
+        check_clone_on_top("/tmp/opt", None, str(info))
+    with pytest.raises(CoveredError):  # a clone mounted there after ours was detached
+        check_clone_on_top("/tmp/a b", 40, str(info))

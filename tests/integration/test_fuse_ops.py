@@ -1108,14 +1108,15 @@ def test_a_second_signal_stops_without_waiting_for_cached_writes(rig, slow_nbd):
     assert "again" in proc.stderr.read()
 
 
-def test_sigterm_hands_cached_writes_over_before_it_stops(rig):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a terminal closed
+def test_sigterm_hands_cached_writes_over_before_it_stops(rig, signum):
     """A buffered loop device's writes sit in the kernel's cache of the image; a SIGTERM while
     the loop device still holds it must write them to DST before the session ends."""
     data = make_random(rig.src, 8 * MiB)
     with _foreground_mount(rig, "--no-hydration") as proc:
         loop = rig.losetup(None, "--direct-io=off")
         _write_direct(loop, 3 * MiB, b"\x5a" * 64 * 1024)  # no fsync: the kernel holds it
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
         sh("losetup", "-d", loop, timeout=30)
     _assert_in_dst_on_a_clean_stop(rig, 3 * MiB, b"\x5a" * 64 * 1024)

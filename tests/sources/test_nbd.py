@@ -628,12 +628,16 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
     assert reads <= SIZE - sum(hi - lo for lo, hi in holes)  # holes were not even read
 
 
-async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
-    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1")
+async def test_engine_stops_after_max_failures_then_resumes_once_the_server_is_well(
+        nbdkit, image, tmp_path):
+    trigger = tmp_path / "fail"
+    trigger.touch()  # the error filter fails every read while this file exists
+    server = nbdkit("--filter=error", "file", image, "error-pread-rate=1",
+                    f"error-pread-file={trigger}")
     dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
     async with open_source(server.url()) as source:
         engine = open_clone(source, dst, meta, settings=Settings(max_failures=3, backoff_initial=0.01,
-                                                                  copy_on_read=False))
+                                                                  copy_on_read=False, retry_stopped=0.3))
         async with running(engine):
             with pytest.raises(OSError) as info:
                 await engine.read(0, 4096)  # a user read of an unhydrated region: EIO
@@ -645,6 +649,11 @@ async def test_engine_stops_after_max_failures(nbdkit, image, tmp_path):
             assert "stopped after 3 failures" in status.hydration_error
             assert "EIO" in status.hydration_error
             assert not status.complete and status.hydrated_regions == 0
+            trigger.unlink()  # the server is well again; nobody sends enable_hydration
+            with trio.fail_after(20):
+                await engine.complete.wait()
+            assert engine.status().hydration_error is None
+        assert open(dst, "rb").read() == contents(image)
 
 
 async def test_check_verify_names_a_source_that_fails_reads_in_one_line(nbdkit, image, tmp_path):
@@ -807,3 +816,32 @@ async def test_server_restarted_with_another_size_fails_reads(nbdkit, image):
                     break
                 await trio.sleep(0.1)
         assert f"size changed from {SIZE} to {SIZE // 2} bytes" in str(info.value)
+
+
+async def test_server_restarted_with_other_block_sizes_is_read_by_its_new_sizes(nbdkit, image, tmp_path):
+    """Same URL and export size, but a restart brought other block-size constraints (a 4 KiB
+    minimum, a 64 KiB maximum): once reconnected, reads follow the new server's sizes instead
+    of failing with EIO until the next mount."""
+    aligned = tmp_path / "aligned.img"
+    data = contents(image)[:SIZE - SIZE % 4096]
+    aligned.write_bytes(data)
+    server = nbdkit("file", aligned)
+    async with open_nbd_source(server.url(), reconnect_initial=0.02, reconnect_max=0.2) as source:
+        assert await source.read(0, 300000) == data[:300000]  # pieces larger than 64 KiB
+        server.stop()
+        server.args[:0] = ["--filter=blocksize-policy"]
+        server.args += ["blocksize-minimum=4096", "blocksize-preferred=65536",
+                        "blocksize-maximum=65536", "blocksize-error-policy=error"]
+        server.start()
+        errors = []
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    await source.read(0, 1)
+                    break
+                except SourceReadError as exc:
+                    errors.append(str(exc))  # the restart, then (before the fix) EINVAL for ever
+                    await trio.sleep(0.05)
+        assert (source.info.min_block_size, source.info.max_block_size) == (4096, 65536), errors[-3:]
+        for offset, n in [(1, 10), (5000, 300000), (0, len(data))]:
+            assert await source.read(offset, n) == data[offset:offset + n], (offset, n)

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import functools
 import http.server
+import logging
 import mmap
 import os
 import random
@@ -478,8 +479,11 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if self.server.head != "no-length":
             self.send_header("Content-Length", str(self.SIZE))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", '"v1"')
+        self.send_header("ETag", self.etag())
         self.end_headers()
+
+    def etag(self):
+        return 'W/"v1"' if self.server.head == "weak-etag" else '"v1"'
 
     def do_GET(self):
         self.server.gets += 1
@@ -496,7 +500,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         total = "*" if self.server.head == "no-length" else self.SIZE
         self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
         self.send_header("Content-Length", str(n))
-        self.send_header("ETag", '"v2"' if mode == "other-etag" else '"v1"')
+        self.send_header("ETag", '"v2"' if mode == "other-etag" else self.etag())
         self.end_headers()
         if mode == "short":
             self.wfile.write(b"y" * (n // 2))
@@ -535,6 +539,19 @@ async def test_size_from_the_range_probe_when_head_is_refused(scripted):
     async with open_http_source(url) as source:
         assert source.size == ScriptedHandler.SIZE and source.etag == '"v1"'
         assert await source.read(ScriptedHandler.SIZE - 10, 100) == b"y" * 10
+
+
+async def test_a_weak_etag_alone_is_named_in_the_warning(scripted, caplog):
+    """A weak ETag cannot make reads conditional (If-Match compares strongly), but it is kept
+    in the identity: the warning says so instead of "neither ETag nor Last-Modified"."""
+    server, url = scripted
+    server.head = "weak-etag"
+    with caplog.at_level(logging.WARNING, logger="fuseclone"):
+        async with open_http_source(url) as source:
+            assert await source.read(0, 10) == b"y" * 10
+            assert source.identity()["etag"] == 'W/"v1"'
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "weak ETag" in warnings[0] and "neither" not in warnings[0]
 
 
 async def test_refused_without_a_size(scripted):

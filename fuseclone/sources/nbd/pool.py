@@ -268,6 +268,7 @@ class ConnectionPool:
                                       f"{exc.strerror}") from None
             self._attempt_succeeded()
             self.reconnects += 1
+            self._follow_server(conn.info)
             self._adopt(conn)
             log.info("%s: reconnected", self.address.url)
             if self._target > 1 and not self._filling and self._nursery is not None:
@@ -306,6 +307,14 @@ class ConnectionPool:
         if self._closed:
             await conn.disconnect("source closed")
             return
+        if _request_shape(conn.info) != _request_shape(self.info):
+            # Requests are cut to one shape for the whole pool; the connections still open
+            # hold the old one. The server restarted: they will go, and the reconnect that
+            # follows takes the new shape.
+            log.info("%s: an extra connection found other block sizes or flags (%s); not used",
+                     self.address.url, _describe_shape(conn.info))
+            await conn.disconnect("other block sizes or flags")
+            return
         self._attempt_succeeded()
         self._adopt(conn)
 
@@ -317,8 +326,21 @@ class ConnectionPool:
     def start(self, nursery: trio.Nursery, first: Connection) -> None:
         self._nursery = nursery
         self._info = first.info
-        self._target = max(1, self.options.connections) if first.info.can_multi_conn else 1
+        self._target = self._target_for(first.info)
         self._adopt(first)
+
+    def _target_for(self, info: wire.ExportInfo) -> int:
+        return max(1, self.options.connections) if info.can_multi_conn else 1
+
+    def _follow_server(self, info: wire.ExportInfo) -> None:
+        """A reconnect with no connection left open: the server may have restarted with other
+        block sizes or flags (its size was checked by `_dial`). Requests from now on follow
+        the new ones; with the old, every read would fail (EINVAL) until the next mount."""
+        if _request_shape(info) != _request_shape(self.info):
+            log.warning("%s: the export's block sizes or flags changed on reconnect: %s, was %s",
+                        self.address.url, _describe_shape(info), _describe_shape(self.info))
+        self._info = info
+        self._target = self._target_for(info)
 
     def _adopt(self, conn: Connection) -> None:
         assert self._nursery is not None
@@ -546,6 +568,16 @@ class ConnectionPool:
         """ESHUTDOWN: the client must disconnect; finish what is in flight first."""
         conn.usable = False
         conn.draining = True
+
+
+def _request_shape(info: wire.ExportInfo) -> tuple[int, int, int, int]:
+    """What the requests made for an export depend on (meta-context ids are per connection)."""
+    return info.min_block_size, info.preferred_block_size, info.max_block_size, info.flags
+
+
+def _describe_shape(info: wire.ExportInfo) -> str:
+    return (f"block sizes {info.min_block_size}/{info.preferred_block_size}/"
+            f"{info.max_block_size}, flags {info.flags:#x}")
 
 
 def _errno(nbd_error: int) -> int:

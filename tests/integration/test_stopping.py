@@ -1,0 +1,209 @@
+"""How a live clone stops, and what it leaves alone while it does: filesystems mounted over
+its mountpoint or there after it, a switch-over hook that unmounts it, a terminal that closes,
+a caller whose standard descriptors are closed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
+
+
+def wait_gone(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def _zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def mounts_at(path):
+    real = os.path.realpath(path)
+    return [line.split()[2] for line in open("/proc/mounts") if line.split()[1] == real]
+
+
+def tmpfs_over(rig, where):
+    """A tmpfs mounted at WHERE holding one file; unmounted at the end of the test."""
+    sh("mount", "-t", "tmpfs", "tmpfs", where)
+    rig.stack.callback(lambda: sh("umount", "-l", where, check=False))
+    with open(os.path.join(where, "keep"), "w") as f:
+        f.write("not fuseclone's")
+
+
+def test_a_filesystem_mounted_over_the_clone_is_never_unmounted_by_it(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    tmpfs_over(rig, rig.mnt)
+
+    result = fuseclone("unmount", rig.mnt, "--timeout", "5", check=False)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "mounted over" in result.stderr
+    os.kill(pid, signal.SIGTERM)  # stops the daemon, and leaves the tmpfs alone
+    wait_gone(pid)
+    assert mounts_at(rig.mnt) == ["fuse.fuseclone", "tmpfs"]
+    assert open(os.path.join(rig.mnt, "keep")).read() == "not fuseclone's"
+
+    result = fuseclone("unmount", "--lazy", rig.mnt, check=False)  # would detach the tmpfs
+    assert result.returncode == 1 and "mounted over" in result.stderr
+    sh("umount", rig.mnt)
+    fuseclone("unmount", "--lazy", rig.mnt)  # the daemon is gone: nothing answers
+    assert mounts_at(rig.mnt) == []
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_clone_detached_behind_its_back_leaves_the_next_mount_there_alone(rig, random_source):
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    loop = rig.losetup()  # keeps the detached mount, and its daemon, alive
+    sh("umount", "-l", rig.mnt)
+    fuseclone("mount", rig.src, rig.tmp / "dst2.img", rig.tmp / "two.meta", rig.mnt, "--no-hydration")
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+
+    sh("losetup", "-d", loop)  # the first clone's mount goes, and its daemon stops
+    wait_gone(pid)
+    assert mounts_at(rig.mnt) == ["fuse.fuseclone"]
+    assert status_json(rig.mnt)["metadata"] == str(rig.tmp / "two.meta")
+    with open(rig.image, "rb") as f:
+        assert f.read(4096) == open(rig.src, "rb").read(4096)
+
+
+def wait_for_file(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_an_on_complete_hook_that_unmounts_the_clone_is_not_cut_short_by_it(rig, random_source):
+    """The switch-over of the walkthrough's step 4 as a hook: unmount the clone, then use DST."""
+    marker = rig.tmp / "switched"
+    rig.mount("--on-complete", f"sh -c '{sys.executable} -m fuseclone unmount {rig.mnt} "
+                               f"&& cmp -n {MiB} {rig.dst} {rig.src} && touch {marker}'")
+    wait_for_file(marker)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_hung_on_complete_hook_holds_up_no_unmount(rig, random_source):
+    pid_file = rig.tmp / "hook.pid"
+    rig.mount("--on-complete", f"sh -c 'echo $$ > {pid_file}; exec sleep 120'")
+    wait_for_file(pid_file)
+    time.sleep(0.1)  # the pid is written before the exec
+    hook = int(pid_file.read_text())
+    rig.stack.callback(lambda: subprocess.run(["kill", str(hook)], capture_output=True))
+    started = time.monotonic()
+    fuseclone("unmount", rig.mnt, "--timeout", "20")
+    assert time.monotonic() - started < 15
+    assert status_json(rig.meta)["clean"]
+
+
+def test_a_mount_whose_caller_closed_its_standard_descriptors(rig, random_source):
+    """`fuseclone mount ... <&- >&- 2>&-`: the mount's own files must not take those numbers."""
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh("sh", "-c", 'exec "$0" -m fuseclone mount "$@" <&- >&- 2>&-', sys.executable, rig.src,
+       rig.dst, rig.meta, rig.mnt, "--no-hydration", timeout=20)
+    assert status_json(rig.mnt)["live"]
+
+
+def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random_source):
+    """`rm -rf /run/fuseclone` under a live mount: its control socket comes back."""
+    env = dict(os.environ, FUSECLONE_RUNTIME_DIR=str(rig.tmp / "run"))
+
+    def cli(*args, check=True):
+        return sh(sys.executable, "-m", "fuseclone", *args, env=env, check=check, timeout=60)
+
+    cli("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    rig.stack.callback(lambda: cli("unmount", "--lazy", rig.mnt, check=False))
+    sh("rm", "-rf", rig.tmp / "run")
+    deadline = time.monotonic() + 10
+    while (result := cli("message", rig.mnt, "enable_hydration", check=False)).returncode:
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.2)
+    cli("wait", rig.mnt, "--timeout", "60")
+    cli("unmount", rig.mnt)
+    assert mounts_at(rig.mnt) == []
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_runtime_directory_that_cannot_be_made_again_costs_no_descriptors(rig, random_source):
+    """While the socket cannot be bound again (an immutable runtime directory), each retry
+    closes its socket: a daemon left so for hours must not run out of descriptors."""
+    env = dict(os.environ, FUSECLONE_RUNTIME_DIR=str(rig.tmp / "run"))
+
+    def cli(*args, check=True):
+        return sh(sys.executable, "-m", "fuseclone", *args, env=env, check=check, timeout=60)
+
+    cli("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    rig.stack.callback(lambda: cli("unmount", "--lazy", rig.mnt, check=False))
+    pid = int(sh("pgrep", "-f", f"fuseclone mount .*{rig.meta}").stdout.split()[0])
+    run = rig.tmp / "run"
+    for name in os.listdir(run):  # only the socket: the log stays open
+        if name.endswith(".sock"):
+            os.unlink(run / name)
+    sh("chattr", "+i", run)  # nothing can be made in it, not even by root: bind fails
+    try:
+        time.sleep(1.0)
+        before = len(os.listdir(f"/proc/{pid}/fd"))
+        time.sleep(3.0)  # several retries
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= before + 1
+    finally:
+        sh("chattr", "-i", run)
+    deadline = time.monotonic() + 10
+    while (result := cli("message", rig.mnt, "enable_hydration", check=False)).returncode:
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.2)
+
+
+def test_status_watch_ends_quietly_when_the_mount_goes_away(rig, random_source):
+    rig.mount("--no-hydration")
+    watch = subprocess.Popen([sys.executable, "-m", "fuseclone", "status", "--watch", rig.mnt],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert watch.poll() is None
+        fuseclone("unmount", rig.mnt)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert "0.0%" in out and not err
+
+
+def test_a_foreground_mount_whose_stderr_reader_went_away_serves_on(rig, random_source):
+    """`fuseclone mount -f ... 2>&1 | head -1`: its notices then meet a closed pipe."""
+    from fuseclone.fuse.mount import is_fuseclone_mount
+
+    proc = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", "-f", rig.src, rig.dst,
+                             rig.meta, rig.mnt, "--no-hydration"], stderr=subprocess.PIPE)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    try:
+        proc.stderr.close()
+        deadline = time.monotonic() + 30
+        while not is_fuseclone_mount(rig.mnt):
+            assert proc.poll() is None, "the mount ended"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the mount ended"
+        with open(rig.image, "rb") as f:
+            assert f.read(4096) == open(rig.src, "rb").read(4096)
+        fuseclone("unmount", rig.mnt)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
