@@ -10,6 +10,7 @@ import stat
 import struct
 
 BLKGETSIZE64 = 0x80081272
+BLKROGET = 0x125E
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -22,6 +23,13 @@ def fd_size(fd: int) -> int:
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
         return struct.unpack("<Q", buf)[0]
     return st.st_size
+
+
+def read_only_device(fd: int) -> bool:
+    """Whether the block device open at FD is read-only (`blockdev --setro`, a write-protected
+    disk): Linux lets root open one for writing, and only the writes fail."""
+    buf = fcntl.ioctl(fd, BLKROGET, b"\0" * 4)
+    return struct.unpack("<i", buf)[0] != 0
 
 
 def open_without_waiting(path: str, flags: int, mode: int = 0o600) -> int:

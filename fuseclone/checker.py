@@ -8,7 +8,7 @@ import trio
 
 from .destination import Destination
 from .errors import FusecloneError, SourceError, describe
-from .identity import check_distinct
+from .identity import check_distinct, same_recorded_identity
 from .metadata import Metadata
 from .sources import Source, SourceReadError
 
@@ -59,7 +59,7 @@ def _check_destination(meta: Metadata, dst_path: str | None, echo) -> bool:
         echo(f"MISMATCH: {exc}")
         return False
     try:
-        if dst.identity() != meta.header.identity.get("destination"):
+        if not same_recorded_identity(meta.header.identity.get("destination"), dst.identity()):
             echo(f"MISMATCH: {dst_path} is not the destination this metadata was made for")
             return False
     finally:

@@ -15,8 +15,9 @@ import threading
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
-                      still_named)
+                      read_only_device, still_named)
 from .errors import DestinationError, DestinationInUseError
+from .identity import loop_identity
 from .libc import libc
 
 _ZEROS = bytes(1 << 20)
@@ -65,6 +66,9 @@ class Destination:
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise DestinationError(f"{path}: destination must be a regular file or a block device")
+            if stat.S_ISBLK(mode) and not readonly and read_only_device(fd):
+                # Else the mount came up and every copy and user write failed with EPERM.
+                raise DestinationError(f"{path}: destination is read-only")
             size = fd_size(fd)
             if size < image_size:
                 raise DestinationError(
@@ -116,7 +120,9 @@ class Destination:
             "kind": "blockdev" if self.is_block_device else "file",
             "path": os.path.realpath(self.path),
         }
-        if not self.is_block_device:
+        if self.is_block_device:
+            ident.update(loop_identity(self.fd))
+        else:
             ident["inode"] = self._st.st_ino
         return ident
 
@@ -133,8 +139,12 @@ class Destination:
 
     def read(self, offset: int, length: int) -> bytes:
         data = pread_exact(self.fd, length, offset)
-        if len(data) < length:  # a DST file shorter than the image reads zeros past its end
-            data += bytes(length - len(data))
+        if len(data) < length:
+            # A DST shorter than the image is refused at open: it was truncated since, and
+            # what it held there (hydrated data, users' writes) is gone. Zeros would be data
+            # that is neither the source's nor a user's.
+            raise OSError(errno.EIO, f"{self.path}: the destination is shorter than the image "
+                          "(truncated while mounted?)")
         return data
 
     def read_uncached(self, offset: int, length: int) -> bytes:
@@ -257,6 +267,19 @@ class Destination:
             n = min(len(_ZEROS), end - offset)
             pwrite_all(self.fd, memoryview(_ZEROS)[:n], offset)
             offset += n
+
+    def cut_back_growth(self) -> int:
+        """A regular-file DST grown past its size at open is cut back to it; returns the bytes
+        cut (0: none). Only writes that bypass the mount grow it: FUSE passthrough, where the
+        kernel writes DST itself and does not know where the image ends. What is cut lies past
+        the image, which never shows it (and DST alone must stay the image's size)."""
+        if self.is_block_device:
+            return 0
+        size = os.fstat(self.fd).st_size
+        if size <= self._st.st_size:
+            return 0
+        os.ftruncate(self.fd, self._st.st_size)
+        return size - self._st.st_size
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         if self.is_block_device:

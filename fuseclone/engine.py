@@ -481,6 +481,14 @@ class CloneEngine:
         self._check_writable()
         await self._record_written(0, self.size)
 
+    def refuse_direct_writes_past_the_end(self) -> None:
+        """See ImageBackend: DST's growth is cut back (an fstat when there is none)."""
+        cut = self.dst.cut_back_growth()
+        if cut:
+            log.warning("writes past the end of the image reached the destination directly "
+                        "(passthrough): %d bytes cut back, the writer gets ENOSPC", cut)
+            raise OSError(errno.ENOSPC, "write past the end of the image")
+
     def flush_now(self) -> Callable[[], None] | None:
         """The flush as one blocking fdatasync of DST, for any thread, when no user write
         needs a commit: the hydrated bits of every region a user wrote are durable in META

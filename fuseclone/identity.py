@@ -30,9 +30,12 @@ from .sources import is_remote
 Key = tuple
 
 LOOP_GET_STATUS64 = 0x4C05
-# struct loop_info64 (linux/loop.h) begins with lo_device, lo_inode, lo_rdevice (all __u64).
+# struct loop_info64 (linux/loop.h) begins with lo_device, lo_inode, lo_rdevice, lo_offset
+# (all __u64).
 _LOOP_INFO64_SIZE = 232
-_LOOP_INFO64_HEAD = struct.Struct("=QQQ")
+_LOOP_INFO64_HEAD = struct.Struct("=QQQQ")
+# What a recorded identity of a loop device adds to its name (see loop_identity).
+LOOP_IDENTITY_KEYS = ("backing_inode", "backing_offset")
 SYS_DEV_BLOCK = "/sys/dev/block"  # a block device's sysfs directory, by "major:minor"
 _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed further
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
@@ -271,11 +274,44 @@ def _loop_status(name: str, rdev: int) -> tuple[int, int, int] | None:
     try:
         if os.fstat(fd).st_rdev != rdev:
             return None
+        info = _loop_info(fd)
+    finally:
+        os.close(fd)
+    return None if info is None else info[:3]
+
+
+def _loop_info(fd: int) -> tuple[int, int, int, int] | None:
+    """(lo_device, lo_inode, lo_rdevice, lo_offset) of the loop device open at FD; None for
+    another block device, or a loop device with nothing beneath it."""
+    try:
         info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
     except OSError as exc:
         if exc.errno not in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
             raise
         return None
-    finally:
-        os.close(fd)
     return _LOOP_INFO64_HEAD.unpack_from(info)
+
+
+def loop_identity(fd: int) -> dict[str, int]:
+    """What a recorded identity (in META, a trace) of the block device open at FD adds to its
+    name when it is a loop device: the inode of its backing file and the offset into it. A
+    name such as /dev/loop0 comes back over other data once its device is set up again (the
+    next `losetup -f`), and a META that took it for the same device would call that data
+    hydrated. Other block devices are known by their name alone ({})."""
+    info = _loop_info(fd)
+    if info is None:
+        return {}
+    _, inode, _, offset = info
+    return dict(zip(LOOP_IDENTITY_KEYS, (inode, offset)))
+
+
+def same_recorded_identity(recorded: object, current: dict) -> bool:
+    """Whether RECORDED (a source's or destination's identity in META or a trace) names what
+    CURRENT describes. One recorded before loop devices were known by their backing file lacks
+    loop_identity's keys: it matches by the rest (a mount records them from then on)."""
+    if recorded == current:
+        return True
+    if not isinstance(recorded, dict) or any(key in recorded for key in LOOP_IDENTITY_KEYS):
+        return False
+    return recorded == {key: value for key, value in current.items()
+                        if key not in LOOP_IDENTITY_KEYS}

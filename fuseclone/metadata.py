@@ -45,6 +45,7 @@ from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all
 from .errors import (FusecloneError, MetadataError, MetadataFailedError, MetadataInUseError,
                      describe)
 from .regions import CompleteMap, Geometry, RegionMap
+from .identity import same_recorded_identity
 from .sources import describe_identity
 
 log = logging.getLogger(__name__)
@@ -521,7 +522,7 @@ class Metadata:
 
     def check_destination(self, identity: dict) -> None:
         """Refuse a metadata file that belongs to another destination."""
-        if self.header.identity.get("destination") != identity:
+        if not same_recorded_identity(self.header.identity.get("destination"), identity):
             self._refuse_another("destination", identity)
 
     def _refuse_another(self, role: str, identity: dict) -> NoReturn:

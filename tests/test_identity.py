@@ -7,7 +7,8 @@ import pytest
 
 from fuseclone import identity
 from fuseclone.errors import OverlapError
-from fuseclone.identity import backing_files, check_distinct, conflict, describe, inside
+from fuseclone.identity import (backing_files, check_distinct, conflict, describe, inside,
+                                same_recorded_identity)
 
 
 def touch(path, data=b"x"):
@@ -72,6 +73,16 @@ def test_check_distinct_raises_one_line(tmp_path):
     os.mkdir(tmp_path / "mnt-dir")
     check_distinct(source=src, destination=str(tmp_path / "dst"), metadata=str(tmp_path / "meta"),
                    mountpoint=str(tmp_path / "mnt-dir"))
+
+
+def test_a_loop_device_recorded_before_its_backing_file_was_matches_by_its_name():
+    now = {"kind": "blockdev", "path": "/dev/loop3", "backing_inode": 12, "backing_offset": 0}
+    assert same_recorded_identity({"kind": "blockdev", "path": "/dev/loop3"}, now)
+    assert same_recorded_identity(dict(now), now)
+    assert not same_recorded_identity({**now, "backing_inode": 13}, now)
+    assert not same_recorded_identity({**now, "backing_offset": 4096}, now)
+    assert not same_recorded_identity({"kind": "blockdev", "path": "/dev/loop4"}, now)
+    assert not same_recorded_identity(None, now)
 
 
 def test_a_remote_source_has_no_local_identity(tmp_path):

@@ -116,6 +116,11 @@ class ImageBackend(Protocol):
         passthrough open): return once every part of the image is durably marked written,
         as each of them would have been."""
 
+    def refuse_direct_writes_past_the_end(self) -> None:
+        """Writes that reached DST without the backend (passthrough) went past the image's end:
+        raise OSError(ENOSPC), once, as the write cache's writeback would, and leave DST as
+        it was. Blocking, but short enough for any thread."""
+
     def flush_now(self) -> Callable[[], None] | None:
         """Like `flush`, without waiting: a blocking call that does it from any thread, or
         None if `flush` must do it."""

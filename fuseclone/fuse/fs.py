@@ -84,7 +84,7 @@ class ImageFilesystem:
         return {
             codec.Lookup: self.lookup, codec.GetAttr: self.getattr, codec.SetAttr: self.setattr,
             codec.Open: self.open, codec.OpenDir: self.opendir, codec.ReadDir: self.readdir,
-            codec.Release: self.release, codec.ReleaseDir: self.release, codec.Flush: self.release,
+            codec.Release: self.release, codec.ReleaseDir: self.release, codec.Flush: self.flush,
             codec.Read: self.read, codec.Write: self.write, codec.Fsync: self.fsync,
             codec.StatFs: self.statfs, codec.Fallocate: self.fallocate, codec.Lseek: self.lseek,
             codec.Access: self.access, codec.Unsupported: self.unsupported,
@@ -196,6 +196,13 @@ class ImageFilesystem:
     async def release(self, req: codec.Request) -> codec.Reply:
         return codec.EmptyReply()  # close(2) is not a flush: durability is fsync's job
 
+    async def flush(self, req: codec.Flush) -> codec.Reply:
+        """A close: nothing to make durable, but a passthrough writer past the image's end
+        learns of it here at the latest, as a writer through the write cache does."""
+        if self.backing_id is not None:
+            self.image.refuse_direct_writes_past_the_end()
+        return codec.EmptyReply()
+
     # ---- the image --------------------------------------------------------------------------
 
     async def open(self, req: codec.Open) -> codec.Reply:
@@ -285,13 +292,24 @@ class ImageFilesystem:
         flush = self.image.flush_now()
         if flush is None:
             return Continue(lambda: self.fsync(req))
-        if self.backing_id is None and self.image.flush_is_short():
+        if self.backing_id is not None:
+            return Blocking(functools.partial(self._passthrough_fsync, flush))
+        if self.image.flush_is_short():
             flush()
             return codec.EmptyReply()
         return Blocking(functools.partial(_call_then, flush, codec.EmptyReply()))
 
+    def _passthrough_fsync(self, flush: Callable[[], None]) -> codec.Reply:
+        """Blocking: DST durable, then the kernel's writes past the image's end (it writes DST
+        itself and does not know where the image ends) refused with ENOSPC."""
+        flush()
+        self.image.refuse_direct_writes_past_the_end()
+        return codec.EmptyReply()
+
     async def fsync(self, req: codec.Fsync) -> codec.Reply:
         await self.image.flush()
+        if self.backing_id is not None:
+            self.image.refuse_direct_writes_past_the_end()
         return codec.EmptyReply()
 
     async def fallocate(self, req: codec.Fallocate) -> codec.Reply:

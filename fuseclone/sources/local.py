@@ -13,6 +13,7 @@ import trio
 from .. import claims
 from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact
 from ..errors import SourceError
+from ..identity import loop_identity, same_recorded_identity
 from .base import Extent, Source, SourceReadError
 
 
@@ -71,7 +72,12 @@ class LocalSource(Source):
         }
         if self._is_file:
             ident["mtime_ns"] = self._st.st_mtime_ns
+        else:
+            ident.update(loop_identity(self._fd))
         return ident
+
+    def identity_matches(self, stored: dict) -> bool:
+        return same_recorded_identity(stored, self.identity())
 
     async def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self._size - offset))

@@ -183,3 +183,20 @@ def test_check_with_the_source_as_destination(full_clone):
     result = invoke("check", full_clone.meta, "--src", full_clone.src, "--dst", full_clone.src, "--verify")
     assert result.exit_code == 1
     assert f"destination {full_clone.src} is the same file as source {full_clone.src}" in result.output
+
+
+def test_progress_never_shows_more_bytes_than_the_image_holds():
+    """A 1-byte image in one 1 GiB region, complete: "1 B of 1 B", not "1.0 GiB of 1 B"."""
+    from rich.console import Console
+
+    from fuseclone.progress import render_status
+    from fuseclone.status import Status
+
+    st = Status(hydrated_regions=1, total_regions=1, hydrating_regions=0, region_size=1 << 30,
+                image_size=1, features=[], hydration_threshold=1, hydration_batch_size=1,
+                hydration_enabled=True, hydration_error=None, metadata_mode="rw",
+                bytes_per_second=0.0, eta_seconds=None, source="s", destination="d",
+                metadata="m", live=False)
+    console = Console(record=True, width=100)
+    render_status(st, console)
+    assert "1 B of 1 B" in console.export_text()

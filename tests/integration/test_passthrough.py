@@ -3,6 +3,7 @@ straight from DST (the daemon sees no READ or WRITE), a writable open first mark
 written for `diff`, a clone still hydrating is served by the daemon, and a DST the kernel cannot
 pass through to is refused with one line."""
 
+import errno
 import json
 import os
 
@@ -75,3 +76,32 @@ def test_a_block_device_destination_is_refused(rig, random_source):
         f"fuseclone: error: {dst_device}: --passthrough needs a destination that is a regular file "
         "(the kernel passes FUSE I/O through to files only)"]
     assert not os.path.exists(rig.meta)
+
+
+def test_a_write_past_the_end_is_refused_at_fsync_and_leaves_dst_its_size(complete_clone):
+    """The kernel writes DST itself and does not know where the image ends: a write past it
+    grew DST, and fsync said nothing, while the image never showed those bytes again."""
+    rig = complete_clone
+    rig.mount("--passthrough")
+    if not status_json(rig.mnt)["passthrough"]:
+        pytest.skip("this kernel offers no FUSE passthrough (see the mount's log)")
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"in", SIZE - 2)
+        os.fsync(fd)
+        os.pwrite(fd, b"straddles", SIZE - 4)  # the kernel takes it whole
+        with pytest.raises(OSError) as refused:
+            os.fsync(fd)
+        assert refused.value.errno == errno.ENOSPC
+        os.fsync(fd)  # reported once, like a failed writeback
+        assert os.path.getsize(rig.dst) == SIZE
+        os.pwrite(fd, b"beyond", SIZE + MiB)
+    finally:
+        with pytest.raises(OSError) as refused:
+            os.close(fd)  # the close's FLUSH finds it
+    assert refused.value.errno == errno.ENOSPC
+    assert os.path.getsize(rig.dst) == SIZE
+    fuseclone("unmount", rig.mnt)
+    with open(rig.dst, "rb") as f:
+        f.seek(SIZE - 4)
+        assert f.read() == b"stra"
