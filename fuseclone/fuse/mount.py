@@ -152,24 +152,13 @@ class FuseMount:
 
 def fuse_mounts() -> list[FuseMount]:
     """Every fuseclone mount on this machine, unescaped."""
-    return [FuseMount(source, mountpoint, _user_id(options))
-            for source, mountpoint, fstype, options in _mount_entries() if fstype == FSTYPE]
+    return [FuseMount(entry.source, entry.mountpoint, _user_id(entry.options))
+            for entry in mount_entries() if entry.fstype == FSTYPE]
 
 
 def mountpoints_of(device: str) -> list[str]:
     """Where DEVICE (a loop device, say) is mounted."""
-    return [mountpoint for source, mountpoint, _, _ in _mount_entries() if source == device]
-
-
-def _mount_entries() -> list[tuple[str, str, str, str]]:
-    """(source, mountpoint, fstype, options) of every line of the mount table, unescaped."""
-    entries = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 4:
-                entries.append((_unescape(fields[0]), _unescape(fields[1]), fields[2], fields[3]))
-    return entries
+    return [entry.mountpoint for entry in mount_entries() if entry.source == device]
 
 
 def _user_id(options: str) -> int | None:
@@ -282,13 +271,15 @@ MOUNTINFO = "/proc/self/mountinfo"
 
 @dataclass(frozen=True)
 class MountEntry:
-    """One line of mountinfo."""
+    """One line of mountinfo: the mount table, in the order mounts were made."""
 
     mount_id: int
     parent_id: int  # the mount this one is mounted on
     device: str  # "major:minor"
     mountpoint: str  # unescaped
     fstype: str
+    source: str  # unescaped: a device, or a FUSE filesystem's fsname
+    options: str  # the filesystem's own (for FUSE: user_id=, group_id=, ...)
 
 
 def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
@@ -297,11 +288,12 @@ def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
         for line in f:
             fields = line.split()
             try:
-                fstype = fields[fields.index("-", 6) + 1]
-            except (ValueError, IndexError):
+                dash = fields.index("-", 6)  # after the optional fields
+                fstype, source, options = fields[dash + 1:dash + 4]
+            except ValueError:
                 continue
             entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
-                                      _unescape(fields[4]), fstype))
+                                      _unescape(fields[4]), fstype, _unescape(source), options))
     return entries
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from fuseclone.fuse.mount import CoveredError, check_clone_on_top, mount_device, top_mount
+from fuseclone.fuse.mount import (CoveredError, check_clone_on_top, mount_device, mount_entries,
+                                  top_mount)
 
 MOUNTINFO = """\
 22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -35,3 +36,15 @@ def test_the_top_of_a_stack_is_what_an_unmount_would_reach(tmp_path):
         check_clone_on_top("/tmp/opt", None, str(info))
     with pytest.raises(CoveredError):  # a clone mounted there after ours was detached
         check_clone_on_top("/tmp/a b", 40, str(info))
+
+
+def test_mount_entries_give_each_mounts_source_and_own_options(tmp_path):
+    """What `fuse_mounts` (the mounting user) and `mountpoints_of` (a loop device's
+    filesystems) read: the fields after the "-", wherever the optional fields end."""
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    entries = {entry.mount_id: entry for entry in mount_entries(str(info))}
+    assert (entries[22].source, entries[22].options) == ("/dev/vda", "rw")
+    assert (entries[40].source, entries[40].options) == ("fuseclone:/m", "rw,user_id=0")
+    assert (entries[43].fstype, entries[43].source) == ("fuse.fuseclone", "fuseclone:/o")
+    assert [entry.mount_id for entry in mount_entries(str(info))] == [22, 40, 41, 42, 43, 44]
