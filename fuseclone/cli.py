@@ -380,9 +380,9 @@ def _status_while_stopping(meta: str) -> Status:
         raise
     except FusecloneError:  # the mount closed the connection: it is stopping
         reply = None
-    if reply is not None:
-        return Status(**reply["status"])
-    return _offline_status_once_released(meta)
+    if reply is None:
+        return _offline_status_once_released(meta)
+    return Status(**reply["status"])
 
 
 def offline_status(meta_path: str) -> Status:

@@ -515,9 +515,10 @@ class Metadata:
                 f"has {image_size}: it belongs to another clone")
         recorded = self.header.identity.get("source")
         if source_matches is not None and isinstance(recorded, dict):
-            if not source_matches(recorded):
-                self._refuse_another("source", identity)
-        elif recorded != identity:
+            same = source_matches(recorded)
+        else:
+            same = recorded == identity
+        if not same:
             self._refuse_another("source", identity)
 
     def check_destination(self, identity: dict) -> None:
