@@ -16,7 +16,7 @@ import trio
 from .destination import Destination
 from .engine import CloneEngine, Settings
 from .errors import DestinationError
-from .metadata import Metadata
+from .metadata import Metadata, refuse_bitmaps_beyond_memory
 from .regions import DEFAULT_REGION_SIZE, Geometry, validate_region_size
 from .sources.base import Source
 from .sources.mirrors import RecordedSource
@@ -86,6 +86,7 @@ def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,
             settings: Settings) -> CloneEngine:
     geometry = Geometry(source.size, validate_region_size(region_size or DEFAULT_REGION_SIZE))
+    refuse_bitmaps_beyond_memory(geometry)  # before DST is created
     dst_existed = os.path.exists(dst_path)
     dst = Destination.open(dst_path, source.size, create=True)
     try:

@@ -59,3 +59,7 @@ class SettingError(FusecloneError, ValueError):
 
 class RegionSizeError(FusecloneError):
     """Region size is not a power of two between 4 KiB and 1 GiB."""
+
+
+class ImageTooLargeError(FusecloneError):
+    """The image's bitmaps, at its region size, need more memory than the machine has."""

@@ -42,8 +42,8 @@ from typing import Callable, Iterator, NoReturn
 from bitarray import bitarray
 
 from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all, still_named
-from .errors import (FusecloneError, MetadataError, MetadataFailedError, MetadataInUseError,
-                     describe)
+from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
+                     MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
 from .sources import describe_identity
@@ -455,6 +455,8 @@ class Metadata:
         fd = _open_locked(path, flags, exclusive=writable)
         try:
             header = _read_header(fd, path)
+            refuse_bitmaps_beyond_memory(Geometry(header.source_size, header.region_size),
+                                         header.written_granularity if header.version == VERSION else None)
             clone_id = header.clone_id
             hydrated, seq = _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
                                              header.nr_regions, clone_id)
@@ -827,6 +829,32 @@ class Metadata:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def refuse_bitmaps_beyond_memory(geometry: Geometry, granularity: int | None = None) -> None:
+    """Refuse a clone whose in-core bitmaps (hydrated and written, `granularity` being the
+    written one's chunk) need more memory than the machine has available: allocated, they fail
+    with a MemoryError (2^63 bytes in 4 KiB regions is 256 TiB of bitmap), or, when the kernel
+    lets the allocation through, they push the machine into its OOM killer as they fill."""
+    written = Geometry(geometry.image_size, granularity or written_granularity(geometry.region_size))
+    needed = (geometry.nr_regions + written.nr_regions) // 8
+    available = _available_memory()
+    if needed > available:
+        from .status import human_bytes  # status imports this module
+        raise ImageTooLargeError(
+            f"an image of {geometry.image_size} bytes in regions of "
+            f"{human_bytes(geometry.region_size)} needs {human_bytes(needed)} of memory for its "
+            f"bitmaps, more than the {human_bytes(available)} available: use a larger "
+            "--region-size (it is fixed when META is created)")
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
 
 
 def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
