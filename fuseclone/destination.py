@@ -41,6 +41,7 @@ class Destination:
         self._changed_bytes = self._synced_bytes = 0
         self._count_lock = threading.Lock()  # writer threads add to the counts
         self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
+        self._lost_writeback: OSError | None = None  # see write_back
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -212,6 +213,10 @@ class Destination:
 
     def datasync(self) -> None:
         began = self._changed_bytes
+        if self._lost_writeback is not None:
+            raise OSError(self._lost_writeback.errno,
+                          f"an earlier writeback of the destination failed: "
+                          f"{self._lost_writeback.strerror}")
         os.fdatasync(self.fd)
         with self._count_lock:
             self._synced_bytes = max(self._synced_bytes, began)
@@ -235,7 +240,16 @@ class Destination:
         """Write the range to disk now and wait until the disk has it (sync_file_range WRITE and
         WAIT): no more of it left in the disk's queue, ahead of whatever reads come next.
         Durability still comes from `datasync` only (the disk's cache, and the metadata)."""
-        _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_ALL)
+        try:
+            _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_ALL)
+        except OSError as exc:
+            # Its wait reports a writeback error of any part of DST, not only of this range,
+            # and the kernel reports each error once per open file: the next fdatasync on
+            # this descriptor would succeed although dirty data (a user's acknowledged write,
+            # a copy whose bits are set) was dropped. Every later datasync fails instead, so
+            # no flush says it is durable and no commit marks it hydrated (fail mode follows).
+            self._lost_writeback = self._lost_writeback or exc
+            raise
 
     def forget(self, offset: int, length: int) -> None:
         """Wait for the range's writeback, then drop its clean pages from the page cache: data

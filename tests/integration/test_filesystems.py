@@ -1,11 +1,15 @@
 """What the filesystems DST and META live on, and images of extreme sizes, can do to a clone."""
 
+import errno
 import os
+
+import pytest
 
 from fuseclone.metadata import BLOCK, Header, _file_blocks, written_granularity
 from fuseclone.regions import Geometry
-from tests.integration.conftest import fuseclone
-from tests.integration.test_metadata_failure import small_tmpfs
+from tests.engine.conftest import make_source_file
+from tests.integration.conftest import MiB, fuseclone, sh, status_json
+from tests.integration.test_metadata_failure import fill, small_tmpfs
 from tests.sources.conftest import nbdkit  # noqa: F401  (a fixture)
 
 LARGEST_FILE = 2**63 - 1  # Linux's MAX_LFS_FILESIZE: nbdkit's and tmpfs's largest size
@@ -43,3 +47,40 @@ def test_a_meta_whose_bitmaps_cannot_fit_in_memory_is_refused_with_one_line(rig)
         assert result.returncode == 1, command
         line = result.stderr.strip()
         assert "\n" not in line and "memory" in line and "--region-size" in line, (command, line)
+
+
+def test_a_lost_writeback_that_hydration_saw_first_still_fails_the_next_fsync(rig):
+    """sync_file_range(WAIT), which hydration uses to pace its copies, reports a writeback error
+    of any part of DST, and the kernel reports each error once per open file: the next
+    fdatasync on that descriptor succeeded, so a user's fsync said a write was durable that
+    the kernel had dropped (and a commit could mark regions whose copy was lost). Here DST is
+    a loop device over a tmpfs that runs out of room, as a thin-provisioned volume does."""
+    make_source_file(rig.src, 8 * MiB, seed=5)
+    room = small_tmpfs(rig, "room", "4M")
+    backing = room / "dst.raw"
+    backing.write_bytes(b"")
+    os.truncate(backing, 8 * MiB)  # sparse: DST's blocks need room in the tmpfs when written
+    rig.dst = rig.losetup(str(backing))
+    rig.mount("--no-hydration", "--write-cache", "0")
+    sh("fallocate", "--punch-hole", "--offset", 4 * MiB, "--length", MiB, rig.image)
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.fsync(fd)  # those regions are hydrated now, as holes in DST
+        filler = fill(room)
+        os.pwrite(fd, b"written by a user", 4 * MiB + 1)  # buffered into DST: acknowledged
+        # The kernel writes DST back (its flusher would, within 30 s): no room, the data is lost.
+        device = os.open(rig.dst, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError):
+                os.fsync(device)
+        finally:
+            os.close(device)
+        with pytest.raises(OSError):  # a copy for a partial write: its write_back sees the error
+            os.pwrite(fd, b"x", 1)
+        os.unlink(filler)  # room again: nothing fails any more
+        with pytest.raises(OSError) as lost:
+            os.fsync(fd)
+        assert lost.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert status_json(rig.mnt)["metadata_mode"] == "fail"
