@@ -14,6 +14,9 @@ BLKROGET = 0x125E
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
 
 
 def fd_size(fd: int) -> int:
@@ -30,6 +33,29 @@ def read_only_device(fd: int) -> bool:
     disk): Linux lets root open one for writing, and only the writes fail."""
     buf = fcntl.ioctl(fd, BLKROGET, b"\0" * 4)
     return struct.unpack("<i", buf)[0] != 0
+
+
+def why_denied(path: str) -> str:
+    """Why open(2) of PATH failed with EACCES or EPERM, for an error line: what forbids it that
+    its mode does not show (root is refused these too), else "permission denied"."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
+            if os.statvfs(path).f_flag & os.ST_NODEV:
+                return "a device node on a filesystem mounted nodev"
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                flags = struct.unpack("<I", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)[:4])[0]
+            finally:
+                os.close(fd)
+            if flags & FS_IMMUTABLE_FL:
+                return "it is immutable: chattr -i allows writes"
+            if flags & FS_APPEND_FL:
+                return "it is append-only: chattr -a allows writes in place"
+    except OSError:
+        pass  # no attributes to tell (or not readable at all)
+    return "permission denied"
 
 
 def open_without_waiting(path: str, flags: int, mode: int = 0o600) -> int:

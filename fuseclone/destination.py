@@ -15,7 +15,7 @@ import threading
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                       data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
-                      read_only_device, still_named)
+                      read_only_device, still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
 from .identity import loop_identity
 from .libc import libc
@@ -58,7 +58,7 @@ class Destination:
             fd = _create_sparse(path, image_size)
             created = True
         except PermissionError:
-            raise DestinationError(f"{path}: destination is not writable (permission denied)") from None
+            raise DestinationError(f"{path}: destination is not writable ({why_denied(path)})") from None
         except IsADirectoryError:
             raise DestinationError(f"{path}: destination is a directory") from None
         except OSError as exc:

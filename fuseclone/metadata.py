@@ -41,7 +41,8 @@ from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
-from .blockio import data_extents, open_without_waiting, pread_exact, pwrite_all, still_named
+from .blockio import (data_extents, open_without_waiting, pread_exact, pwrite_all, still_named,
+                      why_denied)
 from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
@@ -887,7 +888,7 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     except IsADirectoryError:
         raise MetadataError(f"{path}: is a directory, not a metadata file") from None
     except PermissionError:
-        raise MetadataError(f"{path}: permission denied") from None
+        raise MetadataError(f"{path}: {why_denied(path)}") from None
     except OSError as exc:  # a read-only filesystem, say
         raise MetadataError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device's size is 0: it would be "formatted"

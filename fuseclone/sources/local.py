@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import trio
 
 from .. import claims
-from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact
+from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact, why_denied
 from ..errors import SourceError
 from ..identity import loop_identity, same_recorded_identity
 from .base import Extent, Source, SourceReadError
@@ -45,7 +45,7 @@ class LocalSource(Source):
         except FileNotFoundError:
             raise SourceError(f"{path}: source does not exist") from None
         except PermissionError:
-            raise SourceError(f"{path}: source is not readable (permission denied)") from None
+            raise SourceError(f"{path}: source is not readable ({why_denied(path)})") from None
         except OSError as exc:
             raise SourceError(f"{path}: cannot open source: {exc.strerror}") from None
         try:

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -84,3 +85,43 @@ def test_a_lost_writeback_that_hydration_saw_first_still_fails_the_next_fsync(ri
     finally:
         os.close(fd)
     assert status_json(rig.mnt)["metadata_mode"] == "fail"
+
+
+@pytest.mark.parametrize("attribute, reason", [("+i", "immutable"), ("+a", "append-only")])
+def test_a_dst_or_meta_with_an_attribute_that_forbids_writes_says_so(rig, random_source,
+                                                                     attribute, reason):
+    """chattr +i / +a make open(O_RDWR) fail with EPERM even for root: the line said
+    "permission denied", and root, who may write anything, had nothing to go on."""
+    for path in (rig.dst, rig.meta):
+        with open(path, "wb") as f:
+            f.truncate(32 * MiB if path == rig.dst else 0)
+    for path, other in ((rig.dst, rig.meta), (rig.meta, rig.dst)):
+        sh("chattr", attribute, path)
+        try:
+            result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+        finally:
+            sh("chattr", attribute.replace("+", "-"), path)
+        assert result.returncode == 1
+        line = result.stderr.strip()
+        assert "\n" not in line and path in line and reason in line and "chattr" in line, line
+        assert os.path.getsize(rig.meta) == 0  # nothing changed
+
+
+def test_a_device_node_on_a_filesystem_mounted_nodev_says_so(rig, random_source):
+    """A block device's node on a nodev filesystem cannot be opened (EACCES, for root too)."""
+    backing = rig.tmp / "dev.raw"
+    backing.write_bytes(b"")
+    os.truncate(backing, 32 * MiB)
+    loop = rig.losetup(str(backing))
+    nodev = rig.tmp / "devices"  # a name without "nodev" in it
+    nodev.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "nodev,size=1M", "tmpfs", nodev)
+    rig.stack.callback(lambda: sh("umount", "-l", nodev, check=False))
+    node = str(nodev / "disk")
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(loop).st_rdev)
+    for src, dst in ((rig.src, node), (node, rig.dst)):
+        result = fuseclone("mount", src, dst, rig.meta, rig.mnt, check=False)
+        assert result.returncode == 1
+        line = result.stderr.strip()
+        assert "\n" not in line and node in line and "nodev" in line, line
+        assert not os.path.exists(rig.meta)
