@@ -806,11 +806,15 @@ class CloneEngine:
 
     def _datasync_dst(self) -> None:
         """Blocking. After a failed fdatasync the kernel may have dropped DST's dirty data: no
-        bit may be committed any more. Fail mode, like dm-clone's."""
+        bit may be committed any more (fail mode, like dm-clone's), and the bits set since the
+        last commit are not to be trusted for reads either."""
         try:
             self.dst.datasync()
         except OSError as exc:
+            failing_now = self.meta.mode is not MetadataMode.FAIL
             self.meta.fail(f"a failed fdatasync of {self.dst.path} ({describe(exc)})")
+            if failing_now:
+                self.meta.fall_back_to_last_commit()
             raise
 
     async def _record_written(self, offset: int, length: int) -> None:

@@ -777,6 +777,25 @@ class Metadata:
         if self.on_fail is not None:
             self.on_fail()
 
+    def fall_back_to_last_commit(self) -> None:
+        """Blocking, in fail mode after DST lost data (its fdatasync failed): the hydrated bits
+        in core become those of META's last good commit again. The kernel may have dropped
+        copies whose bits were set since, and DST reads zeros or stale data there once their
+        pages leave its cache; those regions are read from the source again, as the next mount
+        would read them. The one way a bit goes back to 0, and only in core: nothing is
+        committed in fail mode."""
+        try:
+            hydrated, _ = _BitmapArea.load(self._fd, self.path, "hydrated", BITMAP_MAGIC,
+                                           FIRST_BITMAP_BLOCK, self.header.nr_regions,
+                                           self.header.clone_id)
+        except (OSError, MetadataError):
+            log.exception("%s: cannot read the last good commit back: the regions hydrated "
+                          "since are still read from the destination", self.path)
+            return
+        if hydrated.map.complete:
+            hydrated.map = CompleteMap(self.header.nr_regions)
+        self._hydrated = hydrated
+
     def check_named(self) -> None:
         """Blocking: make sure META still has a name (before each write, and every second
         while nothing is committed). One deleted, or renamed over, while mounted would take

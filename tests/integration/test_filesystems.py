@@ -1,8 +1,10 @@
 """What the filesystems DST and META live on, and images of extreme sizes, can do to a clone."""
 
 import errno
+import mmap
 import os
 import stat
+import time
 
 import pytest
 
@@ -125,3 +127,36 @@ def test_a_device_node_on_a_filesystem_mounted_nodev_says_so(rig, random_source)
         line = result.stderr.strip()
         assert "\n" not in line and node in line and "nodev" in line, line
         assert not os.path.exists(rig.meta)
+
+
+def test_after_dst_lost_copies_the_mount_reads_them_from_the_source_again(rig):
+    """DST on a volume that runs out of room under hydration (a thin pool): copies land in
+    DST's page cache, their writeback fails, and the commit's fdatasync puts META in fail mode.
+    Their bits stayed set in core, so once DST's pages left the cache the image read zeros
+    there, data that is neither the source's nor a user's, until the next mount."""
+    make_source_file(rig.src, 32 * MiB, seed=9, zero_every=0, hole_every=0)
+    room = small_tmpfs(rig, "room", "8M")
+    backing = room / "dst.raw"
+    backing.write_bytes(b"")
+    os.truncate(backing, 32 * MiB)
+    rig.dst = rig.losetup(str(backing))
+    rig.mount()
+    deadline = time.monotonic() + 60
+    while status_json(rig.mnt)["metadata_mode"] != "fail":
+        assert time.monotonic() < deadline, "no fail mode"
+        time.sleep(0.1)
+    device = os.open(rig.dst, os.O_RDONLY)
+    try:
+        os.posix_fadvise(device, 0, 0, os.POSIX_FADV_DONTNEED)  # as memory pressure would
+    finally:
+        os.close(device)
+    fd = os.open(rig.image, os.O_RDONLY | os.O_DIRECT)
+    buffer = mmap.mmap(-1, MiB)
+    try:
+        with open(rig.src, "rb") as src:
+            for offset in range(0, 32 * MiB, MiB):
+                os.preadv(fd, [buffer], offset)
+                assert buffer[:] == src.read(MiB), f"MiB at {offset >> 20} differs from the source"
+    finally:
+        os.close(fd)
+        buffer.close()
