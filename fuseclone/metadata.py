@@ -459,8 +459,7 @@ class Metadata:
             refuse_bitmaps_beyond_memory(Geometry(header.source_size, header.region_size),
                                          header.written_granularity if header.version == VERSION else None)
             clone_id = header.clone_id
-            hydrated, seq = _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
-                                             header.nr_regions, clone_id)
+            hydrated, seq = _load_hydrated(fd, path, header)
             if header.version == VERSION:
                 written, written_seq = _BitmapArea.load(
                     fd, path, "written", WRITTEN_MAGIC, hydrated.end_block,
@@ -785,9 +784,7 @@ class Metadata:
         would read them. The one way a bit goes back to 0, and only in core: nothing is
         committed in fail mode."""
         try:
-            hydrated, _ = _BitmapArea.load(self._fd, self.path, "hydrated", BITMAP_MAGIC,
-                                           FIRST_BITMAP_BLOCK, self.header.nr_regions,
-                                           self.header.clone_id)
+            hydrated, _ = _load_hydrated(self._fd, self.path, self.header)
         except (OSError, MetadataError):
             log.exception("%s: cannot read the last good commit back: the regions hydrated "
                           "since are still read from the destination", self.path)
@@ -875,6 +872,11 @@ def _available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise OSError("/proc/meminfo has no MemAvailable")
+
+
+def _load_hydrated(fd: int, path: str, header: Header) -> tuple[_BitmapArea, int]:
+    return _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
+                            header.nr_regions, header.clone_id)
 
 
 def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
