@@ -103,12 +103,15 @@ class Status:
                 f"{human_bytes(self.bytes_per_second)}/s, {self.state}")
 
 
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")  # 2^63-1 bytes, the largest image: 8.0 EiB
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            break
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def public_source(source: str) -> str:

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fuseclone.metrics import Sample, exposition, parse_listen_address
 from fuseclone.notify import SystemdNotifier
-from fuseclone.status import Status, public_source
+from fuseclone.status import Status, human_bytes, public_source
 
 
 def status(**changes):
@@ -90,3 +90,10 @@ def test_notify_reaches_an_abstract_socket_and_leaves_the_environment():
         assert sock.recv(100).startswith(b"STOPPING=1\n")
     assert SystemdNotifier.from_environment({}) is None
     assert SystemdNotifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1"}) is None
+
+
+@pytest.mark.parametrize("size, shown", [(1023, "1023 B"), (64 << 40, "64.0 TiB"),
+                                         (2**63 - 1, "8.0 EiB"), (3 << 50, "3.0 PiB")])
+def test_sizes_up_to_the_largest_image_are_shown_in_their_unit(size, shown):
+    """The largest image (2^63-1 bytes) showed as "8388608.0 TiB"."""
+    assert human_bytes(size) == shown
