@@ -17,7 +17,7 @@ from .destination import Destination
 from .engine import CloneEngine, Settings
 from .errors import DestinationError
 from .metadata import Metadata, refuse_bitmaps_beyond_memory
-from .regions import DEFAULT_REGION_SIZE, Geometry, validate_region_size
+from .regions import DEFAULT_REGION_SIZE, Geometry, validate_image_size, validate_region_size
 from .sources.base import Source
 from .sources.mirrors import RecordedSource
 
@@ -39,6 +39,7 @@ def open_clone(source: Source, dst_path: str, meta_path: str, *,
                region_size: int | None = None, settings: Settings | None = None) -> CloneEngine:
     """Create or reopen the clone of `source` into `dst_path`, tracked by `meta_path`."""
     settings = settings or Settings()
+    validate_image_size(source.size)
     if Metadata.exists(meta_path):
         return _reopen(source, dst_path, meta_path, region_size, settings)
     return _create(source, dst_path, meta_path, region_size, settings)

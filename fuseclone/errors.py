@@ -62,4 +62,5 @@ class RegionSizeError(FusecloneError):
 
 
 class ImageTooLargeError(FusecloneError):
-    """The image's bitmaps, at its region size, need more memory than the machine has."""
+    """The image is larger than Linux's largest file, or its bitmaps, at its region size,
+    need more memory than the machine has."""

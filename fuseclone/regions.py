@@ -12,11 +12,13 @@ from typing import Iterator
 
 from bitarray import bitarray
 
-from .errors import RegionSizeError
+from .errors import ImageTooLargeError, RegionSizeError
 
 MIN_REGION_SIZE = 4 * 1024
 MAX_REGION_SIZE = 1024 * 1024 * 1024
 DEFAULT_REGION_SIZE = 4 * 1024
+# Linux's largest file (MAX_LFS_FILESIZE): no DST file, and no image FUSE serves, is larger.
+MAX_IMAGE_SIZE = 2**63 - 1
 
 
 def validate_region_size(region_size: int) -> int:
@@ -29,6 +31,14 @@ def validate_region_size(region_size: int) -> int:
             f"region size {region_size} is not a power of two between 4 KiB and 1 GiB"
         )
     return region_size
+
+
+def validate_image_size(image_size: int) -> int:
+    if image_size > MAX_IMAGE_SIZE:
+        raise ImageTooLargeError(
+            f"the source is {image_size} bytes, more than Linux's largest file (2^63-1 bytes): "
+            "no destination or image can be that large")
+    return image_size
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """What the filesystems DST and META live on, and images of extreme sizes, can do to a clone."""
 
 import errno
+import http.server
 import mmap
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -160,3 +162,46 @@ def test_after_dst_lost_copies_the_mount_reads_them_from_the_source_again(rig):
     finally:
         os.close(fd)
         buffer.close()
+
+
+class _HugeImageHandler(http.server.BaseHTTPRequestHandler):
+    """A web server that claims an image of `server.size` bytes (and serves "y"s)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.server.size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+
+    def do_GET(self):
+        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{self.server.size}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        self.wfile.write(b"y" * (last - first + 1))
+
+
+@pytest.mark.parametrize("size", [LARGEST_FILE + 1, 2**64 - 1])
+def test_a_source_larger_than_linux_files_go_is_refused_with_one_line(rig, size):
+    """Past 2^63-1 bytes no file (DST, the image) can be that large: creating DST died with an
+    OverflowError traceback in the log, and left an empty DST behind."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HugeImageHandler)
+    server.size = size
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rig.stack.callback(server.shutdown)
+    room = small_tmpfs(rig, "room", "16M")
+    url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+    result = fuseclone("mount", url, str(room / "dst.img"), str(room / "clone.meta"), rig.mnt,
+                       "--region-size", "1G", check=False)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and str(size) in line and "2^63-1" in line, line
+    assert os.listdir(room) == []
