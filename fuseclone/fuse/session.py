@@ -103,14 +103,17 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
     real_mountpoint = os.path.realpath(mountpoint)
     fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
                     use_fusermount=use_fusermount)
-    mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
-    mount_id = mounted.mount_id if mounted is not None else None
-    if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
-        log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
-                 "system's): raising it needs root and Linux 6.2", mountpoint)
     session = Session(fd, fs, writeback_cache=write_cache > 0,
                       passthrough=passthrough_fd is not None)
+    mount_id = None
+    # From here on whatever fails (reading mountinfo with no descriptor left, say) unmounts:
+    # a mount left without its daemon would only answer ENOTCONN.
     try:
+        mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
+        mount_id = mounted.mount_id if mounted is not None else None
+        if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
+            log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
+                     "system's): raising it needs root and Linux 6.2", mountpoint)
         await session.handshake()
         if passthrough_fd is not None:
             session.register_backing(passthrough_fd)
