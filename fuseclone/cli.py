@@ -137,8 +137,10 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     from .cmdline import mask_url_queries
     from .daemon import MountOptions
     from .engine import Settings, check_hydration_setting
+    from .limits import ensure_open_files
 
     mask_url_queries()  # a pre-signed URL's signature, which `ps` would show for the mount's life
+    ensure_open_files()
     for option, value in (("--hydration-threshold", hydration_threshold),
                           ("--hydration-batch-size", hydration_batch_size)):
         if value is not None:

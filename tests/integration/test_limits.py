@@ -1,0 +1,47 @@
+"""The limits a mount inherits from the shell or service manager that starts it (`ulimit`):
+refused at mount with one line and nothing created, or raised where the hard limit allows,
+instead of a daemon that fails after the image was handed out."""
+
+import os
+import resource
+import sys
+
+from fuseclone.limits import MOUNT_OPEN_FILES
+from tests.integration.conftest import daemon_pid, sh
+
+
+def _with_open_files(soft, hard):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return limit
+
+
+def _mount(rig, soft, hard):
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    return sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+              check=False, timeout=60, preexec_fn=_with_open_files(soft, hard))
+
+
+def test_too_few_open_files_is_refused_before_anything_is_made(rig, random_source):
+    # ulimit -n 16 left a mount without a daemon (its mountinfo read failed after mount(2)),
+    # and 18 a daemon that died after `mount` had said the image was ready.
+    result = _mount(rig, 16, 16)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"fuseclone: error: at most 16 files may be open (ulimit -n): a mount needs "
+        f"{MOUNT_OPEN_FILES} (ulimit -n {MOUNT_OPEN_FILES}, or LimitNOFILE={MOUNT_OPEN_FILES} "
+        "in its systemd unit)"]
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()
+
+
+def test_a_low_soft_limit_is_raised_up_to_the_hard_one(rig, random_source):
+    result = _mount(rig, 16, 4096)
+    assert result.returncode == 0, result.stderr
+    limits = open(f"/proc/{daemon_pid(rig.mnt)}/limits").read()
+    soft, hard = next(line.split()[3:5] for line in limits.splitlines()
+                      if line.startswith("Max open files"))
+    assert (int(soft), int(hard)) == (MOUNT_OPEN_FILES, 4096)
+    with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
+        assert image.read() == src.read()
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
