@@ -31,6 +31,7 @@ from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
+from .threads import in_thread
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
 
     try:
         check_clone_on_top(real_mountpoint, mount_id)
-        await trio.to_thread.run_sync(unmount, mountpoint)
+        await in_thread(unmount, mountpoint)
     except CoveredError as exc:
         return {"ok": False, "error": exc.reason}
     except OSError as exc:
@@ -440,7 +441,7 @@ async def _write_back(image: str) -> None:
     because this event loop has to answer the writes and the FSYNC it causes."""
     with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
         try:
-            await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)
+            await in_thread(_fsync_file, image, abandon_on_cancel=True)
         except FileNotFoundError:
             pass  # stopped before the image was mounted: nothing was cached
         except OSError as exc:

@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Mapping, Protocol
 import trio
 
 from .. import uring
+from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
 from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, set_dirty_limit,
@@ -286,7 +287,7 @@ class Session:
             for jobs in queues:
                 for _ in range(jobs.threads):
                     job_threads.start_soon(functools.partial(
-                        trio.to_thread.run_sync, self._run_jobs, jobs, limiter=threads))
+                        in_thread, self._run_jobs, jobs, limiter=threads))
             try:
                 async with trio.open_nursery() as nursery:
                     self._open_ring(nursery)
