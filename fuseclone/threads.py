@@ -3,12 +3,14 @@ threads), `ulimit -v` (each thread's stack and malloc arena are address space), 
 `pids.max` (systemd's `TasksMax=`). trio's `to_thread.run_sync` raises RuntimeError then, which
 would end the daemon after it had handed out the image. `in_thread` waits for a worker to come
 free instead (trio reuses idle ones), and after THREAD_START_PATIENCE fails with EAGAIN, an
-errno the daemon's paths report (a failed copy, EIO to a user) instead of dying."""
+errno the daemon's paths report (a failed copy, EIO to a user) instead of dying. Likewise a
+worker's job that runs out of memory (a copy's buffer under `ulimit -v`) fails with ENOMEM."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from typing import Any, Callable, TypeVar
 
 import trio
@@ -23,12 +25,15 @@ T = TypeVar("T")
 
 async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
                     limiter: trio.CapacityLimiter | None = None) -> T:
-    """`trio.to_thread.run_sync(fn, *args)`, waiting out a refused thread start."""
+    """`trio.to_thread.run_sync(fn, *args)`, waiting out a refused thread start; FN's
+    MemoryError as ENOMEM."""
     deadline = trio.current_time() + THREAD_START_PATIENCE
     while True:
         try:
             return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel,
                                                  limiter=limiter)
+        except MemoryError as exc:  # its job's, not the loop's: what it was to do failed
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)) from exc
         except RuntimeError as exc:
             if not _thread_refused(exc):
                 raise

@@ -58,3 +58,27 @@ async def test_a_thread_refused_for_good_is_eagain(monkeypatch):
     assert info.value.errno == errno.EAGAIN
     assert str(info.value) == ("[Errno 11] cannot start a thread (ulimit -u or -v, or the "
                                "cgroup's pids.max)")
+
+
+async def test_a_worker_out_of_memory_is_a_failed_copy(clone, monkeypatch):
+    """Under `ulimit -v 250000` a copy's buffer (a batch of up to 8 MiB, read in a worker)
+    raised MemoryError, which ended the daemon; now it is ENOMEM: hydration backs off."""
+    from fuseclone.sources.local import LocalSource
+
+    read = LocalSource._read_unchanged
+    left = [3]
+
+    def out_of_memory_at_first(self, length, offset):
+        if left[0] > 0:
+            left[0] -= 1
+            raise MemoryError
+        return read(self, length, offset)
+
+    monkeypatch.setattr(LocalSource, "_read_unchanged", out_of_memory_at_first)
+    engine = await clone.open(hydration_batch_size=64)
+    async with clone.running(engine):
+        with trio.fail_after(30):
+            await engine.complete.wait()
+        assert engine.status().hydration_errors == 3
+    with open(clone.dst, "rb") as f:
+        assert f.read(os.path.getsize(clone.src)) == clone.source_bytes()
