@@ -301,7 +301,8 @@ class _LogFile(logging.FileHandler):
 
     def _open(self):
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = open_regular_file(self.baseFilename, flags, 0o666, char_device_ok=True)
+        # 0644 at most: created 0666 under umask 000, any user could write into the log
+        fd = open_regular_file(self.baseFilename, flags, 0o644, char_device_ok=True)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 

@@ -45,3 +45,20 @@ def test_a_low_soft_limit_is_raised_up_to_the_hard_one(rig, random_source):
     with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
         assert image.read() == src.read()
     sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+
+
+def test_files_a_mount_creates_are_never_writable_by_others(rig, random_source, tmp_path):
+    """Under `umask 000` the log came out 0666: any user could write lines into a root
+    daemon's log (or fill its disk). META, DST, the log and the trace: written by the mount's
+    user alone, whatever the umask."""
+    log, trace = str(tmp_path / "clone.log"), str(tmp_path / "clone.trace")
+
+    def umask_000():
+        os.umask(0)
+
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+       "--log-file", log, "--record-access", trace, timeout=60, preexec_fn=umask_000)
+    modes = {path: os.stat(path).st_mode & 0o777 for path in (rig.meta, rig.dst, log, trace)}
+    assert not [path for path, mode in modes.items() if mode & 0o022], modes
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
