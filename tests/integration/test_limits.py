@@ -62,3 +62,12 @@ def test_files_a_mount_creates_are_never_writable_by_others(rig, random_source, 
     modes = {path: os.stat(path).st_mode & 0o777 for path in (rig.meta, rig.dst, log, trace)}
     assert not [path for path, mode in modes.items() if mode & 0o022], modes
     sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+
+
+def test_a_region_size_of_zero_is_refused_not_taken_for_the_default(rig, random_source):
+    result = sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+                "--region-size", "0", check=False, timeout=60)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    assert (result.returncode, result.stderr) == (
+        1, "fuseclone: error: region size 0 is not a power of two between 4 KiB and 1 GiB\n")
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
