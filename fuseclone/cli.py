@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -44,6 +45,24 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+class SecondsType(click.ParamType):
+    """A --timeout: a finite number of seconds, 0 or more (nan never expired, and inf or nan
+    reached socket.settimeout as a traceback)."""
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:
+            self.fail(f"{value!r} is not a number of seconds (0 or more)", param, ctx)
+        return seconds
+
+
+SECONDS = SecondsType()
 
 
 def fail(message: str) -> NoReturn:
@@ -459,7 +478,7 @@ def message(target, words) -> None:
 
 @main.command()
 @click.argument("target")
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
+@click.option("--timeout", type=SECONDS, help="Give up after this many seconds (exit 1).")
 def wait(target, timeout) -> None:
     """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
     (exit 1)."""
@@ -514,7 +533,7 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 
 @main.command()
 @click.argument("mountpoint")
-@click.option("--timeout", type=float, default=60, show_default=True,
+@click.option("--timeout", type=SECONDS, default=60, show_default=True,
               help="Seconds the mount has to commit and unmount (exit 1 after).")
 @click.option("--lazy", is_flag=True,
               help="Detach even while the image is open, like umount -l: the writes cached so far "
@@ -638,7 +657,7 @@ LIST_COLUMNS = ("MOUNTPOINT", "IMAGE", "SOURCE", "DST", "META", "PROGRESS", "RAT
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+@click.option("--timeout", type=SECONDS, default=LIST_TIMEOUT, show_default=True,
               help="Seconds the clones have to answer, all together.")
 def list_clones(as_json, timeout) -> None:
     """List every live clone on this machine, like losetup -l: a daemon that does not answer
@@ -666,7 +685,7 @@ def _list_row(clone) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+@click.option("--timeout", type=SECONDS, default=LIST_TIMEOUT, show_default=True,
               help="Seconds the clones have to answer, all together.")
 def metrics(timeout) -> None:
     """Print Prometheus metrics of every live clone (text format, e.g. for node_exporter's
