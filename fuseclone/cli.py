@@ -81,6 +81,18 @@ class FriendlyGroup(click.Group):
             fail(str(exc))
         except PermissionError as exc:
             fail(f"permission denied: {exc.filename}" if exc.filename else describe(exc))
+        except FileNotFoundError as exc:
+            if exc.filename is None and _working_directory() is None:  # getcwd's ENOENT
+                fail("the current directory was removed: give absolute paths, or cd elsewhere")
+            raise
+
+
+def _working_directory() -> str | None:
+    """This process's directory; None once it was removed."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,12 +179,13 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
-    # Absolute, so that status, list and metrics name them usefully from any directory.
+    # Absolute, so that status, list and metrics name them usefully from any directory, and
+    # so that the daemon need not stay in this one (it keeps no directory busy).
     src = src if is_remote(src) else os.path.abspath(_callers_file(src))
-    mirrors = tuple(m if is_remote(m) else _callers_file(m) for m in mirrors)
+    mirrors = tuple(m if is_remote(m) else _absolute(_callers_file(m)) for m in mirrors)
     dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file = (
-        path and _callers_file(path) for path in (dst, meta, mountpoint, record_access, prefetch,
-                                                  log_file, http_header_file))
+        path and _absolute(_callers_file(path))
+        for path in (dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file))
     opts = MountOptions(source=src, destination=os.path.abspath(dst), metadata=meta,
                         mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
@@ -180,7 +193,8 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
                         mirrors=mirrors, record_access=record_access, prefetch=prefetch,
-                        log_file=log_file, passthrough=passthrough)
+                        log_file=log_file, passthrough=passthrough,
+                        workdir=_working_directory())
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -198,6 +212,12 @@ def _callers_file(path: str) -> str:
     if _OWN_DESCRIPTORS.match(os.path.abspath(path)):
         return os.path.realpath(path)
     return path
+
+
+def _absolute(path: str) -> str:
+    """PATH from this directory, its '..' left for the kernel to resolve (through symlinks,
+    as the relative path would have been)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _listen_address(value: str | None) -> tuple[str | None, int] | None:
@@ -295,6 +315,9 @@ def _exit_now(status: int) -> NoReturn:
 def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_log: bool) -> int:
     """The forked child: a session of its own, no terminal, then the mount; its exit status."""
     os.setsid()
+    # Out of the caller's directory, which the daemon would keep busy (an `umount` of its
+    # filesystem refused) for the mount's life: every path it uses is absolute by now.
+    os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -62,6 +62,7 @@ class MountOptions:
     mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
     log_file: str | None = None  # --log-file: opened by the CLI, after check_paths
     passthrough: bool = False  # a clone complete at mount: FUSE passthrough to DST (--passthrough)
+    workdir: str | None = None  # where the mount command ran: --on-complete runs there
 
 
 def check_mountpoint(path: str) -> None:
@@ -341,7 +342,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
-        nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
+        nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache,
+                           opts.workdir)
     return status
 
 
@@ -471,14 +473,16 @@ def on_complete_argv(command: str) -> list[str]:
     return argv
 
 
-async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int) -> None:
+async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int,
+                       workdir: str | None) -> None:
     await engine.complete.wait()
     if write_cache:
         await _write_back(image)  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:
-        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env)
+        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env,
+                                                   cwd=workdir)
     except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
         log.error("--on-complete command could not run: %s", describe(exc))
         return

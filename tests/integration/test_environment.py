@@ -1,10 +1,13 @@
-"""The limits a mount inherits from the shell or service manager that starts it (`ulimit`):
-refused at mount with one line and nothing created, or raised where the hard limit allows,
-instead of a daemon that fails after the image was handed out."""
+"""What a mount inherits from the shell or service manager that starts it: its limits
+(`ulimit`: refused at mount with one line and nothing created, or raised where the hard limit
+allows, instead of a daemon that fails after the image was handed out), its umask and its
+working directory, and odd values typed for its options."""
 
 import os
 import resource
+import subprocess
 import sys
+import time
 
 from fuseclone.limits import MOUNT_OPEN_FILES
 from tests.integration.conftest import daemon_pid, sh
@@ -71,3 +74,44 @@ def test_a_region_size_of_zero_is_refused_not_taken_for_the_default(rig, random_
     assert (result.returncode, result.stderr) == (
         1, "fuseclone: error: region size 0 is not a power of two between 4 KiB and 1 GiB\n")
     assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+
+
+def test_the_daemon_keeps_no_directory_busy(rig, random_source):
+    """Mounted with relative paths from a directory on another filesystem (here a tmpfs), the
+    daemon stayed in it: `umount` of that filesystem said "target is busy" for the mount's life.
+    Its --on-complete command still runs where the mount command ran."""
+    work = rig.tmp / "work"
+    work.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", work)
+    rig.stack.callback(lambda: sh("umount", "-l", work, check=False))
+    hook = work / "hook"
+    hook.write_text("#!/bin/sh\npwd > ../hook-ran\n")
+    hook.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", "../src.img", "../dst.img", "../clone.meta",
+       "../mnt", "--on-complete", "./hook", cwd=work, env=env, timeout=60)
+    sh(sys.executable, "-m", "fuseclone", "wait", rig.mnt, "--timeout", "60")
+    deadline = time.monotonic() + 30
+    while not (rig.tmp / "hook-ran").exists():
+        assert time.monotonic() < deadline, "the --on-complete command did not run"
+        time.sleep(0.05)
+    assert (rig.tmp / "hook-ran").read_text().strip() == str(work)
+    assert os.readlink(f"/proc/{daemon_pid(rig.mnt)}/cwd") == "/"
+    sh("umount", work)  # not busy
+    with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
+        assert image.read() == src.read()
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+
+
+def test_a_removed_working_directory_is_one_line(rig, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); "
+            "sys.argv = ['fuseclone', 'mount', 'src.img', 'dst.img', 'clone.meta', 'mnt']; "
+            "from fuseclone.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert (result.returncode, result.stderr) == (
+        1, "fuseclone: error: the current directory was removed: give absolute paths, or cd "
+           "elsewhere\n")
