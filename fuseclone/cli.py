@@ -243,7 +243,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if default_log:  # named by META's identity now that META exists
             _log_to_renamed_file(control.adopt_log(opts.metadata, log_file))
         if ready_fd is not None:
-            os.write(ready_fd, f"ready {image}\n".encode())
+            os.write(ready_fd, os.fsencode(f"ready {image}\n"))
             os.close(ready_fd)
             told = True
         else:
@@ -261,7 +261,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if error is None:
             raise
         if ready_fd is not None and not told:
-            os.write(ready_fd, f"error {error}\n".encode())
+            os.write(ready_fd, os.fsencode(f"error {error}\n"))
         raise error from None
 
 
@@ -292,7 +292,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
         os._exit(_serve_detached(opts, log_file, log_level, write_end, default_log))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
-        line = ready.readline().decode().strip()
+        line = os.fsdecode(ready.readline()).strip()
     if line.startswith("ready "):
         click.echo(f"{line[6:]}")
         _exit_now(0)

@@ -108,7 +108,7 @@ def _runtime_file(meta_path: str, suffix: str) -> str:
     try:
         st = os.stat(meta_path)
     except (FileNotFoundError, NotADirectoryError):
-        digest = hashlib.sha256(os.path.realpath(meta_path).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(meta_path))).hexdigest()[:16]
         return os.path.join(RUNTIME_DIR, f"new-{digest}{suffix}")
     return os.path.join(RUNTIME_DIR, f"{st.st_dev:x}-{st.st_ino:x}{suffix}")
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 from fuseclone.limits import MOUNT_OPEN_FILES
-from tests.integration.conftest import daemon_pid, sh
+from tests.integration.conftest import daemon_pid, fuseclone, sh, status_json
 
 
 def _with_open_files(soft, hard):
@@ -115,3 +115,40 @@ def test_a_removed_working_directory_is_one_line(rig, tmp_path):
     assert (result.returncode, result.stderr) == (
         1, "fuseclone: error: the current directory was removed: give absolute paths, or cd "
            "elsewhere\n")
+
+
+
+NOT_UTF8 = b"\xff\xfe"  # a Latin-1 name, as an old USB stick's label gives
+
+# Run in a mount namespace of its own: a path that is not UTF-8 in the host's mount table
+# would trip up whatever else reads it meanwhile (other test runs on this machine).
+IN_OWN_NAMESPACE = r"""
+set -e
+fuseclone() { "$PYTHON" -m fuseclone "$@"; }
+trap 'fuseclone unmount "$MNT" >/dev/null 2>&1 || true; umount -l "$STICK" 2>/dev/null || true' EXIT
+mkdir "$STICK" "$MNT"
+mount -t tmpfs -o size=1M tmpfs "$STICK"
+fuseclone mount "$SRC" "$DST" "$META" "$MNT" --no-hydration --name "$NAME"
+cmp "$SRC" "$MNT/$NAME"
+fuseclone status "$MNT" --json | grep -q '"metadata"'
+fuseclone list | grep -q "/mnt"
+fuseclone unmount "$MNT"
+echo done
+"""
+
+
+def test_paths_that_are_not_utf8(rig, random_source):
+    """Any filesystem mounted at such a path on the host (an automounted stick) made every
+    command that reads the mount table end in a UnicodeDecodeError: mount, unmount, list; and
+    a META or image named so reached str.encode (the log's name, mount(2)'s fsname)."""
+    def path(stem):
+        return os.fsencode(str(rig.tmp)) + b"/" + stem + NOT_UTF8
+
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.getcwd(), SRC=rig.src,
+               STICK=path(b"stick"), MNT=path(b"mnt"), META=path(b"meta"), DST=path(b"dst"),
+               NAME=b"image" + NOT_UTF8)
+    env = {key: os.fsdecode(value) for key, value in env.items()}
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             IN_OWN_NAMESPACE], env=env, capture_output=True, timeout=120)
+    image = path(b"mnt") + b"/image" + NOT_UTF8
+    assert (result.returncode, result.stdout) == (0, image + b"\ndone\n"), result.stderr
