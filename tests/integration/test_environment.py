@@ -3,11 +3,14 @@
 allows, instead of a daemon that fails after the image was handed out), its umask and its
 working directory, and odd values typed for its options."""
 
+import mmap
 import os
 import resource
 import subprocess
 import sys
 import time
+
+import pytest
 
 from fuseclone.limits import MOUNT_OPEN_FILES
 from tests.integration.conftest import daemon_pid, fuseclone, sh, status_json
@@ -152,3 +155,59 @@ def test_paths_that_are_not_utf8(rig, random_source):
                              IN_OWN_NAMESPACE], env=env, capture_output=True, timeout=120)
     image = path(b"mnt") + b"/image" + NOT_UTF8
     assert (result.returncode, result.stdout) == (0, image + b"\ndone\n"), result.stderr
+
+
+PIDS_CGROUPS = "/sys/fs/cgroup/pids"  # cgroup v1's pids hierarchy, as on these machines
+
+
+@pytest.fixture
+def few_tasks(tmp_path):
+    """A pids cgroup allowing 8 tasks (threads count): systemd's TasksMax=8."""
+    if not os.path.isdir(PIDS_CGROUPS):
+        pytest.skip("needs cgroup v1's pids controller")
+    group = os.path.join(PIDS_CGROUPS, f"fuseclone-test-{os.getpid()}-{tmp_path.name}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "pids.max"), "w") as f:
+            f.write("8")
+        yield group
+    finally:
+        deadline = time.monotonic() + 10
+        while True:  # a group goes once its last task has
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{group} still has tasks"
+                time.sleep(0.05)
+
+
+def test_a_daemon_refused_threads_serves_on(rig, random_source, few_tasks):
+    """Under TasksMax=8 the daemon said the image was ready, then died on its first
+    hydration copy ("can't start new thread")."""
+    def join():
+        with open(os.path.join(few_tasks, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+       timeout=60, preexec_fn=join)
+    data = os.urandom(1 << 20)
+    with open(rig.image, "r+b") as image:
+        image.seek(8 << 20)
+        image.write(data)
+        os.fsync(image.fileno())
+    fd = os.open(rig.image, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        read = [os.preadv(fd, [buf], offset) for offset in range(0, 32 << 20, 1 << 20)]
+        assert read == [1 << 20] * 32
+    finally:
+        os.close(fd)
+    sh(sys.executable, "-m", "fuseclone", "wait", rig.mnt, "--timeout", "60")
+    events = open(os.path.join(few_tasks, "pids.events")).read()
+    assert events.split() != ["max", "0"], "no thread was refused: the test tests nothing"
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+    want = bytearray(open(rig.src, "rb").read())
+    want[8 << 20:9 << 20] = data
+    assert open(rig.dst, "rb").read(len(want)) == want
