@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import urllib.parse
 from typing import AsyncIterator
 
@@ -42,7 +43,10 @@ def describe_spec(spec: str) -> str:
     pre-signed URL's signature, a secret, is in the query)."""
     if not is_remote(spec):
         return spec
-    given = urllib.parse.urlsplit(spec)
+    try:
+        given = urllib.parse.urlsplit(spec)
+    except ValueError:  # not a URL after all (an unclosed '['): its opener says why
+        return _PASSWORD.sub(r"\1***@", spec)
     parts = given
     if _scheme(spec) in ("http", "https"):
         parts = parts._replace(query="", fragment="")
@@ -50,6 +54,9 @@ def describe_spec(spec: str) -> str:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
     # Rebuilt only when changed: urlunsplit respells some URLs (nbd+unix:/// as nbd+unix:/).
     return spec if parts == given else urllib.parse.urlunsplit(parts)
+
+
+_PASSWORD = re.compile(r"(://[^/?#@:]*:)[^/?#@]*@")  # scheme://user:PASSWORD@
 
 
 def describe_identity(identity: object) -> str:

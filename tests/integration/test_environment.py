@@ -211,3 +211,20 @@ def test_a_daemon_refused_threads_serves_on(rig, random_source, few_tasks):
     want = bytearray(open(rig.src, "rb").read())
     want[8 << 20:9 << 20] = data
     assert open(rig.dst, "rb").read(len(want)) == want
+
+
+@pytest.mark.parametrize("url,says", [
+    ("nbd://[::1/vm", "not a valid NBD URL (Invalid IPv6 URL)"),
+    ("https://user:secret@[::1/vm.img", "not a valid URL (Invalid port: ':1')"),
+])
+def test_a_url_that_does_not_parse_is_one_line(rig, url, says):
+    """An unclosed '[' ended the daemon in a ValueError ("the mount process exited (1)
+    before the image was ready; see LOG")."""
+    result = sh(sys.executable, "-m", "fuseclone", "mount", url, rig.dst, rig.meta, rig.mnt,
+                check=False, timeout=60)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("fuseclone: error: ") and line.endswith(says), line
+    assert "secret" not in line
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
