@@ -17,7 +17,7 @@ import click
 from . import control
 from .blockio import open_regular_file
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
-from .sources import describe_spec, is_remote
+from .sources import describe_spec, is_remote, with_absolute_paths
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -181,8 +181,9 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
     # Absolute, so that status, list and metrics name them usefully from any directory, and
     # so that the daemon need not stay in this one (it keeps no directory busy).
-    src = src if is_remote(src) else os.path.abspath(_callers_file(src))
-    mirrors = tuple(m if is_remote(m) else _absolute(_callers_file(m)) for m in mirrors)
+    src = with_absolute_paths(src) if is_remote(src) else os.path.abspath(_callers_file(src))
+    mirrors = tuple(with_absolute_paths(m) if is_remote(m) else _absolute(_callers_file(m))
+                    for m in mirrors)
     dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file = (
         path and _absolute(_callers_file(path))
         for path in (dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file))

@@ -6,6 +6,7 @@ working directory, and odd values typed for its options."""
 import mmap
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -228,3 +229,25 @@ def test_a_url_that_does_not_parse_is_one_line(rig, url, says):
     assert line.startswith("fuseclone: error: ") and line.endswith(says), line
     assert "secret" not in line
     assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+
+
+def test_an_nbd_socket_named_from_the_callers_directory(rig, random_source):
+    """?socket= relative to where `mount` ran, although the daemon leaves that directory."""
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit is not installed")
+    server = subprocess.Popen(["nbdkit", "-f", "-r", "-U", "nbd.sock", "file", rig.src],
+                              cwd=rig.tmp, stderr=subprocess.DEVNULL)
+    rig.stack.callback(server.wait)
+    rig.stack.callback(server.terminate)
+    deadline = time.monotonic() + 10
+    while not (rig.tmp / "nbd.sock").exists():
+        assert time.monotonic() < deadline, "nbdkit did not start"
+        time.sleep(0.05)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", "nbd+unix:///?socket=nbd.sock", "dst.img",
+       "clone.meta", "mnt", "--no-hydration", cwd=rig.tmp,
+       env=dict(os.environ, PYTHONPATH=os.getcwd()), timeout=60)
+    assert status_json(rig.mnt)["source"] == f"nbd+unix:///?socket={rig.tmp}/nbd.sock"
+    with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
+        assert image.read(1 << 20) == src.read(1 << 20)
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
