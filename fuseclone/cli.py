@@ -318,6 +318,7 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
     os.setsid()
     # Out of the caller's directory, which the daemon would keep busy (an `umount` of its
     # filesystem refused) for the mount's life: every path it uses is absolute by now.
+    _absolute_environment()
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -335,6 +336,19 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
         logging.getLogger(__name__).exception("the mount failed")
         return 1
     return 0
+
+
+# Files the libraries read later, whenever they (re)connect or refresh credentials
+PATH_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                  "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CA_BUNDLE")
+
+
+def _absolute_environment() -> None:
+    """The PATH_VARIABLES given relative to the caller's directory, made absolute."""
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        if value and not os.path.isabs(value):
+            os.environ[name] = os.path.join(os.getcwd(), value)
 
 
 class _LogFile(logging.FileHandler):

@@ -15,6 +15,7 @@ import pytest
 
 from fuseclone.limits import MOUNT_OPEN_FILES
 from tests.integration.conftest import daemon_pid, fuseclone, sh, status_json
+from tests.sources_http.test_http import tls_nginx  # noqa: F401
 
 
 def _with_open_files(soft, hard):
@@ -250,4 +251,20 @@ def test_an_nbd_socket_named_from_the_callers_directory(rig, random_source):
     assert status_json(rig.mnt)["source"] == f"nbd+unix:///?socket={rig.tmp}/nbd.sock"
     with open(rig.image, "rb") as image, open(rig.src, "rb") as src:
         assert image.read(1 << 20) == src.read(1 << 20)
+    sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+
+
+def test_a_relative_ssl_cert_file_is_taken_from_the_callers_directory(rig, tls_nginx):
+    """SSL_CERT_FILE=cert.pem is read whenever the daemon connects, and the daemon leaves
+    the caller's directory: the command makes it absolute first."""
+    from tests.sources_http.test_http import write_file
+
+    data = write_file(tls_nginx.root / "image.raw", 300 << 10, seed=4)
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), SSL_CERT_FILE="cert.pem")
+    env.pop("SSL_CERT_DIR", None)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", tls_nginx.tls_url("image.raw"), rig.dst,
+       rig.meta, rig.mnt, "--no-hydration", cwd=tls_nginx.tmp, env=env, timeout=60)
+    with open(rig.image, "rb") as image:
+        assert image.read() == data
     sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
