@@ -386,16 +386,23 @@ async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, passthrough
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 # the terminal of a foreground mount closed: by default it would kill the
                 # daemon without a commit or an unmount, and lose the writes the kernel caches
-                signal.SIGHUP)
+                signal.SIGHUP,
+                # the soft CPU-time limit reached (ulimit -S -t, systemd's LimitCPU=): the same
+                # loss by default, and SIGKILL at the hard limit. Sent again every second, so a
+                # repeat is no request to hurry.
+                signal.SIGXCPU)
 
 
 async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
-    """The first SIGINT/SIGTERM/SIGHUP stops after the kernel's cached writes are handed over;
-    a second one while that waits (a slow source, say) stops at once."""
+    """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
+    handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
+    once."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if nursery.child_tasks and signum == signal.SIGXCPU:
+                    continue
                 if nursery.child_tasks:
                     log.warning("received %s again: stopping without waiting for cached writes", name)
                     stop.cancel()

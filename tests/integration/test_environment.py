@@ -3,6 +3,7 @@
 allows, instead of a daemon that fails after the image was handed out), its umask and its
 working directory, and odd values typed for its options."""
 
+import contextlib
 import mmap
 import os
 import resource
@@ -268,3 +269,40 @@ def test_a_relative_ssl_cert_file_is_taken_from_the_callers_directory(rig, tls_n
     with open(rig.image, "rb") as image:
         assert image.read() == data
     sh(sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+
+
+def test_the_soft_cpu_limit_stops_the_mount_cleanly(rig, random_source):
+    """`ulimit -S -t` (systemd's LimitCPU=): SIGXCPU's default action killed the daemon, with
+    the writes the kernel cached for it, and left a stale mount. It now stops as on SIGTERM."""
+    def cpu_limit():
+        resource.setrlimit(resource.RLIMIT_CPU, (1, 120))
+
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+       "--no-hydration", timeout=60, preexec_fn=cpu_limit)
+    log = status_json(rig.mnt)["log_file"]
+    cached = os.urandom(64 << 10)
+    with open(rig.image, "r+b") as image:  # no fsync: the kernel keeps it for the daemon
+        image.seek(4 << 20)
+        image.write(cached)
+    buf = mmap.mmap(-1, 4096)
+    deadline = time.monotonic() + 60
+    while os.path.realpath(rig.mnt) in open("/proc/mounts").read():  # burn the daemon's CPU
+        assert time.monotonic() < deadline, "the daemon did not reach its CPU limit"
+        try:
+            fd = os.open(rig.image, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            break  # unmounted meanwhile
+        try:
+            for offset in range(0, 32 << 20, 4096):
+                os.preadv(fd, [buf], offset)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):  # ENOTCONN once the stop detached it lazily
+            os.close(fd)
+    assert "received SIGXCPU: committing and unmounting" in open(log).read()
+    with open(rig.dst, "rb") as dst:
+        dst.seek(4 << 20)
+        assert dst.read(len(cached)) == cached
+    checked = sh(sys.executable, "-m", "fuseclone", "check", rig.meta).stdout
+    assert "clean" in checked
