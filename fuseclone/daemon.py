@@ -284,6 +284,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
+    from .fuse.mount import mount_path
 
     stop = nursery.cancel_scope
     mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
@@ -305,8 +306,20 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.passthrough = fs.backing_id is not None
         return st
 
+    def here() -> tuple[str, str]:
+        """The mountpoint and the image as they are reached now: a directory above them renamed
+        since the mount moved them (the mount table says where; never a stat of our mount)."""
+        now = mount_path(mount_id) if mount_id is not None else None
+        if now is None or now == real_mountpoint:
+            return opts.mountpoint, image
+        return now, now if image_at_root else os.path.join(now, opts.name)
+
+    def image_now() -> str:
+        return here()[1]
+
     def status_reply() -> dict:
-        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": opts.mountpoint,
+        mountpoint, image = here()
+        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": mountpoint,
                 "image": image}
 
     async def handle(req: dict) -> dict:
@@ -325,24 +338,26 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
-            if req["mountpoint"] not in (None, real_mountpoint):
+            mountpoint = here()[0]
+            real_now = real_mountpoint if mountpoint == opts.mountpoint else mountpoint
+            if req["mountpoint"] not in (None, real_now):
                 return {"ok": False, "error": f"the mount of {opts.metadata} is at "
-                        f"{real_mountpoint}, not {req['mountpoint']} (META was moved, and another "
+                        f"{real_now}, not {req['mountpoint']} (META was moved, and another "
                         f"clone made at its path?): `umount -l {req['mountpoint']}` detaches it"}
             if req["lazy"]:  # what a SIGTERM does
-                nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
+                nursery.start_soon(_write_back_then_stop, image_now, write_cache, stop)
                 return {"ok": True}
-            return await _unmount_unless_in_use(opts.mountpoint, real_mountpoint, mount_id, stop)
+            return await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image, write_cache, stop)
+    nursery.start_soon(_signals, image_now, write_cache, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
-        nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache,
+        nursery.start_soon(_on_complete, engine, opts.on_complete, image_now, write_cache,
                            opts.workdir)
     return status
 
@@ -393,7 +408,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 signal.SIGXCPU)
 
 
-async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
+async def _signals(image: Callable[[], str], write_cache: int, stop: trio.CancelScope) -> None:
     """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
     handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
     once."""
@@ -436,12 +451,13 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
     return {"ok": True}
 
 
-async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:
+async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
+                                stop: trio.CancelScope) -> None:
     """Stop serving, but first take over the writes the kernel still caches: once the session
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
     lose them."""
     if write_cache:
-        await _write_back(image)
+        await _write_back(image())
     stop.cancel()
 
 
@@ -480,11 +496,11 @@ def on_complete_argv(command: str) -> list[str]:
     return argv
 
 
-async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int,
-                       workdir: str | None) -> None:
+async def _on_complete(engine: CloneEngine, command: str, image: Callable[[], str],
+                       write_cache: int, workdir: str | None) -> None:
     await engine.complete.wait()
     if write_cache:
-        await _write_back(image)  # the command gets DST: with every write made so far
+        await _write_back(image())  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:

@@ -27,8 +27,8 @@ from .. import uring
 from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, set_dirty_limit,
-                    top_mount, unmount)
+from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, mount_path,
+                    set_dirty_limit, top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,9 @@ class Session:
         Only our own mount: not a filesystem mounted over it, nor one mounted at the path after
         ours was detached behind our back."""
         try:
+            moved = mount_path(mount_id) if mount_id is not None else None
+            if moved is not None and moved != real_mountpoint:  # a directory above it renamed
+                mountpoint = real_mountpoint = moved
             check_clone_on_top(real_mountpoint, mount_id)
             unmount(mountpoint)
         except CoveredError as exc:

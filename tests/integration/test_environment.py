@@ -4,10 +4,12 @@ allows, instead of a daemon that fails after the image was handed out), its umas
 working directory, and odd values typed for its options."""
 
 import contextlib
+import json
 import mmap
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -306,3 +308,36 @@ def test_the_soft_cpu_limit_stops_the_mount_cleanly(rig, random_source):
         assert dst.read(len(cached)) == cached
     checked = sh(sys.executable, "-m", "fuseclone", "check", rig.meta).stdout
     assert "clean" in checked
+
+
+@pytest.mark.parametrize("stop", ["unmount", "SIGTERM"])
+def test_a_directory_above_the_mountpoint_renamed(rig, random_source, stop):
+    """`mv /srv/clones /srv/clones.old` under a live clone: `unmount` of the new path was
+    refused ("META was moved?"), and SIGTERM lost the kernel's cached writes (the image's old
+    path was gone) and left a mount without a daemon."""
+    before, after = rig.tmp / "a", rig.tmp / "b"
+    before.mkdir()
+    mnt = before / "mnt"
+    mnt.mkdir()
+    rig.stack.callback(rig._force_unmount, str(after / "mnt"))
+    fuseclone("mount", rig.src, rig.dst, rig.meta, mnt, "--no-hydration")
+    pid = daemon_pid(str(mnt))
+    cached = os.urandom(64 << 10)
+    with open(mnt / "image", "r+b") as image:  # no fsync: the kernel keeps it
+        image.seek(1 << 20)
+        image.write(cached)
+    os.rename(before, after)
+    moved = str(after / "mnt")
+    listed = json.loads(fuseclone("list", "--json").stdout)
+    assert [c["image"] for c in listed if c["metadata"] == rig.meta] == [f"{moved}/image"]
+    if stop == "unmount":
+        fuseclone("unmount", moved)
+    else:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while moved in open("/proc/mounts").read() or os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "the clone did not stop, or left its mount"
+        time.sleep(0.05)
+    with open(rig.dst, "rb") as dst:
+        dst.seek(1 << 20)
+        assert dst.read(len(cached)) == cached
