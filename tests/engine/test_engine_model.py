@@ -1,5 +1,7 @@
 """Random programs of reads, writes, discards, flushes, hydration steps, concurrent groups and
-reopens, checked read by read against a plain in-memory model of the image."""
+reopens, checked read by read against a plain in-memory model of the image. A second program
+kind adds what follows the user: sequential streams (readahead's copies run ahead of the reader
+while other ops go on) and a prefetch trace at each open."""
 
 import os
 import tempfile
@@ -17,14 +19,14 @@ IMAGE = 64 * 1024 + 1234
 
 
 @st.composite
-def byte_range(draw, max_len=20_000):
-    off = draw(st.integers(0, IMAGE - 1))
-    length = draw(st.integers(1, min(max_len, IMAGE - off)))
+def byte_range(draw, max_len=20_000, image=IMAGE):
+    off = draw(st.integers(0, image - 1))
+    length = draw(st.integers(1, min(max_len, image - off)))
     return off, length
 
 
-def op_strategy():
-    rng = byte_range()
+def op_strategy(image=IMAGE):
+    rng = byte_range(image=image)
     return st.one_of(
         st.tuples(st.just("read"), rng),
         st.tuples(st.just("write"), rng, st.integers(0, 255)),
@@ -50,21 +52,27 @@ def disjoint(ops):
 
 
 class Harness:
-    def __init__(self, tmp, region_size):
-        self.src = make_source_file(os.path.join(tmp, "src"), IMAGE, seed=3, chunk=4096,
+    def __init__(self, tmp, region_size, image=IMAGE, prefetch=()):
+        self.image = image
+        self.prefetch = list(prefetch)  # runs of regions, given to the engine at each open
+        self.src = make_source_file(os.path.join(tmp, "src"), image, seed=3, chunk=4096,
                                     zero_every=4, hole_every=5)
         self.dst = os.path.join(tmp, "dst")
         self.meta = os.path.join(tmp, "meta")
         self.region_size = region_size
         with open(self.src, "rb") as f:
             self.model = bytearray(f.read())
+        self.user_changed = []  # (offset, length) of every write, discard and zeroing
 
     async def open(self, copy_on_read=True, passdown=True):
         source = await LocalSource.open(self.src)
-        return open_clone(source, self.dst, self.meta, region_size=self.region_size,
-                          settings=Settings(hydration=False, copy_on_read=copy_on_read,
-                                            discard_passdown=passdown, hydration_batch_size=2,
-                                            commit_interval=0.01))
+        engine = open_clone(source, self.dst, self.meta, region_size=self.region_size,
+                            settings=Settings(hydration=False, copy_on_read=copy_on_read,
+                                              discard_passdown=passdown, hydration_batch_size=2,
+                                              commit_interval=0.01))
+        if self.prefetch:
+            engine.prefetch(self.prefetch, first_burst=1)
+        return engine
 
     async def apply(self, engine, kind, rng, fill=0):
         off, n = rng
@@ -75,9 +83,14 @@ class Harness:
             data = bytes([fill]) * n
             await engine.write(off, data)
             self.model[off : off + n] = data
+            self.user_changed.append((off, n))
         elif kind in ("discard", "zero"):
             await (engine.discard if kind == "discard" else engine.write_zeroes)(off, n)
             self.model[off : off + n] = bytes(n)
+            self.user_changed.append((off, n))
+        elif kind == "stream":  # reads of `fill` bytes in a row over off+n: readahead follows
+            for start in range(off, off + n, fill):
+                await self.apply(engine, "read", (start, min(fill, off + n - start)))
 
 
 async def hydrate_a_little(engine, steps):
@@ -90,7 +103,7 @@ async def hydrate_a_little(engine, steps):
 
 async def run_op(h, engine, op):
     kind = op[0]
-    if kind in ("read", "write", "discard", "zero"):
+    if kind in ("read", "write", "discard", "zero", "stream"):
         await h.apply(engine, kind, *op[1:])
     elif kind == "flush":
         await engine.flush()
@@ -102,8 +115,8 @@ async def run_op(h, engine, op):
                 n.start_soon(h.apply, engine, *member)
 
 
-async def run_program(tmp, region_size, program):
-    h = Harness(tmp, region_size)
+async def run_program(tmp, region_size, program, image=IMAGE, prefetch=()):
+    h = Harness(tmp, region_size, image, prefetch)
     engine = await h.open()
     ops = iter(program)
     while True:
@@ -115,7 +128,7 @@ async def run_program(tmp, region_size, program):
                     break
                 await run_op(h, engine, op)
             if reopen is None:
-                assert await engine.read(0, IMAGE) == bytes(h.model)
+                assert await engine.read(0, h.image) == bytes(h.model)
                 engine.message("enable_hydration")
                 with trio.fail_after(20):
                     await engine.complete.wait()
@@ -123,9 +136,13 @@ async def run_program(tmp, region_size, program):
             break
         engine = await h.open(copy_on_read=reopen[1], passdown=reopen[2])  # after a clean close
     with open(h.dst, "rb") as f:
-        assert f.read(IMAGE) == bytes(h.model), "the destination alone differs from the model"
+        assert f.read(h.image) == bytes(h.model), "the destination alone differs from the model"
     with Metadata.open(h.meta, writable=False) as meta:
         assert meta.complete and meta.header.clean
+        assert not meta.header.written_unknown
+        for off, n in h.user_changed:  # changed-block tracking (`diff`) misses no user change
+            assert all(meta.is_written(c) for c in meta.written_chunks(off, n)), \
+                f"user change {off}+{n} is not in the written bitmap"
 
 
 @settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "120")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -139,3 +156,41 @@ def test_random_programs_match_the_model(region_size, program):
 async def _with_timeout(tmp, region_size, program):
     with trio.fail_after(30):
         await run_program(tmp, region_size, program)
+
+
+FOLLOW_IMAGE = 1024 * 1024 + 1234  # room for readahead windows (128 KiB and up) to run ahead
+
+
+def follow_op_strategy():
+    """op_strategy's ops and sequential streams, alone or beside other ops in a group."""
+    stream = st.tuples(st.just("stream"), byte_range(max_len=400_000, image=FOLLOW_IMAGE),
+                       st.sampled_from([4096, 16384, 65536]))
+    member = st.one_of(
+        st.tuples(st.sampled_from(["read", "write", "discard"]),
+                  byte_range(image=FOLLOW_IMAGE), st.integers(0, 255)),
+        stream)
+    return st.one_of(op_strategy(FOLLOW_IMAGE), stream,
+                     st.tuples(st.just("concurrent"), st.lists(member, min_size=2, max_size=5)))
+
+
+@st.composite
+def prefetch_runs(draw, region_size):
+    """A trace's runs of regions (possibly none), in any order."""
+    regions = -(-FOLLOW_IMAGE // region_size)
+    starts = draw(st.lists(st.integers(0, regions - 1), max_size=6, unique=True))
+    return [range(s, min(regions, s + draw(st.integers(1, 40)))) for s in starts]
+
+
+@settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "120")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), region_size=st.sampled_from([4096, 16384]),
+       program=st.lists(follow_op_strategy(), min_size=1, max_size=20))
+def test_programs_with_streams_and_a_prefetch_match_the_model(data, region_size, program):
+    runs = data.draw(prefetch_runs(region_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        trio.run(_follow_with_timeout, tmp, region_size, program, runs)
+
+
+async def _follow_with_timeout(tmp, region_size, program, runs):
+    with trio.fail_after(60):
+        await run_program(tmp, region_size, program, FOLLOW_IMAGE, runs)
