@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ import click
 from . import control
 from .blockio import open_regular_file
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
-from .sources import describe_spec, is_remote
+from .sources import describe_spec, is_remote, with_absolute_paths
 from .status import Status
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
@@ -46,6 +47,24 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+class SecondsType(click.ParamType):
+    """A --timeout: a finite number of seconds, 0 or more (nan never expired, and inf or nan
+    reached socket.settimeout as a traceback)."""
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:
+            self.fail(f"{value!r} is not a number of seconds (0 or more)", param, ctx)
+        return seconds
+
+
+SECONDS = SecondsType()
+
+
 def fail(message: str) -> NoReturn:
     click.echo(f"fuseclone: error: {message}", err=True)
     sys.exit(1)
@@ -62,6 +81,18 @@ class FriendlyGroup(click.Group):
             fail(str(exc))
         except PermissionError as exc:
             fail(f"permission denied: {exc.filename}" if exc.filename else describe(exc))
+        except FileNotFoundError as exc:
+            if exc.filename is None and _working_directory() is None:  # getcwd's ENOENT
+                fail("the current directory was removed: give absolute paths, or cd elsewhere")
+            raise
+
+
+def _working_directory() -> str | None:
+    """This process's directory; None once it was removed."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,8 +168,10 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     from .cmdline import mask_url_queries
     from .daemon import MountOptions
     from .engine import Settings, check_hydration_setting
+    from .limits import ensure_open_files
 
     mask_url_queries()  # a pre-signed URL's signature, which `ps` would show for the mount's life
+    ensure_open_files()
     for option, value in (("--hydration-threshold", hydration_threshold),
                           ("--hydration-batch-size", hydration_batch_size)):
         if value is not None:
@@ -146,12 +179,14 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     settings = Settings(hydration=not no_hydration, discard_passdown=not no_discard_passdown,
                         copy_on_read=copy_on_read, hydration_threshold=hydration_threshold or 0,
                         hydration_batch_size=hydration_batch_size or 0, max_rate=max_rate)
-    # Absolute, so that status, list and metrics name them usefully from any directory.
-    src = src if is_remote(src) else os.path.abspath(_callers_file(src))
-    mirrors = tuple(m if is_remote(m) else _callers_file(m) for m in mirrors)
+    # Absolute, so that status, list and metrics name them usefully from any directory, and
+    # so that the daemon need not stay in this one (it keeps no directory busy).
+    src = with_absolute_paths(src) if is_remote(src) else os.path.abspath(_callers_file(src))
+    mirrors = tuple(with_absolute_paths(m) if is_remote(m) else _absolute(_callers_file(m))
+                    for m in mirrors)
     dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file = (
-        path and _callers_file(path) for path in (dst, meta, mountpoint, record_access, prefetch,
-                                                  log_file, http_header_file))
+        path and _absolute(_callers_file(path))
+        for path in (dst, meta, mountpoint, record_access, prefetch, log_file, http_header_file))
     opts = MountOptions(source=src, destination=os.path.abspath(dst), metadata=meta,
                         mountpoint=mountpoint,
                         region_size=region_size, settings=settings, allow_other=allow_other,
@@ -159,7 +194,8 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         http_header_file=http_header_file and os.path.abspath(http_header_file),
                         metrics_listen=metrics_listen, notify=foreground,
                         mirrors=mirrors, record_access=record_access, prefetch=prefetch,
-                        log_file=log_file, passthrough=passthrough)
+                        log_file=log_file, passthrough=passthrough,
+                        workdir=_working_directory())
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -177,6 +213,12 @@ def _callers_file(path: str) -> str:
     if _OWN_DESCRIPTORS.match(os.path.abspath(path)):
         return os.path.realpath(path)
     return path
+
+
+def _absolute(path: str) -> str:
+    """PATH from this directory, its '..' left for the kernel to resolve (through symlinks,
+    as the relative path would have been)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _listen_address(value: str | None) -> tuple[str | None, int] | None:
@@ -202,7 +244,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if default_log:  # named by META's identity now that META exists
             _log_to_renamed_file(control.adopt_log(opts.metadata, log_file))
         if ready_fd is not None:
-            os.write(ready_fd, f"ready {image}\n".encode())
+            os.write(ready_fd, os.fsencode(f"ready {image}\n"))
             os.close(ready_fd)
             told = True
         else:
@@ -220,7 +262,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if error is None:
             raise
         if ready_fd is not None and not told:
-            os.write(ready_fd, f"error {error}\n".encode())
+            os.write(ready_fd, os.fsencode(f"error {error}\n"))
         raise error from None
 
 
@@ -251,7 +293,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
         os._exit(_serve_detached(opts, log_file, log_level, write_end, default_log))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
-        line = ready.readline().decode().strip()
+        line = os.fsdecode(ready.readline()).strip()
     if line.startswith("ready "):
         click.echo(f"{line[6:]}")
         _exit_now(0)
@@ -274,6 +316,10 @@ def _exit_now(status: int) -> NoReturn:
 def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_log: bool) -> int:
     """The forked child: a session of its own, no terminal, then the mount; its exit status."""
     os.setsid()
+    # Out of the caller's directory, which the daemon would keep busy (an `umount` of its
+    # filesystem refused) for the mount's life: every path it uses is absolute by now.
+    _absolute_environment()
+    os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -292,6 +338,19 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
     return 0
 
 
+# Files the libraries read later, whenever they (re)connect or refresh credentials
+PATH_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                  "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CA_BUNDLE")
+
+
+def _absolute_environment() -> None:
+    """The PATH_VARIABLES given relative to the caller's directory, made absolute."""
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        if value and not os.path.isabs(value):
+            os.environ[name] = os.path.join(os.getcwd(), value)
+
+
 class _LogFile(logging.FileHandler):
     """A FileHandler that opens its file like the other files a mount opens by path after its
     checks (blockio.open_regular_file): a FIFO put there since would block the mount for ever.
@@ -299,7 +358,8 @@ class _LogFile(logging.FileHandler):
 
     def _open(self):
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = open_regular_file(self.baseFilename, flags, 0o666, char_device_ok=True)
+        # 0644 at most: created 0666 under umask 000, any user could write into the log
+        fd = open_regular_file(self.baseFilename, flags, 0o644, char_device_ok=True)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
@@ -456,7 +516,7 @@ def message(target, words) -> None:
 
 @main.command()
 @click.argument("target")
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
+@click.option("--timeout", type=SECONDS, help="Give up after this many seconds (exit 1).")
 def wait(target, timeout) -> None:
     """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
     (exit 1)."""
@@ -511,7 +571,7 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 
 @main.command()
 @click.argument("mountpoint")
-@click.option("--timeout", type=float, default=60, show_default=True,
+@click.option("--timeout", type=SECONDS, default=60, show_default=True,
               help="Seconds the mount has to commit and unmount (exit 1 after).")
 @click.option("--lazy", is_flag=True,
               help="Detach even while the image is open, like umount -l: the writes cached so far "
@@ -635,7 +695,7 @@ LIST_COLUMNS = ("MOUNTPOINT", "IMAGE", "SOURCE", "DST", "META", "PROGRESS", "RAT
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+@click.option("--timeout", type=SECONDS, default=LIST_TIMEOUT, show_default=True,
               help="Seconds the clones have to answer, all together.")
 def list_clones(as_json, timeout) -> None:
     """List every live clone on this machine, like losetup -l: a daemon that does not answer
@@ -663,7 +723,7 @@ def _list_row(clone) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--timeout", type=float, default=LIST_TIMEOUT, show_default=True,
+@click.option("--timeout", type=SECONDS, default=LIST_TIMEOUT, show_default=True,
               help="Seconds the clones have to answer, all together.")
 def metrics(timeout) -> None:
     """Print Prometheus metrics of every live clone (text format, e.g. for node_exporter's

@@ -86,7 +86,8 @@ def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -
 
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,
             settings: Settings) -> CloneEngine:
-    geometry = Geometry(source.size, validate_region_size(region_size or DEFAULT_REGION_SIZE))
+    geometry = Geometry(source.size, validate_region_size(
+        DEFAULT_REGION_SIZE if region_size is None else region_size))
     refuse_bitmaps_beyond_memory(geometry)  # before DST is created
     dst_existed = os.path.exists(dst_path)
     dst = Destination.open(dst_path, source.size, create=True)

@@ -57,7 +57,7 @@ def default_runtime_dir(uid: int, environ: dict[str, str]) -> str:
         return environ["FUSECLONE_RUNTIME_DIR"]
     if uid == 0:
         return "/run/fuseclone"
-    if environ.get("XDG_RUNTIME_DIR"):
+    if os.path.isabs(environ.get("XDG_RUNTIME_DIR", "")):  # the spec: a relative one is invalid
         return os.path.join(environ["XDG_RUNTIME_DIR"], "fuseclone")
     return f"/tmp/fuseclone-{uid}"
 
@@ -80,6 +80,9 @@ def ensure_runtime_dir(path: str | None = None) -> str:
     else could have prepared: a symlink, not a directory, not ours, or writable by others.
     What is in it (sockets the CLI trusts, logs appended to) must be ours alone."""
     path = path or RUNTIME_DIR
+    if not os.path.isabs(path):  # another directory for each command, and for the daemon
+        raise FusecloneError(f"the runtime directory {path} is not an absolute path "
+                             "(FUSECLONE_RUNTIME_DIR?)")
     try:
         try:
             os.makedirs(path, mode=0o700)
@@ -105,7 +108,7 @@ def _runtime_file(meta_path: str, suffix: str) -> str:
     try:
         st = os.stat(meta_path)
     except (FileNotFoundError, NotADirectoryError):
-        digest = hashlib.sha256(os.path.realpath(meta_path).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(meta_path))).hexdigest()[:16]
         return os.path.join(RUNTIME_DIR, f"new-{digest}{suffix}")
     return os.path.join(RUNTIME_DIR, f"{st.st_dev:x}-{st.st_ino:x}{suffix}")
 

@@ -24,6 +24,7 @@ from .destination import Destination
 from .errors import describe
 from .regions import Geometry
 from .sources.base import Extent, Source, SourceReadError
+from .threads import in_thread
 
 _ZEROS = bytes(1 << 20)
 WRITEBACK_WINDOW = 64 << 20  # hydration copies kept in DST's page cache before they are dropped
@@ -65,13 +66,13 @@ class Copier:
                    else await self.source.extents(start, nbytes))
         for extent in extents:
             if extent.zero:
-                await trio.to_thread.run_sync(self.dst.punch_hole, extent.offset, extent.length)
+                await in_thread(self.dst.punch_hole, extent.offset, extent.length)
             else:
                 data = await self.source_read(extent.offset, extent.length, for_copy=True)
                 direct = not prefetch and self.dst.can_write_direct(extent.offset, data)
                 kept = direct or prefetch  # not dropped from the page cache later
                 stale = [] if kept else self._note_copied(extent.offset, len(data))
-                await trio.to_thread.run_sync(self._store_copy, extent.offset, data, stale,
+                await in_thread(self._store_copy, extent.offset, data, stale,
                                               direct, self._users_active(),
                                               limiter=self._copy_writers)
                 self.source.recycle(data)  # written: the source may reuse the buffer

@@ -31,6 +31,7 @@ from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
 from .metadata import Metadata
 from .status import Status
+from .threads import in_thread
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class MountOptions:
     mirrors: tuple[str, ...] = ()  # other servers of the source's image (--mirror)
     log_file: str | None = None  # --log-file: opened by the CLI, after check_paths
     passthrough: bool = False  # a clone complete at mount: FUSE passthrough to DST (--passthrough)
+    workdir: str | None = None  # where the mount command ran: --on-complete runs there
 
 
 def check_mountpoint(path: str) -> None:
@@ -282,6 +284,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
+    from .fuse.mount import mount_path
 
     stop = nursery.cancel_scope
     mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
@@ -303,8 +306,20 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.passthrough = fs.backing_id is not None
         return st
 
+    def here() -> tuple[str, str]:
+        """The mountpoint and the image as they are reached now: a directory above them renamed
+        since the mount moved them (the mount table says where; never a stat of our mount)."""
+        now = mount_path(mount_id) if mount_id is not None else None
+        if now is None or now == real_mountpoint:
+            return opts.mountpoint, image
+        return now, now if image_at_root else os.path.join(now, opts.name)
+
+    def image_now() -> str:
+        return here()[1]
+
     def status_reply() -> dict:
-        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": opts.mountpoint,
+        mountpoint, image = here()
+        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": mountpoint,
                 "image": image}
 
     async def handle(req: dict) -> dict:
@@ -323,24 +338,27 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 await engine.wait_until_settled()
             return status_reply()
         if op == "unmount":
-            if req["mountpoint"] not in (None, real_mountpoint):
+            mountpoint = here()[0]
+            real_now = real_mountpoint if mountpoint == opts.mountpoint else mountpoint
+            if req["mountpoint"] not in (None, real_now):
                 return {"ok": False, "error": f"the mount of {opts.metadata} is at "
-                        f"{real_mountpoint}, not {req['mountpoint']} (META was moved, and another "
+                        f"{real_now}, not {req['mountpoint']} (META was moved, and another "
                         f"clone made at its path?): `umount -l {req['mountpoint']}` detaches it"}
             if req["lazy"]:  # what a SIGTERM does
-                nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
+                nursery.start_soon(_write_back_then_stop, image_now, write_cache, stop)
                 return {"ok": True}
-            return await _unmount_unless_in_use(opts.mountpoint, real_mountpoint, mount_id, stop)
+            return await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image, write_cache, stop)
+    nursery.start_soon(_signals, image_now, write_cache, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
-        nursery.start_soon(_on_complete, engine, opts.on_complete, image, write_cache)
+        nursery.start_soon(_on_complete, engine, opts.on_complete, image_now, write_cache,
+                           opts.workdir)
     return status
 
 
@@ -383,16 +401,23 @@ async def _serve_then_stop(fs, opts: MountOptions, write_cache: int, passthrough
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 # the terminal of a foreground mount closed: by default it would kill the
                 # daemon without a commit or an unmount, and lose the writes the kernel caches
-                signal.SIGHUP)
+                signal.SIGHUP,
+                # the soft CPU-time limit reached (ulimit -S -t, systemd's LimitCPU=): the same
+                # loss by default, and SIGKILL at the hard limit. Sent again every second, so a
+                # repeat is no request to hurry.
+                signal.SIGXCPU)
 
 
-async def _signals(image: str, write_cache: int, stop: trio.CancelScope) -> None:
-    """The first SIGINT/SIGTERM/SIGHUP stops after the kernel's cached writes are handed over;
-    a second one while that waits (a slow source, say) stops at once."""
+async def _signals(image: Callable[[], str], write_cache: int, stop: trio.CancelScope) -> None:
+    """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
+    handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
+    once."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if nursery.child_tasks and signum == signal.SIGXCPU:
+                    continue
                 if nursery.child_tasks:
                     log.warning("received %s again: stopping without waiting for cached writes", name)
                     stop.cancel()
@@ -412,7 +437,7 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
 
     try:
         check_clone_on_top(real_mountpoint, mount_id)
-        await trio.to_thread.run_sync(unmount, mountpoint)
+        await in_thread(unmount, mountpoint)
     except CoveredError as exc:
         return {"ok": False, "error": exc.reason}
     except OSError as exc:
@@ -426,12 +451,13 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
     return {"ok": True}
 
 
-async def _write_back_then_stop(image: str, write_cache: int, stop: trio.CancelScope) -> None:
+async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
+                                stop: trio.CancelScope) -> None:
     """Stop serving, but first take over the writes the kernel still caches: once the session
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
     lose them."""
     if write_cache:
-        await _write_back(image)
+        await _write_back(image())
     stop.cancel()
 
 
@@ -440,7 +466,7 @@ async def _write_back(image: str) -> None:
     because this event loop has to answer the writes and the FSYNC it causes."""
     with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
         try:
-            await trio.to_thread.run_sync(_fsync_file, image, abandon_on_cancel=True)
+            await in_thread(_fsync_file, image, abandon_on_cancel=True)
         except FileNotFoundError:
             pass  # stopped before the image was mounted: nothing was cached
         except OSError as exc:
@@ -470,14 +496,16 @@ def on_complete_argv(command: str) -> list[str]:
     return argv
 
 
-async def _on_complete(engine: CloneEngine, command: str, image: str, write_cache: int) -> None:
+async def _on_complete(engine: CloneEngine, command: str, image: Callable[[], str],
+                       write_cache: int, workdir: str | None) -> None:
     await engine.complete.wait()
     if write_cache:
-        await _write_back(image)  # the command gets DST: with every write made so far
+        await _write_back(image())  # the command gets DST: with every write made so far
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:
-        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env)
+        process = await trio.lowlevel.open_process(on_complete_argv(command), env=env,
+                                                   cwd=workdir)
     except OSError as exc:  # the user's command, not the mount, failed: the mount serves on
         log.error("--on-complete command could not run: %s", describe(exc))
         return

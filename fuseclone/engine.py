@@ -41,6 +41,7 @@ from .readahead import ReadaheadDetector
 from .regions import Geometry
 from .sources.base import Source
 from .status import Status
+from .threads import in_thread
 from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -267,9 +268,9 @@ class CloneEngine:
 
     async def set_permissions(self, mode: int | None, uid: int, gid: int) -> None:
         if mode is not None:
-            await trio.to_thread.run_sync(self.dst.chmod, mode)
+            await in_thread(self.dst.chmod, mode)
         if uid != -1 or gid != -1:
-            await trio.to_thread.run_sync(self.dst.chown, uid, gid)
+            await in_thread(self.dst.chown, uid, gid)
 
     def read_now(self, offset: int, length: int, *, kernel_keeps: bool
                  ) -> bytes | bytearray | ReadFrom | Continue:
@@ -392,7 +393,7 @@ class CloneEngine:
         if isinstance(got, Continue):
             return await got.answer()
         if isinstance(got, ReadFrom):
-            return await trio.to_thread.run_sync(got.read)
+            return await in_thread(got.read)
         await trio.lowlevel.checkpoint()
         return got
 
@@ -430,7 +431,7 @@ class CloneEngine:
         elif done is True:
             await trio.lowlevel.checkpoint()
         else:
-            await trio.to_thread.run_sync(done)
+            await in_thread(done)
 
     async def _write_later(self, offset: int, data: bytes | memoryview, *, direct: bool = False
                            ) -> None:
@@ -443,7 +444,7 @@ class CloneEngine:
         if isinstance(done, Continue):  # its bits are durable now: the copy or claim is left
             await self._write_unhydrated(offset, data)
         elif done is not True:
-            await trio.to_thread.run_sync(done)
+            await in_thread(done)
 
     async def _write_unhydrated(self, offset: int, data: bytes | memoryview) -> None:
         """A write whose written bits are durable, to regions a copy must fill (in part) or
@@ -538,7 +539,7 @@ class CloneEngine:
             lo = max(start, g.region_start(run.start))
             hi = min(stop, g.region_end(run.stop - 1))
             if hydrated:
-                found = await trio.to_thread.run_sync(self.dst.extents, lo, hi - lo)
+                found = await in_thread(self.dst.extents, lo, hi - lo)
             else:
                 found = [(e.offset, e.length, e.zero) for e in await self.source.extents(lo, hi - lo)]
             for extent in found:
@@ -553,7 +554,7 @@ class CloneEngine:
             return
         claims = await self._acquire(offset, length)
         try:
-            await trio.to_thread.run_sync(dst_op)
+            await in_thread(dst_op)
         except BaseException as exc:
             for claim in claims:
                 self._release(claim, exc)
@@ -674,7 +675,7 @@ class CloneEngine:
     async def _store(self, claim: _Claim, data: bytes) -> None:
         start, _ = self.geometry.byte_range(claim.regions)
         try:
-            await trio.to_thread.run_sync(self.copier.write_or_punch, start, data)
+            await in_thread(self.copier.write_or_punch, start, data)
         except OSError as exc:
             self.hydrator.note_failure("copy-on-read store", claim.regions, exc)
             self._release(claim, exc)
@@ -732,7 +733,7 @@ class CloneEngine:
     async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)
         if data is None:
-            data = await trio.to_thread.run_sync(self.dst.read, offset, length)
+            data = await in_thread(self.dst.read, offset, length)
         return data
 
     # ---- claims -------------------------------------------------------------------------
@@ -789,7 +790,7 @@ class CloneEngine:
                         await self._commit_written()
                 # One thread hop for both: a user's FSYNC after first writes into unhydrated
                 # regions (a fresh clone's journal) waits for this whole commit.
-                await trio.to_thread.run_sync(self._datasync_dst_then_write, batch)
+                await in_thread(self._datasync_dst_then_write, batch)
         except OSError as exc:
             if batch is not None:
                 self.meta.abort_commit(batch)
@@ -844,7 +845,7 @@ class CloneEngine:
             return False
         try:
             with trio.CancelScope(shield=True):  # like _commit_once: never drop dirty marks
-                await trio.to_thread.run_sync(self.meta.write_commit, batch)
+                await in_thread(self.meta.write_commit, batch)
         except OSError as exc:
             self.meta.abort_commit(batch)
             raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
@@ -861,7 +862,7 @@ class CloneEngine:
                 if self.meta.dirty:
                     await self.commit()
                 else:  # a META deleted while idle is found (and saved) within a second too
-                    await trio.to_thread.run_sync(self.meta.check_named)
+                    await in_thread(self.meta.check_named)
             except OSError:
                 return  # fail mode; status says so
 

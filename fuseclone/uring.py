@@ -88,6 +88,9 @@ class ReadRing:
             self._check_features(params)
             self._map(params)
             self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as exc:  # out of descriptors or address space (ulimit -n, -v)
+            os.close(self.fd)
+            raise RingUnavailable(f"its rings cannot be set up: {exc.strerror}") from exc
         except BaseException:
             os.close(self.fd)
             raise

@@ -55,7 +55,7 @@ class ImageFilesystem:
                  write_cache: bool = False) -> None:
         check_image_name(name)
         self.image = image
-        self.name = name.encode()
+        self.name = os.fsencode(name)
         self.image_at_root = image_at_root
         self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
         self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -64,8 +65,8 @@ def _mount_as_root(mountpoint: str, fsname: str, allow_other: bool) -> int:
     if allow_other:
         options.append("allow_other")
     data = ",".join(options).encode()
-    source = fsname.encode()
-    if libc.mount(source, mountpoint.encode(), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
+    source = os.fsencode(fsname)
+    if libc.mount(source, os.fsencode(mountpoint), FSTYPE.encode(), MS_NOSUID | MS_NODEV, data) != 0:
         err = ctypes.get_errno()
         os.close(fd)
         raise MountError(f"mount of {mountpoint} failed: {os.strerror(err)}")
@@ -112,7 +113,7 @@ def unmount(mountpoint: str, *, lazy: bool = False, use_fusermount: bool | None 
     if use_fusermount:
         _unmount_with_fusermount(mountpoint, lazy)
         return
-    if libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+    if libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unmount of {mountpoint}: {os.strerror(err)}")
 
@@ -284,7 +285,10 @@ class MountEntry:
 
 def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
     entries = []
-    with open(mountinfo) as f:
+    # Paths are bytes: one that is not UTF-8 (any mount on the host) decodes as os.fsdecode
+    # would decode it, instead of failing every command that reads the table.
+    with open(mountinfo, encoding=sys.getfilesystemencoding(),
+              errors=sys.getfilesystemencodeerrors()) as f:
         for line in f:
             fields = line.split()
             try:
@@ -305,6 +309,13 @@ def mount_device(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> str | None
         if entry.fstype == FSTYPE and entry.mountpoint == real_mountpoint:
             found = entry.device  # the last one: mounts stacked on one path hide earlier ones
     return found
+
+
+def mount_path(mount_id: int, mountinfo: str = MOUNTINFO) -> str | None:
+    """Where the mount MOUNT_ID is now (a rename of a directory above its mountpoint moves it),
+    as the mount table has it; None once it is not in this namespace's table."""
+    return next((entry.mountpoint for entry in mount_entries(mountinfo)
+                 if entry.mount_id == mount_id), None)
 
 
 def top_mount(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> MountEntry | None:

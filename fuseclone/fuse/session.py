@@ -24,10 +24,11 @@ from typing import Awaitable, Callable, Mapping, Protocol
 import trio
 
 from .. import uring
+from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, set_dirty_limit,
-                    top_mount, unmount)
+from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, mount_path,
+                    set_dirty_limit, top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,17 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
     real_mountpoint = os.path.realpath(mountpoint)
     fd = mount_fuse(mountpoint, fsname=fsname, allow_other=allow_other,
                     use_fusermount=use_fusermount)
-    mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
-    mount_id = mounted.mount_id if mounted is not None else None
-    if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
-        log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
-                 "system's): raising it needs root and Linux 6.2", mountpoint)
     session = Session(fd, fs, writeback_cache=write_cache > 0,
                       passthrough=passthrough_fd is not None)
+    mount_id = None
+    # From here on whatever fails (reading mountinfo with no descriptor left, say) unmounts:
+    # a mount left without its daemon would only answer ENOTCONN.
     try:
+        mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
+        mount_id = mounted.mount_id if mounted is not None else None
+        if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
+            log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
+                     "system's): raising it needs root and Linux 6.2", mountpoint)
         await session.handshake()
         if passthrough_fd is not None:
             session.register_backing(passthrough_fd)
@@ -283,7 +287,7 @@ class Session:
             for jobs in queues:
                 for _ in range(jobs.threads):
                     job_threads.start_soon(functools.partial(
-                        trio.to_thread.run_sync, self._run_jobs, jobs, limiter=threads))
+                        in_thread, self._run_jobs, jobs, limiter=threads))
             try:
                 async with trio.open_nursery() as nursery:
                     self._open_ring(nursery)
@@ -478,6 +482,9 @@ class Session:
         Only our own mount: not a filesystem mounted over it, nor one mounted at the path after
         ours was detached behind our back."""
         try:
+            moved = mount_path(mount_id) if mount_id is not None else None
+            if moved is not None and moved != real_mountpoint:  # a directory above it renamed
+                mountpoint = real_mountpoint = moved
             check_clone_on_top(real_mountpoint, mount_id)
             unmount(mountpoint)
         except CoveredError as exc:

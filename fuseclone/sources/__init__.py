@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import re
 import urllib.parse
 from typing import AsyncIterator
 
@@ -11,7 +13,7 @@ from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
 __all__ = ["Extent", "Source", "SourceReadError", "check_scheme", "describe_identity", "describe_spec", "is_remote",
-           "open_source", "takes_http_headers"]
+           "open_source", "takes_http_headers", "with_absolute_paths"]
 
 
 @contextlib.asynccontextmanager
@@ -42,7 +44,10 @@ def describe_spec(spec: str) -> str:
     pre-signed URL's signature, a secret, is in the query)."""
     if not is_remote(spec):
         return spec
-    given = urllib.parse.urlsplit(spec)
+    try:
+        given = urllib.parse.urlsplit(spec)
+    except ValueError:  # not a URL after all (an unclosed '['): its opener says why
+        return _PASSWORD.sub(r"\1***@", spec)
     parts = given
     if _scheme(spec) in ("http", "https"):
         parts = parts._replace(query="", fragment="")
@@ -50,6 +55,35 @@ def describe_spec(spec: str) -> str:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
     # Rebuilt only when changed: urlunsplit respells some URLs (nbd+unix:/// as nbd+unix:/).
     return spec if parts == given else urllib.parse.urlunsplit(parts)
+
+
+_PASSWORD = re.compile(r"(://[^/?#@:]*:)[^/?#@]*@")  # scheme://user:PASSWORD@
+
+
+# Query keys of NBD URLs (libnbd's) that name local paths
+_NBD_PATH_KEYS = ("socket", "tls-certificates")
+
+
+def with_absolute_paths(spec: str) -> str:
+    """A remote SPEC with the local paths in its query (an NBD URL's ?socket= and
+    ?tls-certificates=) absolute, from this directory: the mount's daemon leaves it. Spelled
+    as given when nothing changes, or when it does not parse (its opener says why)."""
+    if _scheme(spec) not in ("nbd+unix", "nbds+unix", "nbd", "nbds"):
+        return spec
+    try:
+        parts = urllib.parse.urlsplit(spec)
+    except ValueError:
+        return spec
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    absolute = [(key, os.path.join(os.getcwd(), value) if key in _NBD_PATH_KEYS and value
+                 and not os.path.isabs(value) else value) for key, value in query]
+    if absolute == query:
+        return spec
+    # Not urlunsplit: it respells nbd+unix:/// as nbd+unix:/
+    before, _, rest = spec.partition("?")
+    fragment = rest[len(parts.query):]
+    return (f"{before}?{urllib.parse.urlencode(absolute, safe='/', quote_via=urllib.parse.quote)}"
+            f"{fragment}")
 
 
 def describe_identity(identity: object) -> str:

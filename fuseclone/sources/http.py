@@ -59,6 +59,7 @@ import trio
 from .. import __version__
 from ..blockio import read_regular_text
 from ..errors import SourceError
+from ..threads import in_thread
 from . import describe_spec
 from .base import Source, SourceReadError
 from .nbd.buffers import BufferPool
@@ -161,13 +162,13 @@ class HeaderFile:
     @classmethod
     async def load(cls, path: str) -> HeaderFile:
         """Read `path`; one SourceError line (never quoting a value) if it is unusable."""
-        return cls(path, await trio.to_thread.run_sync(_read_header_file, path))
+        return cls(path, await in_thread(_read_header_file, path))
 
     async def reload(self) -> dict[str, str]:
         """Read the file again and return its headers. An unreadable or malformed file keeps
         the headers read before (logged), so a rotation caught half-way does no harm."""
         try:
-            fresh = await trio.to_thread.run_sync(_read_header_file, self.path)
+            fresh = await in_thread(_read_header_file, self.path)
         except SourceError as exc:
             log.warning("%s", exc)
             return self.headers

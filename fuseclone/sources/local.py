@@ -8,12 +8,11 @@ import os
 import stat
 from typing import AsyncIterator
 
-import trio
-
 from .. import claims
 from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact, why_denied
 from ..errors import SourceError
 from ..identity import loop_identity, same_recorded_identity
+from ..threads import in_thread
 from .base import Extent, Source, SourceReadError
 
 
@@ -82,7 +81,7 @@ class LocalSource(Source):
     async def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self._size - offset))
         try:
-            data = await trio.to_thread.run_sync(self._read_unchanged, length, offset)
+            data = await in_thread(self._read_unchanged, length, offset)
         except OSError as exc:
             raise SourceReadError(exc.errno, f"source read at {offset}: {exc.strerror}") from exc
         if len(data) != length:
@@ -93,7 +92,7 @@ class LocalSource(Source):
         if not self._is_file:
             return [Extent(offset, length, zero=False)]
         try:
-            runs = await trio.to_thread.run_sync(self._extents_unchanged, offset, length)
+            runs = await in_thread(self._extents_unchanged, offset, length)
         except OSError as exc:
             raise SourceReadError(exc.errno, f"source extents at {offset}: {exc.strerror}") from exc
         return [Extent(o, n, zero=hole) for o, n, hole in runs]

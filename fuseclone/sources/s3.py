@@ -40,9 +40,9 @@ from typing import AsyncIterator
 from urllib.parse import quote, urlsplit
 
 import httpx
-import trio
 
 from ..errors import SourceError
+from ..threads import in_thread
 from .http import HeaderFile, HttpSource, RequestAuth, serving
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class SigV4Signer:
         creds = self._credentials
         try:
             if getattr(creds, "refresh_needed", lambda: False)():
-                return await trio.to_thread.run_sync(creds.get_frozen_credentials)
+                return await in_thread(creds.get_frozen_credentials)
             return creds.get_frozen_credentials()
         except botocore.exceptions.BotoCoreError as exc:
             # Surfaces as a failed read (EIO, hydration backs off) with this reason.
@@ -232,7 +232,7 @@ async def open_s3_source(spec: str, *, header_file: str | None = None,
         raise SourceError(f"{header_file}: an Authorization header cannot be sent to S3 "
                           "(requests carry their own signature)")
     try:
-        settings = await trio.to_thread.run_sync(AwsSettings.load)
+        settings = await in_thread(AwsSettings.load)
     except SourceError as exc:
         raise SourceError(f"{obj}: {exc}") from None
     if settings.credentials is None:

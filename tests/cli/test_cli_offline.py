@@ -200,3 +200,13 @@ def test_progress_never_shows_more_bytes_than_the_image_holds():
     console = Console(record=True, width=100)
     render_status(st, console)
     assert "1 B of 1 B" in console.export_text()
+
+
+@pytest.mark.parametrize("command", [["wait", "/nonexistent"], ["unmount", "/nonexistent"],
+                                     ["list"], ["metrics"]])
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "soon"])
+def test_a_timeout_is_a_finite_number_of_seconds(command, timeout):
+    """`wait --timeout nan` never expired, `list --timeout nan` or `inf` was a traceback."""
+    result = invoke(*command, "--timeout", timeout)
+    assert result.exit_code == 2
+    assert f"'{timeout}' is not a number of seconds (0 or more)" in result.output

@@ -1,4 +1,5 @@
-"""A mount's command line as other users see it (`ps`): http(s) URLs' queries masked."""
+"""A mount's command line as other users see it (`ps`): http(s) URLs' queries and URLs'
+passwords masked."""
 
 import subprocess
 import sys
@@ -13,6 +14,14 @@ def test_only_http_url_queries_are_masked_and_lengths_kept():
     assert len(masked) == len(area)
     joined = b"--mirror=https://m/o?sig=s3cr3t"  # an option's value after '='
     assert masked_url_queries(joined) == b"--mirror=https://m/o?" + b"*" * 10
+
+
+def test_url_passwords_are_masked_and_lengths_kept():
+    area = (b"mount\0http://u:pw@h/o\0--mirror=nbd://me:s3@h:10809/e\0/tmp/a:b@c\0"
+            b"http://h:8080/a:b@c\0https://u:pw@h/o?sig=x")
+    assert masked_url_queries(area) == (
+        b"mount\0http://u:**@h/o\0--mirror=nbd://me:**@h:10809/e\0/tmp/a:b@c\0"
+        b"http://h:8080/a:b@c\0https://u:**@h/o?*****")
 
 
 def test_a_process_that_masks_shows_no_query_in_its_cmdline():

@@ -22,6 +22,7 @@ NOBODY = 65534
     (1000, {"XDG_RUNTIME_DIR": ""}, "/tmp/fuseclone-1000"),
     (1000, {"FUSECLONE_RUNTIME_DIR": "/x", "XDG_RUNTIME_DIR": "/run/user/1000"}, "/x"),
     (0, {"FUSECLONE_RUNTIME_DIR": "/x"}, "/x"),
+    (1000, {"XDG_RUNTIME_DIR": "run/user"}, "/tmp/fuseclone-1000"),  # relative: invalid (XDG)
 ])
 def test_each_user_has_its_own_runtime_dir(uid, environ, expected):
     assert default_runtime_dir(uid, environ) == expected
@@ -33,6 +34,16 @@ def test_a_missing_runtime_dir_is_made_private(tmp_path):
     st = os.lstat(path)
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.geteuid()
     assert ensure_runtime_dir(path) == path  # and one of ours is used again
+
+
+def test_a_relative_runtime_dir_is_refused(tmp_path, monkeypatch):
+    """FUSECLONE_RUNTIME_DIR=relative/dir named one directory for the mount command and
+    another for the daemon (which leaves for /) and for every command run elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FusecloneError, match=r"^the runtime directory relative/dir is not an "
+                                             r"absolute path \(FUSECLONE_RUNTIME_DIR\?\)$"):
+        ensure_runtime_dir("relative/dir")
+    assert os.listdir(tmp_path) == []
 
 
 def _symlink(tmp_path):

@@ -132,6 +132,19 @@ async def test_without_io_uring_reads_go_to_the_thread(file_session_without_ring
     assert (fs.reads_on_ring, fs.blocking_reads) == (0, 8)
 
 
+def test_a_ring_that_cannot_be_mapped_is_unavailable(monkeypatch):
+    """Out of descriptors (mmap dups the ring's) or address space, the session reads on its
+    thread instead: a daemon that died of it had already told `mount` the image was ready."""
+    def out_of_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(uring.mmap, "mmap", out_of_descriptors)
+    with pytest.raises(uring.RingUnavailable, match="^its rings cannot be set up: Too many open files$"):
+        uring.ReadRing()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.fixture
 async def file_session_without_ring(monkeypatch, caplog, tmp_path):
     def refused(*args, **kwargs):

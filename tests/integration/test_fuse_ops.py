@@ -796,6 +796,31 @@ async def test_fusermount3_allow_other(tmp_path):
     assert not _mounts_under([mnt])
 
 
+@pytest.mark.parametrize("failing", ["top_mount", "set_dirty_limit"])
+async def test_a_session_that_fails_after_mounting_unmounts(tmp_path, monkeypatch, failing):
+    """Between mount(2) and INIT the session reads mountinfo (its mount's id, the dirty limit's
+    bdi); out of descriptors (`ulimit -n`) that failed and left a mount without a daemon."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+
+    def out_of_descriptors(*args):
+        raise OSError(errno.EMFILE, "Too many open files", "/proc/self/mountinfo")
+
+    from fuseclone.fuse import session
+
+    monkeypatch.setattr(session, failing, out_of_descriptors)
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    fs = ImageFilesystem(MemoryImage(bytes(8192)), name="image")
+    with watchdog(mnt):
+        with pytest.raises(BaseException) as failed:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(serve, fs, mnt, fsname="fuseclone:emfile",
+                                                      write_cache=1 << 20))
+    assert "Too many open files" in repr(failed.value)
+    assert not _mounts_under([mnt]), "a mount without a daemon was left behind"
+
+
 async def test_non_root_session_detaches_a_busy_mount(tmp_path, monkeypatch):
     """As a non-root user the session mounts and unmounts with fusermount3; an unmount while
     the image is open must fall back to a lazy one, as umount2's EBUSY does for root."""

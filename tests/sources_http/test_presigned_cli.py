@@ -85,3 +85,19 @@ def test_the_header_file_is_neither_trace_nor_log(rig, nginx, image, tmp_path):
                       "--http-header-file", headers, option, headers,
                       expect="must be a file of its own")
         assert open(headers).read() == before
+
+
+def test_a_password_in_the_url_is_neither_shown_nor_stored(rig, nginx, image):
+    """`http://user:password@host/...`: httpx sends it as basic auth; like a signature, it
+    stays out of `ps` (the daemon's command line), META, `status`, `list` and the log."""
+    password = "pw7c1e9a4d"
+    url = nginx.url("image.raw").replace("http://", f"http://someone:{password}@")
+    rig.mount("--no-hydration", "--log-level", "debug", src=url)
+    with open(rig.image, "rb") as f:
+        assert f.read(4096) == image[:4096]
+    status = status_json(rig.mnt)
+    assert password.encode() not in open(f"/proc/{daemon_pid(rig.mnt)}/cmdline", "rb").read()
+    assert_signature_absent(rig, status["log_file"], signature=password)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert_signature_absent(rig, signature=password)
