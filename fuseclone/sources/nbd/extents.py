@@ -123,40 +123,48 @@ class ExtentCache:
         runs: list[tuple[int, int, bool]] = []
         pos = start
         what = f"block status at {start}"
-        with trio.move_on_after(self.options.timeout) as scope:
-            while pos < end:
-                conn = await self._pool.connection(what)
-                context = conn.info.base_allocation
-                if context is None:  # a reconnect lost block status: all data from here
-                    runs.append((pos, end, False))
+        while pos < end:
+            request = await self._ask(pos, end, what)
+            if request is None:  # a reconnect lost block status: all data from here
+                runs.append((pos, end, False))
+                break
+            if request.error is not None:
+                if request.error.errno == errno.ECONNRESET:
+                    raise request.error
+                # The server could not say: treat the rest as data (always correct).
+                log.warning("%s: %s; treating [%d, %d) as data", self.address.url,
+                            request.error.strerror, pos, end)
+                runs.append((pos, end, False))
+                break
+            before = pos
+            for count, flags in request.descriptors:
+                stop = min(end, pos + count)
+                zero = bool(flags & wire.STATE_ZERO)
+                if runs and runs[-1][2] == zero and runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], stop, zero)
+                else:
+                    runs.append((pos, stop, zero))
+                pos = stop
+                if pos >= end:
                     break
-                cookie, message = conn.codec.block_status(pos, end - pos)
-                request = Request(conn, 0, what)
-                conn.waiting[cookie] = request
-                await conn.send(message, self.options.timeout)
-                await request.done.wait()
-                if request.error is not None:
-                    if request.error.errno == errno.ECONNRESET:
-                        raise request.error
-                    # The server could not say: treat the rest as data (always correct).
-                    log.warning("%s: %s; treating [%d, %d) as data", self.address.url,
-                                request.error.strerror, pos, end)
-                    runs.append((pos, end, False))
-                    break
-                before = pos
-                for count, flags in request.descriptors:
-                    stop = min(end, pos + count)
-                    zero = bool(flags & wire.STATE_ZERO)
-                    if runs and runs[-1][2] == zero and runs[-1][1] == pos:
-                        runs[-1] = (runs[-1][0], stop, zero)
-                    else:
-                        runs.append((pos, stop, zero))
-                    pos = stop
-                    if pos >= end:
-                        break
-                if pos == before:
-                    raise SourceReadError(errno.EIO, f"{self.address.url}: empty block status reply")
-        if scope.cancelled_caught:
-            raise SourceReadError(errno.ETIMEDOUT, f"{self.address.url}: {what} timed out "
-                                  f"after {self.options.timeout:g} s")
+            if pos == before:
+                raise SourceReadError(errno.EIO, f"{self.address.url}: empty block status reply")
         return runs
+
+    async def _ask(self, pos: int, end: int, what: str) -> Request | None:
+        """One block status request for [pos, end), answered; None when the connection has
+        no block status. Times out like a read: the server silent for `timeout` seconds (its
+        reply may queue behind read replies on a slow link)."""
+        asked_at = trio.current_time()
+        with trio.move_on_after(self.options.timeout) as scope:
+            conn = await self._pool.connection(what)
+            if conn.info.base_allocation is None:
+                return None
+            cookie, message = conn.codec.block_status(pos, end - pos)
+            request = Request(conn, 0, what)
+            conn.waiting[cookie] = request
+            await conn.send(message, self.options.timeout)
+        if scope.cancelled_caught or not await self._pool.answered(request, asked_at):
+            raise SourceReadError(errno.ETIMEDOUT, f"{self.address.url}: {what} timed out (the "
+                                  f"server sent nothing for {self.options.timeout:g} s)")
+        return request

@@ -181,6 +181,7 @@ class ConnectionPool:
         self._backoff = 0.0
         self._next_attempt = 0.0
         self._last_error = ""
+        self.heard_at = -float("inf")  # trio time the server last sent anything, on any connection
         self.reconnects = 0  # connections re-dialled after a loss (for tests and status)
         #: Called when a connection is lost: the server may have changed while it was away.
         self.on_connection_lost: Callable[[], None] = lambda: None
@@ -228,6 +229,20 @@ class ConnectionPool:
         if self._drained is not None and not (
                 self._filling or any(conn.alive and conn.waiting for conn in self._conns)):
             self._drained.set()
+
+    async def answered(self, request: Request, asked_at: float) -> bool:
+        """Wait for the reply to `request`, asked for at `asked_at`, while the server is heard
+        from; False once it has sent nothing, on any connection, for `timeout` seconds since
+        then (hung, or the network is). A slow server is waited for, however long a reply
+        takes: replies on one connection come one after another, and a rate limit may be the
+        server's as a whole, so a read asked for behind others waits for them."""
+        while not request.done.is_set():
+            silent_until = max(self.heard_at, asked_at) + self.options.timeout
+            if trio.current_time() >= silent_until:
+                return False
+            with trio.move_on_at(silent_until):
+                await request.done.wait()
+        return True
 
     # ---- the connection pool --------------------------------------------------------------
 
@@ -488,6 +503,7 @@ class ConnectionPool:
                 if n == 0:
                     reason = "the server closed the connection"
                     break
+                self.heard_at = trio.current_time()
                 events = codec.buffer_updated(n)
                 spins += 1
                 if events and self._dispatch(conn, events) or spins >= 64:
@@ -514,6 +530,7 @@ class ConnectionPool:
                 if not data:
                     reason = "the server closed the connection"
                     break
+                self.heard_at = trio.current_time()
                 events = conn.codec.receive_data(data)
                 if events:
                     self._dispatch(conn, events)

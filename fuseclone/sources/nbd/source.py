@@ -11,7 +11,8 @@ its neighbours are its trio transport:
   the result buffer (`buffers`).
 * `extents`: block status (base:allocation) fetched a window at a time and cached.
 * failures are reads that raise SourceReadError — a server error, a request that timed out
-  (`timeout`, 30 s), a connection that dropped. A dropped pool is re-dialled by the next
+  (`timeout`: the server sent nothing, on any connection, for 30 s; a slow one is waited
+  for), a connection that dropped. A dropped pool is re-dialled by the next
   request, with exponential backoff between failed attempts; a read during an outage fails
   after at most one connection attempt instead of hanging.
 
@@ -50,7 +51,7 @@ class NbdOptions:
     connections: int = 4  # used when the server advertises NBD_FLAG_CAN_MULTI_CONN
     request_size: int = 1 * MiB  # reads are split into pieces of at most this much
     max_request: int = 32 * MiB  # cap on the server's maximum block size
-    timeout: float = 30.0  # per read / block status call
+    timeout: float = 30.0  # a server silent this long while it owes replies is taken for hung
     connect_timeout: float = 10.0  # dial + handshake
     extent_window: int = 64 * MiB  # block status is fetched and cached this much at a time
     extent_cache_windows: int = 16
@@ -227,6 +228,7 @@ class NbdSource(Source):
         piece = self._piece_size()
         what = f"read of {length} bytes at {offset}"
         requests: list[Request] = []
+        asked_at = trio.current_time()
         with trio.move_on_after(self.options.timeout) as scope:
             pos = lo
             while pos < hi:
@@ -239,12 +241,13 @@ class NbdSource(Source):
                 requests.append(request)
                 await conn.send(message, self.options.timeout)
                 pos += n
-            for request in requests:
-                await request.done.wait()
-                if request.error is not None:
-                    raise request.error
         if scope.cancelled_caught:
             self._timed_out(requests, what)
+        for request in requests:
+            if not await self.pool.answered(request, asked_at):
+                self._timed_out(requests, what)
+            if request.error is not None:
+                raise request.error
         if exact:
             view.release()
             return buf
@@ -270,13 +273,13 @@ class NbdSource(Source):
         return max(piece, info.min_block_size)
 
     def _timed_out(self, requests: list[Request], what: str) -> None:
-        # A server that does not answer within the timeout is presumed hung (or the network
+        # A server that sends nothing for the timeout is presumed hung (or the network
         # half-open): drop its connections so the next request dials afresh.
+        silence = f"the server sent nothing for {self.options.timeout:g} s"
         for request in requests:
             if not request.done.is_set():
-                request.conn.kill(f"no reply within {self.options.timeout:g} s")
-        raise SourceReadError(errno.ETIMEDOUT,
-                              f"{self.address.url}: {what} timed out after {self.options.timeout:g} s")
+                request.conn.kill(silence)
+        raise SourceReadError(errno.ETIMEDOUT, f"{self.address.url}: {what} timed out ({silence})")
 
 
 def same_nbd_export(stored: dict, current: dict) -> bool:
