@@ -249,8 +249,28 @@ class NotAnswering(FusecloneError):
 
     def __init__(self, meta_path: str, pid: int | None) -> None:
         self.pid = pid
-        super().__init__(f"the mount of {meta_path} does not answer (is its daemon stopped? "
-                         f"pid {pid if pid else 'unknown'})")
+        super().__init__(f"the mount of {meta_path} does not answer ({why_not_answering(pid)})")
+
+
+def why_not_answering(pid: int | None) -> str:
+    """What the kernel says the daemon PID is doing, for a user who asked it and got no
+    answer: stopped (SIGSTOP), or waiting inside the kernel, as on a frozen (`fsfreeze`) or
+    hung filesystem under DST or META, where no command can get an answer until it moves."""
+    if not pid:
+        return "is its daemon stopped? pid unknown"
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        with open(f"/proc/{pid}/wchan") as f:
+            waits_in = f.read().strip()
+    except (OSError, IndexError):
+        return f"is its daemon stopped? pid {pid}"
+    if state in ("T", "t"):
+        return f"its daemon, pid {pid}, is stopped: kill -CONT {pid}"
+    if state == "D":
+        return (f"its daemon, pid {pid}, waits inside the kernel ({waits_in or 'unknown'}): "
+                "is the filesystem of DST or META frozen (fsfreeze -u) or its disk hung?")
+    return f"its daemon, pid {pid}, is busy or hung"
 
 
 def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:

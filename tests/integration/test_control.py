@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fuseclone import control
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, Rig, fuseclone, status_json
+from tests.integration.conftest import MiB, Rig, fuseclone, sh, status_json
 
 U32_MAX = 2**32 - 1
 
@@ -226,7 +228,7 @@ def test_a_stopped_daemon_hangs_no_command(rig, random_source):
     rig.stack.callback(os.kill, pid, signal.SIGCONT)  # first thing on the way out
     try:
         r = fuseclone("status", rig.mnt, check=False, timeout=60)
-        assert_one_line(r, f"does not answer (is its daemon stopped? pid {pid})")
+        assert_one_line(r, f"does not answer (its daemon, pid {pid}, is stopped: kill -CONT {pid})")
         assert status_json(other.mnt)["live"] is True  # timeout: 120 s by default
         third = second_clone(rig, "c")
         third.mount("--no-hydration")
@@ -333,3 +335,34 @@ def test_fuzz_the_control_socket(live_clone, line, cut):
             answer = read_answer(sock)
             assert answer is not None and isinstance(answer["ok"], bool), line[:60]
     assert_alive(rig)
+
+
+def test_a_daemon_waiting_on_a_frozen_filesystem_is_named_as_such(tmp_path):
+    """A process blocked in the kernel by a frozen filesystem (as a daemon whose DST or META
+    lies on it) is described as waiting there, not as stopped."""
+    from fuseclone.control import why_not_answering
+
+    image, where = tmp_path / "fs.img", tmp_path / "fs"
+    where.mkdir()
+    sh("truncate", "-s", "32M", image)
+    sh("mkfs.ext4", "-q", image)
+    sh("mount", "-o", "loop", image, where)
+    writer = None
+    try:
+        sh("fsfreeze", "-f", where)
+        try:
+            writer = subprocess.Popen([sys.executable, "-c",
+                                       f"open({str(where / 'f')!r}, 'w').write('x')"])
+            deadline = time.monotonic() + 10
+            while "waits inside the kernel" not in why_not_answering(writer.pid):
+                assert time.monotonic() < deadline, why_not_answering(writer.pid)
+                time.sleep(0.05)
+            assert "frozen" in why_not_answering(writer.pid)
+        finally:
+            sh("fsfreeze", "-u", where)
+        assert writer.wait(timeout=10) == 0
+        assert "is busy or hung" in why_not_answering(os.getpid())
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+        sh("umount", where)
