@@ -105,6 +105,7 @@ def test_tls_is_how_an_export_is_reached_not_which_it_is():
     ("nbd+unix://host/exp?socket=/s", "takes no host"),
     ("nbd:///exp", "needs a host"),
     ("nbd://host:notaport/", "not a valid NBD URL"),
+    ("nbd://host:0/exp", "port 0 is not a port"),
     ("nbdx://host/", "not an NBD URL"),
     ("nbd://host/?tls-certificates=/etc/pki", "needs TLS"),
     ("nbds+unix:///exp", "?socket=PATH"),

@@ -115,6 +115,8 @@ def parse_nbd_url(spec: str) -> NbdAddress:
     if scheme in ("nbd", "nbds"):
         if not parts.hostname:
             raise SourceError(f"{spec}: {scheme}:// needs a host ({scheme}://host[:port][/export])")
+        if port == 0:  # not "the default": no server listens on port 0
+            raise SourceError(f"{spec}: port 0 is not a port (leave it out for {wire.DEFAULT_PORT})")
         return NbdAddress(spec, export, host=parts.hostname, port=port or wire.DEFAULT_PORT,
                           **security)
     raise SourceError(f"{spec}: not an NBD URL (use nbd[s]://host[:port][/export] or "
