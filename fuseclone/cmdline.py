@@ -14,8 +14,10 @@ import sys
 log = logging.getLogger(__name__)
 
 _URL_QUERY = re.compile(rb"(https?://[^?]*\?)(.*)", re.IGNORECASE | re.DOTALL)
-# scheme://user:PASSWORD@ (RFC 3986 userinfo: no '/', '?', '#' or '@' inside)
-_URL_PASSWORD = re.compile(rb"([a-z][a-z0-9+.-]*://[^/?#@:]*:)([^/?#@]*)(?=@)", re.IGNORECASE)
+# scheme://user:PASSWORD@ (RFC 3986 userinfo: no '/', '?', '#' or '@' inside); group 2 is the
+# password. Also what sources.describe_spec masks in a URL it cannot parse.
+URL_PASSWORD = r"([a-z][a-z0-9+.-]*://[^/?#@:]*:)([^/?#@]*)(?=@)"
+_URL_PASSWORD = re.compile(URL_PASSWORD.encode(), re.IGNORECASE)
 # /proc/PID/stat fields after the command's name: arg_start and arg_end are fields 48 and 49,
 # the 46th and 47th after the name (fields 1 and 2).
 _ARG_START_AFTER_NAME = 48 - 3

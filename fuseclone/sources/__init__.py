@@ -9,6 +9,7 @@ import re
 import urllib.parse
 from typing import AsyncIterator
 
+from ..cmdline import URL_PASSWORD
 from ..errors import SourceError
 from .base import Extent, Source, SourceReadError
 
@@ -47,7 +48,7 @@ def describe_spec(spec: str) -> str:
     try:
         given = urllib.parse.urlsplit(spec)
     except ValueError:  # not a URL after all (an unclosed '['): its opener says why
-        return _PASSWORD.sub(r"\1***@", spec)
+        return _PASSWORD.sub(r"\1***", spec)
     parts = given
     if _scheme(spec) in ("http", "https"):
         parts = parts._replace(query="", fragment="")
@@ -57,7 +58,7 @@ def describe_spec(spec: str) -> str:
     return spec if parts == given else urllib.parse.urlunsplit(parts)
 
 
-_PASSWORD = re.compile(r"(://[^/?#@:]*:)[^/?#@]*@")  # scheme://user:PASSWORD@
+_PASSWORD = re.compile(URL_PASSWORD, re.IGNORECASE)
 
 
 # Query keys of NBD URLs (libnbd's) that name local paths
