@@ -73,8 +73,7 @@ class Copier:
                 kept = direct or prefetch  # not dropped from the page cache later
                 stale = [] if kept else self._note_copied(extent.offset, len(data))
                 await in_thread(self._store_copy, extent.offset, data, stale,
-                                              direct, self._users_active(),
-                                              limiter=self._copy_writers)
+                                direct, self._users_active(), limiter=self._copy_writers)
                 self.source.recycle(data)  # written: the source may reuse the buffer
 
     def _note_copied(self, offset: int, length: int) -> list[tuple[int, int]]:

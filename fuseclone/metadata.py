@@ -789,8 +789,6 @@ class Metadata:
             log.exception("%s: cannot read the last good commit back: the regions hydrated "
                           "since are still read from the destination", self.path)
             return
-        if hydrated.map.complete:
-            hydrated.map = CompleteMap(self.header.nr_regions)
         self._hydrated = hydrated
 
     def check_named(self) -> None:
@@ -875,8 +873,13 @@ def _available_memory() -> int:
 
 
 def _load_hydrated(fd: int, path: str, header: Header) -> tuple[_BitmapArea, int]:
-    return _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
-                            header.nr_regions, header.clone_id)
+    """The hydrated bitmap as last committed; a complete one as a CompleteMap (no bitmap's
+    memory held)."""
+    hydrated, seq = _BitmapArea.load(fd, path, "hydrated", BITMAP_MAGIC, FIRST_BITMAP_BLOCK,
+                                     header.nr_regions, header.clone_id)
+    if hydrated.map.complete:
+        hydrated.map = CompleteMap(header.nr_regions)
+    return hydrated, seq
 
 
 def _empty_areas(header: Header) -> tuple[_BitmapArea, _BitmapArea]:
