@@ -499,7 +499,7 @@ def status(target, as_json, dmsetup, watch) -> None:
         render_status(st)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # `hydration_threshold -1` is a word
 @click.argument("target")
 @click.argument("words", nargs=-1, required=True)
 def message(target, words) -> None:

@@ -23,6 +23,8 @@ def test_messages_apply_live(rig, random_source):
     assert (st["hydration_threshold"], st["hydration_batch_size"]) == (64, 16)
     bad = fuseclone("message", rig.mnt, "hydration_threshold", "zero", check=False)
     assert bad.returncode == 1 and "whole number" in bad.stderr
+    negative = fuseclone("message", rig.mnt, "hydration_threshold", "-1", check=False)
+    assert negative.returncode == 1 and "from 1 to" in negative.stderr, negative.stderr
     assert fuseclone("wait", rig.mnt, "--timeout", "0.5", check=False).returncode == 1
     fuseclone("message", rig.mnt, "enable_hydration")
     fuseclone("wait", rig.mnt, "--timeout", "60")
