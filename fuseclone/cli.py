@@ -75,6 +75,7 @@ class FriendlyGroup(click.Group):
     status 1."""
 
     def invoke(self, ctx):
+        _escape_what_the_terminal_cannot_show()
         try:
             return super().invoke(ctx)
         except FusecloneError as exc:
@@ -85,6 +86,14 @@ class FriendlyGroup(click.Group):
             if exc.filename is None and _working_directory() is None:  # getcwd's ENOENT
                 fail("the current directory was removed: give absolute paths, or cd elsewhere")
             raise
+
+
+def _escape_what_the_terminal_cannot_show() -> None:
+    """A path or a bar character the output's encoding lacks (PYTHONIOENCODING=ascii, an
+    ASCII locale) is written escaped (`\\xe9`), not ended in a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _working_directory() -> str | None:

@@ -1,7 +1,10 @@
 """CLI commands that need no live mount: exit codes and messages."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -74,6 +77,15 @@ def test_status_human(half_clone):
     result = invoke("status", half_clone.meta)
     assert result.exit_code == 0
     assert "10/" in result.output and "hydrated" in result.output and "(not mounted)" in result.output
+
+
+def test_status_human_on_an_ascii_terminal_escapes_what_it_cannot_show(half_clone, tmp_path):
+    meta = tmp_path / "m\u00e9t\u00e4.meta"
+    os.rename(half_clone.meta, meta)
+    result = subprocess.run([sys.executable, "-m", "fuseclone", "status", str(meta)],
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert b"\\xe9" in result.stdout and b"10/" in result.stdout  # the path, escaped
 
 
 def test_status_of_nothing(tmp_path):
