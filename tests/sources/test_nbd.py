@@ -581,6 +581,19 @@ async def test_body_exceptions_propagate_unwrapped(nbdkit, image):
     assert scope.cancelled_caught
 
 
+async def test_a_source_cancelled_with_its_mount_warns_of_no_lost_connection(nbdkit, image, caplog):
+    """A stopping mount cancels the scope around its source: its connections end, but none was
+    lost, and the log (read by users looking for trouble) must not say so."""
+    server = nbdkit("file", image)
+    with trio.move_on_after(0.2) as scope:
+        async with open_nbd_source(server.url()) as source:
+            await source.read(0, 4096)
+            assert source.connections > 1
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+
+
 async def test_only_reads_block_status_and_disconnect_reach_the_server(nbdkit, image, tmp_path):
     log = tmp_path / "requests.log"
     server = nbdkit("--filter=log", "file", image, f"logfile={log}")

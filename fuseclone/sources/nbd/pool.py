@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
@@ -546,7 +547,8 @@ class ConnectionPool:
 
     def _ended(self, conn: Connection, reason: str) -> None:
         """A reader stopped: the connection is gone, and what waits on it fails."""
-        if conn.alive and not self._closed:
+        # A reader cancelled with the source's scope (a mount stopping) lost nothing: quiet.
+        if conn.alive and not self._closed and trio.current_effective_deadline() != -math.inf:
             log.warning("%s: connection %d lost: %s", self.address.url, conn.number, reason)
         conn.kill(conn.reason or reason)
         self.on_connection_lost()
