@@ -198,8 +198,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
+                        on_ready(image)  # may fail (the mount command gone): then not mounted
                         mounted = True
-                        on_ready(image)
                         if notifier is not None:
                             notifier.ready(status().progress_line())
                             nursery.start_soon(notifier.report_progress,
