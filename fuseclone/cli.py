@@ -643,6 +643,9 @@ def unmount(mountpoint, timeout, lazy) -> None:
     sock = control.socket_path(meta)
     while control.meta_of_mountpoint(real) is not None or os.path.exists(sock) or Metadata.in_use(meta):
         if time.monotonic() > deadline:
+            if control.meta_of_mountpoint(real) is None:  # its last commit is what waits
+                fail(f"{mountpoint}: unmounted, but the mount has not let go of {meta} after "
+                     f"{timeout:.0f} s ({control.why_not_answering(reply.get('pid'))})")
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
 

@@ -452,7 +452,7 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
             log.error("%s", exc)
             return {"ok": False, "error": str(exc)}
         stop.cancel()
-    return {"ok": True}
+    return {"ok": True, "pid": os.getpid()}  # `unmount` names it if the last commit lingers
 
 
 async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
