@@ -6,7 +6,8 @@
 `open_http_source` is an async context manager: the httpx.AsyncClient and its connections live
 for the duration of the block. The source only ever sends HEAD and GET (SPEC invariant 4).
 
-Opening (one clear SourceError line naming the URL if anything is wrong):
+Opening (one clear SourceError line naming the URL if anything is wrong), within the connect
+timeout (10 s) as a whole, like an NBD dial and handshake:
 - HEAD, following redirects; later reads go straight to the final URL. Its Content-Length is the
   image size; its ETag and Last-Modified identify this version of the file.
 - Range support is required: `Accept-Ranges: bytes`, or else a probe `GET Range: bytes=0-0` must
@@ -133,11 +134,12 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
     for the duration of the block."""
     if piece_size <= 0 or max_connections <= 0:
         raise ValueError("piece_size and max_connections must be positive")
+    connect_timeout = min(connect_timeout, timeout)
     client = httpx.AsyncClient(
         transport=_transport(_ssl_context(), max_connections + _for_users(max_connections)),
         headers=_HEADERS,
         # The pool wait is bounded by our own limiter, not by a timeout.
-        timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout), pool=None),
+        timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None),
         follow_redirects=False,
         auth=auth,
     )
@@ -145,7 +147,13 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
                  max_connections=max_connections, timeout=timeout, retry_delays=retry_delays,
                  **source_args)
     try:
-        await source._probe()
+        # Connecting and the first answers together, like an NBD dial and handshake: a server
+        # that accepts and says nothing holds a mount up no longer than one that never accepts.
+        with trio.move_on_after(connect_timeout) as opening:
+            await source._probe()
+        if opening.cancelled_caught:
+            raise SourceError(f"{description}: no answer within {connect_timeout:g} s (is it an "
+                              "HTTP server?)")
         yield source
     finally:
         await source.aclose()

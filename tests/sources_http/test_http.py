@@ -564,6 +564,20 @@ async def test_refused_without_a_size(scripted):
     assert_one_line(info, url, "no Content-Length")
 
 
+async def test_opening_is_bounded_by_the_connect_timeout(scripted):
+    """A server that accepts but never answers HEAD: opening fails after the connect timeout,
+    as an NBD dial and handshake does, not after the 30 s of a read (a resumed clone's mount
+    waits for the first attempt)."""
+    server, url = scripted
+    server.head = "gated"
+    start = trio.current_time()
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url, connect_timeout=0.5, timeout=20):
+            pass
+    assert trio.current_time() - start < 5
+    assert_one_line(info, url, "no answer within 0.5 s")
+
+
 async def test_timeout_is_a_read_error(scripted):
     server, url = scripted
     async with open_http_source(url, timeout=0.3) as source:
