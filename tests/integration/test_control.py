@@ -371,10 +371,7 @@ def test_a_daemon_waiting_on_a_frozen_filesystem_is_named_as_such(tmp_path):
 def test_unmount_names_a_last_commit_held_by_a_frozen_filesystem(rig, random_source):
     """DST and META on a frozen filesystem: the unmount itself is done at once, and the mount's
     last commit waits for the thaw. `unmount` said "still mounted", which /proc/mounts denied."""
-    fs_image = rig.tmp / "fs.img"
-    sh("truncate", "-s", "64M", fs_image)
-    sh("mkfs.ext4", "-q", fs_image)
-    frozen = rig.mount_fs(fs_image, str(rig.tmp / "fs"), "-o", "loop")
+    frozen = rig.ext4()
     rig.dst, rig.meta = os.path.join(frozen, "dst.img"), os.path.join(frozen, "clone.meta")
     rig.mount("--max-rate", "2M")  # copies go on: the last commit has bits to write
     pid = daemon_pid(rig)

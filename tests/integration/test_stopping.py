@@ -256,10 +256,7 @@ def test_a_stop_waits_for_cached_writes_held_up_by_a_frozen_filesystem(rig, rand
     """DST and META on a frozen filesystem: the cached writes of a file still open wait for it,
     and so does the stop's last commit. Giving up on those writes after WRITE_BACK_TIMEOUT
     gained nothing, and lost them: after the thaw the session detached lazily without them."""
-    fs_image = rig.tmp / "fs.img"
-    sh("truncate", "-s", "64M", fs_image)
-    sh("mkfs.ext4", "-q", fs_image)
-    frozen = rig.mount_fs(fs_image, str(rig.tmp / "fs"), "-o", "loop")
+    frozen = rig.ext4()
     rig.dst, rig.meta = os.path.join(frozen, "dst.img"), os.path.join(frozen, "clone.meta")
     log = str(rig.tmp / "mount.log")
     proc = foreground_mount_with_write_back_timeout(rig, 0.5, log)
