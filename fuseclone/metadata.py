@@ -431,7 +431,15 @@ class Metadata:
             formatted = True
             try:
                 os.ftruncate(fd, _file_blocks(header) * BLOCK)  # sparse: never-written slots read as empty
-                os.pwrite(fd, header.pack(), _header_offset(header.seq))
+                # A header in both slots: a header write that is torn (a power cut) always
+                # leaves the other, even when it goes to the newest one's slot (a reopen's
+                # seq counts the bitmaps' commits too). Both written here, where a failure (a
+                # full filesystem) is undone: a second write after create returned, which
+                # failed, left this META behind while the new DST was removed, and every
+                # retry was refused ("destination does not exist").
+                for seq in (1, 2):
+                    header.seq = seq
+                    os.pwrite(fd, header.pack(), _header_offset(seq))
                 os.fsync(fd)
             except OSError as exc:
                 raise _unwritable(path, exc) from None
