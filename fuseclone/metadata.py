@@ -41,8 +41,8 @@ from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
-from .blockio import (data_extents, open_without_waiting, pread_exact, pwrite_all, still_named,
-                      why_denied)
+from .blockio import (data_extents, holds_only_zeros, open_without_waiting, pread_exact,
+                      pwrite_all, still_named, why_denied)
 from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
@@ -413,15 +413,17 @@ class Metadata:
     @classmethod
     def create(cls, path: str, geometry: Geometry, identity: dict, *, features: int = 0,
                hydration_threshold: int = 1, hydration_batch_size: int = 1) -> Metadata:
-        """Create a new metadata file (it must not exist or be empty). Nothing is left behind
-        on failure."""
+        """Create a new metadata file (it must not exist, or be empty or all zeros: see
+        `exists`). Nothing is left behind on failure."""
         existed = os.path.exists(path)
         fd = _open_locked(path, os.O_RDWR | os.O_CREAT, exclusive=True)
         created_ok = formatted = False
         try:
-            if os.fstat(fd).st_size != 0:
+            size = os.fstat(fd).st_size
+            if size:
                 existed = True  # never remove a file we did not make
-                raise MetadataError(f"{path}: refusing to format a non-empty metadata file")
+                if not holds_only_zeros(fd):
+                    raise MetadataError(f"{path}: refusing to format a non-empty metadata file")
             header = Header(seq=1, region_size=geometry.region_size,
                             source_size=geometry.image_size, nr_regions=geometry.nr_regions,
                             flags=0, features=features, hydration_threshold=hydration_threshold,
@@ -452,8 +454,9 @@ class Metadata:
                 # Undone while still locked: no other opener has taken the file meanwhile.
                 if not existed:
                     _unlink_quietly(path)
-                elif formatted:
-                    os.ftruncate(fd, 0)  # it was an empty file before we began
+                elif formatted:  # back to the SIZE zeros it was before we began
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
                 os.close(fd)
 
     @classmethod
@@ -495,10 +498,25 @@ class Metadata:
 
     @staticmethod
     def exists(path: str) -> bool:
+        """Whether PATH holds metadata to resume (or a file that is no new META's to format):
+        not a missing file, an empty one, nor one of nothing but zeros, which is what a mount
+        killed while creating META (or a power cut before its fsync) leaves: sized, its header
+        not written yet. Such a file was never used (its header is durable before any other
+        write), so formatting it again loses nothing; refused, it stopped every retry."""
         try:
-            return os.stat(path).st_size > 0
+            st = os.stat(path)
         except FileNotFoundError:
             return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return st.st_size > 0
+        try:
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True  # the open that follows refuses it, with the reason
+        try:
+            return not holds_only_zeros(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def in_use(path: str) -> bool:

@@ -39,3 +39,13 @@ def test_a_mount_killed_while_creating_dst_is_retried(rig, random_source):
     # A DST named before it had its size (0 bytes) refused every retry as too small.
     rig.mount()
     write_and_check(rig)
+
+
+def test_a_mount_killed_before_meta_has_its_header_is_retried(rig, random_source):
+    killed = killed_at("fuseclone.metadata:os.pwrite", "mount", rig.src, rig.dst, rig.meta, rig.mnt)
+    assert killed.returncode == 1 and "exited (-9)" in killed.stderr, killed.stderr
+    with open(rig.meta, "rb") as meta:
+        assert meta.read().strip(b"\0") == b""  # sized, no header yet: as a power cut may leave it
+    # Refused before as "not a fuseclone metadata file, or its header is corrupt", every time.
+    rig.mount()
+    write_and_check(rig)
