@@ -626,6 +626,21 @@ def unmount(mountpoint, timeout, lazy) -> None:
         if time.monotonic() > deadline:
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+    if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
+        fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
+             "was killed, or the commit failed: see its log): writes not flushed before the "
+             "unmount may be lost; mount again to resume from META")
+
+
+def _marked_clean(meta: str) -> bool:
+    """Whether META says its last mount ended with its last commit (as far as one can tell: a
+    META that another mount holds by now, or that is gone, counts as clean)."""
+    from .metadata import Metadata
+
+    try:
+        return Metadata.read_header(meta).clean
+    except (FusecloneError, OSError):
+        return True
 
 
 def _how_to_let_go(loop: str) -> str:

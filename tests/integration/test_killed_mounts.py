@@ -49,3 +49,24 @@ def test_a_mount_killed_before_meta_has_its_header_is_retried(rig, random_source
     # Refused before as "not a fuseclone metadata file, or its header is corrupt", every time.
     rig.mount()
     write_and_check(rig)
+
+
+def test_unmount_says_so_when_the_mount_dies_before_its_last_commit(rig, random_source):
+    """The daemon unmounts (the kernel hands over the writes it caches), then commits: killed
+    in between, `unmount` said nothing and exited 0, while what was handed over had no bits in
+    META and read as the source's data again."""
+    started = killed_at("fuseclone.engine:CloneEngine._shutdown_commit", "mount", rig.src,
+                        rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    assert started.returncode == 0, started.stderr
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    with open(rig.image, "r+b") as image:  # cached by the kernel, never flushed
+        image.seek(4 * MiB)
+        image.write(os.urandom(MiB))
+    unmounted = fuseclone("unmount", rig.mnt, check=False)
+    assert unmounted.returncode == 1, unmounted.stderr
+    assert "ended without its last commit" in unmounted.stderr
+    rig.wait_unmounted()
+    rig.mount()  # resumes from the commit before: consistent, whatever it lost
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
