@@ -253,9 +253,17 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if default_log:  # named by META's identity now that META exists
             _log_to_renamed_file(control.adopt_log(opts.metadata, log_file))
         if ready_fd is not None:
-            os.write(ready_fd, os.fsencode(f"ready {image}\n"))
-            os.close(ready_fd)
-            told = True
+            told = True  # or there is nobody left to tell
+            try:
+                os.write(ready_fd, os.fsencode(f"ready {image}\n"))
+            except BrokenPipeError:
+                # The mount command is gone (Ctrl-C, killed): its caller took the mount for
+                # failed, so it stops (what it created stays, to resume from).
+                stopping = "the mount command ended before the image was ready: stopping"
+                logging.getLogger(__name__).error("%s", stopping)
+                raise FusecloneError(stopping) from None
+            finally:
+                os.close(ready_fd)
         else:
             _tell(f"fuseclone: serving {image}")
 

@@ -4,7 +4,10 @@ between the unmount and its last commit. Afterwards a second mount of the same p
 
 import os
 import sys
+import time
 
+from fuseclone import control
+from fuseclone.metadata import Metadata
 from tests.integration.conftest import MiB, fuseclone, sh
 
 KILLED_AT = os.path.join(os.path.dirname(__file__), "killed_at.py")
@@ -70,3 +73,23 @@ def test_unmount_says_so_when_the_mount_dies_before_its_last_commit(rig, random_
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def test_a_mount_command_killed_before_ready_stops_its_daemon_in_one_line(rig, random_source):
+    """Its daemon goes on, finds nobody to tell that the image is ready (the caller took the
+    mount for failed), and stops: it did, by a BrokenPipeError's traceback in the log."""
+    killed = killed_at("--parent", "fuseclone.clone:open_clone", "mount", rig.src, rig.dst,
+                       rig.meta, rig.mnt)
+    assert killed.returncode == -9
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    deadline = time.monotonic() + 30
+    while control.find_mount(rig.mnt) is not None or not os.path.exists(rig.meta) \
+            or Metadata.in_use(rig.meta):
+        assert time.monotonic() < deadline, "the daemon of a killed mount command still runs"
+        time.sleep(0.05)
+    with open(control.log_path(rig.meta)) as log:
+        text = log.read()
+    assert "the mount command ended before the image was ready: stopping" in text
+    assert "Traceback" not in text
+    rig.mount()
+    write_and_check(rig)
