@@ -979,6 +979,9 @@ def _read_header(fd: int, path: str) -> Header:
         raise MetadataError(f"{path}: {exc}") from None
     valid = [h for h in candidates if h is not None]
     if not valid:
+        if holds_only_zeros(fd):  # see Metadata.exists
+            raise MetadataError(f"{path}: holds no clone (nothing but zeros: a mount killed while "
+                                "creating it?); `fuseclone mount` formats it as a new one")
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")
     header = max(valid, key=lambda h: h.seq)
     try:

@@ -49,6 +49,8 @@ def test_a_mount_killed_before_meta_has_its_header_is_retried(rig, random_source
     assert killed.returncode == 1 and "exited (-9)" in killed.stderr, killed.stderr
     with open(rig.meta, "rb") as meta:
         assert meta.read().strip(b"\0") == b""  # sized, no header yet: as a power cut may leave it
+    checked = fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, check=False)
+    assert checked.returncode == 1 and "formats it as a new one" in checked.stderr
     # Refused before as "not a fuseclone metadata file, or its header is corrupt", every time.
     rig.mount()
     write_and_check(rig)
