@@ -698,6 +698,11 @@ class Metadata:
         except OSError as exc:
             self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
+        # Looked at again once written: META may have lost its name meanwhile, and a commit
+        # beside this one (written bits beside hydrated ones) have found that first and
+        # written META's copy before these slots were written into the lost file. Only a
+        # commit made while META had its name is in every copy made after it.
+        self.check_named()
         self.bytes_written += batch.nbytes
 
     def finish_commit(self, batch: CommitBatch) -> None:
@@ -818,13 +823,14 @@ class Metadata:
         self._hydrated = hydrated
 
     def check_named(self) -> None:
-        """Blocking: make sure META still has a name (before each write, and every second
-        while nothing is committed). One deleted, or renamed over, while mounted would take
-        every commit with it at close, and the next mount would start a new clone over DST's
-        data (hydration copying the source over users' writes). So its last good commit is
-        written again under its name (or PATH.saved, when another file has the name now) and
-        META goes to fail mode: that commit is what the next mount resumes from, and nothing
-        is acknowledged that the copy does not hold. Raises EIO in fail mode."""
+        """Blocking: make sure META still has a name (before each write, after each commit,
+        and every second while nothing is committed). One deleted, or renamed over, while
+        mounted would take every commit with it at close, and the next mount would start a
+        new clone over DST's data (hydration copying the source over users' writes). So its
+        last good commit is written again under its name (or PATH.saved, when another file
+        has the name now) and META goes to fail mode: that commit is what the next mount
+        resumes from, and nothing is acknowledged that the copy does not hold. Raises EIO in
+        fail mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
             if not self._renamed and os.fstat(self._fd).st_nlink == 0:
                 self._renamed = True
