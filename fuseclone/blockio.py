@@ -127,18 +127,6 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def holds_only_zeros(fd: int) -> bool:
-    """Whether the file open at FD reads as nothing but zeros (holes, or data that is zero)."""
-    size = fd_size(fd)
-    for offset, length, hole in data_extents(fd, 0, size):
-        if hole:
-            continue
-        for at in range(offset, offset + length, 1 << 20):
-            if pread_exact(fd, min(1 << 20, offset + length - at), at).strip(b"\0"):
-                return False
-    return True
-
-
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:

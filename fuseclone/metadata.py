@@ -41,8 +41,8 @@ from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
-from .blockio import (data_extents, holds_only_zeros, open_without_waiting, pread_exact,
-                      pwrite_all, still_named, why_denied)
+from .blockio import (data_extents, open_without_waiting, pread_exact, pwrite_all, still_named,
+                      why_denied)
 from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
@@ -413,8 +413,8 @@ class Metadata:
     @classmethod
     def create(cls, path: str, geometry: Geometry, identity: dict, *, features: int = 0,
                hydration_threshold: int = 1, hydration_batch_size: int = 1) -> Metadata:
-        """Create a new metadata file (it must not exist, or be empty or all zeros: see
-        `exists`). Nothing is left behind on failure."""
+        """Create a new metadata file (it must not exist, or be empty, or be what a creation cut
+        short leaves: see `exists`). Nothing is left behind on failure."""
         existed = os.path.exists(path)
         fd = _open_locked(path, os.O_RDWR | os.O_CREAT, exclusive=True)
         created_ok = formatted = False
@@ -422,7 +422,7 @@ class Metadata:
             size = os.fstat(fd).st_size
             if size:
                 existed = True  # never remove a file we did not make
-                if not holds_only_zeros(fd):
+                if not _creation_cut_short(fd):
                     raise MetadataError(f"{path}: refusing to format a non-empty metadata file")
             header = Header(seq=1, region_size=geometry.region_size,
                             source_size=geometry.image_size, nr_regions=geometry.nr_regions,
@@ -499,10 +499,11 @@ class Metadata:
     @staticmethod
     def exists(path: str) -> bool:
         """Whether PATH holds metadata to resume (or a file that is no new META's to format):
-        not a missing file, an empty one, nor one of nothing but zeros, which is what a mount
-        killed while creating META (or a power cut before its fsync) leaves: sized, its header
-        not written yet. Such a file was never used (its header is durable before any other
-        write), so formatting it again loses nothing; refused, it stopped every retry."""
+        not a missing file, an empty one, nor what a mount killed while creating META (or a
+        power cut before its fsync) leaves: sized, zeros where the header goes and holes past
+        it. Such a file was never used (its header is durable before any other write), so
+        formatting it again loses nothing; refused, it stopped every retry. (A file written
+        full of zeros is not taken for one: it may be something else given as META.)"""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -514,7 +515,7 @@ class Metadata:
         except OSError:
             return True  # the open that follows refuses it, with the reason
         try:
-            return not holds_only_zeros(fd)
+            return not _creation_cut_short(fd)
         finally:
             os.close(fd)
 
@@ -968,6 +969,14 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     return fd
 
 
+def _creation_cut_short(fd: int) -> bool:
+    """Whether the file is what a META's creation cut short leaves (see Metadata.exists):
+    sized, and nothing but zeros in its header slots and holes past them."""
+    header_end = FIRST_BITMAP_BLOCK * BLOCK
+    past = data_extents(fd, header_end, max(0, os.fstat(fd).st_size - header_end))
+    return all(hole for _, _, hole in past) and not os.pread(fd, header_end, 0).strip(b"\0")
+
+
 def _has_a_header(fd: int) -> bool:
     """Whether the file holds a valid header in either slot (read without its lock)."""
     if os.fstat(fd).st_size < FIRST_BITMAP_BLOCK * BLOCK:
@@ -985,9 +994,9 @@ def _read_header(fd: int, path: str) -> Header:
         raise MetadataError(f"{path}: {exc}") from None
     valid = [h for h in candidates if h is not None]
     if not valid:
-        if holds_only_zeros(fd):  # see Metadata.exists
-            raise MetadataError(f"{path}: holds no clone (nothing but zeros: a mount killed while "
-                                "creating it?); `fuseclone mount` formats it as a new one")
+        if _creation_cut_short(fd):  # see Metadata.exists
+            raise MetadataError(f"{path}: holds no clone yet (a mount killed while creating it?); "
+                                "`fuseclone mount` formats it as a new one")
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")
     header = max(valid, key=lambda h: h.seq)
     try:
