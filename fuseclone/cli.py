@@ -636,8 +636,8 @@ def unmount(mountpoint, timeout, lazy) -> None:
         time.sleep(0.05)
     if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
-             "was killed, or the commit failed: see its log): writes not flushed before the "
-             "unmount may be lost; mount again to resume from META")
+             f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
+             "writes not flushed before the unmount may be lost; mount again to resume from META")
 
 
 def _marked_clean(meta: str) -> bool:

@@ -351,7 +351,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 reply = await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
             # (in fail mode it stays unmarked on purpose, and the user was told why).
-            return {**reply, "metadata_mode": engine.meta.mode.value}
+            return {**reply, "metadata_mode": engine.meta.mode.value, "log_file": _log_file()}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)

@@ -70,6 +70,7 @@ def test_unmount_says_so_when_the_mount_dies_before_its_last_commit(rig, random_
     unmounted = fuseclone("unmount", rig.mnt, check=False)
     assert unmounted.returncode == 1, unmounted.stderr
     assert "ended without its last commit" in unmounted.stderr
+    assert control.log_path(rig.meta) in unmounted.stderr
     rig.wait_unmounted()
     rig.mount()  # resumes from the commit before: consistent, whatever it lost
     fuseclone("unmount", rig.mnt)
