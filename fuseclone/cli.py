@@ -614,6 +614,9 @@ def unmount(mountpoint, timeout, lazy) -> None:
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises
+        if control.cleanup_stale_mount(mountpoint):  # its daemon was killed meanwhile
+            fail(f"{mountpoint}: the mount's daemon ended while unmounting (killed?), and its "
+                 f"stale mount was cleaned: {_MAY_BE_LOST}")
         if not lazy:
             fail(f"{exc}; `fuseclone unmount --lazy` detaches it anyway")
         _detach_unanswered(real, str(exc))
@@ -637,7 +640,11 @@ def unmount(mountpoint, timeout, lazy) -> None:
     if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
              f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
-             "writes not flushed before the unmount may be lost; mount again to resume from META")
+             f"{_MAY_BE_LOST}")
+
+
+_MAY_BE_LOST = ("writes not flushed before the unmount may be lost; mount again to resume from "
+                "META")
 
 
 def _marked_clean(meta: str) -> bool:

@@ -96,3 +96,19 @@ def test_a_mount_command_killed_before_ready_stops_its_daemon_in_one_line(rig, r
     assert "Traceback" not in text
     rig.mount()
     write_and_check(rig)
+
+
+def test_unmount_cleans_up_after_a_daemon_killed_while_unmounting(rig, random_source):
+    """`unmount` said the mount closed its control connection, and to use --lazy, with the
+    stale mount of the killed daemon left behind."""
+    started = killed_at("fuseclone.fuse.mount:unmount", "mount", rig.src, rig.dst, rig.meta,
+                        rig.mnt, "--no-hydration")
+    assert started.returncode == 0, started.stderr
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    unmounted = fuseclone("unmount", rig.mnt, check=False)
+    assert unmounted.returncode == 1, unmounted.stderr
+    assert "ended while unmounting" in unmounted.stderr
+    assert "stale mount was cleaned" in unmounted.stderr
+    assert control.find_mount(rig.mnt) is None
+    rig.mount()
+    write_and_check(rig)
