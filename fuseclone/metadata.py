@@ -1030,6 +1030,8 @@ def _save_copy(fd: int, path: str) -> str:
     overwritten."""
     target = path + ".saved" if os.path.lexists(path) else path
     temporary = f"{target}.{os.getpid()}.tmp"
+    # Left by a daemon killed while it copied, which had this pid: no live process has it now.
+    _unlink_quietly(temporary)
     out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                   stat.S_IMODE(os.fstat(fd).st_mode))
     try:

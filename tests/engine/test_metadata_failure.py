@@ -108,3 +108,22 @@ def test_a_commit_written_after_meta_lost_its_name_and_was_copied_is_not_acknowl
         assert info.value.errno == errno.EIO and meta.mode is MetadataMode.FAIL
     with Metadata.open(path, writable=False) as copy:
         assert copy.written_extents == []  # and nobody was told otherwise
+
+
+def test_meta_is_written_again_over_a_temporary_copy_that_a_crash_left(tmp_path):
+    """The copy is made under PATH.PID.tmp first: one left by a daemon killed while it copied,
+    found by a later daemon that got the same pid, made the copy fail (File exists)."""
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 20, 4096), {}) as meta:
+        meta.set_hydrated(range(3, 4))
+        batch = meta.prepare_commit()
+        meta.write_commit(batch)
+        meta.finish_commit(batch)
+        with open(f"{path}.{os.getpid()}.tmp", "wb") as left:
+            left.write(b"half a copy")
+        os.unlink(path)
+        with pytest.raises(OSError):
+            meta.check_named()
+        assert f"written again at {path}" in meta.failure
+    with Metadata.open(path, writable=False) as copy:
+        assert copy.is_hydrated(3) and copy.hydrated_count == 1
