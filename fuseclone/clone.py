@@ -36,18 +36,21 @@ def _identity(source: Source, dst: Destination) -> dict:
 
 
 def open_clone(source: Source, dst_path: str, meta_path: str, *,
-               region_size: int | None = None, settings: Settings | None = None) -> CloneEngine:
-    """Create or reopen the clone of `source` into `dst_path`, tracked by `meta_path`."""
+               region_size: int | None = None, settings: Settings | None = None,
+               other_bitmaps: int = 0) -> CloneEngine:
+    """Create or reopen the clone of `source` into `dst_path`, tracked by `meta_path`. Refused
+    when its bitmaps and `other_bitmaps` more of one bit per region (an access trace's
+    recorder) cannot fit in memory."""
     settings = settings or Settings()
     validate_image_size(source.size)
     if Metadata.exists(meta_path):
-        return _reopen(source, dst_path, meta_path, region_size, settings)
-    return _create(source, dst_path, meta_path, region_size, settings)
+        return _reopen(source, dst_path, meta_path, region_size, settings, other_bitmaps)
+    return _create(source, dst_path, meta_path, region_size, settings, other_bitmaps)
 
 
 def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | None,
-            settings: Settings) -> CloneEngine:
-    meta = Metadata.open(meta_path, writable=True)
+            settings: Settings, other_bitmaps: int) -> CloneEngine:
+    meta = Metadata.open(meta_path, writable=True, other_bitmaps=other_bitmaps)
     try:
         if region_size is not None and region_size != meta.header.region_size:
             raise DestinationError(
@@ -85,10 +88,10 @@ def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -
 
 
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,
-            settings: Settings) -> CloneEngine:
+            settings: Settings, other_bitmaps: int) -> CloneEngine:
     geometry = Geometry(source.size, validate_region_size(
         DEFAULT_REGION_SIZE if region_size is None else region_size))
-    refuse_bitmaps_beyond_memory(geometry)  # before DST is created
+    refuse_bitmaps_beyond_memory(geometry, other_bitmaps=other_bitmaps)  # before DST is created
     dst_existed = os.path.exists(dst_path)
     dst = Destination.open(dst_path, source.size, create=True)
     try:

@@ -185,7 +185,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         if prefetch is not None:
             check_trace_source(prefetch, opts.prefetch, source)
         engine = open_clone(source, opts.destination, opts.metadata,
-                            region_size=opts.region_size, settings=opts.settings)
+                            region_size=opts.region_size, settings=opts.settings,
+                            other_bitmaps=TraceRecorder.BITMAPS if opts.record_access else 0)
         if prefetch is not None:
             burst, rest = prefetch.first_burst_and_rest(engine.geometry, PREFETCH_BURST_PAUSE)
             engine.prefetch(burst + rest, first_burst=len(burst))

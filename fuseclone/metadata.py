@@ -47,6 +47,7 @@ from .errors import (FusecloneError, ImageTooLargeError, MetadataError, Metadata
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
+from .limits import available_memory
 from .sources import describe_identity
 
 log = logging.getLogger(__name__)
@@ -460,15 +461,17 @@ class Metadata:
                 os.close(fd)
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = True) -> Metadata:
+    def open(cls, path: str, *, writable: bool = True, other_bitmaps: int = 0) -> Metadata:
         """Open and validate an existing metadata file. Changes nothing on disk until the caller
-        calls mark_open() (which upgrades a format-1 file)."""
+        calls mark_open() (which upgrades a format-1 file). `other_bitmaps`: see
+        refuse_bitmaps_beyond_memory."""
         flags = os.O_RDWR if writable else os.O_RDONLY
         fd = _open_locked(path, flags, exclusive=writable)
         try:
             header = _read_header(fd, path)
             refuse_bitmaps_beyond_memory(Geometry(header.source_size, header.region_size),
-                                         header.written_granularity if header.version == VERSION else None)
+                                         header.written_granularity if header.version == VERSION else None,
+                                         other_bitmaps)
             clone_id = header.clone_id
             hydrated, seq = _load_hydrated(fd, path, header)
             if header.version == VERSION:
@@ -879,30 +882,24 @@ class Metadata:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def refuse_bitmaps_beyond_memory(geometry: Geometry, granularity: int | None = None) -> None:
+def refuse_bitmaps_beyond_memory(geometry: Geometry, granularity: int | None = None,
+                                 other_bitmaps: int = 0) -> None:
     """Refuse a clone whose in-core bitmaps (hydrated and written, `granularity` being the
-    written one's chunk) need more memory than the machine has available: allocated, they fail
-    with a MemoryError (2^63 bytes in 4 KiB regions is 256 TiB of bitmap), or, when the kernel
-    lets the allocation through, they push the machine into its OOM killer as they fill."""
+    written one's chunk, and `other_bitmaps` more of one bit per region: an access trace's
+    recorder) need more memory than this process may still use (`limits.available_memory`:
+    the machine's, or its cgroup's): allocated, they fail with a MemoryError (2^63 bytes in
+    4 KiB regions is 256 TiB of bitmap), or, when the kernel lets the allocation through, they
+    push the machine, or the cgroup, into the OOM killer as they fill."""
     written = Geometry(geometry.image_size, granularity or written_granularity(geometry.region_size))
-    needed = (geometry.nr_regions + written.nr_regions) // 8
-    available = _available_memory()
+    needed = (geometry.nr_regions * (1 + other_bitmaps) + written.nr_regions) // 8
+    available, bound = available_memory()
     if needed > available:
         from .status import human_bytes  # status imports this module
         raise ImageTooLargeError(
             f"an image of {geometry.image_size} bytes in regions of "
             f"{human_bytes(geometry.region_size)} needs {human_bytes(needed)} of memory for its "
-            f"bitmaps, more than the {human_bytes(available)} available: use a larger "
+            f"bitmaps, more than the {human_bytes(available)} {bound}: use a larger "
             "--region-size (it is fixed when META is created)")
-
-
-def _available_memory() -> int:
-    """MemAvailable of /proc/meminfo, in bytes."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable")
 
 
 def _load_hydrated(fd: int, path: str, header: Header) -> tuple[_BitmapArea, int]:

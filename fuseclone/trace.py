@@ -181,6 +181,8 @@ class TraceRecorder:
     copies, and `read` for user reads of data at hand: the part of those that readahead
     fetched is recorded then, as read (what readahead fetched and nobody read is not)."""
 
+    BITMAPS = 2  # of one bit per region each, held while recording (the mount's memory check)
+
     def __init__(self, path: str, source_identity: dict, geometry: Geometry,
                  clock: Callable[[], float]) -> None:
         self.path = path

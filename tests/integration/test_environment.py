@@ -218,6 +218,89 @@ def test_a_daemon_refused_threads_serves_on(rig, random_source, few_tasks):
     assert open(rig.dst, "rb").read(len(want)) == want
 
 
+MEMORY_CGROUPS = "/sys/fs/cgroup/memory"  # cgroup v1's memory hierarchy, as on these machines
+
+
+@pytest.fixture
+def memory_cgroup(tmp_path):
+    """A memory cgroup of its own (systemd's MemoryMax= sets its limit); cgroup v2 where the
+    root delegates memory, else v1's. Yields (its directory, its limit's file)."""
+    if os.path.isdir(MEMORY_CGROUPS):
+        root, limit = MEMORY_CGROUPS, "memory.limit_in_bytes"
+    elif "memory" in _read("/sys/fs/cgroup/cgroup.subtree_control").split():
+        root, limit = "/sys/fs/cgroup", "memory.max"
+    else:
+        pytest.skip("no memory cgroup controller to use")
+    group = os.path.join(root, f"fuseclone-test-{os.getpid()}-{tmp_path.name}")
+    os.mkdir(group)
+    try:
+        yield group, os.path.join(group, limit)
+    finally:
+        deadline = time.monotonic() + 10
+        while True:  # a group goes once its last task has
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{group} still has tasks"
+                time.sleep(0.05)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _mount_in(group, rig, *options):
+    """`fuseclone mount` of a 1 TiB sparse source (34 MiB of bitmaps in 4 KiB regions) run
+    inside GROUP; its result."""
+    with open(rig.src, "wb") as f:
+        f.truncate(1 << 40)
+
+    def join():
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    return sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt,
+              "--no-hydration", *options, check=False, timeout=60, preexec_fn=join)
+
+
+def test_a_clone_beyond_its_cgroups_memory_limit_is_refused_with_one_line(memory_cgroup, rig):
+    """Under MemoryMax=48M, with the machine's memory plentiful, a 1 TiB clone was mounted and
+    its daemon OOM-killed as it allocated its bitmaps: "exited before the image was ready" at
+    best, a dead mount at worst. Now it is refused, naming the limit, before anything is
+    created."""
+    group, limit = memory_cgroup
+    with open(limit, "w") as f:
+        f.write(str(48 << 20))
+    result = _mount_in(group, rig)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert f"memory limit of cgroup {group}" in line and "--region-size" in line, line
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    assert rig.mnt not in open("/proc/mounts").read()
+
+
+def test_an_access_traces_bitmaps_count_against_the_memory_limit(memory_cgroup, rig):
+    """--record-access holds two more bitmaps of one bit per region (64 MiB for 1 TiB in 4 KiB
+    regions): under a limit the clone fits in without them, recording is refused."""
+    group, limit = memory_cgroup
+    with open(limit, "w") as f:
+        f.write(str(112 << 20))
+    result = _mount_in(group, rig, "--record-access", str(rig.tmp / "trace"))
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "98.0 MiB of memory for its bitmaps" in line and f"cgroup {group}" in line, line
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    result = _mount_in(group, rig)
+    assert result.returncode == 0, result.stderr
+    fuseclone("unmount", rig.mnt)
+
+
 @pytest.mark.parametrize("url,says", [
     ("nbd://[::1/vm", "not a valid NBD URL (Invalid IPv6 URL)"),
     ("https://user:secret@[::1/vm.img", "not a valid URL (Invalid port: ':1')"),
