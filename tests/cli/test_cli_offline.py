@@ -83,7 +83,7 @@ def test_status_human_on_an_ascii_terminal_escapes_what_it_cannot_show(half_clon
     meta = tmp_path / "m\u00e9t\u00e4.meta"
     os.rename(half_clone.meta, meta)
     result = subprocess.run([sys.executable, "-m", "fuseclone", "status", str(meta)],
-                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii", "COLUMNS": "500"})  # the whole path
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
     assert b"\\xe9" in result.stdout and b"10/" in result.stdout  # the path, escaped
 
