@@ -273,7 +273,11 @@ class HttpSource(Source):
         """Where reads go (after redirects)."""
         return str(self._url)
 
-    def identity(self) -> dict[str, str | int]:
+    @property
+    def has_version_mark(self) -> bool:
+        return is_strong_etag(self.etag)
+
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "http", "url": self._canonical, "size": self._size}
         if self._query:
             ident["query_sha256"] = _query_sha256(self._query)
@@ -283,8 +287,8 @@ class HttpSource(Source):
             ident["last_modified"] = self.last_modified
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return same_http_object(stored, self.identity())
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return same_http_object(stored, current)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         return await self._read(offset, length, aligned=False)
@@ -408,7 +412,7 @@ class HttpSource(Source):
         modified = response.headers.get("last-modified")
         self.etag = etag.strip() if etag else None
         self.last_modified = modified.strip() if modified else None
-        if self.etag and not self.etag.startswith("W/"):
+        if is_strong_etag(self.etag):
             self._conditions = {"If-Match": self.etag}
         elif self.last_modified:
             self._conditions = {"If-Unmodified-Since": self.last_modified}
@@ -567,6 +571,11 @@ def _ssl_context() -> ssl.SSLContext:
     return ctx
 
 
+def is_strong_etag(etag: object) -> bool:
+    """Whether ETAG (a header's value, or an identity's) names one version's content."""
+    return isinstance(etag, str) and bool(etag) and not etag.startswith("W/")
+
+
 def same_http_object(stored: dict, current: dict) -> bool:
     """Whether two HTTP identities name the same object. Equal identities do; so do two whose
     URLs differ only in the query, when both carry the same strong ETag: a pre-signed URL (S3,
@@ -577,7 +586,7 @@ def same_http_object(stored: dict, current: dict) -> bool:
     if stored == current:
         return True
     etag = stored.get("etag")
-    if not isinstance(etag, str) or etag.startswith("W/") or etag != current.get("etag"):
+    if not is_strong_etag(etag) or etag != current.get("etag"):
         return False
     return _without_query(stored) == _without_query(current)
 

@@ -3,6 +3,7 @@ the engine hydrating from it."""
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import sys
@@ -125,8 +126,10 @@ async def test_size_identity_and_connections(nbdkit, image):
         assert isinstance(source, NbdSource)
         assert source.size == SIZE
         assert source.description == server.url()
+        data = contents(image)
+        sample = hashlib.sha256(data[:64 * KiB] + data[-64 * KiB:]).hexdigest()
         assert source.identity() == {"kind": "nbd", "url": server.url(), "export": "", "size": SIZE,
-                                     "socket": server.sock}
+                                     "socket": server.sock, "sample_sha256": sample}
         assert source.info.read_only and source.info.can_multi_conn
         assert source.info.base_allocation is not None
         assert source.connections == 4  # CAN_MULTI_CONN: a pool
@@ -617,8 +620,8 @@ async def test_tcp_url(nbdkit, image):
     url = server.url()
     assert url.startswith("nbd://127.0.0.1:")
     async with open_source(url) as source:
-        assert source.identity() == {"kind": "nbd", "url": url, "export": "", "size": SIZE,
-                                     "host": "127.0.0.1", "port": server.port}
+        assert source.own_identity() == {"kind": "nbd", "url": url, "export": "", "size": SIZE,
+                                         "host": "127.0.0.1", "port": server.port}
         assert await source.read(3, 300000) == contents(image)[3:300003]
         assert any(e.zero for e in await source.extents(0, SIZE))
 
@@ -657,11 +660,11 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
 async def test_engine_stops_after_max_failures_then_resumes_once_the_server_is_well(
         nbdkit, image, tmp_path):
     trigger = tmp_path / "fail"
-    trigger.touch()  # the error filter fails every read while this file exists
     server = nbdkit("--filter=error", "file", image, "error-pread-rate=1",
                     f"error-pread-file={trigger}")
     dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
-    async with open_source(server.url()) as source:
+    async with open_source(server.url()) as source:  # which reads the data sample
+        trigger.touch()  # the error filter fails every read while this file exists
         engine = open_clone(source, dst, meta, settings=Settings(max_failures=3, backoff_initial=0.01,
                                                                   copy_on_read=False, retry_stopped=0.3))
         async with running(engine):

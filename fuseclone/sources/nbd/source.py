@@ -182,7 +182,11 @@ class NbdSource(Source):
     def size(self) -> int:
         return self.info.size
 
-    def identity(self) -> dict[str, str | int]:
+    @property
+    def has_version_mark(self) -> bool:
+        return False  # NBD has none: a server restarted on other data looks the same
+
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "nbd", "url": self.address.canonical,
                                        "export": self.address.export, "size": self.size}
         if self.address.socket_path is not None:
@@ -192,8 +196,8 @@ class NbdSource(Source):
             ident["port"] = self.address.port
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return same_nbd_export(stored, self.identity())
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return same_nbd_export(stored, current)
 
     @property
     def connections(self) -> int:
