@@ -163,6 +163,13 @@ def same_size_other(rig, seed=9):
     return other
 
 
+def try_mount(rig, *args):
+    """`fuseclone mount ARGS... DST META MNT` that may fail; unmounted at teardown if it
+    did not."""
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    return fuseclone("mount", *args, rig.dst, rig.meta, rig.mnt, check=False)
+
+
 def refused_one_line(result, *words):
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -173,7 +180,7 @@ def test_a_resumed_clone_refuses_other_data_of_the_same_size(rig, half_hydrated,
                                                             nbd_file_server):
     server = nbd_file_server(same_size_other(rig), "src")  # the same socket
     meta_before, dst_before = Path(rig.meta).read_bytes(), sha256(rig.dst)
-    result = fuseclone("mount", server.url(), rig.dst, rig.meta, rig.mnt, check=False)
+    result = try_mount(rig, server.url())
     refused_one_line(result, server.url(), "data differs from what the clone was made from")
     assert Path(rig.meta).read_bytes() == meta_before and sha256(rig.dst) == dst_before
     assert rig.mnt not in open("/proc/mounts").read()
@@ -191,8 +198,7 @@ def test_a_mirror_with_other_data_of_the_same_size_is_refused(rig, nbd_file_serv
     make_source_file(rig.src, 8 * MiB, seed=6)
     primary = nbd_file_server(rig.src, "primary")
     mirror = nbd_file_server(same_size_other(rig), "mirror")
-    result = fuseclone("mount", primary.url(), rig.dst, rig.meta, rig.mnt, "--mirror", mirror.url(),
-                       check=False)
+    result = try_mount(rig, primary.url(), "--mirror", mirror.url())
     refused_one_line(result, mirror.url(), "its data differs from the source's")
     assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
 
@@ -200,8 +206,7 @@ def test_a_mirror_with_other_data_of_the_same_size_is_refused(rig, nbd_file_serv
 def test_a_mirror_of_a_resumed_clone_is_checked_against_the_recorded_sample(
         rig, half_hydrated, nbd_file_server):
     mirror = nbd_file_server(same_size_other(rig), "mirror")
-    result = fuseclone("mount", half_hydrated.url(), rig.dst, rig.meta, rig.mnt,
-                       "--mirror", mirror.url(), check=False)  # the primary is down
+    result = try_mount(rig, half_hydrated.url(), "--mirror", mirror.url())  # the primary is down
     refused_one_line(result, mirror.url(), "its data differs from the source's")
 
 
