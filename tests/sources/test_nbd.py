@@ -137,6 +137,13 @@ async def test_size_identity_and_connections(nbdkit, image):
         assert source.connections == 1
 
 
+async def test_the_data_sample_of_a_small_image_is_the_whole_image(nbdkit, tmp_path):
+    small = tmp_path / "small.img"
+    small.write_bytes(os.urandom(100 * KiB))  # less than both ends: read once, whole
+    async with open_source(nbdkit("file", small).url()) as source:
+        assert source.sample == hashlib.sha256(small.read_bytes()).hexdigest()
+
+
 async def test_identity_differs_per_export(nbdkit, image, tmp_path):
     server = nbdkit("file", f"dir={tmp_path}")  # one export per file in the directory
     other = tmp_path / "other.img"
