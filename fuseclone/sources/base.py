@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from ..errors import SourceError
 
@@ -97,9 +98,17 @@ class Source(abc.ABC):
         return stored == current
 
     async def take_sample(self) -> None:
-        """Read the data sample (`sample`): a SHA-256 of the first and last SAMPLE_BYTES, of
-        the whole image when it is smaller, read at once. Raises SourceError when it cannot be
-        read: a source that does not serve its ends is not open."""
+        """Read the data sample (`sample`, see `read_sample`). Raises SourceError when it
+        cannot be read: a source that does not serve its ends is not open."""
+        try:
+            self.sample = await self.read_sample(self.read)
+        except SourceReadError as exc:
+            raise SourceError(f"{self.description}: cannot read the start and end of the "
+                              f"source: {exc}") from None
+
+    async def read_sample(self, read: Callable[[int, int], Awaitable[bytes | bytearray]]) -> str:
+        """A SHA-256 of the first and last SAMPLE_BYTES of the image (of the whole image when it
+        is smaller), both read at once with `read`. Raises SourceReadError."""
         size = self.size
         if size <= 2 * SAMPLE_BYTES:
             spans = [(0, size)]
@@ -109,23 +118,22 @@ class Source(abc.ABC):
 
         pieces: dict[int, bytes | bytearray | SourceReadError] = {}
 
-        async def read(offset: int, length: int) -> None:
+        async def read_piece(offset: int, length: int) -> None:
             try:
-                pieces[offset] = await self.read(offset, length)
-            except SourceReadError as exc:
+                pieces[offset] = await read(offset, length)
+            except SourceReadError as exc:  # raised below, not as an ExceptionGroup
                 pieces[offset] = exc
 
         async with trio.open_nursery() as nursery:
             for offset, length in spans:
-                nursery.start_soon(read, offset, length)
+                nursery.start_soon(read_piece, offset, length)
         digest = hashlib.sha256()
         for offset, _ in spans:
             piece = pieces[offset]
             if isinstance(piece, SourceReadError):
-                raise SourceError(f"{self.description}: cannot read the start and end of the "
-                                  f"source: {piece}")
+                raise piece
             digest.update(piece)
-        self.sample = digest.hexdigest()
+        return digest.hexdigest()
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray:

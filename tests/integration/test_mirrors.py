@@ -240,3 +240,27 @@ def test_a_source_that_returns_with_other_data_of_the_same_size_stops_hydration(
     with pytest.raises(OSError) as raised:
         pread_direct(rig.image, 8 * MiB, 64 * 1024)
     assert raised.value.errno == errno.EIO
+
+
+def test_a_server_that_comes_back_with_other_data_mid_clone_fails_reads(rig, nbd_file_server):
+    """The server restarted on another image of the same size while the clone hydrates:
+    checked when its connections are dialled again; the mount reads nothing of it."""
+    make_source_file(rig.src, 16 * MiB, seed=7)
+    server = nbd_file_server(rig.src, "src")
+    rig.mount("--max-rate", "2M", "--region-size", "64K", src=server.url())
+    wait_for(lambda: status_json(rig.mnt)["hydrated_regions"] > 0, "hydration to start")
+    server.stop()
+    nbd_file_server(same_size_other(rig), "src")  # the same socket, the same size
+    note = wait_for(lambda: (status_json(rig.mnt)["hydration_retry"] or "").count("other data")
+                    and status_json(rig.mnt)["hydration_retry"], "the changed source in status")
+    assert "the source changed since the clone began" in note, note
+    with pytest.raises(OSError) as raised:
+        pread_direct(rig.image, 15 * MiB, 64 * 1024)
+    assert raised.value.errno == errno.EIO
+    fuseclone("unmount", rig.mnt)
+    region = 64 * 1024
+    other = Path(rig.tmp / "other.img").read_bytes()
+    dst = Path(rig.dst).read_bytes()
+    taken = [i for i in range(0, len(other), region)
+             if other[i:i + region] == dst[i:i + region] and any(other[i:i + region])]
+    assert taken == []  # no region of the other image's data reached DST

@@ -854,6 +854,52 @@ async def test_server_restarted_with_another_size_fails_reads(nbdkit, image):
         assert f"size changed from {SIZE} to {SIZE // 2} bytes" in str(info.value)
 
 
+async def test_a_server_restarted_on_other_data_of_the_same_size_fails_reads_for_good(
+        nbdkit, image, tmp_path):
+    """The connections dropped and were dialled again: the server may have come back on
+    another image of the same size (`nbdkit -U sock file OTHER.img`). Its data sample is read
+    again before anything it sends is handed out; other data fails every read from then on."""
+    other = make_source_file(tmp_path / "other.img", SIZE, seed=4)
+    server = nbdkit("file", image)
+    async with open_source(server.url()) as source:
+        assert await source.read(0, 4096) == contents(image)[:4096]
+        server.stop()
+        server.args = ["file", str(other)]  # at the same socket
+        server.start()
+        with trio.fail_after(10):
+            while True:
+                with pytest.raises(SourceReadError) as info:  # never the other image's data
+                    await source.read(SIZE // 2, 4096)
+                if "other data" in str(info.value):
+                    break
+                await trio.sleep(0.05)  # unreachable meanwhile
+        server.stop()
+        server.args = ["file", image]  # back on the first image: too late to trust it
+        server.start()
+        for call in (lambda: source.read(0, 4096), lambda: source.read_for_copy(0, 1 << 20),
+                     lambda: source.extents(0, SIZE)):
+            with pytest.raises(SourceReadError) as info:
+                await call()
+            assert info.value.errno == errno.EIO
+            assert "the source changed since the clone began" in str(info.value)
+
+
+async def test_a_server_restarted_on_the_same_data_serves_again(nbdkit, image):
+    server = nbdkit("file", image)
+    async with open_source(server.url()) as source:
+        dialled = source.pool.dialled
+        server.restart()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    got = await source.read(1000, 70000)
+                    break
+                except SourceReadError:
+                    await trio.sleep(0.05)
+        assert got == contents(image)[1000:71000]
+        assert source.pool.dialled > dialled and source.reconnects >= 1
+
+
 async def test_server_restarted_with_other_block_sizes_is_read_by_its_new_sizes(nbdkit, image, tmp_path):
     """Same URL and export size, but a restart brought other block-size constraints (a 4 KiB
     minimum, a 64 KiB maximum): once reconnected, reads follow the new server's sizes instead
