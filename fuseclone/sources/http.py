@@ -16,9 +16,10 @@ Opening (one clear SourceError line naming the URL if anything is wrong):
 
 Identity (stored in the metadata, SPEC invariant 7): kind "http", the URL as given (normalised
 by httpx; a password in it is replaced by ***), size, and ETag and Last-Modified when the server
-sends them. Metadata made for one version of the file is refused for another. A server that sends neither validator cannot tell
-versions apart; then only the size is compared. (nginx's ETag is mtime and size: a same-size file
-replaced within the same second keeps its ETag.)
+sends them. Metadata made for one version of the file is refused for another. Without a strong
+ETag the identity also holds the data sample (`Source.take_sample`: its first and last 64 KiB),
+which tells versions apart that a weak ETag, a Last-Modified or the size alone would not.
+(nginx's ETag is mtime and size: a same-size file replaced within the same second keeps its ETag.)
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
 concurrently; at most `max_connections` (16) requests are in flight across the whole source, and
