@@ -23,6 +23,7 @@ from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, sam
 from fuseclone.sources.nbd.buffers import BufferPool
 from fuseclone.sources.nbd.pool import DRAIN_TIMEOUT
 from tests.engine.conftest import make_source_file
+from tests.sources.conftest import read_once_it_answers
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -508,13 +509,7 @@ async def test_server_killed_and_restarted(nbdkit, image):
                     await source.read(0, 4096)
                 assert "reconnect" in str(info.value) or "unreachable" in str(info.value)
         server.start()
-        with trio.fail_after(5):
-            while True:
-                try:
-                    got = await source.read(1000, 70000)
-                    break
-                except SourceReadError:
-                    await trio.sleep(0.05)
+        got = await read_once_it_answers(source, 1000, 70000, timeout=5)
         assert got == data[1000:71000]
         assert source.reconnects >= 1
         with trio.fail_after(5):
@@ -889,13 +884,7 @@ async def test_a_server_restarted_on_the_same_data_serves_again(nbdkit, image):
     async with open_source(server.url()) as source:
         dialled = source.pool.dialled
         server.restart()
-        with trio.fail_after(10):
-            while True:
-                try:
-                    got = await source.read(1000, 70000)
-                    break
-                except SourceReadError:
-                    await trio.sleep(0.05)
+        got = await read_once_it_answers(source, 1000, 70000)
         assert got == contents(image)[1000:71000]
         assert source.pool.dialled > dialled and source.reconnects >= 1
 
