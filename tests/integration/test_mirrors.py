@@ -184,6 +184,8 @@ def test_a_resumed_clone_refuses_other_data_of_the_same_size(rig, half_hydrated,
     refused_one_line(result, server.url(), "data differs from what the clone was made from")
     assert Path(rig.meta).read_bytes() == meta_before and sha256(rig.dst) == dst_before
     assert rig.mnt not in open("/proc/mounts").read()
+    check = fuseclone("check", rig.meta, "--src", server.url(), check=False)
+    assert check.returncode == 1 and "MISMATCH" in check.stdout, check.stdout
 
 
 def test_the_same_data_on_a_new_socket_resumes(rig, half_hydrated, nbd_file_server):
