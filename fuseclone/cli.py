@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from typing import NoReturn
@@ -253,7 +254,11 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if default_log:  # named by META's identity now that META exists
             _log_to_renamed_file(control.adopt_log(opts.metadata, log_file))
         if ready_fd is not None:
-            os.write(ready_fd, os.fsencode(f"ready {image}\n"))
+            try:
+                os.write(ready_fd, os.fsencode(f"ready {image}\n"))
+            except BrokenPipeError:  # nobody would know of this mount: it must not stay
+                raise FusecloneError("the mount command went away before the image was ready "
+                                     "(interrupted, or killed): not mounted") from None
             os.close(ready_fd)
             told = True
         else:
@@ -271,7 +276,10 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
         if error is None:
             raise
         if ready_fd is not None and not told:
-            os.write(ready_fd, os.fsencode(f"error {error}\n"))
+            try:
+                os.write(ready_fd, os.fsencode(f"error {error}\n"))
+            except BrokenPipeError:  # the mount command is gone: the log is left to say it
+                logging.getLogger(__name__).error("%s", error)
         raise error from None
 
 
@@ -301,8 +309,16 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
         os.close(read_end)
         os._exit(_serve_detached(opts, log_file, log_level, write_end, default_log))
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        line = os.fsdecode(ready.readline()).strip()
+    try:
+        with os.fdopen(read_end, "rb") as ready:
+            line = os.fsdecode(ready.readline()).strip()
+    except KeyboardInterrupt:
+        # Ctrl-C while the mount gets ready (a source slow to answer): it must not go on behind
+        # a command that gave up, and create DST and META and mount. The child takes the
+        # SIGINT as a foreground mount does: it stops, removing what it created.
+        os.kill(child, signal.SIGINT)
+        os.waitpid(child, 0)
+        fail("interrupted: not mounted")
     if line.startswith("ready "):
         click.echo(f"{line[6:]}")
         _exit_now(0)
@@ -341,6 +357,9 @@ def _serve_detached(opts, log_file: str, log_level: str, ready_fd: int, default_
         _mount_foreground(opts, log_file, log_level, ready_fd, default_log)
     except FusecloneError:
         return 1  # already reported through ready_fd
+    except KeyboardInterrupt:  # the mount command's Ctrl-C, passed on before the image was ready
+        logging.getLogger(__name__).error("the mount command was interrupted: not mounted")
+        return 1
     except BaseException:
         logging.getLogger(__name__).exception("the mount failed")
         return 1
@@ -624,6 +643,9 @@ def unmount(mountpoint, timeout, lazy) -> None:
     sock = control.socket_path(meta)
     while control.meta_of_mountpoint(real) is not None or os.path.exists(sock) or Metadata.in_use(meta):
         if time.monotonic() > deadline:
+            if control.meta_of_mountpoint(real) is None:  # its last commit is what waits
+                fail(f"{mountpoint}: unmounted, but the mount has not let go of {meta} after "
+                     f"{timeout:.0f} s ({control.why_not_answering(reply.get('pid'))})")
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
 

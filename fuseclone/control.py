@@ -12,7 +12,7 @@ Protocol: one JSON object per line in each direction, one request per connection
     {"op": "wait", "timeout": SECONDS} -> like status, sent once hydration is complete (and
                                           committed), has stopped on errors, or SECONDS passed
                                           (default 60)
-    {"op": "unmount"}                  -> {"ok": true}, then the mount shuts down; or, while
+    {"op": "unmount"}                  -> {"ok": true, "pid": N}, then the mount shuts down; or, while
                                           the image is open, {"ok": false, "busy": true, ...}
     {"op": "unmount", "lazy": true}    -> {"ok": true}: cached writes handed over, then a lazy
                                           detach and shutdown (what SIGTERM does)
@@ -259,18 +259,41 @@ def why_not_answering(pid: int | None) -> str:
     if not pid:
         return "is its daemon stopped? pid unknown"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
-        with open(f"/proc/{pid}/wchan") as f:
-            waits_in = f.read().strip()
+        state, waits_in = _task_state(f"/proc/{pid}")
     except (OSError, IndexError):
         return f"is its daemon stopped? pid {pid}"
     if state in ("T", "t"):
         return f"its daemon, pid {pid}, is stopped: kill -CONT {pid}"
-    if state == "D":
-        return (f"its daemon, pid {pid}, waits inside the kernel ({waits_in or 'unknown'}): "
-                "is the filesystem of DST or META frozen (fsfreeze -u) or its disk hung?")
-    return f"its daemon, pid {pid}, is busy or hung"
+    if state != "D":  # its event loop is not held: one of its worker threads may be
+        waits_in = next((task_waits for task_state, task_waits in _thread_states(pid)
+                         if task_state == "D"), None)
+        if waits_in is None:
+            return f"its daemon, pid {pid}, is busy or hung"
+    return (f"its daemon, pid {pid}, waits inside the kernel ({waits_in or 'unknown'}): "
+            "is the filesystem of DST or META frozen (fsfreeze -u) or its disk hung?")
+
+
+def _task_state(task_dir: str) -> tuple[str, str]:
+    """A process's or thread's state letter (ps's STAT) and where in the kernel it waits."""
+    with open(f"{task_dir}/stat", "rb") as f:
+        state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    with open(f"{task_dir}/wchan") as f:
+        return state, f.read().strip()
+
+
+def _thread_states(pid: int) -> list[tuple[str, str]]:
+    """`_task_state` of each thread of PID that can still be read."""
+    states = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            states.append(_task_state(f"/proc/{pid}/task/{task}"))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return states
 
 
 def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
 MAX_WAIT = 3600.0  # seconds a "wait" request may block
 DEFAULT_WRITE_CACHE = 1 << 30
-WRITE_BACK_TIMEOUT = 30.0  # seconds a stop waits for the kernel to hand over cached writes
+WRITE_BACK_TIMEOUT = 30.0  # seconds a stop waits for the kernel to hand over cached writes...
+SOURCE_STALLED = 1.0  # ...while a request to the source has waited this long (see _write_back)
 
 
 @dataclass
@@ -197,8 +198,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
+                        on_ready(image)  # may fail (the mount command gone): then not mounted
                         mounted = True
-                        on_ready(image)
                         if notifier is not None:
                             notifier.ready(status().progress_line())
                             nursery.start_soon(notifier.report_progress,
@@ -345,7 +346,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                         f"{real_now}, not {req['mountpoint']} (META was moved, and another "
                         f"clone made at its path?): `umount -l {req['mountpoint']}` detaches it"}
             if req["lazy"]:  # what a SIGTERM does
-                nursery.start_soon(_write_back_then_stop, image_now, write_cache, stop)
+                nursery.start_soon(_write_back_then_stop, image_now, write_cache,
+                                   engine.source_waited, stop)
                 return {"ok": True}
             return await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
@@ -353,7 +355,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image_now, write_cache, stop)
+    nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     if opts.on_complete:
@@ -408,7 +410,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 signal.SIGXCPU)
 
 
-async def _signals(image: Callable[[], str], write_cache: int, stop: trio.CancelScope) -> None:
+async def _signals(image: Callable[[], str], write_cache: int,
+                   source_waited: Callable[[], float], stop: trio.CancelScope) -> None:
     """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
     handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
     once."""
@@ -423,7 +426,8 @@ async def _signals(image: Callable[[], str], write_cache: int, stop: trio.Cancel
                     stop.cancel()
                     return
                 log.info("received %s: committing and unmounting", name)
-                nursery.start_soon(_write_back_then_stop, image, write_cache, stop)
+                nursery.start_soon(_write_back_then_stop, image, write_cache, source_waited,
+                                   stop)
 
 
 async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id: int | None,
@@ -448,32 +452,57 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
             log.error("%s", exc)
             return {"ok": False, "error": str(exc)}
         stop.cancel()
-    return {"ok": True}
+    return {"ok": True, "pid": os.getpid()}  # `unmount` names it if the last commit lingers
 
 
 async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
+                                source_waited: Callable[[], float],
                                 stop: trio.CancelScope) -> None:
     """Stop serving, but first take over the writes the kernel still caches: once the session
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
     lose them."""
     if write_cache:
-        await _write_back(image())
+        await _write_back(image(), source_waited)
     stop.cancel()
 
 
-async def _write_back(image: str) -> None:
+async def _write_back(image: str, source_waited: Callable[[], float]) -> None:
     """Have the kernel hand over the image's cached writes: an fsync of the image, in a thread
-    because this event loop has to answer the writes and the FSYNC it causes."""
-    with trio.move_on_after(WRITE_BACK_TIMEOUT) as waited:
-        try:
-            await in_thread(_fsync_file, image, abandon_on_cancel=True)
-        except FileNotFoundError:
-            pass  # stopped before the image was mounted: nothing was cached
-        except OSError as exc:
-            log.warning("writing back the kernel's cached writes of %s: %s", image, exc)
-    if waited.cancelled_caught:
-        log.warning("the kernel's cached writes of %s took over %.0f s: going on without them",
-                    image, WRITE_BACK_TIMEOUT)
+    because this event loop has to answer the writes and the FSYNC it causes. Given up after
+    WRITE_BACK_TIMEOUT only while a request to the source has waited SOURCE_STALLED (a cached
+    write into part of an unhydrated region waits for its copy): a stop must not hang on a
+    source that does not answer. Writes held up by DST's or META's filesystem (frozen, a slow
+    disk) are waited for, however long: the stop's last commit waits for that filesystem
+    anyway, and going on without them only lost the writes of a file still open (the lazy
+    detach that follows drops them)."""
+    async with trio.open_nursery() as nursery:
+        handed_over = trio.Event()
+        nursery.start_soon(_fsync_image, image, handed_over)
+        said_so = False
+        while True:
+            with trio.move_on_after(WRITE_BACK_TIMEOUT):
+                await handed_over.wait()
+                return
+            if source_waited() >= SOURCE_STALLED:
+                log.warning("the kernel's cached writes of %s took over %.0f s, waiting for the "
+                            "source: going on without them", image, WRITE_BACK_TIMEOUT)
+                nursery.cancel_scope.cancel()
+                return
+            if not said_so:
+                log.warning("the kernel's cached writes of %s take over %.0f s, and not for the "
+                            "source: waiting for them (is the filesystem of DST or META frozen, "
+                            "or its disk slow?)", image, WRITE_BACK_TIMEOUT)
+                said_so = True
+
+
+async def _fsync_image(image: str, handed_over: trio.Event) -> None:
+    try:
+        await in_thread(_fsync_file, image, abandon_on_cancel=True)
+    except FileNotFoundError:
+        pass  # stopped before the image was mounted: nothing was cached
+    except OSError as exc:
+        log.warning("writing back the kernel's cached writes of %s: %s", image, exc)
+    handed_over.set()
 
 
 def _fsync_file(path: str) -> None:
@@ -500,7 +529,8 @@ async def _on_complete(engine: CloneEngine, command: str, image: Callable[[], st
                        write_cache: int, workdir: str | None) -> None:
     await engine.complete.wait()
     if write_cache:
-        await _write_back(image())  # the command gets DST: with every write made so far
+        # the command gets DST: with every write made so far
+        await _write_back(image(), engine.source_waited)
     log.info("hydration complete: running %s", command)
     env = dict(os.environ, FUSECLONE_DESTINATION=engine.dst.path, FUSECLONE_METADATA=engine.meta.path)
     try:

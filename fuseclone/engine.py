@@ -256,6 +256,11 @@ class CloneEngine:
         """Bytes read from the source, for status and tests."""
         return self.copier.source_reads
 
+    def source_waited(self) -> float:
+        """Seconds the oldest request to the source in flight (a read, block status) has
+        waited so far; 0 when none is."""
+        return self.copier.source_waited()
+
     # ---- ImageBackend ---------------------------------------------------------------------
 
     @property

@@ -6,7 +6,8 @@
 `open_http_source` is an async context manager: the httpx.AsyncClient and its connections live
 for the duration of the block. The source only ever sends HEAD and GET (SPEC invariant 4).
 
-Opening (one clear SourceError line naming the URL if anything is wrong):
+Opening (one clear SourceError line naming the URL if anything is wrong), within the connect
+timeout (10 s) as a whole, like an NBD dial and handshake:
 - HEAD, following redirects; later reads go straight to the final URL. Its Content-Length is the
   image size; its ETag and Last-Modified identify this version of the file.
 - Range support is required: `Accept-Ranges: bytes`, or else a probe `GET Range: bytes=0-0` must
@@ -22,8 +23,10 @@ which tells versions apart that a weak ETag, a Last-Modified or the size alone w
 (nginx's ETag is mtime and size: a same-size file replaced within the same second keeps its ETag.)
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
-concurrently; at most `max_connections` (16) requests are in flight across the whole source, and
-the engine's own concurrency (hydration_threshold) keeps them busy. Each body is received
+concurrently; at most `max_connections` (16) requests of copies (`read_for_copy`) are in flight
+across the whole source, and the engine's own concurrency (hydration_threshold) keeps them busy;
+a quarter more connections (4) are for the reads users wait for (`read`) alone, which then
+never queue behind copies, not even behind copies a hung server holds until they time out. Each body is received
 straight into its place in the read's buffer (from a BufferPool; page-aligned for hydration
 copies, which DST then takes with direct I/O), 1 MiB per socket read. Every GET carries `If-Match:
 <etag>` (or `If-Unmodified-Since: <last-modified>` when the ETag is weak or missing), and each
@@ -132,11 +135,12 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
     for the duration of the block."""
     if piece_size <= 0 or max_connections <= 0:
         raise ValueError("piece_size and max_connections must be positive")
+    connect_timeout = min(connect_timeout, timeout)
     client = httpx.AsyncClient(
-        transport=_transport(_ssl_context(), max_connections),
+        transport=_transport(_ssl_context(), max_connections + _for_users(max_connections)),
         headers=_HEADERS,
         # The pool wait is bounded by our own limiter, not by a timeout.
-        timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout), pool=None),
+        timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None),
         follow_redirects=False,
         auth=auth,
     )
@@ -144,7 +148,13 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
                  max_connections=max_connections, timeout=timeout, retry_delays=retry_delays,
                  **source_args)
     try:
-        await source._probe()
+        # Connecting and the first answers together, like an NBD dial and handshake: a server
+        # that accepts and says nothing holds a mount up no longer than one that never accepts.
+        with trio.move_on_after(connect_timeout) as opening:
+            await source._probe()
+        if opening.cancelled_caught:
+            raise SourceError(f"{description}: no answer within {connect_timeout:g} s (is it an "
+                              "HTTP server?)")
         yield source
     finally:
         await source.aclose()
@@ -255,7 +265,8 @@ class HttpSource(Source):
         self._piece = piece_size
         self._timeout = timeout
         self._retry_delays = tuple(retry_delays)
-        self._limiter = trio.CapacityLimiter(max_connections)
+        self._limiter = trio.CapacityLimiter(max_connections + _for_users(max_connections))
+        self._copy_limiter = trio.CapacityLimiter(max_connections)
         self._size = -1
         self.etag: str | None = None
         self.last_modified: str | None = None
@@ -292,17 +303,17 @@ class HttpSource(Source):
         return same_http_object(stored, current)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self._read(offset, length, aligned=False)
+        return await self._read(offset, length, aligned=False, for_copy=False)
 
     async def read_for_copy(self, offset: int, length: int):
         """`read` into page-aligned memory (an anonymous mmap) when it is large, which DST
-        takes with direct I/O."""
-        return await self._read(offset, length, aligned=True)
+        takes with direct I/O; on the connections copies may take."""
+        return await self._read(offset, length, aligned=True, for_copy=True)
 
     def recycle(self, data: bytes | bytearray | mmap.mmap) -> None:
         self.buffers.recycle(data)
 
-    async def _read(self, offset: int, length: int, aligned: bool):
+    async def _read(self, offset: int, length: int, aligned: bool, for_copy: bool):
         if offset < 0 or length < 0:
             raise SourceReadError(errno.EINVAL, f"bad source read ({offset}, {length})")
         end = min(offset + length, self._size)
@@ -312,19 +323,19 @@ class HttpSource(Source):
         buf = self.buffers.take(end - offset, aligned)
         view = memoryview(buf)
         if end - offset <= self._piece:
-            await self._fetch(offset, view)
+            await self._fetch(offset, view, for_copy)
         else:
-            await self._fetch_pieces(offset, view)
+            await self._fetch_pieces(offset, view, for_copy)
         view.release()
         return buf  # the caller's to keep: no second copy
 
-    async def _fetch_pieces(self, offset: int, view: memoryview) -> None:
+    async def _fetch_pieces(self, offset: int, view: memoryview, for_copy: bool) -> None:
         """Several pieces at once; the first failure cancels the rest and is the one reported."""
         failure: list[SourceReadError] = []
 
         async def piece(start: int, into: memoryview, cancel: trio.CancelScope) -> None:
             try:
-                await self._fetch(start, into)
+                await self._fetch(start, into, for_copy)
             except SourceReadError as exc:
                 failure.append(exc)
                 cancel.cancel()
@@ -434,13 +445,14 @@ class HttpSource(Source):
 
     # ---- reads ----------------------------------------------------------------------------
 
-    async def _fetch(self, start: int, into: memoryview) -> None:
+    async def _fetch(self, start: int, into: memoryview, for_copy: bool) -> None:
         """Bytes [start, start + len(into)) into `into`, in one Range GET, retried on transient
-        failures."""
+        failures; a copy's on the connections copies may take."""
         attempt = 0
         while True:
             try:
-                async with self._limiter:
+                async with self._copy_limiter if for_copy else contextlib.nullcontext(), \
+                        self._limiter:
                     return await self._fetch_once(start, into)
             except _Transient as exc:
                 if attempt >= len(self._retry_delays):
@@ -594,6 +606,11 @@ def same_http_object(stored: dict, current: dict) -> bool:
 
 def _without_query(identity: dict) -> dict:
     return {key: value for key, value in identity.items() if key != "query_sha256"}
+
+
+def _for_users(max_connections: int) -> int:
+    """Connections beyond `max_connections` that only reads users wait for may take."""
+    return max(1, max_connections // 4)
 
 
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:

@@ -102,6 +102,14 @@ class Rig:
         self.stack.callback(lambda: sh("umount", where, check=False))
         return where
 
+    def ext4(self, name="fs", size="64M"):
+        """A new ext4 of SIZE on a loop device of its own (one fsfreeze may freeze), mounted at
+        a directory NAME; returns that directory."""
+        image = self.tmp / f"{name}.img"
+        sh("truncate", "-s", size, image)
+        sh("mkfs.ext4", "-q", image)
+        return self.mount_fs(image, str(self.tmp / name), "-o", "loop")
+
     def wait_unmounted(self, timeout=30):
         deadline = time.monotonic() + timeout
         while os.path.realpath(self.mnt) in open("/proc/mounts").read():

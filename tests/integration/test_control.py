@@ -366,3 +366,27 @@ def test_a_daemon_waiting_on_a_frozen_filesystem_is_named_as_such(tmp_path):
         if writer is not None and writer.poll() is None:
             writer.kill()
         sh("umount", where)
+
+
+def test_unmount_names_a_last_commit_held_by_a_frozen_filesystem(rig, random_source):
+    """DST and META on a frozen filesystem: the unmount itself is done at once, and the mount's
+    last commit waits for the thaw. `unmount` said "still mounted", which /proc/mounts denied."""
+    frozen = rig.ext4()
+    rig.dst, rig.meta = os.path.join(frozen, "dst.img"), os.path.join(frozen, "clone.meta")
+    rig.mount("--max-rate", "2M")  # copies go on: the last commit has bits to write
+    pid = daemon_pid(rig)
+    sh("fsfreeze", "-f", frozen)
+    try:
+        result = fuseclone("unmount", rig.mnt, "--timeout", "2", check=False)
+        assert not mounted(rig.mnt)
+    finally:
+        sh("fsfreeze", "-u", frozen)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "unmounted, but the mount has not let go of" in result.stderr, result.stderr
+    assert f"pid {pid}, waits inside the kernel" in result.stderr and "frozen" in result.stderr
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "the daemon did not finish after the thaw"
+        time.sleep(0.05)
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")

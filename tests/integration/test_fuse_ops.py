@@ -1133,6 +1133,31 @@ def test_a_second_signal_stops_without_waiting_for_cached_writes(rig, slow_nbd):
     assert "again" in proc.stderr.read()
 
 
+def test_a_stop_goes_on_without_cached_writes_that_wait_for_a_silent_source(rig, slow_nbd):
+    """The other side of waiting out a frozen DST or META (test_stopping): a cached write that
+    waits for the source is given up after WRITE_BACK_TIMEOUT, so a stop never hangs on a
+    source that does not answer."""
+    from tests.integration.test_stopping import (foreground_mount_with_write_back_timeout,
+                                                 wait_for_line)
+
+    log = str(rig.tmp / "mount.log")
+    proc = foreground_mount_with_write_back_timeout(
+        rig, 0.5, log, "--region-size", "64K", "--no-hydration", "--no-copy-on-read",
+        src=slow_nbd)
+    fd = os.open(rig.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x33" * 4096, 0)  # part of an unhydrated region: waits for its copy
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(log, "waiting for the source: going on without them")
+        proc.wait(timeout=NBD_DELAY * 3)
+        elapsed = time.monotonic() - started
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    assert elapsed < NBD_DELAY, f"the stop took {elapsed:.1f} s"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a terminal closed
 def test_sigterm_hands_cached_writes_over_before_it_stops(rig, signum):
     """A buffered loop device's writes sit in the kernel's cache of the image; a SIGTERM while

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -181,3 +182,50 @@ def test_regular_file_mountpoint_is_the_image(rig, random_source):
     with open(target, "rb") as f:
         assert f.read(4096) == open(rig.src, "rb").read(4096)
     fuseclone("unmount", target)
+
+
+def _processes_naming(path):
+    """The pids whose command line names PATH."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and path.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_a_mount_command_stopped_while_the_source_is_slow_leaves_nothing(rig, stop):
+    """Ctrl-C (or SIGKILL) of `mount` while the HTTP server has not answered its HEAD yet: the
+    daemon went on once the server answered, created DST and META, mounted, and died of the
+    closed ready pipe (a traceback), leaving DST and META behind a command that said it
+    stopped. Now nothing is created: no DST, META, mount or daemon."""
+    from tests.sources_http.test_http import ScriptedHandler, ScriptedServer
+
+    server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
+    server.daemon_threads = True
+    server.mode, server.head, server.gets = "ok", "gated", 0
+    server.at_gate, server.gate, server.release = (threading.Event(), threading.Event(),
+                                                   threading.Event())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rig.stack.callback(server.server_close)
+    rig.stack.callback(server.shutdown)
+    rig.stack.callback(server.gate.set)
+    url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+    command = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", url, rig.dst,
+                                rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    assert server.at_gate.wait(30), "no HEAD came"
+    command.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGKILL)
+    assert command.wait(timeout=30) != 0
+    if stop == "ctrl-c":
+        assert command.stderr.read().strip() == "fuseclone: error: interrupted: not mounted"
+    server.gate.set()  # the server answers now
+    deadline = time.monotonic() + 30
+    while _processes_naming(rig.meta):
+        assert time.monotonic() < deadline, "the mount's daemon still runs"
+        time.sleep(0.05)
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+    assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()

@@ -207,3 +207,79 @@ def test_a_foreground_mount_whose_stderr_reader_went_away_serves_on(rig, random_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def foreground_mount_with_write_back_timeout(rig, seconds, log, *options, src=None):
+    """`fuseclone mount --foreground`, its daemon's WRITE_BACK_TIMEOUT set to SECONDS (30 s would
+    make the test slow), logging to LOG; returned once the image is mounted."""
+    code = ("import fuseclone.daemon as d; d.WRITE_BACK_TIMEOUT = " + repr(float(seconds)) +
+            "; from fuseclone.cli import main; main(prog_name='fuseclone')")
+    proc = subprocess.Popen([sys.executable, "-c", code, "mount", "--foreground", *options,
+                             src or rig.src, rig.dst, rig.meta, rig.mnt],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    rig.stack.callback(lambda: proc.poll() is None and proc.kill())
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    deadline = time.monotonic() + 30
+    while os.path.realpath(rig.mnt) not in open("/proc/mounts").read():
+        assert proc.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, "not mounted"
+        time.sleep(0.05)
+    return proc
+
+
+def wait_for_line(log, *needles, timeout=30):
+    """The first of NEEDLES that appears in the file LOG."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = open(log).read()
+        for needle in needles:
+            if needle in text:
+                return needle
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+
+
+# Writes DATA (stdin's first line, hex) at OFFSET into IMAGE without an fsync, says so, and
+# keeps the file open until stdin closes. A process of its own: a fork of the test's process
+# (any subprocess) would flush the image's cached pages when it closes the inherited file.
+HOLDER = """
+import os, sys
+image, offset = sys.argv[1], int(sys.argv[2])
+fd = os.open(image, os.O_RDWR)
+os.pwrite(fd, bytes.fromhex(sys.stdin.readline()), offset)
+print("written", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_stop_waits_for_cached_writes_held_up_by_a_frozen_filesystem(rig, random_source):
+    """DST and META on a frozen filesystem: the cached writes of a file still open wait for it,
+    and so does the stop's last commit. Giving up on those writes after WRITE_BACK_TIMEOUT
+    gained nothing, and lost them: after the thaw the session detached lazily without them."""
+    frozen = rig.ext4()
+    rig.dst, rig.meta = os.path.join(frozen, "dst.img"), os.path.join(frozen, "clone.meta")
+    log = str(rig.tmp / "mount.log")
+    proc = foreground_mount_with_write_back_timeout(rig, 0.5, log)
+    # Hydrated: the write's first need is its written bits in META, committed in a worker
+    # thread (which the freeze holds), so the event loop stays free to give up on it.
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    data = os.urandom(MiB)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, rig.image, str(3 * MiB)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rig.stack.callback(lambda: holder.poll() is None and holder.kill())
+    holder.stdin.write(data.hex() + "\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "written\n"
+    sh("fsfreeze", "-f", frozen)
+    rig.stack.callback(lambda: sh("fsfreeze", "-u", frozen, check=False))
+    proc.send_signal(signal.SIGTERM)
+    said = wait_for_line(log, "waiting for them", "going on without them")
+    sh("fsfreeze", "-u", frozen)
+    assert proc.wait(timeout=30) == 0, open(log).read()
+    holder.stdin.close()  # its close fails (ENOTCONN: detached lazily), which it ignores
+    holder.wait(timeout=30)
+    with open(rig.dst, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(MiB) == data, said
+    assert said == "waiting for them", open(log).read()
+    fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")

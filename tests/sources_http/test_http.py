@@ -291,7 +291,8 @@ async def test_many_concurrent_reads(nginx, image):
         assert got[i] == image[off : off + n], f"read {i} at {off}+{n}"
     gets = [row for row in nginx.log() if row[0] == "GET"]
     connections = {row[6] for row in gets}
-    assert len(connections) <= 4 < len(gets)  # pooled: at most 4 connections, each reused
+    # pooled: at most 4 connections and the one more that users' reads may take, each reused
+    assert len(connections) <= 5 < len(gets)
 
 
 async def test_connections_the_server_closed_while_idle_are_not_reused(nginx, image):
@@ -489,13 +490,13 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.gets += 1
         mode = self.server.mode
-        if mode == "hang":
+        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        if mode == "hang" or (mode == "hang-large" and last - first >= 64 * KiB):
             self.server.release.wait(10)
             self.close_connection = True
             return
         if mode == "slow":  # latency: 0.2 s before each answer
             time.sleep(0.2)
-        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
         n = last - first + 1
         self.send_response(206)
         total = "*" if self.server.head == "no-length" else self.SIZE
@@ -577,6 +578,20 @@ async def test_refused_without_a_size(scripted):
     assert_one_line(info, url, "no Content-Length")
 
 
+async def test_opening_is_bounded_by_the_connect_timeout(scripted):
+    """A server that accepts but never answers HEAD: opening fails after the connect timeout,
+    as an NBD dial and handshake does, not after the 30 s of a read (a resumed clone's mount
+    waits for the first attempt)."""
+    server, url = scripted
+    server.head = "gated"
+    start = trio.current_time()
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url, connect_timeout=0.5, timeout=20):
+            pass
+    assert trio.current_time() - start < 5
+    assert_one_line(info, url, "no answer within 0.5 s")
+
+
 async def test_timeout_is_a_read_error(scripted):
     server, url = scripted
     async with open_http_source(url, timeout=0.3) as source:
@@ -588,6 +603,23 @@ async def test_timeout_is_a_read_error(scripted):
         assert info.value.errno == errno.EIO
         assert trio.current_time() - start < 2
         assert server.gets == 2  # a timeout is not retried: the server had its chance
+
+
+async def test_copies_that_hang_leave_connections_for_reads_users_wait_for(scripted):
+    """Hydration's copies on connections the server never answers (a hung backend) hold their
+    connections until they time out; a user's read of other data must not queue behind them."""
+    server, url = scripted
+    server.mode = "hang-large"
+    async with open_http_source(url, max_connections=4, timeout=3) as source:
+        async with trio.open_nursery() as nursery:
+            for i in range(5):  # more than max_connections
+                nursery.start_soon(source.read_for_copy, i * 256 * KiB, 256 * KiB)
+            with trio.fail_after(5):
+                while server.gets < 4:  # the server has every copy
+                    await trio.sleep(0.01)
+            with trio.fail_after(1):
+                assert await source.read(0, 4096) == b"y" * 4096
+            nursery.cancel_scope.cancel()
 
 
 async def test_short_body_and_foreign_etag_are_read_errors(scripted):
