@@ -625,6 +625,9 @@ def unmount(mountpoint, timeout, lazy) -> None:
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises
+        if _cleaned_once_gone(mountpoint, closed=not isinstance(exc, control.NotAnswering)):
+            fail(f"{mountpoint}: the mount's daemon ended while unmounting (killed?), and its "
+                 f"stale mount was cleaned: {_MAY_BE_LOST}")
         if not lazy:
             fail(f"{exc}; `fuseclone unmount --lazy` detaches it anyway")
         _detach_unanswered(real, str(exc))
@@ -648,6 +651,41 @@ def unmount(mountpoint, timeout, lazy) -> None:
                      f"{timeout:.0f} s ({control.why_not_answering(reply.get('pid'))})")
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+    if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
+        fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
+             f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
+             f"{_MAY_BE_LOST}")
+
+
+DYING_GRACE = 1.0  # seconds a daemon that closed its connection unanswered may take to be gone
+
+
+def _cleaned_once_gone(mountpoint: str, closed: bool) -> bool:
+    """Whether the daemon of MOUNTPOINT was killed (its stale mount is then cleaned). One
+    killed while it answered an unmount closes that connection before its listening socket
+    (its descriptors close one after another), so a connection CLOSED unanswered is followed
+    by a moment's look for its end."""
+    deadline = time.monotonic() + (DYING_GRACE if closed else 0.0)
+    while not control.cleanup_stale_mount(mountpoint):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+_MAY_BE_LOST = ("writes not flushed before the unmount may be lost; mount again to resume from "
+                "META")
+
+
+def _marked_clean(meta: str) -> bool:
+    """Whether META says its last mount ended with its last commit (as far as one can tell: a
+    META that another mount holds by now, or that is gone, counts as clean)."""
+    from .metadata import Metadata
+
+    try:
+        return Metadata.read_header(meta).clean
+    except (FusecloneError, OSError):
+        return True
 
 
 def _how_to_let_go(loop: str) -> str:

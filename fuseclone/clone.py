@@ -97,7 +97,6 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
                                features=settings.features,
                                hydration_threshold=resolved.hydration_threshold,
                                hydration_batch_size=resolved.hydration_batch_size)
-        meta.mark_open()
     except BaseException:
         if not dst_existed:  # while still claimed: no other clone has taken it meanwhile
             os.unlink(dst_path)

@@ -348,8 +348,12 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image_now, write_cache,
                                    engine.source_waited, stop)
-                return {"ok": True}
-            return await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
+                reply = {"ok": True}
+            else:
+                reply = await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
+            # In rw mode the last commit marks META clean; the CLI looks once META is let go
+            # (in fail mode it stays unmarked on purpose, and the user was told why).
+            return {**reply, "metadata_mode": engine.meta.mode.value, "log_file": _log_file()}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)

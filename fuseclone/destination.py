@@ -343,17 +343,58 @@ def _claim(fd: int, path: str, is_block_device: bool) -> tuple[int, list[int]]:
 
 
 def _create_sparse(path: str, size: int) -> int:
+    """A new sparse DST of SIZE bytes, which appears at PATH at its full size or not at all:
+    made unnamed in PATH's directory (O_TMPFILE), sized, then linked there. A mount killed
+    between creating and sizing a named file left it at 0 bytes, and every retry was refused
+    (smaller than the source). Where the filesystem has no O_TMPFILE it is made by name."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)),
+                     os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise DestinationError(f"{path}: cannot create destination: {exc.strerror}") from None
+        return _create_named(path, size)
+    try:
+        _size_new(fd, path, size)
+        _link(fd, path)  # EEXIST: another clone created it meanwhile
+    except OSError as exc:
+        os.close(fd)
+        raise DestinationError(f"{path}: cannot create destination: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _link(fd: int, path: str) -> None:
+    """Give the unnamed file open at FD the name PATH: linkat(2) following its /proc/self/fd
+    link (os.link without a directory descriptor is link(2), which links the link itself)."""
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), path, src_dir_fd=fds, follow_symlinks=True)
+    finally:
+        os.close(fds)
+
+
+def _create_named(path: str, size: int) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise DestinationError(f"{path}: cannot create destination: {exc.strerror}") from None
     try:
-        os.ftruncate(fd, size)
-    except OSError as exc:
+        _size_new(fd, path, size)
+    except BaseException:
         os.close(fd)
         os.unlink(path)
-        raise DestinationError(f"{path}: cannot size destination: {exc.strerror}") from None
+        raise
     return fd
+
+
+def _size_new(fd: int, path: str, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise DestinationError(f"{path}: cannot size destination: {exc.strerror}") from None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -414,15 +414,17 @@ class Metadata:
     @classmethod
     def create(cls, path: str, geometry: Geometry, identity: dict, *, features: int = 0,
                hydration_threshold: int = 1, hydration_batch_size: int = 1) -> Metadata:
-        """Create a new metadata file (it must not exist or be empty). Nothing is left behind
-        on failure."""
+        """Create a new metadata file (it must not exist, or be empty, or be what a creation cut
+        short leaves: see `exists`). Nothing is left behind on failure."""
         existed = os.path.exists(path)
         fd = _open_locked(path, os.O_RDWR | os.O_CREAT, exclusive=True)
         created_ok = formatted = False
         try:
-            if os.fstat(fd).st_size != 0:
+            size = os.fstat(fd).st_size
+            if size:
                 existed = True  # never remove a file we did not make
-                raise MetadataError(f"{path}: refusing to format a non-empty metadata file")
+                if not _creation_cut_short(fd):
+                    raise MetadataError(f"{path}: refusing to format a non-empty metadata file")
             header = Header(seq=1, region_size=geometry.region_size,
                             source_size=geometry.image_size, nr_regions=geometry.nr_regions,
                             flags=0, features=features, hydration_threshold=hydration_threshold,
@@ -432,7 +434,15 @@ class Metadata:
             formatted = True
             try:
                 os.ftruncate(fd, _file_blocks(header) * BLOCK)  # sparse: never-written slots read as empty
-                os.pwrite(fd, header.pack(), _header_offset(header.seq))
+                # A header in both slots: a header write that is torn (a power cut) always
+                # leaves the other, even when it goes to the newest one's slot (a reopen's
+                # seq counts the bitmaps' commits too). Both written here, where a failure (a
+                # full filesystem) is undone: a second write after create returned, which
+                # failed, left this META behind while the new DST was removed, and every
+                # retry was refused ("destination does not exist").
+                for seq in (1, 2):
+                    header.seq = seq
+                    os.pwrite(fd, header.pack(), _header_offset(seq))
                 os.fsync(fd)
             except OSError as exc:
                 raise _unwritable(path, exc) from None
@@ -445,8 +455,9 @@ class Metadata:
                 # Undone while still locked: no other opener has taken the file meanwhile.
                 if not existed:
                     _unlink_quietly(path)
-                elif formatted:
-                    os.ftruncate(fd, 0)  # it was an empty file before we began
+                elif formatted:  # back to the SIZE zeros it was before we began
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
                 os.close(fd)
 
     @classmethod
@@ -488,10 +499,26 @@ class Metadata:
 
     @staticmethod
     def exists(path: str) -> bool:
+        """Whether PATH holds metadata to resume (or a file that is no new META's to format):
+        not a missing file, an empty one, nor what a mount killed while creating META (or a
+        power cut before its fsync) leaves: sized, zeros where the header goes and holes past
+        it. Such a file was never used (its header is durable before any other write), so
+        formatting it again loses nothing; refused, it stopped every retry. (A file written
+        full of zeros is not taken for one: it may be something else given as META.)"""
         try:
-            return os.stat(path).st_size > 0
+            st = os.stat(path)
         except FileNotFoundError:
             return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return st.st_size > 0
+        try:
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True  # the open that follows refuses it, with the reason
+        try:
+            return not _creation_cut_short(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def in_use(path: str) -> bool:
@@ -676,6 +703,11 @@ class Metadata:
         except OSError as exc:
             self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
+        # Looked at again once written: META may have lost its name meanwhile, and a commit
+        # beside this one (written bits beside hydrated ones) have found that first and
+        # written META's copy before these slots were written into the lost file. Only a
+        # commit made while META had its name is in every copy made after it.
+        self.check_named()
         self.bytes_written += batch.nbytes
 
     def finish_commit(self, batch: CommitBatch) -> None:
@@ -796,13 +828,14 @@ class Metadata:
         self._hydrated = hydrated
 
     def check_named(self) -> None:
-        """Blocking: make sure META still has a name (before each write, and every second
-        while nothing is committed). One deleted, or renamed over, while mounted would take
-        every commit with it at close, and the next mount would start a new clone over DST's
-        data (hydration copying the source over users' writes). So its last good commit is
-        written again under its name (or PATH.saved, when another file has the name now) and
-        META goes to fail mode: that commit is what the next mount resumes from, and nothing
-        is acknowledged that the copy does not hold. Raises EIO in fail mode."""
+        """Blocking: make sure META still has a name (before each write, after each commit,
+        and every second while nothing is committed). One deleted, or renamed over, while
+        mounted would take every commit with it at close, and the next mount would start a
+        new clone over DST's data (hydration copying the source over users' writes). So its
+        last good commit is written again under its name (or PATH.saved, when another file
+        has the name now) and META goes to fail mode: that commit is what the next mount
+        resumes from, and nothing is acknowledged that the copy does not hold. Raises EIO in
+        fail mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
             if not self._renamed and os.fstat(self._fd).st_nlink == 0:
                 self._renamed = True
@@ -940,6 +973,14 @@ def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
     return fd
 
 
+def _creation_cut_short(fd: int) -> bool:
+    """Whether the file is what a META's creation cut short leaves (see Metadata.exists):
+    sized, and nothing but zeros in its header slots and holes past them."""
+    header_end = FIRST_BITMAP_BLOCK * BLOCK
+    past = data_extents(fd, header_end, max(0, os.fstat(fd).st_size - header_end))
+    return all(hole for _, _, hole in past) and not os.pread(fd, header_end, 0).strip(b"\0")
+
+
 def _has_a_header(fd: int) -> bool:
     """Whether the file holds a valid header in either slot (read without its lock)."""
     if os.fstat(fd).st_size < FIRST_BITMAP_BLOCK * BLOCK:
@@ -957,6 +998,9 @@ def _read_header(fd: int, path: str) -> Header:
         raise MetadataError(f"{path}: {exc}") from None
     valid = [h for h in candidates if h is not None]
     if not valid:
+        if _creation_cut_short(fd):  # see Metadata.exists
+            raise MetadataError(f"{path}: holds no clone yet (a mount killed while creating it?); "
+                                "`fuseclone mount` formats it as a new one")
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")
     header = max(valid, key=lambda h: h.seq)
     try:
@@ -990,6 +1034,8 @@ def _save_copy(fd: int, path: str) -> str:
     overwritten."""
     target = path + ".saved" if os.path.lexists(path) else path
     temporary = f"{target}.{os.getpid()}.tmp"
+    # Left by a daemon killed while it copied, which had this pid: no live process has it now.
+    _unlink_quietly(temporary)
     out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                   stat.S_IMODE(os.fstat(fd).st_mode))
     try:

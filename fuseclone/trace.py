@@ -21,8 +21,8 @@ The format is text, one record a line (UTF-8, `\\n` line ends)::
    fetched for it count as reads from the source, what it fetched and nobody read does not);
 4. `end N` (N: the number of records) once the mount ended cleanly.
 Each record is written to the file as it happens, so a trace of a mount that was killed ends
-without the `end` line and is still good to prefetch from; anything else that does not parse
-is refused as corrupt.
+without the `end` line and is still good to prefetch from, as is one whose last line lost its
+newline (a power cut); anything else that does not parse is refused as corrupt.
 """
 
 from __future__ import annotations
@@ -117,6 +117,12 @@ def _records(path: str, lines: list[str],
              image_size: int) -> tuple[list[tuple[float, int, int]], bool]:
     if lines and lines[-1] == "":
         lines = lines[:-1]  # the final newline
+    elif lines:
+        # A last line without its newline is a record cut short (zeros, say): each is written
+        # whole by one write(2), so only a power cut leaves one (the size on disk past the
+        # data that reached it). Dropped, like the end a killed mount's trace lacks: refused,
+        # it made every mount that prefetches from the trace fail.
+        lines = lines[:-1]
     records: list[tuple[float, int, int]] = []
     for number, line in enumerate(lines, start=3):
         words = line.split(" ")

@@ -2,12 +2,14 @@
 with a reason; nothing is written to META after it, so it stays at the last good commit."""
 
 import errno
+import os
 
 import pytest
 import trio
 
 from fuseclone.errors import MetadataFailedError
 from fuseclone.metadata import Metadata, MetadataMode
+from fuseclone.regions import Geometry
 from tests.engine.conftest import assert_settle_waiter_woken_by
 
 
@@ -75,3 +77,53 @@ async def test_a_waiter_wakes_when_the_metadata_fails(clone, monkeypatch):
     async with clone.running(engine):
         await assert_settle_waiter_woken_by(engine, failed_flush, monkeypatch)
         assert engine.status().metadata_mode == "fail"
+
+
+def test_a_commit_written_after_meta_lost_its_name_and_was_copied_is_not_acknowledged(
+        tmp_path, monkeypatch):
+    """Two commits at once (user writes' written bits beside hydration's bits): META is
+    deleted once one of them looked at its name, and the other finds it gone and writes META's
+    copy before the first writes its slots, into the deleted file. That commit returned as
+    durable: a user write then reached DST while its written bit was in no file anyone would
+    find (`diff` omitting it after the remount from the copy)."""
+    path = str(tmp_path / "meta")
+    meta = Metadata.create(path, Geometry(1 << 20, 4096), {})
+    real_check_named = Metadata.check_named
+    checks = []
+
+    def deleted_then_copied_beside(self):
+        real_check_named(self)
+        if not checks:
+            checks.append(True)
+            os.unlink(path)
+            with pytest.raises(OSError):  # the other commit: it writes the copy and fails
+                real_check_named(self)
+
+    monkeypatch.setattr(Metadata, "check_named", deleted_then_copied_beside)
+    with meta:
+        meta.mark_written(0, 4096)
+        batch = meta.prepare_written_commit()
+        with pytest.raises(OSError) as info:
+            meta.write_commit(batch)
+        assert info.value.errno == errno.EIO and meta.mode is MetadataMode.FAIL
+    with Metadata.open(path, writable=False) as copy:
+        assert copy.written_extents == []  # and nobody was told otherwise
+
+
+def test_meta_is_written_again_over_a_temporary_copy_that_a_crash_left(tmp_path):
+    """The copy is made under PATH.PID.tmp first: one left by a daemon killed while it copied,
+    found by a later daemon that got the same pid, made the copy fail (File exists)."""
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 20, 4096), {}) as meta:
+        meta.set_hydrated(range(3, 4))
+        batch = meta.prepare_commit()
+        meta.write_commit(batch)
+        meta.finish_commit(batch)
+        with open(f"{path}.{os.getpid()}.tmp", "wb") as left:
+            left.write(b"half a copy")
+        os.unlink(path)
+        with pytest.raises(OSError):
+            meta.check_named()
+        assert f"written again at {path}" in meta.failure
+    with Metadata.open(path, writable=False) as copy:
+        assert copy.is_hydrated(3) and copy.hydrated_count == 1

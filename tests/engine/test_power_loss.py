@@ -1,7 +1,13 @@
 """Power loss, simulated: destination writes stay in a volatile cache until fdatasync, and a
 crash throws the cache away. After the crash, every region the metadata calls hydrated must hold
 durable data (invariant 1): flushed writes intact (invariant 3), untouched regions equal to the
-source. SIGKILL cannot test this (the page cache survives a killed process)."""
+source. SIGKILL cannot test this (the page cache survives a killed process).
+
+Besides the main path (buffered writes, discards, flushes that commit), the workload takes the
+ones a database's takes: direct writes, written through to the disk (which keeps them in its
+volatile cache too) while the image is flushed often, and flushes that are one fdatasync of DST
+(`flush_now`) running beside a commit's; zeroing, discards with passdown off, a prefetch in
+flight, and several power cuts in a row."""
 
 import random
 import threading
@@ -24,6 +30,7 @@ class VolatileDestination(Destination):
 
     def __init__(self, inner: Destination) -> None:
         super().__init__(inner.path, inner.fd, inner.image_size)
+        self._direct_fd = inner._direct_fd  # so that direct writes are written through
         self.cache: list[tuple[int, bytes]] = []
         self.lock = threading.Lock()  # datasync runs in a worker thread, writes maybe inline
 
@@ -44,6 +51,8 @@ class VolatileDestination(Destination):
         with self.lock:
             self.cache.append((offset, bytes(data)))
 
+    write_direct = write_through = write
+
     def punch_hole(self, offset, length):
         with self.lock:
             self.cache.append((offset, bytes(length)))
@@ -51,44 +60,64 @@ class VolatileDestination(Destination):
     zero_range = punch_hole
 
     def datasync(self):
-        # Only what was written before the call is made durable, as with a real fdatasync.
+        # What was written before the call is made durable, as with a real fdatasync; in order
+        # and under the lock, since a flush's fdatasync may run beside a commit's.
         with self.lock:
             pending = list(self.cache)
-        for off, payload in pending:
-            super().write(off, payload)
-        super().datasync()
-        with self.lock:
+            for off, payload in pending:
+                Destination.write(self, off, payload)
             del self.cache[: len(pending)]
+        super().datasync()
 
     def lose_power(self):
         self.cache.clear()
 
 
 async def workload(engine, rng, log):
-    """Touch each block at most once; log (block, kind, flushed?)."""
-    blocks = list(range(IMAGE // BLOCK))
+    """Touch each block at most once, over all power cuts; log (block, kind, flushed?)."""
+    blocks = [block for block in range(IMAGE // BLOCK) if block not in log]
     rng.shuffle(blocks)
     done = []
     for block in blocks[: rng.randrange(20, 200)]:
-        kind = rng.choice("wwpd")
+        kind = rng.choice("wwwpdz")
         data = rng.randbytes(BLOCK if kind == "w" else 700)
         # Logged before it runs: the crash can cut in after the data landed but before the call
         # returned (a whole-block write is done at once and its bit set before a checkpoint).
-        log[block] = (kind, data, False)
+        log[block] = ("d" if kind == "z" else kind, data, False)
         if kind == "w":
-            await engine.write(block * BLOCK, data)
+            await engine.write(block * BLOCK, data, direct=rng.random() < 0.5)
         elif kind == "p":
             await engine.write(block * BLOCK + 33, data)
+        elif kind == "z":
+            await engine.write_zeroes(block * BLOCK, BLOCK)
         else:
             await engine.discard(block * BLOCK, BLOCK)
         done.append(block)
-        if rng.random() < 0.15:
-            await engine.flush()
+        if rng.random() < 0.2:
+            await flush(engine, rng)
             for b in done:
                 log[b] = log[b][:2] + (True,)
             done.clear()
         if rng.random() < 0.3:
             await trio.sleep(rng.uniform(0, 0.003))
+
+
+async def flush(engine, rng):
+    """A flush as the FUSE layer makes it: one fdatasync of DST in a thread when that is
+    enough (`flush_now`: it runs beside the committer's commits), else a commit."""
+    datasync = engine.flush_now() if rng.random() < 0.5 else None
+    if datasync is None:
+        await engine.flush()
+    else:
+        await trio.to_thread.run_sync(datasync)
+
+
+def prefetch_runs(rng):
+    runs = []
+    for _ in range(rng.randrange(1, 6)):
+        start = rng.randrange(0, IMAGE // BLOCK - 8)
+        runs.append(range(start, start + rng.randrange(1, 8)))
+    return runs
 
 
 def expected(kind, data, source_block):
@@ -105,26 +134,9 @@ async def crash_and_check(tmp_path, seed):
     rng = random.Random(seed)
     src = str(make_source_file(tmp_path / "src", IMAGE, seed=seed, chunk=BLOCK, zero_every=5, hole_every=0))
     dst, meta = str(tmp_path / "dst"), str(tmp_path / "meta")
-    source = await LocalSource.open(src)
-    engine = open_clone(source, dst, meta, settings=Settings(
-        hydration_batch_size=2, hydration_threshold=8, commit_interval=rng.choice([0.002, 0.02, 1.0]),
-        max_rate=rng.choice([0, 4 << 20])))
-    volatile = VolatileDestination(engine.dst)
-    engine.dst = engine.copier.dst = volatile
     log = {}
-
-    async def no_final_commit():  # the power goes out: nothing runs after the crash
-        return None
-
-    engine._shutdown_commit = no_final_commit
-    with trio.move_on_after(rng.uniform(0.005, 0.08)):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            await workload(engine, rng, log)
-            await trio.sleep_forever()
-    volatile.lose_power()
-    engine.meta.close()
-    volatile.close()
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        await run_until_power_cut(src, dst, meta, rng, log)
 
     source = await LocalSource.open(src)
     engine = open_clone(source, dst, meta, settings=Settings(hydration=False, copy_on_read=False))
@@ -144,6 +156,31 @@ async def crash_and_check(tmp_path, seed):
             else:
                 assert got in (want, source_bytes[sl]), f"seed {seed}: block {block} holds garbage"
     return sum(1 for *_, f in log.values() if f)
+
+
+async def run_until_power_cut(src, dst, meta, rng, log):
+    source = await LocalSource.open(src)
+    engine = open_clone(source, dst, meta, settings=Settings(
+        hydration_batch_size=2, hydration_threshold=8, commit_interval=rng.choice([0.002, 0.02, 1.0]),
+        max_rate=rng.choice([0, 4 << 20]), discard_passdown=rng.random() < 0.5))
+    if rng.random() < 0.5:
+        runs = prefetch_runs(rng)
+        engine.prefetch(runs, first_burst=rng.randrange(0, len(runs) + 1))
+    volatile = VolatileDestination(engine.dst)
+    engine.dst = engine.copier.dst = volatile
+
+    async def no_final_commit():  # the power goes out: nothing runs after the crash
+        return None
+
+    engine._shutdown_commit = no_final_commit
+    with trio.move_on_after(rng.uniform(0.005, 0.08)):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await workload(engine, rng, log)
+            await trio.sleep_forever()
+    volatile.lose_power()
+    engine.meta.close()
+    volatile.close()
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -82,3 +82,15 @@ def test_corrupt_traces_are_refused(tmp_path, mangle):
 def test_missing_trace_is_refused(tmp_path):
     with pytest.raises(TraceError, match="cannot read"):
         read_trace(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("cut", [
+    lambda text: text[:-3],  # the size on disk ended inside the last record
+    lambda text: text[: text.rindex("\n") + 1] + "\0" * 100,  # it did past the data: zeros
+])
+def test_a_last_record_a_power_cut_left_without_its_newline_is_dropped(tmp_path, cut):
+    record(tmp_path / "t", [range(1, 2), range(7, 9)], close=False)
+    path = tmp_path / "t"
+    path.write_text(cut(path.read_text()[:-1]))  # and the newline before it, for the zeros
+    trace = read_trace(str(path))
+    assert trace.records == ((4096, 4096),) and not trace.complete

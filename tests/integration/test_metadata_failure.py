@@ -164,3 +164,22 @@ def test_a_meta_that_cannot_be_written_is_refused_at_mount(rig, random_source, t
     assert result.stderr.strip().splitlines() == [f"fuseclone: error: {rig.meta}: " + (
         f"cannot write the metadata file ({expected})" if trouble == "full" else expected)]
     assert not os.path.exists(rig.meta) and not os.path.exists(rig.dst)  # nothing left behind
+
+
+def test_a_first_mount_that_cannot_write_meta_leaves_nothing_behind(rig, random_source):
+    """META's filesystem with room for one block: its first header fits, the second does not.
+    The failed mount removes the new DST and the new META alike: META left behind (while its
+    DST was removed) refused every later mount, "destination does not exist"."""
+    small = small_tmpfs(rig, "meta-fs", "1M")
+    filler = fill(small)
+    os.truncate(filler, os.path.getsize(filler) - 4096)
+    meta = str(small / "clone.meta")
+    refused = fuseclone("mount", rig.src, rig.dst, meta, rig.mnt, check=False)
+    assert refused.returncode == 1 and "No space left on device" in refused.stderr, refused.stderr
+    assert not os.path.exists(rig.dst) and not os.path.exists(meta)
+    os.unlink(filler)
+    fuseclone("mount", rig.src, rig.dst, meta, rig.mnt)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    fuseclone("check", meta, "--src", rig.src, "--dst", rig.dst, "--verify")
