@@ -58,7 +58,7 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
                 f"not {region_size}")
         # The source first: a META of another clone is told as such, not as a DST that is
         # missing or too small for this source.
-        meta.check_source(source.size, source.identity(), source.identity_matches)
+        meta.check_source(source)
         dst = _open_recorded_destination(dst_path, source.size, meta)
         try:
             identity = _identity(source, dst)

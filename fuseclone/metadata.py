@@ -49,6 +49,7 @@ from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
 from .limits import available_memory
 from .sources import describe_identity
+from .sources.base import SAMPLED, Source, without_sample
 
 log = logging.getLogger(__name__)
 
@@ -536,22 +537,25 @@ class Metadata:
 
     # ---- identity (SPEC invariant 7) --------------------------------------------------------
 
-    def check_source(self, image_size: int, identity: dict,
-                     source_matches: Callable[[dict], bool] | None = None) -> None:
-        """Refuse a metadata file that belongs to another source (of IMAGE_SIZE bytes and
-        IDENTITY). `source_matches(stored)` decides when the source knows better than equality
-        (an HTTP object behind a re-issued pre-signed URL)."""
-        if self.header.source_size != image_size:
+    def check_source(self, source: Source) -> None:
+        """Refuse a metadata file that belongs to another source, or to another image the same
+        source served (its data sample differs). The source decides whether a recorded identity
+        names it (`Source.identity_matches`: an HTTP object behind a re-issued pre-signed URL
+        does)."""
+        if self.header.source_size != source.size:
             raise MetadataError(
                 f"{self.path} records a source of {self.header.source_size} bytes, but the source "
-                f"has {image_size}: it belongs to another clone")
+                f"has {source.size}: it belongs to another clone")
         recorded = self.header.identity.get("source")
-        if source_matches is not None and isinstance(recorded, dict):
-            same = source_matches(recorded)
-        else:
-            same = recorded == identity
-        if not same:
-            self._refuse_another("source", identity)
+        if not isinstance(recorded, dict):
+            self._refuse_another("source", source.identity())
+        if source.identity_matches(recorded):
+            return
+        if source.identity_matches(without_sample(recorded)):
+            raise MetadataError(
+                f"{source.description}: its data differs from what the clone was made from "
+                f"({SAMPLED} are not those {self.path} records): another image of the same size")
+        self._refuse_another("source", source.identity())
 
     def check_destination(self, identity: dict) -> None:
         """Refuse a metadata file that belongs to another destination."""

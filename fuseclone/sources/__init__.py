@@ -23,8 +23,12 @@ async def open_source(spec: str, *, http_header_file: str | None = None
     """Open the source a user named (a path, nbd[s]://, nbd[s]+unix://, http(s):// or s3:// URL)
     for the duration of the block; its connections and background tasks end with the block.
     Every kind opens the same way: an async context manager that owns what the source holds.
-    `http_header_file`: headers every HTTP request carries (http(s):// and s3:// only)."""
+    A source without a version mark has its data sample taken (`Source.take_sample`), part of
+    its identity. `http_header_file`: headers every HTTP request carries (http(s):// and s3://
+    only)."""
     async with _opener(spec, http_header_file)(spec) as source:
+        if not source.has_version_mark:
+            await source.take_sample()
         yield source
 
 

@@ -8,7 +8,21 @@ expected to keep many requests in flight.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from ..errors import SourceError
+
+#: Bytes of each end of the image that its data sample covers: where partition tables, GPT
+#: headers (with the disk's GUID) and filesystem superblocks (with their UUIDs) lie.
+SAMPLE_BYTES = 64 << 10
+
+#: The key of the data sample in a source's identity.
+SAMPLE_KEY = "sample_sha256"
+
+#: What the sample covers, for messages.
+SAMPLED = "its first and last 64 KiB"
 
 
 @dataclass(frozen=True)
@@ -49,16 +63,77 @@ class Source(abc.ABC):
     def size(self) -> int:
         """Size of the source in bytes (the image size)."""
 
-    @abc.abstractmethod
-    def identity(self) -> dict[str, str | int]:
-        """What identifies this source across runs (path/URL, size, mtime or ETag...).
+    #: A SHA-256 of the image's first and last SAMPLE_BYTES once `take_sample` read them.
+    sample: str | None = None
 
-        Stored in the metadata; a later open whose identity differs is refused (invariant 7).
-        """
+    @property
+    def has_version_mark(self) -> bool:
+        """Whether the identity tells versions of the image apart (a file's mtime, a strong
+        ETag). One without (NBD, a block device known by its name) is also known by a sample
+        of its data, which `open_source` takes."""
+        return True
+
+    def identity(self) -> dict[str, str | int]:
+        """What identifies this source across runs: `own_identity`, and the data sample once
+        taken. Stored in the metadata; a later open whose identity differs is refused
+        (invariant 7)."""
+        ident = self.own_identity()
+        if self.sample is not None:
+            ident[SAMPLE_KEY] = self.sample
+        return ident
+
+    @abc.abstractmethod
+    def own_identity(self) -> dict[str, str | int]:
+        """What names this source (path/URL, size, mtime or ETag...), the data sample apart."""
 
     def identity_matches(self, stored: dict) -> bool:
-        """Whether `stored` (an identity recorded earlier) names this same source."""
-        return stored == self.identity()
+        """Whether `stored` (an identity recorded earlier) names this same source: by the
+        kind's rule (`same_identity`), and with the same data sample where both have one."""
+        current = self.identity()
+        return (not sample_differs(stored, current)
+                and self.same_identity(without_sample(stored), without_sample(current)))
+
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        """The kind's rule: whether two identities (without samples) name the same source."""
+        return stored == current
+
+    async def take_sample(self) -> None:
+        """Read the data sample (`sample`, see `read_sample`). Raises SourceError when it
+        cannot be read: a source that does not serve its ends is not open."""
+        try:
+            self.sample = await self.read_sample(self.read)
+        except SourceReadError as exc:
+            raise SourceError(f"{self.description}: cannot read the start and end of the "
+                              f"source: {exc}") from None
+
+    async def read_sample(self, read: Callable[[int, int], Awaitable[bytes | bytearray]]) -> str:
+        """A SHA-256 of the first and last SAMPLE_BYTES of the image (of the whole image when it
+        is smaller), both read at once with `read`. Raises SourceReadError."""
+        size = self.size
+        if size <= 2 * SAMPLE_BYTES:
+            spans = [(0, size)]
+        else:
+            spans = [(0, SAMPLE_BYTES), (size - SAMPLE_BYTES, SAMPLE_BYTES)]
+        import trio  # not at import: the CLI's commands that open no source do without it
+
+        pieces: dict[int, bytes | bytearray | SourceReadError] = {}
+
+        async def read_piece(offset: int, length: int) -> None:
+            try:
+                pieces[offset] = await read(offset, length)
+            except SourceReadError as exc:  # raised below, not as an ExceptionGroup
+                pieces[offset] = exc
+
+        async with trio.open_nursery() as nursery:
+            for offset, length in spans:
+                nursery.start_soon(read_piece, offset, length)
+        digest = hashlib.sha256()
+        for offset, _ in spans:
+            piece = pieces[offset]
+            if isinstance(piece, SourceReadError):
+                raise piece
+            digest.update(piece)
+        return digest.hexdigest()
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -94,3 +169,15 @@ class Source(abc.ABC):
 
 class SourceReadError(OSError):
     """A read the source could not deliver (user reads get EIO; hydration backs off)."""
+
+
+def sample_differs(recorded: dict, current: dict) -> bool:
+    """Whether two identities hold data samples that differ. One without a sample (recorded
+    before samples were taken, or of a source with a version mark) differs in none."""
+    then, now = recorded.get(SAMPLE_KEY), current.get(SAMPLE_KEY)
+    return then is not None and now is not None and then != now
+
+
+def without_sample(identity: dict) -> dict:
+    """IDENTITY without its data sample."""
+    return {key: value for key, value in identity.items() if key != SAMPLE_KEY}

@@ -17,9 +17,10 @@ timeout (10 s) as a whole, like an NBD dial and handshake:
 
 Identity (stored in the metadata, SPEC invariant 7): kind "http", the URL as given (normalised
 by httpx; a password in it is replaced by ***), size, and ETag and Last-Modified when the server
-sends them. Metadata made for one version of the file is refused for another. A server that sends neither validator cannot tell
-versions apart; then only the size is compared. (nginx's ETag is mtime and size: a same-size file
-replaced within the same second keeps its ETag.)
+sends them. Metadata made for one version of the file is refused for another. Without a strong
+ETag the identity also holds the data sample (`Source.take_sample`: its first and last 64 KiB),
+which tells versions apart that a weak ETag, a Last-Modified or the size alone would not.
+(nginx's ETag is mtime and size: a same-size file replaced within the same second keeps its ETag.)
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
 concurrently; at most `max_connections` (16) requests of copies (`read_for_copy`) are in flight
@@ -284,7 +285,11 @@ class HttpSource(Source):
         """Where reads go (after redirects)."""
         return str(self._url)
 
-    def identity(self) -> dict[str, str | int]:
+    @property
+    def has_version_mark(self) -> bool:
+        return is_strong_etag(self.etag)
+
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "http", "url": self._canonical, "size": self._size}
         if self._query:
             ident["query_sha256"] = _query_sha256(self._query)
@@ -294,8 +299,8 @@ class HttpSource(Source):
             ident["last_modified"] = self.last_modified
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return same_http_object(stored, self.identity())
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return same_http_object(stored, current)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         return await self._read(offset, length, aligned=False, for_copy=False)
@@ -419,7 +424,7 @@ class HttpSource(Source):
         modified = response.headers.get("last-modified")
         self.etag = etag.strip() if etag else None
         self.last_modified = modified.strip() if modified else None
-        if self.etag and not self.etag.startswith("W/"):
+        if is_strong_etag(self.etag):
             self._conditions = {"If-Match": self.etag}
         elif self.last_modified:
             self._conditions = {"If-Unmodified-Since": self.last_modified}
@@ -579,6 +584,11 @@ def _ssl_context() -> ssl.SSLContext:
     return ctx
 
 
+def is_strong_etag(etag: object) -> bool:
+    """Whether ETAG (a header's value, or an identity's) names one version's content."""
+    return isinstance(etag, str) and bool(etag) and not etag.startswith("W/")
+
+
 def same_http_object(stored: dict, current: dict) -> bool:
     """Whether two HTTP identities name the same object. Equal identities do; so do two whose
     URLs differ only in the query, when both carry the same strong ETag: a pre-signed URL (S3,
@@ -589,7 +599,7 @@ def same_http_object(stored: dict, current: dict) -> bool:
     if stored == current:
         return True
     etag = stored.get("etag")
-    if not isinstance(etag, str) or etag.startswith("W/") or etag != current.get("etag"):
+    if not is_strong_etag(etag) or etag != current.get("etag"):
         return False
     return _without_query(stored) == _without_query(current)
 

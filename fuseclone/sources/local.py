@@ -63,7 +63,11 @@ class LocalSource(Source):
     def size(self) -> int:
         return self._size
 
-    def identity(self) -> dict[str, str | int]:
+    @property
+    def has_version_mark(self) -> bool:
+        return self._is_file  # a block device is known by its name: another disk may take it
+
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {
             "kind": "file" if self._is_file else "blockdev",
             "path": os.path.realpath(self.description),
@@ -75,8 +79,8 @@ class LocalSource(Source):
             ident.update(loop_identity(self._fd))
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return same_recorded_identity(stored, self.identity())
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return same_recorded_identity(stored, current)
 
     async def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self._size - offset))

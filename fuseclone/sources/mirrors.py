@@ -12,7 +12,9 @@ resumed clone mounts while its source is down: its image size and identity come 
 (`RecordedSource`), reads fail (the engine answers EIO) until a server answers, and every server
 that answers later is checked against META first; one that serves another image is refused for
 good (`wait_usable` says why once no server is left). Mirrors must serve the primary's image:
-its size, and its ETag where both carry one; a mirror refused while opening is one clear line.
+its size, its ETag where both carry one, and its data sample (`Source.take_sample`: with
+mirrors, every server's first and last 64 KiB are read, whatever its kind); a mirror refused
+while opening is one clear line.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import trio
 
 from ..errors import SourceError
 from . import check_scheme, describe_spec, open_source, takes_http_headers
-from .base import Extent, ServerStatus, Source, SourceReadError
+from .base import (SAMPLE_KEY, SAMPLED, Extent, ServerStatus, Source, SourceReadError,
+                   sample_differs)
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,16 @@ def mirror_mismatch(reference_size: int, reference: dict, mirror: Source) -> str
     """Why `mirror` does not serve the image of `reference` (an identity of the primary, of
     `reference_size` bytes), or None when it does: the sizes must be equal, and so must the
     ETags where both carry one (an S3 or HTTP object). Other fields (a URL, a path, an mtime)
-    name where the image lies, which is what differs between mirrors."""
+    name where the image lies, which is what differs between mirrors. Their data samples must
+    be equal too, where both have one."""
     if mirror.size != reference_size:
         return f"it has {mirror.size} bytes, the source {reference_size}"
-    etag, reference_etag = mirror.identity().get("etag"), reference.get("etag")
+    identity = mirror.identity()
+    etag, reference_etag = identity.get("etag"), reference.get("etag")
     if etag is not None and reference_etag is not None and etag != reference_etag:
         return f"its ETag is {etag}, the source's {reference_etag}"
+    if sample_differs(reference, identity):
+        return f"its data differs from the source's ({SAMPLED})"
     return None
 
 
@@ -154,7 +161,7 @@ class MirroredSource(Source):
         opened = self._first_open()
         return Source.hydration_batch if opened is None else opened.hydration_batch
 
-    def identity(self) -> dict[str, str | int]:
+    def own_identity(self) -> dict[str, str | int]:
         """The primary's identity; until it answers, the recorded one (META keeps that)."""
         if self._primary.source is not None:
             return self._primary.source.identity()
@@ -291,6 +298,8 @@ class MirroredSource(Source):
         """Why `source` (just opened for `server`) may not serve, or None."""
         recorded = self._recorded
         if server is self._primary:
+            if len(self._servers) > 1 and source.sample is None:
+                await source.take_sample()  # what mirrors are compared with
             if recorded is None or self._opening:
                 return None  # a new clone's, or open_clone checks it against META itself
             if source.size != recorded.size or not source.identity_matches(recorded.identity):
@@ -299,6 +308,8 @@ class MirroredSource(Source):
         reference = await self._reference()
         if reference is None:
             return "the source did not answer"  # a new clone: the mount fails for that
+        if SAMPLE_KEY in reference.identity and source.sample is None:
+            await source.take_sample()
         return mirror_mismatch(reference.size, reference.identity, source)
 
     async def _reference(self) -> RecordedSource | None:
@@ -361,6 +372,9 @@ def _differences(recorded: RecordedSource, source: Source) -> str:
     """How `source` differs from what META recorded, field by field."""
     now = {**source.identity(), "size": source.size}
     then = {**recorded.identity, "size": recorded.size}
-    keys = sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
-    return ", ".join(f"{key} {now.get(key)} (the metadata records {then.get(key)})"
-                     for key in keys) or "the source says so"
+    keys = sorted(key for key in now.keys() | then.keys()
+                  if now.get(key) != then.get(key) and key != SAMPLE_KEY)
+    fields = [f"{key} {now.get(key)} (the metadata records {then.get(key)})" for key in keys]
+    if sample_differs(then, now):
+        fields.append(f"its data differs from what the clone was made from ({SAMPLED})")
+    return ", ".join(fields) or "the source says so"

@@ -175,15 +175,15 @@ class S3Source(HttpSource):
         self._region = region
         self._signed = signed
 
-    def identity(self) -> dict[str, str | int]:
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "s3", "bucket": self.object.bucket,
                                        "key": self.object.key, "size": self.size}
         if self.etag is not None:
             ident["etag"] = self.etag
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return stored == self.identity()
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return stored == current
 
     async def _refusal(self, response: httpx.Response) -> str:
         code, message = await _error_of(response)

@@ -25,7 +25,7 @@ class BrokenRange(Source):
     def size(self):
         return self._size
 
-    def identity(self):
+    def own_identity(self):
         return self.inner.identity()
 
     async def read(self, offset, length):

@@ -71,6 +71,24 @@ def test_a_loop_device_source_now_backed_by_another_file_is_refused(rig):
     assert "belongs to another clone: its source was" in result.stderr
 
 
+def test_a_block_device_source_that_now_holds_other_data_is_refused(rig):
+    """A block device is known by its name (a loop device by its backing file too): a disk
+    written over with another image keeps both; its data sample tells them apart."""
+    make_source_file(rig.src, 2 * MiB, seed=4)
+    loop = rig.losetup(rig.src, "--read-only")
+    rig.mount("--no-hydration", src=loop)
+    fuseclone("unmount", rig.mnt)
+    with open(rig.src, "r+b") as f:  # the same file and node, another image
+        f.write(open(make_source_file(str(rig.tmp / "other.img"), 2 * MiB, seed=5), "rb").read())
+    sh("blockdev", "--flushbufs", loop)  # the loop device's page cache held the old data
+    meta_before = open(rig.meta, "rb").read()
+    result = fuseclone("mount", loop, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{loop}: its data differs from what the clone was made" in lines[0]
+    assert open(rig.meta, "rb").read() == meta_before
+
+
 def test_a_read_only_block_device_destination_is_refused_with_one_line(rig):
     make_source_file(rig.src, 2 * MiB, seed=6)
     with open(rig.dst, "wb") as f:

@@ -1,11 +1,13 @@
 """Sources that come and go, through the real CLI against real nbdkit servers: `--mirror`
 failover (and back), mirrors of another image refused, and a resumed clone that mounts while its
-source is down and hydrates once it answers (or stops, when it answers with another image)."""
+source is down and hydrates once it answers (or stops, when it answers with another image); an
+export that serves other data of the same size, told apart by its data sample."""
 
 import errno
 import mmap
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +151,118 @@ def test_a_new_clone_needs_its_source(rig, tmp_path):
     result = fuseclone("mount", url, rig.dst, rig.meta, rig.mnt, check=False)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+
+
+# ---- the data sample: other data of the same size ---------------------------------------------
+
+
+def same_size_other(rig, seed=9):
+    """Another image of the source's size (different everywhere, its ends too)."""
+    other = str(rig.tmp / "other.img")
+    make_source_file(other, os.path.getsize(rig.src), seed=seed)
+    return other
+
+
+def try_mount(rig, *args):
+    """`fuseclone mount ARGS... DST META MNT` that may fail; unmounted at teardown if it
+    did not."""
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    return fuseclone("mount", *args, rig.dst, rig.meta, rig.mnt, check=False)
+
+
+def refused_one_line(result, *words):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+
+
+def test_a_resumed_clone_refuses_other_data_of_the_same_size(rig, half_hydrated,
+                                                            nbd_file_server):
+    server = nbd_file_server(same_size_other(rig), "src")  # the same socket
+    meta_before, dst_before = Path(rig.meta).read_bytes(), sha256(rig.dst)
+    result = try_mount(rig, server.url())
+    refused_one_line(result, server.url(), "data differs from what the clone was made from")
+    assert Path(rig.meta).read_bytes() == meta_before and sha256(rig.dst) == dst_before
+    assert rig.mnt not in open("/proc/mounts").read()
+    check = fuseclone("check", rig.meta, "--src", server.url(), check=False)
+    assert check.returncode == 1 and "MISMATCH" in check.stdout, check.stdout
+
+
+def test_the_same_data_on_a_new_socket_resumes(rig, half_hydrated, nbd_file_server):
+    server = nbd_file_server(rig.src, "elsewhere")
+    rig.mount(src=server.url())
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    fuseclone("unmount", rig.mnt)
+    assert sha256(rig.dst) == sha256(rig.src)
+
+
+def test_a_mirror_with_other_data_of_the_same_size_is_refused(rig, nbd_file_server):
+    make_source_file(rig.src, 8 * MiB, seed=6)
+    primary = nbd_file_server(rig.src, "primary")
+    mirror = nbd_file_server(same_size_other(rig), "mirror")
+    result = try_mount(rig, primary.url(), "--mirror", mirror.url())
+    refused_one_line(result, mirror.url(), "its data differs from the source's")
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+
+
+def test_a_mirror_of_a_resumed_clone_is_checked_against_the_recorded_sample(
+        rig, half_hydrated, nbd_file_server):
+    mirror = nbd_file_server(same_size_other(rig), "mirror")
+    result = try_mount(rig, half_hydrated.url(), "--mirror", mirror.url())  # the primary is down
+    refused_one_line(result, mirror.url(), "its data differs from the source's")
+
+
+def test_a_metadata_file_without_a_sample_resumes_and_gains_it(rig, half_hydrated,
+                                                              nbd_file_server):
+    from fuseclone.metadata import Metadata
+    from fuseclone.sources.base import SAMPLE_KEY
+
+    with Metadata.open(rig.meta, writable=True) as meta:  # as a version before samples wrote it
+        identity = meta.header.identity
+        sample = identity["source"].pop(SAMPLE_KEY)
+        meta.mark_open(identity)
+        meta.mark_clean()
+    assert SAMPLE_KEY not in Metadata.read_header(rig.meta).identity["source"]
+    nbd_file_server(rig.src, "src")
+    rig.mount(src=half_hydrated.url())
+    fuseclone("unmount", rig.mnt)
+    assert Metadata.read_header(rig.meta).identity["source"][SAMPLE_KEY] == sample
+
+
+def test_a_source_that_returns_with_other_data_of_the_same_size_stops_hydration(
+        rig, half_hydrated, nbd_file_server):
+    rig.mount(src=half_hydrated.url())
+    nbd_file_server(same_size_other(rig), "src")  # the same socket, the same size
+    result = fuseclone("wait", rig.mnt, "--timeout", "60", check=False)
+    assert result.returncode == 1 and "data differs" in result.stderr, result.stderr
+    st = status_json(rig.mnt)
+    assert "data differs from what the clone was made from" in st["hydration_error"]
+    assert server_states(st) == ["refused"] and st["hydrated_regions"] == 16
+    assert pread_direct(rig.image, 0, MiB) == source_bytes(rig.src, 0, MiB)
+    with pytest.raises(OSError) as raised:
+        pread_direct(rig.image, 8 * MiB, 64 * 1024)
+    assert raised.value.errno == errno.EIO
+
+
+def test_a_server_that_comes_back_with_other_data_mid_clone_fails_reads(rig, nbd_file_server):
+    """The server restarted on another image of the same size while the clone hydrates:
+    checked when its connections are dialled again; the mount reads nothing of it."""
+    make_source_file(rig.src, 16 * MiB, seed=7)
+    server = nbd_file_server(rig.src, "src")
+    rig.mount("--max-rate", "2M", "--region-size", "64K", src=server.url())
+    wait_for(lambda: status_json(rig.mnt)["hydrated_regions"] > 0, "hydration to start")
+    server.stop()
+    nbd_file_server(same_size_other(rig), "src")  # the same socket, the same size
+    note = wait_for(lambda: (status_json(rig.mnt)["hydration_retry"] or "").count("other data")
+                    and status_json(rig.mnt)["hydration_retry"], "the changed source in status")
+    assert "the source changed since the clone began" in note, note
+    with pytest.raises(OSError) as raised:
+        pread_direct(rig.image, 15 * MiB, 64 * 1024)
+    assert raised.value.errno == errno.EIO
+    fuseclone("unmount", rig.mnt)
+    region = 64 * 1024
+    other = Path(rig.tmp / "other.img").read_bytes()
+    dst = Path(rig.dst).read_bytes()
+    taken = [i for i in range(0, len(other), region)
+             if other[i:i + region] == dst[i:i + region] and any(other[i:i + region])]
+    assert taken == []  # no region of the other image's data reached DST

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import trio
 
 NBDKIT = shutil.which("nbdkit")
 
@@ -88,6 +89,18 @@ class Nbdkit:
         with contextlib.suppress(FileNotFoundError), open(self.log, errors="replace") as f:
             return f.read().strip()
         return ""
+
+
+async def read_once_it_answers(source, offset, length, timeout=10.0):
+    """`source.read(offset, length)` tried every 50 ms until the (restarted) server answers."""
+    from fuseclone.sources import SourceReadError
+
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                return await source.read(offset, length)
+            except SourceReadError:
+                await trio.sleep(0.05)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ the engine hydrating from it."""
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ from fuseclone.sources.nbd import NbdSource, open_nbd_source, parse_nbd_url, sam
 from fuseclone.sources.nbd.buffers import BufferPool
 from fuseclone.sources.nbd.pool import DRAIN_TIMEOUT
 from tests.engine.conftest import make_source_file
+from tests.sources.conftest import read_once_it_answers
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -125,13 +127,22 @@ async def test_size_identity_and_connections(nbdkit, image):
         assert isinstance(source, NbdSource)
         assert source.size == SIZE
         assert source.description == server.url()
+        data = contents(image)
+        sample = hashlib.sha256(data[:64 * KiB] + data[-64 * KiB:]).hexdigest()
         assert source.identity() == {"kind": "nbd", "url": server.url(), "export": "", "size": SIZE,
-                                     "socket": server.sock}
+                                     "socket": server.sock, "sample_sha256": sample}
         assert source.info.read_only and source.info.can_multi_conn
         assert source.info.base_allocation is not None
         assert source.connections == 4  # CAN_MULTI_CONN: a pool
     async with open_nbd_source(server.url(), connections=1) as source:
         assert source.connections == 1
+
+
+async def test_the_data_sample_of_a_small_image_is_the_whole_image(nbdkit, tmp_path):
+    small = tmp_path / "small.img"
+    small.write_bytes(os.urandom(100 * KiB))  # less than both ends: read once, whole
+    async with open_source(nbdkit("file", small).url()) as source:
+        assert source.sample == hashlib.sha256(small.read_bytes()).hexdigest()
 
 
 async def test_identity_differs_per_export(nbdkit, image, tmp_path):
@@ -498,13 +509,7 @@ async def test_server_killed_and_restarted(nbdkit, image):
                     await source.read(0, 4096)
                 assert "reconnect" in str(info.value) or "unreachable" in str(info.value)
         server.start()
-        with trio.fail_after(5):
-            while True:
-                try:
-                    got = await source.read(1000, 70000)
-                    break
-                except SourceReadError:
-                    await trio.sleep(0.05)
+        got = await read_once_it_answers(source, 1000, 70000, timeout=5)
         assert got == data[1000:71000]
         assert source.reconnects >= 1
         with trio.fail_after(5):
@@ -617,8 +622,8 @@ async def test_tcp_url(nbdkit, image):
     url = server.url()
     assert url.startswith("nbd://127.0.0.1:")
     async with open_source(url) as source:
-        assert source.identity() == {"kind": "nbd", "url": url, "export": "", "size": SIZE,
-                                     "host": "127.0.0.1", "port": server.port}
+        assert source.own_identity() == {"kind": "nbd", "url": url, "export": "", "size": SIZE,
+                                         "host": "127.0.0.1", "port": server.port}
         assert await source.read(3, 300000) == contents(image)[3:300003]
         assert any(e.zero for e in await source.extents(0, SIZE))
 
@@ -657,11 +662,11 @@ async def test_engine_hydrates_from_nbd(nbdkit, image, tmp_path):
 async def test_engine_stops_after_max_failures_then_resumes_once_the_server_is_well(
         nbdkit, image, tmp_path):
     trigger = tmp_path / "fail"
-    trigger.touch()  # the error filter fails every read while this file exists
     server = nbdkit("--filter=error", "file", image, "error-pread-rate=1",
                     f"error-pread-file={trigger}")
     dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
-    async with open_source(server.url()) as source:
+    async with open_source(server.url()) as source:  # which reads the data sample
+        trigger.touch()  # the error filter fails every read while this file exists
         engine = open_clone(source, dst, meta, settings=Settings(max_failures=3, backoff_initial=0.01,
                                                                   copy_on_read=False, retry_stopped=0.3))
         async with running(engine):
@@ -857,6 +862,46 @@ async def test_server_restarted_with_another_size_fails_reads(nbdkit, image):
                     break
                 await trio.sleep(0.1)
         assert f"size changed from {SIZE} to {SIZE // 2} bytes" in str(info.value)
+
+
+async def test_a_server_restarted_on_other_data_of_the_same_size_fails_reads_for_good(
+        nbdkit, image, tmp_path):
+    """The connections dropped and were dialled again: the server may have come back on
+    another image of the same size (`nbdkit -U sock file OTHER.img`). Its data sample is read
+    again before anything it sends is handed out; other data fails every read from then on."""
+    other = make_source_file(tmp_path / "other.img", SIZE, seed=4)
+    server = nbdkit("file", image)
+    async with open_source(server.url()) as source:
+        assert await source.read(0, 4096) == contents(image)[:4096]
+        server.stop()
+        server.args = ["file", str(other)]  # at the same socket
+        server.start()
+        with trio.fail_after(10):
+            while True:
+                with pytest.raises(SourceReadError) as info:  # never the other image's data
+                    await source.read(SIZE // 2, 4096)
+                if "other data" in str(info.value):
+                    break
+                await trio.sleep(0.05)  # unreachable meanwhile
+        server.stop()
+        server.args = ["file", image]  # back on the first image: too late to trust it
+        server.start()
+        for call in (lambda: source.read(0, 4096), lambda: source.read_for_copy(0, 1 << 20),
+                     lambda: source.extents(0, SIZE)):
+            with pytest.raises(SourceReadError) as info:
+                await call()
+            assert info.value.errno == errno.EIO
+            assert "the source changed since the clone began" in str(info.value)
+
+
+async def test_a_server_restarted_on_the_same_data_serves_again(nbdkit, image):
+    server = nbdkit("file", image)
+    async with open_source(server.url()) as source:
+        dialled = source.pool.dialled
+        server.restart()
+        got = await read_once_it_answers(source, 1000, 70000)
+        assert got == contents(image)[1000:71000]
+        assert source.pool.dialled > dialled and source.reconnects >= 1
 
 
 async def test_server_restarted_with_other_block_sizes_is_read_by_its_new_sizes(nbdkit, image, tmp_path):

@@ -4,13 +4,13 @@ certificates made by openssl for the session (see conftest.TlsCertificates)."""
 import os
 
 import pytest
-import trio
 
 from fuseclone.errors import SourceError
-from fuseclone.sources import SourceReadError, open_source
+from fuseclone.sources import open_source
 from tests.engine.conftest import make_source_file
 from tests.integration import conftest as integration
 from tests.integration.conftest import fuseclone, sha256, status_json
+from tests.sources.conftest import read_once_it_answers
 
 rig = integration.rig  # the CLI tests' fixture, for mounts over nbds://
 
@@ -66,13 +66,7 @@ async def test_a_dropped_tls_connection_is_redialled_with_tls(nbdkit, tls_certif
     async with open_source(url) as source:
         assert await source.read(0, 4096) == expected[:4096]
         server.restart()
-        with trio.fail_after(10):
-            while True:
-                try:
-                    got = await source.read(5000, 70000)
-                    break
-                except SourceReadError:
-                    await trio.sleep(0.05)
+        got = await read_once_it_answers(source, 5000, 70000)
         assert got == expected[5000:75000]
         assert source.reconnects >= 1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import http.server
 import logging
 import mmap
@@ -553,6 +554,19 @@ async def test_a_weak_etag_alone_is_named_in_the_warning(scripted, caplog):
             assert source.identity()["etag"] == 'W/"v1"'
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "weak ETag" in warnings[0] and "neither" not in warnings[0]
+
+
+@pytest.mark.parametrize("head, sampled", [("ok", False), ("weak-etag", True)])
+async def test_only_an_object_without_a_strong_etag_is_known_by_a_data_sample(scripted, head,
+                                                                              sampled):
+    """A strong ETag names the object's content: no read at opening. Without one, the first
+    and last 64 KiB are read (at once) and their SHA-256 joins the identity."""
+    server, url = scripted
+    server.head = head
+    async with open_source(url) as source:
+        sample = hashlib.sha256(b"y" * (128 * KiB)).hexdigest()
+        assert source.identity().get("sample_sha256") == (sample if sampled else None)
+        assert server.gets == (2 if sampled else 0)
 
 
 async def test_refused_without_a_size(scripted):

@@ -198,6 +198,11 @@ class ConnectionPool:
         return None if self._closed else self._nursery
 
     @property
+    def dialled(self) -> int:
+        """Connections dialled so far: each may have reached a server restarted meanwhile."""
+        return self._numbers
+
+    @property
     def open_connections(self) -> int:
         return sum(1 for c in self._conns if c.alive)
 

@@ -15,6 +15,10 @@ its neighbours are its trio transport:
   for), a connection that dropped. A dropped pool is re-dialled by the next
   request, with exponential backoff between failed attempts; a read during an outage fails
   after at most one connection attempt instead of hanging.
+* a server dialled again may have restarted on other data: once the source has its data
+  sample (`open_source` takes it), no read or block status is handed out after a connection
+  was dialled until the sample has been read again and found equal; a differing one fails
+  every later read (EIO), as a local file that changed does.
 
 All tasks belong to the nursery `open_nbd_source` owns; leaving it sends NBD_CMD_DISC, closes
 the sockets and cancels the readers. Only NBD_CMD_READ, NBD_CMD_BLOCK_STATUS and NBD_CMD_DISC
@@ -30,18 +34,20 @@ import mmap
 import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import trio
 
 from ...errors import SourceError
-from ..base import Extent, Source, SourceReadError
+from ..base import SAMPLED, Extent, Source, SourceReadError
 from . import wire
 from .buffers import KiB, MiB, BufferPool
 from .extents import ExtentCache
 from .pool import ConnectionPool, Request
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,9 @@ class NbdSource(Source):
         self.buffers = BufferPool(options.recycled_bytes)
         self.extent_cache = ExtentCache(self.pool)
         self.pool.on_connection_lost = self.extent_cache.clear
+        self._trusted_dials = 0  # connections dialled up to the last sample that matched
+        self._checking = trio.Lock()
+        self._changed: str | None = None  # why reads fail for good: the data changed
 
     # ---- Source ---------------------------------------------------------------------------
 
@@ -182,7 +191,11 @@ class NbdSource(Source):
     def size(self) -> int:
         return self.info.size
 
-    def identity(self) -> dict[str, str | int]:
+    @property
+    def has_version_mark(self) -> bool:
+        return False  # NBD has none: a server restarted on other data looks the same
+
+    def own_identity(self) -> dict[str, str | int]:
         ident: dict[str, str | int] = {"kind": "nbd", "url": self.address.canonical,
                                        "export": self.address.export, "size": self.size}
         if self.address.socket_path is not None:
@@ -192,8 +205,8 @@ class NbdSource(Source):
             ident["port"] = self.address.port
         return ident
 
-    def identity_matches(self, stored: dict) -> bool:
-        return same_nbd_export(stored, self.identity())
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        return same_nbd_export(stored, current)
 
     @property
     def connections(self) -> int:
@@ -205,14 +218,51 @@ class NbdSource(Source):
         """Connections re-dialled after a loss (for tests and status)."""
         return self.pool.reconnects
 
+    async def take_sample(self) -> None:
+        await super().take_sample()
+        self._trusted_dials = self.pool.dialled
+
     async def read(self, offset: int, length: int) -> bytes:
         """The bytes at [offset, offset+length), clipped to the size. The result is a bytearray
         that belongs to the caller (bytes-like, as the engine needs; no extra copy)."""
-        return await self._read(offset, length, aligned=False)
+        return await self._trusted(lambda: self._read(offset, length, aligned=False))
 
     async def read_for_copy(self, offset: int, length: int):
         """`read` into page-aligned memory (an anonymous mmap) when it is large."""
-        return await self._read(offset, length, aligned=True)
+        return await self._trusted(lambda: self._read(offset, length, aligned=True))
+
+    async def _trusted(self, receive: Callable[[], Awaitable[T]]) -> T:
+        """What `receive()` receives from the server, once it can be trusted (see
+        `_check_redialled`); never anything once the server came back with other data."""
+        self._raise_if_changed()
+        received = await receive()
+        await self._check_redialled()
+        return received
+
+    def _raise_if_changed(self) -> None:
+        if self._changed is not None:
+            raise SourceReadError(errno.EIO, self._changed)
+
+    async def _check_redialled(self) -> None:
+        """Raise SourceReadError unless what was just received can be trusted: when a
+        connection was dialled since the data sample last matched (the server was away, and
+        may have come back on other data), the sample is read again first. Checked after the
+        reply, so the connection it came on is counted."""
+        self._raise_if_changed()
+        if self.sample is None or self.pool.dialled == self._trusted_dials:
+            return
+        async with self._checking:
+            dialled = self.pool.dialled
+            if dialled == self._trusted_dials:
+                return  # checked meanwhile
+            sample = await self.read_sample(lambda offset, length: self._read(offset, length,
+                                                                              aligned=False))
+            if sample != self.sample:
+                self._changed = (f"{self.address.url}: the source changed since the clone began "
+                                 f"(the server came back with other data: {SAMPLED} differ)")
+                log.error("%s", self._changed)
+                raise SourceReadError(errno.EIO, self._changed)
+            self._trusted_dials = dialled
 
     async def _read(self, offset: int, length: int, aligned: bool):
         size = self.size
@@ -259,7 +309,8 @@ class NbdSource(Source):
         self.buffers.recycle(data)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self.extent_cache.extents(offset, length)
+        # Trusted like data: a hole of other data would be hydrated as zeros.
+        return await self._trusted(lambda: self.extent_cache.extents(offset, length))
 
     async def aclose(self) -> None:
         """Let the replies already asked for arrive, disconnect politely, close every socket,
