@@ -177,14 +177,18 @@ def few_tasks(tmp_path):
             f.write("8")
         yield group
     finally:
-        deadline = time.monotonic() + 10
-        while True:  # a group goes once its last task has
-            try:
-                os.rmdir(group)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"{group} still has tasks"
-                time.sleep(0.05)
+        _remove_cgroup(group)
+
+
+def _remove_cgroup(group):
+    deadline = time.monotonic() + 10
+    while True:  # a group goes once its last task has
+        try:
+            os.rmdir(group)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{group} still has tasks"
+            time.sleep(0.05)
 
 
 def test_a_daemon_refused_threads_serves_on(rig, random_source, few_tasks):
@@ -236,14 +240,7 @@ def memory_cgroup(tmp_path):
     try:
         yield group, os.path.join(group, limit)
     finally:
-        deadline = time.monotonic() + 10
-        while True:  # a group goes once its last task has
-            try:
-                os.rmdir(group)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"{group} still has tasks"
-                time.sleep(0.05)
+        _remove_cgroup(group)
 
 
 def _read(path):
