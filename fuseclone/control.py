@@ -12,10 +12,13 @@ Protocol: one JSON object per line in each direction, one request per connection
     {"op": "wait", "timeout": SECONDS} -> like status, sent once hydration is complete (and
                                           committed), has stopped on errors, or SECONDS passed
                                           (default 60)
-    {"op": "unmount"}                  -> {"ok": true, "pid": N}, then the mount shuts down; or, while
+    {"op": "unmount"}                  -> {"ok": true, ...}, then the mount shuts down; or, while
                                           the image is open, {"ok": false, "busy": true, ...}
-    {"op": "unmount", "lazy": true}    -> {"ok": true}: cached writes handed over, then a lazy
-                                          detach and shutdown (what SIGTERM does)
+    {"op": "unmount", "lazy": true}    -> {"ok": true, ...}: cached writes handed over, then a
+                                          lazy detach and shutdown (what SIGTERM does)
+                                          (every unmount answer also carries "pid",
+                                          "metadata_mode" and "log_file": the CLI then tells a
+                                          last commit that lingers or never came)
     either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
 Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any other shape,

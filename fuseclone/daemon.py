@@ -354,7 +354,9 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 reply = await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
             # (in fail mode it stays unmarked on purpose, and the user was told why).
-            return {**reply, "metadata_mode": engine.meta.mode.value, "log_file": _log_file()}
+            # `pid`: what `unmount` names when the last commit lingers (a frozen filesystem).
+            return {**reply, "pid": os.getpid(), "metadata_mode": engine.meta.mode.value,
+                    "log_file": _log_file()}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
@@ -457,7 +459,7 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
             log.error("%s", exc)
             return {"ok": False, "error": str(exc)}
         stop.cancel()
-    return {"ok": True, "pid": os.getpid()}  # `unmount` names it if the last commit lingers
+    return {"ok": True}
 
 
 async def _write_back_then_stop(image: Callable[[], str], write_cache: int,

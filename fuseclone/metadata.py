@@ -974,8 +974,10 @@ def _creation_cut_short(fd: int) -> bool:
     """Whether the file is what a META's creation cut short leaves (see Metadata.exists):
     sized, and nothing but zeros in its header slots and holes past them."""
     header_end = FIRST_BITMAP_BLOCK * BLOCK
+    if os.pread(fd, header_end, 0).strip(b"\0"):
+        return False  # a header (every META in use): no need to walk its extents
     past = data_extents(fd, header_end, max(0, os.fstat(fd).st_size - header_end))
-    return all(hole for _, _, hole in past) and not os.pread(fd, header_end, 0).strip(b"\0")
+    return all(hole for _, _, hole in past)
 
 
 def _has_a_header(fd: int) -> bool:

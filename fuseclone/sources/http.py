@@ -26,15 +26,16 @@ Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 
 concurrently; at most `max_connections` (16) requests of copies (`read_for_copy`) are in flight
 across the whole source, and the engine's own concurrency (hydration_threshold) keeps them busy;
 a quarter more connections (4) are for the reads users wait for (`read`) alone, which then
-never queue behind copies, not even behind copies a hung server holds until they time out. Each body is received
-straight into its place in the read's buffer (from a BufferPool; page-aligned for hydration
-copies, which DST then takes with direct I/O), 1 MiB per socket read. Every GET carries `If-Match:
-<etag>` (or `If-Unmodified-Since: <last-modified>` when the ETag is weak or missing), and each
-answer's Content-Range, ETag and Last-Modified are checked, so a file that changes mid-clone fails
-instead of mixing versions. Connection failures and 5xx answers are retried twice within a
-quarter of a second (a keep-alive connection the server just closed is not a fault worth an EIO);
-then, like any non-206 answer, a short or long body, or a timeout (`timeout` seconds without
-progress, 30 by default), the read raises SourceReadError (EIO) with a message naming the URL and
+never queue behind copies, not even behind copies a hung server holds until they time out.
+Each body is received straight into its place in the read's buffer (from a BufferPool;
+page-aligned for hydration copies, which DST then takes with direct I/O), 1 MiB per socket
+read. Every GET carries `If-Match: <etag>` (or `If-Unmodified-Since: <last-modified>` when
+the ETag is weak or missing), and each answer's Content-Range, ETag and Last-Modified are
+checked, so a file that changes mid-clone fails instead of mixing versions. Connection
+failures and 5xx answers are retried twice within a quarter of a second (a keep-alive
+connection the server just closed is not a fault worth an EIO); then, like any non-206 answer,
+a short or long body, or a timeout (`timeout` seconds without progress, 30 by default), the
+read raises SourceReadError (EIO) with a message naming the URL and
 range. The engine turns that into EIO for user reads and back-off for hydration.
 
 TLS: certificates and host names are verified (there is no switch to turn that off) against the
