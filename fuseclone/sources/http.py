@@ -144,6 +144,7 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
         timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None),
         follow_redirects=False,
         auth=auth,
+        event_hooks={"request": [_RedirectGuard(url, description, auth)]},
     )
     source = cls(client, url, description, piece_size=piece_size,
                  max_connections=max_connections, timeout=timeout, retry_delays=retry_delays,
@@ -211,6 +212,38 @@ def _read_header_file(path: str) -> dict[str, str]:
     return headers
 
 
+class _RedirectGuard:
+    """Looks at every request a source's client sends, each hop of a redirect too (httpx
+    copies a request's headers into the next hop, and reads go to where opening was sent):
+    a redirect may not lead from https:// to plain http://, and the header file's headers (a
+    bearer token, an API key) go only to the server the user named, not to another host (a
+    download redirected to a pre-signed URL, or a server that redirects anywhere)."""
+
+    def __init__(self, named: httpx.URL, description: str, auth: RequestAuth | None) -> None:
+        self._named = named
+        self._description = description
+        self._auth = auth
+
+    async def __call__(self, request: httpx.Request) -> None:
+        if self._named.scheme == "https" and request.url.scheme != "https":
+            raise SourceError(f"{self._description}: redirected to a plain http:// URL "
+                              f"({describe_spec(str(request.url))}); fuseclone does not give "
+                              "up TLS")
+        if self._auth is not None and not _same_server(self._named, request.url):
+            self._auth.withhold(request)
+
+
+def _same_server(named: httpx.URL, url: httpx.URL) -> bool:
+    """Whether `url` is on the server `named` names: the same scheme, host and port, or the
+    same host upgraded from http to https on the default ports."""
+    if url.host != named.host:
+        return False
+    if (url.scheme, url.port) == (named.scheme, named.port):
+        return True
+    return (named.scheme, url.scheme) == ("http", "https") and named.port in (None, 80) \
+        and url.port in (None, 443)
+
+
 SignRequest = Callable[[httpx.Request], Awaitable[None]]
 
 
@@ -235,6 +268,12 @@ class RequestAuth(httpx.Auth):
 
     def sync_auth_flow(self, request: httpx.Request):
         raise RuntimeError("sources use httpx's async client only")
+
+    def withhold(self, request: httpx.Request) -> None:
+        """Take the header file's headers off `request` (bound for another server)."""
+        if self.header_file is not None:
+            for name in self.header_file.headers:
+                request.headers.pop(name, None)
 
     async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
         """Add the headers and the signature; the headers added."""

@@ -4,6 +4,7 @@ scripted server for hangs and broken-off bodies. Also the engine hydrating from 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -110,6 +111,7 @@ http {{
             if (-f {tmp}/fault) {{ return 500; }}
         }}
         location ~ ^/redirect/(.*)$ {{ return 302 /$1; }}
+        location ~ ^/plain/(.*)$ {{ return 302 http://127.0.0.1:{port}/$1; }}
         location /shortkeepalive/ {{ alias {root}/; keepalive_timeout 100ms; }}
         location /bearer/ {{
             alias {root}/;
@@ -469,6 +471,13 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self):
+        self.server.requests.append((self.command, dict(self.headers)))
+        if self.server.head == "redirect":  # to `server.location`
+            self.send_response(302)
+            self.send_header("Location", self.server.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.server.head == "gated":  # answered once the test opens the gate
             self.server.at_gate.set()
             self.server.gate.wait(30)
@@ -488,6 +497,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         return 'W/"v1"' if self.server.head == "weak-etag" else '"v1"'
 
     def do_GET(self):
+        self.server.requests.append((self.command, dict(self.headers)))
         self.server.gets += 1
         mode = self.server.mode
         first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
@@ -519,9 +529,17 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def scripted():
+    with serving_scripted() as (server, url):
+        yield server, url
+
+
+@contextlib.contextmanager
+def serving_scripted():
+    """A ScriptedServer on a free port and its URL; `requests` lists (method, headers)."""
     server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
     server.daemon_threads = True
     server.mode, server.head, server.gets, server.release = "ok", "ok", 0, threading.Event()
+    server.requests, server.location = [], None
     server.at_gate, server.gate = threading.Event(), threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -590,6 +608,25 @@ async def test_opening_is_bounded_by_the_connect_timeout(scripted):
             pass
     assert trio.current_time() - start < 5
     assert_one_line(info, url, "no answer within 0.5 s")
+
+
+async def test_the_header_file_goes_to_the_named_server_alone(scripted, tmp_path):
+    """A server that redirects to another (a download to a pre-signed URL, or a server that
+    sends its clients anywhere): the header file's token and key go to the named server only,
+    neither in the redirected HEAD nor in the reads that then go to the other server."""
+    server, url = scripted
+    headers = tmp_path / "headers"
+    headers.write_text(f"Authorization: Bearer {FIRST_TOKEN}\nX-Api-Key: {SECOND_TOKEN}\n")
+    with serving_scripted() as (other, other_url):
+        server.head, server.location = "redirect", other_url
+        async with open_source(url, http_header_file=str(headers)) as source:
+            assert source.url == other_url
+            assert await source.read(0, 100) == b"y" * 100
+        assert [method for method, _ in other.requests] == ["HEAD", "GET"]
+        for _, sent in other.requests:
+            assert FIRST_TOKEN not in str(sent) and SECOND_TOKEN not in str(sent)
+    [(_, sent)] = server.requests  # the named server had them
+    assert sent["Authorization"] == f"Bearer {FIRST_TOKEN}" and sent["X-Api-Key"] == SECOND_TOKEN
 
 
 async def test_timeout_is_a_read_error(scripted):
@@ -703,6 +740,21 @@ async def test_https_verifies_certificates(tls_nginx, monkeypatch):
     async with open_http_source(url, piece_size=64 * KiB) as source:
         assert source.size == len(data)
         assert await source.read(1, len(data)) == data[1:]
+
+
+async def test_a_redirect_from_https_to_plain_http_is_refused(tls_nginx, monkeypatch):
+    """The user asked for TLS: a redirect to http:// is refused before anything is sent
+    there, not followed to reads in plain text."""
+    write_file(tls_nginx.root / "image.raw", 300 * KiB, seed=4)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_nginx.tmp / "cert.pem"))
+    url = tls_nginx.tls_url("plain/image.raw")
+    with pytest.raises(SourceError) as info:
+        async with open_http_source(url):
+            pass
+    assert_one_line(info, url, "redirected to a plain http:// URL",
+                    f"http://127.0.0.1:{tls_nginx.port}/image.raw")
+    assert [(row[0], row[1], row[5]) for row in tls_nginx.log()] == [
+        ("HEAD", "302", "/plain/image.raw")]
 
 
 # ---- headers from a file (--http-header-file) -----------------------------------------------
