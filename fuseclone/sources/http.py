@@ -9,7 +9,9 @@ for the duration of the block. The source only ever sends HEAD and GET (SPEC inv
 Opening (one clear SourceError line naming the URL if anything is wrong), within the connect
 timeout (10 s) as a whole, like an NBD dial and handshake:
 - HEAD, following redirects; later reads go straight to the final URL. Its Content-Length is the
-  image size; its ETag and Last-Modified identify this version of the file.
+  image size; its ETag and Last-Modified identify this version of the file. A redirect from
+  https:// to http:// is refused, and the header file's headers go only to the server the URL
+  names, never to where a redirect leads (_RedirectGuard).
 - Range support is required: `Accept-Ranges: bytes`, or else a probe `GET Range: bytes=0-0` must
   answer 206. A server that ignores Range is refused. If HEAD itself is refused (403/405/501, as
   with URLs pre-signed for GET only), the probe answers for it: Content-Range gives the size.
