@@ -15,7 +15,8 @@ timeout (10 s) as a whole, like an NBD dial and handshake:
 - Range support is required: `Accept-Ranges: bytes`, or else a probe `GET Range: bytes=0-0` must
   answer 206. A server that ignores Range is refused. If HEAD itself is refused (403/405/501, as
   with URLs pre-signed for GET only), the probe answers for it: Content-Range gives the size.
-- `Accept-Encoding: identity` is sent everywhere, so sizes and ranges are of the file's own bytes.
+- `Accept-Encoding: identity` is sent everywhere, so sizes and ranges are of the file's own bytes;
+  a file the server sends encoded all the same (Content-Encoding: gzip) is refused.
 
 Identity (stored in the metadata, SPEC invariant 7): kind "http", the URL as given (normalised
 by httpx; a password in it is replaced by ***), size, and ETag and Last-Modified when the server
@@ -408,6 +409,7 @@ class HttpSource(Source):
         if self.probe_with_head:
             head = await self._open_request("HEAD", self._url, follow_redirects=True)
             if head.is_success:
+                _refuse_encoded(head, where)
                 self._url = head.url
                 size = _content_length(head)
                 self._take_validators(head)
@@ -425,6 +427,7 @@ class HttpSource(Source):
                 # The body is left unread: a server without ranges may be sending the whole file.
                 status = probe.status_code
                 if status == 206:
+                    _refuse_encoded(probe, where)
                     self._url = probe.url
                     if head is None or not head.is_success:
                         self._take_validators(probe)
@@ -562,10 +565,10 @@ class HttpSource(Source):
             raise SourceReadError(errno.EIO, f"{where}: the file changed on the server since the "
                                              f"clone began ({self._validator_text()} no longer "
                                              "matches)")
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        coding = _content_coding(response)
+        if coding is not None:
             raise SourceReadError(errno.EIO, f"{where}: the server sent an encoded body "
-                                             f"(Content-Encoding: {encoding})")
+                                             f"(Content-Encoding: {coding})")
 
     def _validator_text(self) -> str:
         if self.etag is not None:
@@ -685,6 +688,22 @@ def _content_length(response: httpx.Response) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
+
+
+def _content_coding(response: httpx.Response) -> str | None:
+    """The Content-Encoding of `response` (gzip, br...), or None for the file's own bytes."""
+    coding = response.headers.get("content-encoding", "identity").strip().lower()
+    return None if coding in ("", "identity") else coding
+
+
+def _refuse_encoded(response: httpx.Response, where: str) -> None:
+    """A file the server keeps encoded (an S3 object stored with Content-Encoding: gzip, a
+    precompressed file) has its sizes and ranges in encoded bytes, whatever Accept-Encoding
+    asks: refused at opening, where it would otherwise fail every read."""
+    coding = _content_coding(response)
+    if coding is not None:
+        raise SourceError(f"{where}: the server sends the file encoded (Content-Encoding: "
+                          f"{coding}), not its own bytes; fuseclone needs those")
 
 
 def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:

@@ -491,6 +491,8 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(self.SIZE))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", self.etag())
+        if self.server.head == "encoded":  # a file kept compressed (an S3 object's metadata)
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
 
     def etag(self):
@@ -513,6 +515,8 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
         self.send_header("Content-Length", str(n))
         self.send_header("ETag", '"v2"' if mode == "other-etag" else self.etag())
+        if mode == "encoded":
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
         if mode == "short":
             self.wfile.write(b"y" * (n // 2))
@@ -594,6 +598,19 @@ async def test_refused_without_a_size(scripted):
         async with open_http_source(url):
             pass
     assert_one_line(info, url, "no Content-Length")
+
+
+@pytest.mark.parametrize("head, mode", [("encoded", "encoded"), ("405", "encoded")])
+async def test_a_file_the_server_sends_encoded_is_refused_at_opening(scripted, head, mode):
+    """Sizes and ranges of a file kept encoded (Content-Encoding: gzip whatever the request
+    asks) are the encoded bytes': refused at opening (HEAD, or the Range probe when HEAD is
+    refused), not mounted to fail every read."""
+    server, url = scripted
+    server.head, server.mode = head, mode
+    with pytest.raises(SourceError) as info:
+        async with open_source(url):
+            pass
+    assert_one_line(info, url, "the server sends the file encoded (Content-Encoding: gzip)")
 
 
 async def test_opening_is_bounded_by_the_connect_timeout(scripted):
