@@ -35,11 +35,12 @@ page-aligned for hydration copies, which DST then takes with direct I/O), 1 MiB 
 read. Every GET carries `If-Match: <etag>` (or `If-Unmodified-Since: <last-modified>` when
 the ETag is weak or missing), and each answer's Content-Range, ETag and Last-Modified are
 checked, so a file that changes mid-clone fails instead of mixing versions. Connection
-failures and 5xx answers are retried twice within a quarter of a second (a keep-alive
-connection the server just closed is not a fault worth an EIO); then, like any non-206 answer,
-a short or long body, or a timeout (`timeout` seconds without progress, 30 by default), the
-read raises SourceReadError (EIO) with a message naming the URL and
-range. The engine turns that into EIO for user reads and back-off for hydration.
+failures, 5xx answers and answers for another range (an earlier answer sent twice, left on a
+kept-alive connection) are retried twice within a quarter of a second, on another connection
+(a keep-alive connection the server just closed is not a fault worth an EIO); then, like any
+non-206 answer, a short or long body, or a timeout (`timeout` seconds without progress, 30 by
+default), the read raises SourceReadError (EIO) with a message naming the URL and range. The
+engine turns that into EIO for user reads and back-off for hydration.
 
 TLS: certificates and host names are verified (there is no switch to turn that off) against the
 system's CA store plus certifi's bundle. OpenSSL's usual variables name other trust anchors:
@@ -555,8 +556,10 @@ class HttpSource(Source):
             raise SourceReadError(errno.EIO, f"{where}: the file changed on the server since the "
                                              f"clone began (size {self._size}, now {total})")
         if (first, last) != (start, stop - 1):
-            raise SourceReadError(errno.EIO, f"{where}: the server answered with bytes "
-                                             f"{first}-{last} instead")
+            # Most likely an answer to an earlier request left on this kept-alive connection
+            # (a server that sent it twice): leaving its body unread closes the connection,
+            # and the request is sent again on another.
+            raise _Transient(f"{where}: the server answered with bytes {first}-{last} instead")
         etag = response.headers.get("etag")
         modified = response.headers.get("last-modified")
         if (etag is not None and self.etag is not None and etag.strip() != self.etag) or (

@@ -509,6 +509,10 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
             return
         if mode == "slow":  # latency: 0.2 s before each answer
             time.sleep(0.2)
+        for _ in range(2 if mode == "twice" else 1):  # twice: once more, unasked
+            self.answer(first, last, mode)
+
+    def answer(self, first, last, mode):
         n = last - first + 1
         self.send_response(206)
         total = "*" if self.server.head == "no-length" else self.SIZE
@@ -688,6 +692,18 @@ async def test_short_body_and_foreign_etag_are_read_errors(scripted):
             await source.read(0, 100)
         server.mode = "ok"
         assert await source.read(0, 100_000) == b"y" * 100_000
+
+
+async def test_an_answer_sent_twice_does_not_fail_the_next_read(scripted):
+    """A server that answers a request twice leaves the second answer on the kept-alive
+    connection, where the next request finds it: its other range is refused (never taken as
+    the next read's data) and the read is sent again on another connection, not failed."""
+    server, url = scripted
+    server.mode = "twice"
+    async with open_http_source(url, max_connections=1, retry_delays=(0.01,)) as source:
+        assert await source.read(0, 100) == b"y" * 100
+        assert await source.read(1000, 100) == b"y" * 100  # finds 0-99 first
+    assert server.gets == 3
 
 
 async def test_latency_does_not_serialise_reads(scripted):
