@@ -202,13 +202,10 @@ def test_a_mount_command_stopped_while_the_source_is_slow_leaves_nothing(rig, st
     daemon went on once the server answered, created DST and META, mounted, and died of the
     closed ready pipe (a traceback), leaving DST and META behind a command that said it
     stopped. Now nothing is created: no DST, META, mount or daemon."""
-    from tests.sources_http.test_http import ScriptedHandler, ScriptedServer
+    from tests.sources_http.test_http import ScriptedServer
 
-    server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
-    server.daemon_threads = True
-    server.mode, server.head, server.gets = "ok", "gated", 0
-    server.at_gate, server.gate, server.release = (threading.Event(), threading.Event(),
-                                                   threading.Event())
+    server = ScriptedServer()
+    server.head = "gated"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     rig.stack.callback(server.server_close)
     rig.stack.callback(server.shutdown)

@@ -533,6 +533,14 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
     # socketserver's default listen backlog of 5: under load, a burst of 8 connects overflowed
     # it and one SYN was retried a second later, failing the latency test.
     request_queue_size = 64
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        self.mode, self.head, self.gets, self.release = "ok", "ok", 0, threading.Event()
+        self.at_gate, self.gate = threading.Event(), threading.Event()
+        self.requests: list[tuple[str, dict]] = []  # (method, headers) of each request
+        self.location: str | None = None  # where head "redirect" sends a HEAD
 
 
 @pytest.fixture
@@ -543,12 +551,8 @@ def scripted():
 
 @contextlib.contextmanager
 def serving_scripted():
-    """A ScriptedServer on a free port and its URL; `requests` lists (method, headers)."""
-    server = ScriptedServer(("127.0.0.1", 0), ScriptedHandler)
-    server.daemon_threads = True
-    server.mode, server.head, server.gets, server.release = "ok", "ok", 0, threading.Event()
-    server.requests, server.location = [], None
-    server.at_gate, server.gate = threading.Event(), threading.Event()
+    """A ScriptedServer on a free port, serving, and its URL."""
+    server = ScriptedServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
