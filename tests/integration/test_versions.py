@@ -1,15 +1,18 @@
-"""Other versions of fuseclone and its packages: the packages changed under a running mount (pip
-upgrading them while clones live for days)."""
+"""Other versions of fuseclone and its packages: daemons of an earlier release answering this
+one's commands (the package upgraded while clones stay mounted), METAs of a later one, the
+packages changed under a running mount (pip upgrading them while clones live for days)."""
 
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import h11
 import pytest
 
-from tests.integration.conftest import fuseclone, sha256, status_json
+from tests.integration.conftest import fuseclone, sh, sha256, status_json
 from tests.integration.test_operating import free_port, scrape
 
 
@@ -62,3 +65,46 @@ def test_a_meta_with_header_bits_of_a_later_release_is_refused(rig, random_sourc
                                  "fuseclone?): use that release or a later one\n")
     assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()
     assert (sha256(rig.meta), sha256(rig.dst)) == before
+
+
+# The last release whose daemon takes no "mountpoint" in an unmount request.
+BEFORE_UNMOUNT_MOUNTPOINT = "89d44a5"
+
+
+def earlier_release(commit: str, where) -> str:
+    """The fuseclone package of COMMIT (this repository's history) in a directory of WHERE, to
+    run with `python -m fuseclone` from there; skips without the history (a tarball)."""
+    tree = where / f"fuseclone-{commit}"
+    tree.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    archive = subprocess.run(["git", "-C", repo, "archive", commit, "fuseclone"],
+                             capture_output=True)
+    if archive.returncode:
+        pytest.skip(f"no release {commit} in this repository's history")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return str(tree)
+
+
+def mount_with(rig, release: str, *options) -> None:
+    """Mount RIG's clone with the fuseclone of RELEASE (a package directory)."""
+    sh(sys.executable, "-m", "fuseclone", "mount", rig.src, rig.dst, rig.meta, rig.mnt, *options,
+       cwd=release)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_unmount_of_a_mount_of_an_earlier_release(rig, random_source, lazy):
+    """After an upgrade of the package, `unmount` of a clone still served by a daemon of a
+    release before the unmount request's "mountpoint" field was refused by that daemon
+    ('unmount takes no field "mountpoint"'), lazy or not: no clone mounted before the upgrade
+    could be unmounted by the new command."""
+    release = earlier_release(BEFORE_UNMOUNT_MOUNTPOINT, rig.tmp)
+    mount_with(rig, release, "--no-hydration")
+    with open(rig.image, "r+b") as image:
+        image.write(b"written before the upgrade")
+        os.fsync(image.fileno())
+    fuseclone("unmount", rig.mnt, *(["--lazy"] if lazy else []))
+    rig.wait_unmounted()
+    assert status_json(rig.meta)["clean"] is True
+    with open(rig.dst, "rb") as dst:
+        assert dst.read(26) == b"written before the upgrade"
