@@ -108,3 +108,32 @@ def test_unmount_of_a_mount_of_an_earlier_release(rig, random_source, lazy):
     assert status_json(rig.meta)["clean"] is True
     with open(rig.dst, "rb") as dst:
         assert dst.read(26) == b"written before the upgrade"
+
+
+def later_release(where) -> str:
+    """This package with a status field it does not have yet, as a later release's daemon
+    sends it; a directory to run `python -m fuseclone` from."""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "fuseclone")
+    tree = where / "fuseclone-later"
+    shutil.copytree(package, tree / "fuseclone", ignore=shutil.ignore_patterns("__pycache__"))
+    status_py = tree / "fuseclone" / "status.py"
+    last_field = "    fetched: dict = field(default_factory=dict)\n"
+    text = status_py.read_text()
+    assert last_field in text
+    status_py.write_text(text.replace(last_field, last_field + "    of_a_later_release: int = 1\n"))
+    return str(tree)
+
+
+def test_commands_to_a_mount_of_a_later_release(rig, random_source):
+    """After a downgrade of the package, every command that reads a live status (status, list,
+    metrics, wait, unmount) of a clone still served by a later release's daemon failed with a
+    traceback (TypeError: an unexpected keyword argument) at the first field it did not know."""
+    mount_with(rig, later_release(rig.tmp), "--no-hydration")
+    assert status_json(rig.mnt)["hydrated_regions"] == 0
+    assert fuseclone("status", rig.mnt).stdout
+    assert os.path.realpath(rig.mnt) in fuseclone("list").stdout
+    assert "fuseclone_up" in fuseclone("metrics").stdout
+    assert fuseclone("wait", rig.mnt, "--timeout", "0.1", check=False).returncode == 1
+    fuseclone("unmount", rig.mnt)
+    assert status_json(rig.meta)["clean"] is True
