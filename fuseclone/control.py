@@ -120,6 +120,13 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
+def earlier_socket_path(meta_path: str) -> str:
+    """Where a daemon of a release before sockets were named by META's identity (releases of
+    format-1 METAs, until 2026-11-27) listens: named by META's resolved path."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(meta_path))).hexdigest()[:16]
+    return os.path.join(RUNTIME_DIR, f"{digest}.sock")
+
+
 DEFAULT_LOG_MAX = 4 << 20  # a default log this large is renamed to LOG.1 by the next mount
 
 
@@ -305,7 +312,10 @@ def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            if not _connect(sock, socket_path(meta_path), deadline):
+            # A daemon of an earlier release (the package upgraded while it stays mounted)
+            # listens at the earlier name.
+            if not (_connect(sock, socket_path(meta_path), deadline)
+                    or _connect(sock, earlier_socket_path(meta_path), deadline)):
                 return None
             sock.settimeout(_remaining(deadline))
             sock.sendall(json.dumps(req).encode() + b"\n")

@@ -69,6 +69,8 @@ def test_a_meta_with_header_bits_of_a_later_release_is_refused(rig, random_sourc
 
 # The last release whose daemon takes no "mountpoint" in an unmount request.
 BEFORE_UNMOUNT_MOUNTPOINT = "89d44a5"
+# A release of format-1 METAs, whose daemon listens at a socket named by META's path.
+FORMAT_1_RELEASE = "a393477"
 
 
 def earlier_release(commit: str, where) -> str:
@@ -137,3 +139,24 @@ def test_commands_to_a_mount_of_a_later_release(rig, random_source):
     assert fuseclone("wait", rig.mnt, "--timeout", "0.1", check=False).returncode == 1
     fuseclone("unmount", rig.mnt)
     assert status_json(rig.meta)["clean"] is True
+
+
+def test_commands_to_a_mount_of_a_format_1_release(rig, random_source):
+    """After an upgrade of the package, a clone still served by a daemon of a release before
+    sockets were named by META's identity was out of every command's reach: status said 'in
+    use by another fuseclone process', message and unmount that it did not answer (and offered
+    a lazy detach); list showed 'no control socket'."""
+    mount_with(rig, earlier_release(FORMAT_1_RELEASE, rig.tmp), "--no-hydration")
+    with open(rig.image, "r+b") as image:
+        image.write(b"written before the upgrade")
+        os.fsync(image.fileno())
+    assert status_json(rig.mnt)["live"] is True
+    fuseclone("message", rig.mnt, "enable_hydration")
+    row = next(line for line in fuseclone("list").stdout.splitlines()
+               if line.startswith(os.path.realpath(rig.mnt) + " "))
+    assert "no control socket" not in row
+    fuseclone("unmount", rig.mnt)
+    assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()
+    assert status_json(rig.meta)["clean"] is True
+    with open(rig.dst, "rb") as dst:
+        assert dst.read(26) == b"written before the upgrade"
