@@ -222,18 +222,25 @@ def resolve_target(target: str) -> str:
 
 
 def daemon_gone(meta_path: str) -> bool:
-    """Whether the daemon of META's mount was killed: its control socket is still there but
-    nobody listens. A stopped daemon still listens, and a missing socket proves nothing (a
-    daemon on its way out removes it): neither counts."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        try:
-            sock.connect(socket_path(meta_path))
-        except ConnectionRefusedError:
-            return True
-        except (FileNotFoundError, BlockingIOError):  # BlockingIOError: a full backlog
-            return False
-    return False
+    """Whether the daemon of META's mount was killed: its control socket (or an earlier
+    release's, see `request`) is still there but nobody listens. A stopped daemon still
+    listens, and a missing socket proves nothing (a daemon on its way out removes it): neither
+    counts."""
+    refused = False
+    for path in (socket_path(meta_path), earlier_socket_path(meta_path)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except ConnectionRefusedError:
+                refused = True
+                continue
+            except FileNotFoundError:
+                continue
+            except BlockingIOError:  # a full backlog: someone listens
+                return False
+        return False
+    return refused
 
 
 def cleanup_stale_mount(path: str) -> bool:

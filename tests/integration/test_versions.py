@@ -4,9 +4,11 @@ packages changed under a running mount (pip upgrading them while clones live for
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import h11
@@ -160,3 +162,19 @@ def test_commands_to_a_mount_of_a_format_1_release(rig, random_source):
     assert status_json(rig.meta)["clean"] is True
     with open(rig.dst, "rb") as dst:
         assert dst.read(26) == b"written before the upgrade"
+
+
+def test_unmount_of_a_killed_daemon_of_a_format_1_release(rig, random_source):
+    """Its socket left behind at the earlier name: the stale mount is cleaned, as one of this
+    release's (`unmount` said the mount did not answer, and `list` 'no control socket')."""
+    mount_with(rig, earlier_release(FORMAT_1_RELEASE, rig.tmp), "--no-hydration")
+    pid = int(sh("pgrep", "-f", f"fuseclone mount .*{rig.meta}").stdout.split()[0])
+    os.kill(pid, signal.SIGKILL)
+    while os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.01)  # no event to await: a killed process is reaped by init
+    row = next(line for line in fuseclone("list").stdout.splitlines()
+               if line.startswith(os.path.realpath(rig.mnt) + " "))
+    assert "daemon gone (killed)" in row
+    result = fuseclone("unmount", rig.mnt)
+    assert result.stderr.endswith(f"fuseclone: cleaned a stale mount at {rig.mnt}\n")
+    assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()
