@@ -996,6 +996,25 @@ def _creation_cut_short(fd: int) -> bool:
     return all(hole for _, _, hole in past)
 
 
+def format_1_identity(path: str) -> dict | None:
+    """The identities (source, destination) a format-1 META at PATH records, read without its
+    lock (a live mount holds it); None for any other file, or one that cannot be read."""
+    try:
+        fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        headers = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    except (OSError, MetadataError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    valid = [header for header in headers if header is not None]
+    if not valid or max(valid, key=lambda h: h.seq).version != VERSION_WITHOUT_WRITTEN:
+        return None
+    return max(valid, key=lambda h: h.seq).identity
+
+
 def _has_a_header(fd: int) -> bool:
     """Whether the file holds a valid header in either slot (read without its lock)."""
     if os.fstat(fd).st_size < FIRST_BITMAP_BLOCK * BLOCK:

@@ -178,3 +178,40 @@ def test_unmount_of_a_killed_daemon_of_a_format_1_release(rig, random_source):
     result = fuseclone("unmount", rig.mnt)
     assert result.stderr.endswith(f"fuseclone: cleaned a stale mount at {rig.mnt}\n")
     assert os.path.realpath(rig.mnt) not in open("/proc/mounts").read()
+
+
+def test_a_live_format_1_clones_files_are_no_files_of_a_new_mount(rig, random_source):
+    """A daemon of a format-1 release claims neither its DST nor its SRC (no flock): after an
+    upgrade of the package, a new clone took the live clone's DST as its own DST, or as the
+    access trace it truncates, or its SRC as its DST, and wrote into the live clone's data."""
+    mount_with(rig, earlier_release(FORMAT_1_RELEASE, rig.tmp), "--no-hydration")
+    with open(rig.image, "r+b") as image:
+        image.write(b"the live clone's data")
+        os.fsync(image.fileno())
+    before = sha256(rig.dst), sha256(rig.src)
+    other = rig.tmp / "other"
+    other.mkdir()
+    (other / "mnt").mkdir()
+    rig.stack.callback(rig._force_unmount, str(other / "mnt"))  # were it mounted
+    new_dst, new_meta = str(other / "dst.img"), str(other / "clone.meta")
+    for options, dst, role, what, path in (
+            ([], rig.dst, "destination", "destination", rig.dst),
+            (["--record-access", rig.dst], new_dst, "access trace", "destination", rig.dst),
+            ([], rig.src, "destination", "source", rig.src)):
+        result = fuseclone("mount", new_source(other), dst, new_meta, str(other / "mnt"),
+                           "--no-hydration", *options, check=False)
+        assert (result.returncode, result.stderr) == (1, (
+            f"fuseclone: error: {path}: the {what} of the live clone at "
+            f"{os.path.realpath(rig.mnt)} (mounted by an earlier fuseclone release) cannot be "
+            f"this mount's {role}\n"))
+        assert not os.path.exists(new_meta) and not os.path.exists(new_dst)
+    assert (sha256(rig.dst), sha256(rig.src)) == before
+
+
+def new_source(where) -> str:
+    from tests.engine.conftest import make_source_file
+
+    path = str(where / "src.img")
+    if not os.path.exists(path):
+        make_source_file(path, os.path.getsize(str(where.parent / "src.img")), seed=5)
+    return path
