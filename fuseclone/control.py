@@ -21,6 +21,9 @@ Protocol: one JSON object per line in each direction, one request per connection
                                           last commit that lingers or never came)
     either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
+A field a daemon does not know is refused ('OP takes no field "NAME"'): a client that adds one
+asks an earlier release's daemon again without it, when that is safe (cli._request_unmount).
+
 Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any other shape,
 type or range is answered {"ok": false, "error": "..."} before anything is done; a client that
 hangs up before its answer only cancels its own request; a line must arrive within
