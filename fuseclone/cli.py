@@ -656,7 +656,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
              f"{_MAY_BE_LOST}")
 
 
-# What a daemon of a release before the unmount request's "mountpoint" (stop 28 and earlier)
+# What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)
 # answers to it: one mounted before the package was upgraded under it.
 _REFUSED_BY_EARLIER_DAEMONS = 'unmount takes no field "mountpoint"'
 
@@ -669,8 +669,8 @@ def _request_unmount(meta: str, real: str, lazy: bool, timeout: float) -> dict |
                             timeout=timeout)
     if reply is None or reply.get("error") != _REFUSED_BY_EARLIER_DAEMONS:
         return reply
-    status = control.request(meta, {"op": "status"}, timeout=timeout) or {}
-    found = control.find_mount(status.get("mountpoint") or "")
+    where = (control.request(meta, {"op": "status"}, timeout=timeout) or {}).get("mountpoint")
+    found = control.find_mount(where) if isinstance(where, str) else None
     if found is None or found[1] != real:
         return {"ok": False, "error": f"the mount of {meta} is not the one at {real} (META was "
                 "moved, and another clone made at its path?)"}

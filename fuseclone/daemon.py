@@ -143,7 +143,8 @@ def _refuse_files_of_format_1_clones(opts: MountOptions) -> None:
     for meta, mountpoint in control.mounts():
         identity = format_1_identity(meta) or {}
         for what in ("source", "destination"):
-            theirs = identity.get(what, {}).get("path")
+            recorded = identity.get(what)
+            theirs = recorded.get("path") if isinstance(recorded, dict) else None
             for role, path in written if isinstance(theirs, str) else ():
                 if _same_file(path, theirs):
                     raise FusecloneError(

@@ -1010,9 +1010,10 @@ def format_1_identity(path: str) -> dict | None:
     finally:
         os.close(fd)
     valid = [header for header in headers if header is not None]
-    if not valid or max(valid, key=lambda h: h.seq).version != VERSION_WITHOUT_WRITTEN:
+    newest = max(valid, key=lambda h: h.seq) if valid else None
+    if newest is None or newest.version != VERSION_WITHOUT_WRITTEN:
         return None
-    return max(valid, key=lambda h: h.seq).identity
+    return newest.identity if isinstance(newest.identity, dict) else None
 
 
 def _has_a_header(fd: int) -> bool:
