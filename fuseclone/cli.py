@@ -455,7 +455,7 @@ def read_status(target: str) -> Status:
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "status"})
     if reply is not None:
-        return Status(**reply["status"])
+        return Status.from_reply(reply["status"])
     return offline_status(meta)
 
 
@@ -470,7 +470,7 @@ def _status_while_stopping(meta: str) -> Status:
         reply = None
     if reply is None:
         return _offline_status_once_released(meta)
-    return Status(**reply["status"])
+    return Status.from_reply(reply["status"])
 
 
 def offline_status(meta_path: str) -> Status:
@@ -580,7 +580,7 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     if reply is not None:
         if not reply.get("ok"):  # too many waits pending, say
             raise FusecloneError(reply.get("error", "wait refused"))
-        return Status(**reply["status"])
+        return Status.from_reply(reply["status"])
     return offline_status(meta)
 
 
@@ -620,8 +620,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
     try:
-        reply = control.request(meta, {"op": "unmount", "lazy": lazy, "mountpoint": real},
-                                timeout=answer_within)
+        reply = _request_unmount(meta, real, lazy, answer_within)
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises
@@ -655,6 +654,27 @@ def unmount(mountpoint, timeout, lazy) -> None:
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
              f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
              f"{_MAY_BE_LOST}")
+
+
+# What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)
+# answers to it: one mounted before the package was upgraded under it.
+_REFUSED_BY_EARLIER_DAEMONS = 'unmount takes no field "mountpoint"'
+
+
+def _request_unmount(meta: str, real: str, lazy: bool, timeout: float) -> dict | None:
+    """The unmount request to the mount of META, which must be the one at REAL (META's path
+    may name another mount's META by now). A daemon of an earlier release takes no mountpoint
+    to check: its status must name REAL, then it is asked without one."""
+    reply = control.request(meta, {"op": "unmount", "lazy": lazy, "mountpoint": real},
+                            timeout=timeout)
+    if reply is None or reply.get("error") != _REFUSED_BY_EARLIER_DAEMONS:
+        return reply
+    where = (control.request(meta, {"op": "status"}, timeout=timeout) or {}).get("mountpoint")
+    found = control.find_mount(where) if isinstance(where, str) else None
+    if found is None or found[1] != real:
+        return {"ok": False, "error": f"the mount of {meta} is not the one at {real} (META was "
+                "moved, and another clone made at its path?)"}
+    return control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
 
 
 DYING_GRACE = 1.0  # seconds a daemon that closed its connection unanswered may take to be gone

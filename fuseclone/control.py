@@ -21,6 +21,9 @@ Protocol: one JSON object per line in each direction, one request per connection
                                           last commit that lingers or never came)
     either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
+A field a daemon does not know is refused ('OP takes no field "NAME"'): a client that adds one
+asks an earlier release's daemon again without it, when that is safe (cli._request_unmount).
+
 Nothing a client sends can hurt the mount (SPEC invariant 10): a request of any other shape,
 type or range is answered {"ok": false, "error": "..."} before anything is done; a client that
 hangs up before its answer only cancels its own request; a line must arrive within
@@ -120,6 +123,13 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
+def earlier_socket_path(meta_path: str) -> str:
+    """Where a daemon of a release before sockets were named by META's identity (releases of
+    format-1 METAs, until 2026-11-27) listens: named by META's resolved path."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(meta_path))).hexdigest()[:16]
+    return os.path.join(RUNTIME_DIR, f"{digest}.sock")
+
+
 DEFAULT_LOG_MAX = 4 << 20  # a default log this large is renamed to LOG.1 by the next mount
 
 
@@ -215,18 +225,25 @@ def resolve_target(target: str) -> str:
 
 
 def daemon_gone(meta_path: str) -> bool:
-    """Whether the daemon of META's mount was killed: its control socket is still there but
-    nobody listens. A stopped daemon still listens, and a missing socket proves nothing (a
-    daemon on its way out removes it): neither counts."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        try:
-            sock.connect(socket_path(meta_path))
-        except ConnectionRefusedError:
-            return True
-        except (FileNotFoundError, BlockingIOError):  # BlockingIOError: a full backlog
-            return False
-    return False
+    """Whether the daemon of META's mount was killed: its control socket (or an earlier
+    release's, see `request`) is still there but nobody listens. A stopped daemon still
+    listens, and a missing socket proves nothing (a daemon on its way out removes it): neither
+    counts."""
+    refused = False
+    for path in (socket_path(meta_path), earlier_socket_path(meta_path)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except ConnectionRefusedError:
+                refused = True
+                continue
+            except FileNotFoundError:
+                continue
+            except BlockingIOError:  # a full backlog: someone listens
+                return False
+        return False
+    return refused
 
 
 def cleanup_stale_mount(path: str) -> bool:
@@ -305,7 +322,10 @@ def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            if not _connect(sock, socket_path(meta_path), deadline):
+            # A daemon of an earlier release (the package upgraded while it stays mounted)
+            # listens at the earlier name.
+            if not (_connect(sock, socket_path(meta_path), deadline)
+                    or _connect(sock, earlier_socket_path(meta_path), deadline)):
                 return None
             sock.settimeout(_remaining(deadline))
             sock.sendall(json.dumps(req).encode() + b"\n")

@@ -29,7 +29,7 @@ from .engine import CloneEngine, Settings
 from .errors import FusecloneError, describe
 from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
-from .metadata import Metadata
+from .metadata import Metadata, format_1_identity
 from .status import Status
 from .threads import in_thread
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
@@ -129,6 +129,38 @@ def check_paths(opts: MountOptions) -> None:
     # Their own claims refuse a live clone's log (it is held) as merely in use: say whose it is.
     for role, path in (("destination", opts.destination), ("metadata", opts.metadata)):
         claims.refuse_a_live_log(role, path)
+    _refuse_files_of_format_1_clones(opts)
+
+
+def _refuse_files_of_format_1_clones(opts: MountOptions) -> None:
+    """A daemon of a format-1 release (mounted before the package was upgraded) claims neither
+    its SRC nor its DST: found as a live mount whose META is still format 1 (this release
+    upgrades every META it mounts), whose header names them. The files this mount writes must
+    be neither."""
+    written = [(role, path) for role, path in (
+        ("destination", opts.destination), ("metadata", opts.metadata),
+        ("access trace", opts.record_access), ("log file", opts.log_file)) if path is not None]
+    for meta, mountpoint in control.mounts():
+        identity = format_1_identity(meta) or {}
+        for what in ("source", "destination"):
+            recorded = identity.get(what)
+            theirs = recorded.get("path") if isinstance(recorded, dict) else None
+            for role, path in written if isinstance(theirs, str) else ():
+                if _same_file(path, theirs):
+                    raise FusecloneError(
+                        f"{path}: the {what} of the live clone at {mountpoint} (mounted by an "
+                        f"earlier fuseclone release) cannot be this mount's {role}")
+
+
+def _same_file(path: str, other: str) -> bool:
+    """Whether PATH and OTHER name one file, or one block device (by any of its nodes)."""
+    try:
+        mine, theirs = os.stat(path), os.stat(other)
+    except OSError:
+        return False
+    if stat.S_ISBLK(mine.st_mode) and stat.S_ISBLK(theirs.st_mode):
+        return mine.st_rdev == theirs.st_rdev
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def check_passthrough(opts: MountOptions) -> None:

@@ -21,6 +21,10 @@ durable. A slot that was never written is all zeros and reads as an empty block.
 
 Format 1 had no written bitmap. A writable open upgrades it in place (`mark_open`), with the
 header flag FLAG_WRITTEN_UNKNOWN: writes made before the upgrade were not tracked.
+
+A header flag or feature bit this release does not know is refused, like a later format
+version: a release that adds one thereby keeps older ones from misreading its METAs, or
+clearing the bit when they write the header again (the features are rewritten whole).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 
 FLAG_CLEAN = 1 << 0
 FLAG_WRITTEN_UNKNOWN = 1 << 1  # upgraded from format 1: writes before the upgrade are unknown
+KNOWN_FLAGS = FLAG_CLEAN | FLAG_WRITTEN_UNKNOWN
 
 FEATURE_NO_HYDRATION = 1 << 0
 FEATURE_NO_DISCARD_PASSDOWN = 1 << 1
@@ -93,6 +98,7 @@ _FEATURE_NAMES = {
     FEATURE_NO_DISCARD_PASSDOWN: "no_discard_passdown",
     FEATURE_NO_COPY_ON_READ: "no_copy_on_read",
 }
+KNOWN_FEATURES = sum(_FEATURE_NAMES)
 
 
 def feature_names(features: int) -> list[str]:
@@ -170,9 +176,19 @@ class Header:
             raise MetadataError(f"metadata format version {version} is not supported (expected {VERSION})")
         (_, _, seq, region_size, source_size, nr_regions, flags, features, threshold,
          batch, uuid, ident_len) = layout.unpack_from(body)[:12]
+        _refuse_unknown_bits(flags, features)
         ident = json.loads(body[layout.size : layout.size + ident_len])
         return cls(seq, region_size, source_size, nr_regions, flags, features, threshold, batch,
                    uuid, ident, granularity, version)
+
+
+def _refuse_unknown_bits(flags: int, features: int) -> None:
+    unknown = [f"{what} 0x{bits:x}" for what, bits in (("flags", flags & ~KNOWN_FLAGS),
+                                                      ("features", features & ~KNOWN_FEATURES))
+               if bits]
+    if unknown:
+        raise MetadataError(f"metadata header {' and '.join(unknown)} unknown to this release "
+                            "(written by a later fuseclone?): use that release or a later one")
 
 
 @dataclass
@@ -980,11 +996,34 @@ def _creation_cut_short(fd: int) -> bool:
     return all(hole for _, _, hole in past)
 
 
+def format_1_identity(path: str) -> dict | None:
+    """The identities (source, destination) a format-1 META at PATH records, read without its
+    lock (a live mount holds it); None for any other file, or one that cannot be read."""
+    try:
+        fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        headers = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
+    except (OSError, MetadataError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    valid = [header for header in headers if header is not None]
+    newest = max(valid, key=lambda h: h.seq) if valid else None
+    if newest is None or newest.version != VERSION_WITHOUT_WRITTEN:
+        return None
+    return newest.identity if isinstance(newest.identity, dict) else None
+
+
 def _has_a_header(fd: int) -> bool:
     """Whether the file holds a valid header in either slot (read without its lock)."""
     if os.fstat(fd).st_size < FIRST_BITMAP_BLOCK * BLOCK:
         return False
-    return any(Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) is not None for slot in (0, 1))
+    try:
+        return any(Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) is not None for slot in (0, 1))
+    except MetadataError:  # a header of a later release
+        return True
 
 
 def _read_header(fd: int, path: str) -> Header:

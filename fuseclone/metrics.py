@@ -117,6 +117,10 @@ async def serve_metrics(host: str | None, port: int, render: Callable[[], str],
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Answer GET /metrics on HOST:PORT with render() until cancelled. Reports the bound
     (host, port) once listening. Whatever a client sends only ever costs its own connection."""
+    # Imported before serving, not at the first scrape: by then pip may be replacing h11 under
+    # the running mount, and a failed import there ended the whole mount.
+    import h11  # noqa: F401
+
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:

@@ -4,7 +4,7 @@ state and progress that `list` and systemd's STATUS= show (the human table is pr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from urllib.parse import urlsplit
 
 from .metadata import BLOCK as METADATA_BLOCK
@@ -61,6 +61,13 @@ class Status:
     prefetching: bool = False  # regions of the trace are still to be asked for
     # bytes this mount claimed for copies of each kind: prefetch, readahead, hot_spots
     fetched: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, doc: dict) -> Status:
+        """The status a mount sent. Fields this release does not know are left out: a daemon
+        of a later release (the package downgraded while it stays mounted) sends more."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in doc.items() if name in known})
 
     @property
     def complete(self) -> bool:
