@@ -97,18 +97,21 @@ _HEADERS = {
 HttpSourceT = TypeVar("HttpSourceT", bound="HttpSource")
 
 
-class _UrlsWithoutSecrets(logging.Filter):
-    """httpx logs every request's URL (at INFO): in the form describe_spec gives it, without
-    a pre-signed URL's signature."""
+class _RequestLines(logging.Filter):
+    """httpx logs a line per request at INFO: kept only at debug level (hydrating a TiB writes
+    millions of them, into a log in /run's memory by default), and in the form describe_spec
+    gives the URL, without a pre-signed URL's signature."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
         if isinstance(record.args, tuple):
             record.args = tuple(describe_spec(str(arg)) if isinstance(arg, httpx.URL) else arg
                                 for arg in record.args)
         return True
 
 
-logging.getLogger("httpx").addFilter(_UrlsWithoutSecrets())
+logging.getLogger("httpx").addFilter(_RequestLines())
 
 
 class _Transient(Exception):
