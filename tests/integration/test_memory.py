@@ -42,7 +42,7 @@ def read_burst(image: str, size: int) -> None:
 
 
 def test_a_burst_of_readers_leaves_no_heap_behind(rig, random_source):
-    """After 24 concurrent readers the daemon held 30-45 MiB of freed buffers in a dozen
+    """After 24 concurrent readers the daemon held 40-50 MiB of freed buffers in a dozen
     per-thread malloc arenas for as long as it ran (this burst: 12-18 MiB more anonymous
     memory than before it); now it gives them back once idle (1-3 MiB more)."""
     rig.mount("--no-hydration", "--no-copy-on-read")
