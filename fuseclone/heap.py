@@ -2,9 +2,9 @@
 given back to the system once the daemon goes idle.
 
 Large per-request buffers (source reads of up to 4 MiB, DST reads, FUSE replies) are Python
-bytes objects, malloc'd in whichever thread asks. glibc gives each thread that meets a locked
-arena an arena of its own (up to 8 per core), and each keeps what was freed in it: after 24
-concurrent readers the daemon held 40-50 MiB free in a dozen arenas (docs/benchmark/memory.md).
+bytes objects, malloc'd in whichever thread asks. glibc gives each new thread an arena of its
+own (up to 8 per core), and each keeps what was freed in it: after 24 concurrent readers the
+daemon held 40-50 MiB free in a dozen arenas (docs/benchmark/memory.md).
 Python allocates only while holding the GIL, so threads never contend for one arena. Freed
 memory inside the heap, below chunks still in use, goes back only through malloc_trim."""
 
