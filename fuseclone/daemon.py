@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from . import claims, control
+from . import claims, control, heap
 from .clone import open_clone, recorded_source, running
 from .control_server import serve_control
 from .engine import CloneEngine, Settings
@@ -199,6 +199,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # the p99 latency of user reads during hydration.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     become_io_flusher()  # before any worker thread starts: they inherit it
+    heap.use_one_arena()  # before any worker thread starts, too
     check_paths(opts)
     check_passthrough(opts)
     # Decided before mounting: once mounted, a stat of the mountpoint from this process would

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import trio
 
+from . import heap
 from .copier import Copier
 from .destination import Destination
 from .errors import MetadataFailedError, SettingError, describe
@@ -222,6 +223,7 @@ class CloneEngine:
         # fdatasync of DST alone (see _note_user_write).
         self._user_commit_needed = 0
         self._last_user_io = -1e9
+        self._idle_trim = heap.IdleTrim()
         # User reads waiting for the source right now (their own read, or a copy ahead of
         # them), and when one last waited or read what the prefetch fetched: a prefetch goes
         # at full depth meanwhile (users_need_fetching).
@@ -861,6 +863,8 @@ class CloneEngine:
         while True:
             await trio.sleep(self.settings.commit_interval)
             self._progress.record(trio.current_time(), self.meta.hydrated_count)
+            if self._idle_trim.tick((self._last_user_io, self.meta.hydrated_count)):
+                heap.give_back_free_memory()  # a burst of I/O or hydration just ended
             if self.meta.mode is not MetadataMode.RW:
                 continue
             try:

@@ -14,6 +14,8 @@ libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.malloc_trim.argtypes = [ctypes.c_size_t]
 
 # io_uring has no wrapper in glibc: uring.py calls it by number
 libc.syscall.restype = ctypes.c_long
