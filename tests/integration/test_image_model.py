@@ -31,6 +31,7 @@ class ImageModel:
     def __init__(self, src: str, rng: random.Random):
         with open(src, "rb") as f:
             self.data = bytearray(f.read())
+        self.size = len(self.data)
         self.rng = rng
         self.fd = self.direct_fd = -1
 
@@ -45,9 +46,9 @@ class ImageModel:
         self.fd = self.direct_fd = -1
 
     def _range(self, max_len: int, align: int = 1) -> tuple[int, int]:
-        off = self.rng.randrange(0, IMAGE // align) * align
-        length = self.rng.randrange(1, max(2, min(max_len, IMAGE - off) // align + 1)) * align
-        return off, min(length, IMAGE - off)
+        off = self.rng.randrange(0, self.size // align) * align
+        length = self.rng.randrange(1, max(2, min(max_len, self.size - off) // align + 1)) * align
+        return off, min(length, self.size - off)
 
     def _expect(self, got: bytes, off: int, what: str) -> None:
         want = bytes(self.data[off : off + len(got)])
@@ -114,8 +115,8 @@ class ImageModel:
         return op
 
     def check_all(self) -> None:
-        for off in range(0, IMAGE, 4 * MiB):
-            self._expect(os.pread(self.fd, min(4 * MiB, IMAGE - off), off), off, "final read")
+        for off in range(0, self.size, 4 * MiB):
+            self._expect(os.pread(self.fd, min(4 * MiB, self.size - off), off), off, "final read")
 
 
 def mount(rig, *options):
