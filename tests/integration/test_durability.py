@@ -1,14 +1,18 @@
 """The ways a client asks for durability besides fsync, and what it is told when durability
 fails: each acknowledged durable write survives a SIGKILL of the daemon and a remount."""
 
+import errno
 import mmap
 import os
 import signal
-import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from fuseclone.destination import Destination
 from tests.integration.conftest import MiB, daemon_pid, fuseclone, random_source  # noqa: F401
+from tests.integration.test_metadata_failure import fill, small_tmpfs
 from tests.integration.test_fuse_crash import _wait_gone
 
 SYNC_WAYS = {
@@ -67,3 +71,36 @@ def test_a_synchronous_write_survives_a_sigkill_without_fsync(rig, random_source
         assert image.read(length) == data, f"an acknowledged {way} write was lost"
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
+
+
+def test_two_syncs_of_dst_at_once_are_both_told_of_a_lost_writeback(rig):
+    """The kernel reports a writeback error once per open file: of two fdatasyncs of one
+    descriptor at once, one failed and the other returned 0, so a user's FSYNC beside a
+    commit's (or a flush on the loop beside one on the job thread) was acknowledged for data
+    the kernel had dropped. DST here is a loop device over a tmpfs that has no room left, as
+    a thin-provisioned volume that ran out."""
+    room = small_tmpfs(rig, "room", "4M")
+    backing = room / "dst.raw"
+    backing.write_bytes(b"")
+    os.truncate(backing, 8 * MiB)  # sparse: DST's blocks need room in the tmpfs when written
+    dst = Destination.open(rig.losetup(str(backing)), 8 * MiB, create=False)
+    try:
+        fill(room)
+        dst.write(MiB, os.urandom(MiB))  # into the device's page cache: its writeback fails
+        both = threading.Barrier(2)
+
+        def datasync(_):
+            both.wait()
+            try:
+                dst.datasync()
+            except OSError as exc:
+                return exc.errno
+            return 0
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(datasync, range(2))) == [errno.EIO, errno.EIO]
+        with pytest.raises(OSError) as later:  # and every one after
+            dst.datasync()
+        assert later.value.errno == errno.EIO
+    finally:
+        dst.close()
