@@ -167,7 +167,9 @@ def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool
     return runs
 
 
-SYNC_CALLERS = 3  # threads that may sync one file at once: a commit, and a flush on each of two
+# Threads that may sync one file at once. DST: a commit's, and an FSYNC's on the event loop and
+# on the session's job thread. META: a commit of hydrated bits, one of written bits, a header.
+SYNC_CALLERS = 3
 
 
 class DataSync:

@@ -14,8 +14,8 @@ import threading
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      DataSync, data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
-                      read_only_device, still_named, why_denied)
+                      DataSync, data_extents, fd_size, open_without_waiting, pread_exact,
+                      pwrite_all, read_only_device, still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
 from .identity import loop_identity
 from .libc import libc

@@ -41,8 +41,8 @@ from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
-from .blockio import (DataSync, data_extents, open_without_waiting, pread_exact, pwrite_all, still_named,
-                      why_denied)
+from .blockio import (DataSync, data_extents, open_without_waiting, pread_exact, pwrite_all,
+                      still_named, why_denied)
 from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
