@@ -8,6 +8,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 
 BLKGETSIZE64 = 0x80081272
 BLKROGET = 0x125E
@@ -164,3 +165,59 @@ def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool
             return [(offset, length, False)]
         raise
     return runs
+
+
+# Threads that may sync one file at once. DST: a commit's, and an FSYNC's on the event loop and
+# on the session's job thread. META: a commit of hydrated bits, one of written bits, a header.
+SYNC_CALLERS = 3
+
+
+class DataSync:
+    """fdatasync of one open file, for callers in several threads at once, each told of every
+    writeback error. The kernel reports a writeback error once per open file (errseq): of two
+    fdatasyncs of one descriptor at once, one fails and the other returns 0, although the
+    data it waited for was dropped (a user's FSYNC beside a commit would be acknowledged).
+    So each call syncs through a descriptor of its own, all opened together at the start
+    (a file opened after an error was reported is not told of it), and an error, once seen,
+    fails every later call: the kernel does not repeat it."""
+
+    def __init__(self, fd: int, callers: int = SYNC_CALLERS) -> None:
+        self._free: list[int] = []
+        try:
+            for _ in range(callers):  # the very file open at FD, whatever its path names now
+                self._free.append(os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+        self._available = threading.Condition()
+        self.error: OSError | None = None
+
+    def __call__(self) -> None:
+        self._refuse_if_lost()
+        with self._available:
+            self._available.wait_for(lambda: self._free)
+            fd = self._free.pop()
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self.lost(exc)
+            raise
+        finally:
+            with self._available:
+                self._free.append(fd)
+                self._available.notify()
+        self._refuse_if_lost()  # seen meanwhile by another call: maybe of what this one waited for
+
+    def _refuse_if_lost(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, f"an earlier writeback failed: {self.error.strerror}")
+
+    def lost(self, exc: OSError) -> None:
+        """A writeback error of the file seen elsewhere (sync_file_range's wait reports them
+        too, and takes them from the next fdatasync of its descriptor): every later call
+        fails with it."""
+        self.error = self.error or exc
+
+    def close(self) -> None:
+        while self._free:
+            os.close(self._free.pop())

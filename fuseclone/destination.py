@@ -14,8 +14,8 @@ import threading
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      data_extents, fd_size, open_without_waiting, pread_exact, pwrite_all,
-                      read_only_device, still_named, why_denied)
+                      DataSync, data_extents, fd_size, open_without_waiting, pread_exact,
+                      pwrite_all, read_only_device, still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
 from .identity import loop_identity
 from .libc import libc
@@ -41,7 +41,7 @@ class Destination:
         self._changed_bytes = self._synced_bytes = 0
         self._count_lock = threading.Lock()  # writer threads add to the counts
         self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
-        self._lost_writeback: OSError | None = None  # see write_back
+        self._sync: DataSync | None = None  # a read-write DST's fdatasync
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -94,6 +94,11 @@ class Destination:
         if not readonly:  # a check reads DST front to back, where readahead pays
             dst._no_readahead()
             dst._open_direct()
+            try:
+                dst._sync = DataSync(dst.fd)
+            except BaseException:
+                dst.close()
+                raise
         return dst
 
     def _no_readahead(self) -> None:
@@ -212,12 +217,9 @@ class Destination:
             pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
+        """Make DST durable; fails, from the first writeback error on, whoever saw it."""
         began = self._changed_bytes
-        if self._lost_writeback is not None:
-            raise OSError(self._lost_writeback.errno,
-                          f"an earlier writeback of the destination failed: "
-                          f"{self._lost_writeback.strerror}")
-        os.fdatasync(self.fd)
+        self._sync()
         with self._count_lock:
             self._synced_bytes = max(self._synced_bytes, began)
 
@@ -248,7 +250,7 @@ class Destination:
             # this descriptor would succeed although dirty data (a user's acknowledged write,
             # a copy whose bits are set) was dropped. Every later datasync fails instead, so
             # no flush says it is durable and no commit marks it hydrated (fail mode follows).
-            self._lost_writeback = self._lost_writeback or exc
+            self._sync.lost(exc)
             raise
 
     def forget(self, offset: int, length: int) -> None:
@@ -301,6 +303,8 @@ class Destination:
         return data_extents(self.fd, offset, length)
 
     def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
         if self._direct_fd >= 0:
             os.close(self._direct_fd)
             self._direct_fd = -1

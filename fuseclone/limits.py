@@ -16,9 +16,10 @@ from .fuse.mount import mount_entries
 log = logging.getLogger(__name__)
 
 # The descriptors a mount may hold at once: its control clients (served at once, and pending
-# `wait`s), and 128 for the rest: about 20 of its own (DST twice, META, SRC, the log,
-# /dev/fuse, the io_uring and its mappings, trio's wakeup, the control listener) and a source's
-# connections (16 per HTTP server, 4 per NBD server, mirrors included). 512 in all.
+# `wait`s), and 128 for the rest: about 26 of its own (DST twice, META, three more of each for
+# their fdatasyncs (blockio.DataSync), SRC, the log, /dev/fuse, the io_uring and its mappings,
+# trio's wakeup, the control listener) and a source's connections (16 per HTTP server, 4 per
+# NBD server, mirrors included). 512 in all.
 MOUNT_OPEN_FILES = MAX_CLIENTS + MAX_WAITS + 128
 
 

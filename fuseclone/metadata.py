@@ -45,8 +45,8 @@ from typing import Callable, Iterator, NoReturn
 
 from bitarray import bitarray
 
-from .blockio import (data_extents, open_without_waiting, pread_exact, pwrite_all, still_named,
-                      why_denied)
+from .blockio import (DataSync, data_extents, open_without_waiting, pread_exact, pwrite_all,
+                      still_named, why_denied)
 from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
                      MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
@@ -397,6 +397,8 @@ class Metadata:
                  written: _BitmapArea, writable: bool) -> None:
         self.path = path
         self._fd = fd
+        # Commits of hydrated and of written bits, and header writes, may sync META at once.
+        self._sync = DataSync(fd) if writable else None
         self.header = header
         self.geometry = Geometry(header.source_size, header.region_size)
         self.written_geometry = _written_geometry(header)
@@ -718,7 +720,7 @@ class Metadata:
         try:
             for write in batch.writes:
                 os.pwrite(self._fd, write.image, write.offset)
-            os.fdatasync(self._fd)
+            self._sync()
         except OSError as exc:
             self.fail(f"a failed write of {self.path} ({describe(exc)})")
             raise
@@ -806,7 +808,7 @@ class Metadata:
         self.header.seq = self._seq
         self.header.flags = flags
         os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
-        os.fdatasync(self._fd)
+        self._sync()
 
     def block_usage(self) -> tuple[int, int]:
         """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
@@ -889,6 +891,8 @@ class Metadata:
     def close(self) -> None:
         if self._fd >= 0:
             self._usage_at_close = self.block_usage()  # status of a clone that has ended
+            if self._sync is not None:
+                self._sync.close()
             os.close(self._fd)  # also drops the lock
             self._fd = -1
 

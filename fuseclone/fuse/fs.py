@@ -250,6 +250,8 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        if _synchronous(req):
+            return Continue(lambda: self._write_synchronously(req))
         if req.offset + len(req.data) > self.image.size:
             return Continue(lambda: self.write(req))  # it clips or refuses the write
         done = self.image.write_now(req.offset, req.data, direct=_direct(req))
@@ -265,6 +267,13 @@ class ImageFilesystem:
         await rest.answer()
         self.user_write_bytes += length
         return codec.WriteReply(length)
+
+    async def _write_synchronously(self, req: codec.Write) -> codec.Reply:
+        """A write that must be durable when answered (see _synchronous): the write, then the
+        flush an FSYNC gets (DST durable, then its regions' bits in META)."""
+        reply = await self.write(req)
+        await self.image.flush()
+        return reply
 
     async def read(self, req: codec.Read) -> codec.Reply:
         if req.offset >= self.image.size:
@@ -346,6 +355,18 @@ def _call_then(call: Callable[[], None], reply: codec.Reply) -> codec.Reply:
     """A handed-over job: the blocking call, then the reply it earns."""
     call()
     return reply
+
+
+def _synchronous(req: codec.Write) -> bool:
+    """Whether a user's own write asks to be durable once answered: an `O_SYNC`/`O_DSYNC`
+    open, or a `pwritev2` with `RWF_SYNC`/`RWF_DSYNC` (the kernel adds O_DSYNC to the WRITE's
+    flags). The kernel follows a write through its page cache with an FSYNC, but not one of
+    an FOPEN_DIRECT_IO open (an O_DIRECT opener): that write is the daemon's to make durable,
+    or a crash loses it although acknowledged. Writes of other opens are made durable here
+    too (their FSYNC that follows then finds little to do): an open's O_DIRECT may be
+    cleared with fcntl while it keeps FOPEN_DIRECT_IO. Not the kernel writing back its cache:
+    the FSYNC it does that for comes next."""
+    return bool(req.open_flags & os.O_DSYNC) and not req.write_flags & abi.FUSE_WRITE_CACHE
 
 
 def _direct(req: codec.Write) -> bool:

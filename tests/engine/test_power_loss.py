@@ -31,6 +31,7 @@ class VolatileDestination(Destination):
     def __init__(self, inner: Destination) -> None:
         super().__init__(inner.path, inner.fd, inner.image_size)
         self._direct_fd = inner._direct_fd  # so that direct writes are written through
+        self._sync = inner._sync  # its fdatasync
         self.cache: list[tuple[int, bytes]] = []
         self.lock = threading.Lock()  # datasync runs in a worker thread, writes maybe inline
 
