@@ -670,16 +670,17 @@ class CloneEngine:
         # Copy-on-read: fetch whole regions once, answer the user, store them in the background.
         claim = self.claim(run)
         start, nbytes = self.geometry.byte_range(run)
+        began = trio.current_time()
         try:
             data = await self.copier.source_read(start, nbytes)
         except BaseException as exc:
             self._release(claim, exc)
             raise
         assert self._nursery is not None
-        self._nursery.start_soon(self._store, claim, data)
+        self._nursery.start_soon(self._store, claim, data, began)
         return data[lo - start : hi - start]
 
-    async def _store(self, claim: _Claim, data: bytes) -> None:
+    async def _store(self, claim: _Claim, data: bytes, began: float) -> None:
         start, _ = self.geometry.byte_range(claim.regions)
         try:
             await in_thread(self.copier.write_or_punch, start, data)
@@ -687,7 +688,7 @@ class CloneEngine:
             self.hydrator.note_failure("copy-on-read store", claim.regions, exc)
             self._release(claim, exc)
             return
-        self.hydrator.note_success()
+        self.hydrator.note_success(began)
         self.meta.set_hydrated(claim.regions)
         self._release(claim, None)
 

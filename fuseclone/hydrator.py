@@ -105,6 +105,7 @@ class Hydrator:
         self._failures = 0
         self._resume_at = 0.0
         self._stopped_by_failures = False  # hydration_error is ours: a try now and then may end it
+        self._stopped_at = 0.0  # when failures last stopped it: copies begun before prove nothing
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self._rate_tokens = 0.0
         self._rate_stamp = -1e9
@@ -281,7 +282,7 @@ class Hydrator:
         started = trio.current_time()
         try:
             await self._copy(claim)
-            self.note_success()
+            self.note_success(started)
             now = trio.current_time()
             nbytes = len(claim.regions) * self.geometry.region_size
             self._pacer.copied(nbytes, now - started, now)
@@ -294,9 +295,13 @@ class Hydrator:
             self._inflight_regions -= len(claim.regions)
             self._changed.unpark_all()
 
-    def note_success(self) -> None:
-        """A copy into DST worked: failures are no longer in a row, and a stop they caused
-        ends (copy-on-read and readahead come back with it)."""
+    def note_success(self, began: float) -> None:
+        """A copy into DST, begun at `began`, worked: failures are no longer in a row, and a
+        stop they caused ends (copy-on-read and readahead come back with it). Not a copy begun
+        before the stop: its source read (a range away from the failing one, say) says nothing
+        of whether the cause is gone, and resuming for it started another round of failures."""
+        if self._stopped_by_failures and began < self._stopped_at:
+            return
         self._failures = 0
         if self._stopped_by_failures:
             self.resume()
@@ -318,6 +323,7 @@ class Hydrator:
         if self._failures >= s.max_failures and engine.hydration_error is None:
             engine.hydration_error = f"stopped after {self._failures} failures: {self._last_failure}"
             self._stopped_by_failures = True
+            self._stopped_at = trio.current_time()
             log.error("hydration %s; trying one copy every %g s", engine.hydration_error,
                       s.retry_stopped)
         if self._stopped_by_failures:
@@ -375,9 +381,10 @@ class Hydrator:
 
     async def _fetch_ahead(self, claim: _Claim) -> None:
         nbytes = len(claim.regions) * self.geometry.region_size
+        began = trio.current_time()
         try:
             await self._copy(claim)
-            self.note_success()
+            self.note_success(began)
         except OSError as exc:  # the reader reads the source itself
             self.note_failure("readahead", claim.regions, exc)
         finally:

@@ -74,6 +74,47 @@ async def test_faults_back_off_stop_and_resume(clone):
         assert await engine.read(1 << 20, 8192) == clone.source_bytes(1 << 20, 8192)
 
 
+class HeldThenBroken(BrokenRange):
+    """Reads below `lo` wait for `release`; reads touching [lo, hi) fail while broken."""
+
+    def __init__(self, inner, lo, hi):
+        super().__init__(inner, lo, hi)
+        self.release = trio.Event()
+
+    async def read(self, offset, length):
+        if offset < self.lo:
+            await self.release.wait()
+        return await super().read(offset, length)
+
+
+async def test_a_copy_begun_before_the_stop_does_not_resume_hydration(clone):
+    """The first copy waits while the ones after it fail and stop hydration; when it then
+    works, nothing says the failing range is back: hydration stays stopped (it resumed, and
+    ran another round of failures, each time a copy in flight at the stop came back)."""
+    region = 64 << 10
+    engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
+                              max_failures=3, backoff_initial=0.01, region_size=region)
+    source = HeldThenBroken(engine.source, 4 * region, engine.source.size)
+    engine.source = engine.copier.source = source
+    async with clone.running(engine):
+        engine.message("enable_hydration")
+        with trio.fail_after(10):
+            await engine.wait_until_settled()
+        assert "stopped after 3 failures" in engine.status().hydration_error
+        with trio.fail_after(10):
+            while engine.status().hydrating_regions > 4:  # the others' copies end in failures
+                await trio.sleep(0.01)
+        assert engine.status().hydrated_regions == 0  # the first copy still waits
+        failures = source.failures
+        source.release.set()
+        with trio.fail_after(10):
+            while engine.status().hydrated_regions < 4:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        assert "stopped after 3 failures" in engine.status().hydration_error
+        assert source.failures == failures, "hydration resumed for a copy begun before the stop"
+
+
 async def test_status_tells_of_retries_and_enable_hydration_ends_a_backoff(clone):
     engine = await clone.open(hydration=False, copy_on_read=False, hydration_batch_size=4,
                               hydration_threshold=4, max_failures=3, backoff_initial=30.0)
