@@ -8,7 +8,9 @@ for the duration of the block. The source only ever sends HEAD and GET (SPEC inv
 
 Opening (one clear SourceError line naming the URL if anything is wrong), within the connect
 timeout (10 s) as a whole, like an NBD dial and handshake:
-- HEAD, following redirects; later reads go straight to the final URL. Its Content-Length is the
+- HEAD, following redirects; later reads go straight to the final URL (when it refuses a read
+  with 401/403/404/410, as an expired pre-signed target does, the URL as given is asked again,
+  and followed if it leads to the same file: size and version mark). Its Content-Length is the
   image size; its ETag and Last-Modified identify this version of the file. A redirect from
   https:// to http:// is refused, and the header file's headers go only to the server the URL
   names, never to where a redirect leads (_RedirectGuard).
@@ -112,6 +114,14 @@ class _RequestLines(logging.Filter):
 
 
 logging.getLogger("httpx").addFilter(_RequestLines())
+
+
+# What a pre-signed redirect target answers once it has expired (S3: 403; others 401, 404, 410).
+_EXPIRED_TARGET = frozenset({401, 403, 404, 410})
+
+
+class _TargetRefused(Exception):
+    """A read refused by where opening was redirected (maybe expired); carries the message."""
 
 
 class _Transient(Exception):
@@ -307,7 +317,9 @@ class HttpSource(Source):
         self.description = description
         self._canonical = canonical
         self._client = client
+        self._named = url  # the URL as given
         self._url = url  # where reads go: the URL after redirects
+        self._following_again = trio.Lock()  # one request for a new target at a time
         self._query = url.query.decode("ascii")  # as given: part of the identity
         self._piece = piece_size
         self._timeout = timeout
@@ -498,11 +510,18 @@ class HttpSource(Source):
         """Bytes [start, start + len(into)) into `into`, in one Range GET, retried on transient
         failures; a copy's on the connections copies may take."""
         attempt = 0
+        followed_again = False
         while True:
+            url = self._url
             try:
                 async with self._copy_limiter if for_copy else contextlib.nullcontext(), \
                         self._limiter:
-                    return await self._fetch_once(start, into)
+                    return await self._fetch_once(start, into, url)
+            except _TargetRefused as exc:
+                if followed_again:
+                    raise SourceReadError(errno.EIO, str(exc)) from None
+                followed_again = True
+                await self._follow_again(url, str(exc))
             except _Transient as exc:
                 if attempt >= len(self._retry_delays):
                     raise SourceReadError(errno.EIO, str(exc)) from None
@@ -510,15 +529,18 @@ class HttpSource(Source):
                 await trio.sleep(self._retry_delays[attempt])
                 attempt += 1
 
-    async def _fetch_once(self, start: int, into: memoryview) -> None:
+    async def _fetch_once(self, start: int, into: memoryview, url: httpx.URL) -> None:
         want = len(into)
         stop = start + want
         where = f"{self.description}: bytes {start}-{stop - 1}"
         headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
         try:
-            async with self._client.stream("GET", self._url, headers=headers) as response:
+            async with self._client.stream("GET", url, headers=headers) as response:
                 if 400 <= response.status_code < 500 and response.status_code != 412:
-                    raise SourceReadError(errno.EIO, f"{where}: {await self._refusal(response)}")
+                    refusal = f"{where}: {await self._refusal(response)}"
+                    if url != self._named and response.status_code in _EXPIRED_TARGET:
+                        raise _TargetRefused(refusal)
+                    raise SourceReadError(errno.EIO, refusal)
                 self._check_answer(response, where, start, stop)
                 got = 0
                 async for chunk in response.aiter_raw():
@@ -537,6 +559,43 @@ class HttpSource(Source):
             raise SourceReadError(errno.EIO, f"{where}: {exc}") from None
         if got != want:
             raise _Transient(f"{where}: short body ({got} of {want} bytes)")
+
+    async def _follow_again(self, refused: httpx.URL, why: str) -> None:
+        """Reads go where opening was redirected, and such a target may expire (a release
+        download's pre-signed URL, within minutes): the URL as given is asked again where the
+        file is now, with a one-byte Range GET (a URL pre-signed for GET refuses HEAD). Only a
+        file with a version mark is followed: it must be the same size and version."""
+        async with self._following_again:
+            if self._url != refused:
+                return  # another read has followed it meanwhile
+            if not (is_strong_etag(self.etag) or self.last_modified):
+                raise SourceReadError(errno.EIO, f"{why} (the file has no version mark: "
+                                                 "where the URL now leads is not followed)")
+            try:
+                async with self._client.stream("GET", self._named, headers={"Range": "bytes=0-0"},
+                                               follow_redirects=True) as probe:
+                    same = probe.status_code == 206 and self._same_file(probe)
+                    target = probe.url
+            except (httpx.HTTPError, SourceError, ValueError) as exc:
+                raise SourceReadError(errno.EIO, f"{why}; asking {self.description} again: "
+                                                 f"{exc}") from None
+            if not same:
+                raise SourceReadError(errno.EIO, f"{why}; {self.description} now leads to "
+                                                 f"another file or none ({_status_line(probe)})")
+            log.info("%s: reads go to %s from now on (%s)", self.description,
+                     describe_spec(str(target)), why)
+            self._url = target
+
+    def _same_file(self, probe: httpx.Response) -> bool:
+        """Whether a Range answer is of the file this source opened: its size and version."""
+        _, _, total = _content_range(probe)
+        etag = (probe.headers.get("etag") or "").strip() or None
+        modified = (probe.headers.get("last-modified") or "").strip() or None
+        if total != self._size or _content_coding(probe) is not None:
+            return False
+        if is_strong_etag(self.etag):
+            return etag == self.etag
+        return modified == self.last_modified
 
     def _check_answer(self, response: httpx.Response, where: str, start: int, stop: int) -> None:
         status = response.status_code

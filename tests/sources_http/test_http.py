@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import pytest
 import trio
@@ -470,8 +471,20 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def expired(self):
+        """A pre-signed URL whose signature is not the valid one: refused, as S3 does."""
+        valid = self.server.valid_query
+        if valid is None or urllib.parse.urlsplit(self.path).query == valid:
+            return False
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_HEAD(self):
         self.server.requests.append((self.command, dict(self.headers)))
+        if self.expired():
+            return
         if self.server.head == "redirect":  # to `server.location`
             self.send_response(302)
             self.send_header("Location", self.server.location)
@@ -501,6 +514,14 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.requests.append((self.command, dict(self.headers)))
         self.server.gets += 1
+        if self.expired():
+            return
+        if self.server.head == "redirect":  # a GET is redirected as a HEAD is
+            self.send_response(302)
+            self.send_header("Location", self.server.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         mode = self.server.mode
         first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
         if mode == "hang" or (mode == "hang-large" and last - first >= 64 * KiB):
@@ -540,7 +561,8 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
         self.mode, self.head, self.gets, self.release = "ok", "ok", 0, threading.Event()
         self.at_gate, self.gate = threading.Event(), threading.Event()
         self.requests: list[tuple[str, dict]] = []  # (method, headers) of each request
-        self.location: str | None = None  # where head "redirect" sends a HEAD
+        self.location: str | None = None  # where head "redirect" sends a HEAD (and a GET)
+        self.valid_query: str | None = None  # if set, requests with another query get 403
 
 
 @pytest.fixture
@@ -652,6 +674,32 @@ async def test_the_header_file_goes_to_the_named_server_alone(scripted, tmp_path
             assert FIRST_TOKEN not in str(sent) and SECOND_TOKEN not in str(sent)
     [(_, sent)] = server.requests  # the named server had them
     assert sent["Authorization"] == f"Bearer {FIRST_TOKEN}" and sent["X-Api-Key"] == SECOND_TOKEN
+
+
+@pytest.mark.parametrize("version", ["same", "other"])
+async def test_an_expired_redirect_target_is_followed_again_for_the_same_file(scripted, version):
+    """A download redirected to a pre-signed URL (GitHub releases, S3): reads go there until it
+    expires (403), then the named URL is asked again where the same file is now; a target
+    that now serves another version of it is a read error, not mixed data."""
+    server, url = scripted
+    with serving_scripted() as (other, other_url):
+        server.head, server.location = "redirect", other_url + "?sig=1"
+        other.valid_query = "sig=1"
+        async with open_http_source(url) as source:
+            assert await source.read(0, 100) == b"y" * 100
+            server.location, other.valid_query = other_url + "?sig=2", "sig=2"  # sig=1 expired
+            if version == "other":
+                other.mode = "other-etag"
+            gets = other.gets
+            if version == "same":
+                assert await source.read(1000, 100) == b"y" * 100
+                assert source.url == other_url + "?sig=2"
+                assert await source.read(2000, 100) == b"y" * 100
+                assert other.gets - gets == 4  # refused, the probe, the read again; the next read
+            else:
+                with pytest.raises(SourceReadError, match="another file") as info:
+                    await source.read(1000, 100)
+                assert info.value.errno == errno.EIO
 
 
 async def test_timeout_is_a_read_error(scripted):
