@@ -20,18 +20,7 @@ from .blockio import open_regular_file
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .sources import describe_spec, is_remote, with_absolute_paths
 from .status import Status
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*(/s)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
-def parse_size(text: str) -> int:
-    """4096, 4K, 64KiB, 1M, 10MB/s -> bytes (binary units: K = 1024)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 4K, 64KiB, 1M)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
+from .units import parse_size
 
 class SizeType(click.ParamType):
     name = "SIZE"
@@ -532,7 +521,7 @@ def status(target, as_json, dmsetup, watch) -> None:
 @click.argument("words", nargs=-1, required=True)
 def message(target, words) -> None:
     """Send a dm-clone message to a live mount: enable_hydration, disable_hydration,
-    hydration_threshold N, hydration_batch_size N."""
+    hydration_threshold N, hydration_batch_size N; and max_rate RATE (0: unlimited)."""
     refuse_another_users_mount(target)
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "message", "text": " ".join(words)})

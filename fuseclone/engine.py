@@ -44,6 +44,7 @@ from .sources.base import Source
 from .status import Status
 from .threads import in_thread
 from .trace import TraceRecorder
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -944,8 +945,9 @@ class CloneEngine:
 
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
-        hydration_batch_size N. Raises ValueError on a bad message, and MetadataFailedError in
-        fail mode: every message is recorded in META."""
+        hydration_batch_size N; and max_rate RATE (this mount's --max-rate, not recorded: like
+        the option, each mount sets its own). Raises ValueError on a bad message, and
+        MetadataFailedError in fail mode: every message is recorded in META."""
         if self.meta.failure is not None:
             raise MetadataFailedError(self.meta.failure)
         words = text.split()
@@ -962,9 +964,12 @@ class CloneEngine:
                 raise ValueError(f"{words[0]} needs a whole number, not {words[1]!r}") from None
             setattr(s, words[0], check_hydration_setting(words[0], value))
             self.hydrator.threshold_changed()
+        elif len(words) == 2 and words[0] == "max_rate":
+            s.max_rate = parse_size(words[1])
+            self.hydrator.rate_changed()
         else:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
-                             "hydration_threshold N, hydration_batch_size N)")
+                             "hydration_threshold N, hydration_batch_size N, max_rate RATE)")
         if self.meta.mode is MetadataMode.RW:
             self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
                                       hydration_batch_size=s.hydration_batch_size)
@@ -984,6 +989,7 @@ class CloneEngine:
             features=feature_names(self.settings.features),
             hydration_threshold=self.settings.hydration_threshold,
             hydration_batch_size=self.settings.hydration_batch_size,
+            max_rate=self.settings.max_rate,
             hydration_enabled=self.settings.hydration,
             hydration_error=self.hydration_error,
             hydration_retry=self.hydrator.retry_note(),

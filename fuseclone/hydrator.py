@@ -109,6 +109,7 @@ class Hydrator:
         self._last_failure = ""  # why the latest copy failed, while failures are being retried
         self._rate_tokens = 0.0
         self._rate_stamp = -1e9
+        self._rate_change = trio.Event()  # ends a wait under the old max_rate
         self._hydration_hold: trio.Event | None = None
         # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
         self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size)
@@ -341,7 +342,16 @@ class Hydrator:
         self._rate_tokens = min(burst, self._rate_tokens + (now - self._rate_stamp) * rate) - nbytes
         self._rate_stamp = now
         if self._rate_tokens < 0:
-            await trio.sleep(-self._rate_tokens / rate)
+            with trio.move_on_after(-self._rate_tokens / rate):
+                await self._rate_change.wait()
+
+    def rate_changed(self) -> None:
+        """max_rate was changed (a message): a wait under the old rate ends, and the new one
+        starts with an empty bucket."""
+        self._rate_tokens = 0.0
+        self._rate_stamp = trio.current_time()
+        self._rate_change.set()
+        self._rate_change = trio.Event()
 
     def retry_note(self) -> str | None:
         """While hydration backs off after failures, or has stopped after them: how it stands."""

@@ -75,6 +75,8 @@ def status_renderable(st: Status) -> Group:
         ("features", " ".join(st.features) or "-"),
         ("core args", f"hydration_threshold {st.hydration_threshold} hydration_batch_size {st.hydration_batch_size}"),
     ]
+    if st.max_rate:
+        rows.append(("max rate", f"{human_bytes(st.max_rate)}/s"))
     written = f"{st.written_regions} regions ({human_bytes(st.written_bytes)}) by users"
     rows.insert(2, ("written", written + (", and unknown before the metadata's format upgrade"
                                           if st.written_unknown else "")))

@@ -31,6 +31,7 @@ class Status:
     destination: str
     metadata: str
     live: bool  # from a running mount (True) or read offline from META (False)
+    max_rate: int = 0  # hydration's bytes/s cap (--max-rate, or a max_rate message); 0: none
     metadata_used_blocks: int = 0
     metadata_total_blocks: int = 0
     clean: bool | None = None

@@ -426,6 +426,23 @@ async def test_max_rate_limits_hydration(clone):
     assert 0 < hydrated <= 4 * MiB * 0.5 + 1 * MiB  # a tenth of a second of burst, one batch
 
 
+async def test_a_max_rate_message_changes_the_rate_at_once(clone):
+    """`message max_rate RATE` on a live mount: a copy waiting under the old rate (here a
+    minute's worth: 256 KiB at 4 KiB/s) goes on at the new one without finishing that wait."""
+    engine = await clone.open(max_rate=4 * KiB, hydration_batch_size=64)
+    async with clone.running(engine):
+        await trio.sleep(0.3)
+        assert not engine.complete.is_set() and engine.status().max_rate == 4 * KiB
+        with pytest.raises(ValueError, match="not a size"):
+            engine.message("max_rate fast")
+        engine.message("max_rate 0")  # unlimited
+        assert engine.status().max_rate == 0
+        with trio.fail_after(10):
+            await engine.complete.wait()
+        engine.message("max_rate 10M/s")
+        assert engine.status().max_rate == 10 * MiB
+
+
 async def test_seek_data_and_hole_follow_source_and_destination(clone):
     # the source: 64 KiB chunks, every 7th a hole (chunk 6 = [384K, 448K)), every 5th zeros
     engine = await clone.open(hydration=False, copy_on_read=False)

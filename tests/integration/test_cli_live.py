@@ -26,6 +26,13 @@ def test_messages_apply_live(rig, random_source):
     negative = fuseclone("message", rig.mnt, "hydration_threshold", "-1", check=False)
     assert negative.returncode == 1 and "from 1 to" in negative.stderr, negative.stderr
     assert fuseclone("wait", rig.mnt, "--timeout", "0.5", check=False).returncode == 1
+    fuseclone("message", rig.mnt, "max_rate", "1M")
+    assert status_json(rig.mnt)["max_rate"] == MiB
+    assert "1.0 MiB/s" in fuseclone("status", rig.mnt).stdout
+    bad_rate = fuseclone("message", rig.mnt, "max_rate", "fast", check=False)
+    assert bad_rate.returncode == 1 and "not a size" in bad_rate.stderr, bad_rate.stderr
+    fuseclone("message", rig.mnt, "max_rate", "0")  # unlimited again
+    assert status_json(rig.mnt)["max_rate"] == 0
     fuseclone("message", rig.mnt, "enable_hydration")
     fuseclone("wait", rig.mnt, "--timeout", "60")
     line = fuseclone("status", rig.mnt, "--dmsetup").stdout.split()
