@@ -1,5 +1,5 @@
 """Seeded random programs in which an operator works a live clone while its clients do I/O,
-checked against a model of the image: `message` (every dm-clone message, and bad ones),
+checked against a model of the image: `message` (every dm-clone message, `max_rate`, and bad ones),
 `status`, `wait --timeout`, `unmount` refused while the image is open, unmount and remount with
 other options (`--no-hydration`, `--max-rate`, `--record-access` then `--prefetch` of that
 trace, `--passthrough` once complete), SIGTERM and `unmount --lazy` while the clients still
@@ -20,6 +20,7 @@ import signal
 
 import pytest
 
+from fuseclone.units import parse_size
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import daemon_pid, fuseclone, status_json
 from tests.integration.test_image_model import REGION, ImageModel
@@ -29,7 +30,8 @@ MiB = 1 << 20
 IMAGE = 16 * MiB + 3 * 4096  # not a whole number of 64 KiB regions
 STOP_TIMEOUT = 60  # seconds a stopping daemon may take
 BAD_MESSAGES = ["hydration_threshold 0", "hydration_batch_size -1", "hydration_threshold x",
-                "hydration_batch_size 4294967296", "enable_hydration now", "resize 1"]
+                "hydration_batch_size 4294967296", "enable_hydration now", "resize 1",
+                "max_rate fast"]
 
 
 class Operator:
@@ -45,6 +47,7 @@ class Operator:
         self.mounted = False
         self.hydration = True  # what status must show as hydration_enabled
         self.tunables: dict[str, int] = {}  # messages persist in META: across remounts too
+        self.max_rate = 0  # this mount's: --max-rate, then max_rate messages
         self.history: collections.deque[str] = collections.deque(maxlen=30)
 
     # ---- mounting ----------------------------------------------------------------------
@@ -54,6 +57,8 @@ class Operator:
         self.rig.mount("--region-size", REGION, *options, src=self.source)
         self.mounted = True
         self.hydration = "--no-hydration" not in options
+        rates = [options[i + 1] for i, option in enumerate(options) if option == "--max-rate"]
+        self.max_rate = parse_size(rates[-1]) if rates else 0
         self.model.open(self.rig.image)
         self.check_status()
 
@@ -100,7 +105,7 @@ class Operator:
 
     def message(self) -> None:
         kind = self.rng.choice(["enable_hydration", "disable_hydration", "hydration_threshold",
-                                "hydration_batch_size", "bad"])
+                                "hydration_batch_size", "max_rate", "bad"])
         if kind == "bad":
             text = self.rng.choice(BAD_MESSAGES)
             self.history.append(f"message {text}")
@@ -111,6 +116,10 @@ class Operator:
             value = self.rng.choice([1, 2, 4, 16, 64, 1024])
             text = f"{kind} {value}"
             self.tunables[kind] = value
+        elif kind == "max_rate":
+            value = self.rng.choice(["0", "256K", "1M", "8M"])
+            text = f"max_rate {value}"
+            self.max_rate = parse_size(value)
         else:
             text = kind
             self.hydration = kind == "enable_hydration"
@@ -122,6 +131,7 @@ class Operator:
         assert st["live"] and st["metadata_mode"] == "rw" and st["metadata_error"] is None, st
         assert st["hydration_error"] is None and st["hydration_errors"] == 0, st
         assert st["hydration_enabled"] == self.hydration, st
+        assert st["max_rate"] == self.max_rate, st
         for name, value in self.tunables.items():
             assert st[name] == value, (name, st)
         assert 0 <= st["hydrated_regions"] <= st["total_regions"], st
