@@ -1,12 +1,12 @@
-"""Seeded random programs in which an operator works a live clone while its clients do I/O,
-checked against a model of the image: `message` (every dm-clone message, `max_rate`, and bad ones),
+"""Seeded random programs in which an operator works a live clone while its clients do I/O, checked
+against a model of the image: `message` (every dm-clone message, `max_rate`, bad ones),
 `status`, `wait --timeout`, `unmount` refused while the image is open, unmount and remount with
 other options (`--no-hydration`, `--max-rate`, `--record-access` then `--prefetch` of that
-trace, `--passthrough` once complete), SIGTERM and `unmount --lazy` while the clients still
-hold the image open with writes in the kernel's cache, and `check --verify --src` while
-unmounted. The source is a local file or (odd seeds) nbdkit behind a delay filter, so that
-hydration and prefetches are in flight when the operator's commands land. Every read is
-checked against the model; at the end DST alone, after `wait`, must be the model.
+trace, `--passthrough` once complete), SIGTERM and `unmount --lazy` while the clients still hold
+the image open with writes in the kernel's cache, and `check --verify --src` while unmounted.
+The source is a local file or (odd seeds) nbdkit behind a delay filter, so that hydration and
+prefetches are in flight when the operator's commands land. Every read is checked against the
+model; at the end DST alone, after `wait`, must be the model.
 
 test_image_model.py runs the clients' side with a fixed order of remounts; this one draws the
 operator's commands from the seed too. A failure names its seed and the last steps taken."""
