@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from . import claims, control, heap
+from . import claims, control, heap, identity
 from .clone import open_clone, recorded_source, running
 from .control_server import serve_control
 from .engine import CloneEngine, Settings
@@ -136,31 +136,24 @@ def _refuse_files_of_format_1_clones(opts: MountOptions) -> None:
     """A daemon of a format-1 release (mounted before the package was upgraded) claims neither
     its SRC nor its DST: found as a live mount whose META is still format 1 (this release
     upgrades every META it mounts), whose header names them. The files this mount writes must
-    be neither."""
-    written = [(role, path) for role, path in (
+    be neither, nor on them (identity.conflict: the same file or device, or one backing the
+    other)."""
+    written = [identity.describe(role, path) for role, path in (
         ("destination", opts.destination), ("metadata", opts.metadata),
         ("access trace", opts.record_access), ("log file", opts.log_file)) if path is not None]
     for meta, mountpoint in control.mounts():
-        identity = format_1_identity(meta) or {}
+        recorded = format_1_identity(meta) or {}
         for what in ("source", "destination"):
-            recorded = identity.get(what)
-            theirs = recorded.get("path") if isinstance(recorded, dict) else None
-            for role, path in written if isinstance(theirs, str) else ():
-                if _same_file(path, theirs):
+            theirs = recorded.get(what)
+            path = theirs.get("path") if isinstance(theirs, dict) else None
+            if not isinstance(path, str) or not os.path.exists(path):
+                continue  # a file renamed or removed since: no name of it can be given now
+            their_file = identity.describe(what, path)
+            for mine in written:
+                if identity.conflict(their_file, mine):
                     raise FusecloneError(
-                        f"{path}: the {what} of the live clone at {mountpoint} (mounted by an "
-                        f"earlier fuseclone release) cannot be this mount's {role}")
-
-
-def _same_file(path: str, other: str) -> bool:
-    """Whether PATH and OTHER name one file, or one block device (by any of its nodes)."""
-    try:
-        mine, theirs = os.stat(path), os.stat(other)
-    except OSError:
-        return False
-    if stat.S_ISBLK(mine.st_mode) and stat.S_ISBLK(theirs.st_mode):
-        return mine.st_rdev == theirs.st_rdev
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+                        f"{mine.path}: the {what} of the live clone at {mountpoint} (mounted by "
+                        f"an earlier fuseclone release) cannot be this mount's {mine.role}")
 
 
 def check_passthrough(opts: MountOptions) -> None:

@@ -1008,16 +1008,14 @@ def format_1_identity(path: str) -> dict | None:
     except OSError:
         return None
     try:
-        headers = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
-    except (OSError, MetadataError, ValueError):
+        header = _read_header(fd, path)
+    except (OSError, MetadataError, ValueError):  # another mount's META: never fail this one
         return None
     finally:
         os.close(fd)
-    valid = [header for header in headers if header is not None]
-    newest = max(valid, key=lambda h: h.seq) if valid else None
-    if newest is None or newest.version != VERSION_WITHOUT_WRITTEN:
+    if header.version != VERSION_WITHOUT_WRITTEN:
         return None
-    return newest.identity if isinstance(newest.identity, dict) else None
+    return header.identity if isinstance(header.identity, dict) else None
 
 
 def _has_a_header(fd: int) -> bool:

@@ -563,39 +563,29 @@ class HttpSource(Source):
     async def _follow_again(self, refused: httpx.URL, why: str) -> None:
         """Reads go where opening was redirected, and such a target may expire (a release
         download's pre-signed URL, within minutes): the URL as given is asked again where the
-        file is now, with a one-byte Range GET (a URL pre-signed for GET refuses HEAD). Only a
-        file with a version mark is followed: it must be the same size and version."""
+        file is now, with a one-byte Range GET (a URL pre-signed for GET refuses HEAD) under
+        the reads' own conditions and checks. Only a file with a version mark is followed."""
         async with self._following_again:
             if self._url != refused:
                 return  # another read has followed it meanwhile
             if not (is_strong_etag(self.etag) or self.last_modified):
                 raise SourceReadError(errno.EIO, f"{why} (the file has no version mark: "
                                                  "where the URL now leads is not followed)")
+            headers = {"Range": "bytes=0-0", **self._conditions}
             try:
-                async with self._client.stream("GET", self._named, headers={"Range": "bytes=0-0"},
+                async with self._client.stream("GET", self._named, headers=headers,
                                                follow_redirects=True) as probe:
-                    same = probe.status_code == 206 and self._same_file(probe)
+                    self._check_answer(probe, f"{self.description} asked again", 0, 1)
                     target = probe.url
+            except (SourceReadError, _Transient) as exc:
+                raise SourceReadError(errno.EIO, f"{why}; it now leads to another file or "
+                                                 f"none: {exc}") from None
             except (httpx.HTTPError, SourceError, ValueError) as exc:
                 raise SourceReadError(errno.EIO, f"{why}; asking {self.description} again: "
                                                  f"{exc}") from None
-            if not same:
-                raise SourceReadError(errno.EIO, f"{why}; {self.description} now leads to "
-                                                 f"another file or none ({_status_line(probe)})")
             log.info("%s: reads go to %s from now on (%s)", self.description,
                      describe_spec(str(target)), why)
             self._url = target
-
-    def _same_file(self, probe: httpx.Response) -> bool:
-        """Whether a Range answer is of the file this source opened: its size and version."""
-        _, _, total = _content_range(probe)
-        etag = (probe.headers.get("etag") or "").strip() or None
-        modified = (probe.headers.get("last-modified") or "").strip() or None
-        if total != self._size or _content_coding(probe) is not None:
-            return False
-        if is_strong_etag(self.etag):
-            return etag == self.etag
-        return modified == self.last_modified
 
     def _check_answer(self, response: httpx.Response, where: str, start: int, stop: int) -> None:
         status = response.status_code
