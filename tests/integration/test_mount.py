@@ -196,6 +196,13 @@ def _processes_naming(path):
     return found
 
 
+def _interruptible_as_from_a_terminal():
+    """A shell's background job (`pytest ... &`) starts with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler: give the command the disposition a terminal's
+    foreground job has, which is what Ctrl-C reaches."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
 def test_a_mount_command_stopped_while_the_source_is_slow_leaves_nothing(rig, stop):
     """Ctrl-C (or SIGKILL) of `mount` while the HTTP server has not answered its HEAD yet: the
@@ -212,7 +219,8 @@ def test_a_mount_command_stopped_while_the_source_is_slow_leaves_nothing(rig, st
     rig.stack.callback(server.gate.set)
     url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
     command = subprocess.Popen([sys.executable, "-m", "fuseclone", "mount", url, rig.dst,
-                                rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True)
+                                rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_interruptible_as_from_a_terminal)
     rig.stack.callback(rig._force_unmount, rig.mnt)
     assert server.at_gate.wait(30), "no HEAD came"
     command.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGKILL)
