@@ -562,7 +562,7 @@ class CloneEngine:
         claims = await self._acquire(offset, length)
         try:
             await in_thread(dst_op)
-        except BaseException as exc:
+        except BaseException:
             for claim in claims:
                 self._release(claim)
             raise
@@ -674,7 +674,7 @@ class CloneEngine:
         began = trio.current_time()
         try:
             data = await self.copier.source_read(start, nbytes)
-        except BaseException as exc:
+        except BaseException:
             self._release(claim)
             raise
         assert self._nursery is not None
@@ -733,7 +733,7 @@ class CloneEngine:
         """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         try:
             await self.copier.copy(claim.regions, prefetch=claim.prefetch)
-        except BaseException as exc:
+        except BaseException:
             self._release(claim)
             raise
         self.meta.set_hydrated(claim.regions)
