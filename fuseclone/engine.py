@@ -170,12 +170,11 @@ def default_batch(source_batch: int, depth: int) -> int:
 class _Claim:
     """Regions someone is filling in the destination right now."""
 
-    __slots__ = ("regions", "done", "error", "ahead", "prefetch")
+    __slots__ = ("regions", "done", "ahead", "prefetch")
 
     def __init__(self, regions: range, ahead: bool = False, prefetch: bool = False) -> None:
         self.regions = regions
         self.done = trio.Event()
-        self.error: BaseException | None = None
         # A copy asked for ahead of readers (readahead, prefetch): a reader that reaches it
         # waits for it rather than ask the source again.
         self.ahead = ahead
@@ -563,13 +562,13 @@ class CloneEngine:
         claims = await self._acquire(offset, length)
         try:
             await in_thread(dst_op)
-        except BaseException as exc:
+        except BaseException:
             for claim in claims:
-                self._release(claim, exc)
+                self._release(claim)
             raise
         for claim in claims:
             self.meta.set_hydrated(claim.regions)
-            self._release(claim, None)
+            self._release(claim)
             self.write_frontier = claim.regions.stop
         self._note_user_write(self.geometry.region_span(offset, length))
 
@@ -643,10 +642,11 @@ class CloneEngine:
         return stop
 
     async def _wait_for(self, claims: set[_Claim]) -> None:
+        """Until these claims are released. A failed copy fails none of its waiters: they look
+        at its regions again, and one that replaces them whole needs nothing from the source;
+        one that needs the source's data copies it itself, and fails with its own copy."""
         for claim in claims:
             await claim.done.wait()
-            if claim.error is not None:
-                raise OSError(errno.EIO, f"hydration of regions {claim.regions.start}.. failed: {claim.error}")
 
     # ---- the read path --------------------------------------------------------------------
 
@@ -674,8 +674,8 @@ class CloneEngine:
         began = trio.current_time()
         try:
             data = await self.copier.source_read(start, nbytes)
-        except BaseException as exc:
-            self._release(claim, exc)
+        except BaseException:
+            self._release(claim)
             raise
         assert self._nursery is not None
         self._nursery.start_soon(self._store, claim, data, began)
@@ -687,11 +687,11 @@ class CloneEngine:
             await in_thread(self.copier.write_or_punch, start, data)
         except OSError as exc:
             self.hydrator.note_failure("copy-on-read store", claim.regions, exc)
-            self._release(claim, exc)
+            self._release(claim)
             return
         self.hydrator.note_success(began)
         self.meta.set_hydrated(claim.regions)
-        self._release(claim, None)
+        self._release(claim)
 
     # ---- readahead and hot spots ----------------------------------------------------------
 
@@ -733,11 +733,11 @@ class CloneEngine:
         """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         try:
             await self.copier.copy(claim.regions, prefetch=claim.prefetch)
-        except BaseException as exc:
-            self._release(claim, exc)
+        except BaseException:
+            self._release(claim)
             raise
         self.meta.set_hydrated(claim.regions)
-        self._release(claim, None)
+        self._release(claim)
 
     async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)
@@ -753,13 +753,12 @@ class CloneEngine:
             self._claims[region] = claim
         return claim
 
-    def _release(self, claim: _Claim, error: BaseException | None) -> None:
+    def _release(self, claim: _Claim) -> None:
+        """The claimed regions are filled (their bits set) or not (the copy failed, or was
+        cancelled): either way its waiters look at them again."""
         for region in claim.regions:
             if self._claims.get(region) is claim:
                 del self._claims[region]
-        # A claim whose owner was cancelled (an interrupted copy-on-read) did not fail: its
-        # waiters look at the region again and copy it themselves.
-        claim.error = None if isinstance(error, trio.Cancelled) else error
         claim.done.set()
         self.changed.unpark_all()
 

@@ -174,11 +174,11 @@ async def test_hydration_in_order_skips_ahead_of_a_writer_filling_regions(clone,
         assert engine.write_now(0, b"w" * (64 * KiB)) is True
         claim, in_order = engine.hydrator._next_batch(0)
         assert in_order and claim.regions.start == (64 * KiB + MiB) // 4096
-        engine._release(claim, None)
+        engine._release(claim)
         await trio.sleep(0.1)  # the writer stopped: hydration goes on where it left off
         claim, _ = engine.hydrator._next_batch(0)
         assert claim.regions.start == 64 * KiB // 4096
-        engine._release(claim, None)
+        engine._release(claim)
 
 
 async def test_held_hydration_starts_only_when_released(clone):
@@ -208,7 +208,7 @@ async def test_inline_writes_replace_whole_unhydrated_regions_only(clone):
         # Regions a copy is filling are left to the async path, which waits for the copy.
         claim = engine.claim(range(6, 7))
         assert isinstance(engine.write_now(4096 * 6, b"c" * 4096), Continue)
-        engine._release(claim, None)
+        engine._release(claim)
         await engine.write(4096 * 5 + 100, b"p" * 100)
         assert engine.source_reads == 4096  # only region 5's rest was read
         assert await engine.read(4096, 5 * 4096) == (
@@ -698,6 +698,6 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
     assert batch.regions.start == total - 3
     assert len(lookups) <= 3
     lookups.clear()
-    engine._release(batch, None)
+    engine._release(batch)
     assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
-    engine._release(claimed, None)
+    engine._release(claimed)

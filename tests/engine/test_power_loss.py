@@ -36,8 +36,8 @@ class VolatileDestination(Destination):
         self.lock = threading.Lock()  # datasync runs in a worker thread, writes maybe inline
 
     def read(self, offset, length):
-        data = bytearray(super().read(offset, length))
-        with self.lock:
+        with self.lock:  # else a datasync between the two could move the cache under the read
+            data = bytearray(super().read(offset, length))
             cache = list(self.cache)
         for off, payload in cache:
             lo, hi = max(off, offset), min(off + len(payload), offset + length)

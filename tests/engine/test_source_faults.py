@@ -8,6 +8,7 @@ import errno
 
 import pytest
 import trio
+import trio.testing
 
 from fuseclone.sources.base import Source, SourceReadError
 from tests.engine.conftest import assert_settle_waiter_woken_by
@@ -113,6 +114,46 @@ async def test_a_copy_begun_before_the_stop_does_not_resume_hydration(clone):
         await trio.sleep(0.3)
         assert "stopped after 3 failures" in engine.status().hydration_error
         assert source.failures == failures, "hydration resumed for a copy begun before the stop"
+
+
+class FailsOnceHeld(BrokenRange):
+    """The first read touching [lo, hi) waits for `release`, then fails; the rest work."""
+
+    def __init__(self, inner, lo, hi):
+        super().__init__(inner, lo, hi)
+        self.arrived, self.release = trio.Event(), trio.Event()
+
+    async def read(self, offset, length):
+        if self.broken and offset < self.hi and offset + length > self.lo:
+            self.broken = False
+            self.arrived.set()
+            await self.release.wait()
+            self.failures += 1
+            raise SourceReadError(errno.EIO, "injected source fault")
+        return await self.inner.read(offset, length)
+
+
+async def test_a_failed_copy_fails_none_of_the_writes_waiting_for_it(clone):
+    """Two writes wait for a readahead copy of regions 0-1, whose source read then fails:
+    one replaces region 0 whole (it needs nothing from the source), the other writes part of
+    region 1 (whose source data can be read). Both succeed; they got EIO for the copy's
+    failure."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    source = FailsOnceHeld(engine.source, 0, 8192)
+    engine.source = engine.copier.source = source
+    async with clone.running(engine):
+        engine.hydrator.read_ahead(0, 8192, engine._nursery)
+        with trio.fail_after(10):
+            await source.arrived.wait()
+            async with trio.open_nursery() as writers:
+                writers.start_soon(engine.write, 0, b"w" * 4096)
+                writers.start_soon(engine.write, 4096 + 100, b"p" * 100)
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                assert engine.status().hydrating_regions == 2  # both wait for the copy
+                source.release.set()
+        assert source.failures == 1
+        assert await engine.read(0, 8192) == (b"w" * 4096 + clone.source_bytes(4096, 100)
+                                             + b"p" * 100 + clone.source_bytes(4296, 3896))
 
 
 async def test_status_tells_of_retries_and_enable_hydration_ends_a_backoff(clone):
