@@ -81,6 +81,14 @@ def test_unmount_says_so_when_the_mount_dies_before_its_last_commit(rig, random_
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def test_a_mount_command_killed_before_ready_stops_its_daemon_in_one_line(rig, random_source):
     """Its daemon goes on, finds nobody to tell that the image is ready (the caller took the
     mount for failed), and stops, removing what it created: it did, by a BrokenPipeError's
@@ -90,14 +98,16 @@ def test_a_mount_command_killed_before_ready_stops_its_daemon_in_one_line(rig, r
                        rig.meta, rig.mnt, "--log-file", log_file)
     assert killed.returncode == -9
     rig.stack.callback(rig._force_unmount, rig.mnt)
+    said = "the mount command went away before the image was ready"
+    # The daemon removes META before it logs why: wait for both.
     deadline = time.monotonic() + 30
-    while control.find_mount(rig.mnt) is not None or os.path.exists(rig.meta):
-        assert time.monotonic() < deadline, "the daemon of a killed mount command still runs"
+    while (control.find_mount(rig.mnt) is not None or os.path.exists(rig.meta)
+           or said not in _read(log_file)):
+        assert time.monotonic() < deadline, ("the daemon of a killed mount command still runs",
+                                             _read(log_file))
         time.sleep(0.05)
     assert not os.path.exists(rig.dst)
-    with open(log_file) as log:
-        text = log.read()
-    assert "the mount command went away before the image was ready" in text, text
+    text = _read(log_file)
     assert "Traceback" not in text
     rig.mount()
     write_and_check(rig)
