@@ -141,8 +141,8 @@ async def test_a_direct_write_beside_a_caching_open_is_answered_after_its_range_
         open_flags, write_flags):
     """The kernel drops the range's cached pages before it sends a direct WRITE, not after: a
     buffered reader's READ answered meanwhile would leave the replaced data cached. So while
-    an open that caches exists, the range is dropped again once the write is done. A writer
-    that did not open with O_DIRECT has a caching open of its own."""
+    an open that caches exists (other than the writer's own), the range is dropped again once
+    the write is done."""
     image = Image(None)
     fs = ImageFilesystem(image, write_cache=True)
     fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP,
@@ -151,23 +151,20 @@ async def test_a_direct_write_beside_a_caching_open_is_answered_after_its_range_
     quick = fs.quick_handlers()[codec.Write]
     writer = await fs.open(open_req(open_flags))
     direct_write = write_req(write_flags, fh=writer.fh)
-    if open_flags & os.O_DIRECT:
-        assert writer.fh == DIRECT_FH
-        assert quick(direct_write) == codec.WriteReply(4096)  # nothing caches: at once
-        image.writes.clear()
-        reader = await fs.open(open_req(os.O_RDONLY))
-    else:
-        reader = writer
+    assert writer.fh == DIRECT_FH if open_flags & os.O_DIRECT else writer.fh != DIRECT_FH
+    # Nothing else caches (a caching open that writes directly reads directly too): at once.
+    assert quick(direct_write) == codec.WriteReply(4096)
+    image.writes.clear()
+    reader = await fs.open(open_req(os.O_RDONLY))
     answer = quick(direct_write)
-    assert isinstance(answer, Continue) and not image.writes
+    written = (4096, b"w" * 4096, bool(write_flags & os.O_DIRECT))
+    assert isinstance(answer, Continue) and image.writes == [written]  # not answered yet
     assert await answer.answer() == codec.WriteReply(4096)
-    assert image.writes == [(4096, b"w" * 4096, bool(write_flags & os.O_DIRECT)),
-                            ("invalidated", IMAGE, 4096, 4096)]
+    assert image.writes == [written, ("invalidated", IMAGE, 4096, 4096)]
     # The kernel writing back its cache needs none: it updated its pages itself.
     assert quick(write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE, fh=reader.fh)) == codec.WriteReply(4096)
     await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
-    if open_flags & os.O_DIRECT:
-        assert quick(direct_write) == codec.WriteReply(4096)  # the last caching open is gone
+    assert quick(direct_write) == codec.WriteReply(4096)  # the reader is gone
 
 
 @pytest.mark.trio
