@@ -71,6 +71,12 @@ class Opcode(enum.IntEnum):
     TMPFILE = 51
 
 
+class NotifyCode(enum.IntEnum):
+    """What a notification (a message the daemon sends unasked: unique 0) is; its code goes
+    where a reply carries its error."""
+    INVAL_INODE = 2
+
+
 # fuse_init_in/out flags (bits 32..63 travel in flags2)
 FUSE_ASYNC_READ = 1 << 0
 FUSE_POSIX_LOCKS = 1 << 1
@@ -161,6 +167,7 @@ fallocate_in = struct.Struct("<QQQII")  # fh offset length mode padding
 lseek_in = struct.Struct("<QQII")  # fh offset whence padding
 lseek_out = struct.Struct("<Q")  # offset
 dirent_head = struct.Struct("<QQII")  # ino off namelen type
+notify_inval_inode_out = struct.Struct("<Qqq")  # ino off len (len 0: to the end)
 backing_map = struct.Struct("<iIQ")  # fd flags padding (7.40)
 
 # ioctls of /dev/fuse (7.40): _IOW(FUSE_DEV_IOC_MAGIC, nr, type)

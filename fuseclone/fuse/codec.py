@@ -515,6 +515,14 @@ def encode_reply(unique: int, reply: Reply) -> list:
     return [abi.out_header.pack(length, 0, unique), *parts]
 
 
+def encode_inval_inode(nodeid: int, offset: int, length: int) -> list:
+    """The notification that drops the kernel's cached pages of `length` bytes at `offset`
+    of inode `nodeid` (and its cached attributes)."""
+    body = abi.notify_inval_inode_out.pack(nodeid, offset, length)
+    return [abi.out_header.pack(abi.out_header.size + len(body), abi.NotifyCode.INVAL_INODE, 0),
+            body]
+
+
 def encode_error(unique: int, errno: int) -> list:
     """An error answer; `errno` is positive (the header carries it negated)."""
     if not 0 < errno < 4096:

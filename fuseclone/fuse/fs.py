@@ -5,8 +5,12 @@ The kernel page cache is used for the image (FOPEN_KEEP_CACHE, long attribute ti
 safe because the image only changes through this mount: every write and discard passes through
 the kernel, which updates or drops its cached pages on the way (cached writes are written back
 before an fsync, a direct write or a fallocate of their range is answered, and the kernel
-invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). Hydration never changes what the
-image reads as, so it needs no invalidation either.
+invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). One exception: an FOPEN_DIRECT_IO
+writer's asynchronous writes (io_submit, io_uring, a --direct-io=on loop device). The kernel drops
+the range's cached pages before it sends such a WRITE, not after, and a buffered reader meanwhile
+caches what the image held before it; so while caching opens exist, those writes are answered
+only after their range is invalidated (`_answer_then_invalidate`). Hydration never changes what
+the image reads as, so it needs no invalidation.
 
 Who may open the image is DST's business, as with a device node: the image shows DST's owner,
 group and mode bits (read anew each time the kernel asks, at most ATTR_SECONDS after a chmod or
@@ -24,7 +28,10 @@ import stat
 import time
 from typing import Callable, Mapping
 
+import trio
+
 from ..errors import FusecloneError
+from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, ImageBackend, QuickAnswer, ReadFrom
 
@@ -40,7 +47,11 @@ ATTR_SECONDS = 1.0
 # The image is a disk, not a program: it shows no setuid, setgid or sticky bit, and gets none.
 PERMISSION_BITS = 0o777
 BLOCK = 4096
-IMAGE_FH = 1
+# Invalidations running at once: each may wait for reads in flight, which must still find
+# worker threads of the engine's (they have a limiter of their own).
+INVALIDATING_THREADS = 4
+IMAGE_FH = 1  # an open that uses the image's page cache (or, with passthrough, DST's)
+DIRECT_FH = 2  # an FOPEN_DIRECT_IO open: past the page cache
 
 
 def check_image_name(name: str) -> None:
@@ -66,12 +77,17 @@ class ImageFilesystem:
         self.backing_id: int | None = None  # FUSE passthrough to DST (use_backing)
         self.direct_io_opens = False  # O_DIRECT opens get FOPEN_DIRECT_IO (negotiated)
         self.reads_on_ring = 0  # READs the session answered from an io_uring read of DST
+        self._caching_opens = 0  # opens of the image answered IMAGE_FH and not yet released
+        self._invalidate: Callable[[int, int, int], None] | None = None  # the session's
+        self._invalidating = trio.CapacityLimiter(INVALIDATING_THREADS)
 
-    def negotiated(self, init_flags: int) -> None:
+    def negotiated(self, init_flags: int, invalidate: Callable[[int, int, int], None]) -> None:
         """The features INIT settled on. An O_DIRECT open gets FOPEN_DIRECT_IO only where the
         kernel lets such an open be mapped shared (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6);
-        elsewhere its mmap would fail with ENODEV."""
+        elsewhere its mmap would fail with ENODEV. `invalidate(nodeid, offset, length)` drops
+        the kernel's cached pages of a range (blocking: a worker thread's job)."""
         self.direct_io_opens = bool(init_flags & abi.FUSE_DIRECT_IO_ALLOW_MMAP)
+        self._invalidate = invalidate
 
     def use_backing(self, backing_id: int) -> None:
         """From now on every open of the image is a passthrough open of the registered backing
@@ -194,6 +210,8 @@ class ImageFilesystem:
         return codec.DirReply(entries, req.offset, req.size, req.plus)
 
     async def release(self, req: codec.Request) -> codec.Reply:
+        if isinstance(req, codec.Release) and req.fh == IMAGE_FH:
+            self._caching_opens -= 1
         return codec.EmptyReply()  # close(2) is not a flush: durability is fsync's job
 
     async def flush(self, req: codec.Flush) -> codec.Reply:
@@ -209,19 +227,22 @@ class ImageFilesystem:
         if req.nodeid != self.image_id:
             raise OSError(errno.EISDIR, "is a directory")
         if self.backing_id is not None:
-            return await self._open_passthrough(req)
+            reply = await self._open_passthrough(req)
+            self._caching_opens += 1
+            return reply
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES
-        if req.flags & os.O_DIRECT and self.direct_io_opens:
-            # A direct writer (a database, a --direct-io=on loop device) commits in chains of
-            # requests. Through the cached-file path the kernel stamps the image's times on
-            # each such write and, with the write cache, sends them as a SETATTR before the
-            # next FSYNC, inside the inode lock that every write waits for: one more round
-            # trip in 722 of 855 commits. FOPEN_DIRECT_IO writes stamp nothing, and with
-            # FOPEN_PARALLEL_DIRECT_WRITES they share the lock. The kernel still writes back
-            # and drops cached pages of the range first, so buffered openers stay coherent.
-            flags |= abi.FOPEN_DIRECT_IO
-        return codec.OpenReply(IMAGE_FH, flags)
+        if not (req.flags & os.O_DIRECT and self.direct_io_opens):
+            self._caching_opens += 1
+            return codec.OpenReply(IMAGE_FH, flags)
+        # A direct writer (a database, a --direct-io=on loop device) commits in chains of
+        # requests. Through the cached-file path the kernel stamps the image's times on each
+        # such write and, with the write cache, sends them as a SETATTR before the next FSYNC,
+        # inside the inode lock that every write waits for: one more round trip in 722 of 855
+        # commits. FOPEN_DIRECT_IO writes stamp nothing, and with FOPEN_PARALLEL_DIRECT_WRITES
+        # they share the lock. The kernel still writes back and drops cached pages of the
+        # range first, so buffered openers stay coherent (see _may_leave_stale_pages).
+        return codec.OpenReply(DIRECT_FH, flags | abi.FOPEN_DIRECT_IO)
 
     async def _open_passthrough(self, req: codec.Open) -> codec.Reply:
         """Reads and writes of this open go to DST without us. Its writes would escape
@@ -250,6 +271,12 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        answer = self._write_answer(req)
+        if self._may_leave_stale_pages(req):
+            return Continue(functools.partial(self._answer_then_invalidate, answer, req))
+        return answer
+
+    def _write_answer(self, req: codec.Write) -> QuickAnswer:
         if _synchronous(req):
             return Continue(lambda: self._write_synchronously(req))
         if req.offset + len(req.data) > self.image.size:
@@ -267,6 +294,42 @@ class ImageFilesystem:
         await rest.answer()
         self.user_write_bytes += length
         return codec.WriteReply(length)
+
+    def _may_leave_stale_pages(self, req: codec.Write) -> bool:
+        """Whether the image's page cache may hold what the range held before this write: a
+        direct writer's while opens that cache exist. The kernel drops the range's pages
+        before it sends a direct WRITE, but not after; of an asynchronous writer's
+        (io_submit, io_uring, a loop device), a buffered reader's READ often comes between
+        and is answered the data the write replaces, which then stays cached
+        (FOPEN_KEEP_CACHE: 50 of 60 such writes in a row, and it stayed). Direct: an
+        FOPEN_DIRECT_IO open's, an open with O_DIRECT set later (fcntl), or, with the write
+        cache, any write that is not the kernel writing back its cache (a loop device
+        switched to direct I/O by `losetup --direct-io=on LOOPDEV` asks for it per request,
+        and its open shows no O_DIRECT). Never a write-through buffered write: its writer
+        holds a page locked until answered, which an invalidation would wait for. The
+        writer's own open, if it is a caching one, does not count: it reads directly too
+        (a loop device alone kept 29k of its 4 KiB writes a second, not 4k)."""
+        if req.write_flags & abi.FUSE_WRITE_CACHE or self._invalidate is None:
+            return False
+        if self._caching_opens - (req.fh == IMAGE_FH) <= 0:
+            return False
+        return bool(req.fh == DIRECT_FH or req.open_flags & os.O_DIRECT or self.write_cache)
+
+    async def _answer_then_invalidate(self, answer: QuickAnswer, req: codec.Write) -> codec.Reply:
+        """The write's answer, then its range dropped from the image's page cache, then the
+        reply: whatever a reader cached of the range before the write reached DST is gone by
+        the time the writer hears of it. In a worker thread, not on the event loop: the kernel
+        waits there for pages that reads in flight hold locked, which the loop answers."""
+        try:
+            if isinstance(answer, Blocking):
+                return await in_thread(answer.job)
+            if isinstance(answer, Continue):
+                return await answer.answer()
+            return answer
+        finally:
+            with trio.CancelScope(shield=True):
+                await in_thread(self._invalidate, self.image_id, req.offset, len(req.data),
+                                limiter=self._invalidating)
 
     async def _write_synchronously(self, req: codec.Write) -> codec.Reply:
         """A write that must be durable when answered (see _synchronous): the write, then the

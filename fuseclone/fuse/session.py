@@ -77,6 +77,10 @@ class Filesystem(Protocol):
         """Request type -> synchronous handler that answers at once (a Reply), hands a blocking
         job over (`Blocking`: any thread may run it), or a continuation (`Continue`) over."""
 
+    def negotiated(self, init_flags: int, invalidate: Callable[[int, int, int], None]) -> None:
+        """INIT settled on `init_flags`; `invalidate(nodeid, offset, length)` drops cached pages
+        of a range (blocking: never call it on the event loop)."""
+
     def use_backing(self, backing_id: int) -> None:
         """Passthrough was negotiated and the backing file registered (only called when
         `serve` was given one)."""
@@ -224,6 +228,17 @@ class Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
 
+    def invalidate(self, nodeid: int, offset: int, length: int) -> None:
+        """Drop the kernel's cached pages of `length` bytes at `offset` of `nodeid`
+        (FUSE_NOTIFY_INVAL_INODE). Blocking, and never on the event loop: the kernel waits
+        there for pages that reads in flight hold locked, and this loop answers those reads."""
+        try:
+            os.writev(self.fd, codec.encode_inval_inode(nodeid, offset, length))
+        except OSError as exc:
+            # ENOENT: the kernel holds no such inode, so nothing of it is cached; ENODEV: gone
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
     # ---- the session ------------------------------------------------------------------------
 
     async def handshake(self) -> None:
@@ -245,7 +260,7 @@ class Session:
                 log.debug("FUSE %d.%d, flags %#x", req.major, req.minor, reply.flags)
                 if req.major == abi.KERNEL_VERSION:
                     self._note_passthrough(reply)
-                    self.fs.negotiated(reply.flags)
+                    self.fs.negotiated(reply.flags, self.invalidate)
                     return
                 # a newer major: the kernel sends INIT again for our version
             elif req.expects_reply:

@@ -8,7 +8,7 @@ import pytest
 
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.backend import Blocking, Continue, Permissions
-from fuseclone.fuse.fs import ImageFilesystem
+from fuseclone.fuse.fs import DIRECT_FH, ImageFilesystem
 
 IMAGE = 2  # the image's node in a directory mount
 TIMES = abi.FATTR_MTIME | abi.FATTR_CTIME | abi.FATTR_FH  # what the write cache sends (0x460)
@@ -34,6 +34,9 @@ class Image:
     def write_now(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
         return True
+
+    async def write(self, offset, data, *, direct=False):
+        self.writes.append((offset, bytes(data), direct))
 
 
 def setattr_req(valid, size=0):
@@ -85,8 +88,12 @@ def test_setattr_of_times_is_answered_at_once():
     assert isinstance(quick(setattr_req(abi.FATTR_MODE | TIMES)), Continue)  # chmod: DST's, in a task
 
 
-def write_req(open_flags, write_flags=0):
-    return codec.Write(1, IMAGE, 0, 0, 0, 1, 4096, memoryview(b"w" * 4096), write_flags, open_flags)
+def write_req(open_flags, write_flags=0, fh=1):
+    return codec.Write(1, IMAGE, 0, 0, 0, fh, 4096, memoryview(b"w" * 4096), write_flags, open_flags)
+
+
+def no_invalidation(nodeid, offset, length):
+    raise AssertionError("nothing to invalidate")
 
 
 def test_a_writer_with_o_direct_is_told_to_the_image():
@@ -108,7 +115,7 @@ async def test_a_direct_opener_gets_direct_io_and_a_buffered_one_the_page_cache(
     """A direct opener's writes then stamp no times on the image, so its FSYNCs come without a
     SETATTR of times before them, and they share the inode lock."""
     fs = ImageFilesystem(Image(None), write_cache=True)
-    fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP, no_invalidation)
     direct = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
     assert direct.open_flags & abi.FOPEN_DIRECT_IO
     assert direct.open_flags & abi.FOPEN_PARALLEL_DIRECT_WRITES
@@ -120,5 +127,52 @@ async def test_a_direct_opener_gets_direct_io_and_a_buffered_one_the_page_cache(
 @pytest.mark.trio
 async def test_no_direct_io_opens_where_the_kernel_would_refuse_their_shared_mmap():
     fs = ImageFilesystem(Image(None), write_cache=True)
-    fs.negotiated(abi.FUSE_WRITEBACK_CACHE)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE, no_invalidation)
     assert not (await fs.open(open_req(os.O_RDWR | os.O_DIRECT))).open_flags & abi.FOPEN_DIRECT_IO
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("open_flags, write_flags", [
+    (os.O_RDWR | os.O_DIRECT, os.O_RDWR | os.O_DIRECT),  # an FOPEN_DIRECT_IO open
+    (os.O_RDWR, os.O_RDWR | os.O_DIRECT),  # O_DIRECT set later with fcntl
+    (os.O_RDWR, os.O_RDWR),  # a loop device switched to direct I/O: IOCB_DIRECT per request
+])
+async def test_a_direct_write_beside_a_caching_open_is_answered_after_its_range_is_invalidated(
+        open_flags, write_flags):
+    """The kernel drops the range's cached pages before it sends a direct WRITE, not after: a
+    buffered reader's READ answered meanwhile would leave the replaced data cached. So while
+    an open that caches exists (other than the writer's own), the range is dropped again once
+    the write is done."""
+    image = Image(None)
+    fs = ImageFilesystem(image, write_cache=True)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP,
+                  lambda nodeid, offset, length: image.writes.append(("invalidated", nodeid,
+                                                                      offset, length)))
+    quick = fs.quick_handlers()[codec.Write]
+    writer = await fs.open(open_req(open_flags))
+    direct_write = write_req(write_flags, fh=writer.fh)
+    assert writer.fh == DIRECT_FH if open_flags & os.O_DIRECT else writer.fh != DIRECT_FH
+    # Nothing else caches (a caching open that writes directly reads directly too): at once.
+    assert quick(direct_write) == codec.WriteReply(4096)
+    image.writes.clear()
+    reader = await fs.open(open_req(os.O_RDONLY))
+    answer = quick(direct_write)
+    written = (4096, b"w" * 4096, bool(write_flags & os.O_DIRECT))
+    assert isinstance(answer, Continue) and image.writes == [written]  # not answered yet
+    assert await answer.answer() == codec.WriteReply(4096)
+    assert image.writes == [written, ("invalidated", IMAGE, 4096, 4096)]
+    # The kernel writing back its cache needs none: it updated its pages itself.
+    assert quick(write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE, fh=reader.fh)) == codec.WriteReply(4096)
+    await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
+    assert quick(direct_write) == codec.WriteReply(4096)  # the reader is gone
+
+
+@pytest.mark.trio
+async def test_a_write_through_buffered_write_is_not_invalidated():
+    """Without the write cache the kernel updates its pages with a buffered write itself, and
+    holds one locked until the answer: an invalidation would wait for it, and never end."""
+    fs = ImageFilesystem(Image(None))
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP, no_invalidation)
+    buffered = await fs.open(open_req(os.O_RDWR))
+    quick = fs.quick_handlers()[codec.Write]
+    assert quick(write_req(os.O_RDWR, fh=buffered.fh)) == codec.WriteReply(4096)

@@ -38,7 +38,7 @@ class FileFs:
         self.reads_on_ring = 0
         self.blocking_reads = 0
 
-    def negotiated(self, init_flags):
+    def negotiated(self, init_flags, invalidate):
         pass
 
     def handlers(self):

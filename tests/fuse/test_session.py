@@ -36,7 +36,7 @@ class SlowFs:
         self.writes_waiting = 0
         self.writes_may_finish: trio.Event | None = None  # when set: writes wait for it
 
-    def negotiated(self, init_flags):
+    def negotiated(self, init_flags, invalidate):
         self.init_flags = init_flags
 
     def handlers(self):
