@@ -1,10 +1,13 @@
 import os
+import struct
+import zlib
 
 import pytest
 
 from fuseclone.errors import (DestinationError, MetadataError, MetadataInUseError,
                               RegionSizeError)
-from fuseclone.metadata import BITS_PER_BLOCK, BLOCK, Metadata, _slot_offset
+from fuseclone.cli import offline_status
+from fuseclone.metadata import _HEADER, BITS_PER_BLOCK, BLOCK, Metadata, _slot_offset
 from fuseclone.regions import Geometry
 from tests.engine.conftest import make_source_file
 
@@ -235,3 +238,29 @@ async def test_missing_source():
 
     with pytest.raises(SourceError, match="does not exist"):
         await LocalSource.open("/nonexistent/source.img")
+
+
+@pytest.mark.parametrize("identity", [
+    b"[1, 2]", b'"x"', b'{"source": [1], "destination": 3}',  # not objects where they must be
+    b'{"source": {"path": "\xff"}}',  # not UTF-8
+    b"[" * 3000,  # nested deeper than the JSON parser recurses
+    b'{"source": ',  # cut short
+])
+def test_a_header_whose_identity_is_no_object_is_refused_in_one_line(tmp_path, identity):
+    """A header slot with a good CRC and an identity this release did not write (another
+    writer's, or crafted) is refused as corrupt, never a traceback (`status` read
+    identity.get(...) of a list)."""
+    path = str(tmp_path / "meta")
+    Metadata.create(path, Geometry(1 << 20, 4096), {"source": {"path": "/x"}}).close()
+    with open(path, "r+b") as f:
+        for slot in (0, 1):
+            f.seek(slot * BLOCK)
+            fields = list(_HEADER.unpack_from(f.read(BLOCK)))
+            fields[11] = len(identity)
+            body = (_HEADER.pack(*fields) + identity).ljust(BLOCK - 4, b"\0")
+            f.seek(slot * BLOCK)
+            f.write(body + struct.pack("<I", zlib.crc32(body)))
+    for read in (lambda: Metadata.open(path, writable=False).close(), lambda: offline_status(path)):
+        with pytest.raises(MetadataError, match=r"meta: corrupt header \(its identity") as raised:
+            read()
+        assert "\n" not in str(raised.value)
