@@ -319,10 +319,15 @@ def test_a_mangled_meta_is_refused_in_one_line_or_holds_only_committed_bits(
         data[cut:(block + 1) * BLOCK] = (bits * BLOCK)[: (block + 1) * BLOCK - cut]
     elif mangle == "zero":
         data[block * BLOCK:(block + 1) * BLOCK] = bytes(BLOCK)
-    elif block >= 2 and any(data[block * BLOCK:(block + 1) * BLOCK]):  # padding
-        image = bytearray(data[block * BLOCK:(block + 1) * BLOCK])
-        image[-1 - (where >> 20) % 64] |= 0x80 >> (where % 8)
-        data[block * BLOCK:(block + 1) * BLOCK] = _refold_slot(bytes(image))
+    else:  # padding: a bit of the last hydrated bitmap block past the last region
+        last = (geometry.nr_regions - 1) // BITS_PER_BLOCK
+        used = geometry.nr_regions - last * BITS_PER_BLOCK
+        at = _slot_offset(last, (where >> 20) & 1)
+        image = bytearray(data[at:at + BLOCK])
+        if used < BITS_PER_BLOCK and any(image):  # a slot that was written
+            bit = used + where % (BITS_PER_BLOCK - used)
+            image[_SLOT.size + bit // 8] |= 1 << (bit % 8)  # little-endian bit order
+            data[at:at + BLOCK] = _refold_slot(bytes(image))
     with open(path, "wb") as f:
         f.write(data)
     try:
