@@ -481,7 +481,8 @@ def offline_status(meta_path: str) -> Status:
             destination=str(ident.get("destination", {}).get("path", "?")),
             metadata=meta_path, live=False, clean=h.clean, log_file=_existing(control.log_path(meta_path)),
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),
-            written_unknown=h.written_unknown, metadata_used_blocks=used_blocks,
+            written_unknown=h.written_unknown, hydrated_image_bytes=meta.hydrated_bytes(),
+            metadata_used_blocks=used_blocks,
             metadata_total_blocks=total_blocks)
 
 

@@ -997,6 +997,7 @@ class CloneEngine:
             written_regions=self.meta.written_regions(),
             written_bytes=self.meta.written_bytes(),
             written_unknown=self.meta.header.written_unknown,
+            hydrated_image_bytes=self.meta.hydrated_bytes(),
             bytes_per_second=rate * g.region_size,
             eta_seconds=(remaining / rate) if rate > 0 else None,
             source=self.source.description,

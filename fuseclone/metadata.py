@@ -177,9 +177,22 @@ class Header:
         (_, _, seq, region_size, source_size, nr_regions, flags, features, threshold,
          batch, uuid, ident_len) = layout.unpack_from(body)[:12]
         _refuse_unknown_bits(flags, features)
-        ident = json.loads(body[layout.size : layout.size + ident_len])
+        ident = _parse_identity(body[layout.size : layout.size + ident_len])
         return cls(seq, region_size, source_size, nr_regions, flags, features, threshold, batch,
                    uuid, ident, granularity, version)
+
+
+def _parse_identity(text: bytes) -> dict:
+    """The header's identity: a JSON object, its source and destination objects too. A slot
+    whose CRC holds may still carry another one (another writer's, or a crafted file)."""
+    try:
+        ident = json.loads(text)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+        ident = None
+    if not isinstance(ident, dict) or not all(isinstance(ident.get(role, {}), dict)
+                                              for role in ("source", "destination")):
+        raise MetadataError("corrupt header (its identity is not the JSON object fuseclone writes)")
+    return ident
 
 
 def _refuse_unknown_bits(flags: int, features: int) -> None:
@@ -1015,7 +1028,7 @@ def format_1_identity(path: str) -> dict | None:
         os.close(fd)
     if header.version != VERSION_WITHOUT_WRITTEN:
         return None
-    return header.identity if isinstance(header.identity, dict) else None
+    return header.identity
 
 
 def _has_a_header(fd: int) -> bool:

@@ -56,8 +56,7 @@ def status_renderable(st: Status) -> Group:
     bar = ProgressBar(total=st.total_regions or 1, completed=st.hydrated_regions, width=40)
     headline = Text.assemble(
         (f"{st.fraction:6.1%} ", "bold"),
-        # the last region may be partial: whole regions would overstate it
-        f"{human_bytes(min(st.hydrated_regions * st.region_size, st.image_size))} of "
+        f"{human_bytes(st.hydrated_size)} of "
         f"{human_bytes(st.image_size)}",
         ("  complete" if st.complete else ""), style="green" if st.complete else "")
     table = Table.grid(padding=(0, 2))

@@ -42,6 +42,9 @@ class Status:
     written_regions: int = 0  # regions in chunks users wrote, discarded or zeroed
     written_bytes: int = 0
     written_unknown: bool = False  # META upgraded from format 1: earlier writes were not tracked
+    # Bytes of the image in hydrated regions (a partial last region counts its own); None from
+    # a daemon of an earlier release, which did not send them
+    hydrated_image_bytes: int | None = None
     # Counters of this mount (from 0 at each mount, like a Prometheus counter):
     hydrated_bytes: int = 0  # of regions that became hydrated (copied, or written or discarded whole)
     user_read_bytes: int = 0  # read through the image
@@ -73,6 +76,14 @@ class Status:
     @property
     def complete(self) -> bool:
         return self.hydrated_regions == self.total_regions
+
+    @property
+    def hydrated_size(self) -> int:
+        """Bytes of the image in hydrated regions (whole regions, at most the image, where the
+        daemon did not say)."""
+        if self.hydrated_image_bytes is not None:
+            return self.hydrated_image_bytes
+        return min(self.hydrated_regions * self.region_size, self.image_size)
 
     @property
     def fraction(self) -> float:

@@ -106,7 +106,7 @@ def read_trace(path: str) -> AccessTrace:
         source, image_size = header["source"], header["image_size"]
         if not isinstance(source, dict) or not isinstance(image_size, int) or image_size < 0:
             raise TypeError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # the last: nested too deep
         raise TraceError(f"{path}: corrupt access trace (line 2 is not its header)") from None
     records, complete = _records(path, lines[2:], image_size)
     return AccessTrace(source, image_size, tuple((offset, length) for _, offset, length in records),

@@ -1,10 +1,14 @@
 import os
+import struct
+import zlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fuseclone.errors import (DestinationError, MetadataError, MetadataInUseError,
                               RegionSizeError)
-from fuseclone.metadata import BITS_PER_BLOCK, BLOCK, Metadata, _slot_offset
+from fuseclone.cli import offline_status
+from fuseclone.metadata import _HEADER, _SLOT, BITS_PER_BLOCK, BLOCK, Metadata, _slot_offset
 from fuseclone.regions import Geometry
 from tests.engine.conftest import make_source_file
 
@@ -235,3 +239,105 @@ async def test_missing_source():
 
     with pytest.raises(SourceError, match="does not exist"):
         await LocalSource.open("/nonexistent/source.img")
+
+
+@pytest.mark.parametrize("identity", [
+    b"[1, 2]", b'"x"', b'{"source": [1], "destination": 3}',  # not objects where they must be
+    b'{"source": {"path": "\xff"}}',  # not UTF-8
+    b"[" * 3000,  # nested deeper than the JSON parser recurses
+    b'{"source": ',  # cut short
+])
+def test_a_header_whose_identity_is_no_object_is_refused_in_one_line(tmp_path, identity):
+    """A header slot with a good CRC and an identity this release did not write (another
+    writer's, or crafted) is refused as corrupt, never a traceback (`status` read
+    identity.get(...) of a list)."""
+    path = str(tmp_path / "meta")
+    Metadata.create(path, Geometry(1 << 20, 4096), {"source": {"path": "/x"}}).close()
+    with open(path, "r+b") as f:
+        for slot in (0, 1):
+            f.seek(slot * BLOCK)
+            fields = list(_HEADER.unpack_from(f.read(BLOCK)))
+            fields[11] = len(identity)
+            body = (_HEADER.pack(*fields) + identity).ljust(BLOCK - 4, b"\0")
+            f.seek(slot * BLOCK)
+            f.write(body + struct.pack("<I", zlib.crc32(body)))
+    for read in (lambda: Metadata.open(path, writable=False).close(), lambda: offline_status(path)):
+        with pytest.raises(MetadataError, match=r"meta: corrupt header \(its identity") as raised:
+            read()
+        assert "\n" not in str(raised.value)
+
+
+def _refold_slot(image: bytes) -> bytes:
+    """A bitmap slot image with its CRC made good again (a writer that set padding bits)."""
+    magic, index, cid, seq, _, _ = _SLOT.unpack_from(image)
+    payload = image[_SLOT.size:]
+    crc = zlib.crc32(payload, zlib.crc32(_SLOT.pack(magic, index, cid, seq, 0, 0)))
+    return _SLOT.pack(magic, index, cid, seq, crc, 0) + payload
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(region_shift=st.sampled_from([12, 13, 15, 16, 20]),
+       regions=st.sampled_from([1, 7, 63, 65, 1000, BITS_PER_BLOCK - 1, BITS_PER_BLOCK + 1]),
+       tail=st.sampled_from([0, 1, 511, 4095]), commits=st.lists(
+           st.lists(st.tuples(st.integers(0, 2**32), st.integers(1, 40)), min_size=1, max_size=4),
+           max_size=4),
+       mangle=st.sampled_from(["flip", "truncate", "torn", "zero", "padding"]),
+       where=st.integers(0, 2**40), bits=st.binary(min_size=1, max_size=8))
+def test_a_mangled_meta_is_refused_in_one_line_or_holds_only_committed_bits(
+        tmp_path, region_shift, regions, tail, commits, mangle, where, bits):
+    """Odd geometries (region counts not a multiple of 8 or 64, partial last regions, bitmap
+    block boundaries), then META's bytes mangled: a bit flipped, cut at a length, a block torn
+    or zeroed, padding bits past the last region set under a good CRC. Every one is refused as
+    a MetadataError of one line, or opens with no region hydrated that no commit made so."""
+    region = 1 << region_shift
+    geometry = Geometry(max(1, (regions - 1) * region + (tail or region)), region)
+    path = str(tmp_path / f"meta-{os.getpid()}")
+    if os.path.exists(path):
+        os.unlink(path)
+    committed: set[int] = set()
+    with Metadata.create(path, geometry, {"source": {"path": "/s"}}) as meta:
+        meta.mark_open()
+        for runs in commits:
+            for start, length in runs:
+                first = start % geometry.nr_regions
+                span = range(first, min(geometry.nr_regions, first + length))
+                meta.set_hydrated(span)
+                committed.update(span)
+            batch = meta.prepare_commit()
+            if batch is not None:  # None: nothing new to commit
+                meta.write_commit(batch)
+                meta.finish_commit(batch)
+        meta.mark_clean()
+    data = bytearray(open(path, "rb").read())
+    block = where % (len(data) // BLOCK)
+    if mangle == "flip":
+        data[where % len(data)] ^= bits[0] or 1
+    elif mangle == "truncate":
+        del data[where % len(data):]
+    elif mangle == "torn":  # the start of a block written, the rest not (or garbage)
+        cut = block * BLOCK + (where >> 20) % BLOCK
+        data[cut:(block + 1) * BLOCK] = (bits * BLOCK)[: (block + 1) * BLOCK - cut]
+    elif mangle == "zero":
+        data[block * BLOCK:(block + 1) * BLOCK] = bytes(BLOCK)
+    else:  # padding: a bit of the last hydrated bitmap block past the last region
+        last = (geometry.nr_regions - 1) // BITS_PER_BLOCK
+        used = geometry.nr_regions - last * BITS_PER_BLOCK
+        at = _slot_offset(last, (where >> 20) & 1)
+        image = bytearray(data[at:at + BLOCK])
+        if used < BITS_PER_BLOCK and any(image):  # a slot that was written
+            bit = used + where % (BITS_PER_BLOCK - used)
+            image[_SLOT.size + bit // 8] |= 1 << (bit % 8)  # little-endian bit order
+            data[at:at + BLOCK] = _refold_slot(bytes(image))
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        with Metadata.open(path, writable=False) as meta:
+            assert meta.nr_regions == geometry.nr_regions
+            hydrated = {r for hydrated, run in meta.runs(range(meta.nr_regions)) if hydrated
+                        for r in run}
+            hydrated_bytes = meta.hydrated_bytes()
+    except MetadataError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert hydrated <= committed, f"regions {sorted(hydrated - committed)[:5]} never committed"
+    assert hydrated_bytes <= geometry.image_size
