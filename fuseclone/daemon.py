@@ -312,10 +312,11 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
-    from .fuse.mount import mount_path
+    from .fuse.mount import MountEntry, copies_in_other_namespaces, device_of, places_of
 
     stop = nursery.cancel_scope
     mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
+    device: str | None = None  # its "major:minor", shared by bind mounts of it
     # The kernel keeps the size of a cached-write file to itself, and a regular-file mountpoint's
     # root inode starts at size 0: it has to stay write-through.
     image_at_root = image == opts.mountpoint
@@ -334,10 +335,17 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.passthrough = fs.backing_id is not None
         return st
 
+    def places() -> list[MountEntry]:
+        """Where this clone is mounted in our namespace now, its own mount first while it is
+        there (bind mounts of it too; never a stat of our mount)."""
+        return places_of(device, mount_id) if device is not None else []
+
     def here() -> tuple[str, str]:
         """The mountpoint and the image as they are reached now: a directory above them renamed
-        since the mount moved them (the mount table says where; never a stat of our mount)."""
-        now = mount_path(mount_id) if mount_id is not None else None
+        since the mount moved them, or, once the mount itself is gone, a bind mount of it that
+        still serves (the mount table says where)."""
+        found = places()
+        now = found[0].mountpoint if found else None
         if now is None or now == real_mountpoint:
             return opts.mountpoint, image
         return now, now if image_at_root else os.path.join(now, opts.name)
@@ -368,16 +376,28 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         if op == "unmount":
             mountpoint = here()[0]
             real_now = real_mountpoint if mountpoint == opts.mountpoint else mountpoint
-            if req["mountpoint"] not in (None, real_now):
+            found = places()
+            asked = next((place for place in found if place.mountpoint == req["mountpoint"]),
+                         None)
+            if req["mountpoint"] not in (None, real_now) and asked is None:
                 return {"ok": False, "error": f"the mount of {opts.metadata} is at "
                         f"{real_now}, not {req['mountpoint']} (META was moved, and another "
                         f"clone made at its path?): `umount -l {req['mountpoint']}` detaches it"}
+            if asked is not None and asked.mountpoint != real_now:  # a bind mount of ours
+                mountpoint = real_now = asked.mountpoint
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image_now, write_cache,
                                    engine.source_waited, stop)
                 reply = {"ok": True}
             else:
-                reply = await _unmount_unless_in_use(mountpoint, real_now, mount_id, stop)
+                elsewhere = [place.mountpoint for place in found if place.mountpoint != real_now]
+                elsewhere += [f"{path} in the mount namespace of pid {pid} (`nsenter -t {pid} -m "
+                              f"umount {path}`)" for pid, path in
+                              await in_thread(copies_in_other_namespaces, device)]
+                if elsewhere:
+                    return {"ok": False, "error": _still_mounted_elsewhere(elsewhere)}
+                place = asked.mount_id if asked is not None else mount_id
+                reply = await _unmount_unless_in_use(mountpoint, real_now, place, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
             # (in fail mode it stays unmarked on purpose, and the user was told why).
             # `pid`: what `unmount` names when the last commit lingers (a frozen filesystem).
@@ -391,6 +411,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
+    device = device_of(mount_id) if mount_id is not None else None
     if opts.on_complete:
         nursery.start_soon(_on_complete, engine, opts.on_complete, image_now, write_cache,
                            opts.workdir)
@@ -461,6 +482,15 @@ async def _signals(image: Callable[[], str], write_cache: int,
                 log.info("received %s: committing and unmounting", name)
                 nursery.start_soon(_write_back_then_stop, image, write_cache, source_waited,
                                    stop)
+
+
+def _still_mounted_elsewhere(places: list[str]) -> str:
+    """Why an unmount is refused while the clone is mounted at other PLACES too: unmounting one
+    place leaves the session (and the daemon) serving the others, so the unmount would never
+    end; a lazy one ends the session for all, whose users then get ENOTCONN."""
+    return (f"the clone is also mounted at {', '.join(places)} (a bind mount, or a copy another "
+            "mount namespace took): unmount it there first, or stop the clone everywhere with "
+            "`fuseclone unmount --lazy`")
 
 
 async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id: int | None,

@@ -347,3 +347,46 @@ def check_clone_on_top(real_mountpoint: str, mount_id: int | None = None,
         return
     if top.fstype != FSTYPE or (mount_id is not None and top.mount_id != mount_id):
         raise CoveredError(real_mountpoint, top.fstype)
+
+
+def places_of(device: str, mount_id: int, mountinfo: str = MOUNTINFO) -> list[MountEntry]:
+    """Every mount in this namespace of the FUSE filesystem DEVICE ("major:minor") that
+    MOUNT_ID mounted: bind mounts of it (`mount --bind`, `--rbind`) and copies propagation made,
+    MOUNT_ID's own first while it is there. A FUSE session ends only when the last of them, here
+    and in every other mount namespace, is unmounted."""
+    same = [entry for entry in mount_entries(mountinfo)
+            if entry.device == device and entry.fstype == FSTYPE]
+    return sorted(same, key=lambda entry: entry.mount_id != mount_id)
+
+
+def device_of(mount_id: int, mountinfo: str = MOUNTINFO) -> str | None:
+    """"major:minor" of the filesystem the mount MOUNT_ID shows, None if it is not here."""
+    return next((entry.device for entry in mount_entries(mountinfo)
+                 if entry.mount_id == mount_id), None)
+
+
+def copies_in_other_namespaces(device: str) -> list[tuple[int, str]]:
+    """(pid, mountpoint as that process sees it) of the mounts of DEVICE ("major:minor", a
+    FUSE mount of ours) in mount namespaces other than this process's: the copies `unshare -m`
+    (or a container, a service's private namespace) took while it was mounted, which keep it
+    alive after it is unmounted here. One process per namespace; those /proc does not show us
+    are missed."""
+    try:
+        ours = os.stat("/proc/self/ns/mnt").st_ino
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    seen = {ours}
+    copies = []
+    for pid in sorted(pids):
+        try:
+            namespace = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            entries = mount_entries(f"/proc/{pid}/mountinfo")
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        copies += [(pid, entry.mountpoint) for entry in entries
+                   if entry.device == device and entry.fstype == FSTYPE]
+    return copies

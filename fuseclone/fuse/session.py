@@ -27,8 +27,8 @@ from .. import uring
 from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse, mount_path,
-                    set_dirty_limit, top_mount, unmount)
+from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse,
+                    mount_path, places_of, set_dirty_limit, top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,13 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
                     use_fusermount=use_fusermount)
     session = Session(fd, fs, writeback_cache=write_cache > 0,
                       passthrough=passthrough_fd is not None)
-    mount_id = None
+    mount_id = device = None
     # From here on whatever fails (reading mountinfo with no descriptor left, say) unmounts:
     # a mount left without its daemon would only answer ENOTCONN.
     try:
         mounted = top_mount(real_mountpoint)  # ours: mount(2) has just put it there
-        mount_id = mounted.mount_id if mounted is not None else None
+        if mounted is not None:
+            mount_id, device = mounted.mount_id, mounted.device
         if write_cache and not set_dirty_limit(real_mountpoint, write_cache):
             log.info("%s: the kernel's dirty limit for FUSE mounts applies (about 1%% of the "
                      "system's): raising it needs root and Linux 6.2", mountpoint)
@@ -125,7 +126,7 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
         task_status.started(mount_id)
         await session.run()
     finally:
-        session.close(mountpoint, real_mountpoint, mount_id)
+        session.close(mountpoint, real_mountpoint, mount_id, device)
 
 
 def negotiate(init: codec.Init, *, writeback_cache: bool = False,
@@ -492,10 +493,12 @@ class Session:
         if scope is not None:  # else it was answered already
             scope.cancel()
 
-    def close(self, mountpoint: str, real_mountpoint: str, mount_id: int | None) -> None:
-        """Unmount (detaching lazily if something still holds the image) and drop the device.
-        Only our own mount: not a filesystem mounted over it, nor one mounted at the path after
-        ours was detached behind our back."""
+    def close(self, mountpoint: str, real_mountpoint: str, mount_id: int | None,
+              device: str | None) -> None:
+        """Unmount (detaching lazily if something still holds the image), detach the bind
+        mounts of DEVICE (ours) and drop the device. Only our own mounts: not a filesystem
+        mounted over one, nor one mounted at the path after ours was detached behind our
+        back."""
         try:
             moved = mount_path(mount_id) if mount_id is not None else None
             if moved is not None and moved != real_mountpoint:  # a directory above it renamed
@@ -517,7 +520,28 @@ class Session:
                 log.error("%s", exc)
         except Exception:
             log.exception("unmount of %s failed", mountpoint)
+        if device is not None:
+            self._detach_other_places(device, mount_id)
         os.close(self.fd)
+
+    @staticmethod
+    def _detach_other_places(device: str, mount_id: int | None) -> None:
+        """Detach the bind mounts of ours still in this namespace (a stop while the clone is
+        mounted elsewhere too: `unmount --lazy`, SIGTERM): without this session they only
+        answer ENOTCONN, and their mount table entries would lead the CLI to META's next
+        mount. Never a filesystem mounted over one of them."""
+        for place in places_of(device, mount_id or -1):
+            if place.mount_id == mount_id:
+                continue  # ours, stuck under a filesystem mounted over it: said above
+            try:
+                check_clone_on_top(place.mountpoint, place.mount_id)
+                unmount(place.mountpoint, lazy=True)
+                log.info("%s, a bind mount of this clone, was detached", place.mountpoint)
+            except CoveredError as exc:
+                log.warning("%s; it stays, its daemon gone, until both are unmounted", exc)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):  # gone meanwhile
+                    log.error("%s", exc)
 
 
 _ANSWERED, _HANDED_OVER = object(), object()

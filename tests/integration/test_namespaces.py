@@ -1,0 +1,105 @@
+"""A clone mounted at more than one place: bind mounts of its mountpoint, and the copies another
+mount namespace (`unshare -m`) takes of it. The FUSE session, and so the daemon, lasts until the
+last of them is unmounted."""
+
+import os
+import signal
+import subprocess
+
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
+from tests.integration.test_operating import real
+from tests.integration.test_stopping import wait_gone
+
+
+def bind_mount(rig, name):
+    """A bind mount of the clone's mountpoint at a new directory NAME; returns its path."""
+    other = str(rig.tmp / name)
+    os.mkdir(other)
+    sh("mount", "--bind", rig.mnt, other)
+    rig.stack.callback(lambda: sh("umount", "-l", other, check=False))
+    return other
+
+
+def mounted(path):
+    return any(line.split()[1] == real(path) for line in open("/proc/mounts"))
+
+
+def test_unmount_refuses_while_the_clone_is_bind_mounted_elsewhere(rig, random_source):
+    rig.mount("--no-hydration")
+    other = bind_mount(rig, "other")
+    # Before: the mountpoint was unmounted, the daemon served on at OTHER, and the command
+    # waited out its timeout to say that the daemon was "busy or hung".
+    result = fuseclone("unmount", rig.mnt, "--timeout", "5", check=False)
+    assert result.returncode == 1
+    assert f"also mounted at {real(other)} (a bind mount" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert mounted(rig.mnt) and mounted(other)  # nothing half-done
+    result = fuseclone("unmount", other, "--timeout", "5", check=False)
+    assert f"also mounted at {real(rig.mnt)} (a bind mount" in result.stderr
+    sh("umount", other)
+    fuseclone("unmount", rig.mnt)
+    assert not mounted(rig.mnt)
+    assert status_json(rig.meta)["clean"]
+
+
+def test_a_bind_mount_left_alone_is_unmounted_by_its_own_path(rig, random_source):
+    rig.mount("--no-hydration")
+    other = bind_mount(rig, "other")
+    data = os.urandom(2 * MiB)
+    with open(os.path.join(other, "image"), "r+b") as f:
+        f.write(data)
+    sh("umount", rig.mnt)  # by hand: the clone lives on at OTHER
+    assert status_json(other)["live"]
+    clone = [c for c in fuseclone("list").stdout.splitlines() if c.startswith(real(other))]
+    assert os.path.join(real(other), "image") in clone[0].split()  # where its image is now
+    # Before: "the mount of META is at MNT, not OTHER (META was moved ...)".
+    fuseclone("unmount", other, "--timeout", "20")
+    assert not mounted(other)
+    assert status_json(rig.meta)["clean"]
+    rig.mount("--no-hydration")
+    with open(rig.image, "rb") as f:
+        assert f.read(len(data)) == data
+
+
+def test_unmount_refuses_while_another_mount_namespace_holds_a_copy(rig, random_source):
+    rig.mount("--no-hydration")
+    # A namespace made while the clone is mounted copies the mount (private propagation: an
+    # unmount here does not reach it).
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               "echo ready; exec sleep 300"], stdout=subprocess.PIPE, text=True)
+    rig.stack.callback(holder.wait)
+    rig.stack.callback(holder.kill)
+    assert holder.stdout.readline() == "ready\n"
+    result = fuseclone("unmount", rig.mnt, "--timeout", "5", check=False)
+    assert result.returncode == 1
+    assert (f"also mounted at {real(rig.mnt)} in the mount namespace of pid {holder.pid} "
+            f"(`nsenter -t {holder.pid} -m umount {real(rig.mnt)}`)") in result.stderr
+    assert mounted(rig.mnt)
+    sh("nsenter", "-t", holder.pid, "-m", "umount", real(rig.mnt))
+    fuseclone("unmount", rig.mnt)
+    assert not mounted(rig.mnt)
+    assert status_json(rig.meta)["clean"]
+
+
+def test_a_stop_detaches_the_bind_mounts_and_keeps_their_writes(rig, random_source):
+    rig.mount("--no-hydration")
+    other = bind_mount(rig, "other")
+    nested = str(rig.tmp / "nested")
+    os.mkdir(nested)
+    sh("mount", "--rbind", rig.mnt, nested)
+    rig.stack.callback(lambda: sh("umount", "-l", nested, check=False))
+    data = os.urandom(3 * MiB)
+    with open(os.path.join(other, "image"), "r+b") as f:  # cached by the kernel, not flushed
+        f.seek(5 * MiB)
+        f.write(data)
+    pid = daemon_pid(rig.mnt)
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)
+    # Before: OTHER and NESTED stayed mounted, answering ENOTCONN, and led `list` and
+    # `unmount` to META.
+    assert not mounted(rig.mnt) and not mounted(other) and not mounted(nested)
+    assert status_json(rig.meta)["clean"]
+    rig.mount("--no-hydration")
+    with open(rig.image, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(len(data)) == data
