@@ -198,7 +198,19 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
+        _refuse_background_as_namespace_init()
         _mount_background(opts, log_file, log_level)
+
+
+def _refuse_background_as_namespace_init() -> None:
+    """A background mount's daemon outlives this command, except where this command is process
+    1 of a PID namespace: when it exits, the kernel kills every other process of the namespace,
+    the daemon with it, and the clone would be left without its last commit (mounted and dead,
+    or gone with its mount namespace)."""
+    if os.getpid() == 1:
+        fail("this command is process 1 of its PID namespace (`unshare --pid --fork`, a "
+             "container's entrypoint): its exit would kill the mount's daemon; mount with "
+             "--foreground, or from a process that stays")
 
 
 _OWN_DESCRIPTORS = re.compile(r"^/(proc/(self|thread-self|\d+)/|dev/(fd/|stdin$|stdout$|stderr$))")

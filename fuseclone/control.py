@@ -334,9 +334,14 @@ def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict
             raise NotAnswering(meta_path, _peer_pid(sock)) from None
         except (ConnectionResetError, BrokenPipeError):  # the mount closed while we waited
             data = b""
-    if not data:
-        raise FusecloneError("the mount closed the control connection without answering")
-    return json.loads(data)
+        if not data:
+            raise FusecloneError("the mount closed the control connection without answering")
+        reply = json.loads(data)
+        if isinstance(reply, dict) and "pid" in reply:
+            # The daemon's pid as this process sees it: one in a PID namespace of its own
+            # (`unshare --pid`, a container) knows itself by another number.
+            reply["pid"] = _peer_pid(sock) or reply["pid"]
+    return reply
 
 
 def _connect(sock: socket.socket, path: str, deadline: float) -> bool:

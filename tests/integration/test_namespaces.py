@@ -5,6 +5,7 @@ last of them is unmounted."""
 import os
 import signal
 import subprocess
+import sys
 
 from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
 from tests.integration.test_operating import real
@@ -103,3 +104,39 @@ def test_a_stop_detaches_the_bind_mounts_and_keeps_their_writes(rig, random_sour
     with open(rig.image, "rb") as f:
         f.seek(5 * MiB)
         assert f.read(len(data)) == data
+
+
+# ---- PID namespaces ---------------------------------------------------------------------------
+
+
+def test_a_background_mount_as_process_1_of_a_pid_namespace_is_refused(rig, random_source):
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    # Before: exit 0 and the image's path, then the kernel killed the daemon with the
+    # namespace (its process 1 exited): a dead mount, META not clean.
+    result = sh("unshare", "--pid", "--fork", sys.executable, "-m", "fuseclone", "mount",
+                rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1
+    assert "process 1 of its PID namespace" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not mounted(rig.mnt)
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
+
+
+def test_a_mount_in_a_pid_namespace_is_named_by_the_pid_the_host_sees(rig, random_source):
+    unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable,
+                                "-m", "fuseclone", "mount", "--foreground", rig.src, rig.dst,
+                                rig.meta, rig.mnt], stderr=subprocess.PIPE, text=True)
+    rig.stack.callback(unshare.wait)
+    rig.stack.callback(unshare.kill)
+    rig.stack.callback(rig._force_unmount, rig.mnt)  # first: a clean stop
+    for line in unshare.stderr:
+        if line.startswith("fuseclone: serving"):
+            break
+    with open(f"/proc/{unshare.pid}/task/{unshare.pid}/children") as f:
+        daemon = int(f.read().split()[0])  # process 1 of the namespace, as the host sees it
+    # Before: 1, the daemon's own pid in its namespace (the host's init here).
+    assert daemon_pid(rig.mnt) == daemon
+    os.kill(daemon, signal.SIGTERM)
+    assert unshare.wait(timeout=60) == 0
+    assert not mounted(rig.mnt)
+    assert status_json(rig.meta)["clean"]
