@@ -312,7 +312,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
-    from .fuse.mount import MountEntry, copies_in_other_namespaces, device_of, places_of
+    from .fuse.mount import MountEntry, device_of, places_kept_after_unmount, places_of
 
     stop = nursery.cancel_scope
     mount_id: int | None = None  # the FUSE mount's, in mountinfo, once it is mounted
@@ -390,13 +390,10 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                                    engine.source_waited, stop)
                 reply = {"ok": True}
             else:
-                elsewhere = [place.mountpoint for place in found if place.mountpoint != real_now]
-                elsewhere += [f"{path} in the mount namespace of pid {pid} (`nsenter -t {pid} -m "
-                              f"umount {path}`)" for pid, path in
-                              await in_thread(copies_in_other_namespaces, device)]
+                place = asked.mount_id if asked is not None else mount_id
+                elsewhere = await in_thread(places_kept_after_unmount, place)
                 if elsewhere:
                     return {"ok": False, "error": _still_mounted_elsewhere(elsewhere)}
-                place = asked.mount_id if asked is not None else mount_id
                 reply = await _unmount_unless_in_use(mountpoint, real_now, place, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
             # (in fail mode it stays unmarked on purpose, and the user was told why).

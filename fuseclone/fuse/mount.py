@@ -281,6 +281,17 @@ class MountEntry:
     fstype: str
     source: str  # unescaped: a device, or a FUSE filesystem's fsname
     options: str  # the filesystem's own (for FUSE: user_id=, group_id=, ...)
+    root: str = "/"  # the directory of its filesystem it shows at its mountpoint, unescaped
+    propagation: tuple[str, ...] = ()  # the optional fields: "shared:N", "master:N", ...
+
+    def in_group(self, group: str) -> bool:
+        """Whether mounts made under a mount of the peer group GROUP appear under this one too
+        (it is a peer of that group, or its slave), and their unmounts reach it."""
+        return any(field in (f"shared:{group}", f"master:{group}") for field in self.propagation)
+
+    def shared_group(self) -> str | None:
+        return next((field[len("shared:"):] for field in self.propagation
+                     if field.startswith("shared:")), None)
 
 
 def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
@@ -297,7 +308,8 @@ def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
             except ValueError:
                 continue
             entries.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
-                                      _unescape(fields[4]), fstype, _unescape(source), options))
+                                      _unescape(fields[4]), fstype, _unescape(source), options,
+                                      _unescape(fields[3]), tuple(fields[6:dash])))
     return entries
 
 
@@ -365,28 +377,71 @@ def device_of(mount_id: int, mountinfo: str = MOUNTINFO) -> str | None:
                  if entry.mount_id == mount_id), None)
 
 
-def copies_in_other_namespaces(device: str) -> list[tuple[int, str]]:
-    """(pid, mountpoint as that process sees it) of the mounts of DEVICE ("major:minor", a
-    FUSE mount of ours) in mount namespaces other than this process's: the copies `unshare -m`
-    (or a container, a service's private namespace) took while it was mounted, which keep it
-    alive after it is unmounted here. One process per namespace; those /proc does not show us
-    are missed."""
+def places_kept_after_unmount(mount_id: int) -> list[str]:
+    """Where the filesystem of our mount MOUNT_ID stays mounted once MOUNT_ID is unmounted:
+    its bind mounts here, and the copies other mount namespaces took while it was mounted
+    (`unshare -m`, a container, a service's private namespace), as "PATH in the mount namespace
+    of pid P (...)"; not those the unmount reaches by propagation (mounted under a peer or a
+    slave of the mount ours is mounted on, at the same place). Namespaces /proc does not show
+    us are missed."""
+    entries = mount_entries()
+    by_id = {entry.mount_id: entry for entry in entries}
+    ours = by_id.get(mount_id)
+    if ours is None:
+        return []
+    spot = _spot(ours, by_id)
+    kept = [entry.mountpoint for entry in entries if entry.device == ours.device
+            and entry.fstype == FSTYPE and entry.mount_id != mount_id
+            and not _reached_by_propagation(entry, by_id, spot)]
+    for pid, theirs in _other_namespaces():
+        their_by_id = {entry.mount_id: entry for entry in theirs}
+        kept += [f"{entry.mountpoint} in the mount namespace of pid {pid} (`nsenter -t {pid} -m "
+                 f"umount {entry.mountpoint}`)" for entry in theirs
+                 if entry.device == ours.device and entry.fstype == FSTYPE
+                 and not _reached_by_propagation(entry, their_by_id, spot)]
+    return kept
+
+
+def _spot(entry: MountEntry, by_id: dict[int, MountEntry]) -> tuple[str, str] | None:
+    """(peer group of the mount ENTRY is mounted on, the place in that filesystem ENTRY is at):
+    what an unmount propagates by. None when that mount is shared with no other."""
+    parent = by_id.get(entry.parent_id)
+    group = parent.shared_group() if parent is not None else None
+    if parent is None or group is None:
+        return None
+    return group, _place_in_parent(entry, parent)
+
+
+def _place_in_parent(entry: MountEntry, parent: MountEntry) -> str:
+    relative = os.path.relpath(entry.mountpoint, parent.mountpoint)
+    return os.path.normpath(os.path.join(parent.root, relative))
+
+
+def _reached_by_propagation(entry: MountEntry, by_id: dict[int, MountEntry],
+                            spot: tuple[str, str] | None) -> bool:
+    parent = by_id.get(entry.parent_id)
+    if spot is None or parent is None:
+        return False
+    group, place = spot
+    return parent.in_group(group) and _place_in_parent(entry, parent) == place
+
+
+def _other_namespaces() -> list[tuple[int, list[MountEntry]]]:
+    """(a pid, its mount table) for each mount namespace other than this process's."""
     try:
         ours = os.stat("/proc/self/ns/mnt").st_ino
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
     except OSError:
         return []
     seen = {ours}
-    copies = []
-    for pid in sorted(pids):
+    tables = []
+    for pid in pids:
         try:
             namespace = os.stat(f"/proc/{pid}/ns/mnt").st_ino
             if namespace in seen:
                 continue
             seen.add(namespace)
-            entries = mount_entries(f"/proc/{pid}/mountinfo")
+            tables.append((pid, mount_entries(f"/proc/{pid}/mountinfo")))
         except OSError:  # gone meanwhile, or not ours to look at
             continue
-        copies += [(pid, entry.mountpoint) for entry in entries
-                   if entry.device == device and entry.fstype == FSTYPE]
-    return copies
+    return tables

@@ -64,13 +64,7 @@ def test_a_bind_mount_left_alone_is_unmounted_by_its_own_path(rig, random_source
 
 def test_unmount_refuses_while_another_mount_namespace_holds_a_copy(rig, random_source):
     rig.mount("--no-hydration")
-    # A namespace made while the clone is mounted copies the mount (private propagation: an
-    # unmount here does not reach it).
-    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                               "echo ready; exec sleep 300"], stdout=subprocess.PIPE, text=True)
-    rig.stack.callback(holder.wait)
-    rig.stack.callback(holder.kill)
-    assert holder.stdout.readline() == "ready\n"
+    holder = namespace_holder(rig, "private")
     result = fuseclone("unmount", rig.mnt, "--timeout", "5", check=False)
     assert result.returncode == 1
     assert (f"also mounted at {real(rig.mnt)} in the mount namespace of pid {holder.pid} "
@@ -104,6 +98,42 @@ def test_a_stop_detaches_the_bind_mounts_and_keeps_their_writes(rig, random_sour
     with open(rig.image, "rb") as f:
         f.seek(5 * MiB)
         assert f.read(len(data)) == data
+
+
+
+def namespace_holder(rig, propagation):
+    """A process in a mount namespace of its own, made now (copying the clone's mount), with
+    PROPAGATION ("private": an unmount here does not reach its copies; "unchanged": shared
+    mounts stay peers); returns it."""
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", propagation, "sh", "-c",
+                               "echo ready; exec sleep 300"], stdout=subprocess.PIPE, text=True)
+    rig.stack.callback(holder.wait)
+    rig.stack.callback(holder.kill)
+    assert holder.stdout.readline() == "ready\n"
+    return holder
+
+
+def test_copies_an_unmount_reaches_by_propagation_do_not_hold_it(rig, random_source):
+    """Mounted under a shared mount (systemd makes / shared), the clone appears at its peers,
+    here and in namespaces made since with their propagation unchanged: the unmount reaches
+    them all, so they are no reason to refuse it."""
+    shared, peer = str(rig.tmp / "shared"), str(rig.tmp / "peer")
+    os.mkdir(shared)
+    os.mkdir(peer)
+    sh("mount", "-t", "tmpfs", "tmpfs", shared)
+    rig.stack.callback(lambda: sh("umount", "-l", shared, check=False))
+    sh("mount", "--make-shared", shared)
+    sh("mount", "--bind", shared, peer)
+    rig.stack.callback(lambda: sh("umount", "-l", peer, check=False))
+    rig.mnt = os.path.join(shared, "mnt")
+    os.mkdir(rig.mnt)
+    rig.mount("--no-hydration")
+    assert mounted(os.path.join(peer, "mnt"))
+    holder = namespace_holder(rig, "unchanged")
+    fuseclone("unmount", rig.mnt, "--timeout", "20")
+    assert not mounted(rig.mnt) and not mounted(os.path.join(peer, "mnt"))
+    assert f" {real(rig.mnt)} " not in open(f"/proc/{holder.pid}/mountinfo").read()
+    assert status_json(rig.meta)["clean"]
 
 
 # ---- PID namespaces ---------------------------------------------------------------------------
