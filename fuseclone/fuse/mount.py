@@ -294,12 +294,26 @@ class MountEntry:
                      if field.startswith("shared:")), None)
 
 
+class ProcNotMounted(FusecloneError):
+    """/proc is missing (a chroot without it): the mount table cannot be read."""
+
+    def __init__(self) -> None:
+        super().__init__(f"cannot read the mount table, {MOUNTINFO}: /proc is not mounted here "
+                         "(a chroot?): mount it first (mount -t proc proc /proc)")
+
+
 def mount_entries(mountinfo: str = MOUNTINFO) -> list[MountEntry]:
     entries = []
     # Paths are bytes: one that is not UTF-8 (any mount on the host) decodes as os.fsdecode
     # would decode it, instead of failing every command that reads the table.
-    with open(mountinfo, encoding=sys.getfilesystemencoding(),
-              errors=sys.getfilesystemencodeerrors()) as f:
+    try:
+        f = open(mountinfo, encoding=sys.getfilesystemencoding(),
+                 errors=sys.getfilesystemencodeerrors())
+    except FileNotFoundError:
+        if mountinfo == MOUNTINFO:
+            raise ProcNotMounted() from None
+        raise
+    with f:
         for line in f:
             fields = line.split()
             try:

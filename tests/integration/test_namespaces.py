@@ -170,3 +170,18 @@ def test_a_mount_in_a_pid_namespace_is_named_by_the_pid_the_host_sees(rig, rando
     assert unshare.wait(timeout=60) == 0
     assert not mounted(rig.mnt)
     assert status_json(rig.meta)["clean"]
+
+
+def test_commands_without_proc_say_so_in_one_line(rig, random_source):
+    """A chroot without /proc (here: unmounted in a namespace of its own). Before: every
+    command failed with a traceback (FileNotFoundError: /proc/self/mountinfo)."""
+    commands = [["mount", rig.src, rig.dst, rig.meta, rig.mnt], ["list"], ["status", rig.mnt],
+                ["unmount", rig.mnt]]
+    script = "umount -l /proc && " + " ; ".join(
+        " ".join([sys.executable, "-m", "fuseclone", *command, "2>&1"]) for command in commands)
+    result = sh("unshare", "-m", "--propagation", "private", "sh", "-c", script, check=False)
+    lines = result.stdout.strip().splitlines()
+    assert lines == ["fuseclone: error: cannot read the mount table, /proc/self/mountinfo: /proc "
+                     "is not mounted here (a chroot?): mount it first (mount -t proc proc /proc)"
+                     ] * len(commands)
+    assert not os.path.exists(rig.dst) and not os.path.exists(rig.meta)
