@@ -418,7 +418,7 @@ def places_kept_after_unmount(mount_id: int) -> list[str]:
 
 def _spot(entry: MountEntry, by_id: dict[int, MountEntry]) -> tuple[str, str] | None:
     """(peer group of the mount ENTRY is mounted on, the place in that filesystem ENTRY is at):
-    what an unmount propagates by. None when that mount is shared with no other."""
+    what an unmount propagates by. None when that mount is not shared."""
     parent = by_id.get(entry.parent_id)
     group = parent.shared_group() if parent is not None else None
     if parent is None or group is None:

@@ -520,9 +520,11 @@ class Session:
                 log.error("%s", exc)
         except Exception:
             log.exception("unmount of %s failed", mountpoint)
-        if device is not None:
-            self._detach_other_places(device, mount_id)
-        os.close(self.fd)
+        try:
+            if device is not None:
+                self._detach_other_places(device, mount_id)
+        finally:
+            os.close(self.fd)
 
     @staticmethod
     def _detach_other_places(device: str, mount_id: int | None) -> None:
@@ -530,7 +532,12 @@ class Session:
         mounted elsewhere too: `unmount --lazy`, SIGTERM): without this session they only
         answer ENOTCONN, and their mount table entries would lead the CLI to META's next
         mount. Never a filesystem mounted over one of them."""
-        for place in places_of(device, mount_id or -1):
+        try:
+            places = places_of(device, mount_id or -1)
+        except OSError as exc:  # no descriptor left, say
+            log.error("the bind mounts of this clone stay, answering ENOTCONN: %s", exc)
+            return
+        for place in places:
             if place.mount_id == mount_id:
                 continue  # ours, stuck under a filesystem mounted over it: said above
             try:
