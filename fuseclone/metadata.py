@@ -406,8 +406,8 @@ class Metadata:
     shared when read-only, so a live mount refuses any second opener.
     """
 
-    def __init__(self, path: str, fd: int, header: Header, hydrated: _BitmapArea,
-                 written: _BitmapArea, writable: bool) -> None:
+    def __init__(self, path: str, fd: int, header: Header, header_slot: int,
+                 hydrated: _BitmapArea, written: _BitmapArea, writable: bool) -> None:
         self.path = path
         self._fd = fd
         # Commits of hydrated and of written bits, and header writes, may sync META at once.
@@ -418,6 +418,11 @@ class Metadata:
         self._hydrated = hydrated
         self._written = written
         self._seq = header.seq
+        # The slot of the newest valid header. The next header goes to the other one, whatever
+        # the seq's parity (bitmap commits share the counter): a torn header write must fall
+        # back to the header just before it, never to one two writes old (the last mount's
+        # clean one, say).
+        self._header_slot = header_slot
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
@@ -466,20 +471,19 @@ class Metadata:
             formatted = True
             try:
                 os.ftruncate(fd, _file_blocks(header) * BLOCK)  # sparse: never-written slots read as empty
-                # A header in both slots: a header write that is torn (a power cut) always
-                # leaves the other, even when it goes to the newest one's slot (a reopen's
-                # seq counts the bitmaps' commits too). Both written here, where a failure (a
+                # A header in both slots, so that a torn first header write of a mount (a
+                # power cut) still leaves one. Both written here, where a failure (a
                 # full filesystem) is undone: a second write after create returned, which
                 # failed, left this META behind while the new DST was removed, and every
                 # retry was refused ("destination does not exist").
-                for seq in (1, 2):
-                    header.seq = seq
-                    os.pwrite(fd, header.pack(), _header_offset(seq))
+                for slot in (1, 0):  # seq 1 in slot 1, then the newest, seq 2, in slot 0
+                    header.seq = 2 - slot
+                    os.pwrite(fd, header.pack(), _header_offset(slot))
                 os.fsync(fd)
             except OSError as exc:
                 raise _unwritable(path, exc) from None
             hydrated, written = _empty_areas(header)
-            meta = cls(path, fd, header, hydrated, written, True)
+            meta = cls(path, fd, header, 0, hydrated, written, True)
             created_ok = True
             return meta
         finally:
@@ -500,7 +504,7 @@ class Metadata:
         flags = os.O_RDWR if writable else os.O_RDONLY
         fd = _open_locked(path, flags, exclusive=writable)
         try:
-            header = _read_header(fd, path)
+            header, header_slot = _read_header(fd, path)
             refuse_bitmaps_beyond_memory(Geometry(header.source_size, header.region_size),
                                          header.written_granularity if header.version == VERSION else None,
                                          other_bitmaps)
@@ -516,7 +520,7 @@ class Metadata:
                 header.written_granularity = written_granularity(header.region_size)
                 written = _empty_areas(header)[1]
             header.seq = max(header.seq, seq)
-            return cls(path, fd, header, hydrated, written, writable)
+            return cls(path, fd, header, header_slot, hydrated, written, writable)
         except BaseException:
             os.close(fd)
             raise
@@ -527,7 +531,7 @@ class Metadata:
         while a mount holds the file)."""
         fd = _open_locked(path, os.O_RDONLY, exclusive=False)
         try:
-            return _read_header(fd, path)
+            return _read_header(fd, path)[0]
         finally:
             os.close(fd)
 
@@ -820,8 +824,10 @@ class Metadata:
         self._seq += 1
         self.header.seq = self._seq
         self.header.flags = flags
-        os.pwrite(self._fd, self.header.pack(), _header_offset(self._seq))
+        slot = 1 - self._header_slot
+        os.pwrite(self._fd, self.header.pack(), _header_offset(slot))
         self._sync()
+        self._header_slot = slot
 
     def block_usage(self) -> tuple[int, int]:
         """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
@@ -965,8 +971,8 @@ def _bytes_set(bits: RegionMap, geometry: Geometry) -> int:
     return nbytes
 
 
-def _header_offset(seq: int) -> int:
-    return (seq % 2) * BLOCK
+def _header_offset(slot: int) -> int:
+    return slot * BLOCK
 
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
@@ -1021,7 +1027,7 @@ def format_1_identity(path: str) -> dict | None:
     except OSError:
         return None
     try:
-        header = _read_header(fd, path)
+        header = _read_header(fd, path)[0]
     except (OSError, MetadataError, ValueError):  # another mount's META: never fail this one
         return None
     finally:
@@ -1041,7 +1047,8 @@ def _has_a_header(fd: int) -> bool:
         return True
 
 
-def _read_header(fd: int, path: str) -> Header:
+def _read_header(fd: int, path: str) -> tuple[Header, int]:
+    """The newest valid header and its slot."""
     size = os.fstat(fd).st_size
     if size < FIRST_BITMAP_BLOCK * BLOCK:
         raise MetadataError(f"{path}: not a fuseclone metadata file (too short)")
@@ -1049,13 +1056,13 @@ def _read_header(fd: int, path: str) -> Header:
         candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK)) for slot in (0, 1)]
     except MetadataError as exc:  # a format this release does not know
         raise MetadataError(f"{path}: {exc}") from None
-    valid = [h for h in candidates if h is not None]
+    valid = [(slot, h) for slot, h in enumerate(candidates) if h is not None]
     if not valid:
         if _creation_cut_short(fd):  # see Metadata.exists
             raise MetadataError(f"{path}: holds no clone yet (a mount killed while creating it?); "
                                 "`fuseclone mount` formats it as a new one")
         raise MetadataError(f"{path}: not a fuseclone metadata file, or its header is corrupt")
-    header = max(valid, key=lambda h: h.seq)
+    slot, header = max(valid, key=lambda sh: sh[1].seq)
     try:
         geometry = Geometry(header.source_size, header.region_size)
         if header.version == VERSION:
@@ -1072,7 +1079,7 @@ def _read_header(fd: int, path: str) -> Header:
         needed = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
     if size < needed:
         raise MetadataError(f"{path}: corrupt metadata (file is {size} bytes, needs {needed})")
-    return header
+    return header, slot
 
 
 

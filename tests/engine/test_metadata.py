@@ -341,3 +341,33 @@ def test_a_mangled_meta_is_refused_in_one_line_or_holds_only_committed_bits(
         return
     assert hydrated <= committed, f"regions {sorted(hydrated - committed)[:5]} never committed"
     assert hydrated_bytes <= geometry.image_size
+
+
+def test_a_torn_header_write_falls_back_to_the_newest_header_before_it(tmp_path, monkeypatch):
+    """Header writes alternate strictly between the two slots: a bitmap commit between two of
+    them (commits share the seq counter) must not send the second to the first one's slot,
+    where tearing it left a header two writes old: here the last mount's clean one, so a
+    mount killed while closing read as cleanly closed."""
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(1 << 20, 4096), {}) as meta:
+        meta.mark_clean()
+    with Metadata.open(path) as meta:
+        meta.mark_open()
+        meta.set_hydrated(range(0, 1))
+        b = meta.prepare_commit(); meta.write_commit(b); meta.finish_commit(b)
+        real = os.pwrite
+
+        def torn(fd, data, offset):  # power lost half-way through a header write
+            if fd == meta._fd and offset < 2 * BLOCK:
+                real(fd, data[: BLOCK // 2], offset)
+                raise OSError(5, "power lost")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", torn)
+        with pytest.raises(OSError):
+            meta.mark_clean()
+        monkeypatch.setattr(os, "pwrite", real)
+    header = Metadata.read_header(path)
+    assert not header.clean  # mark_open's header, not the one before it
+    with Metadata.open(path) as meta:
+        assert meta.hydrated_count == 1
