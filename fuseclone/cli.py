@@ -444,7 +444,7 @@ def read_status(target: str) -> Status:
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "status"})
     if reply is not None:
-        return Status.from_reply(reply["status"])
+        return Status.from_reply(reply)
     return offline_status(meta)
 
 
@@ -459,7 +459,7 @@ def _status_while_stopping(meta: str) -> Status:
         reply = None
     if reply is None:
         return _offline_status_once_released(meta)
-    return Status.from_reply(reply["status"])
+    return Status.from_reply(reply)
 
 
 def offline_status(meta_path: str) -> Status:
@@ -569,7 +569,7 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     if reply is not None:
         if not reply.get("ok"):  # too many waits pending, say
             raise FusecloneError(reply.get("error", "wait refused"))
-        return Status.from_reply(reply["status"])
+        return Status.from_reply(reply)
     return offline_status(meta)
 
 

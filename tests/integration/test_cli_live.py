@@ -41,6 +41,15 @@ def test_messages_apply_live(rig, random_source):
     assert "100.0%" in human
 
 
+def test_status_json_names_the_daemon_the_mountpoint_and_the_image(rig, random_source):
+    rig.mount("--no-hydration")
+    live = status_json(rig.mnt)
+    assert (live["pid"], live["mountpoint"], live["image"]) == (daemon_pid(rig.mnt), rig.mnt, rig.image)
+    fuseclone("unmount", rig.mnt)
+    offline = status_json(rig.meta)
+    assert (offline["pid"], offline["mountpoint"], offline["image"]) == (None, None, None)
+
+
 def test_wait_blocks_until_hydration_completes(rig, random_source):
     rig.mount("--no-hydration")
     waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt, "--timeout", "60"],
