@@ -95,10 +95,19 @@ def _working_directory() -> str | None:
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fuseclone")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+              help="Show the release (version, and the git commit it was installed from) and exit.")
 def main() -> None:
     """dm-clone in userspace: use a clone of a slow source at once while it hydrates."""
     _keep_standard_descriptors_open()
+
+
+def _print_version(ctx: click.Context) -> None:
+    from .release import release  # runs git: only for --version
+
+    click.echo(f"fuseclone, version {release()}")
+    ctx.exit()
 
 
 def _keep_standard_descriptors_open() -> None:

@@ -222,3 +222,17 @@ def test_a_timeout_is_a_finite_number_of_seconds(command, timeout):
     result = invoke(*command, "--timeout", timeout)
     assert result.exit_code == 2
     assert f"'{timeout}' is not a number of seconds (0 or more)" in result.output
+
+
+def test_version_names_the_commit_of_a_checkout():
+    """An install from a git checkout (`./run setup`) says which commit it runs: releases are
+    told apart by it (README's Versions), not by the package's version, which stays 0.1.0."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    head = subprocess.run(["git", "-C", checkout, "log", "-1", "--format=%h"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    result = subprocess.run([sys.executable, "-m", "fuseclone", "--version"], capture_output=True,
+                            text=True, cwd=checkout, check=True)
+    assert result.stdout.startswith("fuseclone, version 0.1.0 (commit ")
+    assert head.stdout.strip() in result.stdout
