@@ -879,8 +879,15 @@ def diff(meta, as_json) -> None:
 @click.option("--keep", is_flag=True, help="Keep the work directory for a look afterwards.")
 def demo(size, rate, latency_ms, keep) -> None:
     """Clone a sample ext4 image from a deliberately slow source, use it at once, watch it hydrate."""
-    from .demo import run_demo
+    from .demo import MIN_SIZE, run_demo
 
+    # Before anything is made: mkfs.ext4 and nbdkit refused these with a traceback
+    if size < MIN_SIZE:
+        raise FusecloneError(f"--size must be at least {MIN_SIZE >> 20}M, the sample's files need it")
+    if rate <= 0:
+        raise FusecloneError("--rate must be more than 0 bytes/s")
+    if not 0 <= latency_ms < math.inf:
+        raise FusecloneError(f"--latency-ms must be 0 or more, not {latency_ms:g}")
     sys.exit(run_demo(size=size, rate=rate, latency_ms=latency_ms, keep=keep))
 
 
