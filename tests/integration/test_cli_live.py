@@ -351,3 +351,18 @@ def test_status_names_src_and_dst_by_absolute_paths(rig, random_source):
     rig.stack.callback(rig._force_unmount, rig.mnt)
     st = status_json(rig.mnt)
     assert (st["source"], st["destination"]) == (rig.src, rig.dst)
+
+
+def test_offline_status_shows_the_settings_of_the_last_mount(rig, random_source):
+    """META's features and core args are the last mount's, as a message records them: a
+    resumed mount's options replaced them in that mount but not in META, so offline status
+    said hydration was disabled after a mount that hydrated."""
+    rig.mount("--no-hydration", "--no-discard-passdown", "--hydration-threshold", "100")
+    fuseclone("unmount", rig.mnt)
+    rig.mount("--hydration-threshold", "200", "--no-copy-on-read")
+    live = status_json(rig.mnt)
+    fuseclone("unmount", rig.mnt)
+    offline = status_json(rig.meta)
+    for name in ("features", "hydration_enabled", "hydration_threshold", "hydration_batch_size"):
+        assert offline[name] == live[name], name
+    assert (offline["features"], offline["hydration_threshold"]) == (["no_copy_on_read"], 200)
