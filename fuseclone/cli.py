@@ -505,6 +505,10 @@ def _existing(path: str) -> str | None:
 @click.option("--watch", "-w", is_flag=True, help="Update live until hydration is complete.")
 def status(target, as_json, dmsetup, watch) -> None:
     """Show hydration progress of a mountpoint or a META file."""
+    chosen = [name for name, on in (("--json", as_json), ("--dmsetup", dmsetup), ("--watch", watch)) if on]
+    if len(chosen) > 1:  # one of them would be ignored
+        raise FusecloneError(f"{', '.join(chosen[:-1])} and {chosen[-1]} do not go together: "
+                             "choose one")
     if watch:
         from .progress import watch_status
 

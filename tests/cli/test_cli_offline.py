@@ -73,6 +73,17 @@ def test_status_offline_json_and_dmsetup(half_clone):
     assert "no_hydration" in fields and fields[-1] == "ro"
 
 
+@pytest.mark.parametrize("options", [("--json", "--dmsetup"), ("--watch", "--json"),
+                                     ("-w", "--dmsetup", "--json")])
+def test_status_refuses_forms_that_do_not_go_together(half_clone, options):
+    """Each is one form of the output: the one not printed was ignored (--watch won over
+    --json, --json over --dmsetup), and a script got another shape than it asked for."""
+    result = invoke("status", half_clone.meta, *options)
+    assert result.exit_code == 1
+    assert result.output.endswith("do not go together: choose one\n")
+    assert len(result.output.splitlines()) == 1
+
+
 def test_status_human(half_clone):
     result = invoke("status", half_clone.meta)
     assert result.exit_code == 0
