@@ -366,3 +366,20 @@ def test_offline_status_shows_the_settings_of_the_last_mount(rig, random_source)
     for name in ("features", "hydration_enabled", "hydration_threshold", "hydration_batch_size"):
         assert offline[name] == live[name], name
     assert (offline["features"], offline["hydration_threshold"]) == (["no_copy_on_read"], 200)
+
+
+def test_a_command_given_the_image_names_its_mountpoint_without_looking_inside(rig, random_source):
+    """The image's path (what mount prints) as TARGET: it was read as a META ("not a fuseclone
+    metadata file"), and with the daemon stopped its stat waited for it forever."""
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for command in (["status", rig.image], ["wait", rig.image], ["message", rig.image, "enable_hydration"]):
+            result = fuseclone(*command, check=False, timeout=20)
+            assert result.returncode == 1
+            assert result.stderr == (f"fuseclone: error: {rig.image} lies inside the clone mounted at "
+                                     f"{rig.mnt}: name that mountpoint, or the clone's META\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fuseclone("unmount", rig.mnt)
