@@ -614,6 +614,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
         return
     found = control.find_mount(mountpoint)
     if found is None:
+        control.refuse_inside_a_mount(mountpoint, "unmount that mountpoint")
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     meta, real = found
     for loop in [] if lazy else loop_devices_of(real):
@@ -829,6 +830,8 @@ def metrics(timeout) -> None:
 
 # ---- check ------------------------------------------------------------------------------------
 
+_NOT_A_META_INSIDE = "a clone's mount holds its image alone, never a META"
+
 
 @main.command()
 @click.argument("meta")
@@ -841,6 +844,7 @@ def check(meta, src, dst, verify) -> None:
 
     if verify and not (src and dst):
         fail("--verify needs --src and --dst")
+    control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
     ok = run_check(meta, src, dst, verify, echo=click.echo)
     if not ok:
         sys.exit(1)
@@ -854,6 +858,7 @@ def diff(meta, as_json) -> None:
     in chunks of the written granularity): what an incremental backup must copy."""
     from .metadata import Metadata
 
+    control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
     try:
         opened = Metadata.open(meta, writable=False)
     except MetadataInUseError:

@@ -222,17 +222,22 @@ def mount_containing(path: str) -> str | None:
     return next((m for m in mountpoints if real.startswith(m.rstrip("/") + "/")), None)
 
 
+def refuse_inside_a_mount(path: str, hint: str) -> None:
+    """Refuse PATH, a mountpoint or META a command was given, when it lies inside a clone's
+    mount (the image mount printed): before any stat of it, which waits for that mount's
+    daemon, forever when it is stopped (and the image, read as META, was "not a fuseclone
+    metadata file")."""
+    mountpoint = mount_containing(path)
+    if mountpoint is not None:
+        raise FusecloneError(f"{path} lies inside the clone mounted at {mountpoint}: {hint}")
+
+
 def resolve_target(target: str) -> str:
     """TARGET is a mountpoint or a META file; return the META path."""
     meta = meta_of_mountpoint(target)
     if meta is not None:
         return meta
-    # Before any stat of TARGET: inside a mount, that waits for its daemon, forever when it is
-    # stopped (and the image, read as META, was "not a fuseclone metadata file")
-    mountpoint = mount_containing(target)
-    if mountpoint is not None:
-        raise FusecloneError(f"{target} lies inside the clone mounted at {mountpoint}: name that "
-                             "mountpoint, or the clone's META")
+    refuse_inside_a_mount(target, "name that mountpoint, or the clone's META")
     if os.path.isfile(target):
         return target
     if not os.path.exists(target):

@@ -375,11 +375,17 @@ def test_a_command_given_the_image_names_its_mountpoint_without_looking_inside(r
     pid = daemon_pid(rig.mnt)
     os.kill(pid, signal.SIGSTOP)
     try:
-        for command in (["status", rig.image], ["wait", rig.image], ["message", rig.image, "enable_hydration"]):
+        for command, hint in (
+                (["status", rig.image], "name that mountpoint, or the clone's META"),
+                (["wait", rig.image], "name that mountpoint, or the clone's META"),
+                (["message", rig.image, "enable_hydration"], "name that mountpoint, or the clone's META"),
+                (["unmount", rig.image], "unmount that mountpoint"),
+                (["check", rig.image], "a clone's mount holds its image alone, never a META"),
+                (["diff", rig.image], "a clone's mount holds its image alone, never a META")):
             result = fuseclone(*command, check=False, timeout=20)
             assert result.returncode == 1
             assert result.stderr == (f"fuseclone: error: {rig.image} lies inside the clone mounted at "
-                                     f"{rig.mnt}: name that mountpoint, or the clone's META\n")
+                                     f"{rig.mnt}: {hint}\n")
     finally:
         os.kill(pid, signal.SIGCONT)
     fuseclone("unmount", rig.mnt)
