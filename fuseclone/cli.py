@@ -161,7 +161,10 @@ def _keep_standard_descriptors_open() -> None:
               help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
 @click.option("--name", default="image", show_default=True, metavar="NAME", help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
-@click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
+@click.option("--on-complete", metavar="CMD",
+              help="Run CMD when hydration completes, and again at every mount of a clone "
+                   "complete already (one cut short by a crash or a stop runs again): make it "
+                   "safe to repeat. FUSECLONE_DESTINATION and FUSECLONE_METADATA are set.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
               help="The least severe messages the daemon logs.")
