@@ -95,10 +95,19 @@ def _working_directory() -> str | None:
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fuseclone")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+              help="Show the release (version, and the git commit it was installed from) and exit.")
 def main() -> None:
     """dm-clone in userspace: use a clone of a slow source at once while it hydrates."""
     _keep_standard_descriptors_open()
+
+
+def _print_version(ctx: click.Context) -> None:
+    from .release import release  # runs git: only for --version
+
+    click.echo(f"fuseclone, version {release()}")
+    ctx.exit()
 
 
 def _keep_standard_descriptors_open() -> None:
@@ -152,7 +161,10 @@ def _keep_standard_descriptors_open() -> None:
               help="Send the headers in FILE (`Name: value` lines, e.g. `Authorization: Bearer ...`) with every request to an http(s):// or s3:// source; re-read when the server answers 401/403, so a rotated token is picked up.")
 @click.option("--name", default="image", show_default=True, metavar="NAME", help="File name of the image in a directory mountpoint.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted or signalled.")
-@click.option("--on-complete", metavar="CMD", help="Run CMD once hydration is complete.")
+@click.option("--on-complete", metavar="CMD",
+              help="Run CMD when hydration completes, and again at every mount of a clone "
+                   "complete already (one cut short by a crash or a stop runs again): make it "
+                   "safe to repeat. FUSECLONE_DESTINATION and FUSECLONE_METADATA are set.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here (background default: <identity of META>.log in the runtime directory, /run/fuseclone for root; shown by status).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
               help="The least severe messages the daemon logs.")
@@ -456,7 +468,7 @@ def read_status(target: str) -> Status:
     meta = control.resolve_target(target)
     reply = control.request(meta, {"op": "status"})
     if reply is not None:
-        return Status.from_reply(reply["status"])
+        return Status.from_reply(reply)
     return offline_status(meta)
 
 
@@ -471,7 +483,7 @@ def _status_while_stopping(meta: str) -> Status:
         reply = None
     if reply is None:
         return _offline_status_once_released(meta)
-    return Status.from_reply(reply["status"])
+    return Status.from_reply(reply)
 
 
 def offline_status(meta_path: str) -> Status:
@@ -509,6 +521,10 @@ def _existing(path: str) -> str | None:
 @click.option("--watch", "-w", is_flag=True, help="Update live until hydration is complete.")
 def status(target, as_json, dmsetup, watch) -> None:
     """Show hydration progress of a mountpoint or a META file."""
+    chosen = [name for name, on in (("--json", as_json), ("--dmsetup", dmsetup), ("--watch", watch)) if on]
+    if len(chosen) > 1:  # one of them would be ignored
+        raise FusecloneError(f"{', '.join(chosen[:-1])} and {chosen[-1]} do not go together: "
+                             "choose one")
     if watch:
         from .progress import watch_status
 
@@ -582,7 +598,7 @@ def _wait_for_hydration(meta: str, seconds: float) -> Status:
     if reply is not None:
         if not reply.get("ok"):  # too many waits pending, say
             raise FusecloneError(reply.get("error", "wait refused"))
-        return Status.from_reply(reply["status"])
+        return Status.from_reply(reply)
     return offline_status(meta)
 
 
@@ -614,6 +630,7 @@ def unmount(mountpoint, timeout, lazy) -> None:
         return
     found = control.find_mount(mountpoint)
     if found is None:
+        control.refuse_inside_a_mount(mountpoint, "unmount that mountpoint")
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     meta, real = found
     for loop in [] if lazy else loop_devices_of(real):
@@ -829,6 +846,8 @@ def metrics(timeout) -> None:
 
 # ---- check ------------------------------------------------------------------------------------
 
+_NOT_A_META_INSIDE = "a clone's mount holds its image alone, never a META"
+
 
 @main.command()
 @click.argument("meta")
@@ -841,6 +860,7 @@ def check(meta, src, dst, verify) -> None:
 
     if verify and not (src and dst):
         fail("--verify needs --src and --dst")
+    control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
     ok = run_check(meta, src, dst, verify, echo=click.echo)
     if not ok:
         sys.exit(1)
@@ -854,6 +874,7 @@ def diff(meta, as_json) -> None:
     in chunks of the written granularity): what an incremental backup must copy."""
     from .metadata import Metadata
 
+    control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
     try:
         opened = Metadata.open(meta, writable=False)
     except MetadataInUseError:
@@ -883,8 +904,15 @@ def diff(meta, as_json) -> None:
 @click.option("--keep", is_flag=True, help="Keep the work directory for a look afterwards.")
 def demo(size, rate, latency_ms, keep) -> None:
     """Clone a sample ext4 image from a deliberately slow source, use it at once, watch it hydrate."""
-    from .demo import run_demo
+    from .demo import MIN_SIZE, run_demo
 
+    # Before anything is made: mkfs.ext4 and nbdkit refused these with a traceback
+    if size < MIN_SIZE:
+        raise FusecloneError(f"--size must be at least {MIN_SIZE >> 20}M, the sample's files need it")
+    if rate <= 0:
+        raise FusecloneError("--rate must be more than 0 bytes/s")
+    if not 0 <= latency_ms < math.inf:
+        raise FusecloneError(f"--latency-ms must be 0 or more, not {latency_ms:g}")
     sys.exit(run_demo(size=size, rate=rate, latency_ms=latency_ms, keep=keep))
 
 

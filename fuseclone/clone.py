@@ -67,7 +67,11 @@ def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | No
                 settings.hydration_threshold = meta.header.hydration_threshold
             if not settings.hydration_batch_size:
                 settings.hydration_batch_size = meta.header.hydration_batch_size
-            meta.mark_open(identity)  # the first change on disk, after every check
+            # The first change on disk, after every check; this mount's features and core
+            # args replace the last mount's (dm-clone takes them from each table load)
+            meta.mark_open(identity, features=settings.features,
+                           hydration_threshold=settings.hydration_threshold,
+                           hydration_batch_size=settings.hydration_batch_size)
         except BaseException:
             dst.close()
             raise

@@ -129,5 +129,5 @@ async def _ask(clone: LiveClone, timeout: float) -> None:
         clone.problem = ("daemon gone (killed): `fuseclone unmount` cleans the mount"
                          if control.daemon_gone(clone.metadata) else "no control socket")
         return
-    clone.status = Status.from_reply(reply["status"])
+    clone.status = Status.from_reply(reply)
     clone.image = reply.get("image")

@@ -212,11 +212,32 @@ def meta_of_mountpoint(path: str) -> str | None:
     return found[0] if found else None
 
 
+def mount_containing(path: str) -> str | None:
+    """The fuseclone mountpoint that PATH lies inside (its image, say), looked at as
+    `find_mount` does: nothing inside it is stat'ed."""
+    from .fuse.mount import resolve_outside_mounts
+
+    mountpoints = {mountpoint for _, mountpoint in mounts()}
+    real = resolve_outside_mounts(path, mountpoints)
+    return next((m for m in mountpoints if real.startswith(m.rstrip("/") + "/")), None)
+
+
+def refuse_inside_a_mount(path: str, hint: str) -> None:
+    """Refuse PATH, a mountpoint or META a command was given, when it lies inside a clone's
+    mount (the image mount printed): before any stat of it, which waits for that mount's
+    daemon, forever when it is stopped (and the image, read as META, was "not a fuseclone
+    metadata file")."""
+    mountpoint = mount_containing(path)
+    if mountpoint is not None:
+        raise FusecloneError(f"{path} lies inside the clone mounted at {mountpoint}: {hint}")
+
+
 def resolve_target(target: str) -> str:
     """TARGET is a mountpoint or a META file; return the META path."""
     meta = meta_of_mountpoint(target)
     if meta is not None:
         return meta
+    refuse_inside_a_mount(target, "name that mountpoint, or the clone's META")
     if os.path.isfile(target):
         return target
     if not os.path.exists(target):

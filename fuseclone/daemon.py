@@ -333,6 +333,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.user_write_bytes = fs.user_write_bytes
         st.reads_on_ring = fs.reads_on_ring
         st.passthrough = fs.backing_id is not None
+        st.pid = os.getpid()
+        st.mountpoint, st.image = here()
         return st
 
     def places() -> list[MountEntry]:
@@ -354,9 +356,10 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         return here()[1]
 
     def status_reply() -> dict:
-        mountpoint, image = here()
-        return {"ok": True, "status": status(), "pid": os.getpid(), "mountpoint": mountpoint,
-                "image": image}
+        st = status()
+        # pid, mountpoint and image at the top level too: commands of earlier releases read them there
+        return {"ok": True, "status": st, "pid": st.pid, "mountpoint": st.mountpoint,
+                "image": st.image}
 
     async def handle(req: dict) -> dict:
         """A request control.parse_request accepted: every field there and valid."""

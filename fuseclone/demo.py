@@ -21,15 +21,17 @@ from contextlib import ExitStack
 from rich.console import Console
 
 from .control import remove_logs
+from .errors import FusecloneError
 from .status import human_bytes
 
 console = Console(highlight=False)
+MIN_SIZE = 16 << 20  # the sample files' fixed part (about 3 MiB) and ext4's own fit
 
 
 def sh(*args: str, check: bool = True, capture: bool = True) -> str:
     result = subprocess.run(args, check=False, capture_output=capture, text=True)
     if check and result.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {(result.stderr or '').strip()}")
+        raise FusecloneError(f"{' '.join(args)} failed ({result.returncode}): {(result.stderr or '').strip()}")
     return result.stdout or ""
 
 
@@ -87,7 +89,7 @@ def start_slow_source(work: str, image: str, rate: int, latency_ms: float, stack
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"nbdkit did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise FusecloneError(f"nbdkit did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
         time.sleep(0.05)
     return f"nbd+unix:///?socket={sock}"
 

@@ -761,14 +761,18 @@ class Metadata:
 
     # ---- header updates ------------------------------------------------------------------
 
-    def mark_open(self, identity: dict | None = None) -> None:
-        """Record that a writer has the file (clean flag cleared). The first change on disk;
-        a format-1 file is upgraded here. IDENTITY (one `check_source` and `check_destination`
-        accepted) replaces a recorded identity of another form: an older version kept a
-        pre-signed URL's signature in it, a secret, which then goes from both header slots."""
+    def mark_open(self, identity: dict | None = None, *, features: int | None = None,
+                  hydration_threshold: int | None = None,
+                  hydration_batch_size: int | None = None) -> None:
+        """Record that a writer has the file (clean flag cleared), and the settings it runs
+        with (what offline status shows). The first change on disk; a format-1 file is upgraded
+        here. IDENTITY (one `check_source` and `check_destination` accepted) replaces a
+        recorded identity of another form: an older version kept a pre-signed URL's signature
+        in it, a secret, which then goes from both header slots."""
         try:
             if self.header.version == VERSION_WITHOUT_WRITTEN:
                 self._upgrade()
+            self._set_settings(features, hydration_threshold, hydration_batch_size)
             rewrite = identity is not None and identity != self.header.identity
             if rewrite:
                 self.header.identity = identity
@@ -799,6 +803,11 @@ class Metadata:
 
     def update_settings(self, *, features: int | None = None, hydration_threshold: int | None = None,
                         hydration_batch_size: int | None = None) -> None:
+        self._set_settings(features, hydration_threshold, hydration_batch_size)
+        self._write_header(flags=self.header.flags)
+
+    def _set_settings(self, features: int | None, hydration_threshold: int | None,
+                      hydration_batch_size: int | None) -> None:
         h = self.header
         if features is not None:
             h.features = features
@@ -806,7 +815,6 @@ class Metadata:
             h.hydration_threshold = hydration_threshold
         if hydration_batch_size is not None:
             h.hydration_batch_size = hydration_batch_size
-        self._write_header(flags=h.flags)
 
     def _write_header(self, *, flags: int) -> None:
         """Write the header of a clone in use; a failure is fail mode."""

@@ -65,11 +65,20 @@ class Status:
     prefetching: bool = False  # regions of the trace are still to be asked for
     # bytes this mount claimed for copies of each kind: prefetch, readahead, hot_spots
     fetched: dict = field(default_factory=dict)
+    # The mount's daemon, mountpoint and image as it reaches them now (live status only)
+    pid: int | None = None
+    mountpoint: str | None = None
+    image: str | None = None
 
     @classmethod
-    def from_reply(cls, doc: dict) -> Status:
-        """The status a mount sent. Fields this release does not know are left out: a daemon
-        of a later release (the package downgraded while it stays mounted) sends more."""
+    def from_reply(cls, reply: dict) -> Status:
+        """The status in a mount's reply (to `status` or `wait`), with the reply's pid,
+        mountpoint and image. Fields this release does not know are left out: a daemon of a
+        later release (the package downgraded while it stays mounted) sends more."""
+        doc = dict(reply["status"])
+        for name in ("pid", "mountpoint", "image"):  # a daemon's status before 2026-11-28 lacks them
+            if doc.get(name) is None:
+                doc[name] = reply.get(name)
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in doc.items() if name in known})
 

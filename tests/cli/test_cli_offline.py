@@ -73,6 +73,17 @@ def test_status_offline_json_and_dmsetup(half_clone):
     assert "no_hydration" in fields and fields[-1] == "ro"
 
 
+@pytest.mark.parametrize("options", [("--json", "--dmsetup"), ("--watch", "--json"),
+                                     ("-w", "--dmsetup", "--json")])
+def test_status_refuses_forms_that_do_not_go_together(half_clone, options):
+    """Each is one form of the output: the one not printed was ignored (--watch won over
+    --json, --json over --dmsetup), and a script got another shape than it asked for."""
+    result = invoke("status", half_clone.meta, *options)
+    assert result.exit_code == 1
+    assert result.output.endswith("do not go together: choose one\n")
+    assert len(result.output.splitlines()) == 1
+
+
 def test_status_human(half_clone):
     result = invoke("status", half_clone.meta)
     assert result.exit_code == 0
@@ -222,3 +233,17 @@ def test_a_timeout_is_a_finite_number_of_seconds(command, timeout):
     result = invoke(*command, "--timeout", timeout)
     assert result.exit_code == 2
     assert f"'{timeout}' is not a number of seconds (0 or more)" in result.output
+
+
+def test_version_names_the_commit_of_a_checkout():
+    """An install from a git checkout (`./run setup`) says which commit it runs: releases are
+    told apart by it (README's Versions), not by the package's version, which stays 0.1.0."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    head = subprocess.run(["git", "-C", checkout, "log", "-1", "--format=%h"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    result = subprocess.run([sys.executable, "-m", "fuseclone", "--version"], capture_output=True,
+                            text=True, cwd=checkout, check=True)
+    assert result.stdout.startswith("fuseclone, version 0.1.0 (commit ")
+    assert head.stdout.strip() in result.stdout

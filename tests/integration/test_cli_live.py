@@ -41,6 +41,15 @@ def test_messages_apply_live(rig, random_source):
     assert "100.0%" in human
 
 
+def test_status_json_names_the_daemon_the_mountpoint_and_the_image(rig, random_source):
+    rig.mount("--no-hydration")
+    live = status_json(rig.mnt)
+    assert (live["pid"], live["mountpoint"], live["image"]) == (daemon_pid(rig.mnt), rig.mnt, rig.image)
+    fuseclone("unmount", rig.mnt)
+    offline = status_json(rig.meta)
+    assert (offline["pid"], offline["mountpoint"], offline["image"]) == (None, None, None)
+
+
 def test_wait_blocks_until_hydration_completes(rig, random_source):
     rig.mount("--no-hydration")
     waiter = subprocess.Popen([sys.executable, "-m", "fuseclone", "wait", rig.mnt, "--timeout", "60"],
@@ -357,3 +366,41 @@ def test_status_counts_a_partial_last_region_by_its_own_bytes(rig):
         assert " 100 B of 3.0 MiB" in fuseclone("status", target).stdout.splitlines()[0]
         if target == rig.mnt:
             fuseclone("unmount", rig.mnt)
+
+
+def test_offline_status_shows_the_settings_of_the_last_mount(rig, random_source):
+    """META's features and core args are the last mount's, as a message records them: a
+    resumed mount's options replaced them in that mount but not in META, so offline status
+    said hydration was disabled after a mount that hydrated."""
+    rig.mount("--no-hydration", "--no-discard-passdown", "--hydration-threshold", "100")
+    fuseclone("unmount", rig.mnt)
+    rig.mount("--hydration-threshold", "200", "--no-copy-on-read")
+    live = status_json(rig.mnt)
+    fuseclone("unmount", rig.mnt)
+    offline = status_json(rig.meta)
+    for name in ("features", "hydration_enabled", "hydration_threshold", "hydration_batch_size"):
+        assert offline[name] == live[name], name
+    assert (offline["features"], offline["hydration_threshold"]) == (["no_copy_on_read"], 200)
+
+
+def test_a_command_given_the_image_names_its_mountpoint_without_looking_inside(rig, random_source):
+    """The image's path (what mount prints) as TARGET: it was read as a META ("not a fuseclone
+    metadata file"), and with the daemon stopped its stat waited for it forever."""
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for command, hint in (
+                (["status", rig.image], "name that mountpoint, or the clone's META"),
+                (["wait", rig.image], "name that mountpoint, or the clone's META"),
+                (["message", rig.image, "enable_hydration"], "name that mountpoint, or the clone's META"),
+                (["unmount", rig.image], "unmount that mountpoint"),
+                (["check", rig.image], "a clone's mount holds its image alone, never a META"),
+                (["diff", rig.image], "a clone's mount holds its image alone, never a META")):
+            result = fuseclone(*command, check=False, timeout=20)
+            assert result.returncode == 1
+            assert result.stderr == (f"fuseclone: error: {rig.image} lies inside the clone mounted at "
+                                     f"{rig.mnt}: {hint}\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fuseclone("unmount", rig.mnt)
