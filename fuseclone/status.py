@@ -79,6 +79,8 @@ class Status:
         for name in ("pid", "mountpoint", "image"):  # a daemon's status before 2026-11-28 lacks them
             if doc.get(name) is None:
                 doc[name] = reply.get(name)
+        if reply.get("pid") is not None:  # as control.request sees it: a PID namespace's 1 is not ours
+            doc["pid"] = reply["pid"]
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in doc.items() if name in known})
 

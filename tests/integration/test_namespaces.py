@@ -166,6 +166,7 @@ def test_a_mount_in_a_pid_namespace_is_named_by_the_pid_the_host_sees(rig, rando
         daemon = int(f.read().split()[0])  # process 1 of the namespace, as the host sees it
     # Before: 1, the daemon's own pid in its namespace (the host's init here).
     assert daemon_pid(rig.mnt) == daemon
+    assert status_json(rig.mnt)["pid"] == daemon
     os.kill(daemon, signal.SIGTERM)
     assert unshare.wait(timeout=60) == 0
     assert not mounted(rig.mnt)
