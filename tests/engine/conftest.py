@@ -7,6 +7,7 @@ import trio
 
 from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
+from fuseclone.sources.base import Source
 from fuseclone.sources.local import LocalSource
 
 KiB = 1024
@@ -96,3 +97,27 @@ async def user_reading_hydrated(engine, clone):
         users.start_soon(read_hydrated)
         yield
         users.cancel_scope.cancel()
+
+
+class WrappedSource(Source):
+    """A source that passes everything to `inner`: tests override `read` to hold or fail it."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.description, self._size = inner.description, inner.size
+
+    @property
+    def size(self):
+        return self._size
+
+    def own_identity(self):
+        return self.inner.identity()
+
+    async def read(self, offset, length):
+        return await self.inner.read(offset, length)
+
+    async def extents(self, offset, length):
+        return await self.inner.extents(offset, length)
+
+    async def aclose(self):
+        await self.inner.aclose()

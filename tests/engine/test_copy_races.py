@@ -23,7 +23,7 @@ from fuseclone.clone import open_clone, running
 from fuseclone.engine import Settings
 from fuseclone.sources.base import Source, SourceReadError
 from fuseclone.sources.local import LocalSource
-from tests.engine.conftest import make_source_file
+from tests.engine.conftest import WrappedSource, make_source_file
 from tests.engine.test_power_loss import VolatileDestination
 
 REGION = 4096
@@ -33,24 +33,16 @@ R = 8
 AT = R * REGION
 
 
-class HeldSource(Source):
+class HeldSource(WrappedSource):
     """Wraps a source: the first read touching region R waits for `release`, then fails if
     `failing` is set (as every later read of R does while it stays set)."""
 
     def __init__(self, inner: Source) -> None:
-        self.inner = inner
-        self.description, self._size = inner.description, inner.size
+        super().__init__(inner)
         self.armed = True
         self.arrived = trio.Event()
         self.release = trio.Event()
         self.failing = False
-
-    @property
-    def size(self):
-        return self._size
-
-    def own_identity(self):
-        return self.inner.identity()
 
     async def read(self, offset, length):
         if offset < AT + REGION and offset + length > AT:
@@ -61,12 +53,6 @@ class HeldSource(Source):
             if self.failing:
                 raise SourceReadError(errno.EIO, "injected source fault")
         return await self.inner.read(offset, length)
-
-    async def extents(self, offset, length):
-        return await self.inner.extents(offset, length)
-
-    async def aclose(self):
-        await self.inner.aclose()
 
 
 class HeldWrites:

@@ -10,36 +10,23 @@ import pytest
 import trio
 import trio.testing
 
-from fuseclone.sources.base import Source, SourceReadError
-from tests.engine.conftest import assert_settle_waiter_woken_by
+from fuseclone.sources.base import SourceReadError
+from tests.engine.conftest import WrappedSource, assert_settle_waiter_woken_by
 
 
-class BrokenRange(Source):
+class BrokenRange(WrappedSource):
     """Wraps a source; reads touching [lo, hi) fail while `broken` is set."""
 
     def __init__(self, inner, lo, hi):
-        self.inner, self.lo, self.hi, self.broken = inner, lo, hi, True
-        self.description, self._size = inner.description, inner.size
+        super().__init__(inner)
+        self.lo, self.hi, self.broken = lo, hi, True
         self.failures = 0
-
-    @property
-    def size(self):
-        return self._size
-
-    def own_identity(self):
-        return self.inner.identity()
 
     async def read(self, offset, length):
         if self.broken and offset < self.hi and offset + length > self.lo:
             self.failures += 1
             raise SourceReadError(errno.EIO, "injected source fault")
         return await self.inner.read(offset, length)
-
-    async def extents(self, offset, length):
-        return await self.inner.extents(offset, length)
-
-    async def aclose(self):
-        await self.inner.aclose()
 
 
 async def test_faults_back_off_stop_and_resume(clone):
