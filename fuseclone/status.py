@@ -76,11 +76,11 @@ class Status:
         mountpoint and image. Fields this release does not know are left out: a daemon of a
         later release (the package downgraded while it stays mounted) sends more."""
         doc = dict(reply["status"])
-        for name in ("pid", "mountpoint", "image"):  # a daemon's status before 2026-11-28 lacks them
+        for name in ("mountpoint", "image"):  # a daemon's status before 2026-11-28 lacks them
             if doc.get(name) is None:
                 doc[name] = reply.get(name)
-        if reply.get("pid") is not None:  # as control.request sees it: a PID namespace's 1 is not ours
-            doc["pid"] = reply["pid"]
+        # The pid as control.request sees it (SO_PEERCRED): a PID namespace's 1 is not ours
+        doc["pid"] = reply.get("pid", doc.get("pid"))
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in doc.items() if name in known})
 
