@@ -21,10 +21,13 @@ class Blocking:
     disk). The session runs `job` on a thread of its own, which then sends the reply itself: the
     event loop reads the next requests meanwhile, and there is no hop back to it. Jobs run one
     at a time, in the order they came; `parallel` ones (reads) on threads of their own, beside
-    the others and in any order."""
+    the others and in any order. `waits_for_reads`: the job may wait for READs in flight (an
+    invalidation of cached pages waits for those the kernel holds locked for them), so it never
+    runs on the event loop, which answers them, nor on a thread that reads."""
 
     job: Callable[[], codec.Reply]
     parallel: bool = False
+    waits_for_reads: bool = False
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from ..errors import FusecloneError
 from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, ImageBackend, QuickAnswer, ReadFrom
+from .pagecache import CachedRanges, Invalidation
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -80,6 +81,7 @@ class ImageFilesystem:
         self._caching_opens = 0  # opens of the image answered IMAGE_FH and not yet released
         self._invalidate: Callable[[int, int, int], None] | None = None  # the session's
         self._invalidating = trio.CapacityLimiter(INVALIDATING_THREADS)
+        self._cached = CachedRanges(image.size)  # what READs of caching opens may have cached
 
     def negotiated(self, init_flags: int, invalidate: Callable[[int, int, int], None]) -> None:
         """The features INIT settled on. An O_DIRECT open gets FOPEN_DIRECT_IO only where the
@@ -253,7 +255,12 @@ class ImageFilesystem:
             await self.image.expose_to_direct_writes()
         return codec.OpenReply(IMAGE_FH, abi.FOPEN_PASSTHROUGH, self.backing_id)
 
+    def _note_read(self, req: codec.Read) -> None:
+        if req.fh == IMAGE_FH:  # a READ of a caching open may fill the page cache
+            self._cached.note_read(req.offset, req.size)
+
     def read_now(self, req: codec.Read) -> QuickAnswer:
+        self._note_read(req)
         if req.offset >= self.image.size:
             return codec.DataReply(b"")
         got = self.image.read_now(req.offset, req.size,
@@ -272,9 +279,20 @@ class ImageFilesystem:
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
         answer = self._write_answer(req)
-        if self._may_leave_stale_pages(req):
+        if not self._may_leave_stale_pages(req):
+            return answer
+        if isinstance(answer, Continue):
             return Continue(functools.partial(self._answer_then_invalidate, answer, req))
-        return answer
+        # No task and no hop back to the loop: a thread of the session's writes, invalidates
+        # and replies (a hop to a worker thread and back cut 34k such writes a second to 4k).
+        if isinstance(answer, Blocking):
+            return Blocking(functools.partial(self._then_invalidate, answer, req),
+                            waits_for_reads=True)
+        planned = self._cached.plan(req.offset, len(req.data))  # written: DST holds it now
+        if planned is None:
+            return answer
+        return Blocking(functools.partial(_call_then, functools.partial(self._drop, planned),
+                                          answer), waits_for_reads=True)
 
     def _write_answer(self, req: codec.Write) -> QuickAnswer:
         if _synchronous(req):
@@ -315,21 +333,34 @@ class ImageFilesystem:
             return False
         return bool(req.fh == DIRECT_FH or req.open_flags & os.O_DIRECT or self.write_cache)
 
-    async def _answer_then_invalidate(self, answer: QuickAnswer, req: codec.Write) -> codec.Reply:
-        """The write's answer, then its range dropped from the image's page cache, then the
-        reply: whatever a reader cached of the range before the write reached DST is gone by
-        the time the writer hears of it. In a worker thread, not on the event loop: the kernel
-        waits there for pages that reads in flight hold locked, which the loop answers."""
+    def _then_invalidate(self, answer: Blocking, req: codec.Write) -> codec.Reply:
+        """Blocking, for a thread that answers no READ: the write's answer, then its range
+        dropped from the image's page cache, then the reply. Whatever a reader cached of the
+        range before the write reached DST is gone by the time the writer hears of it. Not on
+        the event loop: the kernel waits there for pages that reads in flight hold locked,
+        which the loop answers."""
         try:
-            if isinstance(answer, Blocking):
-                return await in_thread(answer.job)
-            if isinstance(answer, Continue):
-                return await answer.answer()
-            return answer
+            return answer.job()
         finally:
-            with trio.CancelScope(shield=True):
-                await in_thread(self._invalidate, self.image_id, req.offset, len(req.data),
-                                limiter=self._invalidating)
+            planned = self._cached.plan(req.offset, len(req.data))
+            if planned is not None:
+                self._drop(planned)
+
+    async def _answer_then_invalidate(self, answer: Continue, req: codec.Write) -> codec.Reply:
+        """`_then_invalidate` for a write that waits for something first (the source, a
+        commit): the invalidation in a worker thread of its own limiter."""
+        try:
+            return await answer.answer()
+        finally:
+            planned = self._cached.plan(req.offset, len(req.data))
+            if planned is not None:
+                with trio.CancelScope(shield=True):
+                    await in_thread(self._drop, planned, limiter=self._invalidating)
+
+    def _drop(self, planned: Invalidation) -> None:
+        """Blocking: drop a range from the image's page cache (see _then_invalidate)."""
+        self._invalidate(self.image_id, planned.offset, planned.length)
+        self._cached.dropped(planned)
 
     async def _write_synchronously(self, req: codec.Write) -> codec.Reply:
         """A write that must be durable when answered (see _synchronous): the write, then the
@@ -339,6 +370,7 @@ class ImageFilesystem:
         return reply
 
     async def read(self, req: codec.Read) -> codec.Reply:
+        self._note_read(req)
         if req.offset >= self.image.size:
             return codec.DataReply(b"")
         data = await self.image.read(req.offset, req.size)

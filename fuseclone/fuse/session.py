@@ -58,6 +58,12 @@ MAX_QUEUED_JOBS = 8
 # 11-13k with 24 (raw loop 55-58k, 2 vCPUs).
 PARALLEL_JOB_THREADS = 1
 MAX_QUEUED_PARALLEL_JOBS = 4 * MAX_BACKGROUND
+# Threads for the jobs that may wait for READs in flight (a direct write answered after an
+# invalidation of its range): one waiting for a READ from a slow source leaves the others.
+WAITING_JOB_THREADS = 2
+# Those jobs hold no request buffer (a write's that does waits in a task instead): their bound
+# only holds the kernel back.
+MAX_QUEUED_WAITING_JOBS = 4 * MAX_BACKGROUND
 # Reads on the io_uring at once; beyond, they go to the parallel job thread (the kernel's
 # MAX_BACKGROUND and its synchronous readers keep far fewer in flight).
 MAX_RING_READS = 4 * MAX_BACKGROUND
@@ -173,6 +179,8 @@ class Session:
         self._reads_without_wait = 0
         self._jobs = _JobQueue(threads=1, slots=MAX_QUEUED_JOBS)
         self._parallel_jobs = _JobQueue(threads=PARALLEL_JOB_THREADS, slots=MAX_QUEUED_PARALLEL_JOBS)
+        self._waiting_jobs = _JobQueue(threads=WAITING_JOB_THREADS, slots=MAX_QUEUED_WAITING_JOBS)
+        self._waiting_threads = trio.CapacityLimiter(WAITING_JOB_THREADS)  # when that one is full
         self._ring_reads: uring.Reads | None = None  # while `run` serves, if io_uring works here
         self._reaper_wait = trio.CancelScope()  # the ring reaper's wait for completions
         os.set_blocking(fd, False)
@@ -297,7 +305,7 @@ class Session:
         # the jobs that run in order (writes): a second did not copy faster (ext4 serialises
         # buffered writes to a file); another for reads from disk, which need not wait for them.
         # They have a limiter of their own: trio's default one is for the engine's threads.
-        queues = (self._jobs, self._parallel_jobs)
+        queues = (self._jobs, self._parallel_jobs, self._waiting_jobs)
         threads = trio.CapacityLimiter(sum(jobs.threads for jobs in queues))
         async with trio.open_nursery() as job_threads:
             for jobs in queues:
@@ -312,8 +320,8 @@ class Session:
             finally:
                 self._close_ring()
                 # the job threads finish what they hold, then return
-                self._jobs.stop()
-                self._parallel_jobs.stop()
+                for jobs in queues:
+                    jobs.stop()
 
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
         while True:
@@ -386,6 +394,8 @@ class Session:
         return _ANSWERED
 
     def _hand_over(self, unique: int, blocking: Blocking, buf: bytearray | None) -> object:
+        if blocking.waits_for_reads:
+            return self._hand_over_waiting(unique, blocking, buf)
         jobs = self._parallel_jobs if blocking.parallel else self._jobs
         if not jobs.slots.acquire(blocking=False):
             self._send(_job_reply(unique, blocking))  # the job threads are behind: run it here
@@ -395,6 +405,15 @@ class Session:
             return _ANSWERED
         jobs.queue.put((unique, blocking, buf))
         return _HANDED_OVER
+
+    def _hand_over_waiting(self, unique: int, blocking: Blocking, buf: bytearray | None) -> object:
+        """A job that may wait for READs in flight: never on the loop, which answers them. On
+        a waiting-job thread if it holds no request buffer and there is room; else in a task,
+        through a worker thread of their limiter."""
+        if buf is None and self._waiting_jobs.slots.acquire(blocking=False):
+            self._waiting_jobs.queue.put((unique, blocking, None))
+            return _ANSWERED
+        return functools.partial(in_thread, blocking.job, limiter=self._waiting_threads)
 
     # ---- reads on the io_uring ----------------------------------------------------------------
 

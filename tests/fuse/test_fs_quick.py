@@ -9,6 +9,7 @@ import pytest
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.backend import Blocking, Continue, Permissions
 from fuseclone.fuse.fs import DIRECT_FH, ImageFilesystem
+from fuseclone.fuse.pagecache import CHUNK
 
 IMAGE = 2  # the image's node in a directory mount
 TIMES = abi.FATTR_MTIME | abi.FATTR_CTIME | abi.FATTR_FH  # what the write cache sends (0x460)
@@ -34,6 +35,9 @@ class Image:
     def write_now(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
         return True
+
+    def read_now(self, offset, length, *, kernel_keeps):
+        return bytes(length)
 
     async def write(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
@@ -137,12 +141,13 @@ async def test_no_direct_io_opens_where_the_kernel_would_refuse_their_shared_mma
     (os.O_RDWR, os.O_RDWR | os.O_DIRECT),  # O_DIRECT set later with fcntl
     (os.O_RDWR, os.O_RDWR),  # a loop device switched to direct I/O: IOCB_DIRECT per request
 ])
-async def test_a_direct_write_beside_a_caching_open_is_answered_after_its_range_is_invalidated(
+async def test_a_direct_write_of_a_range_a_caching_open_read_is_answered_after_its_invalidation(
         open_flags, write_flags):
     """The kernel drops the range's cached pages before it sends a direct WRITE, not after: a
-    buffered reader's READ answered meanwhile would leave the replaced data cached. So while
-    an open that caches exists (other than the writer's own), the range is dropped again once
-    the write is done."""
+    buffered reader's READ answered meanwhile would leave the replaced data cached. So once an
+    open that caches (other than the writer's own) has READ from the range, the range is
+    dropped again once the write is done, by a thread that answers no READ (the kernel waits
+    for pages that READs in flight hold locked), which then replies itself."""
     image = Image(None)
     fs = ImageFilesystem(image, write_cache=True)
     fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP,
@@ -154,17 +159,42 @@ async def test_a_direct_write_beside_a_caching_open_is_answered_after_its_range_
     assert writer.fh == DIRECT_FH if open_flags & os.O_DIRECT else writer.fh != DIRECT_FH
     # Nothing else caches (a caching open that writes directly reads directly too): at once.
     assert quick(direct_write) == codec.WriteReply(4096)
-    image.writes.clear()
     reader = await fs.open(open_req(os.O_RDONLY))
+    # Nor while the reader has read nothing: it has nothing cached.
+    assert quick(direct_write) == codec.WriteReply(4096)
+    fs.quick_handlers()[codec.Read](read_req(reader.fh, 60 << 10))
+    image.writes.clear()
     answer = quick(direct_write)
     written = (4096, b"w" * 4096, bool(write_flags & os.O_DIRECT))
-    assert isinstance(answer, Continue) and image.writes == [written]  # not answered yet
-    assert await answer.answer() == codec.WriteReply(4096)
-    assert image.writes == [written, ("invalidated", IMAGE, 4096, 4096)]
+    assert isinstance(answer, Blocking) and answer.waits_for_reads
+    assert image.writes == [written]  # written, not answered yet
+    assert answer.job() == codec.WriteReply(4096)
+    assert image.writes == [written, ("invalidated", IMAGE, 0, CHUNK)]  # the READ's chunk
+    # Dropped, and read from no more since: at once again.
+    assert quick(direct_write) == codec.WriteReply(4096)
     # The kernel writing back its cache needs none: it updated its pages itself.
+    fs.quick_handlers()[codec.Read](read_req(reader.fh, 0))
     assert quick(write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE, fh=reader.fh)) == codec.WriteReply(4096)
     await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
     assert quick(direct_write) == codec.WriteReply(4096)  # the reader is gone
+
+
+@pytest.mark.trio
+async def test_reads_of_a_direct_open_leave_nothing_cached_to_invalidate():
+    """An FOPEN_DIRECT_IO open's READs (a loop device's, a database's) bypass the page cache:
+    they cost the direct writer beside a caching open no invalidation."""
+    image = Image(None)
+    fs = ImageFilesystem(image, write_cache=True)
+    fs.negotiated(abi.FUSE_WRITEBACK_CACHE | abi.FUSE_DIRECT_IO_ALLOW_MMAP, no_invalidation)
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    await fs.open(open_req(os.O_RDONLY))
+    fs.quick_handlers()[codec.Read](read_req(writer.fh, 4096))
+    assert fs.quick_handlers()[codec.Write](
+        write_req(os.O_RDWR | os.O_DIRECT, fh=writer.fh)) == codec.WriteReply(4096)
+
+
+def read_req(fh, offset):
+    return codec.Read(1, IMAGE, 0, 0, 0, fh, offset, 4096)
 
 
 @pytest.mark.trio

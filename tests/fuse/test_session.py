@@ -16,8 +16,8 @@ import trio
 from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
 from fuseclone.fuse.backend import Blocking, Continue
-from fuseclone.fuse.session import (MAX_QUEUED_JOBS, MAX_WRITE, READ_BUFFER_SIZE, Session,
-                                    negotiate)
+from fuseclone.fuse.session import (MAX_QUEUED_JOBS, MAX_QUEUED_WAITING_JOBS, MAX_WRITE,
+                                    READ_BUFFER_SIZE, WRITE_COPIED_BELOW, Session, negotiate)
 from tests.fuse.test_codec import request
 
 
@@ -47,7 +47,8 @@ class SlowFs:
         return {codec.Read: self.read_now, codec.Write: self.write_now}
 
     def write_now(self, req):
-        """Writes at 1 MiB go to a job thread (2 MiB: failing, 3 MiB: a bug); others wait."""
+        """Writes at 1 MiB go to a job thread (2 MiB: failing, 3 MiB: a bug; 5 MiB: a job that
+        may wait for READs); others wait."""
         data = bytes(req.data)  # taken here: the job must still see the buffer's contents
 
         def job():
@@ -65,6 +66,8 @@ class SlowFs:
 
         if req.offset in (1 << 20, 2 << 20, 3 << 20, 4 << 20):
             return Blocking(job)
+        if req.offset == 5 << 20:
+            return Blocking(job, waits_for_reads=True)
         return Continue(lambda: self.write(req))
 
     def read_now(self, req):
@@ -339,6 +342,27 @@ async def test_jobs_beyond_the_queue_bound_run_on_the_loop(session):
         answered = {(await kernel.reply())[0] for _ in range(MAX_QUEUED_JOBS)}
     assert answered == set(range(90, 90 + MAX_QUEUED_JOBS))
     assert threading.get_ident() not in {fs.ran_on[u] for u in answered}
+
+
+async def test_jobs_that_may_wait_for_reads_never_run_on_the_loop(session):
+    """An invalidation waits for READs in flight, which the loop answers: such a job runs on a
+    thread of its own even when its queue is full, or it holds its request's buffer."""
+    kernel, fs, _ = session
+    with trio.fail_after(10):
+        body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"o" * 5
+        await kernel.send_when_room(Opcode.WRITE, body, unique=1000)  # holds the job thread
+        waiting = range(1001, 1003 + MAX_QUEUED_WAITING_JOBS)
+        for unique in waiting:
+            data = b"b" * (WRITE_COPIED_BELOW if unique == waiting[-1] else 5)
+            body = abi.write_in.pack(1, 5 << 20, len(data), 0, 0, 0, 0) + data
+            await kernel.send_when_room(Opcode.WRITE, body, unique=unique)
+        await kernel.send_when_room(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=999)
+        assert (await kernel.reply())[:2] == (999, 0)  # the loop reads on
+        fs.jobs_may_finish.set()
+        answers = {unique: error for unique, error, _ in
+                   [await kernel.reply() for _ in range(len(waiting) + 1)]}
+    assert answers == {unique: 0 for unique in (1000, *waiting)}
+    assert {fs.ran_on[u] for u in waiting}.isdisjoint({threading.get_ident(), fs.ran_on[1000]})
 
 
 def read(kernel, offset, unique, size=10):
