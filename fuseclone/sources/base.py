@@ -150,6 +150,12 @@ class Source(abc.ABC):
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
         return [Extent(offset, length, zero=False)]
 
+    def holds_no_data(self) -> bool:
+        """Whether the source is known to hold no data at all (a local file without a data
+        extent), which makes a refused new clone's SRC and DST look swapped. Default: not
+        known."""
+        return False
+
     async def wait_usable(self) -> str | None:
         """Return once the source can serve reads: None; or why it never will (it answered
         with another image than the one recorded). A source that opened is usable at once."""
