@@ -175,8 +175,7 @@ def _keep_standard_descriptors_open() -> None:
 @click.option("--metrics-listen", metavar="HOST:PORT", callback=lambda ctx, param, value: _listen_address(value),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
 def mount(src, dst, meta, mountpoint, mirrors, region_size, overwrite_dst, no_hydration,
-          no_discard_passdown,
-          hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
+          no_discard_passdown, hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
           passthrough, record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
           log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,

@@ -154,7 +154,10 @@ class Destination:
         if backing is None:
             return None
         path, start = backing
-        fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:  # a user given the device but not its file: signatures only
+            return None
         try:
             offset = first_data(fd, start)
         finally:
