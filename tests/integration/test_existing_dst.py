@@ -181,3 +181,27 @@ def test_a_live_clones_image_is_refused_as_a_destination(rig, source):
         assert result.returncode == 1 and "holds data" in result.stderr, result.stderr
         assert not mounted(second)
     assert sha256(rig.image) == before
+
+
+# ---- the access trace a mount records ---------------------------------------------------------
+
+
+def test_an_access_trace_is_not_recorded_over_a_file_holding_other_data(rig, source):
+    """--record-access empties its file: a mistyped path emptied the user's file."""
+    precious = str(rig.tmp / "notes.txt")
+    write_at(precious, 0, b"the user's own file\n")
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    result = fuseclone("mount", source, rig.dst, rig.meta, rig.mnt, "--record-access", precious,
+                       check=False)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"fuseclone: error: {precious}: holds data (first at offset 0) that is not an access "
+        "trace: recording one there would overwrite it; name another file, or remove it")
+    assert open(precious, "rb").read() == b"the user's own file\n"
+    assert not os.path.exists(rig.meta) and not os.path.exists(rig.dst)
+    assert not mounted(rig.mnt)
+
+    trace = str(rig.tmp / "vm.trace")  # an earlier trace is recorded over, as a new one is
+    for _ in range(2):
+        rig.mount("--record-access", trace)
+        fuseclone("unmount", rig.mnt)
+        assert open(trace).read().startswith("fuseclone-access-trace 1\n")
