@@ -853,6 +853,11 @@ def metrics(timeout) -> None:
 _NOT_A_META_INSIDE = "a clone's mount holds its image alone, never a META"
 
 
+def _refuse_a_live_meta(meta: str, command: str) -> NoReturn:
+    fail(f"{meta} is in use by a live mount: unmount it first ({command} reads META offline; "
+         "`fuseclone status` shows a live one)")
+
+
 @main.command()
 @click.argument("meta")
 @click.option("--src", metavar="SRC", help="Check META against this source.")
@@ -865,7 +870,10 @@ def check(meta, src, dst, verify) -> None:
     if verify and not (src and dst):
         fail("--verify needs --src and --dst")
     control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
-    ok = run_check(meta, src, dst, verify, echo=click.echo)
+    try:
+        ok = run_check(meta, src, dst, verify, echo=click.echo)
+    except MetadataInUseError:
+        _refuse_a_live_meta(meta, "check")
     if not ok:
         sys.exit(1)
 
@@ -882,7 +890,7 @@ def diff(meta, as_json) -> None:
     try:
         opened = Metadata.open(meta, writable=False)
     except MetadataInUseError:
-        fail(f"{meta} is in use by a live mount: unmount it first (diff reads META offline)")
+        _refuse_a_live_meta(meta, "diff")
     with opened:
         doc = {"granularity": opened.written_geometry.region_size,
                "image_size": opened.geometry.image_size,
