@@ -203,8 +203,10 @@ async def test_writers_share_written_commits_and_rewrites_are_free(clone):
         commits = []
         real = engine.meta.write_commit
         engine.meta.write_commit = lambda batch: (commits.append(batch), real(batch))
+        for i in range(20):  # hydrated: partial writes of them wait for the write-ahead
+            await engine.copy(engine.claim(range(i * CHUNK // 4096, i * CHUNK // 4096 + 1)))
         async with trio.open_nursery() as nursery:
-            for i in range(20):  # partial writes: each hydrates its region, after the write-ahead
+            for i in range(20):
                 nursery.start_soon(engine.write, i * CHUNK + 100, b"x" * 4000)
         assert 1 <= len(commits) <= 2  # the first writer's commit, then one for the other 19
         commits.clear()
@@ -220,11 +222,12 @@ async def test_a_written_commit_does_not_wait_for_a_hydration_commit(clone):
         release = threading.Event()
         real_sync = engine.dst.datasync
         engine.dst.datasync = lambda: (release.wait(30), real_sync())
+        await engine.copy(engine.claim(range(CHUNK // 4096, CHUNK // 4096 + 1)))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.commit)  # stuck in DST's fdatasync
             await trio.sleep(0.05)
             with trio.fail_after(10):
-                await engine.write(CHUNK + 100, b"w" * 4000)  # part of a region: write-ahead
+                await engine.write(CHUNK + 100, b"w" * 4000)  # part of a hydrated region
             assert engine.meta.written_durable(CHUNK, 1)
             release.set()
 
