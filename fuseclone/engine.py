@@ -870,22 +870,45 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
-                if batch is not None:
+                if batch is not None and self.meta.written_dirty:
                     # Written bits first: whole-region writes to unhydrated regions mark them
                     # without waiting for META (write_now), and META must never hold such a
                     # region's hydrated bit without its written bit. They were marked before
                     # their regions' hydrated bits were set, so before the batch was copied.
-                    async with self._written_lock:
-                        await self._commit_written()
-                # One thread hop for both: a user's FSYNC after first writes into unhydrated
-                # regions (a fresh clone's journal) waits for this whole commit.
-                await in_thread(self._datasync_dst_then_write, batch)
+                    # Their commit needs nothing of DST's fdatasync: the two run at once.
+                    await self._datasync_dst_beside_written_commit()
+                    await in_thread(self.meta.write_commit, batch)
+                else:
+                    # One thread hop for both: a user's FSYNC after first writes into
+                    # unhydrated regions (a fresh clone's journal) waits for this whole commit.
+                    await in_thread(self._datasync_dst_then_write, batch)
         except OSError as exc:
             if batch is not None:
                 self.meta.abort_commit(batch)
             raise OSError(errno.EIO, f"commit failed: {describe(exc)}") from exc
         if batch is not None:
             self.meta.finish_commit(batch)
+
+    async def _datasync_dst_beside_written_commit(self) -> None:
+        """DST's fdatasync and the commit of the written bits, at once (each in a thread):
+        a user's FSYNC after a fresh clone's first writes waited for one, then the other."""
+        failures: list[OSError] = []
+
+        async def commit_written() -> None:
+            try:
+                async with self._written_lock:
+                    await self._commit_written()
+            except OSError as exc:  # one error for the commit, not a group
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit_written)
+            try:
+                await in_thread(self._datasync_dst)
+            except OSError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def _datasync_dst_then_write(self, batch: CommitBatch | None) -> None:
         """Blocking: DST durable, then the batch in META (invariant 1: bits after their data).

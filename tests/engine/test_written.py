@@ -330,19 +330,55 @@ async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, se
 async def test_whole_region_writes_skip_the_write_ahead_and_commit_written_bits_first(clone):
     """A write replacing unhydrated regions whole needs no META commit before it: until their
     hydrated bits are committed a crash leaves them unhydrated, and a commit writes their
-    written bits first, then syncs DST, then writes the hydrated bits."""
+    written bits (beside DST's fdatasync, which they do not need), then the hydrated bits."""
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
-        order = []
+        events = []
         real_commit, real_sync = engine.meta.write_commit, engine.dst.datasync
-        engine.meta.write_commit = lambda batch: (
-            order.append(("meta", engine.meta.written_durable(0, 8192))), real_commit(batch))
-        engine.dst.datasync = lambda: (
-            order.append(("dst", engine.meta.written_durable(0, 8192))), real_sync())
+
+        def commit(batch):
+            kind = "hydrated" if engine.meta.written_durable(0, 8192) else "written"
+            events.append(("start", kind))
+            real_commit(batch)
+            events.append(("end", kind))
+
+        def sync():
+            events.append(("start", "dst"))
+            real_sync()
+            events.append(("end", "dst"))
+
+        engine.meta.write_commit, engine.dst.datasync = commit, sync
         assert engine.write_now(0, b"w" * 8192) is True
-        assert order == [] and not engine.meta.written_durable(0, 8192)
-        assert isinstance(engine.write_now(3 * 4096 + 1, b"p" * 100), Continue)  # a partial one waits for META
+        assert events == [] and not engine.meta.written_durable(0, 8192)
+        assert isinstance(engine.write_now(3 * 4096 + 1, b"p" * 100), Continue)  # reads the source
         await engine.commit()
-        assert order == [("meta", False), ("dst", True), ("meta", True)]
+        assert sorted(events[:4]) == [("end", "dst"), ("end", "written"),
+                                      ("start", "dst"), ("start", "written")]
+        assert events[4:] == [("start", "hydrated"), ("end", "hydrated")]
     with Metadata.open(clone.meta, writable=False) as meta:
         assert meta.written_extents == [(0, CHUNK)] and meta.is_hydrated(1)
+
+
+async def test_a_commit_syncs_dst_while_it_commits_written_bits(clone):
+    """The written bits' META commit and DST's fdatasync run at once, both before the hydrated
+    bits: a FSYNC after a fresh clone's first writes waited for one, then the other."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        dst_syncing = threading.Event()
+        overlapped = []
+        real_commit, real_sync = engine.meta.write_commit, engine.dst.datasync
+
+        def commit(batch):
+            if not engine.meta.written_durable(0, 8192):  # the written bits' commit
+                overlapped.append(dst_syncing.wait(5))
+            real_commit(batch)
+
+        def sync():
+            dst_syncing.set()
+            real_sync()
+
+        engine.meta.write_commit, engine.dst.datasync = commit, sync
+        assert engine.write_now(0, b"w" * 8192) is True
+        await engine.commit()
+        assert overlapped == [True]
+        assert engine.meta.written_durable(0, 8192) and engine.meta.hydrated_settled(range(2))
