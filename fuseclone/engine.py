@@ -514,7 +514,9 @@ class CloneEngine:
             head, tail = await self._source_around(start, offset, offset + len(data), stop)
             extended = b"".join((head, data, tail))
             self.meta.mark_written(offset, len(data))  # before the hydrated bits (_commit_once)
-            if len(extended) <= INLINE_WRITE_MAX:
+            if regions.stop > span.stop:  # copied along: all-zero regions become holes
+                await in_thread(self.copier.write_or_punch, start, extended)
+            elif len(extended) <= INLINE_WRITE_MAX:
                 self.dst.write(start, extended)
             else:
                 await in_thread(self.dst.write, start, extended)

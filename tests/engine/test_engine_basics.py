@@ -738,3 +738,26 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
     engine._release(batch)
     assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
     engine._release(claimed)
+
+
+def dst_holes(path, start, stop):
+    """Whether DST's bytes [start, stop) hold no data (SEEK_DATA finds none there)."""
+    with open(path, "rb") as f:
+        try:
+            return os.lseek(f.fileno(), start, os.SEEK_DATA) >= stop
+        except OSError:  # ENXIO: no data after start
+            return True
+
+
+async def test_regions_copied_along_a_partial_write_keep_the_sources_zeros_as_holes(clone):
+    """What a sequential writer's partial write copies along of the source is stored as
+    hydration copies are: all-zero regions become holes (the source's 64 KiB chunk 4 is
+    zeros, chunk 6 a hole)."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.copy(engine.claim(range(63, 64)))
+        await engine.write(256 * KiB, b"s" * 100)  # continues region 63: copies 256 KiB along
+        assert engine.meta.all_hydrated(range(64, 64 + 65))
+        assert await engine.read(256 * KiB, 260 * KiB) == b"s" * 100 + clone.source_bytes(256 * KiB + 100, 260 * KiB - 100)
+    assert dst_holes(clone.dst, 260 * KiB, 320 * KiB) and dst_holes(clone.dst, 384 * KiB, 448 * KiB)
+    assert not dst_holes(clone.dst, 256 * KiB, 260 * KiB)
