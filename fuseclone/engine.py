@@ -872,7 +872,9 @@ class CloneEngine:
             # Shielded: a commit cancelled between copying its blocks out and writing them
             # would drop their dirty marks, and the shutdown commit would miss those bits.
             with trio.CancelScope(shield=True):
-                if batch is not None and self.meta.written_dirty:
+                # A written commit in flight (a writer's, holding the lock) has taken its bits
+                # out of the dirty ones: the hydrated bits wait for it too.
+                if batch is not None and (self.meta.written_dirty or self._written_lock.locked()):
                     # Written bits first: whole-region writes to unhydrated regions mark them
                     # without waiting for META (write_now), and META must never hold such a
                     # region's hydrated bit without its written bit. They were marked before

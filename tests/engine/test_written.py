@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from fuseclone import markahead
 from fuseclone.clone import open_clone, running
@@ -381,4 +382,45 @@ async def test_a_commit_syncs_dst_while_it_commits_written_bits(clone):
         assert engine.write_now(0, b"w" * 8192) is True
         await engine.commit()
         assert overlapped == [True]
+        assert engine.meta.written_durable(0, 8192) and engine.meta.hydrated_settled(range(2))
+
+
+async def test_hydrated_bits_wait_for_a_written_commit_in_flight(clone):
+    """A writer's commit of written bits in flight has taken them out of the dirty ones: a
+    commit of hydrated bits that covers the same writes still waits for it, or a crash between
+    the two could leave a region hydrated in META without its written bit."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        release, first_called, second_called = threading.Event(), threading.Event(), threading.Event()
+        calls, finished, second_started_after_first = [], [], []
+        real_commit = engine.meta.write_commit
+
+        def commit(batch):
+            n = len(calls)
+            calls.append(n)
+            if n == 0:
+                first_called.set()
+                assert release.wait(5)
+            else:
+                second_started_after_first.append(0 in finished)
+                second_called.set()
+            real_commit(batch)
+            finished.append(n)
+
+        engine.meta.write_commit = commit
+
+        async def written_commit():
+            async with engine._written_lock:
+                await engine._commit_written()
+
+        assert engine.write_now(0, b"w" * 8192) is True  # written and hydrated bits, both dirty
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(written_commit)
+            assert await trio.to_thread.run_sync(first_called.wait, 5)  # the written bits', held
+            nursery.start_soon(engine.commit)
+            await trio.testing.wait_all_tasks_blocked()
+            # Without the wait, the hydrated bits' commit starts now; with it, this times out.
+            await trio.to_thread.run_sync(second_called.wait, 0.5)
+            release.set()
+        assert second_started_after_first == [True]
         assert engine.meta.written_durable(0, 8192) and engine.meta.hydrated_settled(range(2))
