@@ -107,6 +107,7 @@ http {{
         location /forbidden/ {{ return 403; }}
         location /norange/ {{ alias {root}/; max_ranges 0; }}
         location /noetag/ {{ alias {root}/; etag off; }}
+        location /unversioned/ {{ alias {root}/; etag off; add_header Last-Modified ""; }}
         location /toggle/ {{
             alias {root}/;
             if (-f {tmp}/fault) {{ return 500; }}
@@ -462,6 +463,34 @@ async def test_file_shrunk_mid_clone_fails(nginx, image):
             await source.read(FILE_SIZE - 4096, 4096)
 
 
+async def test_a_file_without_version_mark_replaced_while_the_server_was_away_fails_reads(
+        nginx, image):
+    """A file served with neither ETag nor Last-Modified is known by its data sample alone: a
+    server that failed a request (stopped, restarted) may have come back with another file,
+    so the sample is read again before anything it sends is used; other data fails every
+    later read instead of mixing two versions into one image."""
+    async with open_source(nginx.url("unversioned/image.raw")) as source:
+        assert source.etag is None and source.last_modified is None and source.sample
+        assert await source.read(0, 4096) == image[:4096]
+        nginx.stop()
+        with pytest.raises(SourceReadError):
+            await source.read(MiB, 4096)
+        nginx.start()  # the same file: reads go on
+        assert await source.read(MiB, 4096) == image[MiB : MiB + 4096]
+        nginx.stop()
+        with pytest.raises(SourceReadError):
+            await source.read(MiB, 4096)
+        (nginx.root / "image.raw").write_bytes(random.Random(5).randbytes(FILE_SIZE))
+        nginx.start()
+        for offset in (MiB, 0):
+            with pytest.raises(SourceReadError) as info:
+                await source.read(offset, 4096)
+            assert info.value.errno == errno.EIO
+            assert_one_line(info, nginx.url("unversioned/image.raw"),
+                            "the source changed since the clone began")
+    assert not any("last-modified" in row for row in nginx.log())
+
+
 class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     """HEAD answers like a ranged file server; GET does what `server.mode` says."""
 
@@ -524,7 +553,9 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
             return
         mode = self.server.mode
         first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
-        if mode == "hang" or (mode == "hang-large" and last - first >= 64 * KiB):
+        hang_once = mode == "hang-once" and first == 0 and not self.server.hung
+        if mode == "hang" or (mode == "hang-large" and last - first >= 64 * KiB) or hang_once:
+            self.server.hung = True
             self.server.release.wait(10)
             self.close_connection = True
             return
@@ -546,6 +577,13 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if mode == "short":
             self.wfile.write(b"y" * (n // 2))
             self.close_connection = True
+        elif mode == "trickle":  # `server.rate` bytes a second, a byte at a time
+            for _ in range(n):
+                if self.server.release.wait(1 / self.server.rate):
+                    break
+                self.wfile.write(b"y")
+                self.wfile.flush()
+            self.close_connection = True
         else:
             self.wfile.write(b"y" * n)
 
@@ -563,6 +601,8 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
         self.requests: list[tuple[str, dict]] = []  # (method, headers) of each request
         self.location: str | None = None  # where head "redirect" sends a HEAD (and a GET)
         self.valid_query: str | None = None  # if set, requests with another query get 403
+        self.hung = False  # whether mode "hang-once" has hung its one GET
+        self.rate = 10  # bytes a second in mode "trickle"
 
 
 @pytest.fixture
@@ -713,6 +753,44 @@ async def test_timeout_is_a_read_error(scripted):
         assert info.value.errno == errno.EIO
         assert trio.current_time() - start < 2
         assert server.gets == 2  # a timeout is not retried: the server had its chance
+
+
+async def test_a_get_that_hangs_while_the_server_answers_others_is_sent_again(scripted):
+    """One request the server never answers while it answers the others (a stuck backend
+    behind a balancer, a connection lost without a reset): after the timeout it is sent again
+    on another connection, within the retries' budget, instead of failing the read."""
+    server, url = scripted
+    server.mode = "hang-once"
+    async with open_http_source(url, timeout=0.5, retry_delays=(0.01,)) as source:
+        async def keep_reading():
+            while True:
+                assert await source.read(4096, 10) == b"y" * 10
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_reading)
+            with trio.fail_after(5):
+                assert await source.read(0, 10) == b"y" * 10
+            nursery.cancel_scope.cancel()
+    assert server.hung
+
+
+async def test_a_trickling_answer_fails_at_its_deadline_a_slow_one_does_not(scripted):
+    """A server sending 10 bytes a second keeps each request alive (no 30 s of silence): a
+    request's whole answer must arrive within twice the timeout plus its size at `min_rate`,
+    or the read fails instead of taking hours; an answer at twice that rate is waited for."""
+    server, url = scripted
+    async with open_http_source(url, timeout=0.25, min_rate=100) as source:
+        server.mode = "trickle"
+        start = trio.current_time()
+        with trio.fail_after(5):
+            with pytest.raises(SourceReadError) as info:
+                await source.read(0, 100)
+        assert 1.4 < trio.current_time() - start < 3  # 2 x 0.25 s + 100 bytes at 100 B/s
+        assert_one_line(info, url, "bytes 0-99", "too slow")
+        assert info.value.errno == errno.EIO
+        server.rate = 200
+        assert await source.read(0, 100) == b"y" * 100  # in about 0.5 s, within 1.5 s
 
 
 async def test_copies_that_hang_leave_connections_for_reads_users_wait_for(scripted):
