@@ -50,6 +50,9 @@ any non-206 answer, a short or long body, or an answer slower than its deadline 
 timeout plus its size at `min_rate`, 4 KiB/s: a server trickling a byte at a time), the read
 raises SourceReadError (EIO) with a message naming the URL and range. The engine turns that
 into EIO for user reads and back-off for hydration.
+A connection left with bytes past an answer's end (a server or proxy that sent more than the
+Content-Length, or an answer nobody asked for) is closed, never reused, so they are never
+taken for the next request's answer.
 
 TLS: certificates and host names are verified (there is no switch to turn that off) against the
 system's CA store plus certifi's bundle. OpenSSL's usual variables name other trust anchors:
@@ -777,6 +780,7 @@ def _for_users(max_connections: int) -> int:
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, HTTP/1.1 only, with a pool as large as the reads in flight."""
     _receive_larger_reads()
+    _close_connections_left_with_unasked_bytes()
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections,
                           keepalive_expiry=KEEPALIVE_EXPIRY)
@@ -793,6 +797,29 @@ def _receive_larger_reads() -> None:
     from httpcore._async.http11 import AsyncHTTP11Connection
 
     AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
+
+
+def _close_connections_left_with_unasked_bytes() -> None:
+    """Bytes a server sent past an answer's end (more than its Content-Length, an answer sent
+    twice, or a forged one appended for the next range) stay in httpcore's buffer, and the next
+    request on the kept-alive connection would take them for its answer. A connection left
+    with any is closed instead of going back to the pool. Like _receive_larger_reads, this
+    reaches into httpcore (tests/sources_http checks it still works); installed once."""
+    from httpcore._async.http11 import AsyncHTTP11Connection, HTTPConnectionState
+
+    response_closed = AsyncHTTP11Connection._response_closed
+    if getattr(response_closed, "closes_unasked_bytes", False):
+        return
+
+    async def _response_closed(self: AsyncHTTP11Connection) -> None:
+        await response_closed(self)
+        # Before the pool hands the connection to another request: nothing awaits in between.
+        if self._state is HTTPConnectionState.IDLE and self._h11_state.trailing_data[0]:
+            log.debug("closing a connection: the server sent more than it was asked for")
+            await self.aclose()
+
+    _response_closed.closes_unasked_bytes = True  # type: ignore[attr-defined]
+    AsyncHTTP11Connection._response_closed = _response_closed  # type: ignore[method-assign]
 
 
 def _tokens(value: str) -> set[str]:

@@ -577,6 +577,12 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if mode == "short":
             self.wfile.write(b"y" * (n // 2))
             self.close_connection = True
+        elif mode == "forged":  # the body and, in the same packet, unasked, a well-formed
+            # answer for the next range
+            self.wfile.write(b"y" * n + b"HTTP/1.1 206 Partial Content\r\n"
+                             + f"Content-Range: bytes {last + 1}-{last + n}/{self.SIZE}\r\n"
+                               f"Content-Length: {n}\r\nETag: {self.etag()}\r\n\r\n".encode()
+                             + b"F" * n)
         elif mode == "trickle":  # `server.rate` bytes a second, a byte at a time
             for _ in range(n):
                 if self.server.release.wait(1 / self.server.rate):
@@ -832,8 +838,23 @@ async def test_an_answer_sent_twice_does_not_fail_the_next_read(scripted):
     server.mode = "twice"
     async with open_http_source(url, max_connections=1, retry_delays=(0.01,)) as source:
         assert await source.read(0, 100) == b"y" * 100
-        assert await source.read(1000, 100) == b"y" * 100  # finds 0-99 first
-    assert server.gets == 3
+        assert await source.read(1000, 100) == b"y" * 100  # on another connection
+    assert server.gets in (2, 3)  # 3 if it found 0-99 first (the answer came late)
+
+
+async def test_bytes_past_an_answer_are_never_taken_for_the_next_one(scripted):
+    """A server (or a proxy) that sends more than the answer's Content-Length: here a
+    well-formed 206 for exactly the range the next read will ask for, right behind the body.
+    The connection they came on is closed, so they are never taken for data; the next read
+    gets its own answer. (Bytes that come later, once the connection is idle, make httpcore
+    drop it when it is next taken; bytes that come after the next request was sent cannot be
+    told from its answer, whose Content-Range, ETag and length are checked as always.)"""
+    server, url = scripted
+    server.mode = "forged"
+    async with open_http_source(url, max_connections=1) as source:
+        for offset in range(0, 1000, 100):
+            assert await source.read(offset, 100) == b"y" * 100
+    assert server.gets == 10
 
 
 async def test_latency_does_not_serialise_reads(scripted):
