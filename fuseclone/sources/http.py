@@ -63,6 +63,7 @@ Proxies come from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY, as with other
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -161,7 +162,16 @@ async def open_http_source(spec: str, *, header_file: str | None = None,
     max_connections, timeout, connect_timeout, retry_delays, min_rate."""
     url, description, canonical = _parse_url(spec)
     headers = await HeaderFile.load(header_file) if header_file else None
-    auth = RequestAuth(headers) if headers else None
+    basic = _basic_authorization(url)
+    if basic is not None and headers is not None and any(
+            name.lower() == "authorization" for name in headers.headers):
+        raise SourceError(f"{description}: the URL's password and the Authorization header of "
+                          f"{header_file} cannot both be sent; give one of them")
+    auth = RequestAuth(headers, basic=basic) if headers or basic else None
+    # The password goes in RequestAuth's header, to the named server alone: httpx would send
+    # the URL's only to the first hop (a redirect's Location has none) and not at all beside
+    # a header file (an auth of the client's own replaces it).
+    url = url.copy_with(userinfo=b"")
     async with serving(HttpSource, url, description, auth, canonical=canonical,
                        **tuning) as source:
         yield source
@@ -290,14 +300,16 @@ SignRequest = Callable[[httpx.Request], Awaitable[None]]
 
 
 class RequestAuth(httpx.Auth):
-    """What every request of a source carries: the header file's headers, then (S3) a
-    signature made last, over the final request. A 401 or 403 answer re-reads the header file;
-    if it changed, the request is sent once more with the new headers."""
+    """What every request of a source carries: the URL's password as basic auth (`basic`: the
+    Authorization header's value), the header file's headers, then (S3) a signature made last,
+    over the final request. A 401 or 403 answer re-reads the header file; if it changed, the
+    request is sent once more with the new headers."""
 
     def __init__(self, header_file: HeaderFile | None = None,
-                 sign: SignRequest | None = None) -> None:
+                 sign: SignRequest | None = None, *, basic: str | None = None) -> None:
         self.header_file = header_file
         self._sign = sign
+        self._basic = basic
 
     async def async_auth_flow(self, request: httpx.Request):
         sent = await self._prepare(request)
@@ -312,13 +324,18 @@ class RequestAuth(httpx.Auth):
         raise RuntimeError("sources use httpx's async client only")
 
     def withhold(self, request: httpx.Request) -> None:
-        """Take the header file's headers off `request` (bound for another server)."""
+        """Take the password and the header file's headers off `request` (bound for another
+        server)."""
+        if self._basic is not None:
+            request.headers.pop("Authorization", None)
         if self.header_file is not None:
             for name in self.header_file.headers:
                 request.headers.pop(name, None)
 
     async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
-        """Add the headers and the signature; the headers added."""
+        """Add the headers and the signature; the header file's headers added."""
+        if self._basic is not None:
+            request.headers["Authorization"] = self._basic
         headers = self.header_file.headers if self.header_file is not None else None
         if headers is not None:
             request.headers.update(headers)
@@ -714,6 +731,14 @@ def _parse_url(spec: str) -> tuple[httpx.URL, str, str]:
     if url.password:
         canonical = canonical.copy_with(username=url.username, password="***")
     return url, describe_spec(spec), str(canonical)
+
+
+def _basic_authorization(url: httpx.URL) -> str | None:
+    """The Authorization header's value for the user and password in `url`, if it has any."""
+    if not (url.username or url.password):
+        return None
+    credentials = f"{url.username}:{url.password}".encode()
+    return f"Basic {base64.b64encode(credentials).decode('ascii')}"
 
 
 def _query_sha256(query: str) -> str:

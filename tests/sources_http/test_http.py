@@ -4,6 +4,7 @@ scripted server for hangs and broken-off bodies. Also the engine hydrating from 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import errno
@@ -510,9 +511,30 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         return True
 
+    def refused_without_password(self):
+        """A server that wants `server.basic` in Authorization: 401 without it."""
+        if self.server.basic is None or self.headers.get("Authorization") == self.server.basic:
+            return False
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="images"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
+    def redirected_here(self):
+        """head "redirect-here": /image.raw is at /moved.raw on this server (an absolute URL,
+        as nginx's `return 302 /...` sends)."""
+        if self.server.head != "redirect-here" or self.path != "/image.raw":
+            return False
+        self.send_response(302)
+        self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/moved.raw")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_HEAD(self):
         self.server.requests.append((self.command, dict(self.headers)))
-        if self.expired():
+        if self.expired() or self.refused_without_password() or self.redirected_here():
             return
         if self.server.head == "redirect":  # to `server.location`
             self.send_response(302)
@@ -543,7 +565,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.requests.append((self.command, dict(self.headers)))
         self.server.gets += 1
-        if self.expired():
+        if self.expired() or self.refused_without_password() or self.redirected_here():
             return
         if self.server.head == "redirect":  # a GET is redirected as a HEAD is
             self.send_response(302)
@@ -608,6 +630,7 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
         self.location: str | None = None  # where head "redirect" sends a HEAD (and a GET)
         self.valid_query: str | None = None  # if set, requests with another query get 403
         self.hung = False  # whether mode "hang-once" has hung its one GET
+        self.basic: str | None = None  # if set, requests without this Authorization get 401
         self.rate = 10  # bytes a second in mode "trickle"
 
 
@@ -720,6 +743,43 @@ async def test_the_header_file_goes_to_the_named_server_alone(scripted, tmp_path
             assert FIRST_TOKEN not in str(sent) and SECOND_TOKEN not in str(sent)
     [(_, sent)] = server.requests  # the named server had them
     assert sent["Authorization"] == f"Bearer {FIRST_TOKEN}" and sent["X-Api-Key"] == SECOND_TOKEN
+
+
+@pytest.mark.parametrize("header_file", [False, True])
+async def test_a_url_password_goes_with_every_request_to_its_server(scripted, tmp_path,
+                                                                    header_file):
+    """`http://user:pw@host/...`: the password is sent (basic auth) with every request to that
+    server, the reads that go where a redirect on the same server led too (an absolute
+    Location has no password in it), and with a header file's headers as well."""
+    server, url = scripted
+    server.head = "redirect-here"
+    server.basic = "Basic " + base64.b64encode(b"us@er:p:w").decode()
+    headers = tmp_path / "headers"
+    headers.write_text(f"X-Api-Key: {SECOND_TOKEN}\n")
+    given = url.replace("http://", "http://us%40er:p%3Aw@")
+    async with open_source(given, http_header_file=str(headers) if header_file else None) \
+            as source:
+        assert source.url.endswith("/moved.raw") and "p%3Aw" not in source.url
+        assert await source.read(0, 100) == b"y" * 100
+        assert "p%3Aw" not in str(source.identity()) and "p%3Aw" not in source.description
+    assert [method for method, _ in server.requests] == ["HEAD", "HEAD", "GET"]
+    for _, sent in server.requests:
+        assert sent["Authorization"] == server.basic
+        assert (sent.get("X-Api-Key") == SECOND_TOKEN) == header_file
+
+
+async def test_a_url_password_and_a_header_file_authorization_are_refused_together(
+        scripted, tmp_path):
+    server, url = scripted
+    headers = tmp_path / "headers"
+    headers.write_text(f"Authorization: Bearer {FIRST_TOKEN}\n")
+    with pytest.raises(SourceError) as info:
+        async with open_source(url.replace("http://", "http://user:secret-pw@"),
+                               http_header_file=str(headers)):
+            pass
+    assert_one_line(info, "user:***@", "Authorization", str(headers))
+    assert "secret-pw" not in str(info.value) and FIRST_TOKEN not in str(info.value)
+    assert server.requests == []
 
 
 @pytest.mark.parametrize("version", ["same", "other"])
