@@ -24,7 +24,7 @@ import os
 import stat
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterable, Iterator
 
 import trio
 
@@ -510,7 +510,8 @@ class CloneEngine:
         leaves the regions unhydrated, to be copied again."""
         regions = self.geometry.region_span(start, stop - start)  # span, and what it copies along
         claims = [self.claim(run) for hydrated, run in self.meta.runs(regions) if not hydrated]
-        try:
+
+        async def fill() -> None:
             head, tail = await self._source_around(start, offset, offset + len(data), stop)
             extended = b"".join((head, data, tail))
             self.meta.mark_written(offset, len(data))  # before the hydrated bits (_commit_once)
@@ -520,14 +521,8 @@ class CloneEngine:
                 self.dst.write(start, extended)
             else:
                 await in_thread(self.dst.write, start, extended)
-        except BaseException:
-            for claim in claims:
-                self._release(claim)
-            raise
-        # Marked after the data is in DST; the commit makes DST durable before the bits.
-        for claim in claims:
-            self.meta.set_hydrated(claim.regions)
-            self._release(claim)
+
+        await self._fill_claimed(claims, fill())
         self.write_frontier = regions.stop
         self._note_user_write(span)
 
@@ -637,21 +632,28 @@ class CloneEngine:
 
     # ---- the write path -------------------------------------------------------------------
 
+    async def _fill_claimed(self, claims: Iterable[_Claim], fill: Awaitable[None]) -> None:
+        """Await `fill`, which writes the claimed regions in DST, then mark them hydrated and
+        release them; if it fails, release them unmarked."""
+        try:
+            await fill
+        except BaseException:
+            for claim in claims:
+                self._release(claim)
+            raise
+        # Marked after the data is in DST; the commit makes DST durable before the bits.
+        for claim in claims:
+            self.meta.set_hydrated(claim.regions)
+            self._release(claim)
+
     async def _replace(self, offset: int, length: int, dst_op: Callable[[], None]) -> None:
         """Run `dst_op` (which overwrites [offset, offset+length) in DST) once every region it
         touches is hydrated, or claimed by us when the op replaces it whole (no copy needed)."""
         if length <= 0:
             return
         claims = await self._acquire(offset, length)
-        try:
-            await in_thread(dst_op)
-        except BaseException:
-            for claim in claims:
-                self._release(claim)
-            raise
+        await self._fill_claimed(claims, in_thread(dst_op))
         for claim in claims:
-            self.meta.set_hydrated(claim.regions)
-            self._release(claim)
             self.write_frontier = claim.regions.stop
         self._note_user_write(self.geometry.region_span(offset, length))
 
