@@ -136,6 +136,21 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
+def first_data(fd: int, start: int = 0) -> int | None:
+    """Where the regular file open at FD first holds data from START on (SEEK_DATA), or None
+    when it holds none there: a sparse or `truncate`d file, or one whose extents are allocated
+    but unwritten (`fallocate`: ext4 and xfs report those as holes). A filesystem that cannot
+    tell holes from data reports all of a file as data."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only a hole remains from START on (or START is past the end)
+            return None
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return start if os.fstat(fd).st_size > start else None
+        raise
+
+
 def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
     """(offset, length, is_hole) runs of [offset, offset+length) from SEEK_DATA/SEEK_HOLE.
 

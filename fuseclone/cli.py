@@ -136,6 +136,10 @@ def _keep_standard_descriptors_open() -> None:
 @click.argument("mountpoint")
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL", help="Another server of the same image (repeatable; any source kind): reads fail over to it and come back to SRC when it answers again. Its size (and ETag) must match SRC's.")
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
+@click.option("--overwrite-dst", is_flag=True,
+              help="Let a new clone overwrite a DST that holds data (a file with data in it, a "
+                   "device with a filesystem, partition table or other signature): refused "
+                   "without it.")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
 @click.option("--hydration-threshold", type=int, metavar="N", help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")
@@ -170,8 +174,8 @@ def _keep_standard_descriptors_open() -> None:
               help="The least severe messages the daemon logs.")
 @click.option("--metrics-listen", metavar="HOST:PORT", callback=lambda ctx, param, value: _listen_address(value),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT for every address).")
-def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_discard_passdown,
-          hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
+def mount(src, dst, meta, mountpoint, mirrors, region_size, overwrite_dst, no_hydration,
+          no_discard_passdown, hydration_threshold, hydration_batch_size, max_rate, copy_on_read, write_cache,
           passthrough, record_access, prefetch, allow_other, http_header_file, name, foreground, on_complete,
           log_file, log_level, metrics_listen) -> None:
     """Serve a clone of SRC (path, nbd[s]://, nbd[s]+unix://, http(s)://, s3://) as an image at MOUNTPOINT,
@@ -206,7 +210,7 @@ def mount(src, dst, meta, mountpoint, mirrors, region_size, no_hydration, no_dis
                         metrics_listen=metrics_listen, notify=foreground,
                         mirrors=mirrors, record_access=record_access, prefetch=prefetch,
                         log_file=log_file, passthrough=passthrough,
-                        workdir=_working_directory())
+                        workdir=_working_directory(), overwrite_dst=overwrite_dst)
     if foreground:
         _mount_foreground(opts, log_file, log_level, None)
     else:
@@ -849,6 +853,11 @@ def metrics(timeout) -> None:
 _NOT_A_META_INSIDE = "a clone's mount holds its image alone, never a META"
 
 
+def _refuse_a_live_meta(meta: str, command: str) -> NoReturn:
+    fail(f"{meta} is in use by a live mount: unmount it first ({command} reads META offline; "
+         "`fuseclone status` shows a live one)")
+
+
 @main.command()
 @click.argument("meta")
 @click.option("--src", metavar="SRC", help="Check META against this source.")
@@ -861,7 +870,10 @@ def check(meta, src, dst, verify) -> None:
     if verify and not (src and dst):
         fail("--verify needs --src and --dst")
     control.refuse_inside_a_mount(meta, _NOT_A_META_INSIDE)
-    ok = run_check(meta, src, dst, verify, echo=click.echo)
+    try:
+        ok = run_check(meta, src, dst, verify, echo=click.echo)
+    except MetadataInUseError:
+        _refuse_a_live_meta(meta, "check")
     if not ok:
         sys.exit(1)
 
@@ -878,7 +890,7 @@ def diff(meta, as_json) -> None:
     try:
         opened = Metadata.open(meta, writable=False)
     except MetadataInUseError:
-        fail(f"{meta} is in use by a live mount: unmount it first (diff reads META offline)")
+        _refuse_a_live_meta(meta, "diff")
     with opened:
         doc = {"granularity": opened.written_geometry.region_size,
                "image_size": opened.geometry.image_size,

@@ -37,15 +37,17 @@ def _identity(source: Source, dst: Destination) -> dict:
 
 def open_clone(source: Source, dst_path: str, meta_path: str, *,
                region_size: int | None = None, settings: Settings | None = None,
-               other_bitmaps: int = 0) -> CloneEngine:
+               other_bitmaps: int = 0, overwrite_dst: bool = False) -> CloneEngine:
     """Create or reopen the clone of `source` into `dst_path`, tracked by `meta_path`. Refused
     when its bitmaps and `other_bitmaps` more of one bit per region (an access trace's
-    recorder) cannot fit in memory."""
+    recorder) cannot fit in memory, and, for a new clone, when DST holds data (see
+    `Destination.holds`) unless `overwrite_dst`."""
     settings = settings or Settings()
     validate_image_size(source.size)
     if Metadata.exists(meta_path):
         return _reopen(source, dst_path, meta_path, region_size, settings, other_bitmaps)
-    return _create(source, dst_path, meta_path, region_size, settings, other_bitmaps)
+    return _create(source, dst_path, meta_path, region_size, settings, other_bitmaps,
+                   overwrite_dst)
 
 
 def _reopen(source: Source, dst_path: str, meta_path: str, region_size: int | None,
@@ -92,13 +94,15 @@ def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -
 
 
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,
-            settings: Settings, other_bitmaps: int) -> CloneEngine:
+            settings: Settings, other_bitmaps: int, overwrite_dst: bool) -> CloneEngine:
     geometry = Geometry(source.size, validate_region_size(
         DEFAULT_REGION_SIZE if region_size is None else region_size))
     refuse_bitmaps_beyond_memory(geometry, other_bitmaps=other_bitmaps)  # before DST is created
     dst_existed = os.path.exists(dst_path)
     dst = Destination.open(dst_path, source.size, create=True)
     try:
+        if not overwrite_dst:
+            _refuse_overwriting(dst, source)
         resolved = settings.resolved(geometry, source.hydration_depth, source.hydration_batch)
         meta = Metadata.create(meta_path, geometry, _identity(source, dst),
                                features=settings.features,
@@ -110,6 +114,24 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
         dst.close()
         raise
     return CloneEngine(source, dst, meta, settings)
+
+
+def _refuse_overwriting(dst: Destination, source: Source) -> None:
+    """A new clone overwrites all of DST: one that already holds data is almost always a
+    mistake (SRC and DST swapped, another disk's or a previous copy's file), so it is refused
+    unless asked for, as `qemu-img convert` without `-n` and `mkfs` without `-f` refuse.
+    Checked through DST's open, claimed descriptor: what is looked at is what would be
+    written."""
+    found = dst.holds()
+    if found is None:
+        return
+    if source.holds_no_data():
+        why = (f" and the source {source.description} holds no data: are SRC and DST swapped? A "
+               "new clone would overwrite the destination")
+    else:
+        why = ": a new clone would overwrite it (are SRC and DST swapped?)"
+    raise DestinationError(f"{dst.path}: the destination holds {found}{why}. To overwrite it, "
+                           "add --overwrite-dst")
 
 
 @contextlib.asynccontextmanager

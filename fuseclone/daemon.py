@@ -64,6 +64,7 @@ class MountOptions:
     log_file: str | None = None  # --log-file: opened by the CLI, after check_paths
     passthrough: bool = False  # a clone complete at mount: FUSE passthrough to DST (--passthrough)
     workdir: str | None = None  # where the mount command ran: --on-complete runs there
+    overwrite_dst: bool = False  # a new clone may overwrite a DST that holds data
 
 
 def check_mountpoint(path: str) -> None:
@@ -212,7 +213,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             check_trace_source(prefetch, opts.prefetch, source)
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings,
-                            other_bitmaps=TraceRecorder.BITMAPS if opts.record_access else 0)
+                            other_bitmaps=TraceRecorder.BITMAPS if opts.record_access else 0,
+                            overwrite_dst=opts.overwrite_dst)
         if prefetch is not None:
             burst, rest = prefetch.first_burst_and_rest(engine.geometry, PREFETCH_BURST_PAUSE)
             engine.prefetch(burst + rest, first_burst=len(burst))

@@ -14,11 +14,12 @@ import threading
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      DataSync, data_extents, fd_size, open_without_waiting, pread_exact,
-                      pwrite_all, read_only_device, still_named, why_denied)
+                      DataSync, data_extents, fd_size, first_data, open_without_waiting,
+                      pread_exact, pwrite_all, read_only_device, still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
-from .identity import loop_identity
+from .identity import loop_backing, loop_identity
 from .libc import libc
+from .signatures import SignatureProbeError, signature
 
 _ZEROS = bytes(1 << 20)
 DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
@@ -131,6 +132,39 @@ class Destination:
         else:
             ident["inode"] = self._st.st_ino
         return ident
+
+    def holds(self) -> str | None:
+        """What DST holds that a new clone would overwrite, for its refusal: a regular file's
+        data ("data (first at offset N)"); a block device's signature (signatures.py: "a
+        filesystem (ext4)", "a partition table (gpt)"...), or for a loop device over a file, that
+        file's data in its span. None for a file without data (sparse, truncated, fallocated),
+        or a device without either."""
+        if not self.is_block_device:
+            offset = first_data(self.fd)
+            return None if offset is None else f"data (first at offset {offset})"
+        try:
+            found = signature(self.fd)
+        except SignatureProbeError as exc:
+            raise DestinationError(f"{self.path}: cannot look for a filesystem or other signature "
+                                   f"on the destination: {exc.strerror}") from None
+        return found or self._data_in_loop_backing_file()
+
+    def _data_in_loop_backing_file(self) -> str | None:
+        backing = loop_backing(self.fd)
+        if backing is None:
+            return None
+        path, start = backing
+        try:
+            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:  # a user given the device but not its file: signatures only
+            return None
+        try:
+            offset = first_data(fd, start)
+        finally:
+            os.close(fd)
+        if offset is None or offset >= start + fd_size(self.fd):
+            return None
+        return f"data (first at offset {offset - start}, in its backing file {path})"
 
     def attributes(self) -> os.stat_result:
         """DST's stat as it is now (the image shows its owner, group and mode)."""

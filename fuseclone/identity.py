@@ -305,6 +305,26 @@ def loop_identity(fd: int) -> dict[str, int]:
     return dict(zip(LOOP_IDENTITY_KEYS, (inode, offset)))
 
 
+def loop_backing(fd: int) -> tuple[str, int] | None:
+    """The regular file behind the loop device open at FD, by the path sysfs shows while it
+    still names the file the device reports, and the device's offset into it; None for
+    another block device, a loop device over a block device, or a backing file renamed or
+    removed since it was set up."""
+    info = _loop_info(fd)
+    sysfs = _sysfs_dir(os.fstat(fd).st_rdev)
+    path = None if info is None or sysfs is None else loop_backing_file(sysfs)
+    if path is None:
+        return None
+    device, inode, _, offset = info
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (device, inode):
+        return None
+    return path, offset
+
+
 def same_recorded_identity(recorded: object, current: dict) -> bool:
     """Whether RECORDED (a source's or destination's identity in META or a trace) names what
     CURRENT describes. One recorded before loop devices were known by their backing file lacks

@@ -658,6 +658,11 @@ class Metadata:
         """Whether hydrated bits wait for a commit."""
         return bool(self._hydrated.dirty)
 
+    @property
+    def written_dirty(self) -> bool:
+        """Whether written bits wait for a commit."""
+        return bool(self._written.dirty)
+
     def hydrated_settled(self, regions: range) -> bool:
         """Whether META already holds these regions' hydrated bits as the core does (bit by
         bit; False for every bit of a changed block whose image was not kept, past

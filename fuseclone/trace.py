@@ -37,7 +37,7 @@ from typing import Callable
 from bitarray import bitarray
 
 from . import claims
-from .blockio import open_regular_file, read_regular_text
+from .blockio import first_data, open_regular_file, read_regular_text
 from .errors import FusecloneError
 from .regions import Geometry
 from .sources import describe_identity
@@ -160,19 +160,31 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
 def _open_held(path: str) -> int:
     """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
     held, so that a second mount recording to it, or one naming another clone's file, leaves
-    the file as it was."""
+    the file as it was; and only when it holds no data or an earlier trace, so that a path
+    mistyped leaves the user's file as it was."""
     try:
-        fd = open_regular_file(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise TraceError(f"cannot write the access trace {path}: {exc.strerror}") from None
     try:
         # A regular file: nothing is held beneath it.
         claims.hold(fd, path, exclusive=True, required=False)
+        _refuse_other_data(fd, path)
         os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _refuse_other_data(fd: int, path: str) -> None:
+    """Refuse to record over a file that holds data other than an access trace: a mistyped
+    path names someone's file. An earlier trace is recorded over (how a trace is refreshed)."""
+    start = first_data(fd)
+    if start is None or os.pread(fd, len(MAGIC), 0) == MAGIC.encode():
+        return
+    raise TraceError(f"{path}: holds data (first at offset {start}) that is not an access trace: "
+                     "recording one there would overwrite it; name another file, or remove it")
 
 
 class TraceRecorder:

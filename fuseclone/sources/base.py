@@ -8,11 +8,15 @@ expected to keep many requests in flight.
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
+import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 from ..errors import SourceError
+
+log = logging.getLogger(__name__)
 
 #: Bytes of each end of the image that its data sample covers: where partition tables, GPT
 #: headers (with the disk's GUID) and filesystem superblocks (with their UUIDs) lie.
@@ -23,6 +27,8 @@ SAMPLE_KEY = "sample_sha256"
 
 #: What the sample covers, for messages.
 SAMPLED = "its first and last 64 KiB"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,12 @@ class Source(abc.ABC):
         """Zero/data map of [offset, offset+length). Default: all data, nothing known."""
         return [Extent(offset, length, zero=False)]
 
+    def holds_no_data(self) -> bool:
+        """Whether the source is known to hold no data at all (a local file without a data
+        extent), which makes a refused new clone's SRC and DST look swapped. Default: not
+        known."""
+        return False
+
     async def wait_usable(self) -> str | None:
         """Return once the source can serve reads: None; or why it never will (it answered
         with another image than the one recorded). A source that opened is usable at once."""
@@ -169,6 +181,58 @@ class Source(abc.ABC):
 
 class SourceReadError(OSError):
     """A read the source could not deliver (user reads get EIO; hydration backs off)."""
+
+
+class SampleCheck:
+    """For a source known by its data sample: nothing received after an event that may have
+    brought other data (`events()` counts them: NBD connections dialled, failed HTTP requests;
+    the server was away and may have come back on another image) is handed out until the
+    sample has been read again, with `read`, and found equal. A differing one fails every
+    later read for good (EIO), as a local file that changed does."""
+
+    def __init__(self, source: Source, events: Callable[[], int],
+                 read: Callable[[int, int], Awaitable[bytes | bytearray]]) -> None:
+        import trio  # not at import: the CLI's commands that open no source do without it
+
+        self._source = source
+        self._events = events
+        self._read = read
+        self._trusted_events = 0  # events up to the last sample that matched
+        self._checking = trio.Lock()
+        self.changed: str | None = None  # why reads fail for good: the data changed
+
+    async def taking(self, take_sample: Callable[[], Awaitable[None]]) -> None:
+        """Take the source's sample with `take_sample`; what follows it is trusted."""
+        await take_sample()
+        self._trusted_events = self._events()
+
+    async def trusted(self, receive: Callable[[], Awaitable[T]]) -> T:
+        """What `receive()` receives, once it can be trusted; checked after receiving, so that
+        an event on the way to it counts."""
+        self._raise_if_changed()
+        received = await receive()
+        await self._check()
+        return received
+
+    def _raise_if_changed(self) -> None:
+        if self.changed is not None:
+            raise SourceReadError(errno.EIO, self.changed)
+
+    async def _check(self) -> None:
+        self._raise_if_changed()
+        if self._source.sample is None or self._events() == self._trusted_events:
+            return
+        async with self._checking:
+            events = self._events()
+            if events == self._trusted_events:
+                return  # checked meanwhile
+            if await self._source.read_sample(self._read) != self._source.sample:
+                self.changed = (f"{self._source.description}: the source changed since the "
+                                f"clone began (the server came back with other data: {SAMPLED} "
+                                "differ)")
+                log.error("%s", self.changed)
+                raise SourceReadError(errno.EIO, self.changed)
+            self._trusted_events = events
 
 
 def sample_differs(recorded: dict, current: dict) -> bool:

@@ -26,6 +26,10 @@ sends them. Metadata made for one version of the file is refused for another. Wi
 ETag the identity also holds the data sample (`Source.take_sample`: its first and last 64 KiB),
 which tells versions apart that a weak ETag, a Last-Modified or the size alone would not.
 (nginx's ETag is mtime and size: a same-size file replaced within the same second keeps its ETag.)
+Such a file's sample is also read again after any request failed (the server was stopped,
+restarted, failed over: it may have come back with another file), before anything received
+since is handed out, as after an NBD server was dialled again; other data fails every later
+read (EIO: hydration stops, status says the source changed).
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
 concurrently; at most `max_connections` (16) requests of copies (`read_for_copy`) are in flight
@@ -39,10 +43,16 @@ the ETag is weak or missing), and each answer's Content-Range, ETag and Last-Mod
 checked, so a file that changes mid-clone fails instead of mixing versions. Connection
 failures, 5xx answers and answers for another range (an earlier answer sent twice, left on a
 kept-alive connection) are retried twice within a quarter of a second, on another connection
-(a keep-alive connection the server just closed is not a fault worth an EIO); then, like any
-non-206 answer, a short or long body, or a timeout (`timeout` seconds without progress, 30 by
-default), the read raises SourceReadError (EIO) with a message naming the URL and range. The
-engine turns that into EIO for user reads and back-off for hydration.
+(a keep-alive connection the server just closed is not a fault worth an EIO); so is a request
+that timed out (`timeout` seconds without progress, 30 by default) while the server completed
+other answers (it hung alone), but not one that timed out in the server's silence. Then, like
+any non-206 answer, a short or long body, or an answer slower than its deadline (twice the
+timeout plus its size at `min_rate`, 4 KiB/s: a server trickling a byte at a time), the read
+raises SourceReadError (EIO) with a message naming the URL and range. The engine turns that
+into EIO for user reads and back-off for hydration.
+A connection left with bytes past an answer's end (a server or proxy that sent more than the
+Content-Length, or an answer nobody asked for) is closed, never reused, so they are never
+taken for the next request's answer.
 
 TLS: certificates and host names are verified (there is no switch to turn that off) against the
 system's CA store plus certifi's bundle. OpenSSL's usual variables name other trust anchors:
@@ -53,10 +63,12 @@ Proxies come from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY, as with other
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
 import logging
+import math
 import mmap
 import os
 import re
@@ -72,7 +84,7 @@ from ..blockio import read_regular_text
 from ..errors import SourceError
 from ..threads import in_thread
 from . import describe_spec
-from .base import Source, SourceReadError
+from .base import SampleCheck, Source, SourceReadError
 from .nbd.buffers import BufferPool
 
 log = logging.getLogger(__name__)
@@ -83,6 +95,11 @@ MiB = 1024 * KiB
 PIECE_SIZE = 1 * MiB
 MAX_CONNECTIONS = 16
 TIMEOUT = 30.0  # seconds without progress on one request
+# Bytes a second a request's answer must average, after twice TIMEOUT (so that silence is
+# reported as such): a 1 MiB piece gets 316 s, a 4 KiB read 61 s. Low enough for a slow link
+# shared by every connection of the pool (and by other clients); a server trickling a byte at a
+# time is stopped instead of waited for.
+MIN_RATE = 4 * KiB
 CONNECT_TIMEOUT = 10.0
 RETRY_DELAYS = (0.05, 0.2)  # after the first and second failed attempt of a read
 KEEPALIVE_EXPIRY = 5.0
@@ -128,15 +145,33 @@ class _Transient(Exception):
     """A failed attempt worth repeating (connection trouble, 5xx); carries the final message."""
 
 
+class _TimedOut(_Transient):
+    """A request the server sent nothing for within the timeout, sent at `asked_at` (trio
+    time): repeated only if the server completed another answer since (see HttpSource._fetch)."""
+
+    def __init__(self, message: str, asked_at: float) -> None:
+        super().__init__(message)
+        self.asked_at = asked_at
+
+
 @contextlib.asynccontextmanager
 async def open_http_source(spec: str, *, header_file: str | None = None,
                            **tuning) -> AsyncIterator[HttpSource]:
     """Open `spec` (an http:// or https:// URL) for the duration of the block; every request
     carries the headers of `header_file` (see HeaderFile). `tuning`: piece_size,
-    max_connections, timeout, connect_timeout, retry_delays."""
+    max_connections, timeout, connect_timeout, retry_delays, min_rate."""
     url, description, canonical = _parse_url(spec)
     headers = await HeaderFile.load(header_file) if header_file else None
-    auth = RequestAuth(headers) if headers else None
+    basic = _basic_authorization(url)
+    if basic is not None and headers is not None and any(
+            name.lower() == "authorization" for name in headers.headers):
+        raise SourceError(f"{description}: the URL's password and the Authorization header of "
+                          f"{header_file} cannot both be sent; give one of them")
+    auth = RequestAuth(headers, basic=basic) if headers or basic else None
+    # The password goes in RequestAuth's header, to the named server alone: httpx would send
+    # the URL's only to the first hop (a redirect's Location has none) and not at all beside
+    # a header file (an auth of the client's own replaces it).
+    url = url.copy_with(userinfo=b"")
     async with serving(HttpSource, url, description, auth, canonical=canonical,
                        **tuning) as source:
         yield source
@@ -147,12 +182,12 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
                   auth: RequestAuth | None,
                   *, piece_size: int = PIECE_SIZE, max_connections: int = MAX_CONNECTIONS,
                   timeout: float = TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
-                  retry_delays: tuple[float, ...] = RETRY_DELAYS,
+                  retry_delays: tuple[float, ...] = RETRY_DELAYS, min_rate: float = MIN_RATE,
                   **source_args) -> AsyncIterator[HttpSourceT]:
     """An HttpSource (or subclass `cls`, given `source_args`) on its own pooled client, probed,
     for the duration of the block."""
-    if piece_size <= 0 or max_connections <= 0:
-        raise ValueError("piece_size and max_connections must be positive")
+    if piece_size <= 0 or max_connections <= 0 or min_rate <= 0:
+        raise ValueError("piece_size, max_connections and min_rate must be positive")
     connect_timeout = min(connect_timeout, timeout)
     client = httpx.AsyncClient(
         transport=_transport(_ssl_context(), max_connections + _for_users(max_connections)),
@@ -165,7 +200,7 @@ async def serving(cls: type[HttpSourceT], url: httpx.URL, description: str,
     )
     source = cls(client, url, description, piece_size=piece_size,
                  max_connections=max_connections, timeout=timeout, retry_delays=retry_delays,
-                 **source_args)
+                 min_rate=min_rate, **source_args)
     try:
         # Connecting and the first answers together, like an NBD dial and handshake: a server
         # that accepts and says nothing holds a mount up no longer than one that never accepts.
@@ -265,14 +300,16 @@ SignRequest = Callable[[httpx.Request], Awaitable[None]]
 
 
 class RequestAuth(httpx.Auth):
-    """What every request of a source carries: the header file's headers, then (S3) a
-    signature made last, over the final request. A 401 or 403 answer re-reads the header file;
-    if it changed, the request is sent once more with the new headers."""
+    """What every request of a source carries: the URL's password as basic auth (`basic`: the
+    Authorization header's value), the header file's headers, then (S3) a signature made last,
+    over the final request. A 401 or 403 answer re-reads the header file; if it changed, the
+    request is sent once more with the new headers."""
 
     def __init__(self, header_file: HeaderFile | None = None,
-                 sign: SignRequest | None = None) -> None:
+                 sign: SignRequest | None = None, *, basic: str | None = None) -> None:
         self.header_file = header_file
         self._sign = sign
+        self._basic = basic
 
     async def async_auth_flow(self, request: httpx.Request):
         sent = await self._prepare(request)
@@ -287,13 +324,18 @@ class RequestAuth(httpx.Auth):
         raise RuntimeError("sources use httpx's async client only")
 
     def withhold(self, request: httpx.Request) -> None:
-        """Take the header file's headers off `request` (bound for another server)."""
+        """Take the password and the header file's headers off `request` (bound for another
+        server)."""
+        if self._basic is not None:
+            request.headers.pop("Authorization", None)
         if self.header_file is not None:
             for name in self.header_file.headers:
                 request.headers.pop(name, None)
 
     async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
-        """Add the headers and the signature; the headers added."""
+        """Add the headers and the signature; the header file's headers added."""
+        if self._basic is not None:
+            request.headers["Authorization"] = self._basic
         headers = self.header_file.headers if self.header_file is not None else None
         if headers is not None:
             request.headers.update(headers)
@@ -313,7 +355,7 @@ class HttpSource(Source):
 
     def __init__(self, client: httpx.AsyncClient, url: httpx.URL, description: str, *,
                  canonical: str, piece_size: int, max_connections: int, timeout: float,
-                 retry_delays: tuple[float, ...]) -> None:
+                 retry_delays: tuple[float, ...], min_rate: float) -> None:
         self.description = description
         self._canonical = canonical
         self._client = client
@@ -323,6 +365,7 @@ class HttpSource(Source):
         self._query = url.query.decode("ascii")  # as given: part of the identity
         self._piece = piece_size
         self._timeout = timeout
+        self._min_rate = min_rate
         self._retry_delays = tuple(retry_delays)
         self._limiter = trio.CapacityLimiter(max_connections + _for_users(max_connections))
         self._copy_limiter = trio.CapacityLimiter(max_connections)
@@ -332,6 +375,13 @@ class HttpSource(Source):
         self._conditions: dict[str, str] = {}
         self.buffers = BufferPool(RECYCLED_BYTES)
         self._closed = False
+        self._failed_attempts = 0  # requests that failed (the server may have changed since)
+        self._answered_at = -math.inf  # trio time the server last completed an answer
+        # Without a strong ETag, the sample is read again after a request failed (the server
+        # was stopped, restarted, failed over: it may have come back with another file).
+        self.sample_check = SampleCheck(self, lambda: self._failed_attempts,
+                                        lambda offset, length: self._read(
+                                            offset, length, aligned=False, for_copy=False))
 
     # ---- Source interface -----------------------------------------------------------------
 
@@ -361,13 +411,18 @@ class HttpSource(Source):
     def same_identity(self, stored: dict, current: dict) -> bool:
         return same_http_object(stored, current)
 
+    async def take_sample(self) -> None:
+        await self.sample_check.taking(super().take_sample)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self._read(offset, length, aligned=False, for_copy=False)
+        return await self.sample_check.trusted(lambda: self._read(offset, length, aligned=False,
+                                                                  for_copy=False))
 
     async def read_for_copy(self, offset: int, length: int):
         """`read` into page-aligned memory (an anonymous mmap) when it is large, which DST
         takes with direct I/O; on the connections copies may take."""
-        return await self._read(offset, length, aligned=True, for_copy=True)
+        return await self.sample_check.trusted(lambda: self._read(offset, length, aligned=True,
+                                                                  for_copy=True))
 
     def recycle(self, data: bytes | bytearray | mmap.mmap) -> None:
         self.buffers.recycle(data)
@@ -491,13 +546,17 @@ class HttpSource(Source):
             self._conditions = {"If-Unmodified-Since": self.last_modified}
         elif self.etag:
             self._conditions = {}  # If-Match compares strongly: a weak ETag never matches
-            log.warning("%s: the server sends only a weak ETag (%s) and no Last-Modified; a "
-                        "change of the file during a run cannot be detected (between runs, the "
-                        "ETag is compared)", self.description, self.etag)
+            log.warning("%s: the server sends only a weak ETag (%s) and no Last-Modified; reads "
+                        "cannot be conditional, so a change of the file while the server keeps "
+                        "serving is noticed only in answers that carry another ETag (the data "
+                        "sample is compared at each mount and after a failed request)",
+                        self.description, self.etag)
         else:
             self._conditions = {}
             log.warning("%s: the server sends neither ETag nor Last-Modified; a change of the "
-                        "file during or between runs cannot be detected", self.description)
+                        "file while the server keeps serving cannot be detected (the data "
+                        "sample is compared at each mount and after a failed request)",
+                        self.description)
 
     def _set_size(self, size: int) -> None:
         if size < 0:
@@ -523,7 +582,13 @@ class HttpSource(Source):
                 followed_again = True
                 await self._follow_again(url, str(exc))
             except _Transient as exc:
-                if attempt >= len(self._retry_delays):
+                self._failed_attempts += 1
+                # A request that timed out while the server answered others meanwhile hung
+                # alone (a stuck backend, a lost connection): sent again on another connection.
+                # One that timed out in the server's silence is not: the server had its chance,
+                # as with NBD's timeout, which counts the silence of the server as a whole.
+                hung_alone = not isinstance(exc, _TimedOut) or self._answered_at > exc.asked_at
+                if attempt >= len(self._retry_delays) or not hung_alone:
                     raise SourceReadError(errno.EIO, str(exc)) from None
                 log.debug("retrying %s", exc)
                 await trio.sleep(self._retry_delays[attempt])
@@ -531,34 +596,50 @@ class HttpSource(Source):
 
     async def _fetch_once(self, start: int, into: memoryview, url: httpx.URL) -> None:
         want = len(into)
-        stop = start + want
-        where = f"{self.description}: bytes {start}-{stop - 1}"
-        headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
+        where = f"{self.description}: bytes {start}-{start + want - 1}"
+        asked_at = trio.current_time()
+        # The timeout bounds silence; a server that keeps sending a byte now and then is
+        # bounded by this deadline on the whole answer.
+        allowed = 2 * self._timeout + want / self._min_rate
         try:
-            async with self._client.stream("GET", url, headers=headers) as response:
-                if 400 <= response.status_code < 500 and response.status_code != 412:
-                    refusal = f"{where}: {await self._refusal(response)}"
-                    if url != self._named and response.status_code in _EXPIRED_TARGET:
-                        raise _TargetRefused(refusal)
-                    raise SourceReadError(errno.EIO, refusal)
-                self._check_answer(response, where, start, stop)
-                got = 0
-                async for chunk in response.aiter_raw():
-                    end = got + len(chunk)
-                    if end > want:
-                        raise SourceReadError(errno.EIO, f"{where}: the server sent more than "
-                                                         f"the {want} bytes asked for")
-                    into[got:end] = chunk
-                    got = end
-        except httpx.TimeoutException as exc:  # not retried: the server had its chance
-            raise SourceReadError(errno.EIO, f"{where}: {_describe_transport_error(exc)} "
-                                             f"({self._timeout:g} s)") from None
+            with trio.move_on_after(allowed) as deadline:
+                got = await self._receive(start, into, url, where)
+        except httpx.TimeoutException as exc:
+            raise _TimedOut(f"{where}: {_describe_transport_error(exc)} ({self._timeout:g} s)",
+                            asked_at) from None
         except httpx.TransportError as exc:  # connection refused/reset, early close: retry
             raise _Transient(f"{where}: {_describe_transport_error(exc)}") from None
         except httpx.HTTPError as exc:
             raise SourceReadError(errno.EIO, f"{where}: {exc}") from None
+        if deadline.cancelled_caught:  # its connection was closed with the unfinished answer
+            raise SourceReadError(errno.EIO, f"{where}: the server is too slow (the answer "
+                                             f"took over {allowed:g} s: twice {self._timeout:g} s "
+                                             f"and {self._min_rate:g} bytes a second)")
         if got != want:
             raise _Transient(f"{where}: short body ({got} of {want} bytes)")
+        self._answered_at = trio.current_time()
+
+    async def _receive(self, start: int, into: memoryview, url: httpx.URL, where: str) -> int:
+        """One Range GET of len(into) bytes at `start`, its body into `into`; the bytes got."""
+        want = len(into)
+        stop = start + want
+        headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
+        async with self._client.stream("GET", url, headers=headers) as response:
+            if 400 <= response.status_code < 500 and response.status_code != 412:
+                refusal = f"{where}: {await self._refusal(response)}"
+                if url != self._named and response.status_code in _EXPIRED_TARGET:
+                    raise _TargetRefused(refusal)
+                raise SourceReadError(errno.EIO, refusal)
+            self._check_answer(response, where, start, stop)
+            got = 0
+            async for chunk in response.aiter_raw():
+                end = got + len(chunk)
+                if end > want:
+                    raise SourceReadError(errno.EIO, f"{where}: the server sent more than "
+                                                     f"the {want} bytes asked for")
+                into[got:end] = chunk
+                got = end
+        return got
 
     async def _follow_again(self, refused: httpx.URL, why: str) -> None:
         """Reads go where opening was redirected, and such a target may expire (a release
@@ -652,6 +733,14 @@ def _parse_url(spec: str) -> tuple[httpx.URL, str, str]:
     return url, describe_spec(spec), str(canonical)
 
 
+def _basic_authorization(url: httpx.URL) -> str | None:
+    """The Authorization header's value for the user and password in `url`, if it has any."""
+    if not (url.username or url.password):
+        return None
+    credentials = f"{url.username}:{url.password}".encode()
+    return f"Basic {base64.b64encode(credentials).decode('ascii')}"
+
+
 def _query_sha256(query: str) -> str:
     """What an identity records of a URL's query: a digest, which tells two queries apart
     without keeping a signature in it."""
@@ -716,6 +805,7 @@ def _for_users(max_connections: int) -> int:
 def _transport(ssl_context: ssl.SSLContext, max_connections: int) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, HTTP/1.1 only, with a pool as large as the reads in flight."""
     _receive_larger_reads()
+    _close_connections_left_with_unasked_bytes()
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections,
                           keepalive_expiry=KEEPALIVE_EXPIRY)
@@ -732,6 +822,29 @@ def _receive_larger_reads() -> None:
     from httpcore._async.http11 import AsyncHTTP11Connection
 
     AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
+
+
+def _close_connections_left_with_unasked_bytes() -> None:
+    """Bytes a server sent past an answer's end (more than its Content-Length, an answer sent
+    twice, or a forged one appended for the next range) stay in httpcore's buffer, and the next
+    request on the kept-alive connection would take them for its answer. A connection left
+    with any is closed instead of going back to the pool. Like _receive_larger_reads, this
+    reaches into httpcore (tests/sources_http checks it still works); installed once."""
+    from httpcore._async.http11 import AsyncHTTP11Connection, HTTPConnectionState
+
+    response_closed = AsyncHTTP11Connection._response_closed
+    if getattr(response_closed, "closes_unasked_bytes", False):
+        return
+
+    async def _response_closed(self: AsyncHTTP11Connection) -> None:
+        await response_closed(self)
+        # Before the pool hands the connection to another request: nothing awaits in between.
+        if self._state is HTTPConnectionState.IDLE and self._h11_state.trailing_data[0]:
+            log.debug("closing a connection: the server sent more than it was asked for")
+            await self.aclose()
+
+    _response_closed.closes_unasked_bytes = True  # type: ignore[attr-defined]
+    AsyncHTTP11Connection._response_closed = _response_closed  # type: ignore[method-assign]
 
 
 def _tokens(value: str) -> set[str]:

@@ -9,7 +9,8 @@ import stat
 from typing import AsyncIterator
 
 from .. import claims
-from ..blockio import data_extents, fd_size, open_without_waiting, pread_exact, why_denied
+from ..blockio import (data_extents, fd_size, first_data, open_without_waiting, pread_exact,
+                       why_denied)
 from ..errors import SourceError
 from ..identity import loop_identity, same_recorded_identity
 from ..threads import in_thread
@@ -100,6 +101,9 @@ class LocalSource(Source):
         except OSError as exc:
             raise SourceReadError(exc.errno, f"source extents at {offset}: {exc.strerror}") from exc
         return [Extent(o, n, zero=hole) for o, n, hole in runs]
+
+    def holds_no_data(self) -> bool:
+        return self._is_file and first_data(self._fd) is None
 
     def _read_unchanged(self, length: int, offset: int) -> bytes:
         data = pread_exact(self._fd, length, offset)

@@ -174,6 +174,9 @@ class MirroredSource(Source):
             return self._primary.source.identity_matches(stored)
         return True
 
+    def holds_no_data(self) -> bool:
+        return self._primary.source is not None and self._primary.source.holds_no_data()
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         return await self._from_servers(lambda source: source.read(offset, length))
 

@@ -27,6 +27,8 @@ def test_completing_a_command_and_an_option_prefix():
     assert run_fuseclone({**complete, "COMP_WORDS": "fuseclone li"}).split() == ["plain,list"]
     assert run_fuseclone({**complete, "COMP_WORDS": "fuseclone mount --metr", "COMP_CWORD": "2"}
                          ).split() == ["plain,--metrics-listen"]
+    assert run_fuseclone({**complete, "COMP_WORDS": "fuseclone mount --overw", "COMP_CWORD": "2"}
+                         ).split() == ["plain,--overwrite-dst"]
     zsh = run_fuseclone({"_FUSECLONE_COMPLETE": "zsh_complete", "COMP_WORDS": "fuseclone me",
                          "COMP_CWORD": "1"}).splitlines()
     assert [zsh[i + 1] for i in range(0, len(zsh), 3)] == ["message", "metrics"]

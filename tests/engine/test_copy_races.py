@@ -314,19 +314,30 @@ def _diff(image, images, source_bytes) -> str:
 
 
 ENDS = ("none", "flush", "flush_now")
+
+
+def _has_point(copy: str, phase: str) -> bool:
+    """Whether the copy has that point: a partial write's own copy is written with the
+    write, on the event loop, right after its source read (engine._write_extended), so no
+    DST write of it is ever in flight."""
+    return not (copy == "write_copy" and phase == "write")
+
+
 ALL = [(copy, phase, op.name, end, zero)
        for copy in COPIES
        for phase in ("read", "write", "mark", "after", "fail")
        for op in user_ops()
        for end in ENDS
-       for zero in (False, True)]
+       for zero in (False, True)
+       if _has_point(copy, phase)]
 # The suite takes every copy, point and operation once, with an end and a source picked at
 # random (seeded); ./run soak takes the rest (3450 cases in all, about 95 s).
 _pick = random.Random(0)
-SUITE = [(copy, phase, op.name, _pick.choice(ENDS), _pick.random() < 0.5)
-         for copy in COPIES
-         for phase in ("read", "write", "mark", "after", "fail")
-         for op in user_ops()]
+SUITE = [case for case in [(copy, phase, op.name, _pick.choice(ENDS), _pick.random() < 0.5)
+                            for copy in COPIES
+                            for phase in ("read", "write", "mark", "after", "fail")
+                            for op in user_ops()]
+         if _has_point(case[0], case[1])]
 REST = [case for case in ALL if case not in SUITE]
 
 

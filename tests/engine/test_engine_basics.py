@@ -639,24 +639,26 @@ async def test_flush_now_failure_is_eio_and_fail_mode(clone):
         assert engine.flush_now() is None
 
 
-def count_copies(engine):
-    """The source reads of hydration copies, (offset, length) each, as they happen."""
-    copies = []
-    read_for_copy = engine.source.read_for_copy
+def count_source_reads(engine):
+    """The source reads of copies and of partial writes' regions, (offset, length) each, as
+    they happen."""
+    reads = []
+    for name in ("read", "read_for_copy"):
+        real = getattr(engine.source, name)
 
-    async def counted(offset, length):
-        copies.append((offset, length))
-        return await read_for_copy(offset, length)
+        async def counted(offset, length, real=real):
+            reads.append((offset, length))
+            return await real(offset, length)
 
-    engine.source.read_for_copy = counted
-    return copies
+        setattr(engine.source, name, counted)
+    return reads
 
 
 async def test_sequential_partial_writes_share_one_source_read(clone):
     """A writer going on from hydrated data gets the regions after its partial write copied
-    along (WRITE_AHEAD_BYTES): 32 sequential 4000-byte writes need two copies, not 32."""
+    along (WRITE_AHEAD_BYTES): 32 sequential 4000-byte writes need two source reads, not 32."""
     engine = await clone.open(hydration=False, copy_on_read=False)
-    copies = count_copies(engine)
+    copies = count_source_reads(engine)
     async with clone.running(engine):
         for i in range(32):
             await engine.write(i * 4000, bytes([i + 1]) * 4000)
@@ -669,13 +671,48 @@ async def test_sequential_partial_writes_share_one_source_read(clone):
 
 async def test_random_partial_writes_copy_only_their_regions(clone):
     """No copy ahead for a write into unhydrated surroundings; its two partial regions are
-    one copy."""
+    one source read."""
     engine = await clone.open(hydration=False, copy_on_read=False)
-    copies = count_copies(engine)
+    copies = count_source_reads(engine)
     async with clone.running(engine):
         await engine.write(4096 * 40 + 4000, b"r" * 200)  # regions 40 and 41, in part
         assert copies == [(4096 * 40, 2 * 4096)]
         assert engine.status().hydrated_regions == 2
+
+
+async def test_a_partial_write_into_untouched_regions_waits_for_no_commit(clone, monkeypatch):
+    """The source's data around it is read once and written with it, its regions marked
+    hydrated as a whole-region write's are: no copy through DST first, and no META commit of
+    its written bits before it (they reach META with the regions' hydrated bits, first). An
+    unaligned write reaches the daemon as up to three requests (the kernel sends a partial
+    page on its own), each of which paid a thread hop per step and the first two a META
+    commit: 2,000 random 1-64 KiB writes into a fresh clone took 3.0-3.4 s."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    reads = count_source_reads(engine)
+    commits = count_calls(monkeypatch, engine.meta, "write_commit")
+    dst_writes = count_calls(monkeypatch, engine.dst, "write")
+    async with clone.running(engine):
+        await engine.write(4096 * 40 + 4000, b"r" * 5000)  # regions 40-42: both ends in part
+        assert reads == [(4096 * 40, 3 * 4096)]
+        assert commits == [] and len(dst_writes) == 1
+        assert engine.written_commits == 0 and engine.status().hydrated_regions == 3
+        expected = bytearray(clone.source_bytes(4096 * 40, 3 * 4096))
+        expected[4000:9000] = b"r" * 5000
+        assert await engine.read(4096 * 40, 3 * 4096) == bytes(expected)
+        await engine.flush()
+    with Metadata.open(clone.meta, writable=False) as meta:
+        assert meta.hydrated_count == 3 and meta.is_written((4096 * 40 + 4000) // (64 * KiB))
+
+
+async def test_a_partial_write_over_hydrated_data_still_waits_for_its_written_bits(clone):
+    """Only a write whose regions are all unhydrated goes without its written bits durable:
+    one that also changes hydrated data may reach DST only after them."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.copy(engine.claim(range(40, 41)))
+        await engine.write(4096 * 40 + 4000, b"r" * 200)  # hydrated 40, unhydrated 41
+        assert engine.written_commits == 1
+        assert engine.meta.written_durable(4096 * 40 + 4000, 200)
 
 
 async def test_next_batch_skips_claimed_runs_whole(clone):
@@ -701,3 +738,26 @@ async def test_next_batch_skips_claimed_runs_whole(clone):
     engine._release(batch)
     assert engine.hydrator._next_batch(total - 1)[0].regions == range(total - 1, total)
     engine._release(claimed)
+
+
+def dst_holes(path, start, stop):
+    """Whether DST's bytes [start, stop) hold no data (SEEK_DATA finds none there)."""
+    with open(path, "rb") as f:
+        try:
+            return os.lseek(f.fileno(), start, os.SEEK_DATA) >= stop
+        except OSError:  # ENXIO: no data after start
+            return True
+
+
+async def test_regions_copied_along_a_partial_write_keep_the_sources_zeros_as_holes(clone):
+    """What a sequential writer's partial write copies along of the source is stored as
+    hydration copies are: all-zero regions become holes (the source's 64 KiB chunk 4 is
+    zeros, chunk 6 a hole)."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        await engine.copy(engine.claim(range(63, 64)))
+        await engine.write(256 * KiB, b"s" * 100)  # continues region 63: copies 256 KiB along
+        assert engine.meta.all_hydrated(range(64, 64 + 65))
+        assert await engine.read(256 * KiB, 260 * KiB) == b"s" * 100 + clone.source_bytes(256 * KiB + 100, 260 * KiB - 100)
+    assert dst_holes(clone.dst, 260 * KiB, 320 * KiB) and dst_holes(clone.dst, 384 * KiB, 448 * KiB)
+    assert not dst_holes(clone.dst, 256 * KiB, 260 * KiB)

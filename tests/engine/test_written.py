@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from fuseclone import markahead
 from fuseclone.clone import open_clone, running
@@ -203,8 +204,10 @@ async def test_writers_share_written_commits_and_rewrites_are_free(clone):
         commits = []
         real = engine.meta.write_commit
         engine.meta.write_commit = lambda batch: (commits.append(batch), real(batch))
+        for i in range(20):  # hydrated: partial writes of them wait for the write-ahead
+            await engine.copy(engine.claim(range(i * CHUNK // 4096, i * CHUNK // 4096 + 1)))
         async with trio.open_nursery() as nursery:
-            for i in range(20):  # partial writes: each hydrates its region, after the write-ahead
+            for i in range(20):
                 nursery.start_soon(engine.write, i * CHUNK + 100, b"x" * 4000)
         assert 1 <= len(commits) <= 2  # the first writer's commit, then one for the other 19
         commits.clear()
@@ -220,11 +223,12 @@ async def test_a_written_commit_does_not_wait_for_a_hydration_commit(clone):
         release = threading.Event()
         real_sync = engine.dst.datasync
         engine.dst.datasync = lambda: (release.wait(30), real_sync())
+        await engine.copy(engine.claim(range(CHUNK // 4096, CHUNK // 4096 + 1)))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.commit)  # stuck in DST's fdatasync
             await trio.sleep(0.05)
             with trio.fail_after(10):
-                await engine.write(CHUNK + 100, b"w" * 4000)  # part of a region: write-ahead
+                await engine.write(CHUNK + 100, b"w" * 4000)  # part of a hydrated region
             assert engine.meta.written_durable(CHUNK, 1)
             release.set()
 
@@ -327,19 +331,96 @@ async def test_no_crash_leaves_written_data_without_its_written_bit(tmp_path, se
 async def test_whole_region_writes_skip_the_write_ahead_and_commit_written_bits_first(clone):
     """A write replacing unhydrated regions whole needs no META commit before it: until their
     hydrated bits are committed a crash leaves them unhydrated, and a commit writes their
-    written bits first, then syncs DST, then writes the hydrated bits."""
+    written bits (beside DST's fdatasync, which they do not need), then the hydrated bits."""
     engine = await clone.open(hydration=False, copy_on_read=False)
     async with clone.running(engine):
-        order = []
+        events = []
         real_commit, real_sync = engine.meta.write_commit, engine.dst.datasync
-        engine.meta.write_commit = lambda batch: (
-            order.append(("meta", engine.meta.written_durable(0, 8192))), real_commit(batch))
-        engine.dst.datasync = lambda: (
-            order.append(("dst", engine.meta.written_durable(0, 8192))), real_sync())
+
+        def commit(batch):
+            kind = "hydrated" if engine.meta.written_durable(0, 8192) else "written"
+            events.append(("start", kind))
+            real_commit(batch)
+            events.append(("end", kind))
+
+        def sync():
+            events.append(("start", "dst"))
+            real_sync()
+            events.append(("end", "dst"))
+
+        engine.meta.write_commit, engine.dst.datasync = commit, sync
         assert engine.write_now(0, b"w" * 8192) is True
-        assert order == [] and not engine.meta.written_durable(0, 8192)
-        assert isinstance(engine.write_now(3 * 4096 + 1, b"p" * 100), Continue)  # a partial one waits for META
+        assert events == [] and not engine.meta.written_durable(0, 8192)
+        assert isinstance(engine.write_now(3 * 4096 + 1, b"p" * 100), Continue)  # reads the source
         await engine.commit()
-        assert order == [("meta", False), ("dst", True), ("meta", True)]
+        assert sorted(events[:4]) == [("end", "dst"), ("end", "written"),
+                                      ("start", "dst"), ("start", "written")]
+        assert events[4:] == [("start", "hydrated"), ("end", "hydrated")]
     with Metadata.open(clone.meta, writable=False) as meta:
         assert meta.written_extents == [(0, CHUNK)] and meta.is_hydrated(1)
+
+
+async def test_a_commit_syncs_dst_while_it_commits_written_bits(clone):
+    """The written bits' META commit and DST's fdatasync run at once, both before the hydrated
+    bits: a FSYNC after a fresh clone's first writes waited for one, then the other."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        dst_syncing = threading.Event()
+        overlapped = []
+        real_commit, real_sync = engine.meta.write_commit, engine.dst.datasync
+
+        def commit(batch):
+            if not engine.meta.written_durable(0, 8192):  # the written bits' commit
+                overlapped.append(dst_syncing.wait(5))
+            real_commit(batch)
+
+        def sync():
+            dst_syncing.set()
+            real_sync()
+
+        engine.meta.write_commit, engine.dst.datasync = commit, sync
+        assert engine.write_now(0, b"w" * 8192) is True
+        await engine.commit()
+        assert overlapped == [True]
+        assert engine.meta.written_durable(0, 8192) and engine.meta.hydrated_settled(range(2))
+
+
+async def test_hydrated_bits_wait_for_a_written_commit_in_flight(clone):
+    """A writer's commit of written bits in flight has taken them out of the dirty ones: a
+    commit of hydrated bits that covers the same writes still waits for it, or a crash between
+    the two could leave a region hydrated in META without its written bit."""
+    engine = await clone.open(hydration=False, copy_on_read=False)
+    async with clone.running(engine):
+        release, first_called, second_called = threading.Event(), threading.Event(), threading.Event()
+        calls, finished, second_started_after_first = [], [], []
+        real_commit = engine.meta.write_commit
+
+        def commit(batch):
+            n = len(calls)
+            calls.append(n)
+            if n == 0:
+                first_called.set()
+                assert release.wait(5)
+            else:
+                second_started_after_first.append(0 in finished)
+                second_called.set()
+            real_commit(batch)
+            finished.append(n)
+
+        engine.meta.write_commit = commit
+
+        async def written_commit():
+            async with engine._written_lock:
+                await engine._commit_written()
+
+        assert engine.write_now(0, b"w" * 8192) is True  # written and hydrated bits, both dirty
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(written_commit)
+            assert await trio.to_thread.run_sync(first_called.wait, 5)  # the written bits', held
+            nursery.start_soon(engine.commit)
+            await trio.testing.wait_all_tasks_blocked()
+            # Without the wait, the hydrated bits' commit starts now; with it, this times out.
+            await trio.to_thread.run_sync(second_called.wait, 0.5)
+            release.set()
+        assert second_started_after_first == [True]
+        assert engine.meta.written_durable(0, 8192) and engine.meta.hydrated_settled(range(2))

@@ -165,7 +165,7 @@ def test_on_complete_hook(rig, random_source):
 
 def test_stale_mount_of_a_killed_daemon_is_cleaned(rig, random_source):
     rig.mount("--no-hydration")
-    pid = status_json_pid(rig)
+    pid = daemon_pid(rig.mnt)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
     with pytest.raises(OSError):
@@ -177,16 +177,9 @@ def test_stale_mount_of_a_killed_daemon_is_cleaned(rig, random_source):
     fuseclone("unmount", rig.mnt)
 
 
-def status_json_pid(rig):
-    from fuseclone import control
-
-    reply = control.request(rig.meta, {"op": "status"})
-    return reply["pid"]
-
-
 def test_unmount_cleans_a_stale_mount(rig, random_source):
     rig.mount()
-    os.kill(status_json_pid(rig), signal.SIGKILL)
+    os.kill(daemon_pid(rig.mnt), signal.SIGKILL)
     time.sleep(0.3)
     result = fuseclone("unmount", rig.mnt)
     assert "stale" in result.stderr

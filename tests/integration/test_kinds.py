@@ -45,7 +45,8 @@ def test_a_loop_device_destination_that_now_shows_other_data_is_refused(rig):
     with open(rig.dst, "wb") as f:
         f.write(os.urandom(4 * MiB))
     loop = rig.losetup(rig.dst)
-    fuseclone("mount", rig.src, loop, rig.meta, rig.mnt)
+    # Random data beyond the image, so that each offset into the file shows other data
+    fuseclone("mount", rig.src, loop, rig.meta, rig.mnt, "--overwrite-dst")
     rig.stack.callback(rig._force_unmount, rig.mnt)
     fuseclone("wait", rig.mnt, "--timeout", "60")
     fuseclone("unmount", rig.mnt)

@@ -34,20 +34,18 @@ import mmap
 import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator
 
 import trio
 
 from ...errors import SourceError
-from ..base import SAMPLED, Extent, Source, SourceReadError
+from ..base import Extent, SampleCheck, Source, SourceReadError
 from . import wire
 from .buffers import KiB, MiB, BufferPool
 from .extents import ExtentCache
 from .pool import ConnectionPool, Request
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -177,9 +175,10 @@ class NbdSource(Source):
         self.buffers = BufferPool(options.recycled_bytes)
         self.extent_cache = ExtentCache(self.pool)
         self.pool.on_connection_lost = self.extent_cache.clear
-        self._trusted_dials = 0  # connections dialled up to the last sample that matched
-        self._checking = trio.Lock()
-        self._changed: str | None = None  # why reads fail for good: the data changed
+        # The sample is read again after a connection was dialled: the server was away.
+        self.sample_check = SampleCheck(self, lambda: self.pool.dialled,
+                                        lambda offset, length: self._read(offset, length,
+                                                                          aligned=False))
 
     # ---- Source ---------------------------------------------------------------------------
 
@@ -219,50 +218,16 @@ class NbdSource(Source):
         return self.pool.reconnects
 
     async def take_sample(self) -> None:
-        await super().take_sample()
-        self._trusted_dials = self.pool.dialled
+        await self.sample_check.taking(super().take_sample)
 
     async def read(self, offset: int, length: int) -> bytes:
         """The bytes at [offset, offset+length), clipped to the size. The result is a bytearray
         that belongs to the caller (bytes-like, as the engine needs; no extra copy)."""
-        return await self._trusted(lambda: self._read(offset, length, aligned=False))
+        return await self.sample_check.trusted(lambda: self._read(offset, length, aligned=False))
 
     async def read_for_copy(self, offset: int, length: int):
         """`read` into page-aligned memory (an anonymous mmap) when it is large."""
-        return await self._trusted(lambda: self._read(offset, length, aligned=True))
-
-    async def _trusted(self, receive: Callable[[], Awaitable[T]]) -> T:
-        """What `receive()` receives from the server, once it can be trusted (see
-        `_check_redialled`); never anything once the server came back with other data."""
-        self._raise_if_changed()
-        received = await receive()
-        await self._check_redialled()
-        return received
-
-    def _raise_if_changed(self) -> None:
-        if self._changed is not None:
-            raise SourceReadError(errno.EIO, self._changed)
-
-    async def _check_redialled(self) -> None:
-        """Raise SourceReadError unless what was just received can be trusted: when a
-        connection was dialled since the data sample last matched (the server was away, and
-        may have come back on other data), the sample is read again first. Checked after the
-        reply, so the connection it came on is counted."""
-        self._raise_if_changed()
-        if self.sample is None or self.pool.dialled == self._trusted_dials:
-            return
-        async with self._checking:
-            dialled = self.pool.dialled
-            if dialled == self._trusted_dials:
-                return  # checked meanwhile
-            sample = await self.read_sample(lambda offset, length: self._read(offset, length,
-                                                                              aligned=False))
-            if sample != self.sample:
-                self._changed = (f"{self.address.url}: the source changed since the clone began "
-                                 f"(the server came back with other data: {SAMPLED} differ)")
-                log.error("%s", self._changed)
-                raise SourceReadError(errno.EIO, self._changed)
-            self._trusted_dials = dialled
+        return await self.sample_check.trusted(lambda: self._read(offset, length, aligned=True))
 
     async def _read(self, offset: int, length: int, aligned: bool):
         size = self.size
@@ -310,7 +275,7 @@ class NbdSource(Source):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         # Trusted like data: a hole of other data would be hydrated as zeros.
-        return await self._trusted(lambda: self.extent_cache.extents(offset, length))
+        return await self.sample_check.trusted(lambda: self.extent_cache.extents(offset, length))
 
     async def aclose(self) -> None:
         """Let the replies already asked for arrive, disconnect politely, close every socket,
