@@ -13,6 +13,10 @@ Why a note when a READ comes is enough: a READ's pages are in the page cache (lo
 the kernel sends it, so an invalidation that starts after we received it finds them, waits
 for the answer if they are still locked, and drops them. What a READ noted after an
 invalidation was planned fills stays noted.
+
+Not noted: READs of FOPEN_DIRECT_IO opens, which bypass the page cache, but for a shared mmap
+of such an open, whose faults fill it (no request tells that it was mapped; such an mmap was
+never counted as a caching open either).
 """
 
 from __future__ import annotations
