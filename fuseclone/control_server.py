@@ -9,6 +9,7 @@ do not import trio.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -115,6 +116,36 @@ async def _listen_again_once_removed(path: str, listeners: list[trio.socket.Sock
         log.warning("control socket %s was removed (with its runtime directory?): listening "
                     "there again", path)
         accept_on(listeners[-1])
+        _log_again_in(os.path.dirname(path))
+
+
+def _log_again_in(directory: str) -> None:
+    """A log file in DIRECTORY that went with it (the default log, in the runtime directory)
+    is made again at its name: the log goes on where `status` says it is, not into a deleted
+    file."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or handler.stream is None:
+            continue
+        path = handler.baseFilename
+        if os.path.dirname(path) != directory or os.path.lexists(path):
+            continue
+        try:
+            new = handler._open()  # the handler's own way to open it (cli._LogFile)
+        except OSError as exc:
+            log.warning("log file %s was removed, and cannot be made again: %s", path, exc)
+            continue
+        with new, handler.lock:
+            handler.flush()
+            # Onto the same descriptor, not a new stream: the mount holds the log's flock
+            # through it (daemon._holding_the_log) and lets go of it by it at the end.
+            fd = handler.stream.fileno()
+            os.dup2(new.fileno(), fd, inheritable=False)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as claims.hold held the old one
+        except OSError as exc:
+            log.warning("log file %s made again, but cannot be held: %s", path, exc)
+        log.warning("log file %s was removed (with its runtime directory?): logging there "
+                    "again", path)
 
 
 def _remove_names(names: list[str], ours: set[tuple[int, int]]) -> None:

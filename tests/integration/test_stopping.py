@@ -2,6 +2,7 @@
 its mountpoint or there after it, a switch-over hook that unmounts it, a terminal that closes,
 a caller whose standard descriptors are closed."""
 
+import json
 import os
 import signal
 import subprocess
@@ -118,7 +119,8 @@ def test_a_mount_whose_caller_closed_its_standard_descriptors(rig, random_source
 
 
 def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random_source):
-    """`rm -rf /run/fuseclone` under a live mount: its control socket comes back."""
+    """`rm -rf /run/fuseclone` under a live mount: its control socket comes back, and its
+    default log with it, at the name status shows (before, it went on into the deleted file)."""
     env = dict(os.environ, FUSECLONE_RUNTIME_DIR=str(rig.tmp / "run"))
 
     def cli(*args, check=True):
@@ -132,8 +134,12 @@ def test_a_mount_whose_runtime_directory_was_removed_stays_reachable(rig, random
         assert time.monotonic() < deadline, result.stderr
         time.sleep(0.2)
     cli("wait", rig.mnt, "--timeout", "60")
+    log_file = json.loads(cli("status", "--json", rig.mnt).stdout)["log_file"]
+    assert os.path.dirname(log_file) == str(rig.tmp / "run")
     cli("unmount", rig.mnt)
     assert mounts_at(rig.mnt) == []
+    with open(log_file) as log:  # the mount's last words are there
+        assert "hydration complete" in (lines := log.read()) and "was unmounted" in lines, lines
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
 
 
