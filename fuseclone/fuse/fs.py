@@ -257,7 +257,7 @@ class ImageFilesystem:
 
     def _note_read(self, req: codec.Read) -> None:
         if req.fh == IMAGE_FH:  # a READ of a caching open may fill the page cache
-            self._cached.note_read(req.offset, req.size)
+            self._cached.note_cached(req.offset, req.size)
 
     def read_now(self, req: codec.Read) -> QuickAnswer:
         self._note_read(req)
@@ -278,6 +278,11 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        if not self._direct_write(req):
+            # Its pages hold what it writes (a write-through one fills them before it is sent,
+            # the write cache's are written back from them): a direct write that reaches DST
+            # after it must drop them, as a READ's.
+            self._cached.note_cached(req.offset, len(req.data))
         answer = self._write_answer(req)
         if not self._may_leave_stale_pages(req):
             return answer
@@ -327,9 +332,15 @@ class ImageFilesystem:
         holds a page locked until answered, which an invalidation would wait for. The
         writer's own open, if it is a caching one, does not count: it reads directly too
         (a loop device alone kept 29k of its 4 KiB writes a second, not 4k)."""
-        if req.write_flags & abi.FUSE_WRITE_CACHE or self._invalidate is None:
+        if self._invalidate is None or self._caching_opens - (req.fh == IMAGE_FH) <= 0:
             return False
-        if self._caching_opens - (req.fh == IMAGE_FH) <= 0:
+        return self._direct_write(req)
+
+    def _direct_write(self, req: codec.Write) -> bool:
+        """Whether a WRITE went past the page cache (see _may_leave_stale_pages): not the
+        kernel writing back its cache, and of an FOPEN_DIRECT_IO open, an O_DIRECT one, or any
+        with the write cache (which takes every buffered write)."""
+        if req.write_flags & abi.FUSE_WRITE_CACHE:
             return False
         return bool(req.fh == DIRECT_FH or req.open_flags & os.O_DIRECT or self.write_cache)
 

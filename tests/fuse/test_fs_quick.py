@@ -180,6 +180,32 @@ async def test_a_direct_write_of_a_range_a_caching_open_read_is_answered_after_i
 
 
 @pytest.mark.trio
+@pytest.mark.parametrize("write_cache", [False, True])
+async def test_a_direct_write_of_a_range_a_buffered_write_filled_is_answered_after_its_invalidation(
+        write_cache):
+    """A buffered write fills its pages without a READ (write-through: before it is sent; the
+    write cache's stay filled until written back). One that reached DST before a direct write
+    of its range would otherwise leave its data cached over the direct write's for good."""
+    image = Image(None)
+    fs = ImageFilesystem(image, write_cache=write_cache)
+    invalidated = []
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP | (abi.FUSE_WRITEBACK_CACHE if write_cache else 0),
+                  lambda *args: invalidated.append(args))
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    buffered = await fs.open(open_req(os.O_RDWR))
+    quick = fs.quick_handlers()[codec.Write]
+    direct_write = write_req(os.O_RDWR | os.O_DIRECT, fh=writer.fh)
+    assert quick(direct_write) == codec.WriteReply(4096)  # nothing cached yet
+    buffered_write = write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE if write_cache else 0,
+                               fh=buffered.fh)
+    assert quick(buffered_write) == codec.WriteReply(4096)
+    answer = quick(direct_write)
+    assert isinstance(answer, Blocking) and answer.waits_for_reads and not invalidated
+    assert answer.job() == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 0, CHUNK)]
+
+
+@pytest.mark.trio
 async def test_reads_of_a_direct_open_leave_nothing_cached_to_invalidate():
     """An FOPEN_DIRECT_IO open's READs (a loop device's, a database's) bypass the page cache:
     they cost the direct writer beside a caching open no invalidation."""
