@@ -9,7 +9,8 @@ invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). One exception: an
 writer's asynchronous writes (io_submit, io_uring, a --direct-io=on loop device). The kernel drops
 the range's cached pages before it sends such a WRITE, not after, and a buffered reader meanwhile
 caches what the image held before it; so while caching opens exist, those writes are answered
-only after their range is invalidated (`_answer_then_invalidate`). Hydration never changes what
+only after their range is invalidated, if a caching open's READ or a buffered write touched it
+since it was last dropped (`pagecache.py`, `_then_invalidate`). Hydration never changes what
 the image reads as, so it needs no invalidation.
 
 Who may open the image is DST's business, as with a device node: the image shows DST's owner,
