@@ -17,6 +17,10 @@ kernel sends it, so the invalidation, which starts after, finds them, waits for 
 they are still locked, and drops them; a buffered write's pages were filled before it was sent.
 What is noted after an invalidation was planned stays noted: it may fill pages the
 invalidation has passed.
+
+Not noted: READs of FOPEN_DIRECT_IO opens, which bypass the page cache, but for a shared mmap
+of such an open, whose faults fill it (no request tells that it was mapped; such an mmap was
+never counted as a caching open either).
 """
 
 from __future__ import annotations
