@@ -285,10 +285,14 @@ class ImageFilesystem:
             # after it must drop them, as a READ's.
             self._cached.note_cached(req.offset, len(req.data))
         answer = self._write_answer(req)
+        direct = self._direct_write(req)
+        if isinstance(answer, Continue) and direct and self._invalidate is not None:
+            # It may wait long (for the source, a commit): an open that comes meanwhile, reads
+            # its range before its data is in DST and may even be gone again by then counts,
+            # so only what was noted decides, once it is done.
+            return Continue(functools.partial(self._answer_then_invalidate, answer, req))
         if not self._may_leave_stale_pages(req):
             return answer
-        if isinstance(answer, Continue):
-            return Continue(functools.partial(self._answer_then_invalidate, answer, req))
         # No task and no hop back to the loop: a thread of the session's writes, invalidates
         # and replies (a hop to a worker thread and back cut 34k such writes a second to 4k).
         if isinstance(answer, Blocking):
@@ -359,8 +363,9 @@ class ImageFilesystem:
                 self._drop(planned)
 
     async def _answer_then_invalidate(self, answer: Continue, req: codec.Write) -> codec.Reply:
-        """`_then_invalidate` for a write that waits for something first (the source, a
-        commit): the invalidation in a worker thread of its own limiter."""
+        """`_then_invalidate` for a direct write that waits for something first (the source, a
+        commit), whatever opens there were when it came: the invalidation in a worker thread
+        of its own limiter."""
         try:
             return await answer.answer()
         finally:

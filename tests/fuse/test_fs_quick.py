@@ -41,6 +41,9 @@ class Image:
     async def write(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
 
+    async def flush(self):
+        pass
+
 
 def setattr_req(valid, size=0):
     return codec.SetAttr(1, IMAGE, 0, 0, 0, valid, 1, size, 0, 0, 0)
@@ -204,6 +207,26 @@ async def test_a_direct_write_of_a_range_a_buffered_write_filled_is_answered_aft
     answer = quick(direct_write)
     assert isinstance(answer, Blocking) and answer.waits_for_reads and not invalidated
     assert answer.job() == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 4096, 4096)]
+
+
+@pytest.mark.trio
+async def test_a_direct_write_that_waits_is_invalidated_for_an_open_that_came_meanwhile():
+    """Such a write may wait long (for the source, a commit): a buffered open that comes
+    meanwhile and reads its range before the data is in DST caches what it replaces, and
+    keeps it cached (FOPEN_KEEP_CACHE) even once closed again."""
+    image = Image(None)
+    fs = ImageFilesystem(image)
+    invalidated = []
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP, lambda *args: invalidated.append(args))
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    answer = fs.quick_handlers()[codec.Write](
+        write_req(os.O_RDWR | os.O_DIRECT | os.O_DSYNC, fh=writer.fh))  # waits for its flush
+    assert isinstance(answer, Continue)
+    reader = await fs.open(open_req(os.O_RDONLY))
+    fs.quick_handlers()[codec.Read](read_req(reader.fh, 4096))
+    await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
+    assert await answer.answer() == codec.WriteReply(4096)
     assert invalidated == [(IMAGE, 4096, 4096)]
 
 

@@ -17,8 +17,8 @@ from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
 from fuseclone.fuse.backend import Blocking, Continue
 from fuseclone.fuse.session import (MAX_QUEUED_JOBS, MAX_QUEUED_WAITING_JOBS, MAX_WRITE,
-                                    READ_BUFFER_SIZE, WAITING_JOB_THREADS, WRITE_COPIED_BELOW, Session,
-                                    negotiate)
+                                    READ_BUFFER_SIZE, WAITING_JOB_THREADS, WRITE_COPIED_BELOW,
+                                    Session, negotiate)
 from tests.fuse.test_codec import request
 
 
