@@ -18,11 +18,6 @@ they are still locked, and drops them; a buffered write's pages were filled befo
 What is noted after an invalidation was planned stays noted: it may fill pages the
 invalidation has passed.
 
-By pages, not by the 64 KiB chunks they are kept in: a write drops only its own pages, which
-the kernel had dropped already before it sent the write, so only those filled since go again.
-Dropping whole chunks cost a buffered random reader beside a direct writer half its reads:
-each write took 16 of its cached pages away.
-
 Not noted: READs of FOPEN_DIRECT_IO opens, which bypass the page cache, but for a shared mmap
 of such an open, whose faults fill it (no request tells that it was mapped; such an mmap was
 never counted as a caching open either).
@@ -31,21 +26,18 @@ never counted as a caching open either).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-PAGE = 4096  # noted and dropped by pages: the kernel caches whole ones, of this size at least
-CHUNK = 64 << 10  # pages noted together, as one mask
-PAGES_PER_CHUNK = CHUNK // PAGE
-# Chunks noted at most (about 8 MiB of memory: 4 GiB of the image read since its last drops).
+CHUNK = 64 << 10  # what is noted and dropped together: a READ is at most 1 MiB, 16 chunks
+# Chunks noted at most (about 6 MiB of memory: 4 GiB of the image read since its last drops).
 # Beyond, the whole image counts as read, until one invalidation of all of it ends.
 MAX_CHUNKS = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
 class Invalidation:
-    """A range to drop from the page cache: `length` bytes at `offset`. `seen`: the notes
-    made when it was planned, all of whose pages in its range it drops."""
+    """A range to drop from the page cache: `length` bytes at `offset`. `seen`: READs noted
+    when it was planned, all of whose pages it drops."""
 
     offset: int
     length: int
@@ -56,63 +48,47 @@ class CachedRanges:
     def __init__(self, size: int) -> None:
         self._size = size  # the image's
         self._lock = threading.Lock()
-        self._notes = 0  # READs and writes noted so far: each one's number is the count after it
-        # chunk -> (the number of its last note, the mask of its pages noted)
-        self._noted: dict[int, tuple[int, int]] = {}
-        self._all_noted_at = 0  # too many chunks: every page was noted by this note
+        self._reads = 0  # READs and writes noted so far: each one's number is the count after it
+        self._read_at: dict[int, int] = {}  # chunk -> the number of the last note of it
+        self._all_read_at = 0  # too many chunks: every chunk was read by READ number this
 
     def note_cached(self, offset: int, length: int) -> None:
         """A READ of a caching open or a buffered write came: its pages may be cached from
         now on."""
         with self._lock:
-            self._notes += 1
-            if len(self._noted) >= MAX_CHUNKS:
-                self._all_noted_at = self._notes
-                self._noted.clear()
+            self._reads += 1
+            if len(self._read_at) >= MAX_CHUNKS:
+                self._all_read_at = self._reads
+                self._read_at.clear()
                 return
-            for chunk, pages in _pages(offset, length):
-                noted = self._noted.get(chunk, (0, 0))[1]
-                self._noted[chunk] = (self._notes, noted | pages)
+            for chunk in _chunks(offset, length):
+                self._read_at[chunk] = self._reads
 
     def plan(self, offset: int, length: int) -> Invalidation | None:
         """What to drop for a write of `length` bytes at `offset` that has reached DST, before
-        it is answered: its pages, or None if nothing noted any of them since they were last
-        dropped."""
+        it is answered: None if no READ touched its range since that was last dropped."""
         with self._lock:
-            if self._all_noted_at:
-                return Invalidation(0, self._size, self._notes)
-            if not any(self._noted.get(chunk, (0, 0))[1] & pages
-                       for chunk, pages in _pages(offset, length)):
+            if self._all_read_at:
+                return Invalidation(0, self._size, self._reads)
+            chunks = _chunks(offset, length)
+            if not any(chunk in self._read_at for chunk in chunks):
                 return None
-            start = offset // PAGE * PAGE
-            end = -(-(offset + max(length, 1)) // PAGE) * PAGE
-            return Invalidation(start, end - start, self._notes)
+            return Invalidation(chunks.start * CHUNK, len(chunks) * CHUNK, self._reads)
 
     def dropped(self, done: Invalidation) -> None:
-        """`done` has ended: what was noted before it was planned has nothing cached in its
-        range any more. A chunk noted since keeps all its pages noted: which of them the later
-        note filled is not kept."""
+        """`done` has ended: the READs noted before it was planned have nothing cached in its
+        range any more."""
         with self._lock:
             if done.offset == 0 and done.length >= self._size:
-                if self._all_noted_at <= done.seen:
-                    self._all_noted_at = 0
-                self._noted = {chunk: noted for chunk, noted in self._noted.items()
-                               if noted[0] > done.seen}
+                if self._all_read_at <= done.seen:
+                    self._all_read_at = 0
+                self._read_at = {chunk: read for chunk, read in self._read_at.items()
+                                 if read > done.seen}
                 return
-            for chunk, pages in _pages(done.offset, done.length):
-                last, noted = self._noted.get(chunk, (done.seen + 1, 0))
-                if last > done.seen:
-                    continue
-                if noted & ~pages:
-                    self._noted[chunk] = (last, noted & ~pages)
-                else:
-                    del self._noted[chunk]
+            for chunk in _chunks(done.offset, done.length):
+                if self._read_at.get(chunk, done.seen + 1) <= done.seen:
+                    del self._read_at[chunk]
 
 
-def _pages(offset: int, length: int) -> Iterator[tuple[int, int]]:
-    """(chunk, mask of its pages) for each chunk that `length` bytes at `offset` touch."""
-    first, last = offset // PAGE, (offset + max(length, 1) - 1) // PAGE
-    for chunk in range(first // PAGES_PER_CHUNK, last // PAGES_PER_CHUNK + 1):
-        low = max(first, chunk * PAGES_PER_CHUNK) - chunk * PAGES_PER_CHUNK
-        high = min(last, chunk * PAGES_PER_CHUNK + PAGES_PER_CHUNK - 1) - chunk * PAGES_PER_CHUNK
-        yield chunk, ((1 << (high - low + 1)) - 1) << low
+def _chunks(offset: int, length: int) -> range:
+    return range(offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK + 1)

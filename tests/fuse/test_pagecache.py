@@ -14,26 +14,14 @@ def test_a_range_no_read_touched_needs_no_invalidation():
     assert cached.plan(0, 4096) is None and cached.plan(2 * CHUNK, CHUNK) is None
 
 
-def test_a_write_drops_only_its_own_pages_that_were_noted_then_they_need_no_more():
-    """The kernel has dropped the rest of what it replaces already, before it sent the write:
-    only pages filled since may be stale, and a reader keeps what it cached around them."""
+def test_a_range_read_is_dropped_by_chunks_then_needs_no_more():
     cached = CachedRanges(SIZE)
-    cached.note_cached(CHUNK - 4096, 8192)  # the last page of a chunk and the first of the next
-    assert cached.plan(CHUNK + 4096, 4096) is None  # a page nobody read
-    planned = cached.plan(CHUNK - 100, 200)  # over both, in part
-    assert planned == Invalidation(CHUNK - 4096, 8192, 1)
+    cached.note_cached(CHUNK - 4096, 8192)  # across two chunks
+    planned = cached.plan(CHUNK + 4096, 4096)
+    assert planned == Invalidation(CHUNK, CHUNK, 1)
     cached.dropped(planned)
-    assert cached.plan(0, 2 * CHUNK) is None
-
-
-def test_a_page_dropped_leaves_the_others_of_its_chunk_noted():
-    cached = CachedRanges(SIZE)
-    cached.note_cached(0, 3 * 4096)
-    cached.dropped(cached.plan(4096, 4096))
-    assert cached.plan(4096, 4096) is None
-    assert cached.plan(0, CHUNK) == Invalidation(0, CHUNK, 1)
-    cached.dropped(cached.plan(0, 4096))
-    assert cached.plan(8192, 1) == Invalidation(8192, 4096, 1)
+    assert cached.plan(CHUNK, CHUNK) is None
+    assert cached.plan(0, 4096) == Invalidation(0, CHUNK, 1)  # the other chunk is still read
 
 
 def test_a_read_noted_after_an_invalidation_was_planned_stays_noted():
@@ -44,7 +32,7 @@ def test_a_read_noted_after_an_invalidation_was_planned_stays_noted():
     planned = cached.plan(0, 4096)
     cached.note_cached(0, 4096)
     cached.dropped(planned)
-    assert cached.plan(0, 4096) == Invalidation(0, 4096, 2)
+    assert cached.plan(0, 4096) == Invalidation(0, CHUNK, 2)
 
 
 def test_only_the_invalidation_that_ends_forgets_what_it_drops():
@@ -53,9 +41,9 @@ def test_only_the_invalidation_that_ends_forgets_what_it_drops():
     cached = CachedRanges(SIZE)
     cached.note_cached(0, 4096)
     first = cached.plan(0, 4096)
-    assert cached.plan(0, 4096) == first  # not dropped yet
+    assert cached.plan(4096, 4096) == first  # not dropped yet
     cached.dropped(first)
-    assert cached.plan(0, 4096) is None
+    assert cached.plan(4096, 4096) is None
 
 
 def test_too_many_chunks_read_count_as_the_whole_image_until_it_is_dropped(monkeypatch):
@@ -68,4 +56,4 @@ def test_too_many_chunks_read_count_as_the_whole_image_until_it_is_dropped(monke
     cached.note_cached(7 * CHUNK, 4096)
     cached.dropped(planned)
     assert cached.plan(100 * CHUNK, 4096) is None and cached.plan(0, 4096) is None
-    assert cached.plan(7 * CHUNK, 4096) == Invalidation(7 * CHUNK, 4096, 6)  # read meanwhile
+    assert cached.plan(7 * CHUNK, 4096) == Invalidation(7 * CHUNK, CHUNK, 6)  # read meanwhile
