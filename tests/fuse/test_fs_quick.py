@@ -225,7 +225,7 @@ async def test_a_direct_write_that_waits_is_invalidated_for_an_open_that_came_me
     fs.quick_handlers()[codec.Read](read_req(reader.fh, 4096))
     await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
     assert await answer.answer() == codec.WriteReply(4096)
-    assert invalidated == [(IMAGE, 4096, 4096)]
+    assert invalidated == [(IMAGE, 0, CHUNK)]
 
 
 @pytest.mark.trio
