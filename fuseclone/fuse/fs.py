@@ -279,13 +279,13 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
-        if not self._direct_write(req):
+        direct = self._direct_write(req)
+        if not direct:
             # Its pages hold what it writes (a write-through one fills them before it is sent,
             # the write cache's are written back from them): a direct write that reaches DST
             # after it must drop them, as a READ's.
             self._cached.note_cached(req.offset, len(req.data))
         answer = self._write_answer(req)
-        direct = self._direct_write(req)
         if isinstance(answer, Continue) and direct and self._invalidate is not None:
             # It may wait long (for the source, a commit): an open that comes meanwhile, reads
             # its range before its data is in DST and may even be gone again by then counts,
