@@ -9,7 +9,8 @@ invalidates the range of a PUNCH_HOLE / ZERO_RANGE fallocate). One exception: an
 writer's asynchronous writes (io_submit, io_uring, a --direct-io=on loop device). The kernel drops
 the range's cached pages before it sends such a WRITE, not after, and a buffered reader meanwhile
 caches what the image held before it; so while caching opens exist, those writes are answered
-only after their range is invalidated (`_answer_then_invalidate`). Hydration never changes what
+only after their range is invalidated, if a caching open's READ or a buffered write touched it
+since it was last dropped (`pagecache.py`, `_then_invalidate`). Hydration never changes what
 the image reads as, so it needs no invalidation.
 
 Who may open the image is DST's business, as with a device node: the image shows DST's owner,
@@ -257,7 +258,7 @@ class ImageFilesystem:
 
     def _note_read(self, req: codec.Read) -> None:
         if req.fh == IMAGE_FH:  # a READ of a caching open may fill the page cache
-            self._cached.note_read(req.offset, req.size)
+            self._cached.note_cached(req.offset, req.size)
 
     def read_now(self, req: codec.Read) -> QuickAnswer:
         self._note_read(req)
@@ -278,11 +279,20 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        direct = self._direct_write(req)
+        if not direct:
+            # Its pages hold what it writes (a write-through one fills them before it is sent,
+            # the write cache's are written back from them): a direct write that reaches DST
+            # after it must drop them, as a READ's.
+            self._cached.note_cached(req.offset, len(req.data))
         answer = self._write_answer(req)
+        if isinstance(answer, Continue) and direct and self._invalidate is not None:
+            # It may wait long (for the source, a commit): an open that comes meanwhile, reads
+            # its range before its data is in DST and may even be gone again by then counts,
+            # so only what was noted decides, once it is done.
+            return Continue(functools.partial(self._answer_then_invalidate, answer, req))
         if not self._may_leave_stale_pages(req):
             return answer
-        if isinstance(answer, Continue):
-            return Continue(functools.partial(self._answer_then_invalidate, answer, req))
         # No task and no hop back to the loop: a thread of the session's writes, invalidates
         # and replies (a hop to a worker thread and back cut 34k such writes a second to 4k).
         if isinstance(answer, Blocking):
@@ -327,9 +337,15 @@ class ImageFilesystem:
         holds a page locked until answered, which an invalidation would wait for. The
         writer's own open, if it is a caching one, does not count: it reads directly too
         (a loop device alone kept 29k of its 4 KiB writes a second, not 4k)."""
-        if req.write_flags & abi.FUSE_WRITE_CACHE or self._invalidate is None:
+        if self._invalidate is None or self._caching_opens - (req.fh == IMAGE_FH) <= 0:
             return False
-        if self._caching_opens - (req.fh == IMAGE_FH) <= 0:
+        return self._direct_write(req)
+
+    def _direct_write(self, req: codec.Write) -> bool:
+        """Whether a WRITE went past the page cache (see _may_leave_stale_pages): not the
+        kernel writing back its cache, and of an FOPEN_DIRECT_IO open, an O_DIRECT one, or any
+        with the write cache (which takes every buffered write)."""
+        if req.write_flags & abi.FUSE_WRITE_CACHE:
             return False
         return bool(req.fh == DIRECT_FH or req.open_flags & os.O_DIRECT or self.write_cache)
 
@@ -347,8 +363,9 @@ class ImageFilesystem:
                 self._drop(planned)
 
     async def _answer_then_invalidate(self, answer: Continue, req: codec.Write) -> codec.Reply:
-        """`_then_invalidate` for a write that waits for something first (the source, a
-        commit): the invalidation in a worker thread of its own limiter."""
+        """`_then_invalidate` for a direct write that waits for something first (the source, a
+        commit), whatever opens there were when it came: the invalidation in a worker thread
+        of its own limiter."""
         try:
             return await answer.answer()
         finally:

@@ -1,18 +1,22 @@
-"""Which parts of the image the kernel's page cache may hold, as far as the READs of caching
-opens tell: the only requests that fill it with what DST held (a buffered write fills it with
-what it writes). fs.py asks it whether a direct writer's write must have its range dropped
-again before it is answered, and a write whose range no READ touched since the last drop of
-it needs none (an idle buffered open beside a `--direct-io=on` loop device: no invalidation
-at all).
+"""Which parts of the image the kernel's page cache may hold: what the READs of caching opens
+asked for (the kernel fills their pages with what DST held), and what buffered writes wrote
+(a write-through one fills its pages before it is sent; the write cache's hold them until
+written back). fs.py asks it whether a direct writer's write must have its range dropped
+again before it is answered, and a write whose range none of those touched since the last
+drop of it needs none (an idle buffered open beside a `--direct-io=on` loop device: no
+invalidation at all).
 
-Sans-IO, and safe for threads: READs are noted on the event loop as they come, writes ask
-from whichever thread finished their data, and an invalidation tells of its end from the
-thread that made it.
+Sans-IO, and safe for threads: READs and writes are noted on the event loop as they come,
+direct writes ask from whichever thread finished their data, and an invalidation tells of its
+end from the thread that made it.
 
-Why a note when a READ comes is enough: a READ's pages are in the page cache (locked) before
-the kernel sends it, so an invalidation that starts after we received it finds them, waits
-for the answer if they are still locked, and drops them. What a READ noted after an
-invalidation was planned fills stays noted.
+Why a note when a request comes is enough: a direct write asks once its data is in DST. A
+READ or buffered write noted after that reads or writes DST after it, so what it caches is
+what DST holds. One noted before: a READ's pages are in the page cache (locked) before the
+kernel sends it, so the invalidation, which starts after, finds them, waits for the answer if
+they are still locked, and drops them; a buffered write's pages were filled before it was sent.
+What is noted after an invalidation was planned stays noted: it may fill pages the
+invalidation has passed.
 
 Not noted: READs of FOPEN_DIRECT_IO opens, which bypass the page cache, but for a shared mmap
 of such an open, whose faults fill it (no request tells that it was mapped; such an mmap was
@@ -44,12 +48,13 @@ class CachedRanges:
     def __init__(self, size: int) -> None:
         self._size = size  # the image's
         self._lock = threading.Lock()
-        self._reads = 0  # READs noted so far: each one's number is the count after it
-        self._read_at: dict[int, int] = {}  # chunk -> the number of the last READ of it
+        self._reads = 0  # READs and writes noted so far: each one's number is the count after it
+        self._read_at: dict[int, int] = {}  # chunk -> the number of the last note of it
         self._all_read_at = 0  # too many chunks: every chunk was read by READ number this
 
-    def note_read(self, offset: int, length: int) -> None:
-        """A READ of a caching open came: its pages may be cached from now on."""
+    def note_cached(self, offset: int, length: int) -> None:
+        """A READ of a caching open or a buffered write came: its pages may be cached from
+        now on."""
         with self._lock:
             self._reads += 1
             if len(self._read_at) >= MAX_CHUNKS:

@@ -42,6 +42,9 @@ class Image:
     async def write(self, offset, data, *, direct=False):
         self.writes.append((offset, bytes(data), direct))
 
+    async def flush(self):
+        pass
+
 
 def setattr_req(valid, size=0):
     return codec.SetAttr(1, IMAGE, 0, 0, 0, valid, 1, size, 0, 0, 0)
@@ -177,6 +180,52 @@ async def test_a_direct_write_of_a_range_a_caching_open_read_is_answered_after_i
     assert quick(write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE, fh=reader.fh)) == codec.WriteReply(4096)
     await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
     assert quick(direct_write) == codec.WriteReply(4096)  # the reader is gone
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("write_cache", [False, True])
+async def test_a_direct_write_of_a_range_a_buffered_write_filled_is_answered_after_its_invalidation(
+        write_cache):
+    """A buffered write fills its pages without a READ (write-through: before it is sent; the
+    write cache's stay filled until written back). One that reached DST before a direct write
+    of its range would otherwise leave its data cached over the direct write's for good."""
+    image = Image(None)
+    fs = ImageFilesystem(image, write_cache=write_cache)
+    invalidated = []
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP | (abi.FUSE_WRITEBACK_CACHE if write_cache else 0),
+                  lambda *args: invalidated.append(args))
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    buffered = await fs.open(open_req(os.O_RDWR))
+    quick = fs.quick_handlers()[codec.Write]
+    direct_write = write_req(os.O_RDWR | os.O_DIRECT, fh=writer.fh)
+    assert quick(direct_write) == codec.WriteReply(4096)  # nothing cached yet
+    buffered_write = write_req(os.O_RDWR, abi.FUSE_WRITE_CACHE if write_cache else 0,
+                               fh=buffered.fh)
+    assert quick(buffered_write) == codec.WriteReply(4096)
+    answer = quick(direct_write)
+    assert isinstance(answer, Blocking) and answer.waits_for_reads and not invalidated
+    assert answer.job() == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 0, CHUNK)]
+
+
+@pytest.mark.trio
+async def test_a_direct_write_that_waits_is_invalidated_for_an_open_that_came_meanwhile():
+    """Such a write may wait long (for the source, a commit): a buffered open that comes
+    meanwhile and reads its range before the data is in DST caches what it replaces, and
+    keeps it cached (FOPEN_KEEP_CACHE) even once closed again."""
+    image = Image(None)
+    fs = ImageFilesystem(image)
+    invalidated = []
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP, lambda *args: invalidated.append(args))
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    answer = fs.quick_handlers()[codec.Write](
+        write_req(os.O_RDWR | os.O_DIRECT | os.O_DSYNC, fh=writer.fh))  # waits for its flush
+    assert isinstance(answer, Continue)
+    reader = await fs.open(open_req(os.O_RDONLY))
+    fs.quick_handlers()[codec.Read](read_req(reader.fh, 4096))
+    await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))
+    assert await answer.answer() == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 0, CHUNK)]
 
 
 @pytest.mark.trio

@@ -17,7 +17,8 @@ from fuseclone.fuse import abi, codec
 from fuseclone.fuse.abi import Opcode
 from fuseclone.fuse.backend import Blocking, Continue
 from fuseclone.fuse.session import (MAX_QUEUED_JOBS, MAX_QUEUED_WAITING_JOBS, MAX_WRITE,
-                                    READ_BUFFER_SIZE, WRITE_COPIED_BELOW, Session, negotiate)
+                                    READ_BUFFER_SIZE, WAITING_JOB_THREADS, WRITE_COPIED_BELOW,
+                                    Session, negotiate)
 from tests.fuse.test_codec import request
 
 
@@ -421,6 +422,26 @@ async def test_the_session_ends_after_its_jobs(session):
         assert (await kernel.reply())[:2] == (80, 0)
         await done.wait()
     assert fs.writes == [b"y" * 5]
+
+
+async def test_the_session_ends_after_its_jobs_that_may_wait_for_reads(session):
+    """Such jobs still running, or queued behind them, when the kernel ends the session are
+    all run and answered before the session returns (their threads are told to stop)."""
+    kernel, fs, done = session
+    waiting = range(90, 92 + WAITING_JOB_THREADS)
+    for unique in waiting:
+        body = abi.write_in.pack(1, 5 << 20, 5, 0, 0, 0, 0) + b"z" * 5
+        kernel.send(Opcode.WRITE, body, unique=unique)
+    kernel.send(Opcode.DESTROY, unique=89)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (89, 0)
+        await trio.sleep(0.1)
+        assert not done.is_set(), "the session ended with jobs still running"
+        fs.jobs_may_finish.set()
+        answers = {unique: error for unique, error, _ in
+                   [await kernel.reply() for _ in waiting]}
+        await done.wait()
+    assert answers == {unique: 0 for unique in waiting}
 
 
 async def test_destroy_ends_the_session(session):
