@@ -18,7 +18,7 @@ import stat
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import trio
 
@@ -33,6 +33,9 @@ from .metadata import Metadata, format_1_identity
 from .status import Status
 from .threads import in_thread
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
+
+if TYPE_CHECKING:
+    from .fuse.fs import LostWrites
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # Imported before the source opens: once it does, hydration competes for the GIL and
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
+    from .fuse.fs import LostWrites
     from .fuse.mount import become_io_flusher
     from .sources.mirrors import open_mirrored_source
 
@@ -219,6 +223,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             burst, rest = prefetch.first_burst_and_rest(engine.geometry, PREFETCH_BURST_PAUSE)
             engine.prefetch(burst + rest, first_burst=len(burst))
         mounted = False
+        lost = LostWrites()
         try:
             # Held inside META's hold, like the log: `fuseclone unmount` returns once META is
             # let go, and the trace must be complete (its `end` line) and free by then.
@@ -226,7 +231,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                     _recording_access(engine, opts.record_access), _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
-                        status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
+                        status = await _start_serving(nursery, engine, opts, image,
+                                                      real_mountpoint, lost)
                         on_ready(image)  # may fail (the mount command gone): then not mounted
                         mounted = True
                         if notifier is not None:
@@ -236,6 +242,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                         # Usable first, then hydrating: copies competing for the GIL made the
                         # mount itself ~40-90 ms slower.
                         engine.release_hydration()
+                    _leave_lost_writes_report(opts.metadata, lost)
                 finally:
                     if notifier is not None and mounted:
                         notifier.stopping()  # before the last commit, which may take a while
@@ -247,6 +254,23 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 # A regular file: not a FIFO put in its place, which the recorder refused.
                 if new_trace and os.path.isfile(opts.record_access):
                     os.unlink(opts.record_access)
+    if lost.bytes:  # the daemon's exit status says so too (a foreground mount, a service)
+        log.error("%s", _lost_writes_line(lost.summary()))
+        raise FusecloneError(_lost_writes_line(lost.summary()))
+
+
+def _leave_lost_writes_report(meta: str, lost: LostWrites) -> None:
+    """For `unmount`, which reads it once META is let go: so before the last commit."""
+    try:
+        control.record_lost_writes(meta, lost.bytes, lost.summary())
+    except OSError as exc:
+        log.error("cannot leave the report of lost writes for `unmount`: %s", describe(exc))
+
+
+def _lost_writes_line(summary: str) -> str:
+    """What the mount's end says of the cached writes it lost."""
+    return (f"this mount lost {summary} of writes the kernel had acknowledged from its cache: "
+            "writing them back failed (see the log)")
 
 
 def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
@@ -310,7 +334,8 @@ def _systemd_notifier(opts: MountOptions):
 
 
 async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions,
-                         image: str, real_mountpoint: str) -> Callable[[], Status]:
+                         image: str, real_mountpoint: str,
+                         lost: LostWrites) -> Callable[[], Status]:
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
@@ -326,13 +351,15 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     # The kernel negotiates passthrough only without the writeback cache.
     write_cache = 0 if image_at_root or passthrough else opts.write_cache
     fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
-                         write_cache=write_cache > 0)
+                         write_cache=write_cache > 0, lost_writes=lost)
 
     def status() -> Status:
         st = engine.status()
         st.log_file = _log_file()
         st.user_read_bytes = fs.user_read_bytes
         st.user_write_bytes = fs.user_write_bytes
+        st.lost_write_bytes = lost.bytes
+        st.lost_writes = lost.summary() if lost.bytes else None
         st.reads_on_ring = fs.reads_on_ring
         st.passthrough = fs.backing_id is not None
         st.pid = os.getpid()

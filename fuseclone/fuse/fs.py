@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import stat
+import threading
 import time
 from typing import Callable, Mapping
 
@@ -34,6 +36,8 @@ from ..errors import FusecloneError
 from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, ImageBackend, QuickAnswer, ReadFrom
+
+log = logging.getLogger(__name__)
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -61,15 +65,58 @@ def check_image_name(name: str) -> None:
                              "not '.' or '..')")
 
 
+LOST_RANGES_SHOWN = 8  # ranges of lost writes a summary names; the rest are counted
+
+
+class LostWrites:
+    """Writes the kernel had acknowledged from its cache (FUSE_WRITE_CACHE) that failed when it
+    wrote them back (a partial write to an unhydrated region whose copy's source failed): their
+    writers were told success, and only a later fsync or close of theirs hears of the failure,
+    which a lazy unmount or a SIGTERM never comes to. Kept for status and for the stop to
+    report. Thread-safe: blocking write jobs fail on the session's job thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.ranges: list[list[int]] = []  # [offset, length], merged, in offset order
+
+    def add(self, offset: int, length: int, exc: OSError) -> None:
+        log.error("%d bytes at offset %d, written into the kernel's cache and acknowledged, are "
+                  "lost: writing them back failed (%s)", length, offset,
+                  exc.strerror or os.strerror(exc.errno or errno.EIO))
+        with self._lock:
+            self.bytes += length
+            self.ranges = _merged(self.ranges + [[offset, length]])
+
+    def summary(self) -> str:
+        """"4096 bytes (offset 2101248 +4096)", the first ranges named, the rest counted."""
+        with self._lock:
+            shown = ", ".join(f"offset {offset} +{length}"
+                              for offset, length in self.ranges[:LOST_RANGES_SHOWN])
+            more = len(self.ranges) - LOST_RANGES_SHOWN
+            return (f"{self.bytes} bytes ({shown}{f' and {more} more ranges' if more > 0 else ''})")
+
+
+def _merged(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return out
+
+
 class ImageFilesystem:
     def __init__(self, image: ImageBackend, *, name: str = "image", image_at_root: bool = False,
-                 write_cache: bool = False) -> None:
+                 write_cache: bool = False, lost_writes: LostWrites | None = None) -> None:
         check_image_name(name)
         self.image = image
         self.name = os.fsencode(name)
         self.image_at_root = image_at_root
         self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
         self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)
+        self.lost_writes = lost_writes if lost_writes is not None else LostWrites()
         self._uid, self._gid = os.getuid(), os.getgid()  # the directory's owner
         self._mounted_at = time.time()
         self.user_read_bytes = 0  # answered to READs (status and metrics)
@@ -271,6 +318,40 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        if (not req.write_flags & abi.FUSE_WRITE_CACHE
+                or req.offset + len(req.data) > self.image.size):
+            # A cached write past the image's end is refused (ENOSPC) as documented, not lost.
+            return self._write_now(req)
+        try:
+            answer = self._write_now(req)
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+        if isinstance(answer, Blocking):
+            return Blocking(functools.partial(self._noting_loss, answer.job, req),
+                            answer.parallel)
+        if isinstance(answer, Continue):
+            return Continue(functools.partial(self._noting_loss_of_task, answer.answer, req))
+        return answer
+
+    def _noting_loss(self, job: Callable[[], codec.Reply], req: codec.Write) -> codec.Reply:
+        try:
+            return job()
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+
+    async def _noting_loss_of_task(self, answer: Callable, req: codec.Write) -> codec.Reply:
+        try:
+            return await answer()
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+
+    def _lost(self, req: codec.Write, exc: OSError) -> None:
+        self.lost_writes.add(req.offset, len(req.data), exc)
+
+    def _write_now(self, req: codec.Write) -> QuickAnswer:
         answer = self._write_answer(req)
         if self._may_leave_stale_pages(req):
             return Continue(functools.partial(self._answer_then_invalidate, answer, req))
