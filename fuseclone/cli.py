@@ -685,9 +685,8 @@ def unmount(mountpoint, timeout, lazy) -> None:
              f"{_MAY_BE_LOST}")
     lost = control.lost_writes(meta)
     if lost is not None:
-        fail(f"{mountpoint}: unmounted, but the mount lost {lost[1]} of writes the kernel had "
-             f"acknowledged from its cache: writing them back failed (see "
-             f"{reply.get('log_file') or 'its log'})")
+        fail(f"{mountpoint}: unmounted, but the mount lost writes the kernel had acknowledged "
+             f"from its cache: {lost[1]} (see {reply.get('log_file') or 'its log'})")
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)

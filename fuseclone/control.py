@@ -123,11 +123,11 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
-def record_lost_writes(meta_path: str, lost_bytes: int, summary: str) -> None:
+def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> None:
     """What the mount of META, as it stops, leaves `unmount` to report (read once META is let
-    go, when the mount cannot be asked any more): the cached writes it lost, if any."""
+    go, when the mount cannot be asked any more): the cached writes it lost (SUMMARY), if any."""
     path = _runtime_file(meta_path, ".lost")
-    if not lost_bytes:
+    if summary is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # an earlier mount's, whose stop nobody asked about
         return

@@ -79,6 +79,14 @@ class LostWrites:
         self._lock = threading.Lock()
         self.bytes = 0
         self.ranges: list[list[int]] = []  # [offset, length], merged, in offset order
+        self.given_up: str | None = None  # why the stop went on without the rest (unknown)
+
+    def __bool__(self) -> bool:
+        return bool(self.bytes or self.given_up)
+
+    def give_up(self, why: str) -> None:
+        """The stop goes on without the writes still cached: how many, the kernel does not say."""
+        self.given_up = why
 
     def add(self, offset: int, length: int, exc: OSError) -> None:
         log.error("%d bytes at offset %d, written into the kernel's cache and acknowledged, are "
@@ -89,12 +97,18 @@ class LostWrites:
             self.ranges = _merged(self.ranges + [[offset, length]])
 
     def summary(self) -> str:
-        """"4096 bytes (offset 2101248 +4096)", the first ranges named, the rest counted."""
+        """"4096 bytes whose write-back failed (offset 2101248 +4096)": the first ranges
+        named, the rest counted; and the stop's giving up, if it gave up."""
         with self._lock:
             shown = ", ".join(f"offset {offset} +{length}"
                               for offset, length in self.ranges[:LOST_RANGES_SHOWN])
             more = len(self.ranges) - LOST_RANGES_SHOWN
-            return (f"{self.bytes} bytes ({shown}{f' and {more} more ranges' if more > 0 else ''})")
+            known = (f"{self.bytes} bytes whose write-back failed "
+                     f"({shown}{f' and {more} more ranges' if more > 0 else ''})")
+            if self.given_up is None:
+                return known
+            unknown = f"the writes still cached when {self.given_up} (how many is unknown)"
+            return f"{known} and {unknown}" if self.bytes else unknown
 
 
 def _merged(ranges: list[list[int]]) -> list[list[int]]:
@@ -346,6 +360,9 @@ class ImageFilesystem:
             return await answer()
         except OSError as exc:
             self._lost(req, exc)
+            raise
+        except trio.Cancelled:  # the session ends (a stop that gave up on the source): unstored
+            self._lost(req, OSError(errno.ECANCELED, "the mount stopped before it was stored"))
             raise
 
     def _lost(self, req: codec.Write, exc: OSError) -> None:
