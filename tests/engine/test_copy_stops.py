@@ -33,7 +33,26 @@ OPS = ("write_partial", "write_whole", "write_span", "discard_partial", "zeroes_
 RELEASE_AFTER = 0.05  # seconds: a held DST write (a thread) goes on once the stop has begun
 
 
-async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop: str):
+class FailingUserWrites:
+    """DST's writes that carry OP's data (the user's write, alone or stored with the source's
+    data around it) fail with ERRNO; the copies' writes go through."""
+
+    def __init__(self, dst, op, error: int) -> None:
+        self.op, self.error = op, error
+        for name in ("write", "write_through"):
+            setattr(dst, name, self._failing(getattr(dst, name)))
+
+    def _failing(self, inner):
+        def write(offset, data, *args, **kw):
+            if self.op.data in bytes(data):
+                raise OSError(self.error, f"injected {errno.errorcode[self.error]} in a user write")
+            return inner(offset, data, *args, **kw)
+        return write
+
+
+async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop: str,
+                        fault: int | None = None):
+    """FAULT: OP's own DST write fails with this errno."""
     src = str(make_source_file(tmp_path / "src", IMAGE, seed=7, chunk=REGION, zero_every=0,
                                hole_every=0))
     dst, meta = str(tmp_path / "dst"), str(tmp_path / "meta")
@@ -47,13 +66,17 @@ async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop
     engine = open_clone(held, dst, meta, region_size=REGION, settings=settings)
     if copy_kind == "prefetch":
         engine.prefetch([range(R, R + 2)], first_burst=1)
+    if fault is not None:
+        FailingUserWrites(engine.dst, op, fault)
     done, maybe = [], []  # user operations that returned; that failed or were cut short
 
     async def run_op(o):
         try:
             await o.run(engine)
         except OSError as exc:
-            assert exc.errno == errno.EIO and o.needs_source and phase == "fail", repr(exc)
+            injected = o is op and exc.errno == fault
+            source_failed = exc.errno == errno.EIO and o.needs_source and phase == "fail"
+            assert injected or source_failed, repr(exc)
             maybe.append(o)
             return
         except trio.Cancelled:  # the stop came first: the user was never answered
@@ -87,6 +110,12 @@ async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop
                 if phase == "fail":  # the source read fails, the stop comes right after
                     held.release.set()
                     await trio.testing.wait_all_tasks_blocked(0.01)
+                if fault is not None:  # the copy goes on, the write fails beside it, then the stop
+                    held.release.set()
+                    writes.release.set()
+                    while op not in done + maybe:
+                        await trio.sleep(0.001)
+                    assert op in maybe, "the write whose DST write failed returned"
                 if stop == "disable_then_stop":
                     engine.message("disable_hydration")
                 # The copy stays held as the stop begins: a source read is cancelled with it, a
@@ -125,6 +154,16 @@ SUITE = [(copy, phase, OPS[i % len(OPS)], STOPS[i % len(STOPS)])
 REST = [case for case in ALL if case not in SUITE]
 
 
+WRITES = ("write_partial", "write_whole", "write_span")
+FAULTS = (errno.EIO, errno.ENOSPC)
+ALL_FAULTS = [(copy, phase, op, fault) for copy in COPIES for phase in PHASES for op in WRITES
+              for fault in FAULTS if _has_point(copy, phase)]
+SUITE_FAULTS = [(copy, phase, WRITES[i % len(WRITES)], FAULTS[i % len(FAULTS)])
+                for i, (copy, phase) in enumerate((c, p) for c in COPIES for p in PHASES
+                                                  if _has_point(c, p))]
+REST_FAULTS = [case for case in ALL_FAULTS if case not in SUITE_FAULTS]
+
+
 @pytest.mark.parametrize("copy_kind,phase,op_name,stop", SUITE)
 async def test_a_stop_while_a_copy_is_held(tmp_path, copy_kind, phase, op_name, stop):
     await run_stop_case(tmp_path, copy_kind, phase, op_name, stop)
@@ -134,3 +173,19 @@ async def test_a_stop_while_a_copy_is_held(tmp_path, copy_kind, phase, op_name, 
 @pytest.mark.parametrize("copy_kind,phase,op_name,stop", REST)
 async def test_a_stop_while_a_copy_is_held_every_op(tmp_path, copy_kind, phase, op_name, stop):
     await run_stop_case(tmp_path, copy_kind, phase, op_name, stop)
+
+
+@pytest.mark.parametrize("copy_kind,phase,op_name,fault", SUITE_FAULTS)
+async def test_a_user_write_failing_beside_a_held_copy(tmp_path, copy_kind, phase, op_name,
+                                                       fault):
+    """The user's own DST write fails (EIO, ENOSPC) while a copy of its region is held: the
+    write fails and nothing else does; the image holds it whole or not at all, and R the
+    source's data around it."""
+    await run_stop_case(tmp_path, copy_kind, phase, op_name, "stop", fault)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("copy_kind,phase,op_name,fault", REST_FAULTS)
+async def test_a_user_write_failing_beside_a_held_copy_every_write(tmp_path, copy_kind, phase,
+                                                                   op_name, fault):
+    await run_stop_case(tmp_path, copy_kind, phase, op_name, "stop", fault)
