@@ -21,6 +21,7 @@ the mounting one reach the mount at all.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -65,7 +66,7 @@ def check_image_name(name: str) -> None:
                              "not '.' or '..')")
 
 
-LOST_RANGES_SHOWN = 8  # ranges of lost writes a summary names; the rest are counted
+LOST_RANGES_SHOWN = 8  # ranges of lost writes a summary names (and the log), the rest counted
 
 
 class LostWrites:
@@ -78,7 +79,8 @@ class LostWrites:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.bytes = 0
-        self.ranges: list[list[int]] = []  # [offset, length], merged, in offset order
+        self._ranges: list[list[int]] = []  # [start, end), merged, in order
+        self._logged = 0
         self.given_up: str | None = None  # why the stop went on without the rest (unknown)
 
     def __bool__(self) -> bool:
@@ -89,36 +91,45 @@ class LostWrites:
         self.given_up = why
 
     def add(self, offset: int, length: int, exc: OSError) -> None:
-        log.error("%d bytes at offset %d, written into the kernel's cache and acknowledged, are "
-                  "lost: writing them back failed (%s)", length, offset,
-                  exc.strerror or os.strerror(exc.errno or errno.EIO))
         with self._lock:
-            self.bytes += length
-            self.ranges = _merged(self.ranges + [[offset, length]])
+            self.bytes += _insert_merged(self._ranges, offset, offset + length)
+            self._logged += 1
+            logged = self._logged
+        if logged <= LOST_RANGES_SHOWN:
+            log.error("%d bytes at offset %d, written into the kernel's cache and acknowledged, "
+                      "are lost: writing them back failed (%s)%s", length, offset,
+                      exc.strerror or os.strerror(exc.errno or errno.EIO),
+                      "; more are counted, not logged" if logged == LOST_RANGES_SHOWN else "")
 
     def summary(self) -> str:
         """"4096 bytes whose write-back failed (offset 2101248 +4096)": the first ranges
         named, the rest counted; and the stop's giving up, if it gave up."""
         with self._lock:
-            shown = ", ".join(f"offset {offset} +{length}"
-                              for offset, length in self.ranges[:LOST_RANGES_SHOWN])
-            more = len(self.ranges) - LOST_RANGES_SHOWN
+            shown = ", ".join(f"offset {start} +{end - start}"
+                              for start, end in self._ranges[:LOST_RANGES_SHOWN])
+            more = len(self._ranges) - LOST_RANGES_SHOWN
             known = (f"{self.bytes} bytes whose write-back failed "
                      f"({shown}{f' and {more} more ranges' if more > 0 else ''})")
-            if self.given_up is None:
-                return known
-            unknown = f"the writes still cached when {self.given_up} (how many is unknown)"
-            return f"{known} and {unknown}" if self.bytes else unknown
+        if self.given_up is None:
+            return known
+        unknown = f"the writes still cached when {self.given_up} (how many is unknown)"
+        return f"{known} and {unknown}" if self.bytes else unknown
 
 
-def _merged(ranges: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for offset, length in sorted(ranges):
-        if out and offset <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
-        else:
-            out.append([offset, length])
-    return out
+def _insert_merged(ranges: list[list[int]], start: int, end: int) -> int:
+    """[start, end) into RANGES (sorted, disjoint), merged with those it touches; returns the
+    bytes it added (a write lost twice counts once)."""
+    i = bisect.bisect_left(ranges, [start])
+    if i > 0 and ranges[i - 1][1] >= start:
+        i -= 1
+        start = ranges[i][0]
+    j, covered = i, 0
+    while j < len(ranges) and ranges[j][0] <= end:
+        end = max(end, ranges[j][1])
+        covered += ranges[j][1] - ranges[j][0]
+        j += 1
+    ranges[i:j] = [[start, end]]
+    return end - start - covered
 
 
 class ImageFilesystem:
