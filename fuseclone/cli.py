@@ -511,7 +511,13 @@ def offline_status(meta_path: str) -> Status:
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),
             written_unknown=h.written_unknown, hydrated_image_bytes=meta.hydrated_bytes(),
             metadata_used_blocks=used_blocks,
-            metadata_total_blocks=total_blocks)
+            metadata_total_blocks=total_blocks, **_lost_writes_fields(meta_path))
+
+
+def _lost_writes_fields(meta_path: str) -> dict:
+    """What the last mount of META recorded of the cached writes it lost, as status fields."""
+    lost = control.lost_writes(meta_path)
+    return {} if lost is None else {"lost_write_bytes": lost[0], "lost_writes": lost[1]}
 
 
 def _existing(path: str) -> str | None:
@@ -677,6 +683,10 @@ def unmount(mountpoint, timeout, lazy) -> None:
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
              f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
              f"{_MAY_BE_LOST}")
+    lost = control.lost_writes(meta)
+    if lost is not None:
+        fail(f"{mountpoint}: unmounted, but the mount lost writes the kernel had acknowledged "
+             f"from its cache: {lost[1]} (see {reply.get('log_file') or 'its log'})")
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)

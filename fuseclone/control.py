@@ -123,6 +123,34 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
+def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> None:
+    """What the mount of META, as it stops, leaves `unmount` to report (read once META is let
+    go, when the mount cannot be asked any more): the cached writes it lost (SUMMARY), if any."""
+    path = _runtime_file(meta_path, ".lost")
+    if summary is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # an earlier mount's, whose stop nobody asked about
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"bytes": lost_bytes, "summary": summary}, f)
+    os.replace(tmp, path)
+
+
+def lost_writes(meta_path: str) -> tuple[int, str] | None:
+    """(bytes, summary) of the cached writes the last mount of META lost, as it recorded them
+    (record_lost_writes); None when it lost none."""
+    try:
+        with open(_runtime_file(meta_path, ".lost")) as f:
+            doc = json.load(f)
+        lost_bytes, summary = doc["bytes"], doc["summary"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(lost_bytes, int) or not isinstance(summary, str):
+        return None
+    return lost_bytes, summary
+
+
 def earlier_socket_path(meta_path: str) -> str:
     """Where a daemon of a release before sockets were named by META's identity (releases of
     format-1 METAs, until 2026-11-27) listens: named by META's resolved path."""

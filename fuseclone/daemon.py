@@ -18,7 +18,7 @@ import stat
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import trio
 
@@ -33,6 +33,9 @@ from .metadata import Metadata, format_1_identity
 from .status import Status
 from .threads import in_thread
 from .trace import AccessTrace, TraceRecorder, check_trace_source, read_trace
+
+if TYPE_CHECKING:
+    from .fuse.fs import LostWrites
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     # Imported before the source opens: once it does, hydration competes for the GIL and
     # importing the FUSE layer then took ~70 ms longer.
     from .fuse import fs, session  # noqa: F401
+    from .fuse.fs import LostWrites
     from .fuse.mount import become_io_flusher
     from .sources.mirrors import open_mirrored_source
 
@@ -219,6 +223,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             burst, rest = prefetch.first_burst_and_rest(engine.geometry, PREFETCH_BURST_PAUSE)
             engine.prefetch(burst + rest, first_burst=len(burst))
         mounted = False
+        lost = LostWrites()
         try:
             # Held inside META's hold, like the log: `fuseclone unmount` returns once META is
             # let go, and the trace must be complete (its `end` line) and free by then.
@@ -226,7 +231,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                     _recording_access(engine, opts.record_access), _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
-                        status = await _start_serving(nursery, engine, opts, image, real_mountpoint)
+                        status = await _start_serving(nursery, engine, opts, image,
+                                                      real_mountpoint, lost)
                         on_ready(image)  # may fail (the mount command gone): then not mounted
                         mounted = True
                         if notifier is not None:
@@ -236,6 +242,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                         # Usable first, then hydrating: copies competing for the GIL made the
                         # mount itself ~40-90 ms slower.
                         engine.release_hydration()
+                    _leave_lost_writes_report(opts.metadata, lost)
                 finally:
                     if notifier is not None and mounted:
                         notifier.stopping()  # before the last commit, which may take a while
@@ -247,6 +254,22 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 # A regular file: not a FIFO put in its place, which the recorder refused.
                 if new_trace and os.path.isfile(opts.record_access):
                     os.unlink(opts.record_access)
+    if lost:  # the daemon's exit status says so too (a foreground mount, a service)
+        log.error("%s", _lost_writes_line(lost.summary()))
+        raise FusecloneError(_lost_writes_line(lost.summary()))
+
+
+def _leave_lost_writes_report(meta: str, lost: LostWrites) -> None:
+    """For `unmount`, which reads it once META is let go: so before the last commit."""
+    try:
+        control.record_lost_writes(meta, lost.bytes, lost.summary() if lost else None)
+    except OSError as exc:
+        log.error("cannot leave the report of lost writes for `unmount`: %s", describe(exc))
+
+
+def _lost_writes_line(summary: str) -> str:
+    """What the mount's end says of the cached writes it lost."""
+    return f"this mount lost writes the kernel had acknowledged from its cache: {summary}"
 
 
 def _read_prefetch_trace(opts: MountOptions) -> AccessTrace | None:
@@ -310,7 +333,8 @@ def _systemd_notifier(opts: MountOptions):
 
 
 async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: MountOptions,
-                         image: str, real_mountpoint: str) -> Callable[[], Status]:
+                         image: str, real_mountpoint: str,
+                         lost: LostWrites) -> Callable[[], Status]:
     """Start the control socket, the signal handler, the FUSE session (mounted when this
     returns) and the metrics endpoint in NURSERY; returns the mount's status function."""
     from .fuse.fs import ImageFilesystem
@@ -326,13 +350,15 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     # The kernel negotiates passthrough only without the writeback cache.
     write_cache = 0 if image_at_root or passthrough else opts.write_cache
     fs = ImageFilesystem(engine, name=opts.name, image_at_root=image_at_root,
-                         write_cache=write_cache > 0)
+                         write_cache=write_cache > 0, lost_writes=lost)
 
     def status() -> Status:
         st = engine.status()
         st.log_file = _log_file()
         st.user_read_bytes = fs.user_read_bytes
         st.user_write_bytes = fs.user_write_bytes
+        st.lost_write_bytes = lost.bytes
+        st.lost_writes = lost.summary() if lost else None
         st.reads_on_ring = fs.reads_on_ring
         st.passthrough = fs.backing_id is not None
         st.pid = os.getpid()
@@ -392,7 +418,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                 mountpoint = real_now = asked.mountpoint
             if req["lazy"]:  # what a SIGTERM does
                 nursery.start_soon(_write_back_then_stop, image_now, write_cache,
-                                   engine.source_waited, stop)
+                                   engine.source_waited, lost, stop)
                 reply = {"ok": True}
             else:
                 place = asked.mount_id if asked is not None else mount_id
@@ -410,7 +436,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, stop)
+    nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, lost, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     device = device_of(mount_id) if mount_id is not None else None
@@ -467,7 +493,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
 
 
 async def _signals(image: Callable[[], str], write_cache: int,
-                   source_waited: Callable[[], float], stop: trio.CancelScope) -> None:
+                   source_waited: Callable[[], float], lost: LostWrites,
+                   stop: trio.CancelScope) -> None:
     """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
     handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
     once."""
@@ -483,7 +510,7 @@ async def _signals(image: Callable[[], str], write_cache: int,
                     return
                 log.info("received %s: committing and unmounting", name)
                 nursery.start_soon(_write_back_then_stop, image, write_cache, source_waited,
-                                   stop)
+                                   lost, stop)
 
 
 def _still_mounted_elsewhere(places: list[str]) -> str:
@@ -521,17 +548,18 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
 
 
 async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
-                                source_waited: Callable[[], float],
+                                source_waited: Callable[[], float], lost: LostWrites,
                                 stop: trio.CancelScope) -> None:
     """Stop serving, but first take over the writes the kernel still caches: once the session
     ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
     lose them."""
-    if write_cache:
-        await _write_back(image(), source_waited)
+    if write_cache and not await _write_back(image(), source_waited):
+        lost.give_up(f"the stop gave up on them after {WRITE_BACK_TIMEOUT:.0f} s waiting for the "
+                     "source")
     stop.cancel()
 
 
-async def _write_back(image: str, source_waited: Callable[[], float]) -> None:
+async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
     """Have the kernel hand over the image's cached writes: an fsync of the image, in a thread
     because this event loop has to answer the writes and the FSYNC it causes. Given up after
     WRITE_BACK_TIMEOUT only while a request to the source has waited SOURCE_STALLED (a cached
@@ -539,7 +567,7 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> None:
     source that does not answer. Writes held up by DST's or META's filesystem (frozen, a slow
     disk) are waited for, however long: the stop's last commit waits for that filesystem
     anyway, and going on without them only lost the writes of a file still open (the lazy
-    detach that follows drops them)."""
+    detach that follows drops them). False when it went on without them."""
     async with trio.open_nursery() as nursery:
         handed_over = trio.Event()
         nursery.start_soon(_fsync_image, image, handed_over)
@@ -547,12 +575,12 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> None:
         while True:
             with trio.move_on_after(WRITE_BACK_TIMEOUT):
                 await handed_over.wait()
-                return
+                return True
             if source_waited() >= SOURCE_STALLED:
                 log.warning("the kernel's cached writes of %s took over %.0f s, waiting for the "
                             "source: going on without them", image, WRITE_BACK_TIMEOUT)
                 nursery.cancel_scope.cancel()
-                return
+                return False
             if not said_so:
                 log.warning("the kernel's cached writes of %s take over %.0f s, and not for the "
                             "source: waiting for them (is the filesystem of DST or META frozen, "

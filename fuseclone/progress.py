@@ -94,6 +94,9 @@ def status_renderable(st: Status) -> Group:
             rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
         if st.hydration_error:
             rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
+    if st.lost_writes:
+        rows.insert(2, ("lost writes", Text(f"{st.lost_writes}, acknowledged from the kernel's "
+                                            "cache, failed to write back", style="bold red")))
     for key, value in rows:
         table.add_row(key, value)
     return Group(bar, headline, table)

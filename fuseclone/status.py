@@ -49,6 +49,9 @@ class Status:
     hydrated_bytes: int = 0  # of regions that became hydrated (copied, or written or discarded whole)
     user_read_bytes: int = 0  # read through the image
     user_write_bytes: int = 0  # written through the image
+    # Writes the kernel had acknowledged from its cache whose write-back failed: lost
+    lost_write_bytes: int = 0
+    lost_writes: str | None = None  # "N bytes (offset O +L, ...)"
     reads_on_ring: int = 0  # READs answered from an io_uring read of DST (not a thread's)
     # Opens of the image read and write DST without the daemon (--passthrough): the user I/O
     # counters above miss what they move.

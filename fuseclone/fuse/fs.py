@@ -22,10 +22,14 @@ the mounting one reach the mount at all.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import errno
 import functools
+import logging
 import os
 import stat
+import threading
 import time
 from typing import Callable, Mapping
 
@@ -36,6 +40,8 @@ from ..threads import in_thread
 from . import abi, codec
 from .backend import Blocking, Continue, ImageBackend, QuickAnswer, ReadFrom
 from .pagecache import CachedRanges, Invalidation
+
+log = logging.getLogger(__name__)
 
 NAMESPACE_CHANGES = frozenset({
     abi.Opcode.CREATE, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK, abi.Opcode.LINK,
@@ -63,15 +69,82 @@ def check_image_name(name: str) -> None:
                              "not '.' or '..')")
 
 
+LOST_RANGES_SHOWN = 8  # ranges of lost writes a summary names (and the log), the rest counted
+
+
+class LostWrites:
+    """Writes the kernel had acknowledged from its cache (FUSE_WRITE_CACHE) that failed when it
+    wrote them back (a partial write to an unhydrated region whose copy's source failed): their
+    writers were told success, and only a later fsync or close of theirs hears of the failure,
+    which a lazy unmount or a SIGTERM never comes to. Kept for status and for the stop to
+    report. Thread-safe: blocking write jobs fail on the session's job thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self._ranges: list[list[int]] = []  # [start, end), merged, in order
+        self._logged = 0
+        self.given_up: str | None = None  # why the stop went on without the rest (unknown)
+
+    def __bool__(self) -> bool:
+        return bool(self.bytes or self.given_up)
+
+    def give_up(self, why: str) -> None:
+        """The stop goes on without the writes still cached: how many, the kernel does not say."""
+        self.given_up = why
+
+    def add(self, offset: int, length: int, exc: OSError) -> None:
+        with self._lock:
+            self.bytes += _insert_merged(self._ranges, offset, offset + length)
+            self._logged += 1
+            logged = self._logged
+        if logged <= LOST_RANGES_SHOWN:
+            log.error("%d bytes at offset %d, written into the kernel's cache and acknowledged, "
+                      "are lost: writing them back failed (%s)%s", length, offset,
+                      exc.strerror or os.strerror(exc.errno or errno.EIO),
+                      "; more are counted, not logged" if logged == LOST_RANGES_SHOWN else "")
+
+    def summary(self) -> str:
+        """"4096 bytes whose write-back failed (offset 2101248 +4096)": the first ranges
+        named, the rest counted; and the stop's giving up, if it gave up."""
+        with self._lock:
+            shown = ", ".join(f"offset {start} +{end - start}"
+                              for start, end in self._ranges[:LOST_RANGES_SHOWN])
+            more = len(self._ranges) - LOST_RANGES_SHOWN
+            known = (f"{self.bytes} bytes whose write-back failed "
+                     f"({shown}{f' and {more} more ranges' if more > 0 else ''})")
+        if self.given_up is None:
+            return known
+        unknown = f"the writes still cached when {self.given_up} (how many is unknown)"
+        return f"{known} and {unknown}" if self.bytes else unknown
+
+
+def _insert_merged(ranges: list[list[int]], start: int, end: int) -> int:
+    """[start, end) into RANGES (sorted, disjoint), merged with those it touches; returns the
+    bytes it added (a write lost twice counts once)."""
+    i = bisect.bisect_left(ranges, [start])
+    if i > 0 and ranges[i - 1][1] >= start:
+        i -= 1
+        start = ranges[i][0]
+    j, covered = i, 0
+    while j < len(ranges) and ranges[j][0] <= end:
+        end = max(end, ranges[j][1])
+        covered += ranges[j][1] - ranges[j][0]
+        j += 1
+    ranges[i:j] = [[start, end]]
+    return end - start - covered
+
+
 class ImageFilesystem:
     def __init__(self, image: ImageBackend, *, name: str = "image", image_at_root: bool = False,
-                 write_cache: bool = False) -> None:
+                 write_cache: bool = False, lost_writes: LostWrites | None = None) -> None:
         check_image_name(name)
         self.image = image
         self.name = os.fsencode(name)
         self.image_at_root = image_at_root
         self.image_id = abi.ROOT_ID if image_at_root else abi.ROOT_ID + 1
         self.write_cache = write_cache  # the kernel caches writes (FUSE_WRITEBACK_CACHE)
+        self.lost_writes = lost_writes if lost_writes is not None else LostWrites()
         self._uid, self._gid = os.getuid(), os.getgid()  # the directory's owner
         self._mounted_at = time.time()
         self.user_read_bytes = 0  # answered to READs (status and metrics)
@@ -279,6 +352,43 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
+        if (not req.write_flags & abi.FUSE_WRITE_CACHE
+                or req.offset + len(req.data) > self.image.size):
+            # A cached write past the image's end is refused (ENOSPC) as documented, not lost.
+            return self._write_now(req)
+        try:
+            answer = self._write_now(req)
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+        if isinstance(answer, Blocking):
+            return dataclasses.replace(answer, job=functools.partial(self._noting_loss,
+                                                                     answer.job, req))
+        if isinstance(answer, Continue):
+            return Continue(functools.partial(self._noting_loss_of_task, answer.answer, req))
+        return answer
+
+    def _noting_loss(self, job: Callable[[], codec.Reply], req: codec.Write) -> codec.Reply:
+        try:
+            return job()
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+
+    async def _noting_loss_of_task(self, answer: Callable, req: codec.Write) -> codec.Reply:
+        try:
+            return await answer()
+        except OSError as exc:
+            self._lost(req, exc)
+            raise
+        except trio.Cancelled:  # the session ends (a stop that gave up on the source): unstored
+            self._lost(req, OSError(errno.ECANCELED, "the mount stopped before it was stored"))
+            raise
+
+    def _lost(self, req: codec.Write, exc: OSError) -> None:
+        self.lost_writes.add(req.offset, len(req.data), exc)
+
+    def _write_now(self, req: codec.Write) -> QuickAnswer:
         direct = self._direct_write(req)
         if not direct:
             # Its pages hold what it writes (a write-through one fills them before it is sent,

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from fuseclone import control
 from tests.engine.conftest import make_source_file
 from tests.integration.conftest import daemon_pid, fuseclone
 from tests.integration.fuse_crash_writer import punch
@@ -215,3 +216,73 @@ def test_a_user_operation_during_a_held_copy_survives_a_kill(rig, tmp_path, copy
     assert after[:R] == source[:R] and after[R + 2 * REGION:] == source[R + 2 * REGION:]
     assert after[R + REGION:R + 2 * REGION] == b"N" * REGION
     fuseclone("unmount", rig.mnt)
+
+
+# (op, stop): two in the suite (3 s each), the rest in ./run soak
+STOPS_IN_SUITE = {("write_partial", "sigterm"), ("write_whole", "unmount_lazy")}
+STOP_CASES = [pytest.param(op, stop, marks=() if (op, stop) in STOPS_IN_SUITE else pytest.mark.soak)
+              for op in ("write_whole", "write_partial")
+              for stop in ("sigterm", "unmount_lazy", "disable_hydration_then_unmount")]
+
+
+@pytest.mark.skipif(NBDKIT is None, reason="needs nbdkit")
+@pytest.mark.parametrize("op,stop", STOP_CASES)
+def test_a_stop_while_a_copy_is_held_loses_nothing_acknowledged(rig, tmp_path, op, stop):
+    """A stop while a copy of R is held at the server, a user's write of R waiting for it: the
+    daemon ends (no task or thread of it keeps it alive), the write is either answered and in
+    the image, or failed; META checks out, and the next mount resumes and completes."""
+    make_source_file(rig.src, 8 * MiB, seed=5, zero_every=0, hole_every=0)
+    with open(rig.src, "rb") as f:
+        source = f.read()
+    server = HeldServer(tmp_path, rig.src, rig.stack)
+    log = str(tmp_path / "daemon.log")
+    rig.mount("--region-size", "64K", "--hydration-batch-size", "1", "--log-file", log,
+              "--no-hydration", src=server.url())
+    first = UserOp(rig.image, "write_next")  # R's written bit durable first, as above
+    first.run()
+    assert first.error is None
+    reader = UserOp(rig.image, "read")  # copy-on-read of R, held at the server
+    reader.start()
+    server.wait_arrived()
+    user = UserOp(rig.image, op)
+    user.start()
+    user.wait_blocked()
+    pid = daemon_pid(rig.mnt)
+    # The requests `fuseclone message` and `unmount --lazy` send, sent from here: a command
+    # run now would not start before the copy is let go (its exec closes this process's opens
+    # of the image, and a close waits in the kernel for the inode lock the write holds).
+    meta = control.resolve_target(rig.mnt)
+    if stop == "sigterm":
+        os.kill(pid, signal.SIGTERM)
+    else:
+        if stop == "disable_hydration_then_unmount":
+            assert control.request(meta, {"op": "message", "text": "disable_hydration"})["ok"]
+        reply = control.request(meta, {"op": "unmount", "lazy": True,
+                                       "mountpoint": os.path.realpath(rig.mnt)})
+        assert reply["ok"], reply
+    server.release()
+    for thread in (user, reader):
+        thread.join(30)
+        assert not thread.is_alive()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "the daemon did not end"
+        time.sleep(0.05)
+    rig.wait_unmounted()
+    server.restart()  # see restart(): a client gone with reads in flight may have killed it
+    checked = fuseclone("check", rig.meta, "--src", server.url(), "--dst", rig.dst, "--verify",
+                        check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rig.mount("--log-file", log, src=server.url())
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    with open(rig.image, "rb") as f:
+        after = f.read()
+    fuseclone("unmount", rig.mnt)
+    got = after[R:R + REGION]
+    wanted = {user.expected(source[R:R + REGION])}
+    if user.error is not None:  # not acknowledged: it may have reached DST all the same
+        user.error = None
+        wanted.add(user.expected(source[R:R + REGION]))
+    assert got in wanted, f"R after {op} and {stop} (user error {user.error})"
+    assert after[:R] == source[:R] and after[R + 2 * REGION:] == source[R + 2 * REGION:]
+    assert after[R + REGION:R + 2 * REGION] == b"N" * REGION
