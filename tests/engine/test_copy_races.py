@@ -223,24 +223,11 @@ async def run_case(tmp_path, copy_kind: str, phase: str, op: Op, end: str, zero:
                     users.start_soon(run_op, starter)
                 if copy_kind == "readahead":
                     engine.hydrator.read_ahead(AT, AT + 2 * REGION, engine._nursery)
-                if phase in ("read", "fail"):
-                    await held.arrived.wait()
-                    users.start_soon(run_op, op)
+                await hold_the_copy_at(phase, engine, held, writes)
+                users.start_soon(run_op, op)
+                if phase in ("read", "fail", "write"):
                     await trio.testing.wait_all_tasks_blocked(0.01)
-                    held.release.set()
-                elif phase == "write":
-                    held.release.set()
-                    await writes.arrived.wait()
-                    users.start_soon(run_op, op)
-                    await trio.testing.wait_all_tasks_blocked(0.01)
-                    writes.release.set()
-                else:
-                    held.release.set()
-                    while not engine.meta.is_hydrated(R):
-                        await engine.changed.park()
-                    if phase == "after":
-                        await engine.commit()
-                    users.start_soon(run_op, op)
+                    (writes if phase == "write" else held).release.set()
             held.failing = False
             await settle(engine)
             images = _images([o for o in done if o.changes], source_bytes)
@@ -351,3 +338,19 @@ async def test_copy_race(tmp_path, copy_kind, phase, op_name, end, zero):
 @pytest.mark.parametrize("copy_kind,phase,op_name,end,zero", REST)
 async def test_copy_race_every_end(tmp_path, copy_kind, phase, op_name, end, zero):
     await test_copy_race(tmp_path, copy_kind, phase, op_name, end, zero)
+
+
+async def hold_the_copy_at(phase: str, engine, held: "HeldSource", writes: "HeldWrites") -> None:
+    """Bring the copy under way to PHASE and keep it there: its source read ("read", "fail"),
+    its DST write ("write"), its bits marked ("mark"), or committed too ("after")."""
+    if phase in ("read", "fail"):
+        await held.arrived.wait()
+    elif phase == "write":
+        held.release.set()
+        await writes.arrived.wait()
+    else:
+        held.release.set()
+        while not engine.meta.is_hydrated(R):
+            await engine.changed.park()
+        if phase == "after":
+            await engine.commit()

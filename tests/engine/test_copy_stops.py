@@ -24,7 +24,7 @@ from fuseclone.metadata import Metadata
 from fuseclone.sources.local import LocalSource
 from tests.engine.conftest import make_source_file
 from tests.engine.test_copy_races import (AT, COPIES, IMAGE, REGION, R, HeldSource, HeldWrites,
-                                          _has_point, _images, user_ops)
+                                          _has_point, _images, hold_the_copy_at, user_ops)
 
 STOPS = ("stop", "disable_then_stop")
 PHASES = ("read", "write", "mark", "after", "fail")
@@ -94,17 +94,7 @@ async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop
                     users.start_soon(run_op, starter)
                 if copy_kind == "readahead":
                     engine.hydrator.read_ahead(AT, AT + 2 * REGION, engine._nursery)
-                if phase in ("read", "fail"):
-                    await held.arrived.wait()
-                elif phase == "write":
-                    held.release.set()
-                    await writes.arrived.wait()
-                else:
-                    held.release.set()
-                    while not engine.meta.is_hydrated(R):
-                        await engine.changed.park()
-                    if phase == "after":
-                        await engine.commit()
+                await hold_the_copy_at(phase, engine, held, writes)
                 users.start_soon(run_op, op)
                 await trio.testing.wait_all_tasks_blocked(0.01)
                 if phase == "fail":  # the source read fails, the stop comes right after
