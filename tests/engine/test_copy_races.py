@@ -10,10 +10,12 @@ hold its source data or a user's (invariants 1 and 3). A user operation may fail
 needs the source's data of R."""
 
 import errno
+import functools
 import itertools
 import random
 import threading
 import zlib
+from typing import Callable
 
 import pytest
 import trio
@@ -214,16 +216,10 @@ async def run_case(tmp_path, copy_kind: str, phase: str, op: Op, end: str, zero:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            writes = HeldWrites(engine)
-            writes.armed = phase == "write"
-            if phase == "fail":
-                held.failing = True
             async with trio.open_nursery() as users:
-                if starter is not None:
-                    users.start_soon(run_op, starter)
-                if copy_kind == "readahead":
-                    engine.hydrator.read_ahead(AT, AT + 2 * REGION, engine._nursery)
-                await hold_the_copy_at(phase, engine, held, writes)
+                writes = await hold_the_copy_at(
+                    phase, copy_kind, engine, held, users,
+                    None if starter is None else functools.partial(run_op, starter))
                 users.start_soon(run_op, op)
                 if phase in ("read", "fail", "write"):
                     await trio.testing.wait_all_tasks_blocked(0.01)
@@ -340,9 +336,19 @@ async def test_copy_race_every_end(tmp_path, copy_kind, phase, op_name, end, zer
     await test_copy_race(tmp_path, copy_kind, phase, op_name, end, zero)
 
 
-async def hold_the_copy_at(phase: str, engine, held: "HeldSource", writes: "HeldWrites") -> None:
-    """Bring the copy under way to PHASE and keep it there: its source read ("read", "fail"),
-    its DST write ("write"), its bits marked ("mark"), or committed too ("after")."""
+async def hold_the_copy_at(phase: str, copy_kind: str, engine, held: "HeldSource", users,
+                           start_copy: Callable | None) -> "HeldWrites":
+    """Start the copy (START_COPY: the user operation whose copy it is, in USERS; readahead's
+    asked for here) and bring it to PHASE, where it stays: its source read ("read", "fail"),
+    its DST write ("write"), its bits marked ("mark"), or committed too ("after"). Returns the
+    hold on its DST writes."""
+    writes = HeldWrites(engine)
+    writes.armed = phase == "write"
+    held.failing = phase == "fail"
+    if start_copy is not None:
+        users.start_soon(start_copy)
+    if copy_kind == "readahead":
+        engine.hydrator.read_ahead(AT, AT + 2 * REGION, engine._nursery)
     if phase in ("read", "fail"):
         await held.arrived.wait()
     elif phase == "write":
@@ -354,3 +360,4 @@ async def hold_the_copy_at(phase: str, engine, held: "HeldSource", writes: "Held
             await engine.changed.park()
         if phase == "after":
             await engine.commit()
+    return writes

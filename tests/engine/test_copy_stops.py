@@ -10,6 +10,7 @@ META must check out against SRC and DST (`check --verify`), and a mount after it
 and complete hydration with the same image."""
 
 import errno
+import functools
 import itertools
 import threading
 
@@ -86,15 +87,10 @@ async def run_stop_case(tmp_path, copy_kind: str, phase: str, op_name: str, stop
 
     with trio.fail_after(20):
         async with running(engine):
-            writes = HeldWrites(engine)
-            writes.armed = phase == "write"
-            held.failing = phase == "fail"
             async with trio.open_nursery() as users:
-                if starter is not None:
-                    users.start_soon(run_op, starter)
-                if copy_kind == "readahead":
-                    engine.hydrator.read_ahead(AT, AT + 2 * REGION, engine._nursery)
-                await hold_the_copy_at(phase, engine, held, writes)
+                writes = await hold_the_copy_at(
+                    phase, copy_kind, engine, held, users,
+                    None if starter is None else functools.partial(run_op, starter))
                 users.start_soon(run_op, op)
                 await trio.testing.wait_all_tasks_blocked(0.01)
                 if phase == "fail":  # the source read fails, the stop comes right after
