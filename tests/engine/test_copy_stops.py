@@ -24,8 +24,8 @@ from fuseclone.engine import Settings
 from fuseclone.metadata import Metadata
 from fuseclone.sources.local import LocalSource
 from tests.engine.conftest import make_source_file
-from tests.engine.test_copy_races import (AT, COPIES, IMAGE, REGION, R, HeldSource, HeldWrites,
-                                          _has_point, _images, hold_the_copy_at, user_ops)
+from tests.engine.test_copy_races import (COPIES, IMAGE, REGION, R, HeldSource, _has_point,
+                                          _images, hold_the_copy_at, user_ops)
 
 STOPS = ("stop", "disable_then_stop")
 PHASES = ("read", "write", "mark", "after", "fail")
