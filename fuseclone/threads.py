@@ -22,11 +22,31 @@ THREAD_START_RETRY = 0.05  # seconds between attempts meanwhile
 
 T = TypeVar("T")
 
+_calls_in_flight = 0  # in_thread calls not yet returned; all are made on the event loop's thread
+
+
+def threads_working() -> bool:
+    """Whether a worker thread may be running an `in_thread` call (it needs the GIL)."""
+    return _calls_in_flight > 0
+
 
 async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
-                    limiter: trio.CapacityLimiter | None = None) -> T:
+                    limiter: trio.CapacityLimiter | None = None, resident: bool = False) -> T:
     """`trio.to_thread.run_sync(fn, *args)`, waiting out a refused thread start; FN's
-    MemoryError as ENOMEM."""
+    MemoryError as ENOMEM. A RESIDENT thread (one that waits for work of its own, which its
+    owner counts) does not count for `threads_working`."""
+    global _calls_in_flight
+    counted = 0 if resident else 1
+    _calls_in_flight += counted
+    try:
+        return await _run_in_thread(fn, *args, abandon_on_cancel=abandon_on_cancel,
+                                    limiter=limiter)
+    finally:
+        _calls_in_flight -= counted
+
+
+async def _run_in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool,
+                         limiter: trio.CapacityLimiter | None) -> T:
     deadline = trio.current_time() + THREAD_START_PATIENCE
     while True:
         try:

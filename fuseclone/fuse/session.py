@@ -19,12 +19,13 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Awaitable, Callable, Mapping, Protocol
 
 import trio
 
 from .. import uring
-from ..threads import in_thread
+from ..threads import in_thread, threads_working
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
 from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse,
@@ -44,6 +45,15 @@ KEPT_BUFFERS = 16
 # of a 1 TiB clone's daemon). The copy is a few microseconds at most; larger writes keep theirs.
 WRITE_COPIED_BELOW = 64 << 10
 MAX_READS_WITHOUT_WAIT = 16
+# Requests that come in chains (a reader at iodepth 1, a commit's writes and flushes) arrive
+# soon after the answer before them. Sleeping in epoll between them costs a wakeup each, and
+# the request's sender waits for it: polling /dev/fuse a little longer first took cold 4 KiB
+# reads at iodepth 1 from 3.0-3.5k to 4.4-5.0k IOPS (docs/benchmark/spin.md). Only after a
+# short gap (as the kernel's haltpoll does: a gap slept through is longer than one polled, by
+# the wakeup, hence the wider bound), and only while no worker thread needs the GIL, which the
+# polling loop would hold most of the time.
+SPIN_SECONDS = 200e-6
+SPIN_AFTER_GAPS_UNDER = 1e-3  # seconds: a gap this short, even slept through, turns polling on
 
 WANTED_INIT_FLAGS = (abi.FUSE_ASYNC_READ | abi.FUSE_BIG_WRITES | abi.FUSE_MAX_PAGES
                      | abi.FUSE_ASYNC_DIO | abi.FUSE_PARALLEL_DIROPS)
@@ -177,9 +187,12 @@ class Session:
         self._in_flight: dict[int, trio.CancelScope] = {}
         self._free_buffers: list[bytearray] = []
         self._reads_without_wait = 0
+        self._idle_since: float | None = None  # when /dev/fuse was last found empty
+        self._spin = False  # whether the last gap between requests was short enough to poll
         self._jobs = _JobQueue(threads=1, slots=MAX_QUEUED_JOBS)
         self._parallel_jobs = _JobQueue(threads=PARALLEL_JOB_THREADS, slots=MAX_QUEUED_PARALLEL_JOBS)
         self._waiting_jobs = _JobQueue(threads=WAITING_JOB_THREADS, slots=MAX_QUEUED_WAITING_JOBS)
+        self._job_queues = (self._jobs, self._parallel_jobs, self._waiting_jobs)
         self._waiting_threads = trio.CapacityLimiter(WAITING_JOB_THREADS)  # when that one is full
         self._ring_reads: uring.Reads | None = None  # while `run` serves, if io_uring works here
         self._reaper_wait = trio.CancelScope()  # the ring reaper's wait for completions
@@ -201,11 +214,16 @@ class Session:
                     await trio.lowlevel.checkpoint()  # let the answering tasks run
                 n = os.readv(self.fd, [buf])
                 self._reads_without_wait += 1
+                self._idle_since = None
             except BlockingIOError:
                 self._give_back(buf)
                 self._reads_without_wait = 0
                 self._submit_reads()  # one io_uring_enter for the reads of this batch
-                await trio.lowlevel.wait_readable(self.fd)
+                if self._spinning():
+                    os.sched_yield()  # to other processes on this CPU, if any want it
+                    await trio.lowlevel.checkpoint()  # to the answering tasks and the reaper
+                else:
+                    await self._wait_for_request()
                 continue
             except OSError as exc:
                 self._give_back(buf)
@@ -224,6 +242,19 @@ class Session:
                 log.error("%s", exc)
                 if exc.unique is not None:
                     self._send(codec.encode_error(exc.unique, errno.EIO))
+
+    def _spinning(self) -> bool:
+        """Whether to look at /dev/fuse again at once rather than sleep (SPIN_SECONDS)."""
+        now = time.perf_counter()
+        if self._idle_since is None:
+            self._idle_since = now
+        return (self._spin and now - self._idle_since < SPIN_SECONDS and not threads_working()
+                and not any(jobs.busy for jobs in self._job_queues))
+
+    async def _wait_for_request(self) -> None:
+        await trio.lowlevel.wait_readable(self.fd)
+        assert self._idle_since is not None
+        self._spin = time.perf_counter() - self._idle_since < SPIN_AFTER_GAPS_UNDER
 
     def _give_back(self, buf: bytearray) -> None:
         if len(self._free_buffers) < KEPT_BUFFERS:
@@ -305,13 +336,13 @@ class Session:
         # the jobs that run in order (writes): a second did not copy faster (ext4 serialises
         # buffered writes to a file); another for reads from disk, which need not wait for them.
         # They have a limiter of their own: trio's default one is for the engine's threads.
-        queues = (self._jobs, self._parallel_jobs, self._waiting_jobs)
+        queues = self._job_queues
         threads = trio.CapacityLimiter(sum(jobs.threads for jobs in queues))
         async with trio.open_nursery() as job_threads:
             for jobs in queues:
                 for _ in range(jobs.threads):
                     job_threads.start_soon(functools.partial(
-                        in_thread, self._run_jobs, jobs, limiter=threads))
+                        in_thread, self._run_jobs, jobs, limiter=threads, resident=True))
             try:
                 async with trio.open_nursery() as nursery:
                     self._open_ring(nursery)
@@ -363,6 +394,7 @@ class Session:
             unique, blocking, buf = item
             self._send(_job_reply(unique, blocking))
             jobs.slots.release()
+            jobs.done()
             if buf is not None:
                 self._give_back(buf)
 
@@ -401,9 +433,9 @@ class Session:
             self._send(_job_reply(unique, blocking))  # the job threads are behind: run it here
             return _ANSWERED
         if blocking.parallel:  # its request's data is not needed any more
-            jobs.queue.put((unique, blocking, None))
+            jobs.put((unique, blocking, None))
             return _ANSWERED
-        jobs.queue.put((unique, blocking, buf))
+        jobs.put((unique, blocking, buf))
         return _HANDED_OVER
 
     def _hand_over_waiting(self, unique: int, blocking: Blocking, buf: bytearray | None) -> object:
@@ -411,7 +443,7 @@ class Session:
         a waiting-job thread if it holds no request buffer and there is room; else in a task,
         through a worker thread of their limiter."""
         if buf is None and self._waiting_jobs.slots.acquire(blocking=False):
-            self._waiting_jobs.queue.put((unique, blocking, None))
+            self._waiting_jobs.put((unique, blocking, None))
             return _ANSWERED
         return functools.partial(in_thread, blocking.job, limiter=self._waiting_threads)
 
@@ -581,6 +613,17 @@ class _JobQueue:
         self.threads = threads
         self.queue: queue.SimpleQueue[tuple[int, Blocking, bytearray | None] | None] = queue.SimpleQueue()
         self.slots = threading.Semaphore(slots)
+        self.busy = 0  # jobs put and not yet done
+        self._busy_lock = threading.Lock()  # put on the loop, done on the job threads
+
+    def put(self, item: tuple[int, Blocking, bytearray | None]) -> None:
+        with self._busy_lock:
+            self.busy += 1
+        self.queue.put(item)
+
+    def done(self) -> None:
+        with self._busy_lock:
+            self.busy -= 1
 
     def stop(self) -> None:
         for _ in range(self.threads):

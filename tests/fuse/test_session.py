@@ -19,6 +19,7 @@ from fuseclone.fuse.backend import Blocking, Continue
 from fuseclone.fuse.session import (MAX_QUEUED_JOBS, MAX_QUEUED_WAITING_JOBS, MAX_WRITE,
                                     READ_BUFFER_SIZE, WAITING_JOB_THREADS, WRITE_COPIED_BELOW,
                                     Session, negotiate)
+from fuseclone.threads import in_thread, threads_working
 from tests.fuse.test_codec import request
 
 
@@ -510,3 +511,78 @@ async def test_interrupt_right_behind_its_request_is_not_lost(session):
     with trio.fail_after(5):
         answers = [await kernel.reply() for _ in range(20)]
     assert sorted(a[:2] for a in answers) == [(u, errno.EINTR) for u in range(60, 100, 2)]
+
+
+def count_sleeps(monkeypatch):
+    """How many times the session slept in epoll for its next request."""
+    sleeps = []
+    wait = Session._wait_for_request
+
+    async def counted(self):
+        sleeps.append(1)
+        await wait(self)
+
+    monkeypatch.setattr(Session, "_wait_for_request", counted)
+    return sleeps
+
+
+async def getattr_chain(kernel, first_unique, length):
+    """Each GETATTR sent as soon as the one before is answered, like a reader at iodepth 1."""
+    for unique in range(first_unique, first_unique + length):
+        kernel.send(Opcode.GETATTR, abi.getattr_in.pack(0, 0, 0), unique=unique)
+        assert (await kernel.reply())[:2] == (unique, 0)
+
+
+async def test_a_chain_of_requests_is_polled_for_not_slept_for(session, monkeypatch):
+    kernel, _, _ = session
+    sleeps = count_sleeps(monkeypatch)
+    with trio.fail_after(10):
+        await getattr_chain(kernel, 200, 50)
+    # Without polling every request after the first would be slept for; a gap of the shared
+    # machine's making now and then is.
+    assert len(sleeps) <= 25, f"slept for {len(sleeps)} of 50 requests"
+
+
+async def test_no_polling_while_a_job_thread_or_a_worker_thread_works(session, monkeypatch):
+    """The polling loop would keep the GIL from a thread that needs it."""
+    kernel, fs, _ = session
+    with trio.fail_after(10):
+        await getattr_chain(kernel, 200, 5)  # polling is on
+        sleeps = count_sleeps(monkeypatch)
+        body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"j" * 5
+        kernel.send(Opcode.WRITE, body, unique=300)  # waits in the job thread
+        await getattr_chain(kernel, 301, 20)
+        assert len(sleeps) >= 20
+        fs.jobs_may_finish.set()
+        assert (await kernel.reply())[:2] == (300, 0)
+
+        await getattr_chain(kernel, 400, 5)
+        sleeps.clear()
+        working, done = trio.Event(), threading.Event()
+        async with trio.open_nursery() as nursery:
+            async def in_a_worker():
+                working.set()
+                await in_thread(done.wait, 5)
+
+            nursery.start_soon(in_a_worker)
+            await working.wait()
+            await getattr_chain(kernel, 500, 20)
+            done.set()
+        assert len(sleeps) >= 20
+
+
+async def test_resident_threads_do_not_count_as_working():
+    assert not threads_working()
+    started, stop = trio.Event(), threading.Event()
+    async with trio.open_nursery() as nursery:
+        async def resident():
+            started.set()
+            await in_thread(stop.wait, 5, resident=True)
+
+        nursery.start_soon(resident)
+        await started.wait()
+        await trio.sleep(0.01)
+        assert not threads_working()
+        assert await in_thread(threads_working) is True  # counted while it runs
+        stop.set()
+    assert not threads_working()
