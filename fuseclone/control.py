@@ -123,9 +123,20 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
-def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> None:
-    """What the mount of META, as it stops, leaves `unmount` to report (read once META is let
-    go, when the mount cannot be asked any more): the cached writes it lost (SUMMARY), if any."""
+@dataclass(frozen=True)
+class LostWritesReport:
+    """What a mount lost of the cached writes the kernel had acknowledged (fuse.fs.LostWrites)."""
+
+    bytes: int
+    ranges: int
+    summary: str
+
+
+def record_lost_writes(meta_path: str, clone: bytes, lost_bytes: int, ranges: int,
+                       summary: str | None) -> None:
+    """What the mount of META (the clone whose uuid is CLONE), as it stops, leaves `unmount` to
+    report (read once META is let go, when the mount cannot be asked any more): the cached
+    writes it lost (SUMMARY), if any."""
     path = _runtime_file(meta_path, ".lost")
     if summary is None:
         with contextlib.suppress(FileNotFoundError):
@@ -133,22 +144,31 @@ def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> 
         return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"bytes": lost_bytes, "summary": summary}, f)
+        json.dump({"clone": clone.hex(), "bytes": lost_bytes, "ranges": ranges,
+                   "summary": summary}, f)
     os.replace(tmp, path)
 
 
-def lost_writes(meta_path: str) -> tuple[int, str] | None:
-    """(bytes, summary) of the cached writes the last mount of META lost, as it recorded them
-    (record_lost_writes); None when it lost none."""
+def lost_writes(meta_path: str, clone: bytes | None) -> LostWritesReport | None:
+    """What the last mount of META lost of its cached writes, as it recorded them
+    (record_lost_writes); None when it lost none. The report is named by META's identity, which
+    a new META may take over from a deleted one (its inode reused): a report of another clone
+    than CLONE (META's uuid; None: not known, any report is taken) is not this one's. A daemon
+    of an earlier release (the package upgraded under its mount) named neither the clone nor
+    the ranges: its report is taken, its ranges 0."""
     try:
         with open(_runtime_file(meta_path, ".lost")) as f:
             doc = json.load(f)
-        lost_bytes, summary = doc["bytes"], doc["summary"]
-    except (OSError, ValueError, TypeError, KeyError):
+        report = LostWritesReport(doc["bytes"], doc.get("ranges", 0), doc["summary"])
+        reported_clone = doc.get("clone")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # the last: not an object
         return None
-    if not isinstance(lost_bytes, int) or not isinstance(summary, str):
+    if clone is not None and reported_clone is not None and reported_clone != clone.hex():
         return None
-    return lost_bytes, summary
+    if not all(isinstance(value, int) for value in (report.bytes, report.ranges)) \
+            or not isinstance(report.summary, str):
+        return None
+    return report
 
 
 def earlier_socket_path(meta_path: str) -> str:
