@@ -853,7 +853,10 @@ def _list_row(clone) -> tuple[str, ...]:
     doc, st = clone.to_json(), clone.status
     progress = f"{st.fraction:.1%}" if st else "-"
     rate = f"{human_bytes(st.bytes_per_second)}/s" if st and st.live else "-"
-    return (doc["mountpoint"], doc["image"] or "-", doc["source"] or "-",
+    mountpoint = doc["mountpoint"]
+    if clone.other_namespace:  # where `nsenter -t PID -m fuseclone unmount` reaches it
+        mountpoint += f" (mount namespace of pid {st.pid})"
+    return (mountpoint, doc["image"] or "-", doc["source"] or "-",
             doc["destination"] or "-", doc["metadata"], progress, rate, doc["state"])
 
 

@@ -336,9 +336,9 @@ def cleanup_stale_mount(path: str) -> bool:
 class NotAnswering(FusecloneError):
     """The mount's daemon accepted the connection but did not answer in time."""
 
-    def __init__(self, meta_path: str, pid: int | None) -> None:
+    def __init__(self, mount: str, pid: int | None) -> None:
         self.pid = pid
-        super().__init__(f"the mount of {meta_path} does not answer ({why_not_answering(pid)})")
+        super().__init__(f"{mount} does not answer ({why_not_answering(pid)})")
 
 
 def why_not_answering(pid: int | None) -> str:
@@ -388,19 +388,40 @@ def _thread_states(pid: int) -> list[tuple[str, str]]:
 def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
     """Send one request to the mount of META and return its answer within TIMEOUT seconds
     (connecting, sending and receiving); None when no mount is listening."""
+    # A daemon of an earlier release (the package upgraded while it stays mounted) listens at
+    # the earlier name.
+    return _request_at((socket_path(meta_path), earlier_socket_path(meta_path)), req, timeout,
+                       f"the mount of {meta_path}")
+
+
+def request_at(path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
+    """`request` to the mount listening at the control socket PATH (one of `control_sockets`)."""
+    return _request_at((path,), req, timeout, f"the mount at {path}")
+
+
+def control_sockets() -> list[str]:
+    """The control sockets in the runtime directory: every live mount of this user's has one,
+    in whichever mount namespace it was made (and a killed daemon leaves its own)."""
+    try:
+        names = os.listdir(RUNTIME_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(os.path.join(RUNTIME_DIR, name) for name in names if name.endswith(".sock"))
+
+
+def _request_at(paths: tuple[str, ...], req: dict, timeout: float, mount: str) -> dict | None:
+    """Send REQ to the mount listening at the first of PATHS that one listens at (MOUNT says
+    which mount, for a NotAnswering)."""
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            # A daemon of an earlier release (the package upgraded while it stays mounted)
-            # listens at the earlier name.
-            if not (_connect(sock, socket_path(meta_path), deadline)
-                    or _connect(sock, earlier_socket_path(meta_path), deadline)):
+            if not any(_connect(sock, path, deadline) for path in paths):
                 return None
             sock.settimeout(_remaining(deadline))
             sock.sendall(json.dumps(req).encode() + b"\n")
             data = _receive_line(sock, deadline)
         except TimeoutError:
-            raise NotAnswering(meta_path, _peer_pid(sock)) from None
+            raise NotAnswering(mount, _peer_pid(sock)) from None
         except (ConnectionResetError, BrokenPipeError):  # the mount closed while we waited
             data = b""
         if not data:
