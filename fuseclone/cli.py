@@ -518,8 +518,10 @@ def _lost_writes_fields(meta_path: str, clone: bytes) -> dict:
     """What the last mount of META (the clone whose uuid is CLONE) recorded of the cached
     writes it lost, as status fields."""
     lost = control.lost_writes(meta_path, clone)
-    return {} if lost is None else {"lost_write_bytes": lost.bytes, "lost_write_ranges": lost.ranges,
-                                    "lost_writes": lost.summary}
+    if lost is None:
+        return {}
+    return {"lost_write_bytes": lost.bytes, "lost_write_ranges": lost.ranges,
+            "lost_writes": lost.summary}
 
 
 def _existing(path: str) -> str | None:

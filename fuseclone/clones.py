@@ -108,8 +108,10 @@ def _in_other_namespaces(clones: list[LiveClone], elsewhere: list[_Elsewhere]) -
 def _in_another_mount_namespace(pid: int | None) -> bool:
     """Whether process PID (as this process sees it) is in another mount namespace than this
     one; False if that cannot be told (it is gone)."""
+    if pid is None:
+        return False
     try:
-        return pid is not None and os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        return os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     except OSError:
         return False
 
