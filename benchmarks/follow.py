@@ -217,6 +217,7 @@ def traces_supported() -> bool:
 
 def _startup(bench, ext4, img, names, start) -> None:
     trace = bench.path("r9-startup.trace")
+    remove(trace)  # the last repetition's: a trace is never recorded over
     traces = traces_supported()
 
     def clone_of(options, tag):
@@ -247,6 +248,7 @@ def _latency(bench, nbd, lat) -> None:
     rng = random.Random(5)
     offsets = [rng.randrange(hot // 4096) * 4096 for _ in range(1500)]
     trace = bench.path("r9-seq.trace")
+    remove(trace)  # the last repetition's: a trace is never recorded over
     traces = traces_supported()
     with fresh_clone(bench, nbd.uri, ["--record-access", trace] if traces else [], "r9-lat") as clone:
         run(["dd", f"if={clone.image}", "of=/dev/null", "bs=1M", f"count={hot // MiB}", "iflag=direct",

@@ -511,13 +511,17 @@ def offline_status(meta_path: str) -> Status:
             written_regions=meta.written_regions(), written_bytes=meta.written_bytes(),
             written_unknown=h.written_unknown, hydrated_image_bytes=meta.hydrated_bytes(),
             metadata_used_blocks=used_blocks,
-            metadata_total_blocks=total_blocks, **_lost_writes_fields(meta_path))
+            metadata_total_blocks=total_blocks, **_lost_writes_fields(meta_path, h.uuid))
 
 
-def _lost_writes_fields(meta_path: str) -> dict:
-    """What the last mount of META recorded of the cached writes it lost, as status fields."""
-    lost = control.lost_writes(meta_path)
-    return {} if lost is None else {"lost_write_bytes": lost[0], "lost_writes": lost[1]}
+def _lost_writes_fields(meta_path: str, clone: bytes) -> dict:
+    """What the last mount of META (the clone whose uuid is CLONE) recorded of the cached
+    writes it lost, as status fields."""
+    lost = control.lost_writes(meta_path, clone)
+    if lost is None:
+        return {}
+    return {"lost_write_bytes": lost.bytes, "lost_write_ranges": lost.ranges,
+            "lost_writes": lost.summary}
 
 
 def _existing(path: str) -> str | None:
@@ -683,10 +687,10 @@ def unmount(mountpoint, timeout, lazy) -> None:
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
              f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
              f"{_MAY_BE_LOST}")
-    lost = control.lost_writes(meta)
+    lost = control.lost_writes(meta, _clone_uuid(meta))
     if lost is not None:
         fail(f"{mountpoint}: unmounted, but the mount lost writes the kernel had acknowledged "
-             f"from its cache: {lost[1]} (see {reply.get('log_file') or 'its log'})")
+             f"from its cache: {lost.summary} (see {reply.get('log_file') or 'its log'})")
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)
@@ -728,6 +732,17 @@ def _cleaned_once_gone(mountpoint: str, closed: bool) -> bool:
 
 _MAY_BE_LOST = ("writes not flushed before the unmount may be lost; mount again to resume from "
                 "META")
+
+
+def _clone_uuid(meta: str) -> bytes | None:
+    """The uuid of the clone META holds; None when its header cannot be read (another mount
+    holds META by now, or it is gone)."""
+    from .metadata import Metadata
+
+    try:
+        return Metadata.read_header(meta).uuid
+    except (FusecloneError, OSError):
+        return None
 
 
 def _marked_clean(meta: str) -> bool:
@@ -840,7 +855,10 @@ def _list_row(clone) -> tuple[str, ...]:
     doc, st = clone.to_json(), clone.status
     progress = f"{st.fraction:.1%}" if st else "-"
     rate = f"{human_bytes(st.bytes_per_second)}/s" if st and st.live else "-"
-    return (doc["mountpoint"], doc["image"] or "-", doc["source"] or "-",
+    mountpoint = doc["mountpoint"]
+    if clone.other_namespace:  # where `nsenter -t PID -m fuseclone unmount` reaches it
+        mountpoint += f" (mount namespace of pid {st.pid})"
+    return (mountpoint, doc["image"] or "-", doc["source"] or "-",
             doc["destination"] or "-", doc["metadata"], progress, rate, doc["state"])
 
 

@@ -1,5 +1,9 @@
 """Every live clone on this machine, for `list` and `metrics`: the fuseclone mounts in the mount
-table, each asked for its status over its control socket, all at once, within one deadline.
+table, each asked for its status over its control socket, all at once, within one deadline; and
+the clones this user mounted in other mount namespaces (`unshare -m`, a service's
+PrivateMounts=, a container sharing the runtime directory), which this mount table does not
+show: found by the control sockets in the runtime directory whose daemons answer from another
+mount namespace.
 
 A stopped or hung daemon costs the deadline once, however many there are, and only its own
 row says so; nothing here looks inside a mountpoint (a stat would wait for its daemon).
@@ -7,6 +11,7 @@ row says so; nothing here looks inside a mountpoint (a stat would wait for its d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +33,8 @@ class LiveClone:
     image: str | None = None
     problem: str | None = None
     another_users: bool = False  # mounted by another user, whose daemon answers only them
+    # mounted in another mount namespace: `mountpoint` and `image` as its daemon sees them
+    other_namespace: bool = False
 
     @property
     def state(self) -> str:
@@ -45,6 +52,7 @@ class LiveClone:
             "total_regions": st.total_regions if st else None,
             "hydration_enabled": st.hydration_enabled if st else None,
             "state": self.state,
+            "other_mount_namespace": self.other_namespace,
         }
 
 
@@ -52,8 +60,60 @@ def live_clones(timeout: float) -> list[LiveClone]:
     """The fuseclone mounts of this machine in mount-table order, each with its status or the
     reason it has none (another user's, not answering, daemon gone); TIMEOUT seconds for all."""
     clones = _in_the_mount_table()
-    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], timeout)
-    return clones
+    elsewhere = [_Elsewhere(path) for path in _sockets_besides(clones)]
+    trio.run(_ask_all, [clone for clone in clones if clone.problem is None], elsewhere, timeout)
+    return clones + _in_other_namespaces(clones, elsewhere)
+
+
+@dataclass
+class _Elsewhere:
+    """A control socket no mount in the table names, and what its daemon answered (if one
+    did): a second name of a table mount's socket, a killed daemon's, or a mount's in another
+    mount namespace."""
+
+    socket: str
+    reply: dict | None = None
+
+
+def _sockets_besides(clones: list[LiveClone]) -> list[str]:
+    """The control sockets in the runtime directory but those of CLONES' METAs."""
+    named = set()
+    for clone in clones:
+        # A META this user cannot stat names no socket: its mount is asked at its socket as
+        # one of the others, and found to be the table's by its daemon.
+        if not clone.another_users:
+            with contextlib.suppress(OSError):
+                named.update((control.socket_path(clone.metadata),
+                              control.earlier_socket_path(clone.metadata)))
+    return [path for path in control.control_sockets() if path not in named]
+
+
+def _in_other_namespaces(clones: list[LiveClone], elsewhere: list[_Elsewhere]) -> list[LiveClone]:
+    """The live clones that answered at sockets of their own from another mount namespace, once
+    each (a mount's socket may have two names), none that the table has (by daemon)."""
+    seen = {clone.status.pid for clone in clones if clone.status is not None}
+    found = []
+    for other in elsewhere:
+        if other.reply is None or not other.reply.get("ok"):
+            continue
+        status = Status.from_reply(other.reply)
+        if status.pid in seen or not _in_another_mount_namespace(status.pid):
+            continue
+        seen.add(status.pid)
+        found.append(LiveClone(status.mountpoint or "?", status.metadata, status,
+                               image=status.image, other_namespace=True))
+    return found
+
+
+def _in_another_mount_namespace(pid: int | None) -> bool:
+    """Whether process PID (as this process sees it) is in another mount namespace than this
+    one; False if that cannot be told (it is gone)."""
+    if pid is None:
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
 
 
 def _in_the_mount_table() -> list[LiveClone]:
@@ -107,10 +167,21 @@ def _same_file(path: str, st: os.stat_result) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-async def _ask_all(clones: list[LiveClone], timeout: float) -> None:
+async def _ask_all(clones: list[LiveClone], elsewhere: list[_Elsewhere], timeout: float) -> None:
     async with trio.open_nursery() as nursery:
         for clone in clones:
             nursery.start_soon(_ask, clone, timeout)
+        for other in elsewhere:
+            nursery.start_soon(_ask_elsewhere, other, timeout)
+
+
+async def _ask_elsewhere(other: _Elsewhere, timeout: float) -> None:
+    """Fill in OTHER's reply; a socket nobody answers at in time says nothing of whose it is."""
+    try:
+        other.reply = await trio.to_thread.run_sync(control.request_at, other.socket,
+                                                    {"op": "status"}, timeout)
+    except (FusecloneError, ValueError):  # the last: not a reply (not our daemon's socket)
+        other.reply = None
 
 
 async def _ask(clone: LiveClone, timeout: float) -> None:

@@ -123,9 +123,20 @@ def socket_path(meta_path: str) -> str:
     return _runtime_file(meta_path, ".sock")
 
 
-def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> None:
-    """What the mount of META, as it stops, leaves `unmount` to report (read once META is let
-    go, when the mount cannot be asked any more): the cached writes it lost (SUMMARY), if any."""
+@dataclass(frozen=True)
+class LostWritesReport:
+    """What a mount lost of the cached writes the kernel had acknowledged (fuse.fs.LostWrites)."""
+
+    bytes: int
+    ranges: int
+    summary: str
+
+
+def record_lost_writes(meta_path: str, clone: bytes, lost_bytes: int, ranges: int,
+                       summary: str | None) -> None:
+    """What the mount of META (the clone whose uuid is CLONE), as it stops, leaves `unmount` to
+    report (read once META is let go, when the mount cannot be asked any more): the cached
+    writes it lost (SUMMARY), if any."""
     path = _runtime_file(meta_path, ".lost")
     if summary is None:
         with contextlib.suppress(FileNotFoundError):
@@ -133,22 +144,31 @@ def record_lost_writes(meta_path: str, lost_bytes: int, summary: str | None) -> 
         return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"bytes": lost_bytes, "summary": summary}, f)
+        json.dump({"clone": clone.hex(), "bytes": lost_bytes, "ranges": ranges,
+                   "summary": summary}, f)
     os.replace(tmp, path)
 
 
-def lost_writes(meta_path: str) -> tuple[int, str] | None:
-    """(bytes, summary) of the cached writes the last mount of META lost, as it recorded them
-    (record_lost_writes); None when it lost none."""
+def lost_writes(meta_path: str, clone: bytes | None) -> LostWritesReport | None:
+    """What the last mount of META lost of its cached writes, as it recorded them
+    (record_lost_writes); None when it lost none. The report is named by META's identity, which
+    a new META may take over from a deleted one (its inode reused): a report of another clone
+    than CLONE (META's uuid; None: not known, any report is taken) is not this one's. A daemon
+    of an earlier release (the package upgraded under its mount) named neither the clone nor
+    the ranges: its report is taken, its ranges 0."""
     try:
         with open(_runtime_file(meta_path, ".lost")) as f:
             doc = json.load(f)
-        lost_bytes, summary = doc["bytes"], doc["summary"]
-    except (OSError, ValueError, TypeError, KeyError):
+        report = LostWritesReport(doc["bytes"], doc.get("ranges", 0), doc["summary"])
+        reported_clone = doc.get("clone")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # the last: not an object
         return None
-    if not isinstance(lost_bytes, int) or not isinstance(summary, str):
+    if clone is not None and reported_clone is not None and reported_clone != clone.hex():
         return None
-    return lost_bytes, summary
+    if not all(isinstance(value, int) for value in (report.bytes, report.ranges)) \
+            or not isinstance(report.summary, str):
+        return None
+    return report
 
 
 def earlier_socket_path(meta_path: str) -> str:
@@ -316,9 +336,9 @@ def cleanup_stale_mount(path: str) -> bool:
 class NotAnswering(FusecloneError):
     """The mount's daemon accepted the connection but did not answer in time."""
 
-    def __init__(self, meta_path: str, pid: int | None) -> None:
+    def __init__(self, mount: str, pid: int | None) -> None:
         self.pid = pid
-        super().__init__(f"the mount of {meta_path} does not answer ({why_not_answering(pid)})")
+        super().__init__(f"{mount} does not answer ({why_not_answering(pid)})")
 
 
 def why_not_answering(pid: int | None) -> str:
@@ -368,19 +388,40 @@ def _thread_states(pid: int) -> list[tuple[str, str]]:
 def request(meta_path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
     """Send one request to the mount of META and return its answer within TIMEOUT seconds
     (connecting, sending and receiving); None when no mount is listening."""
+    # A daemon of an earlier release (the package upgraded while it stays mounted) listens at
+    # the earlier name.
+    return _request_at((socket_path(meta_path), earlier_socket_path(meta_path)), req, timeout,
+                       f"the mount of {meta_path}")
+
+
+def request_at(path: str, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
+    """`request` to the mount listening at the control socket PATH (one of `control_sockets`)."""
+    return _request_at((path,), req, timeout, f"the mount at {path}")
+
+
+def control_sockets() -> list[str]:
+    """The control sockets in the runtime directory: every live mount of this user's has one,
+    in whichever mount namespace it was made (and a killed daemon leaves its own)."""
+    try:
+        names = os.listdir(RUNTIME_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(os.path.join(RUNTIME_DIR, name) for name in names if name.endswith(".sock"))
+
+
+def _request_at(paths: tuple[str, ...], req: dict, timeout: float, mount: str) -> dict | None:
+    """Send REQ to the mount listening at the first of PATHS that one listens at (MOUNT says
+    which mount, for a NotAnswering)."""
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            # A daemon of an earlier release (the package upgraded while it stays mounted)
-            # listens at the earlier name.
-            if not (_connect(sock, socket_path(meta_path), deadline)
-                    or _connect(sock, earlier_socket_path(meta_path), deadline)):
+            if not any(_connect(sock, path, deadline) for path in paths):
                 return None
             sock.settimeout(_remaining(deadline))
             sock.sendall(json.dumps(req).encode() + b"\n")
             data = _receive_line(sock, deadline)
         except TimeoutError:
-            raise NotAnswering(meta_path, _peer_pid(sock)) from None
+            raise NotAnswering(mount, _peer_pid(sock)) from None
         except (ConnectionResetError, BrokenPipeError):  # the mount closed while we waited
             data = b""
         if not data:

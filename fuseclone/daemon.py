@@ -242,7 +242,7 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                         # Usable first, then hydrating: copies competing for the GIL made the
                         # mount itself ~40-90 ms slower.
                         engine.release_hydration()
-                    _leave_lost_writes_report(opts.metadata, lost)
+                    _leave_lost_writes_report(engine.meta, lost)
                 finally:
                     if notifier is not None and mounted:
                         notifier.stopping()  # before the last commit, which may take a while
@@ -259,10 +259,11 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
         raise FusecloneError(_lost_writes_line(lost.summary()))
 
 
-def _leave_lost_writes_report(meta: str, lost: LostWrites) -> None:
+def _leave_lost_writes_report(meta: Metadata, lost: LostWrites) -> None:
     """For `unmount`, which reads it once META is let go: so before the last commit."""
     try:
-        control.record_lost_writes(meta, lost.bytes, lost.summary() if lost else None)
+        control.record_lost_writes(meta.path, meta.header.uuid, lost.bytes, lost.ranges,
+                                   lost.summary() if lost else None)
     except OSError as exc:
         log.error("cannot leave the report of lost writes for `unmount`: %s", describe(exc))
 
@@ -358,6 +359,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.user_read_bytes = fs.user_read_bytes
         st.user_write_bytes = fs.user_write_bytes
         st.lost_write_bytes = lost.bytes
+        st.lost_write_ranges = lost.ranges
         st.lost_writes = lost.summary() if lost else None
         st.reads_on_ring = fs.reads_on_ring
         st.passthrough = fs.backing_id is not None

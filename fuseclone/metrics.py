@@ -51,6 +51,13 @@ METRICS = (
            lambda st: st.user_read_bytes),
     Metric("fuseclone_user_write_bytes_total", "counter", "Bytes written through the image.",
            lambda st: st.user_write_bytes),
+    Metric("fuseclone_lost_write_bytes_total", "counter",
+           "Bytes of writes the kernel acknowledged from its cache whose write-back failed "
+           "(lost), each counted once.", lambda st: st.lost_write_bytes),
+    # A gauge: a later lost write between two lost ranges joins them into one.
+    Metric("fuseclone_lost_write_ranges", "gauge",
+           "Ranges of the image those lost writes cover, touching ones merged.",
+           lambda st: st.lost_write_ranges),
     Metric("fuseclone_hydration_errors_total", "counter",
            "Hydration copies and copy-on-read stores that failed.", lambda st: st.hydration_errors),
     Metric("fuseclone_written_commits_total", "counter",

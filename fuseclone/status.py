@@ -51,6 +51,7 @@ class Status:
     user_write_bytes: int = 0  # written through the image
     # Writes the kernel had acknowledged from its cache whose write-back failed: lost
     lost_write_bytes: int = 0
+    lost_write_ranges: int = 0  # merged: a write between two lost ranges joins them
     lost_writes: str | None = None  # "N bytes (offset O +L, ...)"
     reads_on_ring: int = 0  # READs answered from an io_uring read of DST (not a thread's)
     # Opens of the image read and write DST without the daemon (--passthrough): the user I/O

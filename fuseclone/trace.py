@@ -160,8 +160,8 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
 def _open_held(path: str) -> int:
     """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
     held, so that a second mount recording to it, or one naming another clone's file, leaves
-    the file as it was; and only when it holds no data or an earlier trace, so that a path
-    mistyped leaves the user's file as it was."""
+    the file as it was; and only when it holds no data, so that neither a path mistyped nor an
+    earlier trace is lost."""
     try:
         fd = open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -169,7 +169,7 @@ def _open_held(path: str) -> int:
     try:
         # A regular file: nothing is held beneath it.
         claims.hold(fd, path, exclusive=True, required=False)
-        _refuse_other_data(fd, path)
+        _refuse_existing_data(fd, path)
         os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)
@@ -177,12 +177,17 @@ def _open_held(path: str) -> int:
     return fd
 
 
-def _refuse_other_data(fd: int, path: str) -> None:
-    """Refuse to record over a file that holds data other than an access trace: a mistyped
-    path names someone's file. An earlier trace is recorded over (how a trace is refreshed)."""
+def _refuse_existing_data(fd: int, path: str) -> None:
+    """Refuse to record over a file that holds data: a mistyped path names someone's file, and
+    an earlier trace is one the user may still need (a remount of a clone that is partly
+    hydrated records fewer reads than its first mount did: recorded over, a good trace became
+    a poor one, or an empty one when a mount failed after emptying it)."""
     start = first_data(fd)
-    if start is None or os.pread(fd, len(MAGIC), 0) == MAGIC.encode():
+    if start is None:
         return
+    if os.pread(fd, len(MAGIC), 0) == MAGIC.encode():
+        raise TraceError(f"{path}: holds an access trace already: recording would overwrite it; "
+                         "name another file, or remove it first")
     raise TraceError(f"{path}: holds data (first at offset {start}) that is not an access trace: "
                      "recording one there would overwrite it; name another file, or remove it")
 

@@ -89,6 +89,12 @@ class LostWrites:
     def __bool__(self) -> bool:
         return bool(self.bytes or self.given_up)
 
+    @property
+    def ranges(self) -> int:
+        """The ranges lost, merged: a write between two of them joins them into one."""
+        with self._lock:
+            return len(self._ranges)
+
     def give_up(self, why: str) -> None:
         """The stop goes on without the writes still cached: how many, the kernel does not say."""
         self.given_up = why

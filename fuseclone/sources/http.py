@@ -269,7 +269,11 @@ class _RedirectGuard:
     copies a request's headers into the next hop, and reads go to where opening was sent):
     a redirect may not lead from https:// to plain http://, and the header file's headers (a
     bearer token, an API key) go only to the server the user named, not to another host (a
-    download redirected to a pre-signed URL, or a server that redirects anywhere)."""
+    download redirected to a pre-signed URL, or a server that redirects anywhere). A signed
+    source's (S3) requests are signed here, each hop over its own URL (SigV4 signs the host
+    and the path: a hop sent with the signature of the first was refused), and never sent to
+    another server: the hop would carry the session token (X-Amz-Security-Token), and a
+    signature for that server in the user's name."""
 
     def __init__(self, named: httpx.URL, description: str, auth: RequestAuth | None) -> None:
         self._named = named
@@ -281,7 +285,17 @@ class _RedirectGuard:
             raise SourceError(f"{self._description}: redirected to a plain http:// URL "
                               f"({describe_spec(str(request.url))}); fuseclone does not give "
                               "up TLS")
-        if self._auth is not None and not _same_server(self._named, request.url):
+        if self._auth is None:
+            return
+        if _same_server(self._named, request.url):
+            await self._auth.sign(request)
+        elif self._auth.signs:
+            raise SourceError(f"{self._description}: redirected to another server "
+                              f"({describe_spec(str(request.url))}); requests signed with the "
+                              "AWS credentials go only to the endpoint configured: if the bucket "
+                              "is in another region, set AWS_REGION to it, or "
+                              "AWS_ENDPOINT_URL_S3 to that server")
+        else:
             self._auth.withhold(request)
 
 
@@ -301,9 +315,9 @@ SignRequest = Callable[[httpx.Request], Awaitable[None]]
 
 class RequestAuth(httpx.Auth):
     """What every request of a source carries: the URL's password as basic auth (`basic`: the
-    Authorization header's value), the header file's headers, then (S3) a signature made last,
-    over the final request. A 401 or 403 answer re-reads the header file; if it changed, the
-    request is sent once more with the new headers."""
+    Authorization header's value), the header file's headers, and (S3) a signature, made last
+    by _RedirectGuard over each request as it is sent (`sign`). A 401 or 403 answer re-reads
+    the header file; if it changed, the request is sent once more with the new headers."""
 
     def __init__(self, header_file: HeaderFile | None = None,
                  sign: SignRequest | None = None, *, basic: str | None = None) -> None:
@@ -332,15 +346,23 @@ class RequestAuth(httpx.Auth):
             for name in self.header_file.headers:
                 request.headers.pop(name, None)
 
+    @property
+    def signs(self) -> bool:
+        """Whether requests are signed (S3 with credentials)."""
+        return self._sign is not None
+
+    async def sign(self, request: httpx.Request) -> None:
+        """Sign `request` as it is about to be sent (a no-op without a signer)."""
+        if self._sign is not None:
+            await self._sign(request)
+
     async def _prepare(self, request: httpx.Request) -> dict[str, str] | None:
-        """Add the headers and the signature; the header file's headers added."""
+        """Add the headers; the header file's headers added."""
         if self._basic is not None:
             request.headers["Authorization"] = self._basic
         headers = self.header_file.headers if self.header_file is not None else None
         if headers is not None:
             request.headers.update(headers)
-        if self._sign is not None:
-            await self._sign(request)
         return headers
 
 

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from fuseclone.trace import read_trace
 from tests.integration.conftest import MiB, fuseclone, sh, sha256
 from tests.integration.test_identity import make_file
 
@@ -200,8 +201,24 @@ def test_an_access_trace_is_not_recorded_over_a_file_holding_other_data(rig, sou
     assert not os.path.exists(rig.meta) and not os.path.exists(rig.dst)
     assert not mounted(rig.mnt)
 
-    trace = str(rig.tmp / "vm.trace")  # an earlier trace is recorded over, as a new one is
-    for _ in range(2):
-        rig.mount("--record-access", trace)
-        fuseclone("unmount", rig.mnt)
-        assert open(trace).read().startswith("fuseclone-access-trace 1\n")
+
+
+def test_an_earlier_access_trace_is_not_recorded_over(rig, source):
+    """A second mount recording to the same trace emptied it: a remount of a clone records
+    only what it still reads from the source (nothing, here), so the user's trace of the first
+    mount was lost. Refused in one line, the trace as it was; an empty file is taken."""
+    trace = str(rig.tmp / "vm.trace")
+    write_at(trace, 0, b"")
+    rig.mount("--record-access", trace, "--no-hydration")  # the read goes to the source
+    with open(rig.image, "rb") as image:
+        image.read(MiB)
+    fuseclone("unmount", rig.mnt)
+    recorded = open(trace).read()
+    assert read_trace(trace).records and read_trace(trace).complete, recorded
+    result = fuseclone("mount", source, rig.dst, rig.meta, rig.mnt, "--record-access", trace,
+                       check=False)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"fuseclone: error: {trace}: holds an access trace already: recording would overwrite "
+        "it; name another file, or remove it first")
+    assert open(trace).read() == recorded
+    assert not mounted(rig.mnt)

@@ -102,7 +102,8 @@ main()
 def test_a_trace_is_complete_once_unmount_returns(rig, slow_source):
     """`fuseclone unmount` returns once the daemon let go of META; the trace was closed after
     that, so right after unmount it had no `end` line (a `--prefetch` of it: refused as
-    incomplete) and was still held (a remount recording it: refused as in use)."""
+    incomplete) and was still held (a remount recording it: refused as in use, where it is
+    refused for the trace it holds)."""
     url, _ = slow_source
     trace = rig.tmp / "start.trace"
     sh(sys.executable, "-c", SLOW_TRACE_CLOSE, "mount", "--no-hydration", "--record-access", trace,
@@ -111,7 +112,9 @@ def test_a_trace_is_complete_once_unmount_returns(rig, slow_source):
     direct_reads(rig.image, [(MiB, 4096)])
     fuseclone("unmount", rig.mnt)
     assert trace.read_text().splitlines()[-1] == "end 1"
-    rig.mount("--no-hydration", "--record-access", trace, src=url)
+    again = fuseclone("mount", "--no-hydration", "--record-access", trace, url, rig.dst, rig.meta,
+                      rig.mnt, check=False)
+    assert again.returncode == 1 and "holds an access trace already" in again.stderr, again.stderr
 
 
 def test_access_trace_round_trip_prefetches_the_next_clone(rig, slow_source):

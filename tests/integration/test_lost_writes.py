@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.integration.conftest import MiB, fuseclone, status_json
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, status_json
+from tests.integration.test_operating import samples_of, scrape
 from tests.integration.test_stopping import (HOLDER, foreground_mount_with_write_back_timeout,
                                              wait_for_line)
 
@@ -112,6 +113,55 @@ def test_a_plain_unmount_after_a_writer_closed_on_a_failed_write_back_says_so(ri
     result = fuseclone("unmount", rig.mnt, check=False)  # ...and so does the unmount
     assert result.returncode == 1, result.stderr
     assert LOST_LINE in result.stderr
+
+
+METRICS_PORT = 45601  # this helper's range
+
+
+def test_lost_cached_writes_are_in_the_metrics(rig, random_source):
+    """Status showed them; `fuseclone metrics` and the --metrics-listen endpoint did not."""
+    rig.mount("--no-hydration", "--region-size", str(REGION),
+              "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")
+    source = FailedSource(rig.src)
+    fd = os.open(rig.image, os.O_RDWR)
+    for offset in (LOST_AT, LOST_AT + 4 * REGION):  # two ranges apart
+        os.pwrite(fd, b"X" * 4096, offset)
+    source.fail()
+    close_failing(fd)
+    mountpoint = os.path.realpath(rig.mnt)
+    for text in (scrape(METRICS_PORT), fuseclone("metrics").stdout):
+        found, types = samples_of(text, mountpoint)
+        assert found.get("fuseclone_lost_write_bytes_total") == 8192, text
+        assert found.get("fuseclone_lost_write_ranges") == 2, text
+        assert types["fuseclone_lost_write_bytes"] == "counter"  # the family drops _total
+        assert types["fuseclone_lost_write_ranges"] == "gauge"
+    assert status_json(rig.mnt)["lost_write_ranges"] == 2
+    assert fuseclone("unmount", rig.mnt, check=False).returncode == 1
+
+
+def test_a_new_meta_in_a_deleted_ones_inode_shows_none_of_its_lost_writes(rig, random_source):
+    """The report of lost writes is named by META's identity: a new clone's META that got the
+    deleted one's inode showed, offline, the lost writes of the clone it replaced, until its
+    first mount ended (here: it was killed)."""
+    rig.meta = os.path.join(rig.ext4("metafs", "16M"), "clone.meta")  # inodes reused in order
+    mount(rig)
+    source = FailedSource(rig.src)
+    fd = cached_page_write(rig.image)
+    source.fail()
+    close_failing(fd)
+    assert fuseclone("unmount", rig.mnt, check=False).returncode == 1
+    assert status_json(rig.meta)["lost_write_bytes"] == 4096
+    source.restore()
+
+    old_inode = os.stat(rig.meta).st_ino
+    os.unlink(rig.meta)
+    os.unlink(rig.dst)
+    mount(rig)  # a new clone
+    assert os.stat(rig.meta).st_ino == old_inode  # what the bug needs: the same identity
+    os.kill(daemon_pid(rig.mnt), signal.SIGKILL)
+    fuseclone("unmount", rig.mnt, check=False)  # cleans the stale mount
+    st = status_json(rig.meta)  # offline
+    assert (st["lost_write_bytes"], st["lost_write_ranges"], st["lost_writes"]) == (0, 0, None)
 
 
 def test_a_sigterm_that_loses_cached_writes_ends_the_daemon_with_exit_status_1(rig,

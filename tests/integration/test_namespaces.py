@@ -2,13 +2,15 @@
 mount namespace (`unshare -m`) takes of it. The FUSE session, and so the daemon, lasts until the
 last of them is unmounted."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 
 from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
-from tests.integration.test_operating import real
+from tests.integration.test_operating import real, samples_of
 from tests.integration.test_stopping import wait_gone
 
 
@@ -74,6 +76,33 @@ def test_unmount_refuses_while_another_mount_namespace_holds_a_copy(rig, random_
     fuseclone("unmount", rig.mnt)
     assert not mounted(rig.mnt)
     assert status_json(rig.meta)["clean"]
+
+
+def test_list_and_metrics_show_a_clone_mounted_in_another_mount_namespace(rig, random_source):
+    """`unshare -m fuseclone mount ...` (a service's PrivateMounts=): the mount is in that
+    namespace's table alone, and `list` (every live clone on this machine) left it out."""
+    sh("unshare", "-m", "--propagation", "private", sys.executable, "-m", "fuseclone", "mount",
+       rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration")
+    pid = daemon_pid(rig.meta)
+    rig.stack.callback(_stop_if_alive, pid)
+    assert not mounted(rig.mnt)  # not in this mount table
+    [listed] = [c for c in json.loads(fuseclone("list", "--json").stdout)
+                if c["metadata"] == rig.meta]
+    assert (listed["mountpoint"], listed["image"], listed["state"], listed["other_mount_namespace"]) \
+        == (real(rig.mnt), rig.image, "idle", True)
+    [row] = [line for line in fuseclone("list").stdout.splitlines() if rig.meta in line]
+    assert row.startswith(f"{real(rig.mnt)} (mount namespace of pid {pid}) ")
+    found, _ = samples_of(fuseclone("metrics").stdout, real(rig.mnt))
+    assert found["fuseclone_up"] == 1 and found["fuseclone_regions"] == 32 * MiB // 4096
+
+    sh("nsenter", "-t", str(pid), "-m", sys.executable, "-m", "fuseclone", "unmount", rig.mnt)
+    assert [c for c in json.loads(fuseclone("list", "--json").stdout)
+            if c["metadata"] == rig.meta] == []
+
+
+def _stop_if_alive(pid):
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)  # a clean stop, in whatever namespace
 
 
 def test_a_stop_detaches_the_bind_mounts_and_keeps_their_writes(rig, random_source):

@@ -19,7 +19,7 @@ from tests.integration.conftest import MiB, fuseclone, sh, status_json
 from tests.integration.test_control import daemon_pid, second_clone
 
 LIST_KEYS = {"mountpoint", "image", "source", "destination", "metadata", "hydrated_regions",
-             "total_regions", "hydration_enabled", "state"}
+             "total_regions", "hydration_enabled", "state", "other_mount_namespace"}
 
 
 def real(mountpoint):
@@ -52,7 +52,8 @@ def test_list_shows_each_clone_with_its_state(rig, random_source):
     assert set(mine) == LIST_KEYS
     assert mine == {"mountpoint": real(rig.mnt), "image": rig.image, "source": rig.src,
                     "destination": rig.dst, "metadata": rig.meta, "hydrated_regions": 0,
-                    "total_regions": 32 * MiB // 4096, "hydration_enabled": False, "state": "idle"}
+                    "total_regions": 32 * MiB // 4096, "hydration_enabled": False, "state": "idle",
+                    "other_mount_namespace": False}
     assert clones[real(other.mnt)]["state"] == "complete"
     fuseclone("message", rig.mnt, "enable_hydration")
     assert list_json()[real(rig.mnt)]["state"] in ("hydrating", "complete")

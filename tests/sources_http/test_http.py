@@ -537,7 +537,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if self.expired() or self.refused_without_password() or self.redirected_here():
             return
         if self.server.head == "redirect":  # to `server.location`
-            self.send_response(302)
+            self.send_response(self.server.redirect_status)
             self.send_header("Location", self.server.location)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -568,7 +568,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if self.expired() or self.refused_without_password() or self.redirected_here():
             return
         if self.server.head == "redirect":  # a GET is redirected as a HEAD is
-            self.send_response(302)
+            self.send_response(self.server.redirect_status)
             self.send_header("Location", self.server.location)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -628,6 +628,7 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
         self.at_gate, self.gate = threading.Event(), threading.Event()
         self.requests: list[tuple[str, dict]] = []  # (method, headers) of each request
         self.location: str | None = None  # where head "redirect" sends a HEAD (and a GET)
+        self.redirect_status = 302  # how
         self.valid_query: str | None = None  # if set, requests with another query get 403
         self.hung = False  # whether mode "hang-once" has hung its one GET
         self.basic: str | None = None  # if set, requests without this Authorization get 401

@@ -5,10 +5,15 @@ out of META, status, the log and the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
+import http.server
 import json
 import os
 import random
+import threading
+import urllib.parse
 
 import pytest
 
@@ -17,7 +22,7 @@ from fuseclone.sources import open_source
 from fuseclone.sources.base import SourceReadError
 from tests.integration.conftest import (assert_secret_absent, fuseclone, rig,  # noqa: F401
                                         sha256, status_json)
-from tests.sources_http.test_http import Nginx, NGINX, assert_one_line
+from tests.sources_http.test_http import NGINX, Nginx, assert_one_line, serving_scripted
 
 from .conftest import SECRET_KEY
 
@@ -101,6 +106,101 @@ async def test_an_object_replaced_while_open_fails_reads(aws_env, bucket):
         with pytest.raises(SourceReadError) as exc_info:
             await source.read(0, 4096)
     assert "changed" in str(exc_info.value)
+
+
+SESSION_TOKEN = "fc-session-token-Kd93LpQ"  # distinctive: looked for where it must not go
+
+
+async def test_a_redirect_to_another_server_is_refused_sending_it_nothing(aws_env, bucket,
+                                                                          monkeypatch):
+    """A 307 Temporary Redirect (a bucket in another region) was followed with the headers of
+    the request signed for the endpoint: the session token went to the other server."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)
+    with serving_scripted() as (endpoint, endpoint_url), serving_scripted() as (other, other_url):
+        endpoint.head, endpoint.location, endpoint.redirect_status = "redirect", other_url, 307
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint_url.rsplit("/", 1)[0])
+        with pytest.raises(SourceError) as exc_info:
+            async with open_source(f"s3://{bucket}/img"):
+                pass
+        assert other.requests == []
+    assert_one_line(exc_info, f"s3://{bucket}/img: redirected to another server ({other_url})",
+                    "AWS_REGION")
+    [(_, sent)] = endpoint.requests  # the endpoint had the signed request
+    assert sent["X-Amz-Security-Token"] == SESSION_TOKEN and "Authorization" in sent
+
+
+class RedirectingProxy(http.server.ThreadingHTTPServer):
+    """An S3 endpoint in front of SeaweedFS that answers GETs of `moved_from` with a 307 to
+    `moved_to` on itself and hands every other request to SeaweedFS as it came (its Host
+    header too, which the signature covers)."""
+
+    daemon_threads = True
+
+    def __init__(self, store: str, moved_from: str, moved_to: str) -> None:
+        super().__init__(("127.0.0.1", 0), RedirectingHandler)
+        self.store = urllib.parse.urlsplit(store).netloc
+        self.moved_from, self.moved_to = moved_from, moved_to
+        self.paths: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class RedirectingHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.paths.append(self.path)
+        if self.path == self.server.moved_from:
+            self.send_response(307)
+            self.send_header("Location", self.server.url + self.server.moved_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        store = http.client.HTTPConnection(self.server.store, timeout=30)
+        try:
+            store.request("GET", self.path, headers=dict(self.headers))
+            answer = store.getresponse()
+            body = answer.read()
+        finally:
+            store.close()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def redirecting_proxy(store: str, moved_from: str, moved_to: str):
+    proxy = RedirectingProxy(store, moved_from, moved_to)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(5)
+
+
+async def test_a_redirect_on_the_same_server_is_signed_for_its_own_path(aws_env, bucket,
+                                                                        monkeypatch):
+    """The hop went out with the first request's signature, made for another path: refused by
+    the store (SignatureDoesNotMatch), the mount failed as if the credentials were wrong."""
+    data = upload(aws_env, bucket, "moved.raw", seed=5)
+    with redirecting_proxy(aws_env.endpoint, f"/{bucket}/old.raw", f"/{bucket}/moved.raw") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        async with open_source(f"s3://{bucket}/old.raw") as source:
+            assert source.size == SIZE
+            assert await source.read(SIZE - 100, 100) == data[SIZE - 100 :]
+        assert proxy.paths[:2] == [f"/{bucket}/old.raw", f"/{bucket}/moved.raw"]
 
 
 CREDENTIAL_PROCESS = """#!{python}
