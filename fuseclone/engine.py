@@ -816,6 +816,8 @@ class CloneEngine:
 
     async def copy(self, claim: _Claim) -> None:
         """Copy the claimed regions from the source into DST (copier.py), then mark them."""
+        if self.recorder is not None:  # users' reads of them, even waiting for this copy, are
+            self.recorder.fetched_ahead(claim.regions)  # the workload's: as if from the source
         try:
             await self.copier.copy(claim.regions, prefetch=claim.prefetch)
         except BaseException:

@@ -193,10 +193,12 @@ def _refuse_existing_data(fd: int, path: str) -> None:
 
 
 class TraceRecorder:
-    """Appends first reads from the source to a trace file as they happen. The engine calls
-    `source_read` for user reads that went to the source, `fetched_ahead` for readahead's
-    copies, and `read` for user reads of data at hand: the part of those that readahead
-    fetched is recorded then, as read (what readahead fetched and nobody read is not)."""
+    """Appends first reads of the source's data to a trace file as they happen. The engine
+    calls `source_read` for user reads that went to the source, `fetched_ahead` for the copies
+    made before users read them (readahead's, and hydration's and a prefetch's: with hydration
+    on, a fast source's copies often come first, and a trace without them left the next clone
+    little to prefetch), and `read` for user reads of data at hand: the part of those copied
+    ahead is recorded then, as read (what was copied and nobody read is not)."""
 
     BITMAPS = 2  # of one bit per region each, held while recording (the mount's memory check)
 
@@ -224,8 +226,12 @@ class TraceRecorder:
             raise TraceError(f"cannot write the access trace {path}: {exc.strerror}") from None
 
     def fetched_ahead(self, regions: range) -> None:
-        self._ahead_count += self._ahead.count(0, regions.start, regions.stop)
-        self._ahead[regions.start : regions.stop] = 1
+        """REGIONS were copied from the source before users read them: each is recorded when
+        a user first reads it (`read`); those recorded already are left out."""
+        span = slice(regions.start, regions.stop)
+        fresh = ~self._seen[span] & ~self._ahead[span]
+        self._ahead_count += fresh.count()
+        self._ahead[span] |= fresh
 
     def read(self, regions: range) -> None:
         """A user read `regions` of data at hand: record the runs of it readahead fetched."""

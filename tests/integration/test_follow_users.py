@@ -143,6 +143,23 @@ def test_access_trace_round_trip_prefetches_the_next_clone(rig, slow_source):
     assert len(source_reads(log)) == before  # all served from DST
 
 
+def test_reads_of_data_hydration_copied_first_are_recorded(rig):
+    """A fast local source hydrates before the workload reads: those reads belong in the trace
+    all the same (before, it recorded only reads that went to the source: none here)."""
+    with open(rig.src, "wb") as f:
+        f.write(os.urandom(SIZE))
+    trace = rig.tmp / "start.trace"
+    rig.mount("--record-access", trace)
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    ranges = [(5 * MiB, 8192), (MiB, 4096), (12 * MiB + 65536, 65536), (5 * MiB, 4096)]
+    assert direct_reads(rig.image, ranges) == [source_bytes(rig, o, n) for o, n in ranges]
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    lines = trace.read_text().splitlines()
+    assert [tuple(map(int, line.split()[1:])) for line in lines[2:-1]] == ranges[:3]
+    assert lines[-1] == "end 3"
+
+
 @pytest.mark.parametrize("trace_text", [
     "not a trace\n",
     'fuseclone-access-trace 1\n{"image_size": 16777216, "source": {"kind": "nbd"}}\n0.1 0\n',
