@@ -50,8 +50,8 @@ MAX_READS_WITHOUT_WAIT = 16
 # the request's sender waits for it: polling /dev/fuse a little longer first took cold 4 KiB
 # reads at iodepth 1 from 3.0-3.5k to 4.4-5.0k IOPS (docs/benchmark/spin.md). Only after a
 # short gap (as the kernel's haltpoll does: a gap slept through is longer than one polled, by
-# the wakeup, hence the wider bound), and only while no worker thread needs the GIL, which the
-# polling loop would hold most of the time.
+# the wakeup, hence the wider bound), only while no worker thread needs the GIL, which the
+# polling loop would hold most of the time, and only with a CPU to spare (`_cpu_to_spare`).
 SPIN_SECONDS = 200e-6
 SPIN_AFTER_GAPS_UNDER = 1e-3  # seconds: a gap this short, even slept through, turns polling on
 
@@ -189,6 +189,7 @@ class Session:
         self._reads_without_wait = 0
         self._idle_since: float | None = None  # when /dev/fuse was last found empty
         self._spin = False  # whether the last gap between requests was short enough to poll
+        self._polling = False  # whether this gap is polled for
         self._jobs = _JobQueue(threads=1, slots=MAX_QUEUED_JOBS)
         self._parallel_jobs = _JobQueue(threads=PARALLEL_JOB_THREADS, slots=MAX_QUEUED_PARALLEL_JOBS)
         self._waiting_jobs = _JobQueue(threads=WAITING_JOB_THREADS, slots=MAX_QUEUED_WAITING_JOBS)
@@ -248,7 +249,8 @@ class Session:
         now = time.perf_counter()
         if self._idle_since is None:
             self._idle_since = now
-        return (self._spin and now - self._idle_since < SPIN_SECONDS and not threads_working()
+            self._polling = self._spin and _cpu_to_spare()
+        return (self._polling and now - self._idle_since < SPIN_SECONDS and not threads_working()
                 and not any(jobs.busy for jobs in self._job_queues))
 
     async def _wait_for_request(self) -> None:
@@ -603,6 +605,28 @@ class Session:
 
 
 _ANSWERED, _HANDED_OVER = object(), object()
+
+
+_loadavg_fd: int | None = None  # /proc/loadavg, opened once (-1: cannot be read)
+
+
+def _cpu_to_spare() -> bool:
+    """Whether every runnable task of the machine has a CPU now (/proc/loadavg's running
+    count, this thread included): polling then takes CPU from nobody. A CPU-bound client (two
+    busy loops beside fio at iodepth 1) lost work to a loop that polled regardless."""
+    global _loadavg_fd
+    if _loadavg_fd is None:
+        try:
+            _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            _loadavg_fd = -1
+    if _loadavg_fd < 0:
+        return False
+    try:
+        running = int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running <= (os.cpu_count() or 1)
 
 
 class _JobQueue:

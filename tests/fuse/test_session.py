@@ -532,6 +532,7 @@ def widen_polling_bounds(monkeypatch):
     kernel's."""
     monkeypatch.setattr(session_module, "SPIN_SECONDS", 0.05)
     monkeypatch.setattr(session_module, "SPIN_AFTER_GAPS_UNDER", 0.5)
+    monkeypatch.setattr(session_module, "_cpu_to_spare", lambda: True)  # however loaded CI is
 
 
 async def getattr_chain(kernel, first_unique, length):
@@ -595,3 +596,38 @@ async def test_resident_threads_do_not_count_as_working():
         assert await in_thread(threads_working) is True  # counted while it runs
         stop.set()
     assert not threads_working()
+
+
+async def test_no_polling_without_a_cpu_to_spare(session, monkeypatch):
+    """Polling would take CPU from runnable tasks that wait for one (a database's backends)."""
+    kernel, _, _ = session
+    widen_polling_bounds(monkeypatch)
+    with trio.fail_after(10):
+        await getattr_chain(kernel, 200, 5)  # polling is on
+        sleeps = count_sleeps(monkeypatch)
+        monkeypatch.setattr(session_module, "_cpu_to_spare", lambda: False)
+        await getattr_chain(kernel, 300, 20)
+    assert len(sleeps) >= 20
+
+
+@pytest.mark.parametrize("running, spare", [(1, True), (4, True), (5, False)])
+def test_cpu_to_spare_compares_the_running_tasks_with_the_cpus(tmp_path, monkeypatch, running,
+                                                               spare):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.52 0.61 0.70 {running}/345 12345\n")
+    fd = os.open(loadavg, os.O_RDONLY)
+    try:
+        monkeypatch.setattr(session_module, "_loadavg_fd", fd)
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        assert session_module._cpu_to_spare() is spare
+    finally:
+        os.close(fd)
+
+
+def test_cpu_to_spare_reads_this_machines_running_tasks(monkeypatch):
+    monkeypatch.setattr(session_module, "_loadavg_fd", None)  # opened afresh
+    monkeypatch.setattr(os, "cpu_count", lambda: 1 << 20)
+    try:
+        assert session_module._cpu_to_spare() is True
+    finally:
+        os.close(session_module._loadavg_fd)
