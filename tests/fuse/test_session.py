@@ -552,22 +552,27 @@ async def test_a_chain_of_requests_is_polled_for_not_slept_for(session, monkeypa
     assert len(sleeps) <= 5, f"slept for {len(sleeps)} of 50 requests"
 
 
+async def slept_for_a_chain(kernel, sleeps, first_unique):
+    """How many of 20 chained requests the session slept for (SLEEPS: count_sleeps's list),
+    after a chain of 5 turned polling on."""
+    await getattr_chain(kernel, first_unique, 5)
+    sleeps.clear()
+    await getattr_chain(kernel, first_unique + 5, 20)
+    return len(sleeps)
+
+
 async def test_no_polling_while_a_job_thread_or_a_worker_thread_works(session, monkeypatch):
     """The polling loop would keep the GIL from a thread that needs it."""
     kernel, fs, _ = session
     widen_polling_bounds(monkeypatch)
+    sleeps = count_sleeps(monkeypatch)
     with trio.fail_after(10):
-        await getattr_chain(kernel, 200, 5)  # polling is on
-        sleeps = count_sleeps(monkeypatch)
         body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"j" * 5
         kernel.send(Opcode.WRITE, body, unique=300)  # waits in the job thread
-        await getattr_chain(kernel, 301, 20)
-        assert len(sleeps) >= 20
+        assert await slept_for_a_chain(kernel, sleeps, 301) >= 20
         fs.jobs_may_finish.set()
         assert (await kernel.reply())[:2] == (300, 0)
 
-        await getattr_chain(kernel, 400, 5)
-        sleeps.clear()
         working, done = trio.Event(), threading.Event()
         async with trio.open_nursery() as nursery:
             async def in_a_worker():
@@ -576,9 +581,8 @@ async def test_no_polling_while_a_job_thread_or_a_worker_thread_works(session, m
 
             nursery.start_soon(in_a_worker)
             await working.wait()
-            await getattr_chain(kernel, 500, 20)
+            assert await slept_for_a_chain(kernel, sleeps, 400) >= 20
             done.set()
-        assert len(sleeps) >= 20
 
 
 async def test_resident_threads_do_not_count_as_working():
@@ -602,12 +606,11 @@ async def test_no_polling_without_a_cpu_to_spare(session, monkeypatch):
     """Polling would take CPU from runnable tasks that wait for one (a database's backends)."""
     kernel, _, _ = session
     widen_polling_bounds(monkeypatch)
+    sleeps = count_sleeps(monkeypatch)
     with trio.fail_after(10):
-        await getattr_chain(kernel, 200, 5)  # polling is on
-        sleeps = count_sleeps(monkeypatch)
+        assert await slept_for_a_chain(kernel, sleeps, 200) <= 5  # it polls with one to spare
         monkeypatch.setattr(session_module, "_cpu_to_spare", lambda: False)
-        await getattr_chain(kernel, 300, 20)
-    assert len(sleeps) >= 20
+        assert await slept_for_a_chain(kernel, sleeps, 300) >= 20
 
 
 @pytest.mark.parametrize("running, spare", [(1, True), (4, True), (5, False)])
