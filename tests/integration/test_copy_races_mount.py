@@ -106,7 +106,7 @@ class UserOp(threading.Thread):
 
     def __init__(self, image, kind):
         super().__init__(daemon=True)
-        self.kind, self.error = kind, None
+        self.kind, self.error, self.close_error = kind, None, None
         # Opened here: the thread is to wait in the kernel for its operation, not its OPEN.
         self.fd = os.open(image, os.O_RDWR | os.O_DIRECT)
 
@@ -128,7 +128,10 @@ class UserOp(threading.Thread):
         except OSError as exc:
             self.error = exc.errno
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:  # ENOTCONN: its FLUSH after `unmount --lazy` detached the mount
+                self.close_error = exc.errno
 
     def wait_blocked(self, timeout=30):
         """Until the thread waits in the kernel for the daemon's answer to its WRITE or
