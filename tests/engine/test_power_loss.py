@@ -1,7 +1,8 @@
 """Power loss, simulated: destination writes stay in a volatile cache until fdatasync, and a
 crash throws the cache away. After the crash, every region the metadata calls hydrated must hold
-durable data (invariant 1): flushed writes intact (invariant 3), untouched regions equal to the
-source. SIGKILL cannot test this (the page cache survives a killed process).
+durable data (invariant 1): flushed writes intact (invariant 3) and marked written (`diff`
+lists them), untouched regions equal to the source, and every hydrated region holding user data
+marked written (`check --verify` passes). SIGKILL cannot test this (the page cache survives a killed process).
 
 Besides the main path (buffered writes, discards, flushes that commit), the workload takes the
 ones a database's takes: direct writes, written through to the disk (which keeps them in its
@@ -147,6 +148,9 @@ async def crash_and_check(tmp_path, seed):
         for block in range(IMAGE // BLOCK):
             sl = slice(block * BLOCK, (block + 1) * BLOCK)
             got = await engine.read(block * BLOCK, BLOCK)
+            written = engine.meta.is_written(engine.meta.written_chunks(block * BLOCK, 1)[0])
+            if engine.meta.is_hydrated(block) and got != source_bytes[sl]:  # check --verify
+                assert written, f"seed {seed}: block {block} holds user data but is not marked written"
             if block not in log:
                 assert got == source_bytes[sl], f"seed {seed}: untouched block {block} lost its source data"
                 continue
@@ -154,6 +158,7 @@ async def crash_and_check(tmp_path, seed):
             want = expected(kind, data, source_bytes[sl])
             if flushed:
                 assert got == want, f"seed {seed}: flushed block {block} ({kind}) lost"
+                assert written, f"seed {seed}: flushed block {block} ({kind}) missing from diff"
             else:
                 assert got in (want, source_bytes[sl]), f"seed {seed}: block {block} holds garbage"
     return sum(1 for *_, f in log.values() if f)
