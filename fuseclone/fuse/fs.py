@@ -358,9 +358,9 @@ class ImageFilesystem:
         return codec.DataReply(data)
 
     def write_now(self, req: codec.Write) -> QuickAnswer:
-        if (not req.write_flags & abi.FUSE_WRITE_CACHE
-                or req.offset + len(req.data) > self.image.size):
-            # A cached write past the image's end is refused (ENOSPC) as documented, not lost.
+        if not req.write_flags & abi.FUSE_WRITE_CACHE or req.offset >= self.image.size:
+            # A cached write past the image's end is refused (ENOSPC) as documented, not lost;
+            # one across the end (write-back coalesces pages) is lost if its part inside is.
             return self._write_now(req)
         try:
             answer = self._write_now(req)
@@ -377,6 +377,8 @@ class ImageFilesystem:
     def _noting_loss(self, job: Callable[[], codec.Reply], req: codec.Write) -> codec.Reply:
         try:
             return job()
+        except _PastTheEnd:
+            raise
         except OSError as exc:
             self._lost(req, exc)
             raise
@@ -384,6 +386,8 @@ class ImageFilesystem:
     async def _noting_loss_of_task(self, answer: Callable, req: codec.Write) -> codec.Reply:
         try:
             return await answer()
+        except _PastTheEnd:  # the part inside was stored
+            raise
         except OSError as exc:
             self._lost(req, exc)
             raise
@@ -392,7 +396,8 @@ class ImageFilesystem:
             raise
 
     def _lost(self, req: codec.Write, exc: OSError) -> None:
-        self.lost_writes.add(req.offset, len(req.data), exc)
+        """The write's part inside the image is lost (past the end nothing is stored anyway)."""
+        self.lost_writes.add(req.offset, min(len(req.data), self.image.size - req.offset), exc)
 
     def _write_now(self, req: codec.Write) -> QuickAnswer:
         direct = self._direct_write(req)
@@ -519,7 +524,7 @@ class ImageFilesystem:
         self.user_write_bytes += len(data)
         if len(data) < len(req.data) and req.write_flags & abi.FUSE_WRITE_CACHE:
             # Writeback ignores a short count: the part past the end would be dropped silently.
-            raise OSError(errno.ENOSPC, "write past the end of the image")
+            raise _PastTheEnd(errno.ENOSPC, "write past the end of the image")
         return codec.WriteReply(len(data))
 
     def fsync_now(self, req: codec.Fsync) -> QuickAnswer:
@@ -583,6 +588,11 @@ def _call_then(call: Callable[[], None], reply: codec.Reply) -> codec.Reply:
     """A handed-over job: the blocking call, then the reply it earns."""
     call()
     return reply
+
+
+class _PastTheEnd(OSError):
+    """ENOSPC for the part of a cached write past the image's end, once its part inside is
+    stored: refused as documented, not a lost write."""
 
 
 def _synchronous(req: codec.Write) -> bool:

@@ -255,3 +255,42 @@ async def test_a_write_through_buffered_write_is_not_invalidated():
     buffered = await fs.open(open_req(os.O_RDWR))
     quick = fs.quick_handlers()[codec.Write]
     assert quick(write_req(os.O_RDWR, fh=buffered.fh)) == codec.WriteReply(4096)
+
+
+class FailingImage(Image):
+    """Every store fails, as a partial write to an unhydrated region whose source read fails."""
+
+    size = 8192
+
+    def write_now(self, offset, data, *, direct=False):
+        return Continue(lambda: self.write(offset, data, direct=direct))
+
+    async def write(self, offset, data, *, direct=False):
+        raise OSError(errno.EIO, "the source failed")
+
+
+@pytest.mark.trio
+async def test_a_cached_write_across_the_end_whose_part_inside_fails_is_counted_lost():
+    """The kernel's write-back of a cache that grew past the image's end may send one WRITE
+    across it (pages coalesced): its part past the end is refused (ENOSPC, not lost), but its
+    part inside was acknowledged like any cached write, and is lost if storing it fails."""
+    fs = ImageFilesystem(FailingImage(None), write_cache=True)
+    req = codec.Write(1, IMAGE, 0, 0, 0, 1, 4096, memoryview(b"w" * 8192), abi.FUSE_WRITE_CACHE, os.O_RDWR)
+    answer = fs.quick_handlers()[codec.Write](req)
+    with pytest.raises(OSError) as failed:
+        await answer.answer()
+    assert failed.value.errno == errno.EIO
+    assert fs.lost_writes.bytes == 4096  # the part inside, not the part refused past the end
+
+
+@pytest.mark.trio
+async def test_a_cached_write_across_the_end_stored_inside_is_refused_not_lost():
+    image = Image(None)
+    image.size = 8192
+    fs = ImageFilesystem(image, write_cache=True)
+    req = codec.Write(1, IMAGE, 0, 0, 0, 1, 4096, memoryview(b"w" * 8192), abi.FUSE_WRITE_CACHE, os.O_RDWR)
+    answer = fs.quick_handlers()[codec.Write](req)
+    with pytest.raises(OSError) as failed:
+        await answer.answer()
+    assert failed.value.errno == errno.ENOSPC
+    assert image.writes == [(4096, b"w" * 4096, False)] and not fs.lost_writes
