@@ -205,9 +205,6 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
     image = image_path(opts.mountpoint, opts.name)
     prefetch = _read_prefetch_trace(opts)
     real_mountpoint = os.path.realpath(opts.mountpoint)  # as the mount table will have it
-    new_meta = not Metadata.exists(opts.metadata)
-    new_dst = not os.path.exists(opts.destination)
-    new_trace = opts.record_access is not None and not os.path.exists(opts.record_access)
     notifier = _systemd_notifier(opts)
     # A resumed clone mounts even while its source is down: META knows the image's size.
     recorded = recorded_source(opts.metadata)
@@ -215,6 +212,11 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                                     http_header_file=opts.http_header_file) as source:
         if prefetch is not None:
             check_trace_source(prefetch, opts.prefetch, source)
+        # Looked at right before open_clone, not before the source answered (which may take
+        # long): META and DST another mount created meanwhile are a clone this mount resumes,
+        # which its failure must not remove.
+        new_meta = not Metadata.exists(opts.metadata)
+        new_dst = not os.path.exists(opts.destination)
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings,
                             other_bitmaps=TraceRecorder.BITMAPS if opts.record_access else 0,
@@ -228,7 +230,8 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             # Held inside META's hold, like the log: `fuseclone unmount` returns once META is
             # let go, and the trace must be complete (its `end` line) and free by then.
             async with running(engine, hold_hydration=True), \
-                    _recording_access(engine, opts.record_access), _holding_the_log():
+                    _recording_access(engine, opts.record_access, lambda: mounted), \
+                    _holding_the_log():
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image,
@@ -251,9 +254,6 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 notifier.close()
             if not mounted:
                 _remove_created(opts, new_meta, new_dst)
-                # A regular file: not a FIFO put in its place, which the recorder refused.
-                if new_trace and os.path.isfile(opts.record_access):
-                    os.unlink(opts.record_access)
     if lost:  # the daemon's exit status says so too (a foreground mount, a service)
         log.error("%s", _lost_writes_line(lost.summary()))
         raise FusecloneError(_lost_writes_line(lost.summary()))
@@ -310,9 +310,11 @@ async def _holding_the_log() -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _recording_access(engine: CloneEngine, path: str | None) -> AsyncIterator[None]:
+async def _recording_access(engine: CloneEngine, path: str | None,
+                            mounted: Callable[[], bool]) -> AsyncIterator[None]:
     """Record the access trace at PATH (if any) while the mount runs; it is complete (ends
-    with its `end` line) once the mount stopped."""
+    with its `end` line) once the mount stopped. If it never was `mounted`, the file is left
+    as it was (`TraceRecorder.discard`)."""
     if path is None:
         yield
         return
@@ -322,7 +324,10 @@ async def _recording_access(engine: CloneEngine, path: str | None) -> AsyncItera
         yield
     finally:
         engine.recorder = None
-        recorder.close()
+        if mounted():
+            recorder.close()
+        else:
+            recorder.discard()
 
 
 def _systemd_notifier(opts: MountOptions):

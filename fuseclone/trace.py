@@ -37,7 +37,7 @@ from typing import Callable
 from bitarray import bitarray
 
 from . import claims
-from .blockio import first_data, open_regular_file, read_regular_text
+from .blockio import first_data, open_regular_file, read_regular_text, still_named
 from .errors import FusecloneError
 from .regions import Geometry
 from .sources import describe_identity
@@ -157,13 +157,18 @@ def check_trace_source(trace: AccessTrace, path: str, source) -> None:
                          f"({describe_identity(trace.source)}), not of {source.description}")
 
 
-def _open_held(path: str) -> int:
-    """The trace file, emptied, and held (claims.py) while it is recorded: emptied only once
-    held, so that a second mount recording to it, or one naming another clone's file, leaves
-    the file as it was; and only when it holds no data, so that neither a path mistyped nor an
-    earlier trace is lost."""
+def _open_held(path: str) -> tuple[int, bool]:
+    """The trace file, emptied, and held (claims.py) while it is recorded, and whether this
+    call created it: emptied only once held, so that a second mount recording to it, or one
+    naming another clone's file, leaves the file as it was; and only when it holds no data, so
+    that neither a path mistyped nor an earlier trace is lost."""
     try:
-        fd = open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            created = True
+        except FileExistsError:
+            fd = open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            created = False
     except OSError as exc:
         raise TraceError(f"cannot write the access trace {path}: {exc.strerror}") from None
     try:
@@ -174,7 +179,7 @@ def _open_held(path: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, created
 
 
 def _refuse_existing_data(fd: int, path: str) -> None:
@@ -214,7 +219,7 @@ class TraceRecorder:
         self._ahead.setall(0)
         self._ahead_count = 0  # bits set in _ahead: most reads then cost one comparison
         self.records = 0
-        self._fd = _open_held(path)
+        self._fd, self._created = _open_held(path)
         self._length = 0  # bytes of whole lines in the file
         self._failure: str | None = None  # why recording stopped (a write failed)
         header = json.dumps({"image_size": geometry.image_size, "source": source_identity},
@@ -267,6 +272,25 @@ class TraceRecorder:
             return
         try:
             self._write(f"end {self.records}\n")
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """The mount failed: leave the file as it was before, removed if this recorder created
+        it, else empty (it held no data), then close. Only while PATH still names it: a
+        recorder that was refused never got here, so another mount's trace is never touched."""
+        if self._fd < 0:
+            return
+        try:
+            if still_named(self._fd, self.path):
+                if self._created:
+                    os.unlink(self.path)
+                else:
+                    os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            log.error("access trace %s: cannot remove what this failed mount recorded: %s",
+                      self.path, exc.strerror or exc)
         finally:
             os.close(self._fd)
             self._fd = -1

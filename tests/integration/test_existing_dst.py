@@ -3,8 +3,13 @@ another disk's file, a previous copy) is refused unless `--overwrite-dst` is giv
 exit 1, nothing created, DST untouched. A DST without data (sparse, truncated, fallocated; a
 block device without a signature) is taken, and a resumed clone's DST is never looked at."""
 
+import http.server
 import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -222,3 +227,87 @@ def test_an_earlier_access_trace_is_not_recorded_over(rig, source):
         "it; name another file, or remove it first")
     assert open(trace).read() == recorded
     assert not mounted(rig.mnt)
+
+
+class _GatedImageHandler(http.server.BaseHTTPRequestHandler):
+    """A web server for `server.data` whose first HEAD answers only once `server.release` is
+    set (the others at once)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        if not self.server.asked.is_set():
+            self.server.asked.set()
+            self.server.release.wait(60)
+        self._headers(200, len(self.server.data))
+
+    def do_GET(self):
+        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        last = min(last, len(self.server.data) - 1)
+        self._headers(206, last - first + 1, f"bytes {first}-{last}/{len(self.server.data)}")
+        self.wfile.write(self.server.data[first:last + 1])
+
+    def _headers(self, status, length, content_range=None):
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", '"v1"')
+        if content_range:
+            self.send_header("Content-Range", content_range)
+        self.end_headers()
+
+
+def test_a_failed_mount_removes_only_what_it_created(rig):
+    """A mount decided at its start whether it would create META, DST and its trace, and
+    removed them when it failed: one whose source was slow to answer found none of them then;
+    meanwhile another mount created the clone, the user wrote to it, and it recorded a trace.
+    The slow mount resumed that clone, refused to record over that trace, then removed the
+    trace, META and DST: the user's writes and trace were lost."""
+    trace = str(rig.tmp / "vm.trace")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedImageHandler)
+    server.data, server.asked, server.release = os.urandom(SIZE), threading.Event(), threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rig.stack.callback(server.shutdown)
+    rig.stack.callback(server.release.set)
+    url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "fuseclone", "mount", url, rig.dst, rig.meta, rig.mnt,
+         "--record-access", trace],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rig.stack.callback(slow.kill)
+    assert server.asked.wait(60), "the slow mount never asked its source"
+    rig.mount("--record-access", trace, "--no-hydration", src=url)
+    with open(rig.image, "r+b") as image:
+        image.read(MiB)
+        image.write(b"the user's writes")
+    fuseclone("unmount", rig.mnt)
+    recorded = open(trace).read()
+    server.release.set()
+    _, stderr = slow.communicate(timeout=120)
+    assert slow.returncode == 1 and "holds an access trace already" in stderr, stderr
+    assert open(trace).read() == recorded
+    assert not mounted(rig.mnt)
+    rig.mount("--no-hydration", src=url)
+    with open(rig.image, "rb") as image:
+        assert image.read(MiB + 17) == server.data[:MiB] + b"the user's writes"
+
+
+def test_a_failed_mount_leaves_an_empty_trace_empty(rig, source):
+    """An empty file is taken as the trace; a mount that failed after it began recording (its
+    metrics port in use) left its header and `end` line there, and the next mount refused the
+    file as holding a trace already."""
+    trace = str(rig.tmp / "vm.trace")
+    write_at(trace, 0, b"")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 47400))
+        busy.listen()
+        rig.stack.callback(rig._force_unmount, rig.mnt)
+        result = fuseclone("mount", source, rig.dst, rig.meta, rig.mnt, "--record-access", trace,
+                           "--metrics-listen", "127.0.0.1:47400", check=False)
+    assert result.returncode == 1, result.stderr
+    assert open(trace, "rb").read() == b""
+    rig.mount("--record-access", trace)
