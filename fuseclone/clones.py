@@ -72,7 +72,7 @@ class _Elsewhere:
     mount namespace."""
 
     socket: str
-    reply: dict | None = None
+    status: Status | None = None
 
 
 def _sockets_besides(clones: list[LiveClone]) -> list[str]:
@@ -94,10 +94,8 @@ def _in_other_namespaces(clones: list[LiveClone], elsewhere: list[_Elsewhere]) -
     seen = {clone.status.pid for clone in clones if clone.status is not None}
     found = []
     for other in elsewhere:
-        if other.reply is None or not other.reply.get("ok"):
-            continue
-        status = Status.from_reply(other.reply)
-        if status.pid in seen or not _in_another_mount_namespace(status.pid):
+        status = other.status
+        if status is None or status.pid in seen or not _in_another_mount_namespace(status.pid):
             continue
         seen.add(status.pid)
         found.append(LiveClone(status.mountpoint or "?", status.metadata, status,
@@ -176,12 +174,25 @@ async def _ask_all(clones: list[LiveClone], elsewhere: list[_Elsewhere], timeout
 
 
 async def _ask_elsewhere(other: _Elsewhere, timeout: float) -> None:
-    """Fill in OTHER's reply; a socket nobody answers at in time says nothing of whose it is."""
+    """Fill in OTHER's status. A socket nobody answers at in time says nothing of whose it is;
+    nor does one that cannot be reached (a symlink loop: OSError) or answers as no fuseclone
+    daemon does (another program's, in the runtime directory by mistake): passed over."""
     try:
-        other.reply = await trio.to_thread.run_sync(control.request_at, other.socket,
-                                                    {"op": "status"}, timeout)
-    except (FusecloneError, ValueError):  # the last: not a reply (not our daemon's socket)
-        other.reply = None
+        reply = await trio.to_thread.run_sync(control.request_at, other.socket,
+                                              {"op": "status"}, timeout)
+    except (FusecloneError, OSError, ValueError):  # the last: not JSON
+        return
+    other.status = _status_in(reply)
+
+
+def _status_in(reply: object) -> Status | None:
+    """The status in a daemon's reply, None if it holds none."""
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        return None
+    try:
+        return Status.from_reply(reply)
+    except (KeyError, TypeError, ValueError):  # no status, or not one of a fuseclone daemon
+        return None
 
 
 async def _ask(clone: LiveClone, timeout: float) -> None:

@@ -2,6 +2,8 @@
 file they may not use."""
 
 import os
+import socket
+import threading
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +91,37 @@ def test_a_file_the_user_may_not_use_is_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["status", str(meta)])
     assert result.exit_code == 1, result.output
     assert result.output == "fuseclone: error: permission denied: /run/fuseclone/0123.sock\n"
+
+
+@pytest.mark.parametrize("answer", [None, b'[1, 2]\n', b'{"ok": true}\n',
+                                    b'{"ok": true, "status": 5}\n',
+                                    b'{"ok": true, "status": {}}\n', b'\xff\n'])
+@pytest.mark.parametrize("command", ["list", "metrics"])
+def test_list_and_metrics_pass_over_what_is_not_a_mount_s_socket(tmp_path, monkeypatch,
+                                                                   command, answer):
+    """`list` and `metrics` ask every control socket in the runtime directory: one that is a
+    symlink loop (ANSWER None), or whose listener answers what no fuseclone daemon does
+    (another program's), ended them with a traceback, listing no clone."""
+    monkeypatch.setattr(control, "RUNTIME_DIR", str(tmp_path))
+    if answer is None:
+        os.symlink("b.sock", tmp_path / "a.sock")
+        os.symlink("a.sock", tmp_path / "b.sock")
+        result = CliRunner().invoke(main, [command, "--timeout", "5"])
+    else:
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(tmp_path / "other.sock"))
+            listener.listen()
+
+            def answer_once():
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(answer)
+
+            thread = threading.Thread(target=answer_once)
+            thread.start()
+            result = CliRunner().invoke(main, [command, "--timeout", "5"])
+            thread.join(10)
+    assert result.exception is None, result.output
+    assert result.exit_code == 0
+    assert str(tmp_path) not in result.output
