@@ -613,7 +613,9 @@ _loadavg_fd: int | None = None  # /proc/loadavg, opened once (-1: cannot be read
 def _cpu_to_spare() -> bool:
     """Whether every runnable task of the machine has a CPU now (/proc/loadavg's running
     count, this thread included): polling then takes CPU from nobody. A CPU-bound client (two
-    busy loops beside fio at iodepth 1) lost work to a loop that polled regardless."""
+    busy loops beside fio at iodepth 1) lost work to a loop that polled regardless. Counted
+    against the CPUs this process may run on (taskset, a cpuset), not the machine's: pinned
+    to one of two, it polled beside a busy task that wanted that CPU."""
     global _loadavg_fd
     if _loadavg_fd is None:
         try:
@@ -626,7 +628,7 @@ def _cpu_to_spare() -> bool:
         running = int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return False
-    return running <= (os.cpu_count() or 1)
+    return running <= len(os.sched_getaffinity(0))
 
 
 class _JobQueue:

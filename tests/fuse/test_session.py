@@ -613,15 +613,20 @@ async def test_no_polling_without_a_cpu_to_spare(session, monkeypatch):
         assert await slept_for_a_chain(kernel, sleeps, 300) >= 20
 
 
-@pytest.mark.parametrize("running, spare", [(1, True), (4, True), (5, False)])
+@pytest.mark.parametrize("running, ours, spare", [(1, 4, True), (4, 4, True), (5, 4, False),
+                                                 (1, 1, True), (2, 1, False), (3, 2, False)])
 def test_cpu_to_spare_compares_the_running_tasks_with_the_cpus(tmp_path, monkeypatch, running,
-                                                               spare):
+                                                               ours, spare):
+    """Of a machine's 4 CPUs, the daemon may run on OURS (taskset, a cpuset: its affinity
+    mask). Compared with all 4, a daemon pinned to one CPU polled beside a busy task that
+    wanted that CPU."""
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.52 0.61 0.70 {running}/345 12345\n")
     fd = os.open(loadavg, os.O_RDONLY)
     try:
         monkeypatch.setattr(session_module, "_loadavg_fd", fd)
         monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(ours)))
         assert session_module._cpu_to_spare() is spare
     finally:
         os.close(fd)
@@ -629,7 +634,7 @@ def test_cpu_to_spare_compares_the_running_tasks_with_the_cpus(tmp_path, monkeyp
 
 def test_cpu_to_spare_reads_this_machines_running_tasks(monkeypatch):
     monkeypatch.setattr(session_module, "_loadavg_fd", None)  # opened afresh
-    monkeypatch.setattr(os, "cpu_count", lambda: 1 << 20)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(1 << 20)))
     try:
         assert session_module._cpu_to_spare() is True
     finally:
