@@ -621,14 +621,30 @@ def test_cpu_to_spare_compares_the_running_tasks_with_the_cpus(tmp_path, monkeyp
     fd = os.open(loadavg, os.O_RDONLY)
     try:
         monkeypatch.setattr(session_module, "_loadavg_fd", fd)
-        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(session_module, "_cpus", 4)
         assert session_module._cpu_to_spare() is spare
     finally:
         os.close(fd)
 
 
+def test_cpu_to_spare_counts_the_cpus_once(monkeypatch):
+    """os.cpu_count() reads /sys on every call (15 us): not at every gap of a chain."""
+    counted = []
+    monkeypatch.setattr(os, "cpu_count", lambda: counted.append(1) or 4)
+    monkeypatch.setattr(session_module, "_loadavg_fd", None)  # opened afresh
+    monkeypatch.setattr(session_module, "_cpus", 1, raising=False)
+    try:
+        for _ in range(3):
+            session_module._cpu_to_spare()
+        assert len(counted) == 1
+        assert session_module._cpus == 4
+    finally:
+        os.close(session_module._loadavg_fd)
+
+
 def test_cpu_to_spare_reads_this_machines_running_tasks(monkeypatch):
     monkeypatch.setattr(session_module, "_loadavg_fd", None)  # opened afresh
+    monkeypatch.setattr(session_module, "_cpus", 1)
     monkeypatch.setattr(os, "cpu_count", lambda: 1 << 20)
     try:
         assert session_module._cpu_to_spare() is True
