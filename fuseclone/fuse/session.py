@@ -608,6 +608,16 @@ _ANSWERED, _HANDED_OVER = object(), object()
 
 
 _loadavg_fd: int | None = None  # /proc/loadavg, opened once (-1: cannot be read)
+# The CPUs this process may run on (its affinity mask: taskset, a cpuset), counted when that
+# descriptor is opened, not at every gap of a chain of requests: os.cpu_count() opens, reads
+# and closes /sys/devices/system/cpu/online (15 us, as much as the rest of a 4 KiB WRITE's work
+# on the event loop), sched_getaffinity is a syscall (~5 us). A mask changed later (taskset -p
+# of a running daemon) is not seen.
+_cpus = 1
+
+
+def _count_cpus() -> int:
+    return len(os.sched_getaffinity(0)) or 1
 
 
 def _cpu_to_spare() -> bool:
@@ -616,8 +626,9 @@ def _cpu_to_spare() -> bool:
     busy loops beside fio at iodepth 1) lost work to a loop that polled regardless. Counted
     against the CPUs this process may run on (taskset, a cpuset), not the machine's: pinned
     to one of two, it polled beside a busy task that wanted that CPU."""
-    global _loadavg_fd
+    global _loadavg_fd, _cpus
     if _loadavg_fd is None:
+        _cpus = _count_cpus()
         try:
             _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -628,7 +639,7 @@ def _cpu_to_spare() -> bool:
         running = int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return False
-    return running <= len(os.sched_getaffinity(0))
+    return running <= _cpus
 
 
 class _JobQueue:

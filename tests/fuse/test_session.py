@@ -625,11 +625,27 @@ def test_cpu_to_spare_compares_the_running_tasks_with_the_cpus(tmp_path, monkeyp
     fd = os.open(loadavg, os.O_RDONLY)
     try:
         monkeypatch.setattr(session_module, "_loadavg_fd", fd)
-        monkeypatch.setattr(os, "cpu_count", lambda: 4)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(ours)))
+        monkeypatch.setattr(session_module, "_cpus", session_module._count_cpus())
         assert session_module._cpu_to_spare() is spare
     finally:
         os.close(fd)
+
+
+def test_cpu_to_spare_counts_the_cpus_once(monkeypatch):
+    """The affinity mask is a syscall (os.cpu_count() read /sys, 15 us): not at every gap of a
+    chain."""
+    counted = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: counted.append(1) or set(range(4)))
+    monkeypatch.setattr(session_module, "_loadavg_fd", None)  # opened afresh
+    monkeypatch.setattr(session_module, "_cpus", 1, raising=False)
+    try:
+        for _ in range(3):
+            session_module._cpu_to_spare()
+        assert len(counted) == 1
+        assert session_module._cpus == 4
+    finally:
+        os.close(session_module._loadavg_fd)
 
 
 def test_cpu_to_spare_reads_this_machines_running_tasks(monkeypatch):
