@@ -394,11 +394,23 @@ class Session:
         stop."""
         while (item := jobs.queue.get()) is not None:
             unique, blocking, buf = item
+            try:
+                self._send_job_reply(unique, blocking)
+            finally:
+                jobs.slots.release()
+                jobs.done()
+                if buf is not None:
+                    self._give_back(buf)
+
+    def _send_job_reply(self, unique: int, blocking: Blocking) -> None:
+        """A reply the kernel refuses (a bug in it) is logged and answered EIO: raised in a job
+        thread, it ended the whole session, and with it every open of the image."""
+        try:
             self._send(_job_reply(unique, blocking))
-            jobs.slots.release()
-            jobs.done()
-            if buf is not None:
-                self._give_back(buf)
+        except OSError:
+            log.exception("bug: the kernel refused the reply to request %d; answering EIO",
+                          unique)
+            self._send(codec.encode_error(unique, errno.EIO))
 
     def _answer_now(self, req: codec.Request, buf: bytearray | None
                     ) -> "Callable[[], Awaitable[codec.Reply]] | object":
@@ -432,7 +444,7 @@ class Session:
             return self._hand_over_waiting(unique, blocking, buf)
         jobs = self._parallel_jobs if blocking.parallel else self._jobs
         if not jobs.slots.acquire(blocking=False):
-            self._send(_job_reply(unique, blocking))  # the job threads are behind: run it here
+            self._send_job_reply(unique, blocking)  # the job threads are behind: run it here
             return _ANSWERED
         if blocking.parallel:  # its request's data is not needed any more
             jobs.put((unique, blocking, None))
@@ -502,7 +514,7 @@ class Session:
             self._send(codec.encode_reply(unique, codec.DataReply(buffer)))
             return
         if closing:
-            self._send(_job_reply(unique, _read_job(answer)))
+            self._send_job_reply(unique, _read_job(answer))
         else:
             self._hand_over(unique, _read_job(answer), None)
 

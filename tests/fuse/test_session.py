@@ -655,3 +655,26 @@ def test_cpu_to_spare_reads_this_machines_running_tasks(monkeypatch):
         assert session_module._cpu_to_spare() is True
     finally:
         os.close(session_module._loadavg_fd)
+
+
+async def test_a_reply_the_kernel_refuses_from_a_job_thread_is_answered_eio(
+        session, monkeypatch, caplog):
+    """A reply the kernel refused (EINVAL: a bug in its encoding) raised in the job thread and
+    ended the whole session. Now it is logged, the request answered EIO, and the jobs go on."""
+    kernel, fs, _ = session
+    send = Session._send
+
+    def refusing_80(self, parts):
+        length, error, unique = abi.out_header.unpack_from(b"".join(bytes(p) for p in parts))
+        if unique == 80 and not error:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        send(self, parts)
+
+    monkeypatch.setattr(Session, "_send", refusing_80)
+    with trio.fail_after(10):
+        for unique in (80, 81):
+            body = abi.write_in.pack(1, 4 << 20, 5, 0, 0, 0, 0) + b"j" * 5
+            await kernel.send_when_room(Opcode.WRITE, body, unique=unique)
+        answers = dict([(await kernel.reply())[:2] for _ in range(2)])
+    assert answers == {80: errno.EIO, 81: 0}
+    assert "the kernel refused the reply to request 80" in caplog.text
