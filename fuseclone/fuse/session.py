@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from typing import Awaitable, Callable, Mapping, Protocol
@@ -552,8 +553,17 @@ class Session:
         mounts of DEVICE (ours) and drop the device. Only our own mounts: not a filesystem
         mounted over one, nor one mounted at the path after ours was detached behind our
         back."""
+        moved = None
         try:
             moved = mount_path(mount_id) if mount_id is not None else None
+        except Exception:
+            log.exception("reading the mount table failed")
+        if not self._connected():
+            log.debug("%s: the kernel ended the session: nothing of it is left to unmount",
+                      mountpoint)
+            os.close(self.fd)
+            return
+        try:
             if moved is not None and moved != real_mountpoint:  # a directory above it renamed
                 mountpoint = real_mountpoint = moved
             check_clone_on_top(real_mountpoint, mount_id)
@@ -579,17 +589,29 @@ class Session:
         finally:
             os.close(self.fd)
 
-    @staticmethod
-    def _detach_other_places(device: str, mount_id: int | None) -> None:
+    def _connected(self) -> bool:
+        """Whether the kernel still holds this session's filesystem. Once it does not (the last
+        of its mounts was unmounted), the kernel reuses its mount id and device number for the
+        next mounts at once, another clone's perhaps: mount table entries read BEFORE this
+        says True are ours, since the kernel ends the session before it frees those numbers."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not any(events & (select.POLLERR | select.POLLNVAL)
+                       for _, events in poller.poll(0))
+
+    def _detach_other_places(self, device: str, mount_id: int | None) -> None:
         """Detach the bind mounts of ours still in this namespace (a stop while the clone is
         mounted elsewhere too: `unmount --lazy`, SIGTERM): without this session they only
         answer ENOTCONN, and their mount table entries would lead the CLI to META's next
-        mount. Never a filesystem mounted over one of them."""
+        mount. Never a filesystem mounted over one of them, nor another one that got DEVICE's
+        number after ours ended (our own unmount may just have ended it)."""
         try:
             places = places_of(device, mount_id or -1)
         except OSError as exc:  # no descriptor left, say
             log.error("the bind mounts of this clone stay, answering ENOTCONN: %s", exc)
             return
+        if not self._connected():
+            return  # the places read are not ours (the kernel reused DEVICE), or gone
         for place in places:
             if place.mount_id == mount_id:
                 continue  # ours, stuck under a filesystem mounted over it: said above
