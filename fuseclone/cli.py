@@ -647,8 +647,8 @@ def unmount(mountpoint, timeout, lazy) -> None:
         control.refuse_inside_a_mount(mountpoint, "unmount that mountpoint")
         fail(f"{mountpoint}: not a fuseclone mountpoint")
     meta, real = found
-    for loop in [] if lazy else loop_devices_of(real):
-        fail(f"{loop} still uses the image at {mountpoint}: {_how_to_let_go(loop)}")
+    if not lazy:
+        _refuse_while_loop_devices_use(mountpoint, real, min(timeout, LOOP_DETACH_GRACE))
     # A lazy unmount is answered at once (the write-back and detach follow), so a daemon that
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
@@ -756,6 +756,43 @@ def _marked_clean(meta: str) -> bool:
         return True
 
 
+LOOP_DETACH_GRACE = 5.0  # seconds `unmount` waits for loop devices `losetup -d` left detaching
+
+
+def _refuse_while_loop_devices_use(mountpoint: str, real: str, grace: float) -> None:
+    """Refuse while a loop device has the image as its backing file. One that `losetup -d`
+    only marked to detach at its last close, because something else had it open (a udev or
+    blkid probe after a write, say), is waited for GRACE seconds: its user detached it."""
+    deadline = time.monotonic() + grace
+    told = False
+    while loops := loop_devices_of(real):
+        for loop in loops:
+            if not _detaching(loop):
+                fail(f"{loop} still uses the image at {mountpoint}: {_how_to_let_go(loop)}")
+        if time.monotonic() >= deadline:
+            openers = ", ".join(f"{pid} ({name})" for pid, name in _processes_with_open(loops[0]))
+            fail(f"{loops[0]} still uses the image at {mountpoint}: it is detached once closed "
+                 f"(losetup -d), but {openers or 'something'} still has it open: close it first")
+        if not told:
+            click.echo(f"fuseclone: waiting for {', '.join(loops)} to detach (losetup -d): "
+                       "something still has it open", err=True)
+            told = True
+        time.sleep(0.05)
+
+
+def _detaching(loop: str) -> bool:
+    """Whether LOOP detaches by itself once its last opener closes it: marked so (`losetup -d`,
+    or set up with autoclear) and not mounted (then the unmount must come first)."""
+    from .fuse.mount import mountpoints_of
+
+    try:
+        with open(f"/sys/block/{os.path.basename(loop)}/loop/autoclear") as f:
+            autoclear = f.read().strip() == "1"
+    except OSError:  # detached meanwhile: the next look finds it gone
+        return True
+    return autoclear and not mountpoints_of(loop)
+
+
 def _how_to_let_go(loop: str) -> str:
     """What frees LOOP: detaching it, after unmounting its filesystem (`losetup -d` of a mounted
     loop device only marks it to detach once unmounted)."""
@@ -786,6 +823,12 @@ def processes_using(mountpoint: str) -> list[tuple[int, str]]:
     as far as /proc lets this user see."""
     real = os.path.realpath(mountpoint)
     under = real.rstrip("/") + "/"
+    return _processes_with_open(real, under)
+
+
+def _processes_with_open(path: str, under: str | None = None) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes with PATH (or anything UNDER a directory) open or
+    as their cwd, as far as /proc lets this user see."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -793,7 +836,7 @@ def processes_using(mountpoint: str) -> list[tuple[int, str]]:
         try:
             links = [os.readlink(f"/proc/{entry}/cwd")]
             links += [os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")]
-            if any(link == real or link.startswith(under) for link in links):
+            if any(link == path or (under and link.startswith(under)) for link in links):
                 with open(f"/proc/{entry}/comm") as f:
                     found.append((int(entry), f.read().strip()))
         except OSError:  # gone meanwhile, or not ours to look at

@@ -337,13 +337,6 @@ def mount_device(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> str | None
     return found
 
 
-def mount_path(mount_id: int, mountinfo: str = MOUNTINFO) -> str | None:
-    """Where the mount MOUNT_ID is now (a rename of a directory above its mountpoint moves it),
-    as the mount table has it; None once it is not in this namespace's table."""
-    return next((entry.mountpoint for entry in mount_entries(mountinfo)
-                 if entry.mount_id == mount_id), None)
-
-
 def top_mount(real_mountpoint: str, mountinfo: str = MOUNTINFO) -> MountEntry | None:
     """The mount that `real_mountpoint` (a resolved path) reaches now, and umount2 of it would
     unmount: of the mounts stacked there, the one nothing else there is mounted on."""

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from typing import Awaitable, Callable, Mapping, Protocol
@@ -28,8 +29,8 @@ from .. import uring
 from ..threads import in_thread, threads_working
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import (CoveredError, check_clone_on_top, mount_entries, mount_fuse,
-                    mount_path, places_of, set_dirty_limit, top_mount, unmount)
+from .mount import (FSTYPE, CoveredError, MountEntry, check_clone_on_top, mount_entries,
+                    mount_fuse, set_dirty_limit, top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ async def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bo
         task_status.started(mount_id)
         await session.run()
     finally:
-        session.close(mountpoint, real_mountpoint, mount_id, device)
+        session.close(mountpoint, real_mountpoint, mount_id, device, fsname)
 
 
 def negotiate(init: codec.Init, *, writeback_cache: bool = False,
@@ -559,15 +560,20 @@ class Session:
             scope.cancel()
 
     def close(self, mountpoint: str, real_mountpoint: str, mount_id: int | None,
-              device: str | None) -> None:
+              device: str | None, fsname: str) -> None:
         """Unmount (detaching lazily if something still holds the image), detach the bind
-        mounts of DEVICE (ours) and drop the device. Only our own mounts: not a filesystem
-        mounted over one, nor one mounted at the path after ours was detached behind our
-        back."""
+        mounts of DEVICE (ours, mounted as FSNAME) and drop the device. Only our own mounts:
+        not a filesystem mounted over one, nor one mounted at the path after ours was detached
+        behind our back, nor one given our mount id and device number after ours ended."""
         try:
-            moved = mount_path(mount_id) if mount_id is not None else None
-            if moved is not None and moved != real_mountpoint:  # a directory above it renamed
-                mountpoint = real_mountpoint = moved
+            if mount_id is not None and device is not None:
+                ours = self._ours(mount_entries(), device, fsname)
+                here = next((entry for entry in ours if entry.mount_id == mount_id), None)
+                if here is None:
+                    log.debug("%s is not mounted here any more", mountpoint)
+                    return
+                if here.mountpoint != real_mountpoint:  # a directory above it renamed
+                    mountpoint = real_mountpoint = here.mountpoint
             check_clone_on_top(real_mountpoint, mount_id)
             unmount(mountpoint)
         except CoveredError as exc:
@@ -585,20 +591,39 @@ class Session:
                 log.error("%s", exc)
         except Exception:
             log.exception("unmount of %s failed", mountpoint)
-        try:
-            if device is not None:
-                self._detach_other_places(device, mount_id)
         finally:
-            os.close(self.fd)
+            try:
+                if device is not None:
+                    self._detach_other_places(device, mount_id, fsname)
+            finally:
+                os.close(self.fd)
 
-    @staticmethod
-    def _detach_other_places(device: str, mount_id: int | None) -> None:
+    def _ours(self, entries: list[MountEntry], device: str, fsname: str) -> list[MountEntry]:
+        """The mount table ENTRIES (read just before) that mount this session's filesystem.
+        Once the kernel ended the session (the last of its mounts unmounted), it hands its
+        device number and mount id to the next mounts at once, another clone's perhaps: then
+        only those mounted as FSNAME are taken for ours (no other clone mounts our META while
+        we hold it). While the session lives (it ends before the numbers are freed), DEVICE
+        alone is ours; that also finds the mounts left of a connection aborted from outside."""
+        connected = self._connected()
+        return [entry for entry in entries if entry.device == device and entry.fstype == FSTYPE
+                and (connected or entry.source == fsname)]
+
+    def _connected(self) -> bool:
+        """Whether the kernel has not ended this session (POLLERR once it has)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not any(events & (select.POLLERR | select.POLLNVAL)
+                       for _, events in poller.poll(0))
+
+    def _detach_other_places(self, device: str, mount_id: int | None, fsname: str) -> None:
         """Detach the bind mounts of ours still in this namespace (a stop while the clone is
         mounted elsewhere too: `unmount --lazy`, SIGTERM): without this session they only
         answer ENOTCONN, and their mount table entries would lead the CLI to META's next
-        mount. Never a filesystem mounted over one of them."""
+        mount. Never a filesystem mounted over one of them, nor another clone's given DEVICE's
+        number once ours ended (our own unmount just now may have ended it)."""
         try:
-            places = places_of(device, mount_id or -1)
+            places = self._ours(mount_entries(), device, fsname)
         except OSError as exc:  # no descriptor left, say
             log.error("the bind mounts of this clone stay, answering ENOTCONN: %s", exc)
             return

@@ -56,7 +56,9 @@ def test_wait_blocks_until_hydration_completes(rig, random_source):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
-        assert waiter.poll() is None, "wait returned while nothing was hydrating"
+        if waiter.poll() is not None:
+            pytest.fail(f"wait returned {waiter.returncode} while nothing was hydrating: "
+                        f"{waiter.communicate()}")
         fuseclone("message", rig.mnt, "enable_hydration")
         _, err = waiter.communicate(timeout=60)
         assert waiter.returncode == 0, err
@@ -92,6 +94,40 @@ def test_unmount_refuses_while_a_loop_device_holds_the_image(rig, random_source)
     assert os.path.realpath(rig.mnt) in open("/proc/mounts").read()
     sh("losetup", "-d", loop)
     fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+
+
+def test_unmount_waits_for_a_loop_device_detached_while_something_has_it_open(rig, random_source):
+    """`losetup -d` of a loop device that something else has open (a udev or blkid probe after
+    a write) only marks it to detach at that last close: an unmount right after waits for
+    it, and names the opener if it keeps the device open past the deadline."""
+    rig.mount()
+    loop = rig.losetup()
+    opener = os.open(loop, os.O_RDONLY)
+    try:
+        sh("losetup", "-d", loop)
+        refused = fuseclone("unmount", rig.mnt, "--timeout", "1", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines()[-1].startswith(
+            f"fuseclone: error: {loop} still uses the image at {rig.mnt}: it is detached once "
+            f"closed (losetup -d), but {os.getpid()} ("), refused.stderr
+        assert os.path.realpath(rig.mnt) in open("/proc/mounts").read()
+        unmount = subprocess.Popen([sys.executable, "-m", "fuseclone", "unmount", rig.mnt],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = unmount.stderr.readline()
+            assert f"waiting for {loop} to detach" in first, first + unmount.stderr.read()
+            os.close(opener)
+            opener = None
+            _, err = unmount.communicate(timeout=60)
+            assert unmount.returncode == 0, err
+        finally:
+            if unmount.poll() is None:
+                unmount.kill()
+                unmount.wait()
+    finally:
+        if opener is not None:
+            os.close(opener)
     rig.wait_unmounted()
 
 

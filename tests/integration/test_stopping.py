@@ -2,6 +2,7 @@
 its mountpoint or there after it, a switch-over hook that unmounts it, a terminal that closes,
 a caller whose standard descriptors are closed."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,9 @@ import time
 
 import pytest
 
-from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
+from fuseclone.fuse.mount import unmount
+from tests.engine.conftest import make_source_file
+from tests.integration.conftest import MiB, Rig, daemon_pid, fuseclone, sh, status_json
 
 
 def wait_gone(pid, timeout=30):
@@ -78,6 +81,45 @@ def test_a_clone_detached_behind_its_back_leaves_the_next_mount_there_alone(rig,
     assert status_json(rig.mnt)["metadata"] == str(rig.tmp / "two.meta")
     with open(rig.image, "rb") as f:
         assert f.read(4096) == open(rig.src, "rb").read(4096)
+
+
+def fuse_device(mnt):
+    """"major:minor" of the filesystem mounted at MNT, from mountinfo (nothing stats MNT)."""
+    real = os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+    return next(line.split()[2] for line in open("/proc/self/mountinfo") if line.split()[4] == real)
+
+
+def _continue(pid):
+    with contextlib.suppress(ProcessLookupError):  # it ended, as it should once continued
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_clone_unmounted_from_outside_leaves_alone_the_next_mount_given_its_numbers(rig, random_source):
+    """umount(8) of a clone ends its session, and the kernel hands its device number and mount
+    id to the next mounts at once. Its daemon, stopping after that (slowly, on a busy host;
+    here it is stopped meanwhile), must not take another clone's mount given them for its own:
+    it unmounted that clone (as one of its own bind mounts, or its own mount)."""
+    rig.mount("--no-hydration")
+    pid = daemon_pid(rig.mnt)
+    device = fuse_device(rig.mnt)
+    os.kill(pid, signal.SIGSTOP)
+    rig.stack.callback(_continue, pid)
+    unmount(os.path.join(os.path.realpath(os.path.dirname(rig.mnt)), os.path.basename(rig.mnt)))
+    # The kernel gives the lowest free number: mounts elsewhere on the host may free a lower
+    # one, or take this one, first. The clones that did not get it stay, taking those numbers.
+    for name in "bcdef":
+        (rig.tmp / name).mkdir()
+        other = Rig(rig.tmp / name, rig.stack)
+        make_source_file(other.src, 8 * MiB, seed=5)
+        other.mount("--no-hydration")
+        if fuse_device(other.mnt) == device:
+            break
+    else:
+        pytest.skip(f"other mounts on this host took {device} first")
+    os.kill(pid, signal.SIGCONT)
+    wait_gone(pid)
+    assert mounts_at(other.mnt) == ["fuse.fuseclone"]
+    assert status_json(other.mnt)["live"] is True
 
 
 def wait_for_file(path, timeout=30):
