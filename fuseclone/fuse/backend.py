@@ -23,9 +23,11 @@ class Blocking:
     at a time, in the order they came; `parallel` ones (reads) on threads of their own, beside
     the others and in any order. `waits_for_reads`: the job may wait for READs in flight (an
     invalidation of cached pages waits for those the kernel holds locked for them), so it never
-    runs on the event loop, which answers them, nor on a thread that reads."""
+    runs on the event loop, which answers them, nor on a thread that reads. A job may answer
+    with another Blocking job, one that `waits_for_reads`, to run next and give the reply: what
+    it learned only once done (a write's invalidation)."""
 
-    job: Callable[[], codec.Reply]
+    job: Callable[[], codec.Reply | Blocking]
     parallel: bool = False
     waits_for_reads: bool = False
 

@@ -159,6 +159,7 @@ class ImageFilesystem:
         self.direct_io_opens = False  # O_DIRECT opens get FOPEN_DIRECT_IO (negotiated)
         self.reads_on_ring = 0  # READs the session answered from an io_uring read of DST
         self._caching_opens = 0  # opens of the image answered IMAGE_FH and not yet released
+        self._caching_opened = 0  # such opens ever made
         self._invalidate: Callable[[int, int, int], None] | None = None  # the session's
         self._invalidating = trio.CapacityLimiter(INVALIDATING_THREADS)
         self._cached = CachedRanges(image.size)  # what READs of caching opens may have cached
@@ -310,12 +311,12 @@ class ImageFilesystem:
             raise OSError(errno.EISDIR, "is a directory")
         if self.backing_id is not None:
             reply = await self._open_passthrough(req)
-            self._caching_opens += 1
+            self._opened_caching()
             return reply
         # Keep the page cache across opens: nothing changes the image behind the kernel's back.
         flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_PARALLEL_DIRECT_WRITES
         if not (req.flags & os.O_DIRECT and self.direct_io_opens):
-            self._caching_opens += 1
+            self._opened_caching()
             return codec.OpenReply(IMAGE_FH, flags)
         # A direct writer (a database, a --direct-io=on loop device) commits in chains of
         # requests. Through the cached-file path the kernel stamps the image's times on each
@@ -325,6 +326,10 @@ class ImageFilesystem:
         # they share the lock. The kernel still writes back and drops cached pages of the
         # range first, so buffered openers stay coherent (see _may_leave_stale_pages).
         return codec.OpenReply(DIRECT_FH, flags | abi.FOPEN_DIRECT_IO)
+
+    def _opened_caching(self) -> None:
+        self._caching_opens += 1
+        self._caching_opened += 1
 
     async def _open_passthrough(self, req: codec.Open) -> codec.Reply:
         """Reads and writes of this open go to DST without us. Its writes would escape
@@ -413,6 +418,10 @@ class ImageFilesystem:
             # so only what was noted decides, once it is done.
             return Continue(functools.partial(self._answer_then_invalidate, answer, req))
         if not self._may_leave_stale_pages(req):
+            if isinstance(answer, Blocking) and direct and self._invalidate is not None:
+                # It waits for the job thread's turn, which an open may come and read in too.
+                return dataclasses.replace(answer, job=functools.partial(
+                    self._then_invalidation_if_opened, answer.job, req, self._caching_opened))
             return answer
         # No task and no hop back to the loop: a thread of the session's writes, invalidates
         # and replies (a hop to a worker thread and back cut 34k such writes a second to 4k).
@@ -482,6 +491,33 @@ class ImageFilesystem:
             planned = self._cached.plan(req.offset, len(req.data))
             if planned is not None:
                 self._drop(planned)
+
+    def _then_invalidation_if_opened(self, job: Callable[[], codec.Reply], req: codec.Write,
+                                     opened: int) -> codec.Reply | Blocking:
+        """Blocking, on the job thread of writes (no caching open but the writer's own when the
+        write came): the write's job; then, if a caching open has come since and noted its
+        range, the invalidation and the reply, handed on to a thread that answers no READ.
+        Not this one: it runs write-through WRITEs in order, which the kernel holds pages
+        locked for until answered, and the invalidation would wait for those pages."""
+        try:
+            outcome: codec.Reply | OSError = job()
+        except OSError as exc:  # DST may hold part of it: dropped all the same
+            outcome = exc
+        planned = (None if self._caching_opened == opened
+                   else self._cached.plan(req.offset, len(req.data)))
+        if planned is not None:
+            return Blocking(functools.partial(self._drop_then, planned, outcome),
+                            waits_for_reads=True)
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
+
+    def _drop_then(self, planned: Invalidation, outcome: codec.Reply | OSError) -> codec.Reply:
+        """Blocking, for a thread that answers no READ: `planned` dropped, then the answer."""
+        self._drop(planned)
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
     async def _answer_then_invalidate(self, answer: Continue, req: codec.Write) -> codec.Reply:
         """`_then_invalidate` for a direct write that waits for something first (the source, a

@@ -353,8 +353,9 @@ class Session:
                     nursery.cancel_scope.cancel()  # the kernel is gone: nobody waits for answers
             finally:
                 self._close_ring()
-                # the job threads finish what they hold, then return
-                for jobs in queues:
+                # the job threads finish what they hold, then return (the waiting-job ones
+                # once the job thread of writes has: see _run_jobs)
+                for jobs in (self._jobs, self._parallel_jobs):
                     jobs.stop()
 
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
@@ -393,21 +394,39 @@ class Session:
     def _run_jobs(self, jobs: "_JobQueue") -> None:
         """A job thread: run handed-over blocking jobs and send their replies, until told to
         stop."""
-        while (item := jobs.queue.get()) is not None:
-            unique, blocking, buf = item
-            try:
-                self._send_job_reply(unique, blocking)
-            finally:
-                jobs.slots.release()
-                jobs.done()
-                if buf is not None:
-                    self._give_back(buf)
+        try:
+            while (item := jobs.queue.get()) is not None:
+                unique, blocking, buf, slotted = item
+                try:
+                    self._run_job(unique, blocking)
+                finally:
+                    if slotted:
+                        jobs.slots.release()
+                    jobs.done()
+                    if buf is not None:
+                        self._give_back(buf)
+        finally:
+            if jobs is self._jobs:
+                # Its only thread: no job hands one on from now on (the loop has stopped too),
+                # so the waiting-job threads may stop, behind what they were handed.
+                self._waiting_jobs.stop()
 
-    def _send_job_reply(self, unique: int, blocking: Blocking) -> None:
+    def _run_job(self, unique: int, blocking: Blocking) -> None:
+        """Run a job here and send its answer. One it hands on (see Blocking) goes to the
+        waiting-job threads, past their queue's bound if need be (each is a request the kernel
+        waits for, which bounds them): neither here nor in a task, which only the loop starts."""
+        got = _job_reply(unique, blocking)
+        if isinstance(got, Blocking):
+            slotted = self._waiting_jobs.slots.acquire(blocking=False)
+            self._waiting_jobs.put((unique, got, None, slotted))
+        else:
+            self._send_job_reply(unique, got)
+
+    def _send_job_reply(self, unique: int, reply: list) -> None:
         """A reply the kernel refuses (a bug in it) is logged and answered EIO: raised in a job
         thread, it ended the whole session, and with it every open of the image."""
         try:
-            self._send(_job_reply(unique, blocking))
+            self._send(reply)
         except OSError:
             log.exception("bug: the kernel refused the reply to request %d; answering EIO",
                           unique)
@@ -445,12 +464,12 @@ class Session:
             return self._hand_over_waiting(unique, blocking, buf)
         jobs = self._parallel_jobs if blocking.parallel else self._jobs
         if not jobs.slots.acquire(blocking=False):
-            self._send_job_reply(unique, blocking)  # the job threads are behind: run it here
+            self._run_job(unique, blocking)  # the job threads are behind: run it here
             return _ANSWERED
         if blocking.parallel:  # its request's data is not needed any more
-            jobs.put((unique, blocking, None))
+            jobs.put((unique, blocking, None, True))
             return _ANSWERED
-        jobs.put((unique, blocking, buf))
+        jobs.put((unique, blocking, buf, True))
         return _HANDED_OVER
 
     def _hand_over_waiting(self, unique: int, blocking: Blocking, buf: bytearray | None) -> object:
@@ -458,7 +477,7 @@ class Session:
         a waiting-job thread if it holds no request buffer and there is room; else in a task,
         through a worker thread of their limiter."""
         if buf is None and self._waiting_jobs.slots.acquire(blocking=False):
-            self._waiting_jobs.put((unique, blocking, None))
+            self._waiting_jobs.put((unique, blocking, None, True))
             return _ANSWERED
         return functools.partial(in_thread, blocking.job, limiter=self._waiting_threads)
 
@@ -515,7 +534,7 @@ class Session:
             self._send(codec.encode_reply(unique, codec.DataReply(buffer)))
             return
         if closing:
-            self._send_job_reply(unique, _read_job(answer))
+            self._run_job(unique, _read_job(answer))
         else:
             self._hand_over(unique, _read_job(answer), None)
 
@@ -679,18 +698,22 @@ def _cpu_to_spare() -> bool:
     return running <= _cpus
 
 
+_Job = tuple[int, Blocking, "bytearray | None", bool]
+
+
 class _JobQueue:
-    """Blocking jobs waiting for `threads` job threads: (unique, job, request buffer or None)
-    items, None to stop a thread. `slots` bounds the jobs queued or running."""
+    """Blocking jobs waiting for `threads` job threads: (unique, job, request buffer or None,
+    whether it took a slot) items, None to stop a thread. `slots` bounds the jobs queued or
+    running (but for jobs handed on by others)."""
 
     def __init__(self, threads: int, slots: int) -> None:
         self.threads = threads
-        self.queue: queue.SimpleQueue[tuple[int, Blocking, bytearray | None] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.slots = threading.Semaphore(slots)
         self.busy = 0  # jobs put and not yet done
-        self._busy_lock = threading.Lock()  # put on the loop, done on the job threads
+        self._busy_lock = threading.Lock()  # put on the loop (or a job thread), done on theirs
 
-    def put(self, item: tuple[int, Blocking, bytearray | None]) -> None:
+    def put(self, item: _Job) -> None:
         with self._busy_lock:
             self.busy += 1
         self.queue.put(item)
@@ -713,10 +736,13 @@ def _read_job(answer: ReadFrom) -> Blocking:
     return Blocking(lambda: codec.DataReply(answer.read()), parallel=True)
 
 
-def _job_reply(unique: int, blocking: Blocking) -> list:
-    """Run a handed-over job; the buffers of its reply, or of its error."""
+def _job_reply(unique: int, blocking: Blocking) -> list | Blocking:
+    """Run a handed-over job; the buffers of its reply, or of its error, or the job it hands on."""
     try:
-        return codec.encode_reply(unique, blocking.job())
+        got = blocking.job()
+        if isinstance(got, Blocking):
+            return got
+        return codec.encode_reply(unique, got)
     except OSError as exc:
         return codec.encode_error(unique, exc.errno or errno.EIO)
     except Exception:

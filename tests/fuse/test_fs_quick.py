@@ -228,6 +228,48 @@ async def test_a_direct_write_that_waits_is_invalidated_for_an_open_that_came_me
     assert invalidated == [(IMAGE, 0, CHUNK)]
 
 
+class DiskImage(Image):
+    """Its writes of hydrated regions are blocking calls for a job thread."""
+
+    def write_now(self, offset, data, *, direct=False):
+        return lambda: self.writes.append((offset, bytes(data), direct))
+
+
+def handed_on(got):
+    """What the session does with what a job returned: the reply, or the job it handed on
+    (run on a thread that answers no READ) and its reply."""
+    if isinstance(got, Blocking):
+        assert got.waits_for_reads
+        return handed_on(got.job())
+    return got
+
+
+@pytest.mark.trio
+async def test_a_direct_write_for_a_job_thread_is_invalidated_for_an_open_that_came_meanwhile():
+    """A large direct write of hydrated regions waits for the job thread's turn: a buffered
+    open that comes meanwhile and reads its range before the data is in DST caches what it
+    replaces. The job plans once done; it invalidates only on a thread that answers no READ
+    (not its own: one that runs write-through WRITEs in order, which hold pages locked)."""
+    image = DiskImage(None)
+    fs = ImageFilesystem(image)
+    invalidated = []
+    fs.negotiated(abi.FUSE_DIRECT_IO_ALLOW_MMAP, lambda *args: invalidated.append(args))
+    writer = await fs.open(open_req(os.O_RDWR | os.O_DIRECT))
+    quick = fs.quick_handlers()[codec.Write]
+    answer = quick(write_req(os.O_RDWR | os.O_DIRECT, fh=writer.fh))
+    assert isinstance(answer, Blocking) and not answer.waits_for_reads  # no caching open yet
+    reader = await fs.open(open_req(os.O_RDONLY))
+    fs.quick_handlers()[codec.Read](read_req(reader.fh, 4096))  # answered the old data
+    await fs.release(codec.Release(1, IMAGE, 0, 0, 0, reader.fh, 0))  # its pages stay cached
+    got = answer.job()
+    assert image.writes == [(4096, b"w" * 4096, True)] and not invalidated
+    assert handed_on(got) == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 0, CHUNK)]
+    # No open came while the next one waited: it costs its job thread nothing more.
+    assert quick(write_req(os.O_RDWR | os.O_DIRECT, fh=writer.fh)).job() == codec.WriteReply(4096)
+    assert invalidated == [(IMAGE, 0, CHUNK)]
+
+
 @pytest.mark.trio
 async def test_reads_of_a_direct_open_leave_nothing_cached_to_invalidate():
     """An FOPEN_DIRECT_IO open's READs (a loop device's, a database's) bypass the page cache:

@@ -35,6 +35,7 @@ class SlowFs:
         self.job_threads = set()
         self.jobs_may_finish = threading.Event()
         self.ran_on = {}  # request unique -> the thread that ran its job
+        self.handed_on_ran_on = {}  # and the job it handed on
         self.reads_may_finish = threading.Event()
         self.writes_waiting = 0
         self.writes_may_finish: trio.Event | None = None  # when set: writes wait for it
@@ -71,7 +72,19 @@ class SlowFs:
             return Blocking(job)
         if req.offset == 5 << 20:
             return Blocking(job, waits_for_reads=True)
+        if req.offset == 6 << 20:
+            return Blocking(lambda: self.hand_on(req.unique, len(data)))
         return Continue(lambda: self.write(req))
+
+    def hand_on(self, unique, length):
+        """A job that hands on one that may wait for READs (a write's invalidation)."""
+        self.ran_on[unique] = threading.get_ident()
+
+        def then():
+            self.handed_on_ran_on[unique] = threading.get_ident()
+            return codec.WriteReply(length)
+
+        return Blocking(then, waits_for_reads=True)
 
     def read_now(self, req):
         """Offset 4096 is answered at once, 8192 is refused at once, 1 MiB and up is read by a
@@ -366,6 +379,44 @@ async def test_jobs_that_may_wait_for_reads_never_run_on_the_loop(session):
                    [await kernel.reply() for _ in range(len(waiting) + 1)]}
     assert answers == {unique: 0 for unique in (1000, *waiting)}
     assert {fs.ran_on[u] for u in waiting}.isdisjoint({threading.get_ident(), fs.ran_on[1000]})
+
+
+async def test_a_job_handed_on_runs_on_a_waiting_job_thread(session):
+    """From the job thread, or from the loop when that thread is behind, it goes to a thread
+    that answers no READ, which replies."""
+    kernel, fs, _ = session
+    loop = threading.get_ident()
+    with trio.fail_after(10):
+        body = abi.write_in.pack(1, 6 << 20, 5, 0, 0, 0, 0) + b"h" * 5
+        kernel.send(Opcode.WRITE, body, unique=500)
+        assert (await kernel.reply())[:2] == (500, 0)
+        for i in range(MAX_QUEUED_JOBS):  # these wait in, or for, the job thread
+            body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"q" * 5
+            await kernel.send_when_room(Opcode.WRITE, body, unique=510 + i)
+        body = abi.write_in.pack(1, 6 << 20, 5, 0, 0, 0, 0) + b"l" * 5
+        kernel.send(Opcode.WRITE, body, unique=501)
+        assert (await kernel.reply())[:2] == (501, 0)  # while the job thread is busy
+        fs.jobs_may_finish.set()
+        for _ in range(MAX_QUEUED_JOBS):
+            assert (await kernel.reply())[1] == 0
+    job_thread = fs.ran_on[510]
+    assert fs.ran_on[500] == job_thread and fs.ran_on[501] == loop
+    assert {fs.handed_on_ran_on[500], fs.handed_on_ran_on[501]}.isdisjoint({loop, job_thread})
+
+
+async def test_the_session_ends_after_the_jobs_its_jobs_hand_on(session):
+    kernel, fs, done = session
+    body = abi.write_in.pack(1, 1 << 20, 5, 0, 0, 0, 0) + b"y" * 5
+    kernel.send(Opcode.WRITE, body, unique=520)  # holds the job thread
+    body = abi.write_in.pack(1, 6 << 20, 5, 0, 0, 0, 0) + b"h" * 5
+    kernel.send(Opcode.WRITE, body, unique=521)
+    kernel.send(Opcode.DESTROY, unique=522)
+    with trio.fail_after(5):
+        assert (await kernel.reply())[:2] == (522, 0)
+        fs.jobs_may_finish.set()
+        answers = {(await kernel.reply())[:2] for _ in range(2)}
+        await done.wait()
+    assert answers == {(520, 0), (521, 0)} and 521 in fs.handed_on_ran_on
 
 
 def read(kernel, offset, unique, size=10):
