@@ -113,7 +113,9 @@ def _create(source: Source, dst_path: str, meta_path: str, region_size: int | No
             os.unlink(dst_path)
         dst.close()
         raise
-    return CloneEngine(source, dst, meta, settings)
+    engine = CloneEngine(source, dst, meta, settings)
+    engine.created_meta, engine.created_dst = True, not dst_existed
+    return engine
 
 
 def _refuse_overwriting(dst: Destination, source: Source) -> None:

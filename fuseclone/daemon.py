@@ -212,11 +212,6 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                                     http_header_file=opts.http_header_file) as source:
         if prefetch is not None:
             check_trace_source(prefetch, opts.prefetch, source)
-        # Looked at right before open_clone, not before the source answered (which may take
-        # long): META and DST another mount created meanwhile are a clone this mount resumes,
-        # which its failure must not remove.
-        new_meta = not Metadata.exists(opts.metadata)
-        new_dst = not os.path.exists(opts.destination)
         engine = open_clone(source, opts.destination, opts.metadata,
                             region_size=opts.region_size, settings=opts.settings,
                             other_bitmaps=TraceRecorder.BITMAPS if opts.record_access else 0,
@@ -253,7 +248,9 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             if notifier is not None:
                 notifier.close()
             if not mounted:
-                _remove_created(opts, new_meta, new_dst)
+                # Only what open_clone made: META and DST another mount created meanwhile (the
+                # source may take long to answer) are a clone this mount resumed.
+                _remove_created(opts, engine.created_meta, engine.created_dst)
     if lost:  # the daemon's exit status says so too (a foreground mount, a service)
         log.error("%s", _lost_writes_line(lost.summary()))
         raise FusecloneError(_lost_writes_line(lost.summary()))

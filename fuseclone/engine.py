@@ -211,6 +211,9 @@ class CloneEngine:
         self.source = source
         self.dst = dst
         self.meta = meta
+        # What open_clone made for this clone (a new one): a mount that fails removes these,
+        # never what another mount made meanwhile.
+        self.created_meta = self.created_dst = False
         self.geometry: Geometry = meta.geometry
         self.settings = settings.resolved(self.geometry, source.hydration_depth,
                                           source.hydration_batch)
