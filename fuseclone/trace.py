@@ -239,7 +239,7 @@ class TraceRecorder:
         self._ahead[span] |= fresh
 
     def read(self, regions: range) -> None:
-        """A user read `regions` of data at hand: record the runs of it readahead fetched."""
+        """A user read `regions` of data at hand: record the runs of it copied ahead."""
         if not self._ahead_count or not self._ahead.count(1, regions.start, regions.stop):
             return
         pos = self._ahead.find(1, regions.start, regions.stop)

@@ -29,8 +29,8 @@ from .. import uring
 from ..threads import in_thread, threads_working
 from . import abi, codec
 from .backend import Blocking, Continue, QuickAnswer, ReadFrom
-from .mount import (FSTYPE, CoveredError, MountEntry, check_clone_on_top, mount_entries,
-                    mount_fuse, set_dirty_limit, top_mount, unmount)
+from .mount import (CoveredError, MountEntry, check_clone_on_top, mount_entries, mount_fuse,
+                    places_of, set_dirty_limit, top_mount, unmount)
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +586,7 @@ class Session:
         behind our back, nor one given our mount id and device number after ours ended."""
         try:
             if mount_id is not None and device is not None:
-                ours = self._ours(mount_entries(), device, fsname)
+                ours = self._ours(device, mount_id, fsname)
                 here = next((entry for entry in ours if entry.mount_id == mount_id), None)
                 if here is None:
                     log.debug("%s is not mounted here any more", mountpoint)
@@ -617,16 +617,18 @@ class Session:
             finally:
                 os.close(self.fd)
 
-    def _ours(self, entries: list[MountEntry], device: str, fsname: str) -> list[MountEntry]:
-        """The mount table ENTRIES (read just before) that mount this session's filesystem.
-        Once the kernel ended the session (the last of its mounts unmounted), it hands its
-        device number and mount id to the next mounts at once, another clone's perhaps: then
-        only those mounted as FSNAME are taken for ours (no other clone mounts our META while
-        we hold it). While the session lives (it ends before the numbers are freed), DEVICE
-        alone is ours; that also finds the mounts left of a connection aborted from outside."""
-        connected = self._connected()
-        return [entry for entry in entries if entry.device == device and entry.fstype == FSTYPE
-                and (connected or entry.source == fsname)]
+    def _ours(self, device: str, mount_id: int | None, fsname: str) -> list[MountEntry]:
+        """The mounts in this namespace of this session's filesystem (`places_of`). Once the
+        kernel ended the session (the last of its mounts unmounted), it hands its device number
+        and mount id to the next mounts at once, another clone's perhaps: then only those
+        mounted as FSNAME are taken for ours (no other clone mounts our META while we hold it).
+        While the session lives (it ends before the numbers are freed), DEVICE alone is ours;
+        that also finds the mounts left of a connection aborted from outside. The table is
+        read first, then the session asked: numbers it showed were still ours if it lives."""
+        places = places_of(device, mount_id if mount_id is not None else -1)
+        if self._connected():
+            return places
+        return [entry for entry in places if entry.source == fsname]
 
     def _connected(self) -> bool:
         """Whether the kernel has not ended this session (POLLERR once it has)."""
@@ -642,7 +644,7 @@ class Session:
         mount. Never a filesystem mounted over one of them, nor another clone's given DEVICE's
         number once ours ended (our own unmount just now may have ended it)."""
         try:
-            places = self._ours(mount_entries(), device, fsname)
+            places = self._ours(device, mount_id, fsname)
         except OSError as exc:  # no descriptor left, say
             log.error("the bind mounts of this clone stay, answering ENOTCONN: %s", exc)
             return
