@@ -227,9 +227,6 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
             async with running(engine, hold_hydration=True), \
                     _recording_access(engine, opts.record_access, lambda: mounted), \
                     _holding_the_log():
-                # The prefetch at once, beside the FUSE mount: what the image's first users
-                # will read. The rest of hydration waits for "ready" (below).
-                engine.release_prefetch()
                 try:
                     async with trio.open_nursery() as nursery:
                         status = await _start_serving(nursery, engine, opts, image,

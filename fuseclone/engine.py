@@ -1063,10 +1063,6 @@ class CloneEngine:
     def release_hydration(self) -> None:
         self.hydrator.release()
 
-    def release_prefetch(self) -> None:
-        """Let a held hydration's prefetch (`prefetch`) begin before the rest of it."""
-        self.hydrator.release_prefetch()
-
     def message(self, text: str) -> None:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
         hydration_batch_size N; and max_rate RATE (this mount's --max-rate, not recorded: like

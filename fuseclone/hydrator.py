@@ -111,7 +111,6 @@ class Hydrator:
         self._rate_stamp = -1e9
         self._rate_change = trio.Event()  # ends a wait under the old max_rate
         self._hydration_hold: trio.Event | None = None
-        self._prefetch_released = False  # a prefetch may copy while the hold lasts
         # Hydration that follows the user: prefetch trace, readahead, hot spots (ordering.py).
         self.order = HydrationOrder(self.meta.nr_regions, self.geometry.region_size)
         self._readahead_inflight = 0  # bytes
@@ -124,27 +123,16 @@ class Hydrator:
                                     first_burst)
 
     def hold(self) -> None:
-        """Call before `run`: background copies wait until `release()` (a prefetch's until
-        `release_prefetch()`, if that comes first)."""
+        """Call before `run`: background copies wait until `release()`."""
         self._hydration_hold = trio.Event()
 
     def release(self) -> None:
         if self._hydration_hold is not None:
             self._hydration_hold.set()
-        self._changed.unpark_all()
-
-    def release_prefetch(self) -> None:
-        """Let the prefetch's copies begin while the hold keeps the rest of hydration back."""
-        self._prefetch_released = True
-        self._changed.unpark_all()
 
     def copies_in_flight(self) -> bool:
         """Whether copies (a prefetch's, hydration's, readahead's) are under way."""
         return self._inflight_regions > 0
-
-    def _held(self) -> bool:
-        """Whether the hold keeps every copy but the prefetch's back."""
-        return self._hydration_hold is not None and not self._hydration_hold.is_set()
 
     def resume(self) -> None:
         """Forget past failures, any backoff and the stop (enable_hydration)."""
@@ -161,13 +149,12 @@ class Hydrator:
 
     async def run(self) -> None:
         """Copy regions until every one is hydrated (the engine then commits)."""
+        if self._hydration_hold is not None:
+            await self._hydration_hold.wait()
         await self._wait_for_source()
         cursor = 0
         async with trio.open_nursery() as copies:
             while not self.meta.complete:
-                if self._held() and not (self._prefetch_released and self.order.prefetching):
-                    await self._changed.park()  # until released (or the prefetch is)
-                    continue
                 if trio.current_time() < self._resume_at:
                     # Backing off after a failure; enable_hydration (which clears the deadline)
                     # or any other change ends the wait early.
@@ -277,7 +264,7 @@ class Hydrator:
         if self.order.prefetching:
             run = self.order.next_prefetch(self._free_run,
                                            self._prefetch_batch(self._prefetch_depth()))
-            if run is not None or not self.settings.hydration or self._held():
+            if run is not None or not self.settings.hydration:
                 return self._claim_for("prefetch", run, ahead=True, prefetch=True), False
         run = self.order.next_hot(self._free_run, self._batch_regions())
         if run is not None:

@@ -76,23 +76,3 @@ async def test_prefetch_yields_to_users_of_hydrated_data_and_goes_full_depth_whe
     assert 0 < yielding <= hydrator.PREFETCH_YIELD_BYTES
     assert copied > 0  # it still goes on
     assert needed >= THRESHOLD // 2  # full depth: up to THRESHOLD, less a copy under load
-
-
-async def test_a_released_prefetch_copies_while_the_rest_of_hydration_is_held(tmp_path):
-    # The daemon lets the prefetch begin beside the FUSE mount; hydration in order waits until
-    # the image is ready, as before (its copies competing for the GIL slowed the mount).
-    clone = Clone(tmp_path, str(make_source_file(tmp_path / "src.img", 16 * MiB)))
-    engine = await clone.open(hydration_threshold=THRESHOLD // REGION,
-                              hydration_batch_size=MiB // REGION)
-    engine.prefetch([PREFETCHED])
-    async with clone.running(engine, hold_hydration=True):
-        engine.release_prefetch()
-        with trio.fail_after(10):
-            while engine.status().prefetching or engine.hydrator.copies_in_flight():
-                await trio.sleep(0.01)
-        await trio.sleep(0.1)  # in-order hydration would have begun by now
-        assert engine.meta.hydrated_in(PREFETCHED) == len(PREFETCHED)
-        assert engine.status().hydrated_regions == len(PREFETCHED)
-        engine.release_hydration()
-        with trio.fail_after(10):
-            await engine.complete.wait()

@@ -5,7 +5,6 @@ later clone prefetches from (or refuses)."""
 import mmap
 import os
 import re
-import socket
 import sys
 import time
 
@@ -142,39 +141,6 @@ def test_access_trace_round_trip_prefetches_the_next_clone(rig, slow_source):
     before = len(source_reads(log))
     assert direct_reads(rig.image, ranges) == [source_bytes(rig, o, n) for o, n in ranges]
     assert len(source_reads(log)) == before  # all served from DST
-
-
-def test_a_mount_failing_after_its_prefetch_began_removes_what_it_created(rig, nbdkit):  # noqa: F811
-    """The prefetch begins beside the FUSE mount, before the image is ready (a start-up finds
-    more of it fetched); a mount that fails after that (its metrics port in use) cancels the
-    copies in flight and removes the META and DST it created, as before."""
-    with open(rig.src, "wb") as f:
-        f.write(os.urandom(SIZE))
-    log = rig.tmp / "nbd.log"
-    url = nbdkit("--filter=log", "--filter=delay", "file", rig.src, "rdelay=300ms",
-                 f"logfile={log}").url()
-    trace = rig.tmp / "start.trace"
-    rig.mount("--no-hydration", "--record-access", trace, src=url)
-    direct_reads(rig.image, [(MiB, 4096), (5 * MiB, 65536)])
-    fuseclone("unmount", rig.mnt)
-    rig.wait_unmounted()
-    recorded = len(source_reads(log))
-
-    second = rig.tmp / "second"
-    second.mkdir()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        rig.stack.callback(rig._force_unmount, rig.mnt)
-        result = fuseclone("mount", "--no-hydration", "--prefetch", trace, url, second / "dst",
-                           second / "meta", rig.mnt, "--metrics-listen", f"127.0.0.1:{port}",
-                           check=False)
-    assert result.returncode == 1 and "127.0.0.1" in result.stderr, result.stderr
-    asked = source_reads(log)[recorded:]  # the source's identity, and the prefetch's copies
-    assert (MiB, 4096) in asked and (5 * MiB, 65536) in asked
-    assert os.listdir(second) == []
-    assert rig.mnt not in open("/proc/mounts").read()
 
 
 def test_reads_of_data_hydration_copied_first_are_recorded(rig):
