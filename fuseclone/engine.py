@@ -821,13 +821,19 @@ class CloneEngine:
         """Copy the claimed regions from the source into DST (copier.py), then mark them."""
         if self.recorder is not None:  # users' reads of them, even waiting for this copy, are
             self.recorder.fetched_ahead(claim.regions)  # the workload's: as if from the source
-        try:
-            await self.copier.copy(claim.regions, prefetch=claim.prefetch)
-        except BaseException:
+        released = False
+
+        def readable() -> None:  # in DST (maybe on its way to DST's disk still): bits in memory
+            nonlocal released
+            self.meta.set_hydrated(claim.regions)
             self._release(claim)
-            raise
-        self.meta.set_hydrated(claim.regions)
-        self._release(claim)
+            released = True
+
+        try:
+            await self.copier.copy(claim.regions, prefetch=claim.prefetch, readable=readable)
+        finally:
+            if not released:
+                self._release(claim)
 
     async def _dst_read(self, offset: int, length: int) -> bytes | bytearray:
         data = self.dst.read_cached(offset, length)

@@ -130,6 +130,10 @@ class Hydrator:
         if self._hydration_hold is not None:
             self._hydration_hold.set()
 
+    def copies_in_flight(self) -> bool:
+        """Whether copies (a prefetch's, hydration's, readahead's) are under way."""
+        return self._inflight_regions > 0
+
     def resume(self) -> None:
         """Forget past failures, any backoff and the stop (enable_hydration)."""
         self._failures = 0
