@@ -72,24 +72,20 @@ def _recorded_entries() -> list[tuple[str, str]]:
         os.close(fd)
     if len(text) > MAX_LIST_BYTES:
         return []
-    return parse(text)
+    # Less what this process loaded already: its modules, the libraries it maps (the whole of
+    # libpython is not needed)
+    loaded = {*_module_files(), *_mapped_files()}
+    return [(what, path) for what, path in parse(text) if path not in loaded]
 
 
 def parse(text: bytes) -> list[tuple[str, str]]:
-    """The (what, path) entries of a list, the files this process loaded already (its modules,
-    the libraries it maps: the whole of libpython is not needed) left out; nothing from a
-    damaged list."""
+    """The (what, path) entries of a list; none from a damaged one."""
     lines = os.fsdecode(text).split("\n")
     if lines[0] != LIST_HEADER or lines[-1] != "":  # another format, or cut short
         return []
-    loaded = {*_module_files(), *_mapped_files()}
-    entries = []
-    for line in lines[1:-1]:
-        what, _, path = line.partition(" ")
-        if what not in (READ, STAT, LIST) or not os.path.isabs(path):
-            return []
-        if path not in loaded:
-            entries.append((what, path))
+    entries = [tuple(line.partition(" ")[::2]) for line in lines[1:-1]]
+    if not all(what in (READ, STAT, LIST) and os.path.isabs(path) for what, path in entries):
+        return []
     return entries
 
 
