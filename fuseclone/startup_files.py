@@ -44,8 +44,11 @@ def read_ahead() -> None:
     """Start the readers on the recorded list, without waiting for them (`finish` does)."""
     global _failure
     try:
+        # Imported with or without a list, so that every mount lists its modules in one order
+        from .libc import M_ARENA_MAX, libc  # noqa: F401
+
         entries = _recorded_entries()
-        if entries:
+        if entries and not _cached_already(entries):
             _start_readers(entries)
     except Exception as exc:  # a bug: told in the mount's log by `record`
         _failure = exc
@@ -87,6 +90,28 @@ def parse(text: bytes) -> list[tuple[str, str]]:
     if not all(what in (READ, STAT, LIST) and os.path.isabs(path) for what, path in entries):
         return []
     return entries
+
+
+def _cached_already(entries: list[tuple[str, str]]) -> bool:
+    """Whether the last bytecode the recorded mount loaded is still in the page cache: then
+    the rest is too, most likely (read before it), and readers would only compete with this
+    thread for the GIL (+3% on a warm mount)."""
+    last = next((path for what, path in reversed(entries)
+                 if what == READ and path.endswith(".pyc")), None)
+    if last is None:
+        return False
+    try:
+        fd = os.open(last, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        # Refused (EAGAIN) unless cached; then it starts reading the page in, as wanted anyway
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        return True
+    except OSError:  # not cached; or a filesystem without RWF_NOWAIT: the readers start
+        return False
+    finally:
+        os.close(fd)
 
 
 def _start_readers(entries: list[tuple[str, str]]) -> None:

@@ -75,6 +75,18 @@ def wait_cached(path: str, offset: int) -> None:
         time.sleep(0.01)
 
 
+def test_a_warm_cache_starts_no_reader(tmp_path):
+    """The last bytecode of the list cached: the rest is taken to be too."""
+    warm = tmp_path / "warm.pyc"
+    warm.write_bytes(b"cached")
+    cold = cold_file(tmp_path / "cold.pyc", 4096)
+    code = "s.read_ahead()\nprint(len(s._readers))\ns.finish()"
+    write_list(tmp_path / "cache", [(startup_files.READ, cold), (startup_files.READ, str(warm))])
+    assert in_fresh_interpreter(code, str(tmp_path / "cache")).split() == ["0"]
+    write_list(tmp_path / "cache", [(startup_files.READ, str(warm)), (startup_files.READ, cold)])
+    assert in_fresh_interpreter(code, str(tmp_path / "cache")).split() == [str(startup_files.READERS)]
+
+
 def test_a_list_not_this_users_is_not_read(tmp_path):
     path = write_list(tmp_path / "cache", [(startup_files.READ, "/etc/hostname")])
     count = "print(len(s._recorded_entries()))"

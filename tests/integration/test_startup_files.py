@@ -41,13 +41,15 @@ def test_the_next_mount_reads_ahead_what_a_mount_loaded(rig, random_source):
     assert any(path.endswith(".so") for path in loaded)
     written = os.stat(startup_files.list_path())
 
-    # One more file in the list, cold, first (the readers stop at the fork): the next mount's
-    # readers bring it in
+    # One more file in the list, cold, first (the readers stop at the fork), and a cold last
+    # bytecode (a cached one tells the mount that all is): the next mount's readers bring it in
     cold = cold_file(rig.tmp / "cold.pyc", 4 * MiB)
+    last = cold_file(rig.tmp / "last.pyc", 4096)
     with open(startup_files.list_path(), "rb") as f:
         header, rest = f.read().split(b"\n", 1)
     with open(startup_files.list_path(), "wb") as f:
-        f.write(header + os.fsencode(f"\n{startup_files.READ} {cold}\n") + rest)
+        f.write(header + os.fsencode(f"\n{startup_files.READ} {cold}\n") + rest
+                + os.fsencode(f"{startup_files.READ} {last}\n"))
     rig.mount("--no-hydration")
     wait_cached(cold, 4 * MiB - 4096)
     assert thread_arenas(daemon_pid(rig.mnt)) == 0  # the readers' mallocs took the main arena
