@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import click
 
-from . import control
+from . import control, startup_files
 from .blockio import open_regular_file
 from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
 from .sources import describe_spec, is_remote, with_absolute_paths
@@ -260,6 +260,7 @@ def _listen_address(value: str | None) -> tuple[str | None, int] | None:
 
 
 def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = False) -> None:
+    startup_files.finish()  # its readers, before the daemon's own threads
     import trio
 
     from .daemon import check_paths, run_mount
@@ -280,6 +281,7 @@ def _mount_foreground(opts, log_file, log_level, ready_fd, default_log: bool = F
             told = True
         else:
             _tell(f"fuseclone: serving {image}")
+        startup_files.record()  # what this mount loaded, for the next one to read ahead
 
     try:
         if opts.log_file is not None:
@@ -321,6 +323,7 @@ def _mount_background(opts, log_file: str | None, log_level: str) -> None:
     if default_log:
         control.ensure_runtime_dir()
         log_file = control.rotate_log(opts.metadata)
+    startup_files.finish()  # its readers: the fork must find no other thread
     child = os.fork()
     if child == 0:
         os.close(read_end)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 import time
 
-from .libc import libc
+from .libc import M_ARENA_MAX, libc
 
 log = logging.getLogger(__name__)
-
-M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 
 
 def use_one_arena() -> None:

@@ -15,6 +15,7 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 libc.malloc_trim.argtypes = [ctypes.c_size_t]
 
 # io_uring has no wrapper in glibc: uring.py calls it by number
