@@ -11,6 +11,7 @@ import mmap
 import os
 import stat
 import threading
+from typing import Callable
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
@@ -43,6 +44,8 @@ class Destination:
         self._count_lock = threading.Lock()  # writer threads add to the counts
         self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
         self._sync: DataSync | None = None  # a read-write DST's fdatasync
+        # Told (from any thread) why DST is cut short, the first time a check finds it so.
+        self.on_cut_short: Callable[[str], None] | None = None
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -208,7 +211,27 @@ class Destination:
             return buf  # bytes-like: handed to writev as it is, no second copy
         return None  # short: past DST's end, or only partly cached; the slow path handles it
 
+    def refuse_if_cut_short(self) -> None:
+        """Raise EIO when a regular-file DST is now shorter than the image (truncated under the
+        live clone: its hydrated data past the cut is gone), telling `on_cut_short` why.
+        Checked before every write, since a write past the cut would extend DST again and the
+        hole before it read as zeros where hydrated data was, then and at every later mount,
+        whose size check it passes. A truncation between the check and the write is not
+        caught; the engine's check each second still finds DST short unless that write
+        reached the image's end."""
+        if self.is_block_device:
+            return
+        size = os.fstat(self.fd).st_size
+        if size >= self.image_size:
+            return
+        reason = (f"{self.path} was truncated to {size} bytes, shorter than the image "
+                  f"({self.image_size} bytes): what it held past that is gone")
+        if self.on_cut_short is not None:
+            self.on_cut_short(reason)
+        raise OSError(errno.EIO, reason)
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.refuse_if_cut_short()
         pwrite_all(self.fd, data, offset)
         self._note_change(len(data))
 
@@ -228,6 +251,7 @@ class Destination:
         """Write past the page cache (see can_write_direct). Durable only after datasync(), like
         any write: the device may still cache it, and fdatasync flushes the inode's device cache
         whichever descriptor wrote."""
+        self.refuse_if_cut_short()
         pwrite_all(self._direct_fd, data, offset)
         with self._count_lock:
             self.direct_bytes += len(data)
@@ -247,12 +271,14 @@ class Destination:
             buffer = self._aligned.buffer = mmap.mmap(-1, WRITE_THROUGH_MAX)
         length = len(data)
         buffer[:length] = data
+        self.refuse_if_cut_short()
         with memoryview(buffer) as view:
             pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
         """Make DST durable; fails, from the first writeback error on, whoever saw it."""
         began = self._changed_bytes
+        self.refuse_if_cut_short()  # what was cut off cannot be made durable
         self._sync()
         with self._count_lock:
             self._synced_bytes = max(self._synced_bytes, began)
@@ -312,6 +338,7 @@ class Destination:
             self._write_zeros(offset, length)  # no fallocate here: zeros the slow way
 
     def _write_zeros(self, offset: int, length: int) -> None:
+        self.refuse_if_cut_short()
         end = offset + length
         while offset < end:
             n = min(len(_ZEROS), end - offset)

@@ -211,6 +211,7 @@ class CloneEngine:
         self.source = source
         self.dst = dst
         self.meta = meta
+        dst.on_cut_short = meta.fail  # no commit may mark what the cut took as there
         # What open_clone made for this clone (a new one): a mount that fails removes these,
         # never what another mount made meanwhile.
         self.created_meta = self.created_dst = False
@@ -984,6 +985,8 @@ class CloneEngine:
             if self.meta.mode is not MetadataMode.RW:
                 continue
             try:
+                # A DST truncated while idle is found within a second too (an fstat)
+                self.dst.refuse_if_cut_short()
                 if self.meta.dirty:
                     await self.commit()
                 else:  # a META deleted while idle is found (and saved) within a second too
