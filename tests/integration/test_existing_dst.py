@@ -163,6 +163,28 @@ def test_a_loop_device_over_a_file_holding_data_is_refused(rig, source):
             f"file {backing})") in line
 
 
+@pytest.mark.parametrize("where", [0, 3 * MiB, SIZE - 4096])
+def test_a_block_device_holding_data_without_a_signature_is_refused(rig, source, where):
+    """A device that is no loop device over a file (a disk, a partition; here a loop device
+    over another one) holding data in no format libblkid knows (plain dm-crypt, a raw
+    database, what `wipefs` leaves): a new clone would overwrite it all, as it would the same
+    bytes in a file, which are refused. Its first and last MiB are read (and samples between)."""
+    backing = str(rig.tmp / "disk.img")
+    make_file(backing, SIZE)
+    write_at(backing, where, os.urandom(4096))
+    beneath = rig.losetup(backing)
+    loop = rig.losetup(beneath)
+    line = refused(rig, source, loop)
+    assert f"{loop}: the destination holds data (at offset {where}" in line
+
+
+def test_a_zeroed_block_device_beneath_another_is_taken(rig, source):
+    backing = str(rig.tmp / "disk.img")
+    make_file(backing, SIZE)
+    rig.dst = rig.losetup(rig.losetup(backing))
+    clone_completes(rig)
+
+
 def test_a_zeroed_block_device_is_taken(rig, source):
     backing = str(rig.tmp / "disk.img")
     make_file(backing, SIZE)
