@@ -15,8 +15,9 @@ from typing import Callable
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      DataSync, data_extents, fd_size, first_data, open_without_waiting,
-                      pread_exact, pwrite_all, read_only_device, still_named, why_denied)
+                      DataSync, data_extents, fd_size, first_data, first_nonzero_sampled,
+                      open_without_waiting, pread_exact, pwrite_all, read_only_device,
+                      still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
 from .identity import loop_backing, loop_identity
 from .libc import libc
@@ -140,8 +141,9 @@ class Destination:
         """What DST holds that a new clone would overwrite, for its refusal: a regular file's
         data ("data (first at offset N)"); a block device's signature (signatures.py: "a
         filesystem (ext4)", "a partition table (gpt)"...), or for a loop device over a file, that
-        file's data in its span. None for a file without data (sparse, truncated, fallocated),
-        or a device without either."""
+        file's data in its span, or for another device, non-zero bytes among those it samples
+        (`first_nonzero_sampled`). None for a file without data (sparse, truncated,
+        fallocated), or a device without either."""
         if not self.is_block_device:
             offset = first_data(self.fd)
             return None if offset is None else f"data (first at offset {offset})"
@@ -150,17 +152,27 @@ class Destination:
         except SignatureProbeError as exc:
             raise DestinationError(f"{self.path}: cannot look for a filesystem or other signature "
                                    f"on the destination: {exc.strerror}") from None
-        return found or self._data_in_loop_backing_file()
+        return found or self._data_on_device()
 
-    def _data_in_loop_backing_file(self) -> str | None:
+    def _data_on_device(self) -> str | None:
+        """Data in no format libblkid knows (plain dm-crypt, a raw database, what `wipefs`
+        leaves): overwritten as surely as the same bytes in a file, which are refused. A loop
+        device's backing file tells exactly where it holds data; another device is sampled."""
         backing = loop_backing(self.fd)
-        if backing is None:
-            return None
-        path, start = backing
+        if backing is not None:
+            try:
+                return self._data_in_loop_backing_file(*backing)
+            except PermissionError:  # a user given the device but not its file
+                pass
         try:
-            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:  # a user given the device but not its file: signatures only
-            return None
+            offset = first_nonzero_sampled(self.fd, fd_size(self.fd))
+        except OSError as exc:
+            raise DestinationError(f"{self.path}: cannot read the destination to look for data "
+                                   f"on it: {exc.strerror}") from None
+        return None if offset is None else f"data (at offset {offset}, in no format blkid knows)"
+
+    def _data_in_loop_backing_file(self, path: str, start: int) -> str | None:
+        fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             offset = first_data(fd, start)
         finally:
