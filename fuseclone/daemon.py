@@ -401,6 +401,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         if op == "message":
             try:
                 engine.message(req["text"])
+                await engine.record_settings()
             except (ValueError, FusecloneError) as exc:  # a bad message, or fail mode
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}

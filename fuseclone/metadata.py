@@ -418,6 +418,7 @@ class Metadata:
         self._hydrated = hydrated
         self._written = written
         self._seq = header.seq
+        self._seq_lock = threading.Lock()
         # The slot of the newest valid header. The next header goes to the other one, whatever
         # the seq's parity (bitmap commits share the counter): a torn header write must fall
         # back to the header just before it, never to one two writes old (the last mount's
@@ -731,8 +732,8 @@ class Metadata:
     def _prepare(self, areas: list[_BitmapArea]) -> CommitBatch | None:
         if not any(area.dirty for area in areas):
             return None
-        self._seq += 1
-        return CommitBatch(self._seq, [w for area in areas for w in area.prepare(self._seq)])
+        seq = self._next_seq()
+        return CommitBatch(seq, [w for area in areas for w in area.prepare(seq)])
 
     def write_commit(self, batch: CommitBatch) -> None:
         """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread; a
@@ -806,9 +807,15 @@ class Metadata:
         """Record a clean shutdown. Call after the last commit."""
         self._write_header(flags=self.header.flags | FLAG_CLEAN)
 
-    def update_settings(self, *, features: int | None = None, hydration_threshold: int | None = None,
-                        hydration_batch_size: int | None = None) -> None:
+    def set_settings(self, *, features: int | None = None, hydration_threshold: int | None = None,
+                     hydration_batch_size: int | None = None) -> None:
+        """The settings in the header in core: written by the next `write_settings` (or the
+        close's `mark_clean`)."""
         self._set_settings(features, hydration_threshold, hydration_batch_size)
+
+    def write_settings(self) -> None:
+        """Blocking: write the header with its settings as they are now, and fdatasync META.
+        One header write at a time (each writes the slot the last one did not)."""
         self._write_header(flags=self.header.flags)
 
     def _set_settings(self, features: int | None, hydration_threshold: int | None,
@@ -834,13 +841,19 @@ class Metadata:
             raise MetadataError(f"{self.path} is open read-only")
         self.refuse_if_failed()
         self.check_named()
-        self._seq += 1
-        self.header.seq = self._seq
+        self.header.seq = self._next_seq()
         self.header.flags = flags
         slot = 1 - self._header_slot
         os.pwrite(self._fd, self.header.pack(), _header_offset(slot))
         self._sync()
         self._header_slot = slot
+
+    def _next_seq(self) -> int:
+        """The next sequence number: commits take theirs on the event loop, a header write in
+        a worker thread."""
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
 
     def block_usage(self) -> tuple[int, int]:
         """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
