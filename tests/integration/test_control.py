@@ -428,3 +428,18 @@ def test_a_message_while_metas_filesystem_is_frozen_holds_up_no_user_io(rig, ran
         _, err = message.communicate(timeout=30)
     assert message.returncode == 0, err
     fuseclone("unmount", rig.mnt)
+
+
+def test_a_huge_max_rate_message_does_not_end_a_hydrating_mount(rig, random_source):
+    """`max_rate` took any number of digits: the next copy's throttle made a float of it
+    (OverflowError), and the hydrator's failure ended the daemon. Refused in one line now."""
+    rig.mount("--max-rate", "1M")  # hydration goes on, paced
+    pid = daemon_pid(rig)
+    result = fuseclone("message", rig.mnt, "max_rate", "9" * 400, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    fuseclone("message", rig.mnt, "max_rate", "2M")
+    assert daemon_pid(rig) == pid
+    status = status_json(rig.mnt)
+    assert status["max_rate"] == 2 * MiB and status["metadata_mode"] == "rw"
+    assert "Traceback" not in open(status["log_file"]).read()
+    fuseclone("unmount", rig.mnt)
