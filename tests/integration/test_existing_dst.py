@@ -333,3 +333,31 @@ def test_a_failed_mount_leaves_an_empty_trace_empty(rig, source):
     assert result.returncode == 1, result.stderr
     assert open(trace, "rb").read() == b""
     rig.mount("--record-access", trace)
+
+
+def test_a_destination_file_beneath_a_mounted_loop_device_is_refused(rig, source):
+    """Overwriting it (--overwrite-dst) writes under a live filesystem's feet, as it would
+    through a block device DST that is mounted, which the kernel refuses (EBUSY to its
+    exclusive open); mkfs -F refuses such a file too. Attached and unused, it is taken."""
+    sh("truncate", "-s", str(SIZE), rig.dst)
+    sh("mkfs.ext4", "-q", rig.dst)
+    loop = rig.losetup(rig.dst)
+    rig.mount_fs(loop, str(rig.tmp / "fs"))
+    line = refused(rig, source, rig.dst, "--overwrite-dst")
+    assert f"it is the backing file of {loop}, which is mounted or held" in line, line
+    sh("umount", str(rig.tmp / "fs"))
+    clone_completes(rig, "--overwrite-dst")
+
+
+def test_a_clone_is_not_resumed_into_a_destination_mounted_meanwhile(rig):
+    """Its DST, mounted by itself between two mounts of the clone (`mount -o loop`): the
+    resumed clone would write beneath that filesystem."""
+    sh("mkfs.ext4", "-q", "-F", rig.src, str(SIZE // 1024))
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    fuseclone("unmount", rig.mnt)
+    rig.mount_fs(rig.dst, str(rig.tmp / "fs"), "-o", "loop,ro,noload")
+    result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1, result.stdout
+    assert "which is mounted or held" in result.stderr and result.stderr.count("\n") == 1
+    assert not mounted(rig.mnt)
