@@ -19,7 +19,7 @@ from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_
                       open_without_waiting, pread_exact, pwrite_all, read_only_device,
                       still_named, why_denied)
 from .errors import DestinationError, DestinationInUseError
-from .identity import loop_backing, loop_identity
+from .identity import loop_backing, loop_devices_over, loop_identity
 from .libc import libc
 from .signatures import SignatureProbeError, signature
 
@@ -89,6 +89,12 @@ class Destination:
                     claims.release(held)
                     raise DestinationError(f"{path}: destination was removed or replaced while "
                                            "it was being opened: try again")
+                if stat.S_ISREG(mode):
+                    try:
+                        _refuse_beneath_a_loop_device_in_use(fd, path)
+                    except BaseException:
+                        claims.release(held)
+                        raise
         except BaseException:
             os.close(fd)
             if created:
@@ -417,6 +423,23 @@ def _claim(fd: int, path: str, is_block_device: bool) -> tuple[int, list[int]]:
     if claimed != fd:
         os.close(fd)
     return claimed, held
+
+
+def _refuse_beneath_a_loop_device_in_use(fd: int, path: str) -> None:
+    """A DST file beneath a loop device that is mounted or held (an exclusive open of it gets
+    EBUSY, as a block device DST in use does) would be written under that filesystem's feet:
+    refused, new clone or resumed, whatever --overwrite-dst says, as mkfs -F refuses such a
+    file. One attached and unused is taken (mkfs -F takes it too)."""
+    for device in loop_devices_over(fd):
+        try:
+            probe = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                continue  # gone meanwhile, or no node of it here
+            raise DestinationInUseError(
+                f"{path}: destination is in use: it is the backing file of {device}, which is "
+                "mounted or held (unmount it first)") from None
+        os.close(probe)
 
 
 def _create_sparse(path: str, size: int) -> int:
