@@ -18,7 +18,7 @@ from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_
                       DataSync, data_extents, fd_size, first_data, first_nonzero_sampled,
                       open_without_waiting, pread_exact, pwrite_all, read_only_device,
                       still_named, why_denied)
-from .errors import DestinationError, DestinationInUseError
+from .errors import CANNOT_RESUME, DestinationError, DestinationInUseError
 from .identity import loop_backing, loop_devices_over, loop_identity
 from .libc import libc
 from .signatures import SignatureProbeError, signature
@@ -243,7 +243,8 @@ class Destination:
         if size >= self.image_size:
             return
         reason = (f"{self.path} was truncated to {size} bytes, shorter than the image "
-                  f"({self.image_size} bytes): what it held past that is gone")
+                  f"({self.image_size} bytes): what it held past that is gone, and "
+                  f"{CANNOT_RESUME}")
         if self.on_cut_short is not None:
             self.on_cut_short(reason)
         raise OSError(errno.EIO, reason)

@@ -47,8 +47,8 @@ from bitarray import bitarray
 
 from .blockio import (DataSync, data_extents, open_without_waiting, pread_exact, pwrite_all,
                       still_named, why_denied)
-from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
-                     MetadataInUseError, describe)
+from .errors import (CANNOT_RESUME, FusecloneError, ImageTooLargeError, MetadataError,
+                     MetadataFailedError, MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
 from .limits import available_memory
@@ -391,6 +391,13 @@ def _blocks_of(bits: range) -> range:
 def _written_geometry(header: Header) -> Geometry:
     """Chunks of the written bitmap (as regions of their own size)."""
     return Geometry(header.source_size, header.written_granularity)
+
+
+def _needed_bytes(header: Header) -> int:
+    """The least size of a META file with this header, of either format."""
+    if header.version == VERSION:
+        return _file_blocks(header) * BLOCK
+    return (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
 
 
 def _file_blocks(header: Header) -> int:
@@ -900,12 +907,20 @@ class Metadata:
         new clone over DST's data (hydration copying the source over users' writes). So its
         last good commit is written again under its name (or PATH.saved, when another file
         has the name now) and META goes to fail mode: that commit is what the next mount
-        resumes from, and nothing is acknowledged that the copy does not hold. Raises EIO in
-        fail mode."""
+        resumes from, and nothing is acknowledged that the copy does not hold. One truncated
+        while mounted goes to fail mode too (see below). Raises EIO in fail mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
-            if not self._renamed and os.fstat(self._fd).st_nlink == 0:
+            st = os.fstat(self._fd)
+            if not self._renamed and st.st_nlink == 0:
                 self._renamed = True
                 self.fail(f"{self.path} was {self._write_again()}")
+            elif st.st_size < _needed_bytes(self.header):
+                # Its bitmaps are gone; a commit past the cut would make the file whole again,
+                # zeros for them, which the next mount would take for unhydrated regions and
+                # copy the source over users' writes. Written no more, it stays short: refused.
+                self.fail(f"{self.path} was truncated to {st.st_size} bytes while mounted (it "
+                          f"needs {_needed_bytes(self.header)}): the bitmaps it held are gone, "
+                          f"and {CANNOT_RESUME}")
         self.refuse_if_failed()
 
     def path_names_another_clone(self) -> bool:
@@ -1099,10 +1114,7 @@ def _read_header(fd: int, path: str) -> tuple[Header, int]:
         raise MetadataError(f"{path}: corrupt header (written granularity below the region size)")
     if geometry.nr_regions != header.nr_regions:
         raise MetadataError(f"{path}: corrupt header (region count does not match sizes)")
-    if header.version == VERSION:
-        needed = _file_blocks(header) * BLOCK
-    else:
-        needed = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
+    needed = _needed_bytes(header)
     if size < needed:
         raise MetadataError(f"{path}: corrupt metadata (file is {size} bytes, needs {needed})")
     return header, slot
