@@ -151,6 +151,38 @@ def first_data(fd: int, start: int = 0) -> int | None:
         raise
 
 
+_ENDS_READ = 1 << 20  # a device's first and last MiB, read whole
+_SAMPLES_BETWEEN = 30
+_SAMPLE = 64 << 10
+
+
+def first_nonzero_sampled(fd: int, size: int) -> int | None:
+    """Where the device open at FD (SIZE bytes) holds a non-zero byte among what is looked at:
+    its first and last MiB (where formats keep their headers and backups) and 30 samples of
+    64 KiB evenly between; None when all of that reads as zeros. A device cannot tell where
+    it holds data, and reading all of it would take as long as the clone. What it reads is
+    dropped from the page cache again."""
+    try:
+        for offset, length in _sampled_ranges(size):
+            data = pread_exact(fd, length, offset)
+            stripped = data.lstrip(b"\0")
+            if stripped:
+                return offset + len(data) - len(stripped)
+        return None
+    finally:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _sampled_ranges(size: int) -> list[tuple[int, int]]:
+    if size <= 2 * _ENDS_READ:
+        return [(0, size)]
+    tail = size - _ENDS_READ
+    between = tail - _ENDS_READ - _SAMPLE
+    samples = [(_ENDS_READ + between * i // (_SAMPLES_BETWEEN - 1)) // 4096 * 4096
+               for i in range(_SAMPLES_BETWEEN)] if between > 0 else []
+    return [(0, _ENDS_READ), *((offset, _SAMPLE) for offset in samples), (tail, _ENDS_READ)]
+
+
 def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
     """(offset, length, is_hole) runs of [offset, offset+length) from SEEK_DATA/SEEK_HOLE.
 

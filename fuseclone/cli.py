@@ -138,8 +138,8 @@ def _keep_standard_descriptors_open() -> None:
 @click.option("--region-size", type=SIZE, help="Region size, a power of two 4K..1G (new clones; default 4K).")
 @click.option("--overwrite-dst", is_flag=True,
               help="Let a new clone overwrite a DST that holds data (a file with data in it, a "
-                   "device with a filesystem, partition table or other signature): refused "
-                   "without it.")
+                   "device with a filesystem, partition table or other signature, or non-zero "
+                   "bytes where sampled): refused without it.")
 @click.option("--no-hydration", is_flag=True, help="Start with background hydration disabled.")
 @click.option("--no-discard-passdown", is_flag=True, help="Zero discarded ranges in DST instead of punching holes.")
 @click.option("--hydration-threshold", type=int, metavar="N", help="At most this many regions being copied at once (default 16 MiB worth from a file, 64 MiB from HTTP, 128 MiB from NBD, less for huge bitmaps); below it, hydration keeps about 0.2 s of copies queued at the source.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from typing import AsyncIterator
 
 import trio
@@ -90,7 +91,28 @@ def _open_recorded_destination(dst_path: str, image_size: int, meta: Metadata) -
         recorded = meta.header.identity.get("destination", {}).get("path", "?")
         raise DestinationError(f"{dst_path}: destination does not exist ({meta.path} is the "
                                f"metadata of a clone into {recorded})")
+    _refuse_cut_short(dst_path, image_size, meta)
     return Destination.open(dst_path, image_size, create=False)
+
+
+def _refuse_cut_short(dst_path: str, image_size: int, meta: Metadata) -> None:
+    """This clone's own DST file, now shorter than the image, was truncated since it began:
+    what it held past its end is gone. Said so, not only "smaller than the source", which
+    invites growing the file back, after which those regions would read as zeros."""
+    try:
+        st = os.stat(dst_path)
+    except OSError:
+        return  # Destination.open says why
+    recorded = meta.header.identity.get("destination") or {}
+    if (not stat.S_ISREG(st.st_mode) or st.st_size >= image_size
+            or recorded.get("inode") != st.st_ino
+            or recorded.get("path") != os.path.realpath(dst_path)):
+        return
+    raise DestinationError(
+        f"{dst_path}: destination is {st.st_size} bytes, shorter than the image ({image_size} "
+        "bytes): it was truncated since the clone began, and what it held past that (hydrated "
+        "data, users' writes) is gone, so the clone cannot resume (growing the file back "
+        "would read zeros there)")
 
 
 def _create(source: Source, dst_path: str, meta_path: str, region_size: int | None,

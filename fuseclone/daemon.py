@@ -401,6 +401,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         if op == "message":
             try:
                 engine.message(req["text"])
+                await engine.record_settings()
             except (ValueError, FusecloneError) as exc:  # a bad message, or fail mode
                 return {"ok": False, "error": str(exc)}
             return {"ok": True}
@@ -471,6 +472,16 @@ def _use_passthrough(engine: CloneEngine, opts: MountOptions) -> bool:
     if not engine.meta.complete:
         log.info("--passthrough: the clone is still hydrating; this mount is served by the "
                  "daemon (with the write cache), mounts after hydration completes by passthrough")
+        return False
+    dst_size = engine.dst.attributes().st_size
+    if not engine.dst.is_block_device and dst_size > engine.size:
+        # The kernel reads DST up to DST's end, not the image's: a reader to EOF would get
+        # what lies past the image. Not cut back: those bytes may be someone's.
+        log.warning("--passthrough: %s is %d bytes, longer than the image (%d bytes), and the "
+                    "kernel would read past the image's end from it; this mount is served by "
+                    "the daemon (a passthrough write past the end whose mount was killed leaves "
+                    "DST so: truncate it to %d bytes if what lies past the image is not wanted)",
+                    engine.dst.path, dst_size, engine.size, engine.size)
         return False
     return True
 

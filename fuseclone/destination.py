@@ -11,13 +11,15 @@ import mmap
 import os
 import stat
 import threading
+from typing import Callable
 
 from . import claims
 from .blockio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                      DataSync, data_extents, fd_size, first_data, open_without_waiting,
-                      pread_exact, pwrite_all, read_only_device, still_named, why_denied)
-from .errors import DestinationError, DestinationInUseError
-from .identity import loop_backing, loop_identity
+                      DataSync, data_extents, fd_size, first_data, first_nonzero_sampled,
+                      open_without_waiting, pread_exact, pwrite_all, read_only_device,
+                      still_named, why_denied)
+from .errors import CANNOT_RESUME, DestinationError, DestinationInUseError
+from .identity import loop_backing, loop_devices_over, loop_identity
 from .libc import libc
 from .signatures import SignatureProbeError, signature
 
@@ -43,6 +45,8 @@ class Destination:
         self._count_lock = threading.Lock()  # writer threads add to the counts
         self._aligned = threading.local()  # each thread's page-aligned buffer for write_through
         self._sync: DataSync | None = None  # a read-write DST's fdatasync
+        # Told (from any thread) why DST is cut short, the first time a check finds it so.
+        self.on_cut_short: Callable[[str], None] | None = None
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -85,6 +89,12 @@ class Destination:
                     claims.release(held)
                     raise DestinationError(f"{path}: destination was removed or replaced while "
                                            "it was being opened: try again")
+                if stat.S_ISREG(mode):
+                    try:
+                        _refuse_beneath_a_loop_device_in_use(fd, path)
+                    except BaseException:
+                        claims.release(held)
+                        raise
         except BaseException:
             os.close(fd)
             if created:
@@ -137,8 +147,9 @@ class Destination:
         """What DST holds that a new clone would overwrite, for its refusal: a regular file's
         data ("data (first at offset N)"); a block device's signature (signatures.py: "a
         filesystem (ext4)", "a partition table (gpt)"...), or for a loop device over a file, that
-        file's data in its span. None for a file without data (sparse, truncated, fallocated),
-        or a device without either."""
+        file's data in its span, or for another device, non-zero bytes among those it samples
+        (`first_nonzero_sampled`). None for a file without data (sparse, truncated,
+        fallocated), or a device without either."""
         if not self.is_block_device:
             offset = first_data(self.fd)
             return None if offset is None else f"data (first at offset {offset})"
@@ -147,17 +158,27 @@ class Destination:
         except SignatureProbeError as exc:
             raise DestinationError(f"{self.path}: cannot look for a filesystem or other signature "
                                    f"on the destination: {exc.strerror}") from None
-        return found or self._data_in_loop_backing_file()
+        return found or self._data_on_device()
 
-    def _data_in_loop_backing_file(self) -> str | None:
+    def _data_on_device(self) -> str | None:
+        """Data in no format libblkid knows (plain dm-crypt, a raw database, what `wipefs`
+        leaves): overwritten as surely as the same bytes in a file, which are refused. A loop
+        device's backing file tells exactly where it holds data; another device is sampled."""
         backing = loop_backing(self.fd)
-        if backing is None:
-            return None
-        path, start = backing
+        if backing is not None:
+            try:
+                return self._data_in_loop_backing_file(*backing)
+            except PermissionError:  # a user given the device but not its file
+                pass
         try:
-            fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:  # a user given the device but not its file: signatures only
-            return None
+            offset = first_nonzero_sampled(self.fd, fd_size(self.fd))
+        except OSError as exc:
+            raise DestinationError(f"{self.path}: cannot read the destination to look for data "
+                                   f"on it: {exc.strerror}") from None
+        return None if offset is None else f"data (at offset {offset}, in no format blkid knows)"
+
+    def _data_in_loop_backing_file(self, path: str, start: int) -> str | None:
+        fd = open_without_waiting(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             offset = first_data(fd, start)
         finally:
@@ -208,7 +229,28 @@ class Destination:
             return buf  # bytes-like: handed to writev as it is, no second copy
         return None  # short: past DST's end, or only partly cached; the slow path handles it
 
+    def refuse_if_cut_short(self) -> None:
+        """Raise EIO when a regular-file DST is now shorter than the image (truncated under the
+        live clone: its hydrated data past the cut is gone), telling `on_cut_short` why.
+        Checked before every write, since a write past the cut would extend DST again and the
+        hole before it read as zeros where hydrated data was, then and at every later mount,
+        whose size check it passes. A truncation between the check and the write is not
+        caught; the engine's check each second still finds DST short unless that write
+        reached the image's end."""
+        if self.is_block_device:
+            return
+        size = os.fstat(self.fd).st_size
+        if size >= self.image_size:
+            return
+        reason = (f"{self.path} was truncated to {size} bytes, shorter than the image "
+                  f"({self.image_size} bytes): what it held past that is gone, and "
+                  f"{CANNOT_RESUME}")
+        if self.on_cut_short is not None:
+            self.on_cut_short(reason)
+        raise OSError(errno.EIO, reason)
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.refuse_if_cut_short()
         pwrite_all(self.fd, data, offset)
         self._note_change(len(data))
 
@@ -228,6 +270,7 @@ class Destination:
         """Write past the page cache (see can_write_direct). Durable only after datasync(), like
         any write: the device may still cache it, and fdatasync flushes the inode's device cache
         whichever descriptor wrote."""
+        self.refuse_if_cut_short()
         pwrite_all(self._direct_fd, data, offset)
         with self._count_lock:
             self.direct_bytes += len(data)
@@ -247,12 +290,14 @@ class Destination:
             buffer = self._aligned.buffer = mmap.mmap(-1, WRITE_THROUGH_MAX)
         length = len(data)
         buffer[:length] = data
+        self.refuse_if_cut_short()
         with memoryview(buffer) as view:
             pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
         """Make DST durable; fails, from the first writeback error on, whoever saw it."""
         began = self._changed_bytes
+        self.refuse_if_cut_short()  # what was cut off cannot be made durable
         self._sync()
         with self._count_lock:
             self._synced_bytes = max(self._synced_bytes, began)
@@ -312,6 +357,7 @@ class Destination:
             self._write_zeros(offset, length)  # no fallocate here: zeros the slow way
 
     def _write_zeros(self, offset: int, length: int) -> None:
+        self.refuse_if_cut_short()
         end = offset + length
         while offset < end:
             n = min(len(_ZEROS), end - offset)
@@ -378,6 +424,23 @@ def _claim(fd: int, path: str, is_block_device: bool) -> tuple[int, list[int]]:
     if claimed != fd:
         os.close(fd)
     return claimed, held
+
+
+def _refuse_beneath_a_loop_device_in_use(fd: int, path: str) -> None:
+    """A DST file beneath a loop device that is mounted or held (an exclusive open of it gets
+    EBUSY, as a block device DST in use does) would be written under that filesystem's feet:
+    refused, new clone or resumed, whatever --overwrite-dst says, as mkfs -F refuses such a
+    file. One attached and unused is taken (mkfs -F takes it too)."""
+    for device in loop_devices_over(fd):
+        try:
+            probe = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                continue  # gone meanwhile, or no node of it here
+            raise DestinationInUseError(
+                f"{path}: destination is in use: it is the backing file of {device}, which is "
+                "mounted or held (unmount it first)") from None
+        os.close(probe)
 
 
 def _create_sparse(path: str, size: int) -> int:

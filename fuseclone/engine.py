@@ -211,6 +211,7 @@ class CloneEngine:
         self.source = source
         self.dst = dst
         self.meta = meta
+        dst.on_cut_short = meta.fail  # no commit may mark what the cut took as there
         # What open_clone made for this clone (a new one): a mount that fails removes these,
         # never what another mount made meanwhile.
         self.created_meta = self.created_dst = False
@@ -224,6 +225,7 @@ class CloneEngine:
         # Written-bit commits (META only) have their own lock: a user write never waits behind
         # a hydration commit's DST fdatasync.
         self._written_lock = trio.Lock()
+        self._header_lock = trio.Lock()  # one header write at a time (record_settings)
         self._commits_started = self._commits_done = 0
         # The first commit whose done makes every user write so far safe to flush with an
         # fdatasync of DST alone (see _note_user_write).
@@ -990,6 +992,8 @@ class CloneEngine:
             if self.meta.mode is not MetadataMode.RW:
                 continue
             try:
+                # A DST truncated while idle is found within a second too (an fstat)
+                self.dst.refuse_if_cut_short()
                 if self.meta.dirty:
                     await self.commit()
                 else:  # a META deleted while idle is found (and saved) within a second too
@@ -1067,7 +1071,8 @@ class CloneEngine:
         """dm-clone's messages: enable_hydration, disable_hydration, hydration_threshold N,
         hydration_batch_size N; and max_rate RATE (this mount's --max-rate, not recorded: like
         the option, each mount sets its own). Raises ValueError on a bad message, and
-        MetadataFailedError in fail mode: every message is recorded in META."""
+        MetadataFailedError in fail mode: every message is recorded in META's header, in
+        core here, on disk by `record_settings`."""
         if self.meta.failure is not None:
             raise MetadataFailedError(self.meta.failure)
         words = text.split()
@@ -1091,9 +1096,22 @@ class CloneEngine:
             raise ValueError(f"unknown message {text!r} (enable_hydration, disable_hydration, "
                              "hydration_threshold N, hydration_batch_size N, max_rate RATE)")
         if self.meta.mode is MetadataMode.RW:
-            self.meta.update_settings(features=s.features, hydration_threshold=s.hydration_threshold,
-                                      hydration_batch_size=s.hydration_batch_size)
+            self.meta.set_settings(features=s.features, hydration_threshold=s.hydration_threshold,
+                                   hydration_batch_size=s.hydration_batch_size)
         self.changed.unpark_all()
+
+    async def record_settings(self) -> None:
+        """Write the header with the settings as they are now (after `message`), in a worker
+        thread: written and fdatasynced on the event loop, it held every request of the mount
+        for as long as META's filesystem took, until its thaw when frozen. Raises
+        MetadataFailedError when the write fails (fail mode)."""
+        async with self._header_lock:
+            if self.meta.mode is not MetadataMode.RW:
+                return
+            try:
+                await in_thread(self.meta.write_settings)
+            except OSError as exc:
+                raise MetadataFailedError(self.meta.failure or describe(exc)) from None
 
     def status(self) -> Status:
         g = self.geometry
@@ -1170,7 +1188,8 @@ class CloneEngine:
             await self.commit()
             async with self._written_lock:  # marks of writers cancelled before their commit
                 await self._commit_written()
-            self.meta.mark_clean()
+            async with self._header_lock:  # after a message's header write, never beside it
+                self.meta.mark_clean()
         except OSError as exc:
             log.error("final commit failed: %s", exc)
 

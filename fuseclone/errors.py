@@ -24,12 +24,18 @@ class MetadataError(FusecloneError):
     """The metadata file is corrupt, of another clone, or of an unknown format."""
 
 
+# Ends the reason of a failure after which META's last good commit is no use either (what it
+# records is gone): no advice to resume from it follows.
+CANNOT_RESUME = "the clone cannot resume"
+
+
 class MetadataFailedError(FusecloneError):
     """A write to META failed, so the live mount writes it no more (dm-clone's fail mode)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(f"metadata is in fail mode after {reason}: unmount and mount again to "
-                         "resume from the last good commit")
+        advice = ("" if reason.endswith(CANNOT_RESUME)
+                  else ": unmount and mount again to resume from the last good commit")
+        super().__init__(f"metadata is in fail mode after {reason}{advice}")
         self.reason = reason
 
 

@@ -37,6 +37,7 @@ _LOOP_INFO64_HEAD = struct.Struct("=QQQQ")
 # What a recorded identity of a loop device adds to its name (see loop_identity).
 LOOP_IDENTITY_KEYS = ("backing_inode", "backing_offset")
 SYS_DEV_BLOCK = "/sys/dev/block"  # a block device's sysfs directory, by "major:minor"
+SYS_BLOCK = "/sys/block"  # every whole block device, by name
 _MAX_DEPTH = 8  # block devices stacked deeper than this are not followed further
 _FOUR_THINGS = "SRC, DST, META and MOUNTPOINT must be four different things"
 _OF_ITS_OWN = "the {role} must be a file of its own"
@@ -290,6 +291,24 @@ def _loop_info(fd: int) -> tuple[int, int, int, int] | None:
             raise
         return None
     return _LOOP_INFO64_HEAD.unpack_from(info)
+
+
+def loop_devices_over(fd: int) -> list[str]:
+    """The loop devices (/dev/loopN) whose backing file is the regular file open at FD, by the
+    inode each device reports."""
+    st = os.fstat(fd)
+    try:
+        names = sorted(name for name in os.listdir(SYS_BLOCK) if name.startswith("loop"))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        sysfs = os.path.join(SYS_BLOCK, name)
+        rdev = _sysfs_dev(sysfs) if loop_backing_file(sysfs) is not None else None
+        status = None if rdev is None else _loop_status(name, rdev)
+        if status is not None and status[:2] == (st.st_dev, st.st_ino):
+            found.append(f"/dev/{name}")
+    return found
 
 
 def loop_identity(fd: int) -> dict[str, int]:

@@ -47,8 +47,8 @@ from bitarray import bitarray
 
 from .blockio import (DataSync, data_extents, open_without_waiting, pread_exact, pwrite_all,
                       still_named, why_denied)
-from .errors import (FusecloneError, ImageTooLargeError, MetadataError, MetadataFailedError,
-                     MetadataInUseError, describe)
+from .errors import (CANNOT_RESUME, FusecloneError, ImageTooLargeError, MetadataError,
+                     MetadataFailedError, MetadataInUseError, describe)
 from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
 from .limits import available_memory
@@ -393,6 +393,13 @@ def _written_geometry(header: Header) -> Geometry:
     return Geometry(header.source_size, header.written_granularity)
 
 
+def _needed_bytes(header: Header) -> int:
+    """The least size of a META file with this header, of either format."""
+    if header.version == VERSION:
+        return _file_blocks(header) * BLOCK
+    return (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
+
+
 def _file_blocks(header: Header) -> int:
     """File size in blocks of a format-2 META with this header."""
     hydrated = FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)
@@ -418,6 +425,7 @@ class Metadata:
         self._hydrated = hydrated
         self._written = written
         self._seq = header.seq
+        self._seq_lock = threading.Lock()
         # The slot of the newest valid header. The next header goes to the other one, whatever
         # the seq's parity (bitmap commits share the counter): a torn header write must fall
         # back to the header just before it, never to one two writes old (the last mount's
@@ -731,8 +739,8 @@ class Metadata:
     def _prepare(self, areas: list[_BitmapArea]) -> CommitBatch | None:
         if not any(area.dirty for area in areas):
             return None
-        self._seq += 1
-        return CommitBatch(self._seq, [w for area in areas for w in area.prepare(self._seq)])
+        seq = self._next_seq()
+        return CommitBatch(seq, [w for area in areas for w in area.prepare(seq)])
 
     def write_commit(self, batch: CommitBatch) -> None:
         """Blocking: write the batch and fdatasync the metadata. Run it in a worker thread; a
@@ -806,9 +814,15 @@ class Metadata:
         """Record a clean shutdown. Call after the last commit."""
         self._write_header(flags=self.header.flags | FLAG_CLEAN)
 
-    def update_settings(self, *, features: int | None = None, hydration_threshold: int | None = None,
-                        hydration_batch_size: int | None = None) -> None:
+    def set_settings(self, *, features: int | None = None, hydration_threshold: int | None = None,
+                     hydration_batch_size: int | None = None) -> None:
+        """The settings in the header in core: written by the next `write_settings` (or the
+        close's `mark_clean`)."""
         self._set_settings(features, hydration_threshold, hydration_batch_size)
+
+    def write_settings(self) -> None:
+        """Blocking: write the header with its settings as they are now, and fdatasync META.
+        One header write at a time (each writes the slot the last one did not)."""
         self._write_header(flags=self.header.flags)
 
     def _set_settings(self, features: int | None, hydration_threshold: int | None,
@@ -834,13 +848,19 @@ class Metadata:
             raise MetadataError(f"{self.path} is open read-only")
         self.refuse_if_failed()
         self.check_named()
-        self._seq += 1
-        self.header.seq = self._seq
+        self.header.seq = self._next_seq()
         self.header.flags = flags
         slot = 1 - self._header_slot
         os.pwrite(self._fd, self.header.pack(), _header_offset(slot))
         self._sync()
         self._header_slot = slot
+
+    def _next_seq(self) -> int:
+        """The next sequence number: commits take theirs on the event loop, a header write in
+        a worker thread."""
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
 
     def block_usage(self) -> tuple[int, int]:
         """(used, total) 4 KiB blocks of the META file, dm-clone's "#used/#total metadata
@@ -887,12 +907,20 @@ class Metadata:
         new clone over DST's data (hydration copying the source over users' writes). So its
         last good commit is written again under its name (or PATH.saved, when another file
         has the name now) and META goes to fail mode: that commit is what the next mount
-        resumes from, and nothing is acknowledged that the copy does not hold. Raises EIO in
-        fail mode."""
+        resumes from, and nothing is acknowledged that the copy does not hold. One truncated
+        while mounted goes to fail mode too (see below). Raises EIO in fail mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
-            if not self._renamed and os.fstat(self._fd).st_nlink == 0:
+            st = os.fstat(self._fd)
+            if not self._renamed and st.st_nlink == 0:
                 self._renamed = True
                 self.fail(f"{self.path} was {self._write_again()}")
+            elif st.st_size < _needed_bytes(self.header):
+                # Its bitmaps are gone; a commit past the cut would make the file whole again,
+                # zeros for them, which the next mount would take for unhydrated regions and
+                # copy the source over users' writes. Written no more, it stays short: refused.
+                self.fail(f"{self.path} was truncated to {st.st_size} bytes while mounted (it "
+                          f"needs {_needed_bytes(self.header)}): the bitmaps it held are gone, "
+                          f"and {CANNOT_RESUME}")
         self.refuse_if_failed()
 
     def path_names_another_clone(self) -> bool:
@@ -1086,10 +1114,7 @@ def _read_header(fd: int, path: str) -> tuple[Header, int]:
         raise MetadataError(f"{path}: corrupt header (written granularity below the region size)")
     if geometry.nr_regions != header.nr_regions:
         raise MetadataError(f"{path}: corrupt header (region count does not match sizes)")
-    if header.version == VERSION:
-        needed = _file_blocks(header) * BLOCK
-    else:
-        needed = (FIRST_BITMAP_BLOCK + 2 * _bitmap_blocks(header.nr_regions)) * BLOCK
+    needed = _needed_bytes(header)
     if size < needed:
         raise MetadataError(f"{path}: corrupt metadata (file is {size} bytes, needs {needed})")
     return header, slot

@@ -390,3 +390,56 @@ def test_unmount_names_a_last_commit_held_by_a_frozen_filesystem(rig, random_sou
         assert time.monotonic() < deadline, "the daemon did not finish after the thaw"
         time.sleep(0.05)
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+READ_PAST_THE_PAGE_CACHE = """
+import mmap, os, sys
+buffer = mmap.mmap(-1, 65536)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+for offset in range(0, 8 << 20, 65536):
+    assert os.preadv(fd, [buffer], offset) == 65536
+"""
+
+
+def test_a_message_while_metas_filesystem_is_frozen_holds_up_no_user_io(rig, random_source):
+    """A message is recorded in META's header. Written and fdatasynced on the daemon's event
+    loop, it held every request of the mount (reads of hydrated data, status) until META's
+    filesystem was thawed (fsfreeze, as for a snapshot of it): one command stopped the
+    clone's users. The header waits in a worker thread; the settings apply at once."""
+    frozen = rig.ext4()
+    rig.meta = os.path.join(frozen, "clone.meta")
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    pid = daemon_pid(rig)
+    sh("fsfreeze", "-f", frozen)
+    rig.stack.callback(lambda: sh("fsfreeze", "-u", frozen, check=False))
+    message = subprocess.Popen(
+        [sys.executable, "-m", "fuseclone", "message", rig.mnt, "disable_hydration"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while "waits inside the kernel" not in control.why_not_answering(pid):
+            assert time.monotonic() < deadline, control.why_not_answering(pid)
+            time.sleep(0.05)
+        sh(sys.executable, "-c", READ_PAST_THE_PAGE_CACHE, rig.image, timeout=10)
+        assert status_json(rig.mnt)["hydration_enabled"] is False
+    finally:
+        sh("fsfreeze", "-u", frozen)
+        _, err = message.communicate(timeout=30)
+    assert message.returncode == 0, err
+    fuseclone("unmount", rig.mnt)
+
+
+def test_a_huge_max_rate_message_does_not_end_a_hydrating_mount(rig, random_source):
+    """`max_rate` took any number of digits: the next copy's throttle made a float of it
+    (OverflowError), and the hydrator's failure ended the daemon. Refused in one line now."""
+    rig.mount("--max-rate", "1M")  # hydration goes on, paced
+    pid = daemon_pid(rig)
+    result = fuseclone("message", rig.mnt, "max_rate", "9" * 400, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    fuseclone("message", rig.mnt, "max_rate", "2M")
+    assert daemon_pid(rig) == pid
+    status = status_json(rig.mnt)
+    assert status["max_rate"] == 2 * MiB and status["metadata_mode"] == "rw"
+    assert "Traceback" not in open(status["log_file"]).read()
+    fuseclone("unmount", rig.mnt)

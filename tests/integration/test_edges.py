@@ -111,6 +111,35 @@ def test_meta_removed_under_a_live_clone_is_written_again_and_the_clone_resumes(
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
 
 
+def test_meta_truncated_under_a_live_clone_is_never_taken_for_less_hydrated(rig):
+    """META cut short while mounted (`: > META`): its bitmaps are gone, and a later commit (of
+    a user's write near the image's end) made the file whole again, zeros where they were.
+    The next mount took the regions users had written for unhydrated, and hydration copied
+    the source over their flushed writes. Now the mount goes to fail mode, writes META no
+    more, and the next mount refuses the short file."""
+    size = 256 * MiB  # two blocks of hydrated bits: a write at the end rewrites only the last
+    with open(rig.src, "wb") as f:
+        f.truncate(size)
+    rig.mount("--no-hydration")
+    kept = b"flushed" * 585 + b"!"
+    write_and_fsync(rig.image, kept, 100 * 4096)
+    os.truncate(rig.meta, 0)
+    try:
+        write_and_fsync(rig.image, os.urandom(4096), size - 4096)
+    except OSError as exc:  # refused once the cut is seen
+        assert exc.errno == errno.EIO
+    st = status_json(rig.mnt)  # seen before the write's commit, which it refused
+    assert st["metadata_mode"] == "fail" and "truncated" in st["metadata_error"], st
+    fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    again = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration",
+                      check=False)
+    assert again.returncode == 1, "a META that lost its bitmaps was resumed"
+    with open(rig.dst, "rb") as dst:
+        dst.seek(100 * 4096)
+        assert dst.read(4096) == kept
+
+
 def test_a_meta_renamed_under_a_live_clone_keeps_the_mount_reachable(rig, random_source):
     rig.mount("--no-hydration")
     kept = os.urandom(MiB)

@@ -163,6 +163,28 @@ def test_a_loop_device_over_a_file_holding_data_is_refused(rig, source):
             f"file {backing})") in line
 
 
+@pytest.mark.parametrize("where", [0, 3 * MiB, SIZE - 4096])
+def test_a_block_device_holding_data_without_a_signature_is_refused(rig, source, where):
+    """A device that is no loop device over a file (a disk, a partition; here a loop device
+    over another one) holding data in no format libblkid knows (plain dm-crypt, a raw
+    database, what `wipefs` leaves): a new clone would overwrite it all, as it would the same
+    bytes in a file, which are refused. Its first and last MiB are read (and samples between)."""
+    backing = str(rig.tmp / "disk.img")
+    make_file(backing, SIZE)
+    write_at(backing, where, b"no signature, but data" * 186)
+    beneath = rig.losetup(backing)
+    loop = rig.losetup(beneath)
+    line = refused(rig, source, loop)
+    assert f"{loop}: the destination holds data (at offset {where}" in line
+
+
+def test_a_zeroed_block_device_beneath_another_is_taken(rig, source):
+    backing = str(rig.tmp / "disk.img")
+    make_file(backing, SIZE)
+    rig.dst = rig.losetup(rig.losetup(backing))
+    clone_completes(rig)
+
+
 def test_a_zeroed_block_device_is_taken(rig, source):
     backing = str(rig.tmp / "disk.img")
     make_file(backing, SIZE)
@@ -311,3 +333,37 @@ def test_a_failed_mount_leaves_an_empty_trace_empty(rig, source):
     assert result.returncode == 1, result.stderr
     assert open(trace, "rb").read() == b""
     rig.mount("--record-access", trace)
+
+
+def test_a_destination_file_beneath_a_mounted_loop_device_is_refused(rig, source):
+    """Overwriting it (--overwrite-dst) writes under a live filesystem's feet, as it would
+    through a block device DST that is mounted, which the kernel refuses (EBUSY to its
+    exclusive open); mkfs -F refuses such a file too. Attached and unused, it is taken."""
+    sh("truncate", "-s", str(SIZE), rig.dst)
+    sh("mkfs.ext4", "-q", rig.dst)
+    loop = rig.losetup(rig.dst)
+    rig.mount_fs(loop, str(rig.tmp / "fs"))
+    before = sha256(rig.dst)
+    rig.stack.callback(rig._force_unmount, rig.mnt)
+    result = fuseclone("mount", source, rig.dst, rig.meta, rig.mnt, "--overwrite-dst",
+                       check=False)
+    assert result.returncode == 1, f"mount was accepted: {result.stdout}"
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"it is the backing file of {loop}, which is mounted or held" in result.stderr
+    assert sha256(rig.dst) == before and not os.path.exists(rig.meta)
+    sh("umount", str(rig.tmp / "fs"))
+    clone_completes(rig, "--overwrite-dst")
+
+
+def test_a_clone_is_not_resumed_into_a_destination_mounted_meanwhile(rig):
+    """Its DST, mounted by itself between two mounts of the clone (`mount -o loop`): the
+    resumed clone would write beneath that filesystem."""
+    sh("mkfs.ext4", "-q", "-F", rig.src, str(SIZE // 1024))
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    fuseclone("unmount", rig.mnt)
+    rig.mount_fs(rig.dst, str(rig.tmp / "fs"), "-o", "loop,ro,noload")
+    result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1, result.stdout
+    assert "which is mounted or held" in result.stderr and result.stderr.count("\n") == 1
+    assert not mounted(rig.mnt)

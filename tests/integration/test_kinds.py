@@ -3,9 +3,11 @@ name such as /dev/loop0 comes back holding other data once its loop device is se
 
 import errno
 import fcntl
+import json
 import mmap
 import os
 import struct
+import time
 
 import pytest
 
@@ -122,4 +124,58 @@ def test_reads_of_a_destination_truncated_under_a_live_clone_fail_instead_of_rea
         assert failed.value.errno == errno.EIO
     finally:
         os.close(fd)
-    fuseclone("unmount", rig.mnt)
+    # Its last commit is refused (what it would mark is gone): no clean stop to ask for
+    fuseclone("unmount", rig.mnt, check=False)
+
+
+def _direct_io(path, flags):
+    return os.open(path, flags | os.O_DIRECT)
+
+
+def test_a_write_past_the_end_of_a_truncated_destination_does_not_bring_back_zeros(rig):
+    """A write past the cut (a user's, a copy's) would extend DST again, and its hole would read
+    as zeros where hydrated data was, now and at every later mount, which the size check could
+    no longer refuse. The write is refused, DST stays short, the clone goes to fail mode and
+    the next mount refuses the short DST."""
+    make_source_file(rig.src, 4 * MiB, seed=7, zero_every=0, hole_every=0)
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    os.truncate(rig.dst, 2 * MiB)
+    buffer = mmap.mmap(-1, 4096)
+    buffer.write(b"w" * 4096)
+    fd = _direct_io(rig.image, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as failed:
+            os.pwritev(fd, [buffer], 4 * MiB - 4096)
+        assert failed.value.errno == errno.EIO
+        assert os.path.getsize(rig.dst) == 2 * MiB
+        with pytest.raises(OSError) as failed:
+            os.preadv(fd, [buffer], 3 * MiB)
+        assert failed.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    status = json.loads(fuseclone("status", rig.mnt, "--json").stdout)
+    assert status["metadata_mode"] == "fail"
+    assert "truncated" in status["metadata_error"], status["metadata_error"]
+    fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    again = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert again.returncode == 1, again.stdout
+    assert "truncated since the clone began" in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+
+def test_a_destination_truncated_under_an_idle_clone_puts_it_in_fail_mode(rig):
+    """Nothing writes DST, yet what was cut off is gone: status says so within seconds (as for
+    a META deleted while idle), not only once a read of the lost part fails."""
+    make_source_file(rig.src, 4 * MiB, seed=7, zero_every=0, hole_every=0)
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "60")
+    os.truncate(rig.dst, 2 * MiB)
+    deadline = time.monotonic() + 10
+    while (status := json.loads(fuseclone("status", rig.mnt, "--json").stdout))[
+            "metadata_mode"] != "fail":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert "truncated" in status["metadata_error"], status["metadata_error"]
+    fuseclone("unmount", rig.mnt, check=False)

@@ -105,3 +105,22 @@ def test_a_write_past_the_end_is_refused_at_fsync_and_leaves_dst_its_size(comple
     with open(rig.dst, "rb") as f:
         f.seek(SIZE - 4)
         assert f.read() == b"stra"
+
+
+def test_a_destination_longer_than_the_image_is_not_passed_through(complete_clone):
+    """The kernel reads DST itself up to DST's end, not the image's: a reader of the image
+    (cat, cp, sha256sum read to EOF) got DST's bytes past it, more than the image's size.
+    Such a DST (a file given longer than the image; one grown by a passthrough write past the
+    end whose mount was killed before the close cut it back) is served by the daemon, and
+    left as it is."""
+    rig = complete_clone
+    with open(rig.dst, "r+b") as f:
+        f.seek(SIZE + 4096)
+        f.write(b"past the image")
+    rig.mount("--passthrough")
+    with open(rig.image, "rb") as f:
+        assert len(f.read()) == SIZE
+    assert sha256(rig.image) == sha256(rig.src)
+    assert not status_json(rig.mnt)["passthrough"]
+    fuseclone("unmount", rig.mnt)
+    assert os.path.getsize(rig.dst) == SIZE + 4096 + len(b"past the image")
