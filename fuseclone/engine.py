@@ -73,7 +73,7 @@ LOOP_FLUSH_MAX = 64 << 10
 # A sequential writer's partial write into unhydrated regions hydrates this much after it too.
 WRITE_AHEAD_BYTES = 256 << 10
 # A write with both ends in unhydrated regions reads what lies around it in one source read
-# (the write's own bytes too, read for nothing) up to this size, else in two.
+# (the write's own bytes too, read for nothing) up to this size, else (or when it fails) in two.
 MERGED_READ_MAX = 256 << 10
 # The bitmap (counted at 3.25x: the bitmap itself plus the rest of a 1 TiB clone's RSS) plus the
 # default copies in flight (their buffers) stay within this. A 1 TiB clone at 4 KiB regions (a
@@ -534,10 +534,17 @@ class CloneEngine:
     async def _source_around(self, start: int, offset: int, end: int, stop: int
                              ) -> tuple[bytes | memoryview, bytes | memoryview]:
         """The source's bytes [start, offset) and [end, stop): one read when both are wanted
-        and the write between them is short."""
+        and the write between them is short. If that read fails, the two: the write's own
+        bytes, read along for nothing, may be what the source cannot read (a bad sector, or a
+        region the write replaces whole), which must not fail the write."""
         if start < offset and end < stop and stop - start <= MERGED_READ_MAX:
-            whole = memoryview(await self.copier.source_read(start, stop - start))
-            return whole[: offset - start], whole[end - start :]
+            try:
+                whole = memoryview(await self.copier.source_read(start, stop - start))
+            except OSError as exc:
+                log.debug("merged source read [%d, %d) failed (%s): reading around the write",
+                          start, stop, exc)
+            else:
+                return whole[: offset - start], whole[end - start :]
         head = await self.copier.source_read(start, offset - start) if start < offset else b""
         tail = await self.copier.source_read(end, stop - end) if end < stop else b""
         return head, tail

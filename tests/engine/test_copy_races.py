@@ -361,3 +361,24 @@ async def hold_the_copy_at(phase: str, copy_kind: str, engine, held: "HeldSource
         if phase == "after":
             await engine.commit()
     return writes
+
+
+async def test_a_write_over_an_unreadable_region_reads_only_around_it(tmp_path):
+    """A write that covers region R whole and its unhydrated neighbours in part needs the
+    source's data of the neighbours only: R unreadable in the source must not fail it (under
+    load test_copy_race[readahead-fail-write_span-...] came here when the failed copy of R was
+    over before the write looked at its regions)."""
+    src = str(make_source_file(tmp_path / "src", IMAGE, seed=7, chunk=REGION, zero_every=0,
+                               hole_every=0))
+    with open(src, "rb") as f:
+        image = bytearray(f.read())
+    held = HeldSource(await LocalSource.open(src))
+    held.armed, held.failing = False, True
+    engine = open_clone(held, str(tmp_path / "dst"), str(tmp_path / "meta"), region_size=REGION,
+                        settings=Settings(hydration=False))
+    op = next(o for o in user_ops() if o.name == "write_span")
+    async with running(engine):
+        await op.run(engine)
+        op.apply(image)
+        held.failing = False
+        assert await engine.read(0, IMAGE) == bytes(image)
