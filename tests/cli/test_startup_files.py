@@ -1,8 +1,6 @@
 """The list of a mount's startup files: read ahead by the next mount, harmless when damaged,
 stale or not this user's, and its readers gone when `finish` returns (before the fork)."""
 
-import ctypes
-import mmap
 import os
 import subprocess
 import sys
@@ -11,9 +9,9 @@ import time
 import pytest
 
 from fuseclone import startup_files
+from tests.page_cache import cached_pages
 
 MiB = 1 << 20
-LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def in_fresh_interpreter(code: str, cache_home: str) -> str:
@@ -33,22 +31,8 @@ def write_list(cache_home, entries, header=startup_files.LIST_HEADER) -> str:
 
 
 def cached(path: str, offset: int) -> bool:
-    """Whether the page of PATH at OFFSET is in the page cache: mincore(2) of a mapping, which
-    reads nothing in (a read with RWF_NOWAIT started readahead as it said no)."""
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        # Private and writable only so that ctypes can take its address; nothing is written
-        mapped = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        start = ctypes.c_char.from_buffer(mapped)
-        resident = ctypes.create_string_buffer(1)
-        if LIBC.mincore(ctypes.c_void_p(ctypes.addressof(start) + offset // page * page),
-                        ctypes.c_size_t(page), resident):
-            raise OSError(ctypes.get_errno(), "mincore")
-        del start
-        return resident.raw[0] & 1 == 1
-    finally:
-        mapped.close()
+    """Whether the page of PATH at OFFSET is in the page cache (asked without reading it in)."""
+    return cached_pages(path, offset, 1) == 1
 
 
 def cold_file(path, size: int) -> str:

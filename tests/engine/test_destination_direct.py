@@ -1,12 +1,12 @@
 """Direct writes of hydration copies: only aligned, writable memory at aligned offsets."""
 
-import ctypes
 import mmap
 import os
 
 import pytest
 
 from fuseclone.destination import Destination
+from tests.page_cache import cached_pages
 
 
 def test_direct_writes_need_alignment_everywhere(tmp_path):
@@ -37,19 +37,6 @@ def test_direct_writes_need_alignment_everywhere(tmp_path):
 
 
 
-def _cached_pages(path):
-    """How many of the file's pages are in the page cache (mincore on a private mapping)."""
-    size = os.path.getsize(path)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec)
-
-
 def test_destination_reads_do_not_read_ahead(tmp_path):
     """DST is read in scattered pieces (cache misses, copy-on-read): readahead would fill its
     page cache with large folios, and every 4 KiB write into one then walks all its buffer
@@ -59,7 +46,7 @@ def test_destination_reads_do_not_read_ahead(tmp_path):
         f.write(os.urandom(8 << 20))
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    if _cached_pages(path) != 0:
+    if cached_pages(path) != 0:
         pytest.skip("this filesystem keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs?)")
     dst = Destination.open(path, 8 << 20, create=False)
     try:
@@ -67,4 +54,4 @@ def test_destination_reads_do_not_read_ahead(tmp_path):
             dst.read(offset, 64 << 10)
     finally:
         dst.close()
-    assert _cached_pages(path) <= 3 * 16  # the pages read, no more
+    assert cached_pages(path) <= 3 * 16  # the pages read, no more
