@@ -9,6 +9,7 @@ import time
 import pytest
 import trio
 
+from benchmarks.system import evict
 from fuseclone import hydrator as hydrator_module
 from fuseclone.engine import (COLD_AFTER_MISSES, HANDED_OVER_WRITE_MIN, LOOP_FLUSH_MAX,
                               LOOP_WRITE_THROUGH_MAX, PROBE_EVERY_WHEN_COLD)
@@ -47,15 +48,10 @@ def dst_cached(dst, offset, length):
 
 
 def drop_cache(path):
-    """Write back and drop `path`'s page cache; again while fincore still finds some: under load
+    """Write back and drop `path`'s page cache; again while mincore still finds some: under load
     (the whole suite, other work beside it) the kernel sometimes keeps a page a moment longer."""
     for _ in range(20):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
         if cached_pages(path) == 0:
             return
         time.sleep(0.05)
