@@ -14,9 +14,10 @@ from typing import AsyncIterator
 
 import trio
 
-from .destination import Destination
+from .destination import Destination, file_identity
 from .engine import CloneEngine, Settings
 from .errors import DestinationError
+from .identity import same_recorded_identity
 from .metadata import Metadata, refuse_bitmaps_beyond_memory
 from .regions import DEFAULT_REGION_SIZE, Geometry, validate_image_size, validate_region_size
 from .sources.base import Source
@@ -103,10 +104,9 @@ def _refuse_cut_short(dst_path: str, image_size: int, meta: Metadata) -> None:
         st = os.stat(dst_path)
     except OSError:
         return  # Destination.open says why
-    recorded = meta.header.identity.get("destination") or {}
     if (not stat.S_ISREG(st.st_mode) or st.st_size >= image_size
-            or recorded.get("inode") != st.st_ino
-            or recorded.get("path") != os.path.realpath(dst_path)):
+            or not same_recorded_identity(meta.header.identity.get("destination"),
+                                          file_identity(dst_path, st))):
         return
     raise DestinationError(
         f"{dst_path}: destination is {st.st_size} bytes, shorter than the image ({image_size} "

@@ -133,15 +133,9 @@ class Destination:
             self._direct_fd = -1
 
     def identity(self) -> dict[str, str | int]:
-        ident: dict[str, str | int] = {
-            "kind": "blockdev" if self.is_block_device else "file",
-            "path": os.path.realpath(self.path),
-        }
-        if self.is_block_device:
-            ident.update(loop_identity(self.fd))
-        else:
-            ident["inode"] = self._st.st_ino
-        return ident
+        if not self.is_block_device:
+            return file_identity(self.path, self._st)
+        return {"kind": "blockdev", "path": os.path.realpath(self.path), **loop_identity(self.fd)}
 
     def holds(self) -> str | None:
         """What DST holds that a new clone would overwrite, for its refusal: a regular file's
@@ -424,6 +418,11 @@ def _claim(fd: int, path: str, is_block_device: bool) -> tuple[int, list[int]]:
     if claimed != fd:
         os.close(fd)
     return claimed, held
+
+
+def file_identity(path: str, st: os.stat_result) -> dict[str, str | int]:
+    """How META records a regular-file DST (PATH, whose stat is ST)."""
+    return {"kind": "file", "path": os.path.realpath(path), "inode": st.st_ino}
 
 
 def _refuse_beneath_a_loop_device_in_use(fd: int, path: str) -> None:
