@@ -492,6 +492,28 @@ async def test_a_file_without_version_mark_replaced_while_the_server_was_away_fa
     assert not any("last-modified" in row for row in nginx.log())
 
 
+async def test_a_file_without_version_mark_replaced_while_no_request_was_out_fails_reads(
+        nginx, image):
+    """A server restarted between two reads fails neither: the next goes out on a new
+    connection. That connection may reach the server back on another file (or another server
+    of the name), so its answers wait for the sample, as after a failed request: the same file
+    reads on, another fails every later read instead of mixing two versions into one image."""
+    url = nginx.url("unversioned/image.raw")
+    async with open_source(url) as source:
+        assert await source.read(0, 4096) == image[:4096]
+        nginx.stop()  # no read while it is away
+        nginx.start()
+        assert await source.read(MiB, 4096) == image[MiB : MiB + 4096]
+        nginx.stop()
+        (nginx.root / "image.raw").write_bytes(random.Random(6).randbytes(FILE_SIZE))
+        nginx.start()
+        for offset in (2 * MiB, 0):
+            with pytest.raises(SourceReadError) as info:
+                await source.read(offset, 4096)
+            assert info.value.errno == errno.EIO
+            assert_one_line(info, url, "the source changed since the clone began")
+
+
 class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     """HEAD answers like a ranged file server; GET does what `server.mode` says."""
 
