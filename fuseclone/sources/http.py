@@ -26,10 +26,11 @@ sends them. Metadata made for one version of the file is refused for another. Wi
 ETag the identity also holds the data sample (`Source.take_sample`: its first and last 64 KiB),
 which tells versions apart that a weak ETag, a Last-Modified or the size alone would not.
 (nginx's ETag is mtime and size: a same-size file replaced within the same second keeps its ETag.)
-Such a file's sample is also read again after any request failed (the server was stopped,
-restarted, failed over: it may have come back with another file), before anything received
-since is handed out, as after an NBD server was dialled again; other data fails every later
-read (EIO: hydration stops, status says the source changed).
+Such a file's sample is also read again after any request failed or a new connection was
+opened (the server was stopped, restarted, failed over: it may have come back with another
+file, and a restart between two reads fails none of them), before anything received since is
+handed out, as after an NBD server was dialled again; other data fails every later read (EIO:
+hydration stops, status says the source changed).
 
 Reads: `read(offset, length)` splits into pieces of `piece_size` bytes (default 1 MiB) fetched
 concurrently; at most `max_connections` (16) requests of copies (`read_for_copy`) are in flight
@@ -132,6 +133,10 @@ class _RequestLines(logging.Filter):
 
 logging.getLogger("httpx").addFilter(_RequestLines())
 
+
+# When a file without version mark has its data sample compared (see HttpSource.sample_check).
+_SAMPLE_COMPARED = ("the data sample is compared at each mount, after a failed request and before "
+                    "using a new connection")
 
 # What a pre-signed redirect target answers once it has expired (S3: 403; others 401, 404, 410).
 _EXPIRED_TARGET = frozenset({401, 403, 404, 410})
@@ -398,10 +403,13 @@ class HttpSource(Source):
         self.buffers = BufferPool(RECYCLED_BYTES)
         self._closed = False
         self._failed_attempts = 0  # requests that failed (the server may have changed since)
+        self._connections_opened = 0  # counted only for a source known by its sample
         self._answered_at = -math.inf  # trio time the server last completed an answer
-        # Without a strong ETag, the sample is read again after a request failed (the server
-        # was stopped, restarted, failed over: it may have come back with another file).
-        self.sample_check = SampleCheck(self, lambda: self._failed_attempts,
+        # Without a strong ETag, the sample is read again after a request failed or a new
+        # connection was opened (the server was stopped, restarted, failed over: it may have
+        # come back with another file; one restarted between two reads failed neither).
+        self.sample_check = SampleCheck(self,
+                                        lambda: self._failed_attempts + self._connections_opened,
                                         lambda offset, length: self._read(
                                             offset, length, aligned=False, for_copy=False))
 
@@ -570,15 +578,13 @@ class HttpSource(Source):
             self._conditions = {}  # If-Match compares strongly: a weak ETag never matches
             log.warning("%s: the server sends only a weak ETag (%s) and no Last-Modified; reads "
                         "cannot be conditional, so a change of the file while the server keeps "
-                        "serving is noticed only in answers that carry another ETag (the data "
-                        "sample is compared at each mount and after a failed request)",
-                        self.description, self.etag)
+                        "serving is noticed only in answers that carry another ETag (%s)",
+                        self.description, self.etag, _SAMPLE_COMPARED)
         else:
             self._conditions = {}
             log.warning("%s: the server sends neither ETag nor Last-Modified; a change of the "
-                        "file while the server keeps serving cannot be detected (the data "
-                        "sample is compared at each mount and after a failed request)",
-                        self.description)
+                        "file while the server keeps serving cannot be detected (%s)",
+                        self.description, _SAMPLE_COMPARED)
 
     def _set_size(self, size: int) -> None:
         if size < 0:
@@ -646,7 +652,8 @@ class HttpSource(Source):
         want = len(into)
         stop = start + want
         headers = {"Range": f"bytes={start}-{stop - 1}", **self._conditions}
-        async with self._client.stream("GET", url, headers=headers) as response:
+        async with self._client.stream("GET", url, headers=headers,
+                                       extensions=self._connection_counting()) as response:
             if 400 <= response.status_code < 500 and response.status_code != 412:
                 refusal = f"{where}: {await self._refusal(response)}"
                 if url != self._named and response.status_code in _EXPIRED_TARGET:
@@ -689,6 +696,16 @@ class HttpSource(Source):
             log.info("%s: reads go to %s from now on (%s)", self.description,
                      describe_spec(str(target)), why)
             self._url = target
+
+    def _connection_counting(self) -> dict:
+        """The extensions of a request that count the connections it opens (httpcore's trace),
+        for a source known by its data sample alone (see `sample_check`); none for one with a
+        version mark, whose answers carry it."""
+        return {} if self.has_version_mark else {"trace": self._count_connections}
+
+    async def _count_connections(self, event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.complete":
+            self._connections_opened += 1
 
     def _check_answer(self, response: httpx.Response, where: str, start: int, stop: int) -> None:
         status = response.status_code
