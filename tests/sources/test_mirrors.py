@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from fuseclone.errors import SourceError
+from fuseclone.sources.base import SAMPLE_KEY
 from fuseclone.sources.mirrors import PROBE_INTERVAL, RecordedSource, open_mirrored_source
 from tests.sources.conftest import free_port
 from tests.sources_http.test_http import nginx, write_file  # noqa: F401  (a fixture)
@@ -86,3 +87,27 @@ async def test_a_password_in_a_url_stays_out_of_status_and_errors():
         texts.append(str(failed.value))
     assert all("hunter2" not in text for text in texts), texts
     assert "user:***@127.0.0.1" in source.description
+
+
+async def test_a_mirror_added_to_a_clone_recorded_without_a_sample_is_checked_by_its_data(
+        nbdkit, tmp_path):
+    """A clone of a source with a version mark (a file), made without mirrors, records no data
+    sample. Mounted again with a mirror, the mirror is compared with the primary's sample
+    (taken because there are mirrors), not by its size alone: another image of the same size
+    is refused before it serves anything; one of the same image serves."""
+    src, other = tmp_path / "golden.img", tmp_path / "other.img"
+    data = write_file(src, 2 * MiB, seed=7)
+    write_file(other, 2 * MiB, seed=8)
+    async with open_mirrored_source(str(src)) as source:
+        recorded = RecordedSource(source.size, source.identity())
+    assert SAMPLE_KEY not in recorded.identity
+    wrong = nbdkit("file", other)
+    with pytest.raises(SourceError) as refused:
+        async with open_mirrored_source(str(src), [wrong.url()], recorded=recorded):
+            pass  # pragma: no cover
+    text = str(refused.value)
+    assert "\n" not in text and wrong.url() in text and "its data differs from the source's" in text
+    same = nbdkit("file", src)
+    async with open_mirrored_source(str(src), [same.url()], recorded=recorded) as source:
+        assert states(source) == ["serving", "standby"]
+        assert await source.read(0, MiB) == data[:MiB]
