@@ -317,12 +317,21 @@ class MirroredSource(Source):
 
     async def _reference(self) -> RecordedSource | None:
         """What a mirror must match: META's record, or a new clone's primary once it opened
-        (None when it did not)."""
-        if self._recorded is not None:
-            return self._recorded
+        (None when it did not). A record without a data sample (of a source with a version
+        mark, cloned without mirrors) is replaced by the primary, sampled because there are
+        mirrors, when it answers as the source recorded: a mirror is then compared by its
+        data, not by its size alone. While the primary is away, the record is all there is."""
+        recorded = self._recorded
+        if recorded is not None and SAMPLE_KEY in recorded.identity:
+            return recorded
         await self._primary.attempted.wait()
         primary = self._primary.source
-        return None if primary is None else RecordedSource(primary.size, primary.identity())
+        if primary is None:
+            return recorded
+        if recorded is not None and (primary.size != recorded.size
+                                     or not primary.identity_matches(recorded.identity)):
+            return recorded  # another image: refused as such, not as a mirror that differs
+        return RecordedSource(primary.size, primary.identity())
 
     def _attach(self, server: _Server, source: Source) -> None:
         if server.error is not None:
