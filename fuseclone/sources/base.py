@@ -19,7 +19,8 @@ from ..errors import SourceError
 log = logging.getLogger(__name__)
 
 #: Bytes of each end of the image that its data sample covers: where partition tables, GPT
-#: headers (with the disk's GUID) and filesystem superblocks (with their UUIDs) lie.
+#: headers (with the disk's GUID) and an unpartitioned image's filesystem superblock (with its
+#: UUID) lie. A partitioned disk's filesystems begin beyond (README, Limits).
 SAMPLE_BYTES = 64 << 10
 
 #: The key of the data sample in a source's identity.
