@@ -218,3 +218,27 @@ def test_unmount_never_stops_another_mount_that_took_the_meta_path(rig, random_s
     mounted = open("/proc/mounts").read()
     assert f" {other_mnt} " in mounted and f" {rig.mnt} " in mounted  # neither was stopped
     fuseclone("unmount", other_mnt)
+
+
+@pytest.mark.parametrize("change", ["written", "grown"])
+def test_a_source_file_changed_between_mounts_is_refused_as_changed_not_as_another_clone(
+        rig, random_source, change):
+    """The clone's own SRC, written or grown since it was last mounted, cannot resume the
+    clone (its hydrated regions hold the earlier version): refused in one line that says the
+    source changed and what moved, not that META belongs to another clone (it does not: the
+    user would go looking for the right META), and nothing changes."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    with open(rig.src, "r+b") as f:
+        f.seek(5 * MiB if change == "written" else 0, os.SEEK_SET if change == "written" else 2)
+        f.write(b"x")
+    meta_before = open(rig.meta, "rb").read()
+    result = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, check=False)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"{rig.src}: the source changed since the clone began" in lines[0], lines[0]
+    assert ("mtime_ns" if change == "written" else "size") in lines[0]
+    assert "another clone" not in lines[0]
+    assert open(rig.meta, "rb").read() == meta_before
