@@ -53,7 +53,7 @@ from .regions import CompleteMap, Geometry, RegionMap
 from .identity import same_recorded_identity
 from .limits import available_memory
 from .sources import describe_identity
-from .sources.base import SAMPLED, Source, without_sample
+from .sources.base import SAMPLED, Source, differences, without_sample
 
 log = logging.getLogger(__name__)
 
@@ -584,20 +584,27 @@ class Metadata:
         """Refuse a metadata file that belongs to another source, or to another image the same
         source served (its data sample differs). The source decides whether a recorded identity
         names it (`Source.identity_matches`: an HTTP object behind a re-issued pre-signed URL
-        does)."""
-        if self.header.source_size != source.size:
-            raise MetadataError(
-                f"{self.path} records a source of {self.header.source_size} bytes, but the source "
-                f"has {source.size}: it belongs to another clone")
+        does). The same source in another version (a file written or grown, an object
+        replaced) is said to have changed, not to be another clone's."""
         recorded = self.header.identity.get("source")
         if not isinstance(recorded, dict):
             self._refuse_another("source", source.identity())
-        if source.identity_matches(recorded):
+        same_size = self.header.source_size == source.size
+        if same_size and source.identity_matches(recorded):
             return
-        if source.identity_matches(without_sample(recorded)):
+        if same_size and source.identity_matches(without_sample(recorded)):
             raise MetadataError(
                 f"{source.description}: its data differs from what the clone was made from "
                 f"({SAMPLED} are not those {self.path} records): another image of the same size")
+        if source.is_another_version(recorded):
+            raise MetadataError(
+                f"{source.description}: the source changed since the clone began: "
+                f"{differences(self.header.source_size, recorded, source)}; the clone cannot "
+                "resume from this version (its hydrated regions hold the earlier one's data)")
+        if not same_size:
+            raise MetadataError(
+                f"{self.path} records a source of {self.header.source_size} bytes, but the source "
+                f"has {source.size}: it belongs to another clone")
         self._refuse_another("source", source.identity())
 
     def check_destination(self, identity: dict) -> None:

@@ -29,6 +29,10 @@ SAMPLE_KEY = "sample_sha256"
 #: What the sample covers, for messages.
 SAMPLED = "its first and last 64 KiB"
 
+#: The keys of a source's identity that name its version rather than the source itself: what
+#: moves when the same file or object is written, grown or replaced.
+VERSION_KEYS = ("size", "mtime_ns", "etag", "last_modified")
+
 T = TypeVar("T")
 
 
@@ -103,6 +107,14 @@ class Source(abc.ABC):
     def same_identity(self, stored: dict, current: dict) -> bool:
         """The kind's rule: whether two identities (without samples) name the same source."""
         return stored == current
+
+    def is_another_version(self, stored: dict) -> bool:
+        """Whether `stored` (an identity recorded earlier that `identity_matches` refused)
+        names this same source in another version: the two differ in VERSION_KEYS alone."""
+        def unversioned(identity: dict) -> dict:
+            return {key: value for key, value in without_sample(identity).items()
+                    if key not in VERSION_KEYS}
+        return self.same_identity(unversioned(stored), unversioned(self.identity()))
 
     async def take_sample(self) -> None:
         """Read the data sample (`sample`, see `read_sample`). Raises SourceError when it
@@ -246,3 +258,16 @@ def sample_differs(recorded: dict, current: dict) -> bool:
 def without_sample(identity: dict) -> dict:
     """IDENTITY without its data sample."""
     return {key: value for key, value in identity.items() if key != SAMPLE_KEY}
+
+
+def differences(recorded_size: int, recorded: dict, source: Source) -> str:
+    """How `source` differs from what META recorded of it (`recorded`, of `recorded_size`
+    bytes), field by field."""
+    now = {**source.identity(), "size": source.size}
+    then = {**recorded, "size": recorded_size}
+    keys = sorted(key for key in now.keys() | then.keys()
+                  if now.get(key) != then.get(key) and key != SAMPLE_KEY)
+    fields = [f"{key} {now.get(key)} (the metadata records {then.get(key)})" for key in keys]
+    if sample_differs(then, now):
+        fields.append(f"its data differs from what the clone was made from ({SAMPLED})")
+    return ", ".join(fields) or "the source says so"

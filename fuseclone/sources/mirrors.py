@@ -31,7 +31,7 @@ import trio
 from ..errors import SourceError
 from . import check_scheme, describe_spec, open_source, takes_http_headers
 from .base import (SAMPLE_KEY, SAMPLED, Extent, ServerStatus, Source, SourceReadError,
-                   sample_differs)
+                   differences, sample_differs)
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,12 @@ class MirroredSource(Source):
             return self._primary.source.identity_matches(stored)
         return True
 
+    def same_identity(self, stored: dict, current: dict) -> bool:
+        """The primary's kind's rule, once it answered."""
+        if self._primary.source is not None:
+            return self._primary.source.same_identity(stored, current)
+        return stored == current
+
     def holds_no_data(self) -> bool:
         return self._primary.source is not None and self._primary.source.holds_no_data()
 
@@ -306,7 +312,8 @@ class MirroredSource(Source):
             if recorded is None or self._opening:
                 return None  # a new clone's, or open_clone checks it against META itself
             if source.size != recorded.size or not source.identity_matches(recorded.identity):
-                return f"it now serves another image: {_differences(recorded, source)}"
+                return (f"it now serves another image: "
+                        f"{differences(recorded.size, recorded.identity, source)}")
             return None
         reference = await self._reference()
         if reference is None:
@@ -379,14 +386,3 @@ class MirroredSource(Source):
                     continue
                 self._answered(server)
 
-
-def _differences(recorded: RecordedSource, source: Source) -> str:
-    """How `source` differs from what META recorded, field by field."""
-    now = {**source.identity(), "size": source.size}
-    then = {**recorded.identity, "size": recorded.size}
-    keys = sorted(key for key in now.keys() | then.keys()
-                  if now.get(key) != then.get(key) and key != SAMPLE_KEY)
-    fields = [f"{key} {now.get(key)} (the metadata records {then.get(key)})" for key in keys]
-    if sample_differs(then, now):
-        fields.append(f"its data differs from what the clone was made from ({SAMPLED})")
-    return ", ".join(fields) or "the source says so"

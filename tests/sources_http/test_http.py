@@ -1107,7 +1107,7 @@ async def test_engine_hydrates_from_nginx_and_refuses_meta_of_a_changed_file(ngi
     async with open_http_source(url) as source:
         with pytest.raises(MetadataError) as info:
             open_clone(source, dst, meta)
-    assert_one_line(info, "belongs to another clone", "etag")
+    assert_one_line(info, "the source changed since the clone began", "etag")
     assert open(meta, "rb").read() == meta_before  # refused without changing anything
 
 
