@@ -108,6 +108,31 @@ async def test_an_object_replaced_while_open_fails_reads(aws_env, bucket):
     assert "changed" in str(exc_info.value)
 
 
+
+async def test_a_multipart_object_replaced_while_open_fails_reads(aws_env, bucket):
+    """A multipart upload's ETag (an MD5 of the parts' MD5s, `-N` after it) is the object's
+    version mark as a single PUT's is: replaced by another of the same size and parts, reads
+    fail instead of mixing the two, and the next opening sees the new ETag."""
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    parts = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    first, second = (random.Random(seed).randbytes(12 * MiB) for seed in (21, 22))
+    client = aws_env.client()
+    client.upload_fileobj(io.BytesIO(first), bucket, "multipart.raw", Config=parts)
+    async with open_source(f"s3://{bucket}/multipart.raw") as source:
+        etag = source.identity()["etag"]
+        assert etag.endswith('-3"') and source.has_version_mark
+        assert await source.read(6 * MiB, 4096) == first[6 * MiB:6 * MiB + 4096]
+        client.upload_fileobj(io.BytesIO(second), bucket, "multipart.raw", Config=parts)
+        with pytest.raises(SourceReadError) as info:
+            await source.read(7 * MiB, 4096)
+        assert "changed on the server" in str(info.value) and etag in str(info.value)
+    async with open_source(f"s3://{bucket}/multipart.raw") as source:
+        assert source.identity()["etag"] not in (etag, None)
+
+
 SESSION_TOKEN = "fc-session-token-Kd93LpQ"  # distinctive: looked for where it must not go
 
 
