@@ -182,6 +182,63 @@ async def test_a_clone_resumes_when_the_unix_socket_moves(nbdkit, image, tmp_pat
                 open_clone(source, dst, meta, settings=Settings(hydration=False))
 
 
+
+def partitioned_disk(path, table: str, version: int) -> None:
+    """A 8 MiB disk image with one partition at 1 MiB (MBR or GPT, the same table in every
+    version), whose filesystem superblock (at 1 KiB into it) tells `version` apart, as a
+    disk's filesystems written between two versions of it do. Nothing else differs: not the
+    first or last 64 KiB."""
+    disk = bytearray(8 * MiB)
+    start, sectors = 2048, (8 * MiB - 2 * MiB) // 512
+    if table == "mbr":
+        disk[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + start.to_bytes(4, "little") \
+            + sectors.to_bytes(4, "little")
+    else:
+        disk[446:462] = bytes([0, 0, 0, 0, 0xEE, 0, 0, 0]) + (1).to_bytes(4, "little") \
+            + (len(disk) // 512 - 1).to_bytes(4, "little")
+        header = bytearray(92)
+        header[0:8] = b"EFI PART"
+        header[72:80] = (2).to_bytes(8, "little")  # the entries' first LBA
+        header[80:84] = (128).to_bytes(4, "little")  # entries
+        header[84:88] = (128).to_bytes(4, "little")  # bytes each
+        disk[512:604] = header
+        entry = bytes(range(1, 17)) + bytes(16) + start.to_bytes(8, "little") \
+            + (start + sectors - 1).to_bytes(8, "little")
+        disk[1024:1024 + len(entry)] = entry
+    disk[510:512] = b"\x55\xaa"
+    disk[start * 512 + 1024:start * 512 + 1024 + 64] = random.Random(version).randbytes(64)
+    with open(path, "wb") as f:
+        f.write(disk)
+
+
+@pytest.mark.parametrize("table", ["mbr", "gpt"])
+async def test_another_version_of_a_partitioned_disk_is_refused(nbdkit, tmp_path, table):
+    """A partitioned disk (a VM's image) has nothing but its partition table in its first and
+    last 64 KiB. Its data sample also covers the start of each partition, where filesystems
+    keep their superblocks: a server restarted on another version of the disk, its
+    filesystem written, is refused on resume instead of mixing the two versions."""
+    disk = tmp_path / "disk.img"
+    partitioned_disk(disk, table, version=1)
+    server = nbdkit("file", disk)
+    dst, meta = str(tmp_path / "dst.img"), str(tmp_path / "meta")
+    async with open_source(server.url()) as source:
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            pass
+    server.stop()
+    partitioned_disk(disk, table, version=2)
+    server.start()
+    async with open_source(server.url()) as source:
+        with pytest.raises(MetadataError, match="its data differs from what the clone was made"):
+            open_clone(source, dst, meta, settings=Settings(hydration=False))
+    server.stop()
+    partitioned_disk(disk, table, version=1)
+    server.start()
+    async with open_source(server.url()) as source:  # the version it was made from resumes
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            pass
+
 def test_same_nbd_export_rules():
     unix = {"kind": "nbd", "url": "nbd+unix:///e?socket=/a", "export": "e", "size": 5, "socket": "/a"}
     assert same_nbd_export(unix, {**unix, "url": "nbd+unix:///e?socket=/b", "socket": "/b"})
