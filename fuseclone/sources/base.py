@@ -20,14 +20,23 @@ log = logging.getLogger(__name__)
 
 #: Bytes of each end of the image that its data sample covers: where partition tables, GPT
 #: headers (with the disk's GUID) and an unpartitioned image's filesystem superblock (with its
-#: UUID) lie. A partitioned disk's filesystems begin beyond (README, Limits).
+#: UUID) lie.
 SAMPLE_BYTES = 64 << 10
 
-#: The key of the data sample in a source's identity.
-SAMPLE_KEY = "sample_sha256"
+#: Bytes of the start of each partition (of the MBR or GPT in the first SAMPLE_BYTES) that the
+#: partitions' sample covers: a partitioned disk's filesystems begin beyond its ends, and keep
+#: their superblocks here (ext4's at 1 KiB, XFS's at 0, btrfs's at 64 KiB; FAT's tables).
+PARTITION_SAMPLE_BYTES = 128 << 10
+MAX_SAMPLED_PARTITIONS = 16
 
-#: What the sample covers, for messages.
-SAMPLED = "its first and last 64 KiB"
+#: The keys of the data samples in a source's identity: of the ends, and of the partitions'
+#: starts (only an image that begins with a partition table has that one).
+SAMPLE_KEY = "sample_sha256"
+PARTITIONS_KEY = "partitions_sha256"
+SAMPLE_KEYS = (SAMPLE_KEY, PARTITIONS_KEY)
+
+#: What the samples cover, for messages.
+SAMPLED = "its first and last 64 KiB and the start of each partition"
 
 #: The keys of a source's identity that name its version rather than the source itself: what
 #: moves when the same file or object is written, grown or replaced.
@@ -74,8 +83,10 @@ class Source(abc.ABC):
     def size(self) -> int:
         """Size of the source in bytes (the image size)."""
 
-    #: A SHA-256 of the image's first and last SAMPLE_BYTES once `take_sample` read them.
+    #: A SHA-256 of the image's first and last SAMPLE_BYTES once `take_sample` read them, and
+    #: of its partitions' starts when it has a partition table (see `read_sample`).
     sample: str | None = None
+    partitions_sample: str | None = None
 
     @property
     def has_version_mark(self) -> bool:
@@ -91,6 +102,8 @@ class Source(abc.ABC):
         ident = self.own_identity()
         if self.sample is not None:
             ident[SAMPLE_KEY] = self.sample
+        if self.partitions_sample is not None:
+            ident[PARTITIONS_KEY] = self.partitions_sample
         return ident
 
     @abc.abstractmethod
@@ -117,42 +130,32 @@ class Source(abc.ABC):
         return self.same_identity(unversioned(stored), unversioned(self.identity()))
 
     async def take_sample(self) -> None:
-        """Read the data sample (`sample`, see `read_sample`). Raises SourceError when it
-        cannot be read: a source that does not serve its ends is not open."""
+        """Read the data samples (`sample` and `partitions_sample`, see `read_sample`). Raises
+        SourceError when they cannot be read: a source that does not serve them is not open."""
         try:
-            self.sample = await self.read_sample(self.read)
+            self.sample, self.partitions_sample = await self.read_sample(self.read)
         except SourceReadError as exc:
             raise SourceError(f"{self.description}: cannot read the start and end of the "
                               f"source: {exc}") from None
 
-    async def read_sample(self, read: Callable[[int, int], Awaitable[bytes | bytearray]]) -> str:
-        """A SHA-256 of the first and last SAMPLE_BYTES of the image (of the whole image when it
-        is smaller), both read at once with `read`. Raises SourceReadError."""
+    async def read_sample(self, read: Callable[[int, int], Awaitable[bytes | bytearray]]
+                          ) -> tuple[str, str | None]:
+        """The data samples, read with `read`: a SHA-256 of the first and last SAMPLE_BYTES of
+        the image (of the whole image when it is smaller), both read at once; and when the
+        first begin with a partition table, a SHA-256 of the first PARTITION_SAMPLE_BYTES of
+        each partition, read at once after (None without one). Raises SourceReadError."""
         size = self.size
         if size <= 2 * SAMPLE_BYTES:
-            spans = [(0, size)]
+            ends = [(0, size)]
         else:
-            spans = [(0, SAMPLE_BYTES), (size - SAMPLE_BYTES, SAMPLE_BYTES)]
-        import trio  # not at import: the CLI's commands that open no source do without it
-
-        pieces: dict[int, bytes | bytearray | SourceReadError] = {}
-
-        async def read_piece(offset: int, length: int) -> None:
-            try:
-                pieces[offset] = await read(offset, length)
-            except SourceReadError as exc:  # raised below, not as an ExceptionGroup
-                pieces[offset] = exc
-
-        async with trio.open_nursery() as nursery:
-            for offset, length in spans:
-                nursery.start_soon(read_piece, offset, length)
-        digest = hashlib.sha256()
-        for offset, _ in spans:
-            piece = pieces[offset]
-            if isinstance(piece, SourceReadError):
-                raise piece
-            digest.update(piece)
-        return digest.hexdigest()
+            ends = [(0, SAMPLE_BYTES), (size - SAMPLE_BYTES, SAMPLE_BYTES)]
+        pieces = await _read_spans(read, ends)
+        starts = partition_starts(pieces[0], size)
+        if not starts:
+            return _sha256(pieces), None
+        partitions = await _read_spans(read, [(start, min(PARTITION_SAMPLE_BYTES, size - start))
+                                              for start in starts])
+        return _sha256(pieces), _sha256(partitions)
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -239,7 +242,8 @@ class SampleCheck:
             events = self._events()
             if events == self._trusted_events:
                 return  # checked meanwhile
-            if await self._source.read_sample(self._read) != self._source.sample:
+            if await self._source.read_sample(self._read) != (self._source.sample,
+                                                               self._source.partitions_sample):
                 self.changed = (f"{self._source.description}: the source changed since the "
                                 f"clone began (the server came back with other data: {SAMPLED} "
                                 "differ)")
@@ -250,14 +254,91 @@ class SampleCheck:
 
 def sample_differs(recorded: dict, current: dict) -> bool:
     """Whether two identities hold data samples that differ. One without a sample (recorded
-    before samples were taken, or of a source with a version mark) differs in none."""
-    then, now = recorded.get(SAMPLE_KEY), current.get(SAMPLE_KEY)
-    return then is not None and now is not None and then != now
+    before samples were taken, or of a source with a version mark) differs in none; one
+    without the partitions' sample (recorded before those were taken) differs in its ends'."""
+    return any(recorded.get(key) is not None and current.get(key) is not None
+               and recorded[key] != current[key] for key in SAMPLE_KEYS)
 
 
 def without_sample(identity: dict) -> dict:
-    """IDENTITY without its data sample."""
-    return {key: value for key, value in identity.items() if key != SAMPLE_KEY}
+    """IDENTITY without its data samples."""
+    return {key: value for key, value in identity.items() if key not in SAMPLE_KEYS}
+
+
+def partition_starts(head: bytes | bytearray, size: int) -> list[int]:
+    """Where the partitions of the GPT or MBR at the start of an image (`head`, its first
+    bytes) begin, in bytes: those inside its `size`, at most MAX_SAMPLED_PARTITIONS; [] when
+    it has no partition table. Extended MBR partitions are left out (their logical ones
+    begin further on)."""
+    if len(head) < 512 or head[510:512] != b"\x55\xaa":
+        return []
+    starts = _gpt_starts(head)
+    if starts is None:
+        starts = []
+        for entry in range(446, 510, 16):
+            kind = head[entry + 4]
+            first = int.from_bytes(head[entry + 8:entry + 12], "little")
+            sectors = int.from_bytes(head[entry + 12:entry + 16], "little")
+            if kind not in _NOT_A_PARTITION and first and sectors:
+                starts.append(first * 512)
+    return sorted({start for start in starts if 0 < start < size})[:MAX_SAMPLED_PARTITIONS]
+
+
+# MBR partition types that hold no filesystem of their own: none, extended (CHS, LBA, Linux),
+# GPT's protective one.
+_NOT_A_PARTITION = frozenset({0x00, 0x05, 0x0F, 0x85, 0xEE})
+_GPT_ENTRY = 48  # the bytes of a GPT entry read here: type GUID, partition GUID, first LBA...
+
+
+def _gpt_starts(head: bytes | bytearray) -> list[int] | None:
+    """The first byte of each used entry of the GPT in `head` (its header in LBA 1 of 512- or
+    4096-byte sectors; entries beyond `head` are not seen), or None without a GPT."""
+    for sector in (512, 4096):
+        if head[sector:sector + 8] != b"EFI PART" or len(head) < sector + 88:
+            continue
+        entries = int.from_bytes(head[sector + 72:sector + 80], "little") * sector
+        count = int.from_bytes(head[sector + 80:sector + 84], "little")
+        entry_size = int.from_bytes(head[sector + 84:sector + 88], "little")
+        if entry_size < _GPT_ENTRY:
+            return []
+        starts = []
+        for at in range(entries, entries + count * entry_size, entry_size):
+            if at + _GPT_ENTRY > len(head):
+                break
+            if any(head[at:at + 16]):  # a type GUID of zeros: an unused entry
+                starts.append(int.from_bytes(head[at + 32:at + 40], "little") * sector)
+        return starts
+    return None
+
+
+async def _read_spans(read: Callable[[int, int], Awaitable[bytes | bytearray]],
+                      spans: list[tuple[int, int]]) -> list[bytes | bytearray]:
+    """The (offset, length) `spans`, read all at once with `read`, in their order. Raises
+    the SourceReadError of the first that failed."""
+    import trio  # not at import: the CLI's commands that open no source do without it
+
+    pieces: list[bytes | bytearray | SourceReadError] = [b""] * len(spans)
+
+    async def read_piece(index: int, offset: int, length: int) -> None:
+        try:
+            pieces[index] = await read(offset, length)
+        except SourceReadError as exc:  # raised below, not as an ExceptionGroup
+            pieces[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        for index, (offset, length) in enumerate(spans):
+            nursery.start_soon(read_piece, index, offset, length)
+    for piece in pieces:
+        if isinstance(piece, SourceReadError):
+            raise piece
+    return pieces  # type: ignore[return-value]
+
+
+def _sha256(pieces: list[bytes | bytearray]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def differences(recorded_size: int, recorded: dict, source: Source) -> str:
@@ -266,7 +347,7 @@ def differences(recorded_size: int, recorded: dict, source: Source) -> str:
     now = {**source.identity(), "size": source.size}
     then = {**recorded, "size": recorded_size}
     keys = sorted(key for key in now.keys() | then.keys()
-                  if now.get(key) != then.get(key) and key != SAMPLE_KEY)
+                  if now.get(key) != then.get(key) and key not in SAMPLE_KEYS)
     fields = [f"{key} {now.get(key)} (the metadata records {then.get(key)})" for key in keys]
     if sample_differs(then, now):
         fields.append(f"its data differs from what the clone was made from ({SAMPLED})")

@@ -238,6 +238,19 @@ async def test_another_version_of_a_partitioned_disk_is_refused(nbdkit, tmp_path
         engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
         async with running(engine):
             pass
+    from fuseclone.metadata import Metadata
+    from fuseclone.sources.base import PARTITIONS_KEY
+
+    with Metadata.open(meta, writable=True) as recorded:  # as a release before it wrote it
+        identity = recorded.header.identity
+        partitions = identity["source"].pop(PARTITIONS_KEY)
+        recorded.mark_open(identity)
+        recorded.mark_clean()
+    async with open_source(server.url()) as source:  # resumes, and records it again
+        engine = open_clone(source, dst, meta, settings=Settings(hydration=False))
+        async with running(engine):
+            pass
+    assert Metadata.read_header(meta).identity["source"][PARTITIONS_KEY] == partitions
 
 def test_same_nbd_export_rules():
     unix = {"kind": "nbd", "url": "nbd+unix:///e?socket=/a", "export": "e", "size": 5, "socket": "/a"}
@@ -988,3 +1001,30 @@ async def test_server_restarted_with_other_block_sizes_is_read_by_its_new_sizes(
         assert (source.info.min_block_size, source.info.max_block_size) == (4096, 65536), errors[-3:]
         for offset, n in [(1, 10), (5000, 300000), (0, len(data))]:
             assert await source.read(offset, n) == data[offset:offset + n], (offset, n)
+
+
+def test_partition_starts_of_mbr_gpt_and_no_table():
+    from fuseclone.sources.base import partition_starts
+
+    head = bytearray(64 * KiB)
+    assert partition_starts(head, 1 << 30) == []  # no table: no partitions' sample
+    head[510:512] = b"\x55\xaa"
+    for slot, (kind, first) in enumerate([(0x83, 2048), (0x05, 4096), (0x07, 0xF0000000),
+                                          (0x8E, 8192)]):
+        entry = 446 + 16 * slot
+        head[entry + 4] = kind
+        head[entry + 8:entry + 12] = first.to_bytes(4, "little")
+        head[entry + 12:entry + 16] = (100).to_bytes(4, "little")
+    # the extended partition is left out, and one beyond the image's end
+    assert partition_starts(head, 1 << 30) == [2048 * 512, 8192 * 512]
+    gpt = bytearray(64 * KiB)  # 4096-byte sectors: the header in LBA 1 at 4096
+    gpt[510:512] = b"\x55\xaa"
+    gpt[4096:4104] = b"EFI PART"
+    gpt[4096 + 72:4096 + 80] = (2).to_bytes(8, "little")
+    gpt[4096 + 80:4096 + 84] = (4).to_bytes(4, "little")
+    gpt[4096 + 84:4096 + 88] = (128).to_bytes(4, "little")
+    for index, first in ((0, 256), (2, 1024)):  # entry 1 unused
+        at = 8192 + 128 * index
+        gpt[at:at + 16] = b"\x01" * 16
+        gpt[at + 32:at + 40] = first.to_bytes(8, "little")
+    assert partition_starts(gpt, 1 << 30) == [256 * 4096, 1024 * 4096]
