@@ -17,7 +17,8 @@ import click
 
 from . import control, startup_files
 from .blockio import open_regular_file
-from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
+from .errors import (FusecloneError, MetadataFailedError, MetadataInUseError, describe,
+                     ended_in_fail_mode, user_error)
 from .sources import describe_spec, is_remote, with_absolute_paths
 from .status import Status
 from .units import parse_size
@@ -686,14 +687,19 @@ def unmount(mountpoint, timeout, lazy) -> None:
                      f"{timeout:.0f} s ({control.why_not_answering(reply.get('pid'))})")
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+    log_file = reply.get("log_file") or "its log"
+    lost = control.lost_writes(meta, _clone_uuid(meta))
+    lost_line = (None if lost is None else "the mount lost writes the kernel had acknowledged "
+                 f"from its cache: {lost.summary}")
+    if reply.get("metadata_mode") == "fail":
+        # A daemon of a release before 2026-11-29 sends no metadata_error.
+        why = ended_in_fail_mode(reply.get("metadata_error") or f"a failed write (see {log_file})")
+        fail(f"{mountpoint}: unmounted, but {why}" + (f"; {lost_line}" if lost_line else ""))
     if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
-             f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
-             f"{_MAY_BE_LOST}")
-    lost = control.lost_writes(meta, _clone_uuid(meta))
-    if lost is not None:
-        fail(f"{mountpoint}: unmounted, but the mount lost writes the kernel had acknowledged "
-             f"from its cache: {lost.summary} (see {reply.get('log_file') or 'its log'})")
+             f"was killed, or the commit failed: see {log_file}): {_MAY_BE_LOST}")
+    if lost_line is not None:
+        fail(f"{mountpoint}: unmounted, but {lost_line} (see {log_file})")
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)

@@ -17,8 +17,9 @@ Protocol: one JSON object per line in each direction, one request per connection
     {"op": "unmount", "lazy": true}    -> {"ok": true, ...}: cached writes handed over, then a
                                           lazy detach and shutdown (what SIGTERM does)
                                           (every unmount answer also carries "pid",
-                                          "metadata_mode" and "log_file": the CLI then tells a
-                                          last commit that lingers or never came)
+                                          "metadata_mode", "metadata_error" and "log_file": the
+                                          CLI then tells a last commit that lingers or never
+                                          came, and why)
     either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
 A field a daemon does not know is refused ('OP takes no field "NAME"'): a client that adds one

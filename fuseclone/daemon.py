@@ -26,7 +26,7 @@ from . import claims, control, heap, identity
 from .clone import open_clone, recorded_source, running
 from .control_server import serve_control
 from .engine import CloneEngine, Settings
-from .errors import FusecloneError, describe
+from .errors import FusecloneError, describe, ended_in_fail_mode
 from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
 from .metadata import Metadata, format_1_identity
@@ -251,9 +251,22 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 # Only what open_clone made: META and DST another mount created meanwhile (the
                 # source may take long to answer) are a clone this mount resumed.
                 _remove_created(opts, engine.created_meta, engine.created_dst)
-    if lost:  # the daemon's exit status says so too (a foreground mount, a service)
-        log.error("%s", _lost_writes_line(lost.summary()))
-        raise FusecloneError(_lost_writes_line(lost.summary()))
+    # The daemon's exit status says how it ended too (a foreground mount, a service).
+    troubles = _what_the_end_lost(engine.meta, lost)
+    if troubles:
+        log.error("%s", troubles)
+        raise FusecloneError(troubles)
+
+
+def _what_the_end_lost(meta: Metadata, lost: LostWrites) -> str | None:
+    """Why a mount that has ended must not exit 0: its metadata in fail mode (no last commit),
+    cached writes lost. None when it ended well."""
+    troubles = []
+    if meta.failure is not None:
+        troubles.append(f"this mount ended without its last commit: {ended_in_fail_mode(meta.failure)}")
+    if lost:
+        troubles.append(_lost_writes_line(lost.summary()))
+    return "; ".join(troubles) or None
 
 
 def _leave_lost_writes_report(meta: Metadata, lost: LostWrites) -> None:
@@ -432,10 +445,10 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                     return {"ok": False, "error": _still_mounted_elsewhere(elsewhere)}
                 reply = await _unmount_unless_in_use(mountpoint, real_now, place, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
-            # (in fail mode it stays unmarked on purpose, and the user was told why).
+            # (in fail mode it stays unmarked on purpose: the CLI says why, from metadata_error).
             # `pid`: what `unmount` names when the last commit lingers (a frozen filesystem).
             return {**reply, "pid": os.getpid(), "metadata_mode": engine.meta.mode.value,
-                    "log_file": _log_file()}
+                    "metadata_error": engine.meta.failure, "log_file": _log_file()}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
