@@ -435,8 +435,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             if asked is not None and asked.mountpoint != real_now:  # a bind mount of ours
                 mountpoint = real_now = asked.mountpoint
             if req["lazy"]:  # what a SIGTERM does
-                nursery.start_soon(_write_back_then_stop, image_now, write_cache,
-                                   engine.source_waited, lost, stop)
+                nursery.start_soon(_write_back_then_stop, image_now, engine.source_waited,
+                                   lost, stop)
                 reply = {"ok": True}
             else:
                 place = asked.mount_id if asked is not None else mount_id
@@ -454,7 +454,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, lost, stop)
+    nursery.start_soon(_signals, image_now, engine.source_waited, lost, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     device = device_of(mount_id) if mount_id is not None else None
@@ -520,9 +520,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 signal.SIGXCPU)
 
 
-async def _signals(image: Callable[[], str], write_cache: int,
-                   source_waited: Callable[[], float], lost: LostWrites,
-                   stop: trio.CancelScope) -> None:
+async def _signals(image: Callable[[], str], source_waited: Callable[[], float],
+                   lost: LostWrites, stop: trio.CancelScope) -> None:
     """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
     handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
     once."""
@@ -537,8 +536,7 @@ async def _signals(image: Callable[[], str], write_cache: int,
                     stop.cancel()
                     return
                 log.info("received %s: committing and unmounting", name)
-                nursery.start_soon(_write_back_then_stop, image, write_cache, source_waited,
-                                   lost, stop)
+                nursery.start_soon(_write_back_then_stop, image, source_waited, lost, stop)
 
 
 def _still_mounted_elsewhere(places: list[str]) -> str:
@@ -575,20 +573,23 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
     return {"ok": True}
 
 
-async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
-                                source_waited: Callable[[], float], lost: LostWrites,
-                                stop: trio.CancelScope) -> None:
-    """Stop serving, but first take over the writes the kernel still caches: once the session
-    ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
-    lose them."""
-    if write_cache and not await _write_back(image(), source_waited):
+async def _write_back_then_stop(image: Callable[[], str], source_waited: Callable[[], float],
+                                lost: LostWrites, stop: trio.CancelScope) -> None:
+    """Stop serving, but first take over the writes the kernel still caches, and those that
+    filesystems on loop devices of the image still cache: once the session ends they could not
+    be handed over, and a file still open at the unmount (a lazy detach) would lose them. With
+    --write-cache 0 the kernel caches none of the image's own, but the filesystems above it
+    may."""
+    if not await _write_back(image(), source_waited, stacked=True):
         lost.give_up(f"the stop gave up on them after {WRITE_BACK_TIMEOUT:.0f} s waiting for the "
                      "source")
     stop.cancel()
 
 
-async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
-    """Have the kernel hand over the image's cached writes: an fsync of the image, in a thread
+async def _write_back(image: str, source_waited: Callable[[], float],
+                      stacked: bool = False) -> bool:
+    """Have the kernel hand over the image's cached writes (STACKED: and, first, those of the
+    filesystems and devices on loop devices of the image): an fsync of the image, in a thread
     because this event loop has to answer the writes and the FSYNC it causes. Given up after
     WRITE_BACK_TIMEOUT only while a request to the source has waited SOURCE_STALLED (a cached
     write into part of an unhydrated region waits for its copy): a stop must not hang on a
@@ -598,7 +599,7 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
     detach that follows drops them). False when it went on without them."""
     async with trio.open_nursery() as nursery:
         handed_over = trio.Event()
-        nursery.start_soon(_fsync_image, image, handed_over)
+        nursery.start_soon(_fsync_image, image, stacked, handed_over)
         said_so = False
         while True:
             with trio.move_on_after(WRITE_BACK_TIMEOUT):
@@ -616,9 +617,9 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
                 said_so = True
 
 
-async def _fsync_image(image: str, handed_over: trio.Event) -> None:
+async def _fsync_image(image: str, stacked: bool, handed_over: trio.Event) -> None:
     try:
-        await in_thread(_fsync_file, image, abandon_on_cancel=True)
+        await in_thread(_fsync_file, image, stacked, abandon_on_cancel=True)
     except FileNotFoundError:
         pass  # stopped before the image was mounted: nothing was cached
     except OSError as exc:
@@ -626,9 +627,13 @@ async def _fsync_image(image: str, handed_over: trio.Event) -> None:
     handed_over.set()
 
 
-def _fsync_file(path: str) -> None:
+def _fsync_file(path: str, stacked: bool) -> None:
+    from .stacked import write_back_stacked
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if stacked:
+            write_back_stacked(fd)
         os.fsync(fd)
     finally:
         os.close(fd)
