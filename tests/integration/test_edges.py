@@ -140,6 +140,47 @@ def test_meta_truncated_under_a_live_clone_is_never_taken_for_less_hydrated(rig)
         assert dst.read(4096) == kept
 
 
+@pytest.mark.parametrize("zeroed", ["whole file", "header"])
+def test_meta_zeroed_under_a_live_clone_is_never_taken_for_less_hydrated(rig, zeroed):
+    """META written over with zeros while mounted (`dd if=/dev/zero of=META conv=notrunc`):
+    its size stays, so the truncation check saw nothing, and the mount committed on into it;
+    its last header write (the unmount's) made the file valid again, zeros for the bitmap
+    blocks no commit rewrote, which read as never written. The next mount took the regions
+    users had written for unhydrated, and copy-on-read copied the source over their flushed
+    writes. Now the mount sees that META's header is not the one it wrote, goes to fail mode,
+    writes META no more, and the next mount refuses the zeroed file."""
+    size = 256 * MiB  # two blocks of hydrated bits: a write at the end rewrites only the last
+    with open(rig.src, "wb") as f:
+        f.write(os.urandom(MiB))
+        f.truncate(size)
+    rig.mount("--no-hydration")
+    kept = b"flushed" * 585 + b"!"
+    write_and_fsync(rig.image, kept, 100 * 4096)
+    length = os.path.getsize(rig.meta) if zeroed == "whole file" else 4096
+    with open(rig.meta, "r+b") as meta:
+        meta.write(bytes(length))
+        os.fsync(meta.fileno())
+    try:
+        write_and_fsync(rig.image, os.urandom(4096), size - 4096)
+    except OSError as exc:  # refused once the overwrite is seen
+        assert exc.errno == errno.EIO
+    st = status_json(rig.mnt)
+    assert st["metadata_mode"] == "fail" and "overwritten" in st["metadata_error"], st
+    unmounted = fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    assert unmounted.returncode == 1 and "fail mode" in unmounted.stderr, unmounted.stderr
+    again = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration",
+                      check=False)
+    if again.returncode == 0:
+        with open(rig.image, "rb") as image:
+            image.seek(100 * 4096)
+            assert image.read(4096) == kept, "a META that lost its bitmaps was resumed"
+    with open(rig.dst, "rb") as dst:
+        dst.seek(100 * 4096)
+        assert dst.read(4096) == kept
+    assert again.returncode == 1, "a META that lost its bitmaps was resumed"
+
+
 def test_a_meta_renamed_under_a_live_clone_keeps_the_mount_reachable(rig, random_source):
     rig.mount("--no-hydration")
     kept = os.urandom(MiB)
