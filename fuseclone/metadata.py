@@ -431,6 +431,9 @@ class Metadata:
         # back to the header just before it, never to one two writes old (the last mount's
         # clean one, say).
         self._header_slot = header_slot
+        # What both header slots hold, as this process last read or wrote them: a writer that
+        # finds anything else there (META written over while open) writes no more.
+        self._header_images = _header_slots(fd) if writable else None
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
@@ -851,9 +854,12 @@ class Metadata:
         self.header.seq = self._next_seq()
         self.header.flags = flags
         slot = 1 - self._header_slot
-        os.pwrite(self._fd, self.header.pack(), _header_offset(slot))
+        image = self.header.pack()
+        os.pwrite(self._fd, image, _header_offset(slot))
         self._sync()
-        self._header_slot = slot
+        with self._name_lock:  # check_named compares the slots
+            self._header_slot = slot
+            self._header_images[slot * BLOCK:(slot + 1) * BLOCK] = image
 
     def _next_seq(self) -> int:
         """The next sequence number: commits take theirs on the event loop, a header write in
@@ -907,8 +913,9 @@ class Metadata:
         new clone over DST's data (hydration copying the source over users' writes). So its
         last good commit is written again under its name (or PATH.saved, when another file
         has the name now) and META goes to fail mode: that commit is what the next mount
-        resumes from, and nothing is acknowledged that the copy does not hold. One truncated
-        while mounted goes to fail mode too (see below). Raises EIO in fail mode."""
+        resumes from, and nothing is acknowledged that the copy does not hold. One truncated,
+        or written over, while mounted goes to fail mode too (see below). Raises EIO in fail
+        mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
             st = os.fstat(self._fd)
             if not self._renamed and st.st_nlink == 0:
@@ -921,7 +928,20 @@ class Metadata:
                 self.fail(f"{self.path} was truncated to {st.st_size} bytes while mounted (it "
                           f"needs {_needed_bytes(self.header)}): the bitmaps it held are gone, "
                           f"and {CANNOT_RESUME}")
+            elif self._header_overwritten():
+                # Written over in place (`dd if=/dev/zero of=META conv=notrunc`): its size
+                # stays, and the bitmap blocks no commit rewrites would read as never written
+                # (zeros) once a header write made the file valid again: the next mount would
+                # copy the source over users' writes there. Written no more, it is refused.
+                self.fail(f"{self.path} was overwritten while mounted (its header is not the one "
+                          f"this mount wrote): the bitmaps it held may be gone too, and "
+                          f"{CANNOT_RESUME}")
         self.refuse_if_failed()
+
+    def _header_overwritten(self) -> bool:
+        """Whether the header slots hold anything but what this writer last read or wrote
+        there. Under _name_lock."""
+        return self._header_images is not None and _header_slots(self._fd) != self._header_images
 
     def path_names_another_clone(self) -> bool:
         """Whether META's path names another clone's metadata now (one made there after this
@@ -1014,6 +1034,11 @@ def _bytes_set(bits: RegionMap, geometry: Geometry) -> int:
 
 def _header_offset(slot: int) -> int:
     return slot * BLOCK
+
+
+def _header_slots(fd: int) -> bytearray:
+    """Both header slots as the file holds them."""
+    return bytearray(os.pread(fd, FIRST_BITMAP_BLOCK * BLOCK, _header_offset(0)))
 
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
