@@ -95,8 +95,9 @@ def test_meta_removed_under_a_live_clone_is_written_again_and_the_clone_resumes(
         assert info.value.errno == errno.EIO
     st = live_status(rig.mnt)  # the mount stays reachable by its mountpoint
     assert st["metadata_mode"] == "fail" and f"{rig.meta} was {how}" in st["metadata_error"]
-    fuseclone("unmount", rig.mnt)
+    unmounted = fuseclone("unmount", rig.mnt, check=False)  # without its last commit: says so
     rig.wait_unmounted()
+    assert unmounted.returncode == 1 and f"{rig.meta} was {how}" in unmounted.stderr
 
     saved = rig.meta if how == "deleted" else rig.meta + ".saved"
     assert f"written again at {saved}" in st["metadata_error"]
