@@ -6,14 +6,16 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import time
 
 import pytest
 
 from fuseclone.trace import read_trace
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, fuseclone, status_json
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
 from tests.integration.test_metadata_failure import hydrate_once_space_is_back, small_tmpfs
+from tests.integration.test_stopping import wait_gone
 
 
 def poll_status(mnt, predicate, timeout=30):
@@ -257,8 +259,73 @@ def test_unmount_never_stops_another_mount_that_took_the_meta_path(rig, random_s
     fuseclone("mount", rig.src, rig.tmp / "other.img", rig.meta, other_mnt, "--no-hydration")
     rig.stack.callback(rig._force_unmount, str(other_mnt))
 
-    refused = fuseclone("unmount", rig.mnt, check=False)
-    assert refused.returncode == 1 and f"not {rig.mnt}" in refused.stderr
-    mounted = open("/proc/mounts").read()
-    assert f" {other_mnt} " in mounted and f" {rig.mnt} " in mounted  # neither was stopped
+    fuseclone("unmount", rig.mnt)  # by the first mount's own daemon, found by its device
+    rig.wait_unmounted()
+    assert f" {other_mnt} " in open("/proc/mounts").read()  # the other one was not stopped
+    assert status_json(rig.tmp / "moved.meta")["clean"]
     fuseclone("unmount", other_mnt)
+
+
+def _another_clone_at_the_moved_metas_path(rig, *options):
+    """META of the mount at rig.mnt moved away, and a new clone made at its path and mounted:
+    the first mount's fsname names the new clone's META now. Returns (its mountpoint, its
+    DST, the moved META)."""
+    moved = str(rig.tmp / "moved.meta")
+    os.rename(rig.meta, moved)
+    other_mnt = str(rig.tmp / "other")
+    os.mkdir(other_mnt)
+    other_dst = str(rig.tmp / "other.img")
+    fuseclone("mount", rig.src, other_dst, rig.meta, other_mnt, *options)
+    rig.stack.callback(rig._force_unmount, other_mnt)
+    return other_mnt, other_dst, moved
+
+
+def test_commands_of_a_mountpoint_never_reach_the_clone_made_at_its_moved_metas_path(
+        rig, random_source):
+    """`wait` of the first mountpoint exited 0 once the new clone was complete, the first
+    having hydrated nothing (a switch to its DST then took a part for the whole); `status`
+    and `list` showed the new clone's progress, DST and image for it, and `message` changed
+    the new clone's settings. Each reaches the first mount's own daemon now."""
+    rig.mount("--no-hydration")
+    other_mnt, other_dst, moved = _another_clone_at_the_moved_metas_path(rig)
+    fuseclone("wait", other_mnt, "--timeout", "60")
+
+    waited = fuseclone("wait", rig.mnt, "--timeout", "1", check=False)
+    assert waited.returncode == 1, "the other clone's completion, taken for the first's"
+    st = status_json(rig.mnt)
+    assert (st["mountpoint"], st["destination"], st["complete"]) == (rig.mnt, rig.dst, False)
+    fuseclone("message", rig.mnt, "hydration_batch_size", "7")
+    assert status_json(rig.mnt)["hydration_batch_size"] == 7
+    assert status_json(other_mnt)["hydration_batch_size"] != 7
+    rows = {row["mountpoint"]: row for row in json.loads(fuseclone("list", "--json").stdout)}
+    assert rows[rig.mnt]["destination"] == rig.dst and rows[rig.mnt]["state"] == "idle"
+    assert rows[other_mnt]["destination"] == other_dst
+
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert status_json(moved)["clean"] and f" {other_mnt} " in open("/proc/mounts").read()
+    fuseclone("unmount", other_mnt)
+
+
+def test_a_killed_clone_made_at_a_moved_metas_path_is_not_the_first_mounts_stale_daemon(
+        rig, random_source):
+    """That new clone's daemon killed: `unmount` of the first mountpoint took the dead daemon
+    at META's path for the first mount's, and detached the live first mount lazily as a
+    stale one, a loop device still on its image. It is refused as busy, like any unmount of a
+    mount in use."""
+    rig.mount("--no-hydration")
+    other_mnt, _, _ = _another_clone_at_the_moved_metas_path(rig, "--no-hydration")
+    loop = rig.losetup()
+    killed = daemon_pid(other_mnt)
+    os.kill(killed, signal.SIGKILL)
+    wait_gone(killed)
+
+    refused = fuseclone("unmount", rig.mnt, "--timeout", "1", check=False)
+    assert refused.returncode == 1 and "in use" in refused.stderr, refused.stderr
+    assert "stale" not in refused.stderr
+    assert f" {rig.mnt} " in open("/proc/mounts").read()
+    sh("losetup", "-d", loop)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    cleaned = fuseclone("unmount", other_mnt, check=False)
+    assert "stale" in cleaned.stderr
