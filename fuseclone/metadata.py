@@ -434,6 +434,7 @@ class Metadata:
         # What both header slots hold, as this process last read or wrote them: a writer that
         # finds anything else there (META written over while open) writes no more.
         self._header_images = _header_slots(fd) if writable else None
+        self._header_writing: int | None = None  # the slot a header write is changing now
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
@@ -855,11 +856,18 @@ class Metadata:
         self.header.flags = flags
         slot = 1 - self._header_slot
         image = self.header.pack()
-        os.pwrite(self._fd, image, _header_offset(slot))
-        self._sync()
-        with self._name_lock:  # check_named compares the slots
-            self._header_slot = slot
-            self._header_images[slot * BLOCK:(slot + 1) * BLOCK] = image
+        with self._name_lock:  # check_named compares the slots: not this one meanwhile
+            self._header_writing = slot
+        written = False
+        try:
+            written = os.pwrite(self._fd, image, _header_offset(slot)) == len(image)
+            self._sync()
+        finally:
+            with self._name_lock:
+                self._header_writing = None
+                _set_slot(self._header_images, slot,
+                          image if written else _slot(_header_slots(self._fd), slot))
+        self._header_slot = slot
 
     def _next_seq(self) -> int:
         """The next sequence number: commits take theirs on the event loop, a header write in
@@ -940,8 +948,12 @@ class Metadata:
 
     def _header_overwritten(self) -> bool:
         """Whether the header slots hold anything but what this writer last read or wrote
-        there. Under _name_lock."""
-        return self._header_images is not None and _header_slots(self._fd) != self._header_images
+        there (but the one a header write is changing now). Under _name_lock."""
+        if self._header_images is None:
+            return False
+        now = _header_slots(self._fd)
+        return any(_slot(now, slot) != _slot(self._header_images, slot)
+                   for slot in range(FIRST_BITMAP_BLOCK) if slot != self._header_writing)
 
     def path_names_another_clone(self) -> bool:
         """Whether META's path names another clone's metadata now (one made there after this
@@ -1039,6 +1051,14 @@ def _header_offset(slot: int) -> int:
 def _header_slots(fd: int) -> bytearray:
     """Both header slots as the file holds them."""
     return bytearray(os.pread(fd, FIRST_BITMAP_BLOCK * BLOCK, _header_offset(0)))
+
+
+def _slot(slots: bytearray, slot: int) -> bytearray:
+    return slots[_header_offset(slot):_header_offset(slot + 1)]
+
+
+def _set_slot(slots: bytearray, slot: int, image: bytes) -> None:
+    slots[_header_offset(slot):_header_offset(slot + 1)] = image
 
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:
