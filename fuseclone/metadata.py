@@ -955,6 +955,15 @@ class Metadata:
         return any(_slot(now, slot) != _slot(self._header_images, slot)
                    for slot in range(FIRST_BITMAP_BLOCK) if slot != self._header_writing)
 
+    def current_name(self) -> str | None:
+        """The path META has now (it may have been moved while open); None when it has none
+        (deleted) or it cannot be told."""
+        try:
+            name = os.readlink(f"/proc/self/fd/{self._fd}")
+        except OSError:
+            return None
+        return None if name.endswith(" (deleted)") or not name.startswith("/") else name
+
     def path_names_another_clone(self) -> bool:
         """Whether META's path names another clone's metadata now (one made there after this
         file was moved away, say): not this file, nor the copy check_named wrote there (the
