@@ -329,3 +329,18 @@ def test_a_killed_clone_made_at_a_moved_metas_path_is_not_the_first_mounts_stale
     rig.wait_unmounted()
     cleaned = fuseclone("unmount", other_mnt, check=False)
     assert "stale" in cleaned.stderr
+
+
+def test_unmount_takes_a_meta_file_as_the_other_commands_do(rig, random_source):
+    """README: `status`, `message`, `wait` and `unmount` take a mountpoint or a META file;
+    `unmount META` said "not a fuseclone mountpoint". A moved META's new name reaches its
+    mount too."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.meta)
+    rig.wait_unmounted()
+    rig.mount("--no-hydration")
+    moved = str(rig.tmp / "moved.meta")
+    os.rename(rig.meta, moved)
+    fuseclone("unmount", moved)
+    rig.wait_unmounted()
+    assert status_json(moved)["clean"]
