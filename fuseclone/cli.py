@@ -642,6 +642,7 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 def unmount(mountpoint, timeout, lazy) -> None:
     """Commit and unmount. Refuses, like umount, while anything has the image open."""
     refuse_another_users_mount(mountpoint)
+    mountpoint = _mountpoint_of(mountpoint)
     if control.cleanup_stale_mount(mountpoint):
         click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
         return
@@ -703,6 +704,20 @@ def unmount(mountpoint, timeout, lazy) -> None:
              f"was killed, or the commit failed: see {log_file}): {_MAY_BE_LOST}")
     if lost_line is not None:
         fail(f"{mountpoint}: unmounted, but {lost_line} (see {log_file})")
+
+
+def _mountpoint_of(target: str) -> str:
+    """TARGET, a mountpoint; or, for a META file, where its live mount is (its daemon says)."""
+    if control.find_mount(target) is not None:
+        return target
+    control.refuse_inside_a_mount(target, "unmount that mountpoint")
+    if not os.path.isfile(target):
+        return target  # what it is not is said next
+    reply = control.request(target, {"op": "status"})
+    where = reply.get("mountpoint") if isinstance(reply, dict) else None
+    if not isinstance(where, str):
+        fail(f"{target}: no live mount of this metadata file")
+    return where
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)
