@@ -704,6 +704,18 @@ def unmount(mountpoint, timeout, lazy) -> None:
              f"was killed, or the commit failed: see {log_file}): {_MAY_BE_LOST}")
     if lost_line is not None:
         fail(f"{mountpoint}: unmounted, but {lost_line} (see {log_file})")
+    _say_if_not_complete(mountpoint, reply)
+
+
+def _say_if_not_complete(mountpoint: str, reply: dict) -> None:
+    """An unmount ends a clone at any progress (mounting again resumes it), but its DST is no
+    copy of the image to use alone until hydration is complete: said, lest a switch to DST
+    (the walkthrough's last step) take the part for the whole."""
+    hydrated, total = reply.get("hydrated_regions"), reply.get("total_regions")
+    if isinstance(hydrated, int) and isinstance(total, int) and hydrated < total:
+        click.echo(f"fuseclone: {mountpoint}: unmounted with hydration not complete ({hydrated}/"
+                   f"{total} regions): DST is not a whole copy of the image yet; mount again to "
+                   "resume", err=True)
 
 
 def _mountpoint_of(target: str) -> str:

@@ -448,10 +448,13 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
             # (in fail mode it stays unmarked on purpose: the CLI says why, from metadata_error).
             # `pid`: what `unmount` names when the last commit lingers (a frozen filesystem).
-            # `metadata_path`: META's name now, where the CLI looks once it is let go.
+            # `metadata_path`: META's name now, where the CLI looks once it is let go; the
+            # progress: a clone not complete is said to be.
             return {**reply, "pid": os.getpid(), "metadata_mode": engine.meta.mode.value,
                     "metadata_error": engine.meta.failure, "log_file": _log_file(),
-                    "metadata_path": engine.meta.current_name()}
+                    "metadata_path": engine.meta.current_name(),
+                    "hydrated_regions": engine.meta.hydrated_count,
+                    "total_regions": engine.meta.nr_regions}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
