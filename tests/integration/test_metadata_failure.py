@@ -240,3 +240,19 @@ def test_a_foreground_mount_stopped_in_fail_mode_exits_1_saying_why(rig, random_
         err = proc.stderr.read()
     assert proc.returncode == 1, err
     assert "fail mode" in err.strip().splitlines()[-1], err
+
+
+def test_offline_status_says_the_last_mount_ended_without_its_last_commit(rig, random_source):
+    """`status META` of a clone whose mount ended in fail mode showed its progress as after any
+    clean unmount (only `--json` had "clean": false)."""
+    metafs = _into_fail_mode_without_lost_cached_writes(rig)
+    rig.mount("--no-hydration", "--write-cache", "0")
+    _fail_the_next_commit(rig, metafs)
+    fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    assert "ended without its last commit" in fuseclone("status", rig.meta).stdout
+    os.unlink(metafs / "filler")
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert "ended without its last commit" not in fuseclone("status", rig.meta).stdout
