@@ -17,7 +17,8 @@ import click
 
 from . import control, startup_files
 from .blockio import open_regular_file
-from .errors import FusecloneError, MetadataFailedError, MetadataInUseError, describe, user_error
+from .errors import (FusecloneError, MetadataFailedError, MetadataInUseError, describe,
+                     ended_in_fail_mode, user_error)
 from .sources import describe_spec, is_remote, with_absolute_paths
 from .status import Status
 from .units import parse_size
@@ -472,24 +473,24 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 def read_status(target: str) -> Status:
     """Live status from the mount of TARGET, or offline status from its META."""
     refuse_another_users_mount(target)
-    meta = control.resolve_target(target)
-    reply = control.request(meta, {"op": "status"})
+    reach = control.reach(target)
+    reply = reach.request({"op": "status"})
     if reply is not None:
         return Status.from_reply(reply)
-    return offline_status(meta)
+    return offline_status(reach.meta)
 
 
-def _status_while_stopping(meta: str) -> Status:
-    """Live status of the mount of META, or, once it closed or is closing, META's offline
-    status after the mount lets go of it."""
+def _status_while_stopping(reach: control.Reach) -> Status:
+    """Live status of the mount REACH leads to, or, once it closed or is closing, META's
+    offline status after the mount lets go of it."""
     try:
-        reply = control.request(meta, {"op": "status"})
+        reply = reach.request({"op": "status"})
     except control.NotAnswering:
         raise
     except FusecloneError:  # the mount closed the connection: it is stopping
         reply = None
     if reply is None:
-        return _offline_status_once_released(meta)
+        return _offline_status_once_released(reach.meta)
     return Status.from_reply(reply)
 
 
@@ -548,8 +549,8 @@ def status(target, as_json, dmsetup, watch) -> None:
         # META, not the mountpoint, is asked each time: once the mount goes away the
         # mountpoint leads nowhere, and META's offline status is the last one to draw.
         refuse_another_users_mount(target)
-        meta = control.resolve_target(target)
-        watch_status(lambda: _status_while_stopping(meta))
+        reach = control.reach(target)
+        watch_status(lambda: _status_while_stopping(reach))
         return
     st = read_status(target)
     if as_json:
@@ -569,8 +570,7 @@ def message(target, words) -> None:
     """Send a dm-clone message to a live mount: enable_hydration, disable_hydration,
     hydration_threshold N, hydration_batch_size N; and max_rate RATE (0: unlimited)."""
     refuse_another_users_mount(target)
-    meta = control.resolve_target(target)
-    reply = control.request(meta, {"op": "message", "text": " ".join(words)})
+    reply = control.reach(target).request({"op": "message", "text": " ".join(words)})
     if reply is None:
         fail(f"{target}: no live mount to send the message to")
     if not reply.get("ok"):
@@ -584,11 +584,11 @@ def wait(target, timeout) -> None:
     """Wait until hydration is complete (exit 0), or stops on errors or the timeout passes
     (exit 1)."""
     refuse_another_users_mount(target)
-    meta = control.resolve_target(target)
+    reach = control.reach(target)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         remaining = WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
-        st = _wait_for_hydration(meta, min(remaining, WAIT_SLICE))
+        st = _wait_for_hydration(reach, min(remaining, WAIT_SLICE))
         if st.complete:
             return
         if not st.live:
@@ -603,20 +603,20 @@ def wait(target, timeout) -> None:
             sys.exit(1)
 
 
-def _wait_for_hydration(meta: str, seconds: float) -> Status:
-    """Status once the mount of META is complete, has stopped, or SECONDS passed (the mount
-    answers at that moment: no polling). Offline status when no mount answers."""
+def _wait_for_hydration(reach: control.Reach, seconds: float) -> Status:
+    """Status once the mount REACH leads to is complete, has stopped, or SECONDS passed (the
+    mount answers at that moment: no polling). Offline status when no mount answers."""
     try:
-        reply = control.request(meta, {"op": "wait", "timeout": seconds}, timeout=seconds + 10)
+        reply = reach.request({"op": "wait", "timeout": seconds}, timeout=seconds + 10)
     except control.NotAnswering:
         raise
     except FusecloneError:  # unmounted while waiting
-        return _offline_status_once_released(meta)
+        return _offline_status_once_released(reach.meta)
     if reply is not None:
         if not reply.get("ok"):  # too many waits pending, say
             raise FusecloneError(reply.get("error", "wait refused"))
         return Status.from_reply(reply)
-    return offline_status(meta)
+    return offline_status(reach.meta)
 
 
 def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
@@ -642,6 +642,7 @@ def _offline_status_once_released(meta: str, timeout: float = 60) -> Status:
 def unmount(mountpoint, timeout, lazy) -> None:
     """Commit and unmount. Refuses, like umount, while anything has the image open."""
     refuse_another_users_mount(mountpoint)
+    mountpoint = _mountpoint_of(mountpoint)
     if control.cleanup_stale_mount(mountpoint):
         click.echo(f"fuseclone: cleaned a stale mount at {mountpoint}", err=True)
         return
@@ -656,7 +657,8 @@ def unmount(mountpoint, timeout, lazy) -> None:
     # does not answer within the usual deadline is stopped or hung: detach it from here.
     answer_within = min(timeout, control.REQUEST_TIMEOUT) if lazy else timeout
     try:
-        reply = _request_unmount(meta, real, lazy, answer_within)
+        reach = control.reach(mountpoint)
+        reply = _request_unmount(reach, real, lazy, answer_within)
         if reply is None:
             raise FusecloneError(f"{mountpoint}: the mount does not answer on its control socket")
     except FusecloneError as exc:  # no answer; nothing else raises
@@ -676,9 +678,12 @@ def unmount(mountpoint, timeout, lazy) -> None:
     from .metadata import Metadata
 
     # Done when the daemon has let go of META: its last commit, and marking the metadata clean,
-    # come after the unmount itself.
+    # come after the unmount itself. A daemon reached by its device holds META under another
+    # name than the fsname's (moved away; the fsname's path is another clone's META).
+    if reach.socket is not None:
+        meta = reply.get("metadata_path") or meta
     deadline = time.monotonic() + timeout
-    sock = control.socket_path(meta)
+    sock = reach.socket or control.socket_path(meta)
     while control.meta_of_mountpoint(real) is not None or os.path.exists(sock) or Metadata.in_use(meta):
         if time.monotonic() > deadline:
             if control.meta_of_mountpoint(real) is None:  # its last commit is what waits
@@ -686,14 +691,45 @@ def unmount(mountpoint, timeout, lazy) -> None:
                      f"{timeout:.0f} s ({control.why_not_answering(reply.get('pid'))})")
             fail(f"{mountpoint}: still mounted after {timeout:.0f} s")
         time.sleep(0.05)
+    log_file = reply.get("log_file") or "its log"
+    lost = control.lost_writes(meta, _clone_uuid(meta))
+    lost_line = (None if lost is None else "the mount lost writes the kernel had acknowledged "
+                 f"from its cache: {lost.summary}")
+    if reply.get("metadata_mode") == "fail":
+        # A daemon of a release before 2026-11-29 sends no metadata_error.
+        why = ended_in_fail_mode(reply.get("metadata_error") or f"a failed write (see {log_file})")
+        fail(f"{mountpoint}: unmounted, but {why}" + (f"; {lost_line}" if lost_line else ""))
     if reply.get("metadata_mode") == "rw" and not _marked_clean(meta):
         fail(f"{mountpoint}: unmounted, but the mount ended without its last commit (its daemon "
-             f"was killed, or the commit failed: see {reply.get('log_file') or 'its log'}): "
-             f"{_MAY_BE_LOST}")
-    lost = control.lost_writes(meta, _clone_uuid(meta))
-    if lost is not None:
-        fail(f"{mountpoint}: unmounted, but the mount lost writes the kernel had acknowledged "
-             f"from its cache: {lost.summary} (see {reply.get('log_file') or 'its log'})")
+             f"was killed, or the commit failed: see {log_file}): {_MAY_BE_LOST}")
+    if lost_line is not None:
+        fail(f"{mountpoint}: unmounted, but {lost_line} (see {log_file})")
+    _say_if_not_complete(mountpoint, reply)
+
+
+def _say_if_not_complete(mountpoint: str, reply: dict) -> None:
+    """An unmount ends a clone at any progress (mounting again resumes it), but its DST is no
+    copy of the image to use alone until hydration is complete: said, lest a switch to DST
+    (the walkthrough's last step) take the part for the whole."""
+    hydrated, total = reply.get("hydrated_regions"), reply.get("total_regions")
+    if isinstance(hydrated, int) and isinstance(total, int) and hydrated < total:
+        click.echo(f"fuseclone: {mountpoint}: unmounted with hydration not complete ({hydrated}/"
+                   f"{total} regions): DST is not a whole copy of the image yet; mount again to "
+                   "resume", err=True)
+
+
+def _mountpoint_of(target: str) -> str:
+    """TARGET, a mountpoint; or, for a META file, where its live mount is (its daemon says)."""
+    if control.find_mount(target) is not None:
+        return target
+    control.refuse_inside_a_mount(target, "unmount that mountpoint")
+    if not os.path.isfile(target):
+        return target  # what it is not is said next
+    reply = control.request(target, {"op": "status"})
+    where = reply.get("mountpoint") if isinstance(reply, dict) else None
+    if not isinstance(where, str):
+        fail(f"{target}: no live mount of this metadata file")
+    return where
 
 
 # What a daemon of a release before the unmount request's "mountpoint" (until 2026-11-28)
@@ -701,20 +737,21 @@ def unmount(mountpoint, timeout, lazy) -> None:
 _REFUSED_BY_EARLIER_DAEMONS = 'unmount takes no field "mountpoint"'
 
 
-def _request_unmount(meta: str, real: str, lazy: bool, timeout: float) -> dict | None:
-    """The unmount request to the mount of META, which must be the one at REAL (META's path
-    may name another mount's META by now). A daemon of an earlier release takes no mountpoint
-    to check: its status must name REAL, then it is asked without one."""
-    reply = control.request(meta, {"op": "unmount", "lazy": lazy, "mountpoint": real},
-                            timeout=timeout)
+def _request_unmount(reach: control.Reach, real: str, lazy: bool,
+                     timeout: float) -> dict | None:
+    """The unmount request to the mount REACH leads to, which must be the one at REAL (META's
+    path may name another mount's META by now). A daemon of an earlier release takes no
+    mountpoint to check: its status must name REAL, then it is asked without one."""
+    meta = reach.meta
+    reply = reach.request({"op": "unmount", "lazy": lazy, "mountpoint": real}, timeout=timeout)
     if reply is None or reply.get("error") != _REFUSED_BY_EARLIER_DAEMONS:
         return reply
-    where = (control.request(meta, {"op": "status"}, timeout=timeout) or {}).get("mountpoint")
+    where = (reach.request({"op": "status"}, timeout=timeout) or {}).get("mountpoint")
     found = control.find_mount(where) if isinstance(where, str) else None
     if found is None or found[1] != real:
         return {"ok": False, "error": f"the mount of {meta} is not the one at {real} (META was "
                 "moved, and another clone made at its path?)"}
-    return control.request(meta, {"op": "unmount", "lazy": lazy}, timeout=timeout)
+    return reach.request({"op": "unmount", "lazy": lazy}, timeout=timeout)
 
 
 DYING_GRACE = 1.0  # seconds a daemon that closed its connection unanswered may take to be gone

@@ -33,6 +33,7 @@ class LiveClone:
     image: str | None = None
     problem: str | None = None
     another_users: bool = False  # mounted by another user, whose daemon answers only them
+    device: str | None = None  # the mount's "major:minor", from the mount table
     # mounted in another mount namespace: `mountpoint` and `image` as its daemon sees them
     other_namespace: bool = False
 
@@ -62,7 +63,26 @@ def live_clones(timeout: float) -> list[LiveClone]:
     clones = _in_the_mount_table()
     elsewhere = [_Elsewhere(path) for path in _sockets_besides(clones)]
     trio.run(_ask_all, [clone for clone in clones if clone.problem is None], elsewhere, timeout)
+    _answers_of_their_own_daemons(clones, elsewhere)
     return clones + _in_other_namespaces(clones, elsewhere)
+
+
+def _answers_of_their_own_daemons(clones: list[LiveClone], elsewhere: list[_Elsewhere]) -> None:
+    """A mount whose META was moved, and another clone made at its path, was asked at that
+    clone's socket (or found none there, that clone's daemon killed): its row takes the answer
+    of the daemon that serves its device (found among the other sockets), or none."""
+    for clone in clones:
+        st = clone.status
+        if clone.another_users or (st is not None and st.device in (None, clone.device)):
+            continue  # (a device of None: a daemon of an earlier release)
+        own = next((other.status for other in elsewhere
+                    if other.status is not None and other.status.device == clone.device), None)
+        if own is not None:
+            clone.status, clone.image, clone.problem = own, own.image, None
+        elif st is not None:
+            clone.status = clone.image = None
+            clone.problem = (f"{clone.metadata} is another clone's metadata now (mounted at "
+                             f"{st.mountpoint}), and this mount's daemon does not answer")
 
 
 @dataclass
@@ -122,7 +142,8 @@ def _in_the_mount_table() -> list[LiveClone]:
     for mount in fuse_mounts():
         if not mount.source.startswith(control.FSNAME_PREFIX):
             continue
-        clone = LiveClone(mount.mountpoint, mount.source[len(control.FSNAME_PREFIX):])
+        clone = LiveClone(mount.mountpoint, mount.source[len(control.FSNAME_PREFIX):],
+                          device=mount.device)
         if mount.uid not in (None, os.geteuid()):
             # Its control socket is in that user's runtime directory, not ours.
             clone.problem = f"another user's mount (uid {mount.uid}): run as that user"

@@ -17,8 +17,9 @@ Protocol: one JSON object per line in each direction, one request per connection
     {"op": "unmount", "lazy": true}    -> {"ok": true, ...}: cached writes handed over, then a
                                           lazy detach and shutdown (what SIGTERM does)
                                           (every unmount answer also carries "pid",
-                                          "metadata_mode" and "log_file": the CLI then tells a
-                                          last commit that lingers or never came)
+                                          "metadata_mode", "metadata_error" and "log_file": the
+                                          CLI then tells a last commit that lingers or never
+                                          came, and why)
     either with "mountpoint": PATH     -> {"ok": false, "error": "..."} from a mount elsewhere
 
 A field a daemon does not know is refused ('OP takes no field "NAME"'): a client that adds one
@@ -293,6 +294,92 @@ def resolve_target(target: str) -> str:
     raise FusecloneError(f"{target}: not a fuseclone mountpoint or metadata file")
 
 
+@dataclass(frozen=True)
+class Reach:
+    """How a command reaches the mount of its target: at META's control socket (named by
+    META's identity), or, for a mountpoint whose fsname's META path names another clone's META
+    now (META moved while mounted, and another clone made at its path), at the control socket
+    of the daemon that serves that mountpoint's device (SOCKET)."""
+
+    meta: str  # the target's META path: the fsname's, for a mountpoint
+    socket: str | None = None
+
+    def request(self, req: dict, timeout: float = REQUEST_TIMEOUT) -> dict | None:
+        if self.socket is None:
+            return request(self.meta, req, timeout)
+        return request_at(self.socket, req, timeout)
+
+
+SEARCH_TIMEOUT = 3.0  # seconds the daemons have, together, to say which one serves a device
+
+
+def reach(target: str) -> Reach:
+    """How to reach the mount of TARGET (a mountpoint or META). A mountpoint's daemon is told
+    by the device of its mount (`Status.device`), which no META path can take over: one that
+    META's path does not reach is looked for among the control sockets. Raises when META's
+    path reaches another clone's daemon and none answers for this mountpoint."""
+    meta = resolve_target(target)
+    found = find_mount(target)
+    device = _mount_device(found[1]) if found is not None else None
+    if device is None:
+        return Reach(meta)
+    try:
+        reply = request(meta, {"op": "status"})
+    except NotAnswering:  # this mount's daemon, stopped, or another clone's at META's path
+        serving = socket_serving(device, skip=socket_path(meta))
+        if serving is None:
+            raise
+        return Reach(meta, serving)
+    except FusecloneError:  # it closed the connection unanswered: the command finds out
+        return Reach(meta)
+    answered = _device_in(reply)
+    if reply is not None and answered in (None, device):  # None: a daemon before 2026-11-29
+        return Reach(meta)
+    serving = socket_serving(device, skip=socket_path(meta))
+    if serving is not None:
+        return Reach(meta, serving)
+    if reply is None:
+        return Reach(meta)  # its daemon is gone: a stale mount, cleaned as such
+    raise FusecloneError(f"{target}: {meta} is another clone's metadata now (the one mounted at "
+                         f"{reply.get('mountpoint')}; META was moved, and another clone made at "
+                         f"its path?), and the mount at {target} does not answer")
+
+
+def _mount_device(real_mountpoint: str) -> str | None:
+    from .fuse.mount import mount_device
+
+    return mount_device(real_mountpoint)
+
+
+def _device_in(reply: object) -> str | None:
+    """The mount device a daemon's status reply names (None: no status, or an earlier release)."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("status"), dict):
+        return None
+    device = reply["status"].get("device")
+    return device if isinstance(device, str) else None
+
+
+def socket_serving(device: str, skip: str | None = None,
+                   timeout: float = SEARCH_TIMEOUT) -> str | None:
+    """The control socket (but SKIP) whose daemon serves the FUSE mount of DEVICE, asked in
+    turn within TIMEOUT seconds for all (one that does not answer costs a second at most);
+    None if none says so."""
+    deadline = time.monotonic() + timeout
+    for path in control_sockets():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if path == skip:
+            continue
+        try:
+            reply = request_at(path, {"op": "status"}, min(remaining, 1.0))
+        except (FusecloneError, OSError, ValueError):  # the last: not JSON
+            continue
+        if _device_in(reply) == device:
+            return path
+    return None
+
+
 def daemon_gone(meta_path: str) -> bool:
     """Whether the daemon of META's mount was killed: its control socket (or an earlier
     release's, see `request`) is still there but nobody listens. A stopped daemon still
@@ -323,6 +410,11 @@ def cleanup_stale_mount(path: str) -> bool:
 
     found = find_mount(path)
     if found is None or not daemon_gone(found[0]):
+        return False
+    # The daemon at META's path is gone; it may be another clone's, made there after this
+    # mount's META was moved away, while this mount's daemon serves on.
+    device = _mount_device(found[1])
+    if device is not None and socket_serving(device, skip=socket_path(found[0])) is not None:
         return False
     check_clone_on_top(found[1])
     log.warning("%s: cleaning the stale mount of a daemon that is gone", path)

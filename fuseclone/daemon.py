@@ -26,7 +26,7 @@ from . import claims, control, heap, identity
 from .clone import open_clone, recorded_source, running
 from .control_server import serve_control
 from .engine import CloneEngine, Settings
-from .errors import FusecloneError, describe
+from .errors import FusecloneError, describe, ended_in_fail_mode
 from .hydrator import PREFETCH_BURST_PAUSE
 from .identity import check_distinct
 from .metadata import Metadata, format_1_identity
@@ -251,9 +251,22 @@ async def run_mount(opts: MountOptions, on_ready: Callable[[str], None] = lambda
                 # Only what open_clone made: META and DST another mount created meanwhile (the
                 # source may take long to answer) are a clone this mount resumed.
                 _remove_created(opts, engine.created_meta, engine.created_dst)
-    if lost:  # the daemon's exit status says so too (a foreground mount, a service)
-        log.error("%s", _lost_writes_line(lost.summary()))
-        raise FusecloneError(_lost_writes_line(lost.summary()))
+    # The daemon's exit status says how it ended too (a foreground mount, a service).
+    troubles = _what_the_end_lost(engine.meta, lost)
+    if troubles:
+        log.error("%s", troubles)
+        raise FusecloneError(troubles)
+
+
+def _what_the_end_lost(meta: Metadata, lost: LostWrites) -> str | None:
+    """Why a mount that has ended must not exit 0: its metadata in fail mode (no last commit),
+    cached writes lost. None when it ended well."""
+    troubles = []
+    if meta.failure is not None:
+        troubles.append(f"this mount ended without its last commit: {ended_in_fail_mode(meta.failure)}")
+    if lost:
+        troubles.append(_lost_writes_line(lost.summary()))
+    return "; ".join(troubles) or None
 
 
 def _leave_lost_writes_report(meta: Metadata, lost: LostWrites) -> None:
@@ -367,6 +380,7 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
         st.passthrough = fs.backing_id is not None
         st.pid = os.getpid()
         st.mountpoint, st.image = here()
+        st.device = device
         return st
 
     def places() -> list[MountEntry]:
@@ -422,8 +436,8 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
             if asked is not None and asked.mountpoint != real_now:  # a bind mount of ours
                 mountpoint = real_now = asked.mountpoint
             if req["lazy"]:  # what a SIGTERM does
-                nursery.start_soon(_write_back_then_stop, image_now, write_cache,
-                                   engine.source_waited, lost, stop)
+                nursery.start_soon(_write_back_then_stop, image_now, engine.source_waited,
+                                   lost, stop)
                 reply = {"ok": True}
             else:
                 place = asked.mount_id if asked is not None else mount_id
@@ -432,16 +446,21 @@ async def _start_serving(nursery: trio.Nursery, engine: CloneEngine, opts: Mount
                     return {"ok": False, "error": _still_mounted_elsewhere(elsewhere)}
                 reply = await _unmount_unless_in_use(mountpoint, real_now, place, stop)
             # In rw mode the last commit marks META clean; the CLI looks once META is let go
-            # (in fail mode it stays unmarked on purpose, and the user was told why).
+            # (in fail mode it stays unmarked on purpose: the CLI says why, from metadata_error).
             # `pid`: what `unmount` names when the last commit lingers (a frozen filesystem).
+            # `metadata_path`: META's name now, where the CLI looks once it is let go; the
+            # progress: a clone not complete is said to be.
             return {**reply, "pid": os.getpid(), "metadata_mode": engine.meta.mode.value,
-                    "log_file": _log_file()}
+                    "metadata_error": engine.meta.failure, "log_file": _log_file(),
+                    "metadata_path": engine.meta.current_name(),
+                    "hydrated_regions": engine.meta.hydrated_count,
+                    "total_regions": engine.meta.nr_regions}
         raise AssertionError(f"control.REQUESTS has {op!r}, the mount does not")
 
     await nursery.start(serve_control, opts.metadata, handle, engine.meta.path_names_another_clone)
     if opts.metrics_listen is not None:
         await nursery.start(_serve_metrics, opts, real_mountpoint, status)
-    nursery.start_soon(_signals, image_now, write_cache, engine.source_waited, lost, stop)
+    nursery.start_soon(_signals, image_now, engine.source_waited, lost, stop)
     mount_id = await nursery.start(_serve_then_stop, fs, opts, write_cache,
                                    engine.dst.fd if passthrough else None, stop)
     device = device_of(mount_id) if mount_id is not None else None
@@ -507,9 +526,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM,
                 signal.SIGXCPU)
 
 
-async def _signals(image: Callable[[], str], write_cache: int,
-                   source_waited: Callable[[], float], lost: LostWrites,
-                   stop: trio.CancelScope) -> None:
+async def _signals(image: Callable[[], str], source_waited: Callable[[], float],
+                   lost: LostWrites, stop: trio.CancelScope) -> None:
     """The first SIGINT/SIGTERM/SIGHUP/SIGXCPU stops after the kernel's cached writes are
     handed over; a second one (not SIGXCPU) while that waits (a slow source, say) stops at
     once."""
@@ -524,8 +542,7 @@ async def _signals(image: Callable[[], str], write_cache: int,
                     stop.cancel()
                     return
                 log.info("received %s: committing and unmounting", name)
-                nursery.start_soon(_write_back_then_stop, image, write_cache, source_waited,
-                                   lost, stop)
+                nursery.start_soon(_write_back_then_stop, image, source_waited, lost, stop)
 
 
 def _still_mounted_elsewhere(places: list[str]) -> str:
@@ -562,20 +579,23 @@ async def _unmount_unless_in_use(mountpoint: str, real_mountpoint: str, mount_id
     return {"ok": True}
 
 
-async def _write_back_then_stop(image: Callable[[], str], write_cache: int,
-                                source_waited: Callable[[], float], lost: LostWrites,
-                                stop: trio.CancelScope) -> None:
-    """Stop serving, but first take over the writes the kernel still caches: once the session
-    ends it could not hand them over, and a file still open at the unmount (a lazy detach) would
-    lose them."""
-    if write_cache and not await _write_back(image(), source_waited):
+async def _write_back_then_stop(image: Callable[[], str], source_waited: Callable[[], float],
+                                lost: LostWrites, stop: trio.CancelScope) -> None:
+    """Stop serving, but first take over the writes the kernel still caches, and those that
+    filesystems on loop devices of the image still cache: once the session ends they could not
+    be handed over, and a file still open at the unmount (a lazy detach) would lose them. With
+    --write-cache 0 the kernel caches none of the image's own, but the filesystems above it
+    may."""
+    if not await _write_back(image(), source_waited, stacked=True):
         lost.give_up(f"the stop gave up on them after {WRITE_BACK_TIMEOUT:.0f} s waiting for the "
                      "source")
     stop.cancel()
 
 
-async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
-    """Have the kernel hand over the image's cached writes: an fsync of the image, in a thread
+async def _write_back(image: str, source_waited: Callable[[], float],
+                      stacked: bool = False) -> bool:
+    """Have the kernel hand over the image's cached writes (STACKED: and, first, those of the
+    filesystems and devices on loop devices of the image): an fsync of the image, in a thread
     because this event loop has to answer the writes and the FSYNC it causes. Given up after
     WRITE_BACK_TIMEOUT only while a request to the source has waited SOURCE_STALLED (a cached
     write into part of an unhydrated region waits for its copy): a stop must not hang on a
@@ -585,7 +605,7 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
     detach that follows drops them). False when it went on without them."""
     async with trio.open_nursery() as nursery:
         handed_over = trio.Event()
-        nursery.start_soon(_fsync_image, image, handed_over)
+        nursery.start_soon(_fsync_image, image, stacked, handed_over)
         said_so = False
         while True:
             with trio.move_on_after(WRITE_BACK_TIMEOUT):
@@ -603,9 +623,9 @@ async def _write_back(image: str, source_waited: Callable[[], float]) -> bool:
                 said_so = True
 
 
-async def _fsync_image(image: str, handed_over: trio.Event) -> None:
+async def _fsync_image(image: str, stacked: bool, handed_over: trio.Event) -> None:
     try:
-        await in_thread(_fsync_file, image, abandon_on_cancel=True)
+        await in_thread(_fsync_file, image, stacked, abandon_on_cancel=True)
     except FileNotFoundError:
         pass  # stopped before the image was mounted: nothing was cached
     except OSError as exc:
@@ -613,9 +633,13 @@ async def _fsync_image(image: str, handed_over: trio.Event) -> None:
     handed_over.set()
 
 
-def _fsync_file(path: str) -> None:
+def _fsync_file(path: str, stacked: bool) -> None:
+    from .stacked import write_back_stacked
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if stacked:
+            write_back_stacked(fd)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -39,6 +39,14 @@ class MetadataFailedError(FusecloneError):
         self.reason = reason
 
 
+def ended_in_fail_mode(reason: str) -> str:
+    """What the end of a mount whose metadata is in fail mode says (its daemon's exit status,
+    `unmount`): its last commit never happened."""
+    advice = "" if reason.endswith(CANNOT_RESUME) else "; mount again to resume from it"
+    return (f"the metadata is in fail mode after {reason}, so META keeps its last good commit "
+            f"and writes not flushed before the failure may be lost{advice}")
+
+
 class MetadataInUseError(FusecloneError):
     """Another process holds the metadata file (SPEC invariant 6)."""
 

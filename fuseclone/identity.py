@@ -197,7 +197,7 @@ def _beneath_block_device(rdev: int, depth: int) -> tuple[frozenset[Key], Key | 
         files.update(deeper_files)
 
     if os.path.exists(os.path.join(sysfs, "partition")):
-        disk_rdev = _sysfs_dev(os.path.dirname(sysfs))
+        disk_rdev = sysfs_dev(os.path.dirname(sysfs))
         if disk_rdev is not None:
             disk = ("bdev", disk_rdev)
             keys.add(disk)
@@ -220,7 +220,7 @@ def _sysfs_dir(rdev: int) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else None
 
 
-def _sysfs_dev(sysfs: str) -> int | None:
+def sysfs_dev(sysfs: str) -> int | None:
     try:
         with open(os.path.join(sysfs, "dev")) as f:
             major, minor = f.read().strip().split(":")
@@ -234,7 +234,7 @@ def _slaves(sysfs: str) -> list[int]:
         names = os.listdir(os.path.join(sysfs, "slaves"))
     except OSError:
         return []
-    found = (_sysfs_dev(os.path.join(sysfs, "slaves", name)) for name in names)
+    found = (sysfs_dev(os.path.join(sysfs, "slaves", name)) for name in names)
     return [rdev for rdev in found if rdev is not None]
 
 
@@ -304,7 +304,7 @@ def loop_devices_over(fd: int) -> list[str]:
     found = []
     for name in names:
         sysfs = os.path.join(SYS_BLOCK, name)
-        rdev = _sysfs_dev(sysfs) if loop_backing_file(sysfs) is not None else None
+        rdev = sysfs_dev(sysfs) if loop_backing_file(sysfs) is not None else None
         status = None if rdev is None else _loop_status(name, rdev)
         if status is not None and status[:2] == (st.st_dev, st.st_ino):
             found.append(f"/dev/{name}")

@@ -20,3 +20,4 @@ libc.malloc_trim.argtypes = [ctypes.c_size_t]
 
 # io_uring has no wrapper in glibc: uring.py calls it by number
 libc.syscall.restype = ctypes.c_long
+libc.syncfs.argtypes = [ctypes.c_int]

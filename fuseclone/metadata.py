@@ -431,6 +431,10 @@ class Metadata:
         # back to the header just before it, never to one two writes old (the last mount's
         # clean one, say).
         self._header_slot = header_slot
+        # What both header slots hold, as this process last read or wrote them: a writer that
+        # finds anything else there (META written over while open) writes no more.
+        self._header_images = _header_slots(fd) if writable else None
+        self._header_writing: int | None = None  # the slot a header write is changing now
         self.writable = writable
         self.mode = MetadataMode.RW if writable else MetadataMode.RO
         self.failure: str | None = None  # why the mode is FAIL
@@ -858,8 +862,18 @@ class Metadata:
         self.header.seq = self._next_seq()
         self.header.flags = flags
         slot = 1 - self._header_slot
-        os.pwrite(self._fd, self.header.pack(), _header_offset(slot))
-        self._sync()
+        image = self.header.pack()
+        with self._name_lock:  # check_named compares the slots: not this one meanwhile
+            self._header_writing = slot
+        written = False
+        try:
+            written = os.pwrite(self._fd, image, _header_offset(slot)) == len(image)
+            self._sync()
+        finally:
+            with self._name_lock:
+                self._header_writing = None
+                _set_slot(self._header_images, slot,
+                          image if written else _slot(_header_slots(self._fd), slot))
         self._header_slot = slot
 
     def _next_seq(self) -> int:
@@ -914,8 +928,9 @@ class Metadata:
         new clone over DST's data (hydration copying the source over users' writes). So its
         last good commit is written again under its name (or PATH.saved, when another file
         has the name now) and META goes to fail mode: that commit is what the next mount
-        resumes from, and nothing is acknowledged that the copy does not hold. One truncated
-        while mounted goes to fail mode too (see below). Raises EIO in fail mode."""
+        resumes from, and nothing is acknowledged that the copy does not hold. One truncated,
+        or written over, while mounted goes to fail mode too (see below). Raises EIO in fail
+        mode."""
         with self._name_lock:  # one copy, though a commit and the periodic look both ask
             st = os.fstat(self._fd)
             if not self._renamed and st.st_nlink == 0:
@@ -928,7 +943,33 @@ class Metadata:
                 self.fail(f"{self.path} was truncated to {st.st_size} bytes while mounted (it "
                           f"needs {_needed_bytes(self.header)}): the bitmaps it held are gone, "
                           f"and {CANNOT_RESUME}")
+            elif self._header_overwritten():
+                # Written over in place (`dd if=/dev/zero of=META conv=notrunc`): its size
+                # stays, and the bitmap blocks no commit rewrites would read as never written
+                # (zeros) once a header write made the file valid again: the next mount would
+                # copy the source over users' writes there. Written no more, it is refused.
+                self.fail(f"{self.path} was overwritten while mounted (its header is not the one "
+                          f"this mount wrote): the bitmaps it held may be gone too, and "
+                          f"{CANNOT_RESUME}")
         self.refuse_if_failed()
+
+    def _header_overwritten(self) -> bool:
+        """Whether the header slots hold anything but what this writer last read or wrote
+        there (but the one a header write is changing now). Under _name_lock."""
+        if self._header_images is None:
+            return False
+        now = _header_slots(self._fd)
+        return any(_slot(now, slot) != _slot(self._header_images, slot)
+                   for slot in range(FIRST_BITMAP_BLOCK) if slot != self._header_writing)
+
+    def current_name(self) -> str | None:
+        """The path META has now (it may have been moved while open); None when it has none
+        (deleted) or it cannot be told."""
+        try:
+            name = os.readlink(f"/proc/self/fd/{self._fd}")
+        except OSError:
+            return None
+        return None if name.endswith(" (deleted)") or not name.startswith("/") else name
 
     def path_names_another_clone(self) -> bool:
         """Whether META's path names another clone's metadata now (one made there after this
@@ -1021,6 +1062,19 @@ def _bytes_set(bits: RegionMap, geometry: Geometry) -> int:
 
 def _header_offset(slot: int) -> int:
     return slot * BLOCK
+
+
+def _header_slots(fd: int) -> bytearray:
+    """Both header slots as the file holds them."""
+    return bytearray(os.pread(fd, FIRST_BITMAP_BLOCK * BLOCK, _header_offset(0)))
+
+
+def _slot(slots: bytearray, slot: int) -> bytearray:
+    return slots[_header_offset(slot):_header_offset(slot + 1)]
+
+
+def _set_slot(slots: bytearray, slot: int, image: bytes) -> None:
+    slots[_header_offset(slot):_header_offset(slot + 1)] = image
 
 
 def _open_locked(path: str, flags: int, *, exclusive: bool) -> int:

@@ -94,6 +94,11 @@ def status_renderable(st: Status) -> Group:
             rows.insert(2, ("retrying", Text(st.hydration_retry, style="yellow")))
         if st.hydration_error:
             rows.insert(2, ("error", Text(st.hydration_error, style="bold red")))
+    if not st.live and st.clean is False:
+        rows.insert(2, ("last mount", Text("ended without its last commit (killed, or its metadata "
+                                           "in fail mode): writes it had not flushed may be lost; "
+                                           "mounting again resumes from its last good commit",
+                                           style="bold red")))
     if st.lost_writes:
         rows.insert(2, ("lost writes", Text(f"{st.lost_writes}, acknowledged from the kernel's "
                                             "cache, failed to write back", style="bold red")))

@@ -73,6 +73,9 @@ class Status:
     pid: int | None = None
     mountpoint: str | None = None
     image: str | None = None
+    # The FUSE mount's device number ("major:minor", shared by its bind mounts): what tells a
+    # mountpoint's own daemon from another clone's that META's path names now
+    device: str | None = None
 
     @classmethod
     def from_reply(cls, reply: dict) -> Status:

@@ -149,11 +149,12 @@ class FuseMount:
     source: str
     mountpoint: str
     uid: int | None  # the mounting user, as the kernel records it (user_id=)
+    device: str = ""  # "major:minor"
 
 
 def fuse_mounts() -> list[FuseMount]:
     """Every fuseclone mount on this machine, unescaped."""
-    return [FuseMount(entry.source, entry.mountpoint, _user_id(entry.options))
+    return [FuseMount(entry.source, entry.mountpoint, _user_id(entry.options), entry.device)
             for entry in mount_entries() if entry.fstype == FSTYPE]
 
 

@@ -371,3 +371,36 @@ def test_a_torn_header_write_falls_back_to_the_newest_header_before_it(tmp_path,
     assert not header.clean  # mark_open's header, not the one before it
     with Metadata.open(path) as meta:
         assert meta.hydrated_count == 1
+
+
+def test_header_writes_beside_the_looks_for_an_overwritten_meta_are_never_taken_for_one(
+        tmp_path):
+    """check_named (before each commit, every idle second) compares the header slots with what
+    this writer last wrote there; a header write in another thread (a message's settings) is
+    changing one of them meanwhile, which must not look like META written over in place."""
+    import threading
+
+    path = str(tmp_path / "meta")
+    with Metadata.create(path, Geometry(64 << 20, 4096), {}) as meta:
+        done = threading.Event()
+
+        def look() -> None:
+            while not done.is_set():
+                meta.check_named()
+
+        looker = threading.Thread(target=look)
+        looker.start()
+        try:
+            for threshold in range(1, 301):
+                meta.set_settings(hydration_threshold=threshold)
+                meta.write_settings()
+        finally:
+            done.set()
+            looker.join()
+        assert meta.failure is None
+        meta.check_named()  # both slots as last written
+        with open(path, "r+b") as f:
+            f.write(bytes(2 * BLOCK))
+        with pytest.raises(OSError):
+            meta.check_named()
+        assert "overwritten" in meta.failure

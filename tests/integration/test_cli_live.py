@@ -433,3 +433,17 @@ def test_a_command_given_the_image_names_its_mountpoint_without_looking_inside(r
     finally:
         os.kill(pid, signal.SIGCONT)
     fuseclone("unmount", rig.mnt)
+
+
+def test_unmount_of_a_clone_not_complete_says_that_dst_is_not_a_whole_copy(rig, random_source):
+    """The walkthrough's switch to DST alone (unmount, then mount DST) takes a partly hydrated
+    DST for the image if `wait` did not end with 0 first: the unmount itself, which ends a
+    clone whatever its progress (mounting again resumes it), says so; exit 0 as before."""
+    rig.mount("--no-hydration")
+    paused = fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert "not complete" in paused.stderr and "/8192 regions" in paused.stderr, paused.stderr
+    rig.mount()
+    fuseclone("wait", rig.mnt, "--timeout", "120")
+    done = fuseclone("unmount", rig.mnt)
+    assert done.stderr == ""

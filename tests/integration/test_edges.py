@@ -6,14 +6,16 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import time
 
 import pytest
 
 from fuseclone.trace import read_trace
 from tests.engine.conftest import make_source_file
-from tests.integration.conftest import MiB, fuseclone, status_json
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh, status_json
 from tests.integration.test_metadata_failure import hydrate_once_space_is_back, small_tmpfs
+from tests.integration.test_stopping import wait_gone
 
 
 def poll_status(mnt, predicate, timeout=30):
@@ -95,8 +97,9 @@ def test_meta_removed_under_a_live_clone_is_written_again_and_the_clone_resumes(
         assert info.value.errno == errno.EIO
     st = live_status(rig.mnt)  # the mount stays reachable by its mountpoint
     assert st["metadata_mode"] == "fail" and f"{rig.meta} was {how}" in st["metadata_error"]
-    fuseclone("unmount", rig.mnt)
+    unmounted = fuseclone("unmount", rig.mnt, check=False)  # without its last commit: says so
     rig.wait_unmounted()
+    assert unmounted.returncode == 1 and f"{rig.meta} was {how}" in unmounted.stderr
 
     saved = rig.meta if how == "deleted" else rig.meta + ".saved"
     assert f"written again at {saved}" in st["metadata_error"]
@@ -138,6 +141,49 @@ def test_meta_truncated_under_a_live_clone_is_never_taken_for_less_hydrated(rig)
     with open(rig.dst, "rb") as dst:
         dst.seek(100 * 4096)
         assert dst.read(4096) == kept
+
+
+@pytest.mark.parametrize("zeroed", ["whole file", "first blocks"])
+def test_meta_zeroed_under_a_live_clone_is_never_taken_for_less_hydrated(rig, zeroed):
+    """META written over with zeros while mounted (`dd if=/dev/zero of=META conv=notrunc`):
+    its size stays, so the truncation check saw nothing, and the mount committed on into it;
+    its last header write (the unmount's) made the file valid again, zeros for the bitmap
+    blocks no commit rewrote, which read as never written. The next mount took the regions
+    users had written for unhydrated, and copy-on-read copied the source over their flushed
+    writes. Now the mount sees that META's header is not the one it wrote, goes to fail mode,
+    writes META no more, and the next mount refuses the zeroed file."""
+    size = 256 * MiB  # two blocks of hydrated bits: a write at the end rewrites only the last
+    with open(rig.src, "wb") as f:
+        f.write(os.urandom(MiB))
+        f.truncate(size)
+    rig.mount("--no-hydration")
+    kept = b"flushed" * 585 + b"!"
+    write_and_fsync(rig.image, kept, 100 * 4096)
+    # `dd if=/dev/zero of=META bs=4k count=3 conv=notrunc`: both header slots, the first
+    # bitmap block's first copy
+    length = os.path.getsize(rig.meta) if zeroed == "whole file" else 3 * 4096
+    with open(rig.meta, "r+b") as meta:
+        meta.write(bytes(length))
+        os.fsync(meta.fileno())
+    try:
+        write_and_fsync(rig.image, os.urandom(4096), size - 4096)
+    except OSError as exc:  # refused once the overwrite is seen
+        assert exc.errno == errno.EIO
+    st = status_json(rig.mnt)
+    assert st["metadata_mode"] == "fail" and "overwritten" in st["metadata_error"], st
+    unmounted = fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    assert unmounted.returncode == 1 and "fail mode" in unmounted.stderr, unmounted.stderr
+    again = fuseclone("mount", rig.src, rig.dst, rig.meta, rig.mnt, "--no-hydration",
+                      check=False)
+    if again.returncode == 0:
+        with open(rig.image, "rb") as image:
+            image.seek(100 * 4096)
+            assert image.read(4096) == kept, "a META that lost its bitmaps was resumed"
+    with open(rig.dst, "rb") as dst:
+        dst.seek(100 * 4096)
+        assert dst.read(4096) == kept
+    assert again.returncode == 1, "a META that lost its bitmaps was resumed"
 
 
 def test_a_meta_renamed_under_a_live_clone_keeps_the_mount_reachable(rig, random_source):
@@ -213,10 +259,10 @@ def test_unmount_never_stops_another_mount_that_took_the_meta_path(rig, random_s
     fuseclone("mount", rig.src, rig.tmp / "other.img", rig.meta, other_mnt, "--no-hydration")
     rig.stack.callback(rig._force_unmount, str(other_mnt))
 
-    refused = fuseclone("unmount", rig.mnt, check=False)
-    assert refused.returncode == 1 and f"not {rig.mnt}" in refused.stderr
-    mounted = open("/proc/mounts").read()
-    assert f" {other_mnt} " in mounted and f" {rig.mnt} " in mounted  # neither was stopped
+    fuseclone("unmount", rig.mnt)  # by the first mount's own daemon, found by its device
+    rig.wait_unmounted()
+    assert f" {other_mnt} " in open("/proc/mounts").read()  # the other one was not stopped
+    assert status_json(rig.tmp / "moved.meta")["clean"]
     fuseclone("unmount", other_mnt)
 
 
@@ -242,3 +288,83 @@ def test_a_source_file_changed_between_mounts_is_refused_as_changed_not_as_anoth
     assert ("mtime_ns" if change == "written" else "size") in lines[0]
     assert "another clone" not in lines[0]
     assert open(rig.meta, "rb").read() == meta_before
+
+
+def _another_clone_at_the_moved_metas_path(rig, *options):
+    """META of the mount at rig.mnt moved away, and a new clone made at its path and mounted:
+    the first mount's fsname names the new clone's META now. Returns (its mountpoint, its
+    DST, the moved META)."""
+    moved = str(rig.tmp / "moved.meta")
+    os.rename(rig.meta, moved)
+    other_mnt = str(rig.tmp / "other")
+    os.mkdir(other_mnt)
+    other_dst = str(rig.tmp / "other.img")
+    fuseclone("mount", rig.src, other_dst, rig.meta, other_mnt, *options)
+    rig.stack.callback(rig._force_unmount, other_mnt)
+    return other_mnt, other_dst, moved
+
+
+def test_commands_of_a_mountpoint_never_reach_the_clone_made_at_its_moved_metas_path(
+        rig, random_source):
+    """`wait` of the first mountpoint exited 0 once the new clone was complete, the first
+    having hydrated nothing (a switch to its DST then took a part for the whole); `status`
+    and `list` showed the new clone's progress, DST and image for it, and `message` changed
+    the new clone's settings. Each reaches the first mount's own daemon now."""
+    rig.mount("--no-hydration")
+    other_mnt, other_dst, moved = _another_clone_at_the_moved_metas_path(rig)
+    fuseclone("wait", other_mnt, "--timeout", "60")
+
+    waited = fuseclone("wait", rig.mnt, "--timeout", "1", check=False)
+    assert waited.returncode == 1, "the other clone's completion, taken for the first's"
+    st = status_json(rig.mnt)
+    assert (st["mountpoint"], st["destination"], st["complete"]) == (rig.mnt, rig.dst, False)
+    fuseclone("message", rig.mnt, "hydration_batch_size", "7")
+    assert status_json(rig.mnt)["hydration_batch_size"] == 7
+    assert status_json(other_mnt)["hydration_batch_size"] != 7
+    rows = {row["mountpoint"]: row for row in json.loads(fuseclone("list", "--json").stdout)}
+    assert rows[rig.mnt]["destination"] == rig.dst and rows[rig.mnt]["state"] == "idle"
+    assert rows[other_mnt]["destination"] == other_dst
+
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert status_json(moved)["clean"] and f" {other_mnt} " in open("/proc/mounts").read()
+    fuseclone("unmount", other_mnt)
+
+
+def test_a_killed_clone_made_at_a_moved_metas_path_is_not_the_first_mounts_stale_daemon(
+        rig, random_source):
+    """That new clone's daemon killed: `unmount` of the first mountpoint took the dead daemon
+    at META's path for the first mount's, and detached the live first mount lazily as a
+    stale one, a loop device still on its image. It is refused as busy, like any unmount of a
+    mount in use."""
+    rig.mount("--no-hydration")
+    other_mnt, _, _ = _another_clone_at_the_moved_metas_path(rig, "--no-hydration")
+    loop = rig.losetup()
+    killed = daemon_pid(other_mnt)
+    os.kill(killed, signal.SIGKILL)
+    wait_gone(killed)
+
+    refused = fuseclone("unmount", rig.mnt, "--timeout", "1", check=False)
+    assert refused.returncode == 1 and "still uses the image" in refused.stderr, refused.stderr
+    assert "stale" not in refused.stderr
+    assert f" {rig.mnt} " in open("/proc/mounts").read()
+    sh("losetup", "-d", loop)
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    cleaned = fuseclone("unmount", other_mnt, check=False)
+    assert "stale" in cleaned.stderr
+
+
+def test_unmount_takes_a_meta_file_as_the_other_commands_do(rig, random_source):
+    """README: `status`, `message`, `wait` and `unmount` take a mountpoint or a META file;
+    `unmount META` said "not a fuseclone mountpoint". A moved META's new name reaches its
+    mount too."""
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.meta)
+    rig.wait_unmounted()
+    rig.mount("--no-hydration")
+    moved = str(rig.tmp / "moved.meta")
+    os.rename(rig.meta, moved)
+    fuseclone("unmount", moved)
+    rig.wait_unmounted()
+    assert status_json(moved)["clean"]

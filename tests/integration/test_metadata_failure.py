@@ -3,6 +3,7 @@ say why), user I/O gets the errno, and the clone recovers once the space is back
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -191,3 +192,67 @@ def test_a_first_mount_that_cannot_write_meta_leaves_nothing_behind(rig, random_
     fuseclone("unmount", rig.mnt)
     rig.wait_unmounted()
     fuseclone("check", meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def _into_fail_mode_without_lost_cached_writes(rig):
+    """A write-through mount whose META's filesystem fills: the next commit fails, and the
+    write that needed it gets EIO at once (nothing the kernel cached is lost)."""
+    metafs = small_tmpfs(rig, "metafs", "16M")
+    rig.meta = str(metafs / "clone.meta")
+    return metafs
+
+
+def _fail_the_next_commit(rig, metafs):
+    write_source_bytes(rig, 0, MiB)  # a good commit
+    fill(metafs)
+    with pytest.raises(OSError) as info:
+        write_source_bytes(rig, 4 * MiB, MiB)
+    assert info.value.errno == errno.EIO
+    assert status_json(rig.mnt)["metadata_mode"] == "fail"
+
+
+def test_unmount_of_a_clone_in_fail_mode_exits_1_saying_why(rig, random_source):
+    """dm-clone's status says Fail; an unmount that could not make its last commit must not
+    exit 0 as if all were committed (it did whenever no cached write was lost: a write-through
+    mount, or a failure an fsync found first)."""
+    metafs = _into_fail_mode_without_lost_cached_writes(rig)
+    rig.mount("--no-hydration", "--write-cache", "0")
+    _fail_the_next_commit(rig, metafs)
+    unmounted = fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    assert unmounted.returncode == 1, unmounted.stderr
+    line, = unmounted.stderr.strip().splitlines()
+    assert "unmounted, but" in line and "fail mode" in line, line
+    assert "No space left on device" in line and "mount again" in line, line
+    assert status_json(rig.meta)["clean"] is False  # the last good commit, not marked clean
+
+
+def test_a_foreground_mount_stopped_in_fail_mode_exits_1_saying_why(rig, random_source):
+    """A service's exit status (systemd's `Restart=on-failure`, its journal) tells a clone that
+    ended without its last commit from one that ended well."""
+    from tests.integration.test_fuse_ops import _foreground_mount
+
+    metafs = _into_fail_mode_without_lost_cached_writes(rig)
+    with _foreground_mount(rig, "--no-hydration", "--write-cache", "0") as proc:
+        _fail_the_next_commit(rig, metafs)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+    assert proc.returncode == 1, err
+    assert "fail mode" in err.strip().splitlines()[-1], err
+
+
+def test_offline_status_says_the_last_mount_ended_without_its_last_commit(rig, random_source):
+    """`status META` of a clone whose mount ended in fail mode showed its progress as after any
+    clean unmount (only `--json` had "clean": false)."""
+    metafs = _into_fail_mode_without_lost_cached_writes(rig)
+    rig.mount("--no-hydration", "--write-cache", "0")
+    _fail_the_next_commit(rig, metafs)
+    fuseclone("unmount", rig.mnt, check=False)
+    rig.wait_unmounted()
+    assert "ended without its last commit" in fuseclone("status", rig.meta).stdout
+    os.unlink(metafs / "filler")
+    rig.mount("--no-hydration")
+    fuseclone("unmount", rig.mnt)
+    rig.wait_unmounted()
+    assert "ended without its last commit" not in fuseclone("status", rig.meta).stdout

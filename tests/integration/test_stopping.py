@@ -331,3 +331,54 @@ def test_a_stop_waits_for_cached_writes_held_up_by_a_frozen_filesystem(rig, rand
         assert f.read(MiB) == data, said
     assert said == "waiting for them", open(log).read()
     fuseclone("check", rig.meta, "--src", rig.src, "--dst", rig.dst, "--verify")
+
+
+def _loop_device_over(path, stack):
+    """A loop device of PATH, detached at the end of the test unless the test did, and only
+    while it still is PATH's (its name may be another test's by then)."""
+    loop = sh("losetup", "-f", "--show", path).stdout.strip()
+
+    def detach():
+        backing = sh("losetup", "-n", "-O", "BACK-FILE", loop, check=False).stdout.strip()
+        if backing.removesuffix(" (deleted)") == os.path.realpath(path):
+            sh("losetup", "-d", loop, check=False)
+
+    stack.callback(detach)
+    return loop
+
+
+@pytest.mark.parametrize("stop, options", [
+    ("SIGTERM", ()), ("SIGINT", ()), ("SIGHUP", ()), ("unmount --lazy", ()),
+    ("SIGTERM", ("--write-cache", "0")),  # the image caches nothing; the filesystem above does
+])
+def test_a_stop_first_writes_back_the_filesystem_on_a_loop_device_of_the_image(
+        rig, random_source, stop, options):
+    """A stop while a filesystem is mounted from a loop device of the image (systemd stopping
+    the clone's unit at shutdown, an operator's SIGTERM) detaches the image under it: what that
+    filesystem wrote so far only into its own cache (a file copied a moment before, the
+    journal not yet committed) was lost with it, without a word, although the stop waits for
+    the image's cached writes. A stop first has that filesystem, and the loop device, written
+    back into the image, as a `sync` of them would; only later writes fail."""
+    rig.mount("--no-hydration", *options)
+    loop = _loop_device_over(rig.image, rig.stack)
+    sh("mkfs.ext4", "-q", "-E", "nodiscard", loop)
+    fs = str(rig.tmp / "fs")
+    os.mkdir(fs)
+    sh("mount", loop, fs)
+    rig.stack.callback(lambda: sh("umount", fs, check=False))
+    data = os.urandom(4 * MiB)
+    with open(os.path.join(fs, "file"), "wb") as f:
+        f.write(data)  # in ext4's cache only: no fsync, no sync
+    pid = daemon_pid(rig.mnt)
+    if stop == "unmount --lazy":
+        fuseclone("unmount", "--lazy", rig.mnt)
+    else:
+        os.kill(pid, getattr(signal, stop))
+    wait_gone(pid)
+    sh("umount", fs)  # its writes from now on fail: the image is gone
+    sh("losetup", "-d", loop)
+
+    rig.mount()
+    again = rig.mount_fs(rig.image, str(rig.tmp / "again"), "-o", "loop")
+    with open(os.path.join(again, "file"), "rb") as f:
+        assert f.read() == data
