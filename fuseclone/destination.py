@@ -11,6 +11,7 @@ import mmap
 import os
 import stat
 import threading
+import time
 from typing import Callable
 
 from . import claims
@@ -25,6 +26,10 @@ from .signatures import SignatureProbeError, signature
 
 _ZEROS = bytes(1 << 20)
 DIRECT_ALIGN = 4096  # offset, length and memory alignment of direct writes (any block size up to 4K)
+# How long a look at DST's size (refuse_if_cut_short) stands for writes and flushes that cannot
+# give DST its size back: an fstat before each one halved a database's synced writes
+# (docs/benchmark/cut-short-cost.md).
+SIZE_LOOK_LASTS = 0.01
 WRITE_THROUGH_MAX = 1 << 20  # one FUSE request: the largest user write that write_through takes
 
 
@@ -47,6 +52,7 @@ class Destination:
         self._sync: DataSync | None = None  # a read-write DST's fdatasync
         # Told (from any thread) why DST is cut short, the first time a check finds it so.
         self.on_cut_short: Callable[[str], None] | None = None
+        self._size_seen_whole_at = float("-inf")  # time.monotonic() of the last look that passed
 
     @classmethod
     def open(cls, path: str, image_size: int, *, create: bool, readonly: bool = False) -> Destination:
@@ -225,16 +231,13 @@ class Destination:
 
     def refuse_if_cut_short(self) -> None:
         """Raise EIO when a regular-file DST is now shorter than the image (truncated under the
-        live clone: its hydrated data past the cut is gone), telling `on_cut_short` why.
-        Checked before every write, since a write past the cut would extend DST again and the
-        hole before it read as zeros where hydrated data was, then and at every later mount,
-        whose size check it passes. A truncation between the check and the write is not
-        caught; the engine's check each second still finds DST short unless that write
-        reached the image's end."""
+        live clone: its hydrated data past the cut is gone), telling `on_cut_short` why. The
+        committer looks each second, and writes and flushes through `_refuse_if_cut_short_lately`."""
         if self.is_block_device:
             return
         size = os.fstat(self.fd).st_size
         if size >= self.image_size:
+            self._size_seen_whole_at = time.monotonic()
             return
         reason = (f"{self.path} was truncated to {size} bytes, shorter than the image "
                   f"({self.image_size} bytes): what it held past that is gone, and "
@@ -243,8 +246,20 @@ class Destination:
             self.on_cut_short(reason)
         raise OSError(errno.EIO, reason)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def _refuse_if_cut_short_lately(self, end: int) -> None:
+        """Before a write ending at END, or a flush (END 0): refuse_if_cut_short, unless DST
+        was seen whole less than SIZE_LOOK_LASTS ago and END is short of the image's end. A
+        write past a cut extends DST again and the hole before it reads as zeros where hydrated
+        data was; only one that reaches the image's end gives DST its size back, so that no
+        later look would find it short: those are always looked at first. Others within the
+        window leave DST short, and the next look (the committer's within a second) puts
+        the clone in fail mode. A truncation between a look and the write is not caught."""
+        if end < self.image_size and time.monotonic() - self._size_seen_whole_at < SIZE_LOOK_LASTS:
+            return
         self.refuse_if_cut_short()
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._refuse_if_cut_short_lately(offset + len(data))
         pwrite_all(self.fd, data, offset)
         self._note_change(len(data))
 
@@ -264,7 +279,7 @@ class Destination:
         """Write past the page cache (see can_write_direct). Durable only after datasync(), like
         any write: the device may still cache it, and fdatasync flushes the inode's device cache
         whichever descriptor wrote."""
-        self.refuse_if_cut_short()
+        self._refuse_if_cut_short_lately(offset + len(data))
         pwrite_all(self._direct_fd, data, offset)
         with self._count_lock:
             self.direct_bytes += len(data)
@@ -284,14 +299,14 @@ class Destination:
             buffer = self._aligned.buffer = mmap.mmap(-1, WRITE_THROUGH_MAX)
         length = len(data)
         buffer[:length] = data
-        self.refuse_if_cut_short()
+        self._refuse_if_cut_short_lately(offset + length)
         with memoryview(buffer) as view:
             pwrite_all(self._direct_fd, view[:length], offset)
 
     def datasync(self) -> None:
         """Make DST durable; fails, from the first writeback error on, whoever saw it."""
         began = self._changed_bytes
-        self.refuse_if_cut_short()  # what was cut off cannot be made durable
+        self._refuse_if_cut_short_lately(0)  # what was cut off cannot be made durable
         self._sync()
         with self._count_lock:
             self._synced_bytes = max(self._synced_bytes, began)
@@ -351,7 +366,7 @@ class Destination:
             self._write_zeros(offset, length)  # no fallocate here: zeros the slow way
 
     def _write_zeros(self, offset: int, length: int) -> None:
-        self.refuse_if_cut_short()
+        self._refuse_if_cut_short_lately(offset + length)
         end = offset + length
         while offset < end:
             n = min(len(_ZEROS), end - offset)
