@@ -9,8 +9,15 @@ Besides the main path (buffered writes, discards, flushes that commit), the work
 ones a database's takes: direct writes, written through to the disk (which keeps them in its
 volatile cache too) while the image is flushed often, and flushes that are one fdatasync of DST
 (`flush_now`) running beside a commit's; zeroing, discards with passdown off, a prefetch in
-flight, and several power cuts in a row."""
+flight, and several power cuts in a row.
 
+The cut is an instant, not a cancellation: work in worker threads goes on after it (a commit
+between DST's fdatasync and its META write, say), but nothing it writes or syncs from then on
+reaches either disk. Of what was written before the cut and not synced, DST and META keep a
+random part, block by block (the kernel writes dirty pages back whenever it likes): a user's
+data on DST before its written bits are in META would show."""
+
+import os
 import random
 import threading
 
@@ -27,15 +34,32 @@ BLOCK = 4096
 IMAGE = 1 << 20
 
 
-class VolatileDestination(Destination):
-    """Writes, punches and zeroings are cached in memory until datasync()."""
+class Power:
+    """The power supply of one run: `cut()` is the instant it goes out. Every DST write,
+    fdatasync and META fdatasync after that instant is as if never made, even one a worker
+    thread is in the middle of (a commit's DST fdatasync, say, or its META write after it):
+    what reached the disks is decided at that instant."""
 
-    def __init__(self, inner: Destination) -> None:
+    def __init__(self, survival: float) -> None:
+        self.off = False
+        # The chance that a block written before the cut but not synced reached the disk
+        # anyway (the kernel writes dirty pages back whenever it likes, fsync or not).
+        self.survival = survival
+        self.lock = threading.Lock()  # the cut happens between two writes or syncs, never inside
+
+
+class VolatileDestination(Destination):
+    """Writes, punches and zeroings are cached in memory until a datasync() that returns before
+    the power cut makes them durable; of the rest, `settle` leaves a random part on the disk."""
+
+    def __init__(self, inner: Destination, power: Power) -> None:
         super().__init__(inner.path, inner.fd, inner.image_size)
         self._direct_fd = inner._direct_fd  # so that direct writes are written through
         self._sync = inner._sync  # its fdatasync
+        self.power = power
         self.cache: list[tuple[int, bytes]] = []
-        self.lock = threading.Lock()  # datasync runs in a worker thread, writes maybe inline
+        self.settled = 0  # entries taken off the front of the cache (durable) so far
+        self.lock = power.lock  # datasync runs in a worker thread, writes maybe inline
 
     def read(self, offset, length):
         with self.lock:  # else a datasync between the two could move the cache under the read
@@ -52,32 +76,93 @@ class VolatileDestination(Destination):
 
     def write(self, offset, data):
         with self.lock:
-            self.cache.append((offset, bytes(data)))
+            if not self.power.off:
+                self.cache.append((offset, bytes(data)))
 
     write_direct = write_through = write
 
     def punch_hole(self, offset, length):
-        with self.lock:
-            self.cache.append((offset, bytes(length)))
+        self.write(offset, bytes(length))
 
     zero_range = punch_hole
 
     def datasync(self):
-        # What was written before the call is made durable, as with a real fdatasync; in order
-        # and under the lock, since a flush's fdatasync may run beside a commit's.
+        # What was written before the call is durable once it returns, as with a real
+        # fdatasync, unless the power went out first. Flushes may run beside a commit's.
         with self.lock:
-            pending = list(self.cache)
-            for off, payload in pending:
-                Destination.write(self, off, payload)
-            del self.cache[: len(pending)]
+            if self.power.off:
+                return  # the machine is dead: nothing of this happens
+            upto = self.settled + len(self.cache)
         super().datasync()
+        with self.lock:
+            if self.power.off:
+                return  # cut before the disk said it was done: not durable
+            done = max(0, upto - self.settled)
+            for off, payload in self.cache[:done]:
+                Destination.write(self, off, payload)
+            del self.cache[:done]
+            self.settled += done
 
-    def lose_power(self):
+    def settle(self, rng):
+        """After the cut: the cache is lost, except the blocks the disk had by chance."""
+        for off, payload in self.cache:
+            for at in range(0, len(payload), BLOCK):
+                if rng.random() < self.power.survival:
+                    Destination.write(self, off + at, payload[at : at + BLOCK])
         self.cache.clear()
 
 
-async def workload(engine, rng, log):
-    """Touch each block at most once, over all power cuts; log (block, kind, flushed?)."""
+class VolatileMetadata:
+    """META's fdatasync, watched: META as it was when the latest one before the cut began is
+    what is durable; what was written after that, up to the cut, survives block by block by
+    chance (`settle`); what was written after the cut, not at all."""
+
+    def __init__(self, meta, power: Power) -> None:
+        self.meta = meta
+        self.power = power
+        self._sync = meta._sync
+        self.durable = self._image()  # open_clone synced what it wrote
+        self.durable_order = 0
+        self.began = 0
+        self.at_cut: bytes | None = None
+        meta._sync = self
+
+    def _image(self) -> bytes:
+        size = os.fstat(self.meta._fd).st_size
+        return os.pread(self.meta._fd, size, 0)
+
+    def __call__(self) -> None:
+        with self.power.lock:
+            if self.power.off:
+                return
+            self.began += 1
+            order, image = self.began, self._image()
+        self._sync()
+        with self.power.lock:
+            if not self.power.off and order > self.durable_order:
+                self.durable, self.durable_order = image, order
+
+    def close(self) -> None:
+        self._sync.close()
+
+    def cut(self) -> None:
+        """Call at the cut, under the power's lock: what META held then."""
+        self.at_cut = self._image()
+
+    def settle(self, rng, path) -> None:
+        """After the cut (META closed): write the file as the disk holds it."""
+        image = bytearray(self.durable)
+        for at in range(0, len(self.at_cut), BLOCK):
+            block = self.at_cut[at : at + BLOCK]
+            if block != image[at : at + BLOCK] and rng.random() < self.power.survival:
+                image[at : at + BLOCK] = block
+        with open(path, "r+b") as f:
+            f.write(image)
+
+
+async def workload(engine, rng, log, power):
+    """Touch each block at most once, over all power cuts; log (block, kind, flushed?): a
+    flush is logged if it returned before the power cut (a user saw it done)."""
     blocks = [block for block in range(IMAGE // BLOCK) if block not in log]
     rng.shuffle(blocks)
     done = []
@@ -98,6 +183,8 @@ async def workload(engine, rng, log):
         done.append(block)
         if rng.random() < 0.2:
             await flush(engine, rng)
+            if power.off:
+                return
             for b in done:
                 log[b] = log[b][:2] + (True,)
             done.clear()
@@ -182,23 +269,40 @@ async def run_until_power_cut(src, dst, meta, rng, log):
     if rng.random() < 0.5:
         runs = prefetch_runs(rng)
         engine.prefetch(runs, first_burst=rng.randrange(0, len(runs) + 1))
-    volatile = VolatileDestination(engine.dst)
+    power = Power(survival=rng.choice([0.0, 0.5, 1.0]))
+    volatile = VolatileDestination(engine.dst, power)
     engine.dst = engine.copier.dst = volatile
+    volatile_meta = VolatileMetadata(engine.meta, power)
 
     async def no_final_commit():  # the power goes out: nothing runs after the crash
         return None
 
     engine._shutdown_commit = no_final_commit
-    with trio.move_on_after(rng.uniform(0.005, 0.08)):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            await workload(engine, rng, log)
-            await trio.sleep_forever()
-    volatile.lose_power()
+
+    async def cut_power(after, cancel_scope):
+        await trio.sleep(after)
+        with power.lock:  # DST's cache and META as they are at this instant
+            power.off = True
+            volatile_meta.cut()
+        cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cut_power, rng.uniform(0.005, 0.08), nursery.cancel_scope)
+        await nursery.start(engine.run)
+        await workload(engine, rng, log, power)
+        await trio.sleep_forever()
+    volatile.settle(rng)
     engine.meta.close()
     volatile.close()
+    volatile_meta.settle(rng, meta)
 
 
 @pytest.mark.parametrize("seed", range(40))
 async def test_power_loss_keeps_flushed_writes_and_source_data(tmp_path, seed):
+    await crash_and_check(tmp_path, seed)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(40, 1000))
+async def test_power_loss_soak(tmp_path, seed):
     await crash_and_check(tmp_path, seed)
