@@ -9,7 +9,7 @@ Besides the main path (buffered writes, discards, flushes that commit), the work
 ones a database's takes: direct writes, written through to the disk (which keeps them in its
 volatile cache too) while the image is flushed often, and flushes that are one fdatasync of DST
 (`flush_now`) running beside a commit's; zeroing, discards with passdown off, a prefetch in
-flight, and several power cuts in a row.
+flight, messages (a header write each, in a worker thread), and several power cuts in a row.
 
 The cut is an instant, not a cancellation: work in worker threads goes on after it (a commit
 between DST's fdatasync and its META write, say), but nothing it writes or syncs from then on
@@ -24,9 +24,11 @@ import threading
 import pytest
 import trio
 
+from fuseclone import markahead
 from fuseclone.clone import open_clone, running
 from fuseclone.destination import Destination
 from fuseclone.engine import Settings
+from fuseclone.metadata import Metadata
 from fuseclone.sources.local import LocalSource
 from tests.engine.conftest import make_source_file
 
@@ -188,8 +190,22 @@ async def workload(engine, rng, log, power):
             for b in done:
                 log[b] = log[b][:2] + (True,)
             done.clear()
+        if rng.random() < 0.05:
+            await message(engine, rng)
         if rng.random() < 0.3:
             await trio.sleep(rng.uniform(0, 0.003))
+
+
+THRESHOLDS, BATCH_SIZES = (4, 8, 16), (1, 2, 3)  # what `message` sets; 8 and 2 at the start
+
+
+async def message(engine, rng):
+    """A dmsetup-style message, whose header write (a worker thread's) may be cut too."""
+    if rng.random() < 0.5:
+        engine.message(f"hydration_threshold {rng.choice(THRESHOLDS)}")
+    else:
+        engine.message(f"hydration_batch_size {rng.choice(BATCH_SIZES)}")
+    await engine.record_settings()
 
 
 async def flush(engine, rng):
@@ -220,14 +236,21 @@ def expected(kind, data, source_block):
     return bytes(out)
 
 
-async def crash_and_check(tmp_path, seed):
+async def crash_and_check(tmp_path, seed, monkeypatch):
     rng = random.Random(seed)
+    if rng.random() < 0.5:
+        # A write marks only its own chunks: a 1 MiB neighbourhood is the whole image, durable
+        # after the first write, and no later write would wait for its written bits.
+        monkeypatch.setattr(markahead, "NEIGHBOURHOOD", BLOCK)
+        monkeypatch.setattr(markahead, "MAX_WINDOW", BLOCK)
     src = str(make_source_file(tmp_path / "src", IMAGE, seed=seed, chunk=BLOCK, zero_every=5, hole_every=0))
     dst, meta = str(tmp_path / "dst"), str(tmp_path / "meta")
     log = {}
     for _ in range(rng.choice([1, 1, 2, 3])):
         await run_until_power_cut(src, dst, meta, rng, log)
 
+    header = Metadata.read_header(meta)  # a valid one, with settings some message recorded
+    assert header.hydration_threshold in THRESHOLDS and header.hydration_batch_size in BATCH_SIZES
     source = await LocalSource.open(src)
     engine = open_clone(source, dst, meta, settings=Settings(hydration=False, copy_on_read=False))
     async with running(engine):
@@ -286,9 +309,13 @@ async def run_until_power_cut(src, dst, meta, rng, log):
             volatile_meta.cut()
         cancel_scope.cancel()
 
+    cut_after = rng.uniform(0.005, 0.08)
+    hydrated_first = rng.random() < 0.3  # the writes come to hydrated regions (a database's)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(cut_power, rng.uniform(0.005, 0.08), nursery.cancel_scope)
         await nursery.start(engine.run)
+        if hydrated_first:
+            await engine.wait_until_settled()
+        nursery.start_soon(cut_power, cut_after, nursery.cancel_scope)
         await workload(engine, rng, log, power)
         await trio.sleep_forever()
     volatile.settle(rng)
@@ -298,11 +325,11 @@ async def run_until_power_cut(src, dst, meta, rng, log):
 
 
 @pytest.mark.parametrize("seed", range(40))
-async def test_power_loss_keeps_flushed_writes_and_source_data(tmp_path, seed):
-    await crash_and_check(tmp_path, seed)
+async def test_power_loss_keeps_flushed_writes_and_source_data(tmp_path, seed, monkeypatch):
+    await crash_and_check(tmp_path, seed, monkeypatch)
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", range(40, 1000))
-async def test_power_loss_soak(tmp_path, seed):
-    await crash_and_check(tmp_path, seed)
+async def test_power_loss_soak(tmp_path, seed, monkeypatch):
+    await crash_and_check(tmp_path, seed, monkeypatch)
