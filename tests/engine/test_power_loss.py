@@ -37,10 +37,10 @@ IMAGE = 1 << 20
 
 
 class Power:
-    """The power supply of one run: `cut()` is the instant it goes out. Every DST write,
-    fdatasync and META fdatasync after that instant is as if never made, even one a worker
-    thread is in the middle of (a commit's DST fdatasync, say, or its META write after it):
-    what reached the disks is decided at that instant."""
+    """The power supply of one run: `off` is set, under `lock`, the instant it goes out. Every
+    DST write, fdatasync and META write after that instant is as if never made, even one a
+    worker thread is in the middle of (a commit's DST fdatasync, say, or its META write after
+    it): what reached the disks is decided at that instant."""
 
     def __init__(self, survival: float) -> None:
         self.off = False
