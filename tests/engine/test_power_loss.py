@@ -33,6 +33,7 @@ from fuseclone.sources.local import LocalSource
 from tests.engine.conftest import make_source_file
 
 BLOCK = 4096
+SECTOR = 512  # what a disk writes whole (a META block's write may tear between two)
 IMAGE = 1 << 20
 
 
@@ -152,12 +153,17 @@ class VolatileMetadata:
         self.at_cut = self._image()
 
     def settle(self, rng, path) -> None:
-        """After the cut (META closed): write the file as the disk holds it."""
+        """After the cut (META closed): write the file as the disk holds it. A block written
+        since the last fdatasync may be there whole, or torn: some of its sectors only."""
         image = bytearray(self.durable)
         for at in range(0, len(self.at_cut), BLOCK):
-            block = self.at_cut[at : at + BLOCK]
-            if block != image[at : at + BLOCK] and rng.random() < self.power.survival:
-                image[at : at + BLOCK] = block
+            if self.at_cut[at : at + BLOCK] == image[at : at + BLOCK]:
+                continue
+            if rng.random() < self.power.survival:
+                torn = rng.random() < 0.3
+                for sector in range(at, at + BLOCK, SECTOR):
+                    if not torn or rng.random() < 0.5:
+                        image[sector : sector + SECTOR] = self.at_cut[sector : sector + SECTOR]
         with open(path, "r+b") as f:
             f.write(image)
 
