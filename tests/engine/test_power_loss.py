@@ -31,6 +31,7 @@ from fuseclone.engine import Settings
 from fuseclone.metadata import Metadata
 from fuseclone.sources.local import LocalSource
 from tests.engine.conftest import make_source_file
+from tests.engine.crash_child import flush
 
 BLOCK = 4096
 SECTOR = 512  # what a disk writes whole (a META block's write may tear between two)
@@ -212,16 +213,6 @@ async def message(engine, rng):
     else:
         engine.message(f"hydration_batch_size {rng.choice(BATCH_SIZES)}")
     await engine.record_settings()
-
-
-async def flush(engine, rng):
-    """A flush as the FUSE layer makes it: one fdatasync of DST in a thread when that is
-    enough (`flush_now`: it runs beside the committer's commits), else a commit."""
-    datasync = engine.flush_now() if rng.random() < 0.5 else None
-    if datasync is None:
-        await engine.flush()
-    else:
-        await trio.to_thread.run_sync(datasync)
 
 
 def prefetch_runs(rng):
