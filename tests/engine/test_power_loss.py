@@ -56,14 +56,14 @@ class VolatileDestination(Destination):
     """Writes, punches and zeroings are cached in memory until a datasync() that returns before
     the power cut makes them durable; of the rest, `settle` leaves a random part on the disk."""
 
-    def __init__(self, inner: Destination, power: Power) -> None:
+    def __init__(self, inner: Destination, power: Power | None = None) -> None:
         super().__init__(inner.path, inner.fd, inner.image_size)
         self._direct_fd = inner._direct_fd  # so that direct writes are written through
         self._sync = inner._sync  # its fdatasync
-        self.power = power
+        self.power = power or Power(survival=0.0)
         self.cache: list[tuple[int, bytes]] = []
         self.settled = 0  # entries taken off the front of the cache (durable) so far
-        self.lock = power.lock  # datasync runs in a worker thread, writes maybe inline
+        self.lock = self.power.lock  # datasync runs in a worker thread, writes maybe inline
 
     def read(self, offset, length):
         with self.lock:  # else a datasync between the two could move the cache under the read
@@ -106,6 +106,12 @@ class VolatileDestination(Destination):
                 Destination.write(self, off, payload)
             del self.cache[:done]
             self.settled += done
+
+    def lose_power(self):
+        """The power goes out now, and nothing of the cache reaches the disk."""
+        with self.lock:
+            self.power.off = True
+        self.cache.clear()
 
     def settle(self, rng):
         """After the cut: the cache is lost, except the blocks the disk had by chance."""
