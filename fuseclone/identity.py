@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 from .errors import OverlapError
 from .sources import is_remote
+
+log = logging.getLogger(__name__)
 
 # Identity keys: ("inode", st_dev, st_ino), ("bdev", dev_t), ("entry", st_dev, st_ino, name)
 # for a missing file in an existing directory, ("path", realpath) when even that is unknown.
@@ -267,7 +270,10 @@ def _loop_backing(sysfs: str, rdev: int) -> tuple[set[Key], str | None]:
 
 def _loop_status(name: str, rdev: int) -> tuple[int, int, int] | None:
     """(st_dev, st_ino, st_rdev) of a loop device's backing file, from the device itself
-    through /dev/NAME if that node is this device; None otherwise."""
+    through /dev/NAME if that node is this device; None otherwise, and when the device cannot
+    tell: its status stats the backing file, which fails where that file is unreachable (on
+    a FUSE mount whose daemon was killed: ENOTCONN), and such a device is nobody's concern
+    here. Raised, it failed every new clone into a DST file on the machine."""
     try:
         fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -276,6 +282,9 @@ def _loop_status(name: str, rdev: int) -> tuple[int, int, int] | None:
         if os.fstat(fd).st_rdev != rdev:
             return None
         info = _loop_info(fd)
+    except OSError as exc:
+        log.info("/dev/%s cannot tell what its backing file is (%s)", name, exc.strerror)
+        return None
     finally:
         os.close(fd)
     return None if info is None else info[:3]

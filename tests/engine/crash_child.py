@@ -41,6 +41,16 @@ def read_journal(path):
     return attempted, flushed
 
 
+async def flush(engine, rng):
+    """A flush as the FUSE layer makes it: one fdatasync of DST in a thread when that is enough
+    (`flush_now`: it runs beside the committer's commits), else a commit."""
+    datasync = engine.flush_now() if rng.random() < 0.5 else None
+    if datasync is None:
+        await engine.flush()
+    else:
+        await trio.to_thread.run_sync(datasync)
+
+
 async def main(src, dst, meta, journal, seed):
     attempted, _ = read_journal(journal)
     source = await LocalSource.open(src)
@@ -61,8 +71,8 @@ async def main(src, dst, meta, journal, seed):
         for block in free:
             kind = rng.choice("wwpdd" if rng.random() < 0.3 else "wp")
             os.write(fd, f"A {kind} {block}\n".encode())
-            if kind == "w":
-                await engine.write(block * BLOCK, pattern(block, "w"))
+            if kind == "w":  # direct: written through to DST's disk while flushes are frequent
+                await engine.write(block * BLOCK, pattern(block, "w"), direct=rng.random() < 0.3)
             elif kind == "p":
                 await engine.write(block * BLOCK + 100, pattern(block, "p"))
             else:
@@ -70,7 +80,7 @@ async def main(src, dst, meta, journal, seed):
             done.append(block)
             if rng.random() < 0.2:
                 completed = list(done)
-                await engine.flush()
+                await flush(engine, rng)
                 os.write(fd, "".join(f"F {b}\n" for b in completed).encode())
                 done.clear()
             await trio.sleep(rng.uniform(0, 0.001))

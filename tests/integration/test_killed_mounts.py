@@ -2,7 +2,9 @@
 between the unmount and its last commit. Afterwards a second mount of the same paths resumes
 (or starts the clone) and `check --verify` passes, or a command says what went wrong."""
 
+import errno
 import os
+import signal
 import sys
 import time
 
@@ -10,7 +12,7 @@ import pytest
 
 from fuseclone import control
 from fuseclone.metadata import Metadata
-from tests.integration.conftest import MiB, fuseclone, sh
+from tests.integration.conftest import MiB, daemon_pid, fuseclone, sh
 
 KILLED_AT = os.path.join(os.path.dirname(__file__), "killed_at.py")
 
@@ -127,3 +129,38 @@ def test_unmount_cleans_up_after_a_daemon_killed_while_unmounting(rig, random_so
     assert control.find_mount(rig.mnt) is None
     rig.mount()
     write_and_check(rig)
+
+
+def test_a_killed_mount_beneath_a_loop_device_keeps_no_other_clone_from_mounting(rig, random_source):
+    """A clone's image attached to a loop device (as a VM's or a filesystem's disk), then its
+    daemon SIGKILLed: the loop device's backing file is now on a dead FUSE mount, and asking
+    the device for its status (LOOP_GET_STATUS64, which stats that file) fails with ENOTCONN.
+    Each new clone into a DST file asks every loop device whether it is over that file: every
+    mount on the machine failed until the loop device was detached."""
+    rig.mount()
+    rig.losetup()
+    os.kill(daemon_pid(rig.mnt), signal.SIGKILL)
+    wait_until_dead(rig.image)
+    other = rig.tmp / "other"
+    other.mkdir()
+    (other / "mnt").mkdir()
+    mounted = fuseclone("mount", rig.src, str(other / "dst"), str(other / "meta"),
+                        str(other / "mnt"), check=False)
+    rig.stack.callback(rig._force_unmount, str(other / "mnt"))
+    assert mounted.returncode == 0, mounted.stderr
+    with open(os.path.join(other / "mnt", "image"), "rb") as image, open(rig.src, "rb") as src:
+        assert image.read(MiB) == src.read(MiB)
+
+
+def wait_until_dead(image, timeout=30):
+    """Until a stat of IMAGE reaches the killed daemon's dead connection (ENOTCONN): the kernel
+    answers from its cached attributes for up to ATTR_SECONDS after the last GETATTR."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.stat(image)
+        except OSError as exc:
+            assert exc.errno == errno.ENOTCONN, exc
+            return
+        assert time.monotonic() < deadline, "the killed mount still answers"
+        time.sleep(0.05)
