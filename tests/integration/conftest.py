@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,8 +20,23 @@ MiB = 1 << 20
 def sh(*args, check=True, **kw):
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
     if check and result.returncode:
-        raise AssertionError(f"{' '.join(map(str, args))} -> {result.returncode}: {result.stderr.strip()}")
+        raise AssertionError(f"{' '.join(map(str, args))} -> {result.returncode}: "
+                             f"{result.stderr.strip()}{_tail_of_named_log(result.stderr)}")
     return result
+
+
+def _tail_of_named_log(stderr: str, lines: int = 40) -> str:
+    """The end of the log a failed command's message names ("see LOG"): a mount that exited
+    before it was ready says why only there, and the test run's directory is gone after it."""
+    named = re.search(r"see (/\S+\.log)", stderr)
+    if named is None:
+        return ""
+    try:
+        with open(named.group(1), errors="replace") as log:
+            tail = log.readlines()[-lines:]
+    except OSError:
+        return ""
+    return f"\n--- last {len(tail)} lines of {named.group(1)} ---\n" + "".join(tail)
 
 
 def fuseclone(*args, check=True, timeout=120):
